@@ -1,0 +1,107 @@
+"""Plain-torch reference implementation of the kernel interface.
+
+Written for clarity and fp32-safe numerics: every reduction, softmax and norm runs in fp32.
+It runs on any torch device, so vendor backends inherit what they do not override, and their
+tests compare against it. It is also the production path on CPUs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...core import fp8
+from ...core.kernels import ExpertWeights, GateParams, Kernels
+
+
+class CpuKernels(Kernels):
+    name = "cpu"
+    device_type = "cpu"
+    fp8_dtype = None
+    dist_backend = "gloo"
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        return True, "pure torch; always usable (BF16 or FP32, FP8 weights dequantized at load)"
+
+    # ---- load time ----------------------------------------------------------------------
+    def prepare_linear(self, weight, scale, dtype):
+        return self.weight_dequant(weight, scale, dtype).to(self.device), None
+
+    def weight_dequant(self, weight, scale, dtype):
+        if scale is None:
+            return weight.to(dtype)
+        return fp8.dequantize(weight.to("cpu") if weight.device.type == "meta" else weight, scale, dtype)
+
+    # ---- ops ----------------------------------------------------------------------------
+    def linear(self, x, weight, scale=None):
+        if scale is not None:  # an FP8 weight a subclass kept: dequantize on the fly (slow, correct)
+            weight = fp8.dequantize(weight, scale, x.dtype)
+        return F.linear(x, weight)
+
+    def rms_norm(self, x, weight, eps):
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return (y * weight.float()).to(x.dtype)
+
+    def rope(self, x, cos, sin):
+        pairs = x.float().unflatten(-1, (-1, 2))  # [B, S, H, D/2, 2]
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        c, s = cos[:, :, None, :], sin[:, :, None, :]  # [B, S, 1, D/2]
+        out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
+        return out.flatten(-2).to(x.dtype)
+
+    def attention(self, q, k, v, scale, mask):
+        scores = torch.einsum("bshd,bthd->bhst", q.float(), k.float()) * scale  # [B, H, S, T]
+        probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(dim=-1)
+        return torch.einsum("bhst,bthd->bshd", probs, v.float()).to(q.dtype)  # [B, S, H, Dv]
+
+    def mla_attention(self, q_latent, q_pe, kv, pe, scale, mask):
+        scores = torch.einsum("bshc,btc->bhst", q_latent.float(), kv.float())
+        scores = scores + torch.einsum("bshr,btr->bhst", q_pe.float(), pe.float())  # [B, H, S, T]
+        probs = (scores * scale).masked_fill(~mask[:, None], float("-inf")).softmax(dim=-1)
+        return torch.einsum("bhst,btc->bshc", probs, kv.float()).to(q_latent.dtype)  # [B, S, H, C]
+
+    def moe_gate(self, x, weight, bias, p: GateParams):
+        logits = F.linear(x.float(), weight.float())  # [T, E]
+        scores = logits.sigmoid() if p.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if bias is None else scores + bias.float()  # the bias only steers selection
+        if p.n_group > 1 and p.group_score != "none":
+            groups = choice.unflatten(-1, (p.n_group, -1))  # [T, G, E/G]
+            if p.group_score == "top2_sum":
+                group_scores = groups.topk(2, dim=-1).values.sum(-1)
+            else:
+                group_scores = groups.amax(dim=-1)
+            keep = group_scores.topk(p.topk_group, dim=-1).indices  # [T, topk_group]
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            # -inf, not 0: with negative biases a 0 would let dropped groups win
+            choice = groups.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
+        ids = choice.topk(p.top_k, dim=-1).indices  # [T, k]
+        weights = scores.gather(1, ids)
+        if p.norm_topk_prob and p.top_k > 1:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * p.route_scale, ids
+
+    def moe_experts(self, x, weights, ids, experts: ExpertWeights):
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)  # [T, D]
+        local = ids - experts.first  # [T, k]
+        flat = local.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat.clamp(0, experts.count), minlength=experts.count + 1).tolist()
+        # ids below `first` clamp to 0: skip them by starting after the ones that are < 0
+        start = int((flat < 0).sum())
+        counts[0] -= start
+        k = ids.shape[1]
+        for e in range(experts.count):
+            n = counts[e]
+            if n == 0:
+                continue
+            rows = order[start:start + n]
+            start += n
+            tok = rows // k
+            h = x[tok]  # [n, D]
+            gate = self.linear(h, experts.w1[e], None if experts.s1 is None else experts.s1[e])
+            up = self.linear(h, experts.w3[e], None if experts.s3 is None else experts.s3[e])
+            y = self.linear(F.silu(gate) * up, experts.w2[e], None if experts.s2 is None else experts.s2[e])
+            out.index_add_(0, tok, y.float() * weights.flatten()[rows, None].float())
+        return out.to(x.dtype)

@@ -1,0 +1,5 @@
+"""AMD backend."""
+
+from .backend import RocmKernels
+
+__all__ = ["RocmKernels"]

@@ -1,0 +1,135 @@
+"""The kernel interface: every op the model core needs, and nothing vendor-specific.
+
+The model holds one `Kernels` object and calls only these methods. `backends/cpu` implements
+all of them in plain torch (the numerical oracle); a vendor backend subclasses it and overrides
+what it accelerates. Shapes use B batch, S query length, T key length, H heads, D dims.
+
+Conventions every implementation follows:
+- `mask` is a bool tensor [B, S, T], True where the query may attend to the key.
+- A linear weight is [N, K] (out, in). Its `scale` is None for a dense weight, or the fp32
+  block scale [ceil(N/128), ceil(K/128)] of an FP8 weight (real = fp8 * scale per block).
+- Rotary embedding is interleaved: pairs (x0, x1), (x2, x3), ... rotate by one angle each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GateParams:
+    """Static routing parameters; one per model."""
+
+    top_k: int
+    n_group: int
+    topk_group: int
+    scoring_func: str  # "sigmoid" | "softmax"
+    group_score: str  # "top2_sum" (noaux_tc) | "max" (group_limited_greedy) | "none"
+    norm_topk_prob: bool
+    route_scale: float
+
+
+@dataclass
+class ExpertWeights:
+    """The routed experts one rank holds, stacked: w1/w3 [E, I, D], w2 [E, D, I] (+ block scales).
+
+    `first` is the global id of expert 0 here, so ids in [first, first + E) are computed on
+    this rank and the rest are someone else's.
+    """
+
+    w1: torch.Tensor
+    w2: torch.Tensor
+    w3: torch.Tensor
+    s1: torch.Tensor | None = None
+    s2: torch.Tensor | None = None
+    s3: torch.Tensor | None = None
+    first: int = 0
+
+    @property
+    def count(self) -> int:
+        return self.w1.shape[0]
+
+
+class Kernels:
+    """Abstract kernel interface. Attributes describe the backend; methods are the ops."""
+
+    name: str = "abstract"
+    #: default torch device string for this backend's tensors
+    device_type: str = "cpu"
+    #: FP8 dtype weights stay in at run time, or None when weights are dequantized at load
+    fp8_dtype: torch.dtype | None = None
+    #: torch.distributed backend name
+    dist_backend: str = "gloo"
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.device = torch.device(device if device is not None else self.device_type)
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        """(usable here?, one line saying why or why not)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line for logs: what this backend runs as on this machine."""
+        fp8 = str(self.fp8_dtype).replace("torch.", "") if self.fp8_dtype else "none (dequantized at load)"
+        return f"{self.name} on {self.device}, fp8 weights: {fp8}"
+
+    # ---- load time ----------------------------------------------------------------------
+    def prepare_linear(
+        self, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Turn a checkpoint weight (+ FP8 block scale) into what `linear` consumes, on this device."""
+        raise NotImplementedError
+
+    def weight_dequant(self, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """A dense copy of a (possibly FP8) weight: the absorbed attention needs wkv_b as a matrix."""
+        raise NotImplementedError
+
+    # ---- ops ----------------------------------------------------------------------------
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., K] @ weight[N, K]ᵀ -> [..., N] in x's dtype."""
+        raise NotImplementedError
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x * rsqrt(mean(x²) + eps) * weight, in fp32, returned in x's dtype."""
+        raise NotImplementedError
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, S, H, D] interleaved; cos/sin [B, S, D/2] (fp32). Returns x's dtype."""
+        raise NotImplementedError
+
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Naive MLA: q [B, S, H, Dq], k [B, T, H, Dq], v [B, T, H, Dv] -> [B, S, H, Dv]."""
+        raise NotImplementedError
+
+    def mla_attention(
+        self,
+        q_latent: torch.Tensor,
+        q_pe: torch.Tensor,
+        kv: torch.Tensor,
+        pe: torch.Tensor,
+        scale: float,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Absorbed MLA over the latent cache.
+
+        q_latent [B, S, H, C] (q_nope already multiplied into the latent space), q_pe [B, S, H, R],
+        kv [B, T, C], pe [B, T, R] -> [B, S, H, C] = softmax(scale·(q_latent·kvᵀ + q_pe·peᵀ)) · kv.
+        """
+        raise NotImplementedError
+
+    def moe_gate(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: GateParams
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (weights [T, k] fp32, ids [T, k] int64)."""
+        raise NotImplementedError
+
+    def moe_experts(
+        self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights
+    ) -> torch.Tensor:
+        """Σ_k weights[t, k] · SwiGLU-expert_{ids[t, k]}(x[t]) over the experts held here. x [T, D] -> [T, D]."""
+        raise NotImplementedError

@@ -1,0 +1,68 @@
+"""A small byte-level BPE tokenizer with DeepSeek's special tokens and a DeepSeek-style chat template.
+
+Trained in a few milliseconds on a fixed text, so the demo checkpoint is reproducible offline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SPECIAL_TOKENS = [
+    "<｜begin▁of▁sentence｜>",  # id 0 = bos_token_id
+    "<｜end▁of▁sentence｜>",  # id 1 = eos_token_id
+    "<｜▁pad▁｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<think>",
+    "</think>",
+]
+BOS, EOS = SPECIAL_TOKENS[0], SPECIAL_TOKENS[1]
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>"
+    "{% else %}{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<｜Assistant｜>{% endif %}"
+)
+
+CORPUS = """
+DeepSeek-V3 is a strong Mixture-of-Experts language model with 671B total parameters, of which
+37B are activated for each token. It adopts Multi-head Latent Attention and the DeepSeekMoE
+architecture, an auxiliary-loss-free strategy for load balancing and a multi-token prediction
+training objective. The model was pre-trained on 14.8 trillion diverse, high-quality tokens,
+followed by supervised fine-tuning and reinforcement learning. Hello world! How are you today?
+The quick brown fox jumps over the lazy dog. 0123456789 + - * / = ( ) [ ] { } < > , . ; : ' "
+def main(): print("hello") # code, text, numbers, and the letters of the alphabet.
+"""
+
+
+def write_tokenizer(dst: str | Path, vocab_size: int) -> int:
+    """Write tokenizer.json + tokenizer_config.json; returns the tokenizer's vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    dst = Path(dst)
+    tok.save(str(dst / "tokenizer.json"))
+    (dst / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": SPECIAL_TOKENS[2],
+        "model_max_length": 2048,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": CHAT_TEMPLATE,
+    }, indent=2, ensure_ascii=False))
+    return tok.get_vocab_size(with_added_tokens=True)

@@ -1,0 +1,108 @@
+"""The embedding API: `load` a checkpoint into an `Engine`, then `logits` or `generate`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .core.config import ModelConfig
+from .core.errors import DsvError
+from .core.generate import Stats, generate
+from .core.model import ATTN_IMPLS, Transformer
+from .core.parallel import Parallel
+from .core.weights import Checkpoint, check_names, load_weights
+
+log = logging.getLogger("dsv3")
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise DsvError(f"dtype {dtype!r} is not supported; use bf16 or fp32")
+    return DTYPES[dtype]
+
+
+class Engine:
+    """A loaded model with its tokenizer (if the checkpoint has one)."""
+
+    def __init__(self, model: Transformer, cfg: ModelConfig, kernels, par: Parallel, dtype: torch.dtype,
+                 tokenizer=None, path: Path | None = None, has_mtp: bool = False):
+        self.model, self.cfg, self.kernels, self.par = model, cfg, kernels, par
+        self.dtype, self.tokenizer, self.path, self.has_mtp = dtype, tokenizer, path, has_mtp
+        self.last_stats: Stats | None = None
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.max_seq_len
+
+    def _ids(self, ids) -> torch.Tensor:
+        t = torch.as_tensor(ids, dtype=torch.long)
+        if t.dim() == 1:
+            t = t[None]
+        return t.to(self.model.rope_cos.device)
+
+    def logits(self, token_ids) -> torch.Tensor:
+        """LongTensor [B, S] -> FloatTensor [B, S, vocab] for every position, no cache."""
+        ids = self._ids(token_ids)
+        if ids.shape[1] > self.max_seq_len:
+            raise DsvError(f"input has {ids.shape[1]} tokens; max_seq_len is {self.max_seq_len} (raise max_seq_len)")
+        return self.model(ids)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None) -> list[list[int]]:
+        """New token ids for each prompt (EOS excluded). Greedy when temperature == 0."""
+        if prompts and isinstance(prompts[0], int):
+            prompts = [prompts]
+        prompts = [list(map(int, p)) for p in prompts]
+        longest = max((len(p) for p in prompts), default=0)
+        if longest == 0:
+            raise DsvError("empty prompt; give at least one token")
+        if longest + max_new_tokens > self.max_seq_len:
+            raise DsvError(
+                f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context of {self.max_seq_len}; "
+                "shorten the prompt, lower --max-new-tokens or raise --max-seq-len"
+            )
+        eos = self.cfg.eos_token_ids
+        if self.tokenizer is not None and self.tokenizer.eos_id is not None and self.tokenizer.eos_id not in eos:
+            eos = (*eos, self.tokenizer.eos_id)
+        out, self.last_stats = generate(self.model, prompts, max_new_tokens, temperature, top_p, eos, seed, self.dtype)
+        return out
+
+
+def load(path: str | Path, backend: str = "auto", dtype: str | torch.dtype = "bf16", device=None,
+         attn_impl: str = "auto", max_seq_len: int | None = None, parallel: Parallel | None = None,
+         with_mtp: bool = True, progress=None) -> Engine:
+    """Load a checkpoint (released FP8, BF16 HF layout, or model-parallel rank files)."""
+    from .backends import resolve
+    from .core.tokenizer import Tokenizer
+
+    path = Path(path)
+    if attn_impl not in ATTN_IMPLS:
+        raise DsvError(f"attention form {attn_impl!r} is not one of {', '.join(ATTN_IMPLS)}")
+    dt = parse_dtype(dtype)
+    kernels = resolve(backend, device)
+    par = parallel or Parallel.from_env()
+    ckpt = Checkpoint(path)
+    cfg = ModelConfig.from_file(path)
+    has_mtp = check_names(ckpt, cfg) and with_mtp
+    if max_seq_len is None:
+        max_seq_len = min(cfg.max_position_embeddings, 4096)
+    if max_seq_len <= 0:
+        raise DsvError(f"max_seq_len={max_seq_len} must be positive")
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = Transformer(cfg, kernels, par, attn_impl, max_seq_len, with_mtp=has_mtp)
+    model.build_rope(kernels.device)
+    load_weights(model, ckpt, cfg, kernels, dt, par, progress)
+    model.eval()
+    log.info("loaded %s with %s in %.1fs", path, kernels.describe(), time.perf_counter() - t0)
+    tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
+    return Engine(model, cfg, kernels, par, dt, tokenizer, path, has_mtp)
+
