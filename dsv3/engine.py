@@ -55,6 +55,17 @@ class Engine:
             raise DsvError(f"input has {ids.shape[1]} tokens; max_seq_len is {self.max_seq_len} (raise max_seq_len)")
         return self.model(ids)
 
+    def mtp_logits(self, token_ids) -> torch.Tensor:
+        """Draft logits [B, S-1, vocab] of the MTP module: position t predicts token t+2 from the
+        main model's final hidden state at t and the embedding of token t+1 (no cache)."""
+        if not self.has_mtp:
+            raise DsvError(f"{self.path}: this checkpoint has no MTP layer (num_nextn_predict_layers=0 or dropped)")
+        ids = self._ids(token_ids)
+        with torch.inference_mode():
+            h, _ = self.model.hidden(ids)
+            step = self.model.step(ids.shape[0], ids.shape[1] - 1, 0, None)
+            return self.model.mtp[0](self.model, ids[:, 1:], h[:, :-1], step)
+
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None) -> list[list[int]]:
         """New token ids for each prompt (EOS excluded). Greedy when temperature == 0."""

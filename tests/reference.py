@@ -55,7 +55,8 @@ def hf_model(ref_dir: Path, dtype: torch.dtype):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = DeepseekV3ForCausalLM.from_pretrained(str(ref_dir), dtype=dtype, attn_implementation="eager")
+        model = DeepseekV3ForCausalLM.from_pretrained(str(ref_dir), dtype=dtype, attn_implementation="eager",
+                                                      experts_implementation="eager")
     return model.eval()
 
 

@@ -1,0 +1,88 @@
+"""Shard-by-shard rewriting with a per-tensor rule: the engine behind dequant and fnuz.
+
+Each output shard's header is computed from the input headers before any data is read, then the
+shard is written tensor by tensor, so memory holds one input tensor (plus its scale) at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..core.errors import DsvError
+from ..core.safetensors_io import StreamingWriter, TensorInfo, read_tensor
+from .common import INDEX, Output, Progress, Source, check_space, write_json
+
+#: rule(name, info) -> None to drop the tensor, or (out dtype, compute() -> tensor)
+Rule = Callable[[str, TensorInfo], "tuple[torch.dtype, Callable[[], torch.Tensor]] | None"]
+
+
+def rewrite_shards(src: Source, out: Output, rule: Rule, progress: Progress) -> dict[str, str]:
+    """Apply `rule` to every tensor; returns the new weight map."""
+    plans = {}
+    total = 0
+    for shard in src.shards:
+        plan = {}
+        for name in src.names_in(shard):
+            info = src.where[name][1]
+            r = rule(name, info)
+            if r is not None:
+                plan[name] = (r[0], info.shape, r[1])
+                total += _nbytes(r[0], info.shape)
+        plans[shard] = plan
+    check_space(out.dst.parent, total)
+    weight_map = {}
+    for shard, plan in plans.items():
+        fname = shard.name
+        for name in plan:
+            weight_map[name] = fname
+        if out.already_done(fname):
+            progress.bytes(sum(_nbytes(d, s) for d, s, _ in plan.values()))
+            progress.file_done()
+            continue
+        writer = StreamingWriter(out.path(fname), {n: (d, s) for n, (d, s, _) in plan.items()}, {"format": "pt"})
+        try:
+            for name, (dtype, shape, compute) in plan.items():
+                t = compute()
+                writer.write(name, t)
+                progress.bytes(t.numel() * t.element_size())
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        out.finished(fname)
+        progress.file_done()
+    return weight_map
+
+
+def read(src: Source, name: str) -> torch.Tensor:
+    path, info = src.where[name]
+    return read_tensor(path, info)
+
+
+def write_index(out: Output, weight_map: dict[str, str], src: Source) -> None:
+    from ..core.safetensors_io import read_header
+
+    total = 0
+    seen: dict[str, dict] = {}
+    for name, fname in weight_map.items():
+        if fname not in seen:
+            seen[fname], _ = read_header(out.path(fname))
+        total += seen[fname][name].nbytes
+    write_json(out.path(INDEX), {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+
+
+def require_fp8(src: Source, command: str) -> None:
+    if not any(info.dtype == torch.float8_e4m3fn for _, info in src.where.values()):
+        raise DsvError(
+            f"{src.path}: no float8_e4m3fn weights; `convert {command}` takes the released FP8 checkpoint "
+            "(this one is already dequantized or converted)"
+        )
+
+
+def _nbytes(dtype: torch.dtype, shape) -> int:
+    n = torch.empty((), dtype=dtype).element_size()
+    for s in shape:
+        n *= s
+    return n
