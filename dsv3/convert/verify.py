@@ -39,12 +39,13 @@ def verify(path: str | Path, checksums: bool = False) -> list[str]:
     headers = {}
     files = sorted(set(weight_map.values())) if weight_map is not None else ["model.safetensors"]
     for fname in files:
+        if not (path / fname).is_file():
+            problems.append(f"{path / fname}: missing shard named by {INDEX}")
+            continue
         try:
             headers[fname], _ = read_header(path / fname)
         except DsvError as e:
             problems.append(str(e))
-        except FileNotFoundError:
-            problems.append(f"{path / fname}: missing shard named by {INDEX}")
     if weight_map is None:
         weight_map = {n: "model.safetensors" for n in headers.get("model.safetensors", {})}
     infos = {}
