@@ -98,10 +98,18 @@ def load(path: str | Path, backend: str = "auto", dtype: str | torch.dtype = "bf
     if attn_impl not in ATTN_IMPLS:
         raise DsvError(f"attention form {attn_impl!r} is not one of {', '.join(ATTN_IMPLS)}")
     dt = parse_dtype(dtype)
-    kernels = resolve(backend, device)
     par = parallel or Parallel.from_env()
+    kernels = resolve(backend, device)
+    if par.world_size > 1:
+        if device is None and kernels.device.type != "cpu":  # one accelerator per local rank
+            kernels.device = torch.device(kernels.device.type, par.local_rank)
+        par.init(kernels.dist_backend)
     ckpt = Checkpoint(path)
     cfg = ModelConfig.from_file(path)
+    par.check_same("checkpoint (config.json + tensor index)", _fingerprint(ckpt, dt, max_seq_len, attn_impl))
+    if ckpt.layout == "mp" and par.world_size > 1 and ckpt.mp != par.world_size:
+        raise DsvError(f"{path}: rank files are for --model-parallel {ckpt.mp} but {par.world_size} processes "
+                       f"were started; launch {ckpt.mp} processes, or reshard for {par.world_size}")
     has_mtp = check_names(ckpt, cfg) and with_mtp
     if max_seq_len is None:
         max_seq_len = min(cfg.max_position_embeddings, 4096)
@@ -117,3 +125,23 @@ def load(path: str | Path, backend: str = "auto", dtype: str | torch.dtype = "bf
     tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
     return Engine(model, cfg, kernels, par, dt, tokenizer, path, has_mtp)
 
+
+
+def _fingerprint(ckpt: Checkpoint, dtype, max_seq_len, attn_impl) -> bytes:
+    """What must agree across ranks: config, tensor names/shapes, and the run settings."""
+    parts = [(ckpt.path / "config.json").read_bytes(), repr((str(dtype), max_seq_len, attn_impl)).encode()]
+    for name in sorted(ckpt.names()):
+        info = ckpt.info(name)
+        parts.append(f"{name}:{info.dtype}:{info.shape}".encode())
+    return b"\n".join(parts)
+
+
+def resident_bytes(engine: Engine) -> int:
+    """Weight bytes this rank holds (buffers, excluding computed rope tables)."""
+    seen, total = set(), 0
+    for name, b in engine.model.named_buffers():
+        if b is None or "rope" in name or id(b) in seen:
+            continue
+        seen.add(id(b))
+        total += b.numel() * b.element_size()
+    return total

@@ -23,3 +23,9 @@ CONFIGS = {
                "num_experts_per_tok": 4, "n_group": 8, "topk_group": 3, "num_hidden_layers": 3,
                "first_k_dense_replace": 2},
 }
+
+# every split dim divides into 128-row blocks at N = 4, so FP8 reshards at 1, 2 and 4
+ALIGNED = {**_V3, "vocab_size": 512, "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 512,
+           "num_attention_heads": 8, "num_key_value_heads": 8, "q_lora_rank": 128, "kv_lora_rank": 128,
+           "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 8,
+           "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2, "num_hidden_layers": 2, "first_k_dense_replace": 1}

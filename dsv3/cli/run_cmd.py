@@ -55,8 +55,11 @@ def run(ctx, ckpt: Path, backend, dtype, device, prompt, input_file, interactive
     sources = sum(x is not None and x is not False for x in (prompt, input_file, interactive or None))
     if sources != 1:
         raise DsvError("give exactly one of --prompt, --input-file or --interactive")
+    from ..core.parallel import Parallel
+
+    is_main = Parallel.from_env().is_main
     prompts: list[str] = []
-    if input_file is not None:
+    if input_file is not None and is_main:  # under torchrun only rank 0 reads; the others get a broadcast
         if not input_file.is_file():
             raise DsvError(f"{input_file}: no such file; --input-file takes a text file with one prompt per line")
         prompts = [line for line in input_file.read_text().splitlines() if line.strip()]
@@ -65,7 +68,7 @@ def run(ctx, ckpt: Path, backend, dtype, device, prompt, input_file, interactive
     elif prompt is not None:
         prompts = [prompt]
 
-    update, close = _progress_bar(sys.stderr.isatty())
+    update, close = _progress_bar(sys.stderr.isatty() and is_main)
     try:
         engine = load(ckpt, backend=backend, dtype=dtype, device=device, attn_impl=attn, max_seq_len=max_seq_len,
                       progress=update)
@@ -76,9 +79,15 @@ def run(ctx, ckpt: Path, backend, dtype, device, prompt, input_file, interactive
         raise DsvError(
             f"{ckpt}: no tokenizer.json; copy tokenizer.json and tokenizer_config.json from the original checkpoint"
         )
-    main = engine.par.is_main
-    if ctx.obj.get("verbose") and main:
-        click.echo(f"dsv3: {engine.kernels.describe()}; mtp={'yes' if engine.has_mtp else 'no'}", err=True)
+    par = engine.par
+    main = par.is_main
+    prompts = par.broadcast_object(prompts)
+    if ctx.obj.get("verbose"):
+        from ..engine import resident_bytes
+
+        click.echo(f"dsv3: rank {par.rank}/{par.world_size}: {engine.kernels.describe()}; "
+                   f"resident weights {resident_bytes(engine) / 2**20:.1f} MiB; mtp={'yes' if engine.has_mtp else 'no'}",
+                   err=True)
 
     def encode(messages: list[dict]) -> list[int]:
         if raw:
@@ -103,10 +112,13 @@ def run(ctx, ckpt: Path, backend, dtype, device, prompt, input_file, interactive
     if main:
         click.echo("interactive: type a message; /clear starts over, /exit quits", err=True)
     while True:
-        try:
-            line = input(">>> ") if sys.stdin.isatty() else sys.stdin.readline()
-        except EOFError:
-            break
+        line = ""
+        if main:
+            try:
+                line = input(">>> ") if sys.stdin.isatty() else sys.stdin.readline()
+            except EOFError:
+                line = ""
+        line = par.broadcast_object(line)  # every rank decodes the same turn
         if line == "":
             break
         line = line.strip()
@@ -116,15 +128,18 @@ def run(ctx, ckpt: Path, backend, dtype, device, prompt, input_file, interactive
             break
         if line == "/clear":
             messages.clear()
-            click.echo("(cleared)", err=True)
+            if main:
+                click.echo("(cleared)", err=True)
             continue
         messages.append({"role": "user", "content": line})
         ids = encode(messages)
         if len(ids) + max_new_tokens > engine.max_seq_len:
-            click.echo(f"context full ({len(ids)} tokens); /clear to start over", err=True)
+            if main:
+                click.echo(f"context full ({len(ids)} tokens); /clear to start over", err=True)
             messages.pop()
             continue
         reply = complete([ids])[0]
         messages.append({"role": "assistant", "content": reply})
-        click.echo(reply)
-        click.echo(engine.last_stats.line(), err=True)
+        if main:
+            click.echo(reply)
+            click.echo(engine.last_stats.line(), err=True)

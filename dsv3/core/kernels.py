@@ -5,7 +5,8 @@ all of them in plain torch (the numerical oracle); a vendor backend subclasses i
 what it accelerates. Shapes use B batch, S query length, T key length, H heads, D dims.
 
 Conventions every implementation follows:
-- `mask` is a bool tensor [B, S, T], True where the query may attend to the key.
+- `mask` is a bool tensor [B, S, T], True where the query may attend to the key, or None when
+  every key is visible (a single decode step without padding).
 - A linear weight is [N, K] (out, in). Its `scale` is None for a dense weight, or the fp32
   block scale [ceil(N/128), ceil(K/128)] of an FP8 weight (real = fp8 * scale per block).
 - Rotary embedding is interleaved: pairs (x0, x1), (x2, x3), ... rotate by one angle each.

@@ -87,7 +87,7 @@ class Step:
     start_pos: int
     cos: torch.Tensor  # [B, S, R/2] fp32
     sin: torch.Tensor  # [B, S, R/2] fp32
-    mask: torch.Tensor  # [B, S, T] bool, True = may attend
+    mask: torch.Tensor | None  # [B, S, T] bool, True = may attend; None = every key visible
 
 
 @dataclass
@@ -340,7 +340,7 @@ class Transformer(nn.Module):
         k_pos = torch.arange(end, device=device)  # [T]
         causal = k_pos[None, :] <= q_pos[:, None]  # [S, T]
         if pad is None:
-            mask = causal[None].expand(batch, -1, -1)
+            mask = None if seqlen == 1 else causal[None].expand(batch, -1, -1)
             pos = q_pos[None].expand(batch, -1)
         else:
             pad = pad.to(device)

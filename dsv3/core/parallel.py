@@ -7,8 +7,10 @@ path has no torch.distributed dependency at all.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -67,6 +69,38 @@ class Parallel:
         if self.world_size > 1:
             dist.broadcast(x, src)
         return x
+
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank src's Python object on every rank (prompts, stdin lines)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    # ---- process group ------------------------------------------------------------------------
+    def init(self, backend: str, timeout_s: float = 120.0) -> None:
+        """Join the process group torchrun described (MASTER_ADDR/MASTER_PORT from the environment)."""
+        if self.world_size == 1 or dist.is_initialized():
+            return
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            if var not in os.environ:
+                raise DsvError(f"WORLD_SIZE={self.world_size} but {var} is not set; launch with torchrun "
+                               "(it sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT)")
+        dist.init_process_group(backend=backend, rank=self.rank, world_size=self.world_size,
+                                timeout=timedelta(seconds=timeout_s))
+
+    def check_same(self, what: str, payload: bytes) -> None:
+        """Fail on every rank if the ranks were started with different inputs (e.g. checkpoints)."""
+        if self.world_size == 1:
+            return
+        digest = hashlib.sha256(payload).hexdigest()[:16]
+        digests = [None] * self.world_size
+        dist.all_gather_object(digests, digest)
+        odd = [r for r, d in enumerate(digests) if d != digests[0]]
+        if odd:
+            raise DsvError(f"rank {odd[0]} was started with a different {what} than rank 0 "
+                           f"({digests[odd[0]]} != {digests[0]}); start every rank with the same checkpoint and flags")
 
 
 SINGLE = Parallel()

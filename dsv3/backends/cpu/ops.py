@@ -40,27 +40,30 @@ class CpuKernels(Kernels):
         return F.linear(x, weight)
 
     def rms_norm(self, x, weight, eps):
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        return (y * weight.float()).to(x.dtype)
+        # one fused op on fp32 copies: the formula of the interface, without six temporaries
+        return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
 
     def rope(self, x, cos, sin):
-        pairs = x.float().unflatten(-1, (-1, 2))  # [B, S, H, D/2, 2]
-        x0, x1 = pairs[..., 0], pairs[..., 1]
-        c, s = cos[:, :, None, :], sin[:, :, None, :]  # [B, S, 1, D/2]
-        out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
-        return out.flatten(-2).to(x.dtype)
+        z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, S, H, D/2] pairs as complex
+        rot = torch.complex(cos, sin)[:, :, None, :]  # [B, S, 1, D/2]
+        return torch.view_as_real(z * rot).flatten(-2).to(x.dtype)
 
     def attention(self, q, k, v, scale, mask):
         scores = torch.einsum("bshd,bthd->bhst", q.float(), k.float()) * scale  # [B, H, S, T]
-        probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(dim=-1)
-        return torch.einsum("bhst,bthd->bshd", probs, v.float()).to(q.dtype)  # [B, S, H, Dv]
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        return torch.einsum("bhst,bthd->bshd", scores.softmax(dim=-1), v.float()).to(q.dtype)  # [B, S, H, Dv]
 
     def mla_attention(self, q_latent, q_pe, kv, pe, scale, mask):
-        scores = torch.einsum("bshc,btc->bhst", q_latent.float(), kv.float())
-        scores = scores + torch.einsum("bshr,btr->bhst", q_pe.float(), pe.float())  # [B, H, S, T]
-        probs = (scores * scale).masked_fill(~mask[:, None], float("-inf")).softmax(dim=-1)
-        return torch.einsum("bhst,btc->bshc", probs, kv.float()).to(q_latent.dtype)  # [B, S, H, C]
+        # [B, S·H, C+R] x [B, T, C+R]ᵀ: nope and rope scores in one batched matmul
+        B, S, H, C = q_latent.shape
+        q = torch.cat([q_latent, q_pe], dim=-1).float().view(B, S * H, -1)
+        k = torch.cat([kv, pe], dim=-1).float()  # [B, T, C+R]
+        scores = torch.bmm(q, k.transpose(1, 2)).view(B, S, H, -1) * scale  # [B, S, H, T]
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
+        out = torch.bmm(scores.softmax(dim=-1).view(B, S * H, -1), k[..., :C])  # [B, S·H, C]
+        return out.view(B, S, H, C).to(q_latent.dtype)
 
     def moe_gate(self, x, weight, bias, p: GateParams):
         logits = F.linear(x.float(), weight.float())  # [T, E]
