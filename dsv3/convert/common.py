@@ -103,9 +103,9 @@ class Output:
         p = self.tmp / name
         return bool(entry) and p.is_file() and p.stat().st_size == entry["size"] and sha256(p) == entry["sha256"]
 
-    def finished(self, name: str) -> None:
+    def finished(self, name: str, digest: str | None = None) -> None:
         p = self.tmp / name
-        self.done[name] = {"size": p.stat().st_size, "sha256": sha256(p)}
+        self.done[name] = {"size": p.stat().st_size, "sha256": digest or sha256(p)}
         tmp = self.progress_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.done, indent=1))
         os.replace(tmp, self.progress_path)

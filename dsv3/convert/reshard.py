@@ -111,7 +111,7 @@ def reshard(src_path, dst_path, mp: int, dtype: str | None = None, force: bool =
                 progress.bytes(part.numel() * part.element_size())
         for f, w in writers.items():
             w.close()
-            out.finished(f)
+            out.finished(f, w.sha256)
             progress.file_done()
         copy_small_files(src.path, out, skip={"config.json"})
         if dequant:

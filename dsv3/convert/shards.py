@@ -51,7 +51,7 @@ def rewrite_shards(src: Source, out: Output, rule: Rule, progress: Progress) -> 
         except BaseException:
             writer.abort()
             raise
-        out.finished(fname)
+        out.finished(fname, writer.sha256)
         progress.file_done()
     return weight_map
 

@@ -7,6 +7,7 @@ path has no torch.distributed dependency at all.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 from dataclasses import dataclass
@@ -89,6 +90,8 @@ class Parallel:
                                "(it sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT)")
         dist.init_process_group(backend=backend, rank=self.rank, world_size=self.world_size,
                                 timeout=timedelta(seconds=timeout_s))
+        # an undestroyed gloo group aborts the interpreter at exit ("terminate called ...")
+        atexit.register(_destroy)
 
     def check_same(self, what: str, payload: bytes) -> None:
         """Fail on every rank if the ranks were started with different inputs (e.g. checkpoints)."""
@@ -101,6 +104,11 @@ class Parallel:
         if odd:
             raise DsvError(f"rank {odd[0]} was started with a different {what} than rank 0 "
                            f"({digests[odd[0]]} != {digests[0]}); start every rank with the same checkpoint and flags")
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 SINGLE = Parallel()

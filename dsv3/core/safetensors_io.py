@@ -6,8 +6,8 @@ Format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, 
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,23 +109,32 @@ class StreamingWriter:
         raw += b" " * ((8 - len(raw) % 8) % 8)  # data aligned to 8 bytes
         self.total = 8 + len(raw) + offset
         self._f = open(self.path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        self._hash = hashlib.sha256()  # computed as bytes go out: no second read for the manifest
+        self._emit(struct.pack("<Q", len(raw)) + raw)
         self._next = 0
+
+    def _emit(self, data) -> None:
+        self._f.write(data)
+        self._hash.update(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
 
     def write(self, name: str, t: torch.Tensor) -> None:
         expected = self.order[self._next]
         dtype, shape = self.specs[expected]
         if name != expected or t.dtype != dtype or tuple(t.shape) != tuple(shape):
             raise ValueError(f"writer expected {expected} {dtype} {shape}, got {name} {t.dtype} {tuple(t.shape)}")
-        self._f.write(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+        if t.numel():
+            self._emit(memoryview(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy()))
         self._next += 1
 
     def close(self) -> None:
         if self._next != len(self.order):
             self._f.close()
             raise ValueError(f"{self.path}: closed after {self._next} of {len(self.order)} tensors")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        # no fsync: --resume re-hashes every finished file, so a file lost to a crash is redone
         self._f.close()
 
     def abort(self) -> None:

@@ -1,0 +1,94 @@
+"""dsv3 convert dequant / reshard against `cp -r` of the same checkpoint, with peak RSS.
+
+Side by side in one run on the ~280M-parameter, 8-shard FP8 checkpoint: throughput as a fraction
+of cp's bytes/s (input bytes per second), and each command's peak RSS against the largest input
+shard and the interpreter's own baseline (python importing torch and dsv3). Peak RSS is the
+child's ru_maxrss, the same figure `/usr/bin/time -v` prints as "Maximum resident set size".
+
+    python benchmarks/convert_throughput.py [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from results import append_section  # noqa: E402
+
+
+def run(cmd: list[str]) -> tuple[float, int]:
+    """(seconds, peak RSS bytes) of one child process, measured in a fresh wrapper process so
+    ru_maxrss covers that command alone."""
+    wrapper = ("import resource, subprocess, sys, time\n"
+               "t = time.perf_counter(); subprocess.run(sys.argv[1:], check=True)\n"
+               "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, check=True)
+    secs, kib = out.stdout.split()
+    return float(secs), int(kib) * 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    from dsv3.demo import BENCH_280M, write_checkpoint
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="dsv3-convert-bench-"))
+    src = work / "fp8"
+    if not (src / "config.json").is_file():
+        write_checkpoint(src, BENCH_280M, seed=0, n_shards=8, tokenizer=False)
+    shards = sorted(src.glob("*.safetensors"))
+    total = sum(p.stat().st_size for p in shards)
+    largest = max(p.stat().st_size for p in shards)
+    py = [sys.executable, "-m", "dsv3"]
+    results = {}
+    for label, cmd, dst in [
+        ("cp -r", ["cp", "-r", str(src)], work / "cp"),
+        ("dsv3 convert dequant (bf16)", [*py, "convert", "dequant", str(src)], work / "bf16"),
+        ("dsv3 convert reshard --model-parallel 2 --dtype bf16", [*py, "convert", "reshard", str(src)], work / "mp2"),
+        ("dsv3 convert reshard --model-parallel 2 (fp8)", [*py, "convert", "reshard", str(src)], work / "mp2fp8"),
+    ]:
+        shutil.rmtree(dst, ignore_errors=True)
+        extra = []
+        if "dsv3" in label:
+            extra = ["--quiet", "--force"]
+            if "bf16" in label and "reshard" in label:
+                extra += ["--model-parallel", "2", "--dtype", "bf16"]
+            elif "reshard" in label:
+                extra += ["--model-parallel", "2"]
+        subprocess.run(["sync"])
+        secs, rss = run([*cmd, str(dst), *extra])
+        out_bytes = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
+        results[label] = (secs, rss, out_bytes)
+        shutil.rmtree(dst, ignore_errors=True)
+    _, base_rss = run([sys.executable, "-c", "import torch, dsv3.convert"])
+    cp_rate = total / results["cp -r"][0]
+    rows = ["| command | seconds | input MB/s | fraction of cp | peak RSS MB | RSS - baseline, in largest shards |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for label, (secs, rss, out_bytes) in results.items():
+        rate = total / secs
+        over = (rss - base_rss) / largest if "dsv3" in label else float("nan")
+        rows.append(f"| {label} | {secs:.2f} | {rate / 1e6:.0f} | {rate / cp_rate:.2f} | {rss / 1e6:.0f} | "
+                    f"{'' if 'cp' in label else f'{over:.2f}'} |")
+    notes = [f"Input: BENCH_280M in the released FP8 layout, {len(shards)} shards, {total / 1e6:.0f} MB, "
+             f"largest shard {largest / 1e6:.0f} MB. Interpreter baseline (python + torch + dsv3.convert): "
+             f"{base_rss / 1e6:.0f} MB peak RSS. Targets: RSS under baseline + 2 x largest shard; dequant at "
+             "least 0.5 of cp's bytes/s. Page cache is warm for every command (cp reads the same files).",
+             f"Machine: {os.cpu_count()} cores."]
+    text = "\n".join(rows + [""] + notes)
+    print(text)
+    if not args.no_write:
+        append_section("Conversion throughput and memory (issue 3)", "python benchmarks/convert_throughput.py", text)
+
+
+if __name__ == "__main__":
+    main()
