@@ -38,9 +38,10 @@ def _progress_bar(enabled: bool):
 @click.option("--attn", type=click.Choice(["auto", "naive", "absorb"]), default="auto", show_default=True,
               help="MLA form: auto = naive for prefill, absorbed for decode.")
 @click.option("--raw", is_flag=True, help="Send prompts as plain text, without the chat template.")
+@click.option("--verbose", is_flag=True, help="Report the backend and each rank's resident weight memory.")
 @click.pass_context
 def run(ctx, ckpt: Path, backend, dtype, device, prompt, input_file, interactive, max_new_tokens, temperature,
-        top_p, seed, max_seq_len, attn, raw) -> None:
+        top_p, seed, max_seq_len, attn, raw, verbose) -> None:
     """Generate text from a checkpoint: released FP8, BF16 HF layout, or model-parallel rank files.
 
     \b
@@ -82,7 +83,7 @@ def run(ctx, ckpt: Path, backend, dtype, device, prompt, input_file, interactive
     par = engine.par
     main = par.is_main
     prompts = par.broadcast_object(prompts)
-    if ctx.obj.get("verbose"):
+    if verbose or ctx.obj.get("verbose"):
         from ..engine import resident_bytes
 
         click.echo(f"dsv3: rank {par.rank}/{par.world_size}: {engine.kernels.describe()}; "

@@ -17,7 +17,7 @@ from ..core.errors import DsvError
 from ..core.fp8 import BLOCK, dequantize, is_fp8
 from ..core.safetensors_io import StreamingWriter
 from .common import Output, Progress, Source, check_space, copy_small_files, write_json
-from .shards import read
+from .shards import _nbytes, read
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -126,9 +126,3 @@ def reshard(src_path, dst_path, mp: int, dtype: str | None = None, force: bool =
     finally:
         progress.close()
 
-
-def _nbytes(dtype: torch.dtype, shape) -> int:
-    n = torch.empty((), dtype=dtype).element_size()
-    for s in shape:
-        n *= s
-    return n

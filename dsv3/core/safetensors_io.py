@@ -89,6 +89,13 @@ def read_tensor(path: str | Path, info: TensorInfo) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=info.dtype).view(info.shape)
 
 
+def read_rows(path: str | Path, info: TensorInfo, lo: int, hi: int) -> torch.Tensor:
+    """Rows lo..hi-1 of a tensor (its first dim), reading only their bytes: a rank's dim-0 slice."""
+    row = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+    part = TensorInfo(info.dtype, (hi - lo, *info.shape[1:]), info.begin + lo * row, info.begin + hi * row)
+    return read_tensor(path, part)
+
+
 class StreamingWriter:
     """Write one safetensors file tensor by tensor: the header is fixed up front from known
     shapes and dtypes, so memory holds one tensor at a time however large the file is."""

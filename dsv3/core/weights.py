@@ -21,7 +21,7 @@ from .config import ModelConfig
 from .errors import CheckpointError
 from .fp8 import BLOCK, dequantize, is_fp8
 from .parallel import Parallel
-from .safetensors_io import TensorInfo, read_header, read_tensor
+from .safetensors_io import TensorInfo, read_header, read_rows, read_tensor
 
 INDEX = "model.safetensors.index.json"
 RANK_FILE = re.compile(r"^(model|mtp)(\d+)-mp(\d+)\.safetensors$")
@@ -147,6 +147,9 @@ class Checkpoint:
         path, name, info = src[0]
         if dim is None or par.world_size == 1 or (self.layout == "mp" and par.world_size == self.mp):
             return read_tensor(path, info)
+        if dim == 0:  # only this rank's rows leave the disk
+            n = info.shape[0] // par.world_size
+            return read_rows(path, info, par.rank * n, (par.rank + 1) * n)
         return _slice(read_tensor(path, info), dim, par.rank, par.world_size)
 
 

@@ -110,3 +110,11 @@ def test_mismatched_checkpoints_are_detected(tp_ckpt, tmp_path):
                       f"dsv3.load(p, backend='cpu', dtype='fp32')\n")
     r = torchrun("--standalone", "--nproc-per-node", 2, script, env=dict(os.environ))
     assert r.returncode != 0 and "was started with a different checkpoint" in r.stderr
+
+
+def test_cli_under_torchrun_reports_memory_per_rank(demo_ckpt, tmp_path):
+    r = torchrun("--standalone", "--nproc-per-node", 2, "-m", "dsv3", "run", demo_ckpt, "--prompt", "Hello",
+                 "--max-new-tokens", 4, "--verbose")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 0/2" in r.stderr and "rank 1/2" in r.stderr and "resident weights" in r.stderr
+    assert r.stderr.count("prefill:") == 1  # only rank 0 prints
