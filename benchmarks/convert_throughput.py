@@ -10,18 +10,14 @@ child's ru_maxrss, the same figure `/usr/bin/time -v` prints as "Maximum residen
 
 from __future__ import annotations
 
-import argparse
 import os
-import resource
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import append_section  # noqa: E402
+from results import append_section, bench_checkpoint, parser  # noqa: E402
 
 
 def run(cmd: list[str]) -> tuple[float, int]:
@@ -36,16 +32,8 @@ def run(cmd: list[str]) -> tuple[float, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args()
-    from dsv3.demo import BENCH_280M, write_checkpoint
-
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="dsv3-convert-bench-"))
-    src = work / "fp8"
-    if not (src / "config.json").is_file():
-        write_checkpoint(src, BENCH_280M, seed=0, n_shards=8, tokenizer=False)
+    args = parser(__doc__).parse_args()
+    work, src = bench_checkpoint(args.workdir, "dsv3-convert-bench-")
     shards = sorted(src.glob("*.safetensors"))
     total = sum(p.stat().st_size for p in shards)
     largest = max(p.stat().st_size for p in shards)

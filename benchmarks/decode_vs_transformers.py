@@ -10,11 +10,8 @@ Reports ratios; appends a table to benchmarks/RESULTS.md with the command that p
 
 from __future__ import annotations
 
-import argparse
 import platform
-import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -22,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import append_section  # noqa: E402
+from results import append_section, bench_checkpoint, parser  # noqa: E402
 
 
 def best(fn, repeats: int) -> float:
@@ -35,27 +32,22 @@ def best(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--no-write", action="store_true", help="print only; do not touch RESULTS.md")
     args = ap.parse_args()
 
     import dsv3
     from dsv3.convert import dequant
     from dsv3.core.generate import generate
     from dsv3.core.model import LatentCache
-    from dsv3.demo import BENCH_280M, write_checkpoint
+    from dsv3.demo import BENCH_280M
     from transformers import DeepseekV3ForCausalLM
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="dsv3-bench-"))
-    fp8_dir, bf16_dir = work / "fp8", work / "bf16"
-    if not (fp8_dir / "config.json").is_file():
-        print("writing the 280M checkpoint (FP8, 8 shards)...", file=sys.stderr)
-        write_checkpoint(fp8_dir, BENCH_280M, seed=0, n_shards=8, tokenizer=False)
+    work, fp8_dir = bench_checkpoint(args.workdir, "dsv3-bench-")
+    bf16_dir = work / "bf16"
     if not (bf16_dir / "config.json").is_file():
         dequant(fp8_dir, bf16_dir, dtype="bf16", quiet=True, force=True)
 

@@ -1,9 +1,11 @@
-"""Write a benchmark's table into RESULTS.md, replacing the previous section of the same title."""
+"""What the benchmarks share: the common flags, the 280M checkpoint, and writing RESULTS.md sections."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import re
+import tempfile
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -20,3 +22,21 @@ def append_section(title: str, command: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + section
     RESULTS.write_text(text.rstrip() + "\n")
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=None, help="reuse the checkpoint(s) written here")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not touch RESULTS.md")
+    return ap
+
+
+def bench_checkpoint(workdir: Path | None, prefix: str) -> tuple[Path, Path]:
+    """(work dir, the ~280M-parameter checkpoint in the released FP8 layout, 8 shards), written once."""
+    from dsv3.demo import BENCH_280M, write_checkpoint
+
+    work = workdir or Path(tempfile.mkdtemp(prefix=prefix))
+    ckpt = work / "fp8"
+    if not (ckpt / "config.json").is_file():
+        write_checkpoint(ckpt, BENCH_280M, seed=0, n_shards=8, tokenizer=False)
+    return work, ckpt

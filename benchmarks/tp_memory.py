@@ -8,15 +8,13 @@ benchmark checkpoint in the released FP8 layout, loaded in bf16.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import append_section  # noqa: E402
+from results import append_section, bench_checkpoint, parser  # noqa: E402
 
 WORKER = r'''
 import json, sys, torch, dsv3
@@ -32,16 +30,8 @@ open(out, "w").write(json.dumps({"rank": e.par.rank, "bytes": resident_bytes(e),
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args()
-    from dsv3.demo import BENCH_280M, write_checkpoint
-
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="dsv3-tp-bench-"))
-    ckpt = work / "fp8"
-    if not (ckpt / "config.json").is_file():
-        write_checkpoint(ckpt, BENCH_280M, seed=0, n_shards=8, tokenizer=False)
+    args = parser(__doc__).parse_args()
+    work, ckpt = bench_checkpoint(args.workdir, "dsv3-tp-bench-")
     script = work / "tp_worker.py"
     script.write_text(WORKER)
     rows = ["| processes | rank | resident weights MB | decode tok/s (batch 1) |", "| --- | --- | --- | --- |"]

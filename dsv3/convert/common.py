@@ -127,9 +127,6 @@ class Output:
             shutil.rmtree(self.dst) if self.dst.is_dir() else self.dst.unlink()
         os.replace(self.tmp, self.dst)
 
-    def abort(self) -> None:
-        """Leave the partial directory for --resume; DST is untouched."""
-
 
 def sha256(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()

@@ -58,8 +58,8 @@ def dequant(src_path, dst_path, dtype: str = "bf16", force: bool = False, resume
     total = sum(info.nbytes for _, info in src.where.values())
     progress = Progress(total, len(src.shards), "dequant", quiet)
     try:
-        weight_map = rewrite_shards(src, out, rule, progress)
-        write_index(out, weight_map, src)
+        weight_map, total_size = rewrite_shards(src, out, rule, progress)
+        write_index(out, weight_map, total_size)
         copy_small_files(src.path, out, skip={"config.json"})
         config = json.loads((src.path / "config.json").read_text())
         if not any(s is None for s in fp8.values()):

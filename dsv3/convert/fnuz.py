@@ -36,8 +36,8 @@ def fnuz(src_path, dst_path, force: bool = False, resume: bool = False, quiet: b
 
     progress = Progress(sum(i.nbytes for _, i in src.where.values()), len(src.shards), "fnuz", quiet)
     try:
-        weight_map = rewrite_shards(src, out, rule, progress)
-        write_index(out, weight_map, src)
+        weight_map, total_size = rewrite_shards(src, out, rule, progress)
+        write_index(out, weight_map, total_size)
         copy_small_files(src.path, out, skip={"config.json"})
         config = json.loads((src.path / "config.json").read_text())
         write_json(out.path("config.json"), config)

@@ -18,8 +18,8 @@ from .common import INDEX, Output, Progress, Source, check_space, write_json
 Rule = Callable[[str, TensorInfo], "tuple[torch.dtype, Callable[[], torch.Tensor]] | None"]
 
 
-def rewrite_shards(src: Source, out: Output, rule: Rule, progress: Progress) -> dict[str, str]:
-    """Apply `rule` to every tensor; returns the new weight map."""
+def rewrite_shards(src: Source, out: Output, rule: Rule, progress: Progress) -> tuple[dict[str, str], int]:
+    """Apply `rule` to every tensor; returns the new weight map and the bytes of tensor data written."""
     plans = {}
     total = 0
     for shard in src.shards:
@@ -53,7 +53,7 @@ def rewrite_shards(src: Source, out: Output, rule: Rule, progress: Progress) -> 
             raise
         out.finished(fname, writer.sha256)
         progress.file_done()
-    return weight_map
+    return weight_map, total
 
 
 def read(src: Source, name: str) -> torch.Tensor:
@@ -61,16 +61,8 @@ def read(src: Source, name: str) -> torch.Tensor:
     return read_tensor(path, info)
 
 
-def write_index(out: Output, weight_map: dict[str, str], src: Source) -> None:
-    from ..core.safetensors_io import read_header
-
-    total = 0
-    seen: dict[str, dict] = {}
-    for name, fname in weight_map.items():
-        if fname not in seen:
-            seen[fname], _ = read_header(out.path(fname))
-        total += seen[fname][name].nbytes
-    write_json(out.path(INDEX), {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+def write_index(out: Output, weight_map: dict[str, str], total_size: int) -> None:
+    write_json(out.path(INDEX), {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
 
 
 def require_fp8(src: Source, command: str) -> None:

@@ -9,7 +9,6 @@ slice, read lazily tensor by tensor, so the checkpoint is never held twice.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,76 +195,62 @@ def load_weights(model, ckpt: Checkpoint, cfg: ModelConfig, kernels, dtype: torc
                  progress=None) -> None:
     """Fill the model's meta buffers tensor by tensor; the cpu backend dequantizes FP8 as it goes."""
     buffers = dict(model.named_buffers())
-    filled: set[str] = set()
     n_layers = cfg.num_hidden_layers
-    todo = [n for n in ckpt.names() if not n.endswith(".scale")]
-    for demo in todo:
+    for demo in [n for n in ckpt.names() if not n.endswith(".scale")]:  # scales travel with their weight
         target = N.demo_to_model(demo, n_layers)
         if progress is not None:
             progress(ckpt.info(demo).nbytes)
         if target is None:
             continue
         ours, expert = target
-        if ours not in buffers and ours.replace(".weight", ".scale") not in buffers:
+        if ours not in buffers:
             if ours.startswith("mtp.") and not len(model.mtp):
                 continue
             raise CheckpointError(f"{ckpt.path}: tensor {ckpt.display(demo)} has no place in the model")
         owner = _owner(model, ours)
         if expert is not None and not owner.first <= expert < owner.first + owner.count:
             continue  # another rank's expert
-        weight = ckpt.read(demo, par) if expert is not None else _read_split(ckpt, demo, par, kernels)
-        scale = None
-        scale_name = demo[: -len("weight")] + "scale"
-        if isinstance(weight, tuple):  # dequantized already (split not block-aligned)
-            weight, scale = weight
-        elif is_fp8(weight.dtype):
-            if scale_name not in ckpt.sources:
-                raise CheckpointError(f"{ckpt.path}: FP8 weight {ckpt.display(demo)} has no scale {ckpt.display(scale_name)}")
-            scale = ckpt.read(scale_name, par).float()
-        leaf = ours.rsplit(".", 1)
+        weight, scale = _read_weight(ckpt, demo, par, kernels, whole=expert is not None)
+        leaf = ours.rsplit(".", 1)[1]
         kind = type(owner).__name__
-        if kind in ("Linear", "StackedLinear") and leaf[1] == "weight":
+        if kind in ("Linear", "StackedLinear") and leaf == "weight":
             w, s = kernels.prepare_linear(weight, scale, dtype)
         elif kind == "Gate":  # routing stays fp32: near-ties decide which experts run
             w, s = weight.float().to(kernels.device), None
         else:
             w, s = weight.to(dtype).to(kernels.device), None
-        _assign(owner, leaf[1], w, expert, ours)
+        _assign(owner, leaf, w, expert, ours)
         if s is not None:
             _assign(owner, "scale", s, expert, ours)
-        filled.add(ours)
-        if expert is not None:
-            filled.add(f"{ours}#{expert}")
     if cfg.tie_word_embeddings:
         model.head.weight = model.embed.weight
-        filled.add("head.weight")
     for name, buf in model.named_buffers():
         if buf is not None and buf.device.type == "meta":
             raise CheckpointError(f"{ckpt.path}: nothing in the checkpoint fills {name}; it does not match config.json")
 
 
-def _read_split(ckpt: Checkpoint, demo: str, par: Parallel, kernels):
-    """A rank's slice of a (possibly FP8) weight. Splits that cut through 128x128 scale blocks
+def _read_weight(ckpt: Checkpoint, demo: str, par: Parallel, kernels, whole: bool):
+    """This rank's (weight, fp32 scale or None). Splits that cut through 128x128 scale blocks
     cannot slice the scale, so for backends that dequantize at load the full weight is
     dequantized first and then sliced; FP8-keeping backends get a precise error."""
-    dim = N.split_dim(demo)
     info = ckpt.info(demo)
     scale_name = demo[: -len("weight")] + "scale"
-    if (dim is None or par.world_size == 1 or not is_fp8(info.dtype) or scale_name not in ckpt.sources
-            or (ckpt.layout == "mp" and ckpt.mp == par.world_size)):
-        return ckpt.read(demo, par)
-    per_rank = info.shape[dim] // par.world_size
-    if per_rank % BLOCK == 0:
-        return ckpt.read(demo, par)
+    if not is_fp8(info.dtype):
+        return ckpt.read(demo, par), None
+    if scale_name not in ckpt.sources:
+        raise CheckpointError(f"{ckpt.path}: FP8 weight {ckpt.display(demo)} has no scale {ckpt.display(scale_name)}")
+    dim = N.split_dim(demo)
+    aligned = (whole or dim is None or par.world_size == 1 or (ckpt.layout == "mp" and ckpt.mp == par.world_size)
+               or (info.shape[dim] // par.world_size) % BLOCK == 0)
+    if aligned:
+        return ckpt.read(demo, par), ckpt.read(scale_name, par).float()
     if kernels.fp8_dtype is not None:
         ok = [w for w in range(1, info.shape[dim] + 1) if info.shape[dim] % w == 0 and (info.shape[dim] // w) % BLOCK == 0]
         raise CheckpointError(
             f"{ckpt.display(demo)}: splitting dim {dim} of size {info.shape[dim]} over {par.world_size} ranks cuts "
             f"through 128x128 scale blocks; use a world size in {ok} or a backend that dequantizes at load"
         )
-    full = ckpt.read(demo, Parallel())
-    scale = ckpt.read(scale_name, Parallel()).float()
-    dense = dequantize(full, scale, torch.float32)
+    dense = dequantize(ckpt.read(demo, Parallel()), ckpt.read(scale_name, Parallel()).float(), torch.float32)
     return _slice(dense, dim, par.rank, par.world_size), None
 
 

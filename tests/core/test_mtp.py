@@ -16,7 +16,6 @@ def rms(x, w, eps):
 
 
 def test_mtp_matches_independent_computation(tiny_ckpts, hf_refs):
-    from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer
 
     ckpt = tiny_ckpts["v3ish"]
