@@ -63,3 +63,34 @@ def hf_model(ref_dir: Path, dtype: torch.dtype):
 def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         return model(ids).logits.float()
+
+
+class simulated_fp8_activations:
+    """Within this context, every bf16 F.linear except the output head quantizes its input per token
+    per 128 channels to FP8 and back (router logits are fp32 in transformers, the head stays bf16):
+    what an FP8-GEMM engine feeds its weights. The quantization is written out here, not dsv3's."""
+
+    def __init__(self, model, fp8_dtype: torch.dtype = torch.float8_e4m3fn, fp8_max: float = 448.0):
+        self.head, self.dtype, self.max = model.lm_head.weight, fp8_dtype, fp8_max
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        k = x.shape[-1]
+        pad = (-k) % 128
+        blocks = torch.nn.functional.pad(x.float(), (0, pad)).unflatten(-1, (-1, 128))
+        scale = blocks.abs().amax(-1, keepdim=True).clamp(min=1e-4) / self.max
+        q = (blocks / scale).clamp(-self.max, self.max).to(self.dtype).float() * scale
+        return q.flatten(-2)[..., :k].to(x.dtype)
+
+    def __enter__(self):
+        self.original = torch.nn.functional.linear
+
+        def linear(x, w, b=None):
+            if x.dtype == torch.bfloat16 and w is not self.head:
+                x = self.quantize(x)
+            return self.original(x, w, b)
+
+        torch.nn.functional.linear = linear
+        return self
+
+    def __exit__(self, *exc):
+        torch.nn.functional.linear = self.original

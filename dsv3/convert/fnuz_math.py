@@ -27,3 +27,23 @@ def fn_to_fnuz(weight: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.
     b = weight.view(torch.uint8)
     b = torch.where(b == 0x80, torch.zeros_like(b), b)  # fn -0 would be fnuz NaN
     return b.view(torch.float8_e4m3fnuz), (None if scale is None else scale.float() * 2)
+
+
+def fnuz_to_fn(weight: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(e4m3fnuz weight, scale) -> (e4m3fn weight, scale / 2): the inverse of fn_to_fnuz; raises on fnuz NaN (0x80)."""
+    if weight.dtype != torch.float8_e4m3fnuz:
+        raise ValueError(f"expected float8_e4m3fnuz, got {weight.dtype}")
+    nans = int((weight.view(torch.uint8) == 0x80).sum())
+    if nans:
+        raise ValueError(f"{nans} NaN bytes (0x80) in an e4m3fnuz weight")
+    return weight.view(torch.uint8).view(torch.float8_e4m3fn), (None if scale is None else scale.float() / 2)
+
+
+def to_format(weight: torch.Tensor, scale: torch.Tensor | None, fp8_dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same real values in the FP8 flavour a GPU computes in (bytes kept, scale doubled or halved)."""
+    if weight.dtype == fp8_dtype:
+        return weight, scale
+    if fp8_dtype == torch.float8_e4m3fnuz:
+        return fn_to_fnuz(weight, scale)
+    return fnuz_to_fn(weight, scale)

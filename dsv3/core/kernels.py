@@ -9,7 +9,9 @@ Conventions every implementation follows:
   every key is visible (a single decode step without padding).
 - A linear weight is [N, K] (out, in). Its `scale` is None for a dense weight, or the fp32
   block scale [ceil(N/128), ceil(K/128)] of an FP8 weight (real = fp8 * scale per block).
-- Rotary embedding is interleaved: pairs (x0, x1), (x2, x3), ... rotate by one angle each.
+- Rotary embedding is interleaved: pairs (x0, x1), (x2, x3), ... rotate by one angle each. The
+  model only multiplies roped q by roped k, so a backend may return the rotated dims in any fixed
+  permutation applied identically on every call (Ascend's fused rope returns evens, then odds).
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ class Kernels:
         raise NotImplementedError
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, S, H, D] interleaved; cos/sin [B, S, D/2] (fp32). Returns x's dtype."""
+        """x [B, S, H, D] interleaved; cos/sin [B, S, D/2] (fp32). Returns x's dtype, dims in a fixed order."""
         raise NotImplementedError
 
     def attention(

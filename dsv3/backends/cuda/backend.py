@@ -1,21 +1,89 @@
-"""NVIDIA GPUs: the reference ops on the cuda device, in BF16 (FP8 weights dequantized at load).
+"""NVIDIA GPUs: FP8 block-scaled Triton kernels on sm89+, BF16 below.
 
-The Triton FP8 kernels (issue 5) override ops here as they land; until then every op is the
-cpu reference running on the GPU through torch.
+FP8 weights stay FP8 in memory with their 128x128 scales; activations are quantized per token
+per 128 channels right before each FP8 GEMM. Below sm89 there is no FP8 tensor core: weights are
+dequantized once at load and every op is the reference in BF16 on the GPU.
+
+Triton is imported when a backend object is created, never when this module is imported, so
+`dsv3 backends` and `import dsv3` work without it. With TRITON_INTERPRET=1 the backend also runs on
+CPU tensors (`dsv3.load(path, backend="cuda", device="cpu")`): that is how CI tests the kernels.
 """
 
 from __future__ import annotations
 
-import torch
+import importlib.util
+import logging
+import os
 
+import torch
+import torch.nn.functional as F
+
+from ...core.errors import BackendError
+from ...core.kernels import ExpertWeights
 from ..cpu import CpuKernels
+from .launch import interpreted
+
+log = logging.getLogger("dsv3")
+_said: set[str] = set()
+
+
+def say_once(msg: str) -> None:
+    if msg not in _said:
+        _said.add(msg)
+        log.warning(msg)
+
+
+def _no_triton() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'dsv3[cuda]')"
+    return None
 
 
 class CudaKernels(CpuKernels):
     name = "cuda"
     device_type = "cuda"
-    fp8_dtype = None
     dist_backend = "nccl"
+    #: which launch table the kernels use
+    target = "nvidia"
+    #: the FP8 flavour this vendor computes in, when the chip has FP8 at all
+    native_fp8 = torch.float8_e4m3fn
+
+    def __init__(self, device=None):
+        super().__init__(device)
+        self.fp8_dtype, self.mode = self.select_mode()
+        self.act_max = self.activation_max()
+        from . import (  # triton, only now
+            act_quant,
+            fp8_gemm,
+            mla_decode,
+            moe,
+            weight_dequant,
+        )
+
+        self._act_quant, self._gemm = act_quant.act_quant, fp8_gemm.fp8_gemm
+        self._dequant, self._moe, self._mla = weight_dequant.weight_dequant, moe.fused_moe, mla_decode.mla_decode
+        if self.fp8_dtype is None:
+            say_once(f"{self.name}: {self.mode}")
+
+    # ---- what this device can do --------------------------------------------------------
+    def select_mode(self) -> tuple[torch.dtype | None, str]:
+        """(FP8 dtype or None for BF16, why). DSV3_CUDA_CAPABILITY=8.0 forces a capability (tests, debugging)."""
+        forced = os.environ.get("DSV3_CUDA_CAPABILITY")
+        if forced:
+            try:
+                major, minor = (int(p) for p in forced.split("."))
+            except ValueError:
+                raise BackendError(f"DSV3_CUDA_CAPABILITY={forced!r}; expected MAJOR.MINOR such as 9.0 or 8.0") from None
+        elif self.device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(self.device)
+        else:
+            major, minor = 9, 0  # the interpreter: exercise the FP8 kernels
+        if (major, minor) >= (8, 9):
+            return self.native_fp8, f"sm{major}{minor}: FP8 e4m3fn block-scaled Triton kernels"
+        return None, f"sm{major}{minor} has no FP8 (needs sm89+); running BF16 with weights dequantized at load"
+
+    def activation_max(self) -> float:
+        return 448.0
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -25,5 +93,67 @@ class CudaKernels(CpuKernels):
             return False, "this torch is a CPU-only build (no CUDA); install a CUDA build of torch"
         if not torch.cuda.is_available():
             return False, "no NVIDIA GPU visible (torch.cuda.is_available() is False; check CUDA_VISIBLE_DEVICES and the driver)"
-        name = torch.cuda.get_device_name(0)
-        return True, f"{name}: BF16 via torch ops (Triton FP8 kernels not built yet)"
+        if why := _no_triton():
+            return False, why
+        major, minor = torch.cuda.get_device_capability(0)
+        fp8 = "FP8 e4m3fn Triton kernels" if (major, minor) >= (8, 9) else "BF16 (no FP8 below sm89)"
+        return True, f"{torch.cuda.get_device_name(0)} (sm{major}{minor}): {fp8}"
+
+    @classmethod
+    def available_on(cls, device: torch.device) -> tuple[bool, str]:
+        if device.type != "cpu":
+            return cls.available()
+        if why := _no_triton():
+            return False, why
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return False, "on CPU tensors the Triton kernels run only under the interpreter: set TRITON_INTERPRET=1"
+        return True, "Triton interpreter on CPU tensors"
+
+    def describe(self) -> str:
+        where = f"{self.device} (Triton interpreter)" if interpreted(self.device) else str(self.device)
+        return f"{self.name} on {where}: {self.mode}"
+
+    # ---- load time ----------------------------------------------------------------------
+    def prepare_linear(self, weight, scale, dtype):
+        if scale is None:
+            return weight.to(dtype).to(self.device), None
+        if self.fp8_dtype is None:
+            return self.weight_dequant(weight.to(self.device), scale.to(self.device), dtype), None
+        from ...convert.fnuz_math import to_format
+
+        try:
+            w, s = to_format(weight, scale, self.fp8_dtype)
+        except ValueError as e:
+            raise BackendError(f"{self.name}: cannot use an FP8 weight {list(weight.shape)}: {e}") from None
+        return w.to(self.device), s.float().to(self.device)
+
+    def weight_dequant(self, weight, scale, dtype):
+        if scale is None:
+            return weight.to(dtype)
+        if weight.device.type == "meta" or weight.device != self.device:
+            return super().weight_dequant(weight, scale, dtype)
+        return self._dequant(weight, scale.to(weight.device), dtype)
+
+    # ---- ops ----------------------------------------------------------------------------
+    def linear(self, x, weight, scale=None):
+        if scale is None:
+            return F.linear(x, weight)
+        if weight.dtype != self.fp8_dtype:  # only FP8 weights carry a scale past prepare_linear
+            return super().linear(x, weight, scale)
+        q, s = self._act_quant(x, weight.dtype, self.act_max)
+        return self._gemm(q, s, weight, scale, x.dtype, self.target).view(*x.shape[:-1], weight.shape[0])
+
+    def attention(self, q, k, v, scale, mask):
+        # SDPA picks a fused kernel on the GPU; the reference's fp32 [B, H, S, T] scores would not fit long prompts
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=None if mask is None else mask[:, None], scale=scale)
+        return o.transpose(1, 2)  # [B, S, H, Dv]
+
+    def mla_attention(self, q_latent, q_pe, kv, pe, scale, mask):
+        return self._mla(q_latent, q_pe, kv, pe, scale, mask, self.target)
+
+    def moe_experts(self, x, weights, ids, experts: ExpertWeights):
+        if experts.s1 is None or experts.w1.dtype != self.fp8_dtype:
+            return super().moe_experts(x, weights, ids, experts)
+        return self._moe(x, weights, ids, experts.w1, experts.s1, experts.w3, experts.s3, experts.w2, experts.s2,
+                         experts.first, self.act_max, self.target)

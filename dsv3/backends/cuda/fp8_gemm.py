@@ -1,0 +1,83 @@
+"""Block-scaled FP8 GEMM: C = (A · a_scale) (B · b_scale)ᵀ with fp32 accumulation.
+
+A [M, K] FP8 with per-token-per-128 scales [M, ceil(K/128)] (from act_quant); B [N, K] FP8 with
+128x128 block scales [ceil(N/128), ceil(K/128)] (the checkpoint's weight_scale_inv). BLOCK_K is
+128, so every K step multiplies its partial product by exactly one scale of A's row and one of
+B's block row. M, N, K need not be multiples of anything (576, 1536+64 kinds of dims).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import check_target, gemm_config
+
+BLOCK_K = 128
+
+
+@triton.jit(do_not_specialize=["M"])
+def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, n_kb,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # grouped tile order: GROUP_M row tiles sweep the same B columns while they are in L2
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % size_m
+    pid_n = (pid % (GROUP_M * tiles_n)) // size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    in_m, in_n = rm < M, rn < N
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]
+    b_ptrs = b_ptr + rn[None, :].to(tl.int64) * K + rk[:, None]  # [BLOCK_K, BLOCK_N] view of B rows
+    as_ptrs = as_ptr + rm.to(tl.int64) * n_kb
+    bs_ptrs = bs_ptr + (rn // 128) * n_kb
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(n_kb):
+        in_k = rk < K - kb * BLOCK_K
+        a = tl.load(a_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=in_k[:, None] & in_n[None, :], other=0.0)
+        sa = tl.load(as_ptrs + kb, mask=in_m, other=0.0)
+        sb = tl.load(bs_ptrs + kb, mask=in_n, other=0.0)
+        acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    c_ptrs = c_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
+
+
+def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+             out_dtype: torch.dtype = torch.bfloat16, target: str = "nvidia") -> torch.Tensor:
+    """a [M, K] fp8, a_scale [M, ceil(K/128)], b [N, K] fp8 (same format), b_scale [ceil(N/128), ceil(K/128)] -> [M, N]."""
+    check_target(target)
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"fp8_gemm: a {list(a.shape)} and b {list(b.shape)} must be [M, K] and [N, K]")
+    if a.dtype != b.dtype or a.element_size() != 1:
+        raise ValueError(f"fp8_gemm: a is {a.dtype}, b is {b.dtype}; both must be the same FP8 format")
+    (m, k), n = a.shape, b.shape[0]
+    n_kb = triton.cdiv(k, BLOCK_K)
+    if tuple(a_scale.shape) != (m, n_kb) or tuple(b_scale.shape) != (triton.cdiv(n, 128), n_kb):
+        raise ValueError(f"fp8_gemm: scales {list(a_scale.shape)}, {list(b_scale.shape)} do not fit a {list(a.shape)}, "
+                         f"b {list(b.shape)}; expected [{m}, {n_kb}] and [{triton.cdiv(n, 128)}, {n_kb}]")
+    if a_scale.dtype != torch.float32 or b_scale.dtype != torch.float32:
+        raise ValueError("fp8_gemm: scales must be float32")
+    a, b, a_scale, b_scale = (t.contiguous() for t in (a, b, a_scale, b_scale))
+    c = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if m == 0:
+        return c
+    cfg = gemm_config(m, target)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    _fp8_gemm_kernel[grid](a, a_scale, b, b_scale, c, m, n, k, n_kb, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                           BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return c
+
+
+@torch.library.custom_op("dsv3::fp8_gemm", mutates_args=())
+def fp8_gemm_op(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                out_dtype: torch.dtype, target: str) -> torch.Tensor:
+    return fp8_gemm(a, a_scale, b, b_scale, out_dtype, target)

@@ -1,0 +1,139 @@
+"""Fused MoE over FP8 experts: tokens sorted by expert, one grouped GEMM launch per projection.
+
+1. routing (torch, no host sync): the T·k (token, slot) rows are sorted by local expert and laid
+   out in tiles of BLOCK_M rows that each belong to one expert (padded with a sentinel row);
+2. gate/up: one launch computes x·w1ᵀ and x·w3ᵀ for every tile and writes silu(g)·u;
+3. act_quant of that intermediate, then down: one launch, rows scaled by their routing weight;
+4. the k rows of each token are summed. Rows routed to another rank's experts stay zero.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .act_quant import act_quant
+from .launch import check_target, moe_config
+
+BLOCK_K = 128
+
+
+@triton.jit
+def _moe_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, b2_ptr, b2s_ptr, c_ptr, rows_ptr, tile_expert_ptr, rw_ptr,
+                     N, K, n_rows, n_kb, n_nb, A_DIV: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SWIGLU: tl.constexpr, WEIGHTED: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    e = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
+    if e < 0:  # the grid is sized for the worst case without reading the counts back
+        return
+    rows = tl.load(rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = rows < n_rows
+    a_rows = (rows // A_DIV).to(tl.int64)  # gate/up reads token t for rows t·k .. t·k + k - 1
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    in_n = rn < N
+    a_ptrs = a_ptr + a_rows[:, None] * K + rk[None, :]
+    as_ptrs = as_ptr + a_rows * n_kb
+    b_off = e * N * K + rn[None, :].to(tl.int64) * K + rk[:, None]
+    bs_off = (e * n_nb + rn // 128) * n_kb
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(n_kb):
+        in_k = rk < K - kb * BLOCK_K
+        a = tl.load(a_ptrs, mask=valid[:, None] & in_k[None, :], other=0.0)
+        sa = tl.load(as_ptrs + kb, mask=valid, other=0.0)[:, None]
+        b = tl.load(b_ptr + b_off, mask=in_k[:, None] & in_n[None, :], other=0.0)
+        sb = tl.load(bs_ptr + bs_off + kb, mask=in_n, other=0.0)[None, :]
+        acc += tl.dot(a, b) * sa * sb
+        if SWIGLU:
+            b2 = tl.load(b2_ptr + b_off, mask=in_k[:, None] & in_n[None, :], other=0.0)
+            sb2 = tl.load(b2s_ptr + bs_off + kb, mask=in_n, other=0.0)[None, :]
+            acc2 += tl.dot(a, b2) * sa * sb2
+        a_ptrs += BLOCK_K
+        b_off += BLOCK_K
+    if SWIGLU:
+        acc = acc * tl.sigmoid(acc) * acc2
+    if WEIGHTED:
+        acc = acc * tl.load(rw_ptr + rows, mask=valid, other=0.0)[:, None]
+    c_ptrs = c_ptr + rows[:, None].to(tl.int64) * N + rn[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & in_n[None, :])
+
+
+def route(ids: torch.Tensor, first: int, n_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [tiles·block_m] int32, tile_expert [tiles] int32) for ids [T, k] of global expert ids.
+
+    rows lists the flattened (token, slot) indices of each local expert's rows, each expert's run
+    padded to a multiple of block_m with the sentinel T·k; tile_expert is the local expert of each
+    tile, -1 for tiles past the end. Sized without a device-to-host copy.
+    """
+    n_rows = ids.numel()
+    local = ids.flatten() - first
+    key = torch.where((local >= 0) & (local < n_experts), local, n_experts)  # n_experts = not here
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=n_experts + 1)[:n_experts]
+    tiles_per = (counts + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles_per, 0)
+    max_tiles = min(n_rows, triton.cdiv(n_rows + n_experts * (block_m - 1), block_m))
+    sorted_key = key[order]
+    here = sorted_key < n_experts
+    safe_key = sorted_key.clamp(max=n_experts - 1)
+    run_start = torch.cumsum(counts, 0) - counts  # first sorted position of each expert
+    dest = (tile_end - tiles_per)[safe_key] * block_m + torch.arange(n_rows, device=ids.device) - run_start[safe_key]
+    dest = torch.where(here, dest, max_tiles * block_m)  # rows of other ranks go to a dump slot
+    rows = torch.full((max_tiles * block_m + 1,), n_rows, dtype=torch.int32, device=ids.device)
+    rows.scatter_(0, dest, order.to(torch.int32))
+    tile_expert = torch.searchsorted(tile_end, torch.arange(max_tiles, device=ids.device), right=True)
+    tile_expert = torch.where(tile_expert < n_experts, tile_expert, -1).to(torch.int32)
+    return rows[:-1], tile_expert
+
+
+def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+              w1: torch.Tensor, s1: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor,
+              w2: torch.Tensor, s2: torch.Tensor, first: int, fp8_max: float, target: str = "nvidia") -> torch.Tensor:
+    """Σ_k weights[t, k] · expert_{ids[t, k]}(x[t]) over the experts held here (global ids first .. first + E - 1).
+
+    x [T, D] bf16/fp32; w1/w3 [E, I, D] and w2 [E, D, I] FP8 with block scales [E, ceil(·/128), ceil(·/128)].
+    """
+    check_target(target)
+    e, inter, dim = w1.shape
+    if x.dim() != 2 or x.shape[1] != dim or w3.shape != w1.shape or tuple(w2.shape) != (e, dim, inter):
+        raise ValueError(f"fused_moe: x {list(x.shape)}, w1 {list(w1.shape)}, w3 {list(w3.shape)}, w2 {list(w2.shape)} "
+                         f"do not fit [T, D], [E, I, D], [E, I, D], [E, D, I]")
+    if ids.shape != weights.shape or ids.dim() != 2 or ids.shape[0] != x.shape[0]:
+        raise ValueError(f"fused_moe: ids {list(ids.shape)} and weights {list(weights.shape)} must both be [T={x.shape[0]}, k]")
+    for w, s in ((w1, s1), (w3, s3), (w2, s2)):
+        want = (e, triton.cdiv(w.shape[1], 128), triton.cdiv(w.shape[2], 128))
+        if tuple(s.shape) != want or w.dtype != w1.dtype or w.element_size() != 1:
+            raise ValueError(f"fused_moe: weight {w.dtype} {list(w.shape)} with scale {list(s.shape)}; "
+                             f"expected FP8 {w1.dtype} and scale {list(want)}")
+    t, k = ids.shape
+    if t == 0:
+        return torch.zeros_like(x)
+    fp8 = w1.dtype
+    cfg = moe_config(t * k / e, target)
+    rows, tile_expert = route(ids, first, e, cfg.block_m)
+    n_rows = t * k
+    xq, xs = act_quant(x, fp8, fp8_max)
+    h = torch.zeros(n_rows, inter, dtype=x.dtype, device=x.device)  # rows of other ranks: quantized, never read
+    launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    grid = (tile_expert.numel(), triton.cdiv(inter, cfg.block_n))
+    _moe_gemm_kernel[grid](xq, xs, w1, s1, w3, s3, h, rows, tile_expert, rows, inter, dim, n_rows,
+                           triton.cdiv(dim, BLOCK_K), triton.cdiv(inter, 128), A_DIV=k, SWIGLU=True, WEIGHTED=False,
+                           **launch)
+    hq, hs = act_quant(h, fp8, fp8_max)
+    y = torch.zeros(n_rows, dim, dtype=torch.float32, device=x.device)  # rows of other ranks stay 0
+    grid = (tile_expert.numel(), triton.cdiv(dim, cfg.block_n))
+    _moe_gemm_kernel[grid](hq, hs, w2, s2, w2, s2, y, rows, tile_expert, weights.float().contiguous(), dim, inter,
+                           n_rows, triton.cdiv(inter, BLOCK_K), triton.cdiv(dim, 128), A_DIV=1, SWIGLU=False,
+                           WEIGHTED=True, **launch)
+    return y.view(t, k, dim).sum(1).to(x.dtype)
+
+
+@torch.library.custom_op("dsv3::fused_moe", mutates_args=())
+def fused_moe_op(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor,
+                 w3: torch.Tensor, s3: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, first: int, fp8_max: float,
+                 target: str) -> torch.Tensor:
+    return fused_moe(x, weights, ids, w1, s1, w3, s3, w2, s2, first, fp8_max, target)

@@ -1,0 +1,189 @@
+"""Each Triton kernel against the cpu reference, for every FP8 flavour (one body, parameterized).
+
+Shapes mix ordinary and awkward sizes: M = 1, 3, 129; N, K of DeepSeek's kinds (576, 1536+64,
+2112) scaled down where the interpreter is slow, and dims that are not multiples of 128.
+Every comparison prints its max error, and a NaN anywhere fails.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from triton_targets import FP8_TARGETS, device_for, ids
+
+from dsv3.backends.cpu import CpuKernels
+from dsv3.core import fp8
+
+REF = CpuKernels()
+
+
+@pytest.fixture(params=FP8_TARGETS, ids=ids(FP8_TARGETS))
+def target(request):
+    return request.param
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def check(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
+    """Max abs error relative to the reference's max magnitude, NaN never passing."""
+    assert not got.isnan().any(), f"{what}: NaN in the kernel output"
+    err = (got.double() - ref.double()).abs().max().item() / max(ref.abs().max().item(), 1e-30)
+    assert err <= tol, f"{what}: max error {err:.3e} (relative to max |ref|) > {tol:.0e}"
+
+
+def quantized_weight(n: int, k: int, t, seed: int, experts: int | None = None):
+    """A random [(E,) N, K] weight in the target's FP8 flavour with its block scales, like a checkpoint's."""
+    if experts is not None:
+        pairs = [quantized_weight(n, k, t, seed + e) for e in range(experts)]
+        return torch.stack([w for w, _ in pairs]), torch.stack([s for _, s in pairs])
+    return fp8.quantize(torch.randn(n, k, generator=gen(seed)) * 0.05, t.fp8)
+
+
+def dequant_rows(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Per-row-per-128 dequantization of an activation (the reference side of act_quant)."""
+    return q.double() * s.double().repeat_interleave(128, 1)[:, : q.shape[1]]
+
+
+# ---- activation quantization ---------------------------------------------------------------------
+@pytest.mark.parametrize("m,k", [(1, 7168 // 8), (3, 576), (129, 1600), (2, 100)])
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_act_quant(target, m, k, ue8m0):
+    from dsv3.backends.cuda.act_quant import act_quant
+
+    dev = device_for(target.vendor)
+    x = (torch.randn(m, k, generator=gen(m + k)) * torch.logspace(-5, 2, k)).bfloat16()
+    x[0, :128] = 0  # an all-zero block takes the 1e-4 floor
+    q, s = act_quant(x.to(dev), target.fp8, target.act_max, ue8m0)
+    rq, rs = fp8.act_quant_reference(x, target.fp8, ue8m0=ue8m0, fp8_max=target.act_max)
+    assert q.dtype == target.fp8 and s.shape == (m, math.ceil(k / 128))
+    check(s.cpu(), rs, 1e-6, "scales")
+    # every element within one FP8 step of the reference (a GPU's fp32 division may differ in the last bit)
+    diff = (q.cpu().float() - rq.float()).abs()
+    step = torch.exp2(torch.floor(torch.log2(rq.float().abs().clamp(min=2 ** -9))) - 3)
+    assert (diff <= step).all(), f"max error {(diff / step).max():.2f} FP8 steps"
+    assert (diff > 0).float().mean() <= 1e-3, f"{(diff > 0).sum()} elements differ from round-to-nearest-even"
+    assert q.cpu().float().abs().max() <= target.act_max
+
+
+# ---- block-scaled FP8 GEMM -----------------------------------------------------------------------
+@pytest.mark.parametrize("m", [1, 3, 129])
+@pytest.mark.parametrize("n,k", [(576, 384), (1536 // 8 + 64, 576), (2112 // 4, 200), (100, 7168 // 16)])
+def test_fp8_gemm(target, m, n, k):
+    from dsv3.backends.cuda.act_quant import act_quant
+    from dsv3.backends.cuda.fp8_gemm import fp8_gemm
+
+    dev = device_for(target.vendor)
+    x = torch.randn(m, k, generator=gen(m * n + k)).bfloat16()
+    w, ws = quantized_weight(n, k, target, seed=n + k)
+    q, s = act_quant(x.to(dev), target.fp8, target.act_max)
+    got = fp8_gemm(q, s, w.to(dev), ws.to(dev), torch.bfloat16, target.vendor)
+    ref = dequant_rows(q.cpu(), s.cpu()) @ fp8.dequantize(w, ws, torch.float64).T
+    assert got.shape == (m, n) and got.dtype == torch.bfloat16
+    check(got.cpu(), ref, 1e-2, f"fp8_gemm M={m} N={n} K={k}")  # bf16 output rounding
+
+
+def test_fp8_gemm_rejects_mismatched_scales(target):
+    from dsv3.backends.cuda.fp8_gemm import fp8_gemm
+
+    dev = device_for(target.vendor)
+    w, ws = quantized_weight(200, 256, target, seed=0)
+    a = torch.zeros(4, 256, dtype=target.fp8, device=dev)
+    with pytest.raises(ValueError, match=r"expected \[4, 2\] and \[2, 2\]"):
+        fp8_gemm(a, torch.ones(4, 3, device=dev), w.to(dev), ws.to(dev), torch.bfloat16, target.vendor)
+
+
+# ---- weight dequantization -------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(576, 300), (3, 130, 200), (128, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_dequant(target, shape, dtype):
+    from dsv3.backends.cuda.weight_dequant import weight_dequant
+
+    dev = device_for(target.vendor)
+    experts = shape[0] if len(shape) == 3 else None
+    w, s = quantized_weight(*shape[-2:], target, seed=sum(shape), experts=experts)
+    got = weight_dequant(w.to(dev), s.to(dev), dtype).cpu()
+    ref = torch.stack([fp8.dequantize(w[e], s[e]) for e in range(experts)]) if experts else fp8.dequantize(w, s)
+    check(got, ref, {torch.float32: 0.0, torch.bfloat16: 2 ** -7}[dtype], f"weight_dequant {shape} {dtype}")
+
+
+# ---- fused MoE ---------------------------------------------------------------------------------------
+def stored_bf16(h: torch.Tensor, device: str) -> torch.Tensor:
+    """What a kernel's bf16 store keeps: round to nearest even on a GPU; Triton's CPU interpreter
+    truncates. The SwiGLU output is quantized again after the store, so the reference must agree."""
+    if device == "cpu":
+        return (h.float().view(torch.int32) & ~0xFFFF).view(torch.float32).bfloat16()
+    return h.bfloat16()
+
+
+def moe_reference(x, weights, ids, w1, s1, w3, s3, w2, s2, first, t, device) -> torch.Tensor:
+    """Token by token, slot by slot, in float64: quantize x, gate/up, SwiGLU (stored in bf16 as the
+    kernel does), quantize, down, weight; experts outside [first, first + E) contribute nothing."""
+    deq = lambda w, s, e: fp8.dequantize(w[e], s[e], torch.float64)
+    xq = dequant_rows(*fp8.act_quant_reference(x, t.fp8, fp8_max=t.act_max))
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for i in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[i, j]) - first
+            if not 0 <= e < w1.shape[0]:
+                continue
+            g, u = xq[i] @ deq(w1, s1, e).T, xq[i] @ deq(w3, s3, e).T
+            h = stored_bf16(g * torch.sigmoid(g) * u, device)
+            hq = dequant_rows(*fp8.act_quant_reference(h[None], t.fp8, fp8_max=t.act_max))[0]
+            out[i] += float(weights[i, j]) * (hq @ deq(w2, s2, e).T)
+    return out
+
+
+@pytest.mark.parametrize("tokens,dim,inter,experts,k,first", [
+    (1, 256, 128, 8, 2, 0),  # a decode step
+    (3, 200, 56, 12, 3, 0),  # nothing a multiple of 128
+    (129, 320, 130, 16, 4, 0),  # many tokens per expert, partial edge blocks
+    (9, 200, 56, 8, 3, 8),  # expert parallel: this rank holds 8..15 of 16
+])
+def test_fused_moe(target, tokens, dim, inter, experts, k, first):
+    from dsv3.backends.cuda.moe import fused_moe
+
+    dev = device_for(target.vendor)
+    g = gen(tokens + dim)
+    x = torch.randn(tokens, dim, generator=g).bfloat16()
+    total = experts if first == 0 else 2 * experts
+    ids = torch.stack([torch.randperm(total, generator=g)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=g)
+    w1, s1 = quantized_weight(inter, dim, target, 1, experts)
+    w3, s3 = quantized_weight(inter, dim, target, 2, experts)
+    w2, s2 = quantized_weight(dim, inter, target, 3, experts)
+    on = [t.to(dev) for t in (x, weights, ids, w1, s1, w3, s3, w2, s2)]
+    got = fused_moe(*on, first, target.act_max, target.vendor).cpu()
+    ref = moe_reference(x, weights, ids, w1, s1, w3, s3, w2, s2, first, target, dev)
+    check(got, ref, 8e-3, f"fused_moe T={tokens} D={dim} I={inter} E={experts} k={k} first={first}")
+
+
+# ---- MLA decode attention ------------------------------------------------------------------------------
+@pytest.mark.parametrize("b,s,h,c,r,t", [
+    (1, 1, 16, 512, 64, 1),  # DeepSeek's dims, first decode step
+    (2, 1, 3, 72, 8, 37),  # odd heads, small dims
+    (1, 1, 5, 144, 32, 300),  # long enough for several key slices
+    (2, 4, 4, 64, 16, 20),  # several queries with a causal mask (chunked prefill through the absorbed form)
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mla_decode(target, b, s, h, c, r, t, dtype):
+    from dsv3.backends.cuda.mla_decode import mla_decode
+
+    dev = device_for(target.vendor)
+    g = gen(b * t + c)
+    ql, qp = torch.randn(b, s, h, c, generator=g), torch.randn(b, s, h, r, generator=g)
+    kv, pe = torch.randn(b, t, c, generator=g), torch.randn(b, t, r, generator=g)
+    mask = None
+    if s > 1 or b > 1:  # causal from position t - s, with the first sequence left-padded by 3
+        q_pos = torch.arange(t - s, t)
+        mask = (torch.arange(t)[None, :] <= q_pos[:, None])[None].repeat(b, 1, 1)
+        mask[0, :, :3] = False
+    scale = 1 / math.sqrt(c + r)
+    args = [z.to(dtype) for z in (ql, qp, kv, pe)]
+    got = mla_decode(*[z.to(dev) for z in args], scale, None if mask is None else mask.to(dev), target.vendor)
+    ref = REF.mla_attention(*[z.double() for z in args], scale, mask)
+    tol = {torch.float32: 5e-3, torch.bfloat16: 2e-2}[dtype]  # fp32 runs as tf32 on NVIDIA tensor cores
+    check(got.cpu(), ref, tol, f"mla_decode B={b} S={s} H={h} C={c} R={r} T={t} {dtype}")
