@@ -1,0 +1,209 @@
+"""The cuda backend's Triton kernels on a real NVIDIA GPU: the kernel tests, then timings at DeepSeek-V3 shapes.
+
+1. runs tests/backends/triton/test_triton_kernels.py on the GPU (the cuda target);
+2. measures the card's copy bandwidth;
+3. FP8 block-scaled GEMM (act_quant + GEMM, as a linear layer runs) in TFLOP/s against BF16
+   torch.matmul and torch._scaled_mm with the same 1x128 / 128x128 block scaling where this torch
+   and GPU support it, for M in {1, 16, 128, 4096} and the (N, K) of q_b, kv_b, o, expert
+   gate/up and down, and the dense MLP;
+4. the fused MoE (256 experts, top-8, 7168 -> 2048) against a per-expert loop over the same kernels;
+5. MLA decode over the latent cache in GB/s against the copy bandwidth.
+
+Writes the tables to RESULTS.md with the GPU's name. Aims at under 5 minutes on an H200.
+
+    python benchmarks/gpu_kernels.py [--no-write]
+    TRITON_INTERPRET=1 python benchmarks/gpu_kernels.py --smoke   # tiny shapes on CPU: checks the script runs
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from results import append_section, parser  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FN = torch.float8_e4m3fn
+# (name, N, K) at tensor-parallel 1: 128 heads of 128 + 64, q_lora 1536, kv_lora 512, hidden 7168
+GEMMS = [("q_b", 24576, 1536), ("kv_b", 32768, 512), ("o", 7168, 16384), ("expert gate/up", 2048, 7168),
+         ("expert down", 7168, 2048), ("dense MLP up", 18432, 7168), ("dense MLP down", 7168, 18432)]
+SMOKE_GEMMS = [("q_b", 192, 160), ("o", 130, 256)]
+MS = (1, 16, 128, 4096)
+
+
+def timer(device: torch.device):
+    """ms per call: triton's do_bench on a GPU; one plain call under the interpreter (--smoke)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=10, rep=50)
+
+    def once(fn):
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    return once
+
+
+def random_fp8(shape, device) -> torch.Tensor:
+    """Random e4m3fn bytes without the NaN patterns, made on the device (fast even for 11 GB of experts)."""
+    b = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+    b = torch.where((b & 0x7F) == 0x7F, b ^ 0x01, b)
+    return b.view(FN)
+
+
+def block_scales(n, k, device, lead=()) -> torch.Tensor:
+    return torch.rand(*lead, -(-n // 128), -(-k // 128), device=device) * 1e-3 + 1e-3
+
+
+def run_tests(device) -> str:
+    if device.type != "cuda":
+        return "kernel tests: skipped (--smoke)"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
+                        "tests/backends/triton/test_triton_kernels.py"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, check=False)
+    last = (r.stdout.strip().splitlines() or ["(no output)"])[-1]
+    print(r.stdout[-3000:], file=sys.stderr)
+    return f"kernel tests on this GPU (`pytest tests/backends/triton/test_triton_kernels.py -k cuda`): {last}"
+
+
+def copy_bandwidth(device, bench) -> float:
+    n = (1 << 30) if device.type == "cuda" else (1 << 20)
+    x = torch.empty(n, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    return 2 * n / (ms * 1e-3) / 1e9  # read + write
+
+
+def scaled_mm_block(q, s, w, ws):
+    """torch._scaled_mm with (1x128, 128x128) scaling, if this torch/GPU does it; else raises."""
+    return torch._scaled_mm(q, w.t(), scale_a=s, scale_b=ws.t(), out_dtype=torch.bfloat16)
+
+
+def gemm_table(device, bench, shapes, ms) -> str:
+    from dsv3.backends.cuda.act_quant import act_quant
+    from dsv3.backends.cuda.fp8_gemm import fp8_gemm
+
+    first_error = []
+    rows = ["| layer | M | N | K | dsv3 FP8 TFLOP/s | GEMM only | BF16 matmul | _scaled_mm blockwise | FP8 / BF16 |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, n, k in shapes:
+        w, ws = random_fp8((n, k), device), block_scales(n, k, device)
+        wb = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+        for m in ms:
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            q, s = act_quant(x, FN, 448.0)
+            flop = 2 * m * n * k
+            t_ours = bench(lambda: fp8_gemm(*act_quant(x, FN, 448.0), w, ws))  # noqa: B023
+            t_gemm = bench(lambda: fp8_gemm(q, s, w, ws))  # noqa: B023
+            t_bf16 = bench(lambda: x @ wb.T)  # noqa: B023
+            try:
+                scaled_mm_block(q, s, w, ws)
+                scaled = f"{flop / bench(lambda: scaled_mm_block(q, s, w, ws)) / 1e9:.1f}"  # noqa: B023
+            except Exception as e:  # unsupported scaling on this torch/GPU
+                scaled = f"n/a ({type(e).__name__})"
+                first_error = first_error or [f"\n\n_scaled_mm: {type(e).__name__}: {str(e).splitlines()[0][:300]}"]
+            tf = lambda t: f"{flop / t / 1e9:.1f}"  # noqa: E731  ms -> TFLOP/s
+            rows.append(f"| {name} | {m} | {n} | {k} | {tf(t_ours)} | {tf(t_gemm)} | {tf(t_bf16)} | {scaled} | "
+                        f"{t_bf16 / t_ours:.2f}x |")
+            print(rows[-1], file=sys.stderr)
+        del w, ws, wb
+    return "\n".join(rows) + "".join(first_error)
+
+
+def moe_table(device, bench, experts, dim, inter, k, token_counts) -> str:
+    from dsv3.backends.cuda.act_quant import act_quant
+    from dsv3.backends.cuda.fp8_gemm import fp8_gemm
+    from dsv3.backends.cuda.moe import fused_moe
+
+    w1, w3 = random_fp8((experts, inter, dim), device), random_fp8((experts, inter, dim), device)
+    w2 = random_fp8((experts, dim, inter), device)
+    s1, s3 = block_scales(inter, dim, device, (experts,)), block_scales(inter, dim, device, (experts,))
+    s2 = block_scales(dim, inter, device, (experts,))
+
+    def loop(x, weights, ids):
+        """The same kernels, one expert at a time from Python (what the fused launch replaces)."""
+        out = torch.zeros(x.shape, dtype=torch.float32, device=device)
+        flat = ids.flatten()
+        for e in flat.unique().tolist():
+            rows = (flat == e).nonzero().squeeze(1)
+            tok = rows // k
+            lin = lambda h, w, s: fp8_gemm(*act_quant(h, FN, 448.0), w, s)  # noqa: E731
+            h = x[tok]
+            g, u = lin(h, w1[e], s1[e]), lin(h, w3[e], s3[e])
+            y = lin(torch.nn.functional.silu(g) * u, w2[e], s2[e])
+            out.index_add_(0, tok, y.float() * weights.flatten()[rows, None])
+        return out.to(x.dtype)
+
+    rows = ["| tokens | fused ms | per-expert loop ms | speedup |", "| --- | --- | --- | --- |"]
+    for t in token_counts:
+        x = torch.randn(t, dim, device=device, dtype=torch.bfloat16)
+        ids = torch.rand(t, experts, device=device).topk(k, dim=-1).indices
+        weights = torch.rand(t, k, device=device)
+        t_fused = bench(lambda: fused_moe(x, weights, ids, w1, s1, w3, s3, w2, s2, 0, 448.0))  # noqa: B023
+        t_loop = bench(lambda: loop(x, weights, ids))  # noqa: B023
+        rows.append(f"| {t} | {t_fused:.3f} | {t_loop:.3f} | {t_loop / t_fused:.1f}x |")
+        print(rows[-1], file=sys.stderr)
+    return "\n".join(rows)
+
+
+def mla_table(device, bench, copy_gbs, heads, cases) -> str:
+    from dsv3.backends.cuda.mla_decode import mla_decode
+
+    rows = [f"| batch | cached tokens | ms | GB/s read | of copy bandwidth ({copy_gbs:.0f} GB/s) |",
+            "| --- | --- | --- | --- | --- |"]
+    C, R = (512, 64) if device.type == "cuda" else (64, 16)
+    for b, t in cases:
+        kv = torch.randn(b, t, C, device=device, dtype=torch.bfloat16)
+        pe = torch.randn(b, t, R, device=device, dtype=torch.bfloat16)
+        ql = torch.randn(b, 1, heads, C, device=device, dtype=torch.bfloat16)
+        qp = torch.randn(b, 1, heads, R, device=device, dtype=torch.bfloat16)
+        ms = bench(lambda: mla_decode(ql, qp, kv, pe, 0.1, None))  # noqa: B023
+        gbs = (kv.numel() + pe.numel()) * 2 / (ms * 1e-3) / 1e9
+        rows.append(f"| {b} | {t} | {ms:.3f} | {gbs:.0f} | {gbs / copy_gbs:.0%} |")
+        print(rows[-1], file=sys.stderr)
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes under TRITON_INTERPRET=1 on CPU; writes nothing")
+    args = ap.parse_args()
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("--smoke runs the kernels under Triton's interpreter: set TRITON_INTERPRET=1")
+        device = torch.device("cpu")
+    elif torch.cuda.is_available() and not getattr(torch.version, "hip", None):
+        device = torch.device("cuda")
+    else:
+        sys.exit("no NVIDIA GPU here: nothing to time (use --smoke with TRITON_INTERPRET=1 to check the script)")
+    bench = timer(device)
+    start = time.time()
+    tests = run_tests(device)
+    copy_gbs = copy_bandwidth(device, bench)
+    smoke = args.smoke
+    gemm = gemm_table(device, bench, SMOKE_GEMMS if smoke else GEMMS, (1, 3) if smoke else MS)
+    moe = moe_table(device, bench, *((8, 256, 128, 2, (1, 5)) if smoke else (256, 7168, 2048, 8, MS)))
+    mla = mla_table(device, bench, copy_gbs, 4 if smoke else 128,
+                    [(1, 70)] if smoke else [(1, 4096), (1, 32768), (32, 4096), (128, 2048)])
+    name = "CPU (Triton interpreter, smoke)" if smoke else torch.cuda.get_device_name(device)
+    import triton
+
+    body = (f"GPU: {name}; torch {torch.__version__}, triton {triton.__version__}; {time.time() - start:.0f} s in all.\n\n"
+            f"{tests}\n\nCopy bandwidth (read + write): {copy_gbs:.0f} GB/s.\n\n"
+            f"### FP8 GEMM (act_quant + block-scaled GEMM, BF16 out)\n\n{gemm}\n\n"
+            f"### Fused MoE vs a per-expert loop\n\n{moe}\n\n### MLA decode (absorbed, bf16 latent cache)\n\n{mla}\n")
+    print(body)
+    if not (args.no_write or smoke):
+        append_section("GPU kernels (issue 5)", "python benchmarks/gpu_kernels.py", body)
+
+
+if __name__ == "__main__":
+    main()
