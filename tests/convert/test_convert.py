@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from reference import hf_logits, hf_model, read_dequantized
 from safetensors import safe_open
+from tiny_configs import ALIGNED
 
 import dsv3
 from dsv3.cli import main
 from dsv3.demo import write_checkpoint
 from dsv3.demo.checkpoint import DEMO
-from reference import hf_logits, hf_model, read_dequantized
-
-from tiny_configs import ALIGNED
 
 
 def dsv3_cli(*args):

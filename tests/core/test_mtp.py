@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import torch
+from reference import hf_model, read_dequantized
 
 import dsv3
-from reference import hf_model, read_dequantized
 
 
 def rms(x, w, eps):
@@ -16,7 +16,9 @@ def rms(x, w, eps):
 
 
 def test_mtp_matches_independent_computation(tiny_ckpts, hf_refs):
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+        DeepseekV3DecoderLayer,
+    )
 
     ckpt = tiny_ckpts["v3ish"]
     raw = json.loads((ckpt / "config.json").read_text())

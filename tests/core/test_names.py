@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from tiny_configs import CONFIGS
 
 from dsv3.core import names as N
 from dsv3.core.config import ModelConfig
-from tiny_configs import CONFIGS
 
 KNOWN = [  # HF name, demo name, split dim
     ("model.embed_tokens.weight", "embed.weight", 0),

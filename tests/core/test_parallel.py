@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny_configs import ALIGNED
 
 from dsv3.cli import main
 from dsv3.demo import write_checkpoint
-from tiny_configs import ALIGNED
 
 WORKER = str(Path(__file__).parent / "tp_worker.py")
 
