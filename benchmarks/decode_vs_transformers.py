@@ -103,6 +103,17 @@ def main() -> None:
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads.",
     ]
+    # bf16 greedy paths can part on near-ties of a random model's flat logits; fp32 shows whether the models agree
+    del theirs
+    ours32 = dsv3.load(fp8_dir, backend="cpu", dtype="fp32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs32 = DeepseekV3ForCausalLM.from_pretrained(str(bf16_dir), dtype=torch.float32).eval()
+    a = generate(ours32.model, [prompt[0].tolist()], 8, eos_ids=())[0][0]
+    with torch.inference_mode():
+        b = theirs32.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, args.prompt_len:].tolist()
+    notes.insert(1, f"In fp32 (same prompt, same weights) the first 8 greedy tokens are identical: {a == b}.")
     text = "\n".join(rows + [""] + notes)
     print(text)
     if not args.no_write:

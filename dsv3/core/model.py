@@ -131,14 +131,16 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(self.latent, cfg.rms_norm_eps, kernels)
         self.wkv_b = Linear(self.latent, H * (self.nope + self.v_dim), kernels)
         self.wo = Linear(H * self.v_dim, D, kernels, par)
-        self._wkv_b_dense: torch.Tensor | None = None
+        self._absorbed: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def wkv_b_dense(self, dtype: torch.dtype) -> torch.Tensor:
-        """wkv_b as [H, nope + v, C], dequantized once: the absorbed form multiplies by its halves."""
-        if self._wkv_b_dense is None or self._wkv_b_dense.dtype != dtype:
+    def absorbed(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """wkv_b split for the absorbed form, dequantized once: W_uk [H, nope, C] takes q_nope into the
+        latent space, W_uvᵀ [H, C, v] takes the attended latent to the value space."""
+        if self._absorbed is None or self._absorbed[0].dtype != dtype:
             w = self.kernels.weight_dequant(self.wkv_b.weight, self.wkv_b.scale, dtype)
-            self._wkv_b_dense = w.view(self.n_heads, self.nope + self.v_dim, self.latent)
-        return self._wkv_b_dense
+            w = w.view(self.n_heads, self.nope + self.v_dim, self.latent)  # [H, nope + v, C]
+            self._absorbed = (w[:, : self.nope].contiguous(), w[:, self.nope:].transpose(1, 2).contiguous())
+        return self._absorbed
 
     def forward(self, x: torch.Tensor, step: Step, kv_cache: torch.Tensor | None, pe_cache: torch.Tensor | None):
         B, S, _ = x.shape
@@ -168,10 +170,13 @@ class MLA(nn.Module):
             k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)
             o = self.kernels.attention(torch.cat([q_nope, q_pe], dim=-1), k, v, self.scale, step.mask)
         else:
-            w = self.wkv_b_dense(x.dtype)  # [H, nope + v, C]
-            q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w[:, : self.nope])  # [B, S, H, C]
-            o = self.kernels.mla_attention(q_latent, q_pe, kv, k_pe, self.scale, step.mask)
-            o = torch.einsum("bshc,hdc->bshd", o, w[:, self.nope:])  # [B, S, H, v]
+            w_uk, w_uv = self.absorbed(x.dtype)  # [H, nope, C], [H, C, v]
+            # per head, as batched matmuls over the B·S query rows (einsum's planning costs more than the math at decode)
+            q_latent = torch.bmm(q_nope.reshape(B * S, self.n_heads, -1).transpose(0, 1), w_uk)  # [H, B·S, C]
+            q_latent = q_latent.transpose(0, 1).reshape(B, S, self.n_heads, -1)  # [B, S, H, C]
+            o = self.kernels.mla_attention(q_latent.contiguous(), q_pe.contiguous(), kv, k_pe, self.scale, step.mask)
+            o = torch.bmm(o.reshape(B * S, self.n_heads, -1).transpose(0, 1), w_uv)  # [H, B·S, v]
+            o = o.transpose(0, 1).reshape(B, S, self.n_heads, -1)  # [B, S, H, v]
         return self.wo(o.flatten(2))
 
 

@@ -14,11 +14,26 @@ from ...core import fp8
 from ...core.kernels import ExpertWeights, GateParams, Kernels
 
 
+def _native_bf16() -> bool:
+    """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX)? Private torch probes, so no if absent."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+#: from this many rows, a bf16 GEMM on a CPU without bf16 instructions is faster done in fp32
+#: (there it runs row by row; converting the weight costs about 12 rows' worth, measured on AVX2)
+UPCAST_ROWS = 16
+
+
 class CpuKernels(Kernels):
     name = "cpu"
     device_type = "cpu"
     fp8_dtype = None
     dist_backend = "gloo"
+
+    def __init__(self, device=None):
+        super().__init__(device)
+        self.native_bf16 = _native_bf16()
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -37,6 +52,10 @@ class CpuKernels(Kernels):
     def linear(self, x, weight, scale=None):
         if scale is not None:  # an FP8 weight a subclass kept: dequantize on the fly (slow, correct)
             weight = fp8.dequantize(weight, scale, x.dtype)
+        if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and not self.native_bf16
+                and x.numel() >= UPCAST_ROWS * x.shape[-1]):
+            # same result (fp32 accumulation, one rounding to bf16), ~8x faster on AVX2 for prefill
+            return F.linear(x.float(), weight.float()).to(x.dtype)
         return F.linear(x, weight)
 
     def rms_norm(self, x, weight, eps):
@@ -55,14 +74,16 @@ class CpuKernels(Kernels):
         return torch.einsum("bhst,bthd->bshd", scores.softmax(dim=-1), v.float()).to(q.dtype)  # [B, S, H, Dv]
 
     def mla_attention(self, q_latent, q_pe, kv, pe, scale, mask):
-        # [B, S·H, C+R] x [B, T, C+R]ᵀ: nope and rope scores in one batched matmul
+        # nope and rope scores as two batched matmuls over [B, S·H] query rows: the cache is read in
+        # place (concatenating it with pe would copy the whole cache every layer and step)
         B, S, H, C = q_latent.shape
-        q = torch.cat([q_latent, q_pe], dim=-1).float().view(B, S * H, -1)
-        k = torch.cat([kv, pe], dim=-1).float()  # [B, T, C+R]
-        scores = torch.bmm(q, k.transpose(1, 2)).view(B, S, H, -1) * scale  # [B, S, H, T]
+        k, p = kv.float(), pe.float()  # [B, T, C], [B, T, R]
+        scores = torch.baddbmm(torch.bmm(q_pe.float().reshape(B, S * H, -1), p.transpose(1, 2)),
+                               q_latent.float().reshape(B, S * H, C), k.transpose(1, 2))
+        scores = scores.view(B, S, H, -1) * scale  # [B, S, H, T]
         if mask is not None:
             scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
-        out = torch.bmm(scores.softmax(dim=-1).view(B, S * H, -1), k[..., :C])  # [B, S·H, C]
+        out = torch.bmm(scores.softmax(dim=-1).view(B, S * H, -1), k)  # [B, S·H, C]
         return out.view(B, S, H, C).to(q_latent.dtype)
 
     def moe_gate(self, x, weight, bias, p: GateParams):
@@ -87,14 +108,20 @@ class CpuKernels(Kernels):
 
     def moe_experts(self, x, weights, ids, experts: ExpertWeights):
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)  # [T, D]
-        local = ids - experts.first  # [T, k]
-        flat = local.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat.clamp(0, experts.count), minlength=experts.count + 1).tolist()
-        # ids below `first` clamp to 0: skip them by starting after the ones that are < 0
-        start = int((flat < 0).sum())
-        counts[0] -= start
+        local = (ids - experts.first).flatten()  # [T·k]
         k = ids.shape[1]
+        if local.numel() <= 16:  # decode: a handful of rows, each its own expert call without sorting
+            for row, e in enumerate(local.tolist()):
+                if 0 <= e < experts.count:
+                    t = row // k
+                    y = self._expert(x[t:t + 1], experts, e)
+                    out[t:t + 1] += y.float() * weights[t, row % k].float()
+            return out.to(x.dtype)
+        order = local.argsort(stable=True)
+        counts = torch.bincount(local.clamp(0, experts.count), minlength=experts.count + 1).tolist()
+        # ids below `first` clamp to 0: skip them by starting after the ones that are < 0
+        start = int((local < 0).sum())
+        counts[0] -= start
         for e in range(experts.count):
             n = counts[e]
             if n == 0:
@@ -102,9 +129,13 @@ class CpuKernels(Kernels):
             rows = order[start:start + n]
             start += n
             tok = rows // k
-            h = x[tok]  # [n, D]
-            gate = self.linear(h, experts.w1[e], None if experts.s1 is None else experts.s1[e])
-            up = self.linear(h, experts.w3[e], None if experts.s3 is None else experts.s3[e])
-            y = self.linear(F.silu(gate) * up, experts.w2[e], None if experts.s2 is None else experts.s2[e])
+            y = self._expert(x[tok], experts, e)  # [n, D]
             out.index_add_(0, tok, y.float() * weights.flatten()[rows, None].float())
         return out.to(x.dtype)
+
+    def _expert(self, h: torch.Tensor, experts: ExpertWeights, e: int) -> torch.Tensor:
+        """SwiGLU expert e (local index) on rows h [n, D]."""
+        scale = lambda s: None if s is None else s[e]  # noqa: E731
+        gate = self.linear(h, experts.w1[e], scale(experts.s1))
+        up = self.linear(h, experts.w3[e], scale(experts.s3))
+        return self.linear(F.silu(gate) * up, experts.w2[e], scale(experts.s2))
