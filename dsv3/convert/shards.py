@@ -7,6 +7,7 @@ shard is written tensor by tensor, so memory holds one input tensor (plus its sc
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
@@ -42,15 +43,25 @@ def rewrite_shards(src: Source, out: Output, rule: Rule, progress: Progress) -> 
             progress.file_done()
             continue
         writer = StreamingWriter(out.path(fname), {n: (d, s) for n, (d, s, _) in plan.items()}, {"format": "pt"})
-        try:
-            for name, (dtype, shape, compute) in plan.items():
-                t = compute()
-                writer.write(name, t)
-                progress.bytes(t.numel() * t.element_size())
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
+        # one tensor is written and hashed on a thread while the next is computed (both release the GIL);
+        # waiting before each hand-off keeps at most two tensors in memory
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None
+            try:
+                for name, (dtype, shape, compute) in plan.items():
+                    t = compute()
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(writer.write, name, t)
+                    progress.bytes(t.numel() * t.element_size())
+                if pending is not None:
+                    pending.result()
+                writer.close()
+            except BaseException:
+                if pending is not None:
+                    wait([pending])  # the file is not closed under a running write
+                writer.abort()
+                raise
         out.finished(fname, writer.sha256)
         progress.file_done()
     return weight_map, total
