@@ -90,6 +90,11 @@ class Kernels:
         """A dense copy of a (possibly FP8) weight: the absorbed attention needs wkv_b as a matrix."""
         raise NotImplementedError
 
+    def absorb_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the absorbed attention's per-head projections (q_nope -> latent, latent -> v) and
+        hence of the q_latent passed to `mla_attention`. The model's dtype unless the device is slow in it."""
+        return dtype
+
     # ---- ops ----------------------------------------------------------------------------
     def linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., K] @ weight[N, K]ᵀ -> [..., N] in x's dtype."""

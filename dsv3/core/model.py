@@ -170,13 +170,13 @@ class MLA(nn.Module):
             k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)
             o = self.kernels.attention(torch.cat([q_nope, q_pe], dim=-1), k, v, self.scale, step.mask)
         else:
-            w_uk, w_uv = self.absorbed(x.dtype)  # [H, nope, C], [H, C, v]
+            w_uk, w_uv = self.absorbed(self.kernels.absorb_dtype(x.dtype))  # [H, nope, C], [H, C, v]
             # per head, as batched matmuls over the B·S query rows (einsum's planning costs more than the math at decode)
-            q_latent = torch.bmm(q_nope.reshape(B * S, self.n_heads, -1).transpose(0, 1), w_uk)  # [H, B·S, C]
-            q_latent = q_latent.transpose(0, 1).reshape(B, S, self.n_heads, -1)  # [B, S, H, C]
+            q_nope = q_nope.reshape(B * S, self.n_heads, -1).transpose(0, 1).to(w_uk.dtype)  # [H, B·S, nope]
+            q_latent = torch.bmm(q_nope, w_uk).transpose(0, 1).reshape(B, S, self.n_heads, -1)  # [B, S, H, C]
             o = self.kernels.mla_attention(q_latent.contiguous(), q_pe.contiguous(), kv, k_pe, self.scale, step.mask)
             o = torch.bmm(o.reshape(B * S, self.n_heads, -1).transpose(0, 1), w_uv)  # [H, B·S, v]
-            o = o.transpose(0, 1).reshape(B, S, self.n_heads, -1)  # [B, S, H, v]
+            o = o.transpose(0, 1).reshape(B, S, self.n_heads, -1).to(x.dtype)  # [B, S, H, v]
         return self.wo(o.flatten(2))
 
 

@@ -76,6 +76,9 @@ class AscendKernels(CpuKernels):
             self.fallbacks.add(op)
             log.warning(f"ascend: {op} falls back to the reference: {why}")
 
+    def absorb_dtype(self, dtype):
+        return dtype  # the device is fast in the model's dtype (also when tests put it on CPU tensors)
+
     # ---- norms and rope -------------------------------------------------------------------------
     def rms_norm(self, x, weight, eps):
         return self.npu.npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)[0]

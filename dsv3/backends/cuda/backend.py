@@ -113,6 +113,9 @@ class CudaKernels(CpuKernels):
         where = f"{self.device} (Triton interpreter)" if interpreted(self.device) else str(self.device)
         return f"{self.name} on {where}: {self.mode}"
 
+    def absorb_dtype(self, dtype):
+        return dtype  # the device is fast in the model's dtype (also when tests put it on CPU tensors)
+
     # ---- load time ----------------------------------------------------------------------
     def prepare_linear(self, weight, scale, dtype):
         if scale is None:
