@@ -11,8 +11,11 @@
 
 Writes the tables to RESULTS.md with the GPU's name. Aims at under 5 minutes on an H200.
 
-    python benchmarks/gpu_kernels.py [--no-write]
+    python benchmarks/gpu_kernels.py [--no-write] [--tune]
     TRITON_INTERPRET=1 python benchmarks/gpu_kernels.py --smoke   # tiny shapes on CPU: checks the script runs
+
+--tune also sweeps the GEMM launch configs per M bucket at the q_b, o and expert shapes and prints
+the best ones, to fill dsv3/backends/cuda/launch.py's table (adds a few minutes: each config compiles once).
 """
 
 from __future__ import annotations
@@ -118,6 +121,40 @@ def gemm_table(device, bench, shapes, ms) -> str:
     return "\n".join(rows) + "".join(first_error)
 
 
+TUNE_SPACE = [(bm, bn, w, st) for bm in (16, 32, 64, 128) for bn in (64, 128, 256) for w in (4, 8) for st in (3, 4)]
+
+
+def tune_table(device, bench, shapes, ms) -> str:
+    """Best (BLOCK_M, BLOCK_N, warps, stages) per M at each shape, against the current table's choice."""
+    from dsv3.backends.cuda.act_quant import act_quant
+    from dsv3.backends.cuda.fp8_gemm import fp8_gemm
+    from dsv3.backends.cuda.launch import GemmConfig, gemm_config
+
+    rows = ["| layer | M | table config | table TFLOP/s | best config | best TFLOP/s |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, n, k in shapes:
+        w, ws = random_fp8((n, k), device), block_scales(n, k, device)
+        for m in ms:
+            q, s = act_quant(torch.randn(m, k, device=device, dtype=torch.bfloat16), FN, 448.0)
+            flop = 2 * m * n * k
+            table = gemm_config(m, "nvidia")
+            t_table = bench(lambda: fp8_gemm(q, s, w, ws, config=table))  # noqa: B023
+            best = (t_table, table)
+            for bm, bn, warps, stages in TUNE_SPACE:
+                if bm > max(16, 2 * m):  # tiles much taller than M only add idle rows
+                    continue
+                cfg = GemmConfig(bm, bn, warps, stages)
+                try:
+                    t = bench(lambda: fp8_gemm(q, s, w, ws, config=cfg))  # noqa: B023
+                except Exception:  # out of shared memory for this tile: not a candidate
+                    continue
+                best = min(best, (t, cfg), key=lambda p: p[0])
+            c = lambda g: f"{g.block_m}x{g.block_n} w{g.num_warps} s{g.num_stages}"  # noqa: E731
+            rows.append(f"| {name} | {m} | {c(table)} | {flop / t_table / 1e9:.1f} | {c(best[1])} | "
+                        f"{flop / best[0] / 1e9:.1f} |")
+            print(rows[-1], file=sys.stderr)
+    return "\n".join(rows)
+
+
 def moe_table(device, bench, experts, dim, inter, k, token_counts) -> str:
     from dsv3.backends.cuda.act_quant import act_quant
     from dsv3.backends.cuda.fp8_gemm import fp8_gemm
@@ -174,6 +211,7 @@ def mla_table(device, bench, copy_gbs, heads, cases) -> str:
 
 def main() -> None:
     ap = parser(__doc__)
+    ap.add_argument("--tune", action="store_true", help="also sweep GEMM launch configs and print the best per M")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes under TRITON_INTERPRET=1 on CPU; writes nothing")
     args = ap.parse_args()
     if args.smoke:
@@ -193,16 +231,22 @@ def main() -> None:
     moe = moe_table(device, bench, *((8, 256, 128, 2, (1, 5)) if smoke else (256, 7168, 2048, 8, MS)))
     mla = mla_table(device, bench, copy_gbs, 4 if smoke else 128,
                     [(1, 70)] if smoke else [(1, 4096), (1, 32768), (32, 4096), (128, 2048)])
+    tune = ""
+    if args.tune:
+        picked = [g for g in (SMOKE_GEMMS if smoke else GEMMS) if g[0] in ("q_b", "o", "expert gate/up")]
+        tune = "\n\n### GEMM launch configs: the table's against the best found\n\n" + tune_table(
+            device, bench, picked, (1, 3) if smoke else MS)
     name = "CPU (Triton interpreter, smoke)" if smoke else torch.cuda.get_device_name(device)
     import triton
 
     body = (f"GPU: {name}; torch {torch.__version__}, triton {triton.__version__}; {time.time() - start:.0f} s in all.\n\n"
             f"{tests}\n\nCopy bandwidth (read + write): {copy_gbs:.0f} GB/s.\n\n"
             f"### FP8 GEMM (act_quant + block-scaled GEMM, BF16 out)\n\n{gemm}\n\n"
-            f"### Fused MoE vs a per-expert loop\n\n{moe}\n\n### MLA decode (absorbed, bf16 latent cache)\n\n{mla}\n")
+            f"### Fused MoE vs a per-expert loop\n\n{moe}\n\n### MLA decode (absorbed, bf16 latent cache)\n\n{mla}{tune}\n")
     print(body)
     if not (args.no_write or smoke):
-        append_section("GPU kernels (issue 5)", "python benchmarks/gpu_kernels.py", body)
+        command = "python benchmarks/gpu_kernels.py" + (" --tune" if args.tune else "")
+        append_section("GPU kernels (issue 5)", command, body)
 
 
 if __name__ == "__main__":

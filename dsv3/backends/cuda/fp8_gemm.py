@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import check_target, gemm_config
+from .launch import GemmConfig, check_target, gemm_config
 
 BLOCK_K = 128
 
@@ -52,8 +52,11 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, n_kb,
 
 
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-             out_dtype: torch.dtype = torch.bfloat16, target: str = "nvidia") -> torch.Tensor:
-    """a [M, K] fp8, a_scale [M, ceil(K/128)], b [N, K] fp8 (same format), b_scale [ceil(N/128), ceil(K/128)] -> [M, N]."""
+             out_dtype: torch.dtype = torch.bfloat16, target: str = "nvidia", config: GemmConfig | None = None
+             ) -> torch.Tensor:
+    """a [M, K] fp8, a_scale [M, ceil(K/128)], b [N, K] fp8 (same format), b_scale [ceil(N/128), ceil(K/128)] -> [M, N].
+
+    `config` overrides the launch table (benchmarks/gpu_kernels.py --tune sweeps it)."""
     check_target(target)
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"fp8_gemm: a {list(a.shape)} and b {list(b.shape)} must be [M, K] and [N, K]")
@@ -70,7 +73,7 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m == 0:
         return c
-    cfg = gemm_config(m, target)
+    cfg = config or gemm_config(m, target)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _fp8_gemm_kernel[grid](a, a_scale, b, b_scale, c, m, n, k, n_kb, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                            BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
