@@ -39,12 +39,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
+    from transformers import DeepseekV3ForCausalLM
+
     import dsv3
     from dsv3.convert import dequant
     from dsv3.core.generate import generate
     from dsv3.core.model import LatentCache
     from dsv3.demo import BENCH_280M
-    from transformers import DeepseekV3ForCausalLM
 
     work, fp8_dir = bench_checkpoint(args.workdir, "dsv3-bench-")
     bf16_dir = work / "bf16"
@@ -104,7 +105,6 @@ def main() -> None:
         f"{torch.get_num_threads()} threads.",
     ]
     # bf16 greedy paths can part on near-ties of a random model's flat logits; fp32 shows whether the models agree
-    del theirs
     ours32 = dsv3.load(fp8_dir, backend="cpu", dtype="fp32")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

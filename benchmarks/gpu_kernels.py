@@ -117,7 +117,6 @@ def gemm_table(device, bench, shapes, ms) -> str:
             rows.append(f"| {name} | {m} | {n} | {k} | {tf(t_ours)} | {tf(t_gemm)} | {tf(t_bf16)} | {scaled} | "
                         f"{t_bf16 / t_ours:.2f}x |")
             print(rows[-1], file=sys.stderr)
-        del w, ws, wb
     return "\n".join(rows) + "".join(first_error)
 
 
