@@ -48,18 +48,19 @@ class CpuKernels(Kernels):
             return weight.to(dtype)
         return fp8.dequantize(weight.to("cpu") if weight.device.type == "meta" else weight, scale, dtype)
 
+    def slow_bf16(self, dtype: torch.dtype) -> bool:
+        """bf16 matmuls here run row by row (a CPU without bf16 instructions): fp32 is faster."""
+        return dtype == torch.bfloat16 and self.device.type == "cpu" and not self.native_bf16
+
     def absorb_dtype(self, dtype):
-        # a bf16 bmm of one query row per head runs ~9x slower than fp32 on CPUs without bf16 instructions
-        if dtype == torch.bfloat16 and self.device.type == "cpu" and not self.native_bf16:
-            return torch.float32
-        return dtype
+        # a bf16 bmm of one query row per head runs ~9x slower than fp32 on such CPUs
+        return torch.float32 if self.slow_bf16(dtype) else dtype
 
     # ---- ops ----------------------------------------------------------------------------
     def linear(self, x, weight, scale=None):
         if scale is not None:  # an FP8 weight a subclass kept: dequantize on the fly (slow, correct)
             weight = fp8.dequantize(weight, scale, x.dtype)
-        if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and not self.native_bf16
-                and x.numel() >= UPCAST_ROWS * x.shape[-1]):
+        if self.slow_bf16(x.dtype) and x.numel() >= UPCAST_ROWS * x.shape[-1]:
             # same result (fp32 accumulation, one rounding to bf16), ~8x faster on AVX2 for prefill
             return F.linear(x.float(), weight.float()).to(x.dtype)
         return F.linear(x, weight)
