@@ -32,9 +32,10 @@ class GemmConfig:
 _GEMM = {
     "nvidia": ((16, GemmConfig(16, 64, 4, 4)), (32, GemmConfig(32, 64, 4, 4)), (64, GemmConfig(64, 128, 4, 3)),
                (1 << 62, GemmConfig(128, 128, 8, 3))),
-    # wave64: 4 warps already fill 256 lanes; LDS is smaller, so fewer stages
+    # wave64: 4 warps already fill 256 lanes. LDS is 64 KB per CU on MI300: two stages of a 128x128
+    # FP8 A tile and a 128x128 B tile would need all of it, so the largest tile is 128x64
     "amd": ((16, GemmConfig(16, 64, 4, 2)), (32, GemmConfig(32, 64, 4, 2)), (64, GemmConfig(64, 128, 4, 2)),
-            (1 << 62, GemmConfig(128, 128, 8, 2))),
+            (1 << 62, GemmConfig(128, 64, 8, 2))),
 }
 
 
@@ -58,7 +59,9 @@ class AttnConfig:
     num_stages: int
 
 
-_ATTN = {"nvidia": AttnConfig(16, 64, 4, 2), "amd": AttnConfig(16, 64, 4, 1)}
+# a [BLOCK_T, 512] bf16 latent tile is 64 KB at BLOCK_T = 64: fine twice in an H100's 228 KB of shared
+# memory, the whole of an MI300 CU's LDS, so AMD reads 32 keys per step
+_ATTN = {"nvidia": AttnConfig(16, 64, 4, 2), "amd": AttnConfig(16, 32, 4, 1)}
 
 
 def attn_config(target: str) -> AttnConfig:
