@@ -43,7 +43,7 @@ class AscendKernels(CpuKernels):
         #: ops that fell back to the reference at least once (each logged once)
         self.fallbacks: set[str] = set()
         self._causal: torch.Tensor | None = None
-        self._mask_seen: tuple[int, bool] | None = None
+        self._mask_seen: tuple[torch.Tensor, bool] | None = None
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -113,12 +113,12 @@ class AscendKernels(CpuKernels):
     def is_right_down_causal(self, mask: torch.Tensor) -> bool:
         """Is every sequence's mask the plain causal one (no padding)? Decided once per mask tensor:
         every layer of a forward passes the same one."""
-        key = id(mask)
-        if self._mask_seen is None or self._mask_seen[0] != key:
+        # keep the mask itself, not its id: a freed mask's id can come back on a different mask
+        if self._mask_seen is None or self._mask_seen[0] is not mask:
             S, T = mask.shape[1:]
             q_pos = torch.arange(T - S, T, device=mask.device)
             causal = torch.arange(T, device=mask.device)[None, :] <= q_pos[:, None]
-            self._mask_seen = (key, bool((mask == causal).all()))
+            self._mask_seen = (mask, bool((mask == causal).all()))
         return self._mask_seen[1]
 
     def attention(self, q, k, v, scale, mask):

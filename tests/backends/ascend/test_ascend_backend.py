@@ -81,6 +81,18 @@ def test_naive_attention(npu, padded, dtype):
           f"attention padded={padded} {dtype}")
 
 
+def test_naive_attention_decides_tnd_per_mask_object(npu):
+    """Masks come and go every forward; a new padded mask must never reuse a freed causal one's decision."""
+    K = kernels(npu)
+    B, S, H = 2, 5, 2
+    q, k, v = (torch.randn(B, S, H, 16, generator=gen(20 + i)).bfloat16() for i in range(3))
+    for i in range(6):
+        mask = causal(B, S, S, pad=2 if i % 2 else None)  # a fresh object each time, the last one freed
+        got = K.attention(q.to(npu.device), k.to(npu.device), v.to(npu.device), 0.3, mask.to(npu.device))
+        close(got, REF.attention(q.double(), k.double(), v.double(), 0.3, mask), 2e-2, f"forward {i}")
+        del mask, got
+
+
 @pytest.mark.parametrize("heads", [3, 16])
 @pytest.mark.parametrize("s", [1, 4])
 def test_mla_attention_pads_heads_to_a_power_of_two(npu, heads, s):
