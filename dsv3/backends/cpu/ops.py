@@ -71,8 +71,14 @@ class CpuKernels(Kernels):
 
     def rope(self, x, cos, sin):
         z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, S, H, D/2] pairs as complex
-        rot = torch.complex(cos, sin)[:, :, None, :]  # [B, S, 1, D/2]
-        return torch.view_as_real(z * rot).flatten(-2).to(x.dtype)
+        return torch.view_as_real(z * self._rotation(cos, sin)).flatten(-2).to(x.dtype)
+
+    def _rotation(self, cos, sin) -> torch.Tensor:
+        """cos + i·sin as [B, S, 1, D/2]; every layer of a forward passes the same cos/sin, so it is built once."""
+        cached = getattr(self, "_rot", None)
+        if cached is None or cached[0] is not cos or cached[1] is not sin:
+            cached = self._rot = (cos, sin, torch.complex(cos, sin)[:, :, None, :])
+        return cached[2]
 
     def attention(self, q, k, v, scale, mask):
         scores = torch.einsum("bshd,bthd->bhst", q.float(), k.float()) * scale  # [B, H, S, T]
@@ -118,11 +124,13 @@ class CpuKernels(Kernels):
         local = (ids - experts.first).flatten()  # [T·k]
         k = ids.shape[1]
         if local.numel() <= 16:  # decode: a handful of rows, each its own expert call without sorting
+            w = weights.flatten().tolist()
+            rows = x if x.shape[0] == 1 else None  # one token: no per-row slicing
             for row, e in enumerate(local.tolist()):
                 if 0 <= e < experts.count:
                     t = row // k
-                    y = self._expert(x[t:t + 1], experts, e)
-                    out[t:t + 1] += y.float() * weights[t, row % k].float()
+                    y = self._expert(rows if rows is not None else x[t:t + 1], experts, e)
+                    out[t:t + 1].add_(y, alpha=w[row])  # fp32 accumulation of the bf16 expert output
             return out.to(x.dtype)
         order = local.argsort(stable=True)
         counts = torch.bincount(local.clamp(0, experts.count), minlength=experts.count + 1).tolist()
