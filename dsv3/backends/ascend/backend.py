@@ -43,7 +43,6 @@ class AscendKernels(CpuKernels):
         #: ops that fell back to the reference at least once (each logged once)
         self.fallbacks: set[str] = set()
         self._causal: torch.Tensor | None = None
-        self._mask_seen: tuple[torch.Tensor, bool] | None = None
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -89,15 +88,15 @@ class AscendKernels(CpuKernels):
         products of roped q and k are consumed. Other dims take npu_rotary_mul in interleave mode."""
         D = x.shape[-1]
         if D == 64 and x.dtype in (torch.bfloat16, torch.float16):
-            c = torch.cat([cos, cos], dim=-1)[:, None].to(x.dtype)  # [B, 1, S, 64] as [c0..c31, c0..c31]
-            s = torch.cat([sin, sin], dim=-1)[:, None].to(x.dtype)
+            c, s = self.per_forward(f"interleave_rope {x.dtype}", (cos, sin), lambda: tuple(
+                torch.cat([t, t], dim=-1)[:, None].to(x.dtype) for t in (cos, sin)))  # [B, 1, S, 64]: [c0..c31, c0..c31]
             out = self.npu.npu_interleave_rope(x.transpose(1, 2).contiguous(), c, s)  # (B, N, S, D)
             return out.transpose(1, 2)
         if D % 2 or D >= 896:
             self.fallback("rope", f"npu_rotary_mul needs an even head dim < 896, got {D}")
             return super().rope(x, cos, sin)
-        c = cos.repeat_interleave(2, dim=-1)[:, :, None].to(x.dtype)  # [B, S, 1, D]: (c0, c0, c1, c1, ...)
-        s = sin.repeat_interleave(2, dim=-1)[:, :, None].to(x.dtype)
+        c, s = self.per_forward(f"rotary_mul {x.dtype}", (cos, sin), lambda: tuple(
+            t.repeat_interleave(2, dim=-1)[:, :, None].to(x.dtype) for t in (cos, sin)))  # [B, S, 1, D]: (c0, c0, c1, ...)
         try:
             return self.npu.npu_rotary_mul(x, c, s, rotary_mode="interleave")
         except TypeError:  # op-plugin before 7.0.0 has no rotary_mode
@@ -111,15 +110,13 @@ class AscendKernels(CpuKernels):
         return self._causal
 
     def is_right_down_causal(self, mask: torch.Tensor) -> bool:
-        """Is every sequence's mask the plain causal one (no padding)? Decided once per mask tensor:
-        every layer of a forward passes the same one."""
-        # keep the mask itself, not its id: a freed mask's id can come back on a different mask
-        if self._mask_seen is None or self._mask_seen[0] is not mask:
+        """Is every sequence's mask the plain causal one (no padding)? Decided once per forward."""
+        def decide():
             S, T = mask.shape[1:]
             q_pos = torch.arange(T - S, T, device=mask.device)
             causal = torch.arange(T, device=mask.device)[None, :] <= q_pos[:, None]
-            self._mask_seen = (mask, bool((mask == causal).all()))
-        return self._mask_seen[1]
+            return bool((mask == causal).all())
+        return self.per_forward("right_down_causal", (mask,), decide)
 
     def attention(self, q, k, v, scale, mask):
         """Naive MLA prefill. Unpadded bf16 batches take TND with the right-down causal sparse mode;

@@ -34,6 +34,7 @@ class CpuKernels(Kernels):
     def __init__(self, device=None):
         super().__init__(device)
         self.native_bf16 = _native_bf16()
+        self._per_forward: dict[str, tuple[tuple, object]] = {}
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -71,14 +72,18 @@ class CpuKernels(Kernels):
 
     def rope(self, x, cos, sin):
         z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, S, H, D/2] pairs as complex
-        return torch.view_as_real(z * self._rotation(cos, sin)).flatten(-2).to(x.dtype)
+        rot = self.per_forward("rotation", (cos, sin), lambda: torch.complex(cos, sin)[:, :, None, :])  # [B, S, 1, D/2]
+        return torch.view_as_real(z * rot).flatten(-2).to(x.dtype)
 
-    def _rotation(self, cos, sin) -> torch.Tensor:
-        """cos + i·sin as [B, S, 1, D/2]; every layer of a forward passes the same cos/sin, so it is built once."""
-        cached = getattr(self, "_rot", None)
-        if cached is None or cached[0] is not cos or cached[1] is not sin:
-            cached = self._rot = (cos, sin, torch.complex(cos, sin)[:, :, None, :])
-        return cached[2]
+    def per_forward(self, name: str, inputs: tuple, build):
+        """build() once for these input tensors. Every layer of a forward passes the same cos/sin/mask
+        objects, so derived tables are made once per forward. The inputs themselves are kept (not their
+        ids, which a freed tensor hands on to the next one)."""
+        cache = self._per_forward
+        hit = cache.get(name)
+        if hit is None or len(hit[0]) != len(inputs) or any(a is not b for a, b in zip(hit[0], inputs)):
+            hit = cache[name] = (inputs, build())
+        return hit[1]
 
     def attention(self, q, k, v, scale, mask):
         scores = torch.einsum("bshd,bthd->bhst", q.float(), k.float()) * scale  # [B, H, S, T]

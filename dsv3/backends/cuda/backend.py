@@ -133,8 +133,8 @@ class CudaKernels(CpuKernels):
     def weight_dequant(self, weight, scale, dtype):
         if scale is None:
             return weight.to(dtype)
-        if weight.device.type == "meta" or weight.device != self.device:
-            return super().weight_dequant(weight, scale, dtype)
+        if weight.device.type == "meta" or (weight.device.type == "cpu" and not interpreted(weight.device)):
+            return super().weight_dequant(weight, scale, dtype)  # not where Triton can run
         return self._dequant(weight, scale.to(weight.device), dtype)
 
     # ---- ops ----------------------------------------------------------------------------

@@ -8,6 +8,8 @@ splits are merged in torch by their log-sum-exp.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -62,11 +64,16 @@ def _mla_decode_kernel(ql_ptr, qp_ptr, kv_ptr, pe_ptr, mask_ptr, o_ptr, lse_ptr,
     tl.store(lse_ptr + row * H + heads, lse, mask=in_h)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _splits(work: int, t: int, block_t: int, device: torch.device) -> int:
     """Enough key slices to give the GPU ~2 programs per SM; one on the interpreter."""
     if device.type != "cuda":
         return 1 if t <= 4 * block_t else 2
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device)  # asked once per device: this runs every layer of every decode step
     return max(1, min(triton.cdiv(2 * sms, work), triton.cdiv(t, 4 * block_t), 64))
 
 

@@ -120,6 +120,7 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
     grid = (tile_expert.numel(), triton.cdiv(inter, cfg.block_n))
+    # rw_ptr (routing weights) is unread without WEIGHTED: any tensor fills the slot
     _moe_gemm_kernel[grid](xq, xs, w1, s1, w3, s3, h, rows, tile_expert, rows, inter, dim, n_rows,
                            triton.cdiv(dim, BLOCK_K), triton.cdiv(inter, 128), A_DIV=k, SWIGLU=True, WEIGHTED=False,
                            **launch)
