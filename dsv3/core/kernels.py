@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,34 @@ class Kernels:
         kv [B, T, C], pe [B, T, R] -> [B, S, H, C] = softmax(scale·(q_latent·kvᵀ + q_pe·peᵀ)) · kv.
         """
         raise NotImplementedError
+
+    def mlp(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, s1: torch.Tensor | None = None,
+            s2: torch.Tensor | None = None, s3: torch.Tensor | None = None) -> torch.Tensor:
+        """SwiGLU w2(silu(w1 x) · w3 x): x [..., D] -> [..., D] in x's dtype (dense MLPs and shared experts).
+        Composed of `linear` here; a backend may fuse it."""
+        return self.linear(F.silu(self.linear(x, w1, s1)) * self.linear(x, w3, s3), w2, s2)
+
+    def mla_absorbed(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        w_uk: torch.Tensor,
+        w_uv: torch.Tensor,
+        kv: torch.Tensor,
+        pe: torch.Tensor,
+        scale: float,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The absorbed form end to end: q_nope [B, S, H, N] -> latent through w_uk [H, N, C], `mla_attention`
+        over the cache, back through w_uv [H, C, V] -> [B, S, H, V] in q_nope's dtype. w_uk/w_uv are in
+        `absorb_dtype`. Composed here; a backend may fuse it (decode is a few hundred small ops otherwise)."""
+        B, S, H, _ = q_nope.shape
+        # per head, as batched matmuls over the B·S query rows (einsum's planning costs more than the math at decode)
+        q = q_nope.reshape(B * S, H, -1).transpose(0, 1).to(w_uk.dtype)  # [H, B·S, N]
+        q_latent = torch.bmm(q, w_uk).transpose(0, 1).reshape(B, S, H, -1)  # [B, S, H, C]
+        o = self.mla_attention(q_latent.contiguous(), q_pe.contiguous(), kv, pe, scale, mask)  # [B, S, H, C]
+        o = torch.bmm(o.reshape(B * S, H, -1).transpose(0, 1), w_uv)  # [H, B·S, V]
+        return o.transpose(0, 1).reshape(B, S, H, -1).to(q_nope.dtype)
 
     def moe_gate(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: GateParams

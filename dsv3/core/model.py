@@ -171,12 +171,7 @@ class MLA(nn.Module):
             o = self.kernels.attention(torch.cat([q_nope, q_pe], dim=-1), k, v, self.scale, step.mask)
         else:
             w_uk, w_uv = self.absorbed(self.kernels.absorb_dtype(x.dtype))  # [H, nope, C], [H, C, v]
-            # per head, as batched matmuls over the B·S query rows (einsum's planning costs more than the math at decode)
-            q_nope = q_nope.reshape(B * S, self.n_heads, -1).transpose(0, 1).to(w_uk.dtype)  # [H, B·S, nope]
-            q_latent = torch.bmm(q_nope, w_uk).transpose(0, 1).reshape(B, S, self.n_heads, -1)  # [B, S, H, C]
-            o = self.kernels.mla_attention(q_latent.contiguous(), q_pe.contiguous(), kv, k_pe, self.scale, step.mask)
-            o = torch.bmm(o.reshape(B * S, self.n_heads, -1).transpose(0, 1), w_uv)  # [H, B·S, v]
-            o = o.transpose(0, 1).reshape(B, S, self.n_heads, -1).to(x.dtype)  # [B, S, H, v]
+            o = self.kernels.mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, k_pe, self.scale, step.mask)  # [B, S, H, v]
         return self.wo(o.flatten(2))
 
 
@@ -187,12 +182,13 @@ class MLP(nn.Module):
     def __init__(self, dim: int, inter: int, kernels: Kernels, par: Parallel, reduce: bool = True):
         super().__init__()
         inter = par.split(inter, "intermediate_size")
-        self.w1 = Linear(dim, inter, kernels)
-        self.w2 = Linear(inter, dim, kernels, par if reduce else None)
-        self.w3 = Linear(dim, inter, kernels)
+        self.kernels, self.reduce = kernels, par if reduce else None
+        self.w1, self.w2, self.w3 = Linear(dim, inter, kernels), Linear(inter, dim, kernels), Linear(dim, inter, kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        y = self.kernels.mlp(x, w1.weight, w2.weight, w3.weight, w1.scale, w2.scale, w3.scale)
+        return self.reduce.all_reduce(y) if self.reduce is not None else y
 
 
 class Gate(nn.Module):

@@ -36,6 +36,7 @@ class AscendKernels(CpuKernels):
     device_type = "npu"
     fp8_dtype = None
     dist_backend = "hccl"
+    native_kernels = False  # the cpu backend's C kernels; this backend's ops run on the NPU
 
     def __init__(self, device=None):
         self.npu = _import_torch_npu()  # registers the npu device type: before torch.device("npu")

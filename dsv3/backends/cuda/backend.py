@@ -43,6 +43,7 @@ class CudaKernels(CpuKernels):
     name = "cuda"
     device_type = "cuda"
     dist_backend = "nccl"
+    native_kernels = False  # the cpu backend's C kernels; tests under the interpreter must exercise this backend
     #: which launch table the kernels use
     target = "nvidia"
     #: the FP8 flavour this vendor computes in, when the chip has FP8 at all
