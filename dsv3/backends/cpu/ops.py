@@ -173,8 +173,8 @@ class CpuKernels(Kernels):
 
     def moe_experts(self, x, weights, ids, experts: ExpertWeights):
         k = ids.shape[1]
-        if ids.numel() <= 16 and experts.s1 is None and self._native_ok(x, experts.w1, experts.w2, experts.w3):
-            # one call, no host sync on the ids; other ranks' experts are skipped inside
+        if x.shape[0] < UPCAST_ROWS and experts.s1 is None and self._native_ok(x, experts.w1, experts.w2, experts.w3):
+            # decode: one call, no host sync on the ids; other ranks' experts are skipped inside
             return self.native.moe_bf16(x.contiguous(), ids.contiguous(), weights.float().contiguous(), experts.w1,
                                         experts.w3, experts.w2, experts.first)
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)  # [T, D]
