@@ -44,7 +44,9 @@ class CpuKernels(Kernels):
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
-        return True, "pure torch; always usable (BF16 or FP32, FP8 weights dequantized at load)"
+        decode = ("decode through its C kernels" if native_lib.load() is not None else
+                  "decode in plain torch (C kernels off: no compiler, build failed or DSV3_CPU_NATIVE=0)")
+        return True, f"always usable (BF16 or FP32, FP8 weights dequantized at load); {decode}"
 
     # ---- load time ----------------------------------------------------------------------
     def prepare_linear(self, weight, scale, dtype):
