@@ -1,9 +1,10 @@
-"""native.c, built at first use and called through ctypes: BF16 GEMV and SwiGLU experts for decode.
+"""native.c, built at first use and called through ctypes: the cpu backend's decode kernels.
 
 The library is compiled once per (source, compiler, CPU flags) into the cache directory
 ($DSV3_CACHE_DIR, else ~/.cache/dsv3) with the system C compiler. Where there is none, or
-DSV3_CPU_NATIVE=0, `load()` returns None and the cpu backend stays plain torch. The OpenMP runtime is torch's own libgomp (same soname,
-already loaded), so both share one thread pool and `torch.set_num_threads` governs both.
+DSV3_CPU_NATIVE=0, `load()` returns None and the cpu backend stays plain torch. The OpenMP
+runtime is torch's own libgomp (same soname, already loaded), so both share one thread pool and
+`torch.set_num_threads` governs both.
 """
 
 from __future__ import annotations
