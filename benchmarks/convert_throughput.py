@@ -1,8 +1,10 @@
-"""dsv3 convert dequant / reshard against `cp -r` of the same checkpoint, with peak RSS.
+"""dsv3 convert dequant / reshard against `cp -r` and a plain `safetensors` script, with peak RSS.
 
 Side by side in one run on the ~280M-parameter, 8-shard FP8 checkpoint: throughput as a fraction
-of cp's bytes/s (input bytes per second), and each command's peak RSS against the largest input
-shard and the interpreter's own baseline (python importing torch and dsv3). Peak RSS is the
+of cp's bytes/s (input bytes per second), each command's peak RSS against the largest input
+shard and the interpreter's own baseline (python importing torch and dsv3), and dsv3 dequant
+(validation and checksums included) against the conversion a user writes with the safetensors
+library (benchmarks/safetensors_dequant.py): best of 3 for both, alternated. Peak RSS is the
 child's ru_maxrss, the same figure `/usr/bin/time -v` prints as "Maximum resident set size".
 
     python benchmarks/convert_throughput.py [--workdir DIR]
@@ -39,35 +41,40 @@ def main() -> None:
     largest = max(p.stat().st_size for p in shards)
     py = [sys.executable, "-m", "dsv3"]
     results = {}
-    for label, cmd, dst in [
-        ("cp -r", ["cp", "-r", str(src)], work / "cp"),
-        ("dsv3 convert dequant (bf16)", [*py, "convert", "dequant", str(src)], work / "bf16"),
-        ("dsv3 convert reshard --model-parallel 2 --dtype bf16", [*py, "convert", "reshard", str(src)], work / "mp2"),
-        ("dsv3 convert reshard --model-parallel 2 (fp8)", [*py, "convert", "reshard", str(src)], work / "mp2fp8"),
-    ]:
-        shutil.rmtree(dst, ignore_errors=True)
-        extra = []
-        if "dsv3" in label:
-            extra = ["--quiet", "--force"]
-            if "bf16" in label and "reshard" in label:
-                extra += ["--model-parallel", "2", "--dtype", "bf16"]
-            elif "reshard" in label:
-                extra += ["--model-parallel", "2"]
-        subprocess.run(["sync"])
-        secs, rss = run([*cmd, str(dst), *extra])
-        out_bytes = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
-        results[label] = (secs, rss, out_bytes)
-        shutil.rmtree(dst, ignore_errors=True)
+    script = [sys.executable, str(Path(__file__).parent / "safetensors_dequant.py"), str(src)]
+    jobs = [
+        ("cp -r", ["cp", "-r", str(src)], work / "cp", []),
+        ("dsv3 convert dequant (bf16)", [*py, "convert", "dequant", str(src)], work / "bf16", ["--quiet"]),
+        ("safetensors script dequant (bf16)", script, work / "st", []),
+        ("dsv3 convert reshard --model-parallel 2 --dtype bf16", [*py, "convert", "reshard", str(src)], work / "mp2",
+         ["--quiet", "--model-parallel", "2", "--dtype", "bf16"]),
+        ("dsv3 convert reshard --model-parallel 2 (fp8)", [*py, "convert", "reshard", str(src)], work / "mp2fp8",
+         ["--quiet", "--model-parallel", "2"]),
+    ]
+    for repeat in range(3):  # alternated, best of 3: the machine is shared and noisy
+        for label, cmd, dst, extra in jobs:
+            if repeat and label not in ("dsv3 convert dequant (bf16)", "safetensors script dequant (bf16)"):
+                continue
+            shutil.rmtree(dst, ignore_errors=True)
+            subprocess.run(["sync"])
+            secs, rss = run([*cmd, str(dst), *extra])
+            out_bytes = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
+            if label not in results or secs < results[label][0]:
+                results[label] = (secs, rss, out_bytes)
+            shutil.rmtree(dst, ignore_errors=True)
     startup, base_rss = run([sys.executable, "-c", "import torch, dsv3.convert"])
     cp_rate = total / results["cp -r"][0]
     rows = ["| command | seconds | input MB/s | fraction of cp | fraction of cp after startup | peak RSS MB | "
             "RSS - baseline, in largest shards |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for label, (secs, rss, out_bytes) in results.items():
         rate = total / secs
-        over = (rss - base_rss) / largest if "dsv3" in label else float("nan")
+        over = (rss - base_rss) / largest if "cp" not in label else float("nan")
         steady = "" if "cp" in label else f"{total / max(secs - startup, 1e-9) / cp_rate:.2f}"
         rows.append(f"| {label} | {secs:.2f} | {rate / 1e6:.0f} | {rate / cp_rate:.2f} | {steady} | {rss / 1e6:.0f} | "
                     f"{'' if 'cp' in label else f'{over:.2f}'} |")
+    ours, theirs = results["dsv3 convert dequant (bf16)"][0], results["safetensors script dequant (bf16)"][0]
+    rows += ["", f"dsv3 dequant vs the safetensors script: {ours:.2f} s vs {theirs:.2f} s = **{theirs / ours:.2f}x** its "
+             "speed (target >= 1.0: validation, FP8 NaN checks and sha256 checksums included)."]
     notes = [f"Input: BENCH_280M in the released FP8 layout, {len(shards)} shards, {total / 1e6:.0f} MB, "
              f"largest shard {largest / 1e6:.0f} MB. Interpreter baseline (python + torch + dsv3.convert): "
              f"{base_rss / 1e6:.0f} MB peak RSS, {startup:.2f} s (the startup every command pays; the next-to-last "

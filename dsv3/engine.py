@@ -13,7 +13,8 @@ from .core.errors import DsvError
 from .core.generate import Stats, generate
 from .core.model import ATTN_IMPLS, Transformer
 from .core.parallel import Parallel
-from .core.weights import Checkpoint, check_names, load_weights
+from .core.checkpoint import Checkpoint, validate
+from .core.weights import load_weights
 
 log = logging.getLogger("dsv3")
 
@@ -89,8 +90,10 @@ class Engine:
 
 def load(path: str | Path, backend: str = "auto", dtype: str | torch.dtype = "bf16", device=None,
          attn_impl: str = "auto", max_seq_len: int | None = None, parallel: Parallel | None = None,
-         with_mtp: bool = True, progress=None) -> Engine:
-    """Load a checkpoint (released FP8, BF16 HF layout, or model-parallel rank files)."""
+         with_mtp: bool = True, progress=None, require_tokenizer: bool = False) -> Engine:
+    """Load a checkpoint (released FP8, BF16 HF layout, or model-parallel rank files).
+
+    `progress(nbytes, total)`, if given, is called as each tensor is read (total: all tensor bytes)."""
     from .backends import resolve
     from .core.tokenizer import Tokenizer
 
@@ -106,11 +109,15 @@ def load(path: str | Path, backend: str = "auto", dtype: str | torch.dtype = "bf
         par.init(kernels.dist_backend)
     ckpt = Checkpoint(path)
     cfg = ModelConfig.from_file(path)
+    if require_tokenizer and not (path / "tokenizer.json").is_file():
+        raise DsvError(f"{path}: no tokenizer.json; copy tokenizer.json and tokenizer_config.json from the original "
+                       "checkpoint into this directory (dsv3 convert copies them)")
+    tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None  # its errors before the weights
     par.check_same("checkpoint (config.json + tensor index)", _fingerprint(ckpt, dt, max_seq_len, attn_impl))
     if ckpt.layout == "mp" and par.world_size > 1 and ckpt.mp != par.world_size:
         raise DsvError(f"{path}: rank files are for --model-parallel {ckpt.mp} but {par.world_size} processes "
                        f"were started; launch {ckpt.mp} processes, or reshard for {par.world_size}")
-    has_mtp = check_names(ckpt, cfg) and with_mtp
+    has_mtp = validate(ckpt, cfg) and with_mtp
     if max_seq_len is None:
         max_seq_len = min(cfg.max_position_embeddings, 4096)
     if max_seq_len <= 0:
@@ -122,7 +129,6 @@ def load(path: str | Path, backend: str = "auto", dtype: str | torch.dtype = "bf
     load_weights(model, ckpt, cfg, kernels, dt, par, progress)
     model.eval()
     log.info("loaded %s with %s in %.1fs", path, kernels.describe(), time.perf_counter() - t0)
-    tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
     return Engine(model, cfg, kernels, par, dt, tokenizer, path, has_mtp)
 
 

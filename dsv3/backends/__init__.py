@@ -65,6 +65,11 @@ def status(name: str) -> tuple[bool, str]:
 def resolve(name: str = "auto", device: str | torch.device | None = None) -> Kernels:
     """A ready backend. `device` overrides the backend's device (e.g. the cuda kernels on CPU
     tensors under TRITON_INTERPRET=1); then only the backend's software needs to be present."""
+    if device is not None and not isinstance(device, torch.device):
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise BackendError(f"device {device!r} is not a torch device; use e.g. cpu, cuda, cuda:1 or npu:0") from None
     if name == "auto":
         for candidate in AUTO_ORDER:
             ok, _ = status(candidate)

@@ -9,8 +9,13 @@ from ..core.errors import DsvError
 
 _src = click.argument("src", type=click.Path(path_type=Path))
 _dst = click.argument("dst", type=click.Path(path_type=Path))
-_force = click.option("--force", is_flag=True, help="Replace a non-empty DST (only once the new one is complete).")
-_resume = click.option("--resume", is_flag=True, help="Continue an interrupted run, skipping files already written and verified.")
+_force = click.option("--force", is_flag=True, help=(
+    "Replace an earlier dsv3 convert output at DST (recognised by its dsv3-manifest.json, holding nothing "
+    "else), once the new one is complete. Never replaces other data, a symlink, the current or home "
+    "directory, or a directory containing SRC."))
+_resume = click.option("--resume", is_flag=True, help=(
+    "Continue an interrupted run of the same command, options and unchanged SRC, keeping the files it "
+    "finished (re-hashed first); anything else is refused."))
 _quiet = click.option("--quiet", is_flag=True, help="No progress bar (for scripts).")
 
 
@@ -21,7 +26,17 @@ def convert() -> None:
     \b
     Every command streams (memory ~ one shard + one tensor), writes to a hidden sibling
     `.DST.partial` directory and renames it into place when done, so an interrupted run never
-    leaves a DST that looks complete; --resume continues it. SRC is never modified.
+    leaves a DST that looks complete. SRC is never modified, and is validated as `dsv3 run`
+    validates it (headers, index, config, NaN bytes, scales) before anything is kept.
+
+    \b
+    DST rules:
+      new or empty   written
+      not empty      refused, unless --force and it is an earlier dsv3 convert output
+                     (its dsv3-manifest.json lists every file in it)
+      never          a symlink, SRC or a directory containing it, the current or home directory
+    --resume continues an interrupted run (after a kill or a full disk) when the command,
+    options and SRC (config, index, shard sizes and times) are unchanged; otherwise it says why.
     """
 
 
@@ -29,11 +44,10 @@ def convert() -> None:
 @_src
 @_dst
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
-@click.option("--allow-missing-scale", is_flag=True, help="Copy an FP8 weight without a scale through as FP8 (warns).")
 @_force
 @_resume
 @_quiet
-def dequant(src, dst, dtype, allow_missing_scale, force, resume, quiet) -> None:
+def dequant(src, dst, dtype, force, resume, quiet) -> None:
     """Released FP8 -> HF layout in bf16/fp16/fp32 (loads in transformers and every dsv3 backend).
 
     Each FP8 weight becomes round(fp8 x scale) computed in fp32 and cast once; *_scale_inv
@@ -41,7 +55,7 @@ def dequant(src, dst, dtype, allow_missing_scale, force, resume, quiet) -> None:
     """
     from ..convert import dequant as run
 
-    run(src, dst, dtype=dtype, force=force, resume=resume, quiet=quiet, allow_missing_scale=allow_missing_scale)
+    run(src, dst, dtype=dtype, force=force, resume=resume, quiet=quiet)
     click.echo(f"wrote {dst}", err=True)
 
 
@@ -83,7 +97,12 @@ def fnuz(src, dst, force, resume, quiet) -> None:
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.option("--checksums", is_flag=True, help="Also compare file contents with the manifest dsv3 convert wrote.")
 def verify(ckpt, checksums) -> None:
-    """Check that index, shards, shapes, dtypes, scales and config.json agree; list every problem."""
+    """Check a checkpoint in any layout (released FP8, BF16, rank files) as `dsv3 run` would load it.
+
+    Headers and offsets, index/shard agreement, config.json, every tensor's name, shape and dtype,
+    NaN/Inf values and FP8 NaN bytes, block scales, and the manifest (sizes; hashes with
+    --checksums). Lists every problem found, one per line; exit 2 if any.
+    """
     from ..convert import verify as run
 
     problems = run(ckpt, checksums=checksums)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import math
 import sys
+import unicodedata
 from pathlib import Path
 
 import click
@@ -14,7 +16,42 @@ def _progress_bar(enabled: bool):
     from tqdm import tqdm
 
     bar = tqdm(unit="B", unit_scale=True, desc="loading", file=sys.stderr, leave=False)
-    return bar.update, bar.close
+
+    def update(n: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.update(n)
+
+    return update, bar.close
+
+
+def _finite(lo: float, hi: float | None = None, lo_open: bool = False):
+    """A click callback: a finite number in [lo, hi] (click's FloatRange lets nan and inf through)."""
+    def check(ctx, param, value):
+        if value is None:
+            return value
+        ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
+        if not ok:
+            rng = f"{'(' if lo_open else '['}{lo:g}, {'inf)' if hi is None else f'{hi:g}]'}"
+            raise click.BadParameter(f"{value} is not a finite number in {rng}")
+        return value
+    return check
+
+
+def _text(value: str, what: str) -> str:
+    """Arguments and stdin arrive surrogate-escaped when they are not UTF-8: refuse them in one line."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DsvError(f"{what} is not valid UTF-8 text; pass text, not binary data") from None
+    return value
+
+
+def printable(text: str) -> str:
+    """Generated text as the terminal should show it: control characters (\\r, \\x1b, ...) escaped,
+    so model output cannot move the cursor or restyle the terminal; newlines and tabs kept."""
+    return "".join(c if c in "\n\t" or (c.isprintable() and not unicodedata.category(c).startswith("C"))
+                   else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 @click.command()
@@ -29,9 +66,10 @@ def _progress_bar(enabled: bool):
               help="A file with one prompt per line; all are run as one batch.")
 @click.option("--interactive", is_flag=True, help="Multi-turn chat on stdin; /clear resets, /exit quits.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+@click.option("--temperature", type=float, default=0.0, show_default=True, callback=_finite(0.0),
               help="0 = greedy.")
-@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True, callback=_finite(0.0, 1.0, lo_open=True),
+              help="Nucleus sampling: keep the smallest set of tokens whose probability reaches P, in (0, 1].")
 @click.option("--seed", type=int, default=None, help="Seed for sampling (temperature > 0).")
 @click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
               help="Context length to allocate (default: min(max_position_embeddings, 4096)).")
@@ -63,23 +101,23 @@ def run(ctx, ckpt: Path, backend, dtype, device, prompt, input_file, interactive
     if input_file is not None and is_main:  # under torchrun only rank 0 reads; the others get a broadcast
         if not input_file.is_file():
             raise DsvError(f"{input_file}: no such file; --input-file takes a text file with one prompt per line")
-        prompts = [line for line in input_file.read_text().splitlines() if line.strip()]
+        try:
+            prompts = [line for line in input_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise DsvError(f"{input_file}: not UTF-8 text (byte {e.start}); --input-file takes a text file with one "
+                           "prompt per line") from None
         if not prompts:
             raise DsvError(f"{input_file}: no prompts (the file has no non-empty lines)")
     elif prompt is not None:
-        prompts = [prompt]
+        prompts = [_text(prompt, "--prompt")]
 
     update, close = _progress_bar(sys.stderr.isatty() and is_main)
     try:
         engine = load(ckpt, backend=backend, dtype=dtype, device=device, attn_impl=attn, max_seq_len=max_seq_len,
-                      progress=update)
+                      progress=update, require_tokenizer=True)  # checked before minutes of loading weights
     finally:
         close()
-    tok = engine.tokenizer
-    if tok is None:
-        raise DsvError(
-            f"{ckpt}: no tokenizer.json; copy tokenizer.json and tokenizer_config.json from the original checkpoint"
-        )
+    tok = engine.tokenizer  # there: tokenizer.json was checked before loading
     par = engine.par
     main = par.is_main
     prompts = par.broadcast_object(prompts)
@@ -105,7 +143,7 @@ def run(ctx, ckpt: Path, backend, dtype, device, prompt, input_file, interactive
             for p, t in zip(prompts, texts):
                 if len(prompts) > 1:
                     click.echo(f"### {p}")
-                click.echo(t)
+                click.echo(printable(t))
             click.echo(engine.last_stats.line(), err=True)
         return
 
@@ -117,8 +155,12 @@ def run(ctx, ckpt: Path, backend, dtype, device, prompt, input_file, interactive
         if main:
             try:
                 line = input(">>> ") if sys.stdin.isatty() else sys.stdin.readline()
-            except EOFError:
+                _text(line, "input")
+            except EOFError:  # Ctrl-D: leave the prompt line cleanly
                 line = ""
+                click.echo("", err=True)
+            except UnicodeDecodeError:
+                raise DsvError("stdin is not UTF-8 text; --interactive reads text lines") from None
         line = par.broadcast_object(line)  # every rank decodes the same turn
         if line == "":
             break
@@ -142,5 +184,5 @@ def run(ctx, ckpt: Path, backend, dtype, device, prompt, input_file, interactive
         reply = complete([ids])[0]
         messages.append({"role": "assistant", "content": reply})
         if main:
-            click.echo(reply)
+            click.echo(printable(reply))
             click.echo(engine.last_stats.line(), err=True)

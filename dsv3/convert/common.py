@@ -1,101 +1,122 @@
-"""What every conversion shares: the source view, atomic and resumable output, progress, manifest.
+"""What every conversion shares: the source view, safe atomic resumable output, progress, manifest.
 
 Output goes to a sibling `.<DST>.partial` directory and is renamed into place at the end, so an
-interrupted run never leaves a DST that looks complete. Each finished file is recorded with its
-sha256 in the partial directory's progress file; `--resume` re-hashes and skips those.
+interrupted run never leaves a DST that looks complete. The partial directory's progress file
+records the job (command, options, a fingerprint of the source) and each finished file with its
+sha256; `--resume` continues only the same job on the same source, re-hashing what it skips.
+
+`--force` replaces only what dsv3 itself wrote: an empty DST or an earlier `dsv3 convert` output
+(recognised by its manifest, holding nothing the manifest does not list). Never a symlink, the
+current directory, the home directory, or a directory that contains SRC.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import DsvError
-from ..core.safetensors_io import TensorInfo, read_header
+from ..core.checkpoint import INDEX, Checkpoint, validate
+from ..core.config import ModelConfig
+from ..core.errors import CheckpointError, DsvError
+from ..core.safetensors_io import TensorInfo
 
 MANIFEST = "dsv3-manifest.json"
 PROGRESS = ".dsv3-progress.json"
-INDEX = "model.safetensors.index.json"
 SMALL_FILES_SKIP = {INDEX, MANIFEST, PROGRESS}
 
 
 @dataclass
 class Source:
-    """An HF-layout checkpoint: every tensor's shard and header entry, from the index."""
+    """A validated HF-layout checkpoint: every tensor's shard and header entry, from the index."""
 
     path: Path
     config: dict
-    where: dict[str, tuple[Path, TensorInfo]]  # tensor name -> (shard, info)
+    where: dict[str, tuple[Path, TensorInfo]]  # HF tensor name -> (shard, info)
     shards: list[Path]
 
     @classmethod
-    def open(cls, path: str | Path) -> "Source":
+    def open(cls, path: str | Path, command: str) -> "Source":
+        """Accepts exactly what `dsv3 run` accepts (same reader, same validator), in the HF layout."""
         path = Path(path)
-        if not path.is_dir():
-            raise DsvError(f"{path}: no such checkpoint directory")
-        cfg_path = path / "config.json"
-        if not cfg_path.is_file():
-            raise DsvError(f"{path}: no config.json; point at a checkpoint directory")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise DsvError(f"{cfg_path}: not valid JSON ({e})") from None
-        if (path / INDEX).is_file():
-            try:
-                weight_map = json.loads((path / INDEX).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DsvError(f"{path / INDEX}: unreadable index (no weight_map)") from None
-        elif (path / "model.safetensors").is_file():
-            infos, _ = read_header(path / "model.safetensors")
-            weight_map = {n: "model.safetensors" for n in infos}
-        else:
-            raise DsvError(f"{path}: no {INDEX} or model.safetensors; is this an HF-layout checkpoint?")
-        where: dict[str, tuple[Path, TensorInfo]] = {}
-        headers: dict[str, dict[str, TensorInfo]] = {}
-        for name, fname in weight_map.items():
-            shard = path / fname
-            if fname not in headers:
-                if not shard.is_file():
-                    raise DsvError(f"{shard}: missing shard named by {INDEX} (e.g. for {name}); re-download it")
-                headers[fname], _ = read_header(shard)
-            if name not in headers[fname]:
-                raise DsvError(f"{shard}: {INDEX} puts {name} here but the shard does not have it")
-            where[name] = (shard, headers[fname][name])
-        shards = sorted({path / f for f in headers})
-        return cls(path, config, where, shards)
+        cfg = ModelConfig.from_file(path)
+        ckpt = Checkpoint(path)
+        if ckpt.layout != "hf":
+            raise DsvError(f"{path}: holds model-parallel rank files; `convert {command}` takes the HF layout "
+                           f"(config.json, {INDEX} and shards)")
+        validate(ckpt, cfg)
+        return cls(path, cfg.raw, dict(ckpt.hf), sorted({p for p, _ in ckpt.hf.values()}))
 
     def names_in(self, shard: Path) -> list[str]:
         return [n for n, (s, _) in self.where.items() if s == shard]
 
+    def fingerprint(self) -> dict:
+        """What identifies the source for --resume: config and index bytes, each shard's size and mtime."""
+        def digest(p: Path) -> str | None:
+            return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+
+        shards = {}
+        for p in self.shards:
+            st = p.stat()
+            shards[p.name] = [st.st_size, st.st_mtime_ns]
+        return {"path": str(self.path.resolve()), "config": digest(self.path / "config.json"),
+                "index": digest(self.path / INDEX), "shards": shards}
+
 
 class Output:
-    """Atomic, resumable output directory."""
+    """Safe, atomic, resumable output directory for one job (a dict: command, options, source)."""
 
-    def __init__(self, dst: str | Path, src: Path, force: bool, resume: bool):
+    def __init__(self, dst: str | Path, src: Path, force: bool, resume: bool, job: dict):
         self.dst = Path(dst)
-        if self.dst.resolve() == src.resolve() or src.resolve() in self.dst.resolve().parents:
-            raise DsvError(f"{self.dst}: DST must not be SRC or inside it; SRC is never modified")
+        guard_dst(self.dst, src, force)
         self.tmp = self.dst.parent / f".{self.dst.name}.partial"
-        if self.dst.exists() and (not self.dst.is_dir() or any(self.dst.iterdir())) and not force:
-            raise DsvError(f"{self.dst}: exists and is not empty; choose another DST or pass --force to replace it")
-        if self.tmp.exists() and not resume:
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True, exist_ok=True)
         self.progress_path = self.tmp / PROGRESS
+        self.job = job
         self.done: dict[str, dict] = {}
-        if resume and self.progress_path.is_file():
-            try:
-                self.done = json.loads(self.progress_path.read_text())
-            except json.JSONDecodeError:
-                self.done = {}
+        if self.tmp.is_symlink() or (self.tmp.exists() and not self.tmp.is_dir()):
+            raise DsvError(f"{self.tmp}: exists and is not a directory dsv3 made; move it away and rerun")
+        if self.tmp.exists():
+            state = self._read_state()
+            if resume:
+                _same_job(state.get("job"), job, self.tmp)
+                self.done = state.get("files", {})
+            else:
+                shutil.rmtree(self.tmp)  # an earlier, unfinished run of ours: start over
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self._save()
+
+    def _read_state(self) -> dict:
+        """The progress file of an earlier run; a directory without one is not ours to delete."""
+        if not self.progress_path.is_file():
+            if any(self.tmp.iterdir()):
+                raise DsvError(f"{self.tmp}: exists but was not made by dsv3 convert (no {PROGRESS}); move it away "
+                               "and rerun")
+            return {}
+        try:
+            state = json.loads(self.progress_path.read_text())
+            if not isinstance(state, dict) or not isinstance(state.get("files", {}), dict):
+                raise ValueError
+            return state
+        except (ValueError, UnicodeDecodeError):
+            raise DsvError(f"{self.progress_path}: unreadable progress file; rerun without --resume to start over") from None
+
+    def _save(self) -> None:
+        tmp = self.progress_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"job": self.job, "files": self.done}, indent=1))
+        os.replace(tmp, self.progress_path)
 
     def path(self, name: str) -> Path:
         return self.tmp / name
+
+    def done_bytes(self) -> int:
+        """Bytes already written by an interrupted run that --resume keeps (counted off the space needed)."""
+        return sum(e.get("size", 0) for n, e in self.done.items() if (self.tmp / n).is_file())
 
     def already_done(self, name: str) -> bool:
         """A file counts as done only if it is on disk with the hash recorded when it was finished."""
@@ -106,16 +127,28 @@ class Output:
     def finished(self, name: str, digest: str | None = None) -> None:
         p = self.tmp / name
         self.done[name] = {"size": p.stat().st_size, "sha256": digest or sha256(p)}
-        tmp = self.progress_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.done, indent=1))
-        os.replace(tmp, self.progress_path)
-        stop = os.environ.get("DSV3_CONVERT_STOP_AFTER_FILES")  # test hook: simulates a kill mid-run
-        if stop and len(self.done) >= int(stop):
-            os._exit(137)
+        self._save()
+
+    @contextmanager
+    def writing(self):
+        """Turn a full disk into one line that names where and what to do; drop the partial output
+        when the source itself is bad (no --resume can finish it)."""
+        try:
+            yield
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                free = shutil.disk_usage(self.tmp).free
+                raise DsvError(f"{self.tmp}: no space left on device ({free / 1e9:.2f} GB free); free space, then rerun "
+                               "the same command with --resume (finished files are kept)") from None
+            raise
+        except CheckpointError:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
 
     def commit(self) -> None:
-        """Write the manifest and move the finished tree into place."""
-        manifest = {"files": {}}
+        """Write the manifest and move the finished tree into place (an old DST is set aside first,
+        then removed, so a crash in between loses neither)."""
+        manifest = {"job": self.job, "files": {}}
         for p in sorted(self.tmp.rglob("*")):
             if p.is_file() and p.name not in (PROGRESS, MANIFEST):
                 rel = str(p.relative_to(self.tmp))
@@ -123,9 +156,69 @@ class Output:
                 manifest["files"][rel] = entry
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         self.progress_path.unlink(missing_ok=True)
-        if self.dst.exists():
-            shutil.rmtree(self.dst) if self.dst.is_dir() else self.dst.unlink()
+        old = None
+        if self.dst.exists() and any(self.dst.iterdir()):
+            old = self.dst.parent / f".{self.dst.name}.replaced-{os.getpid()}"
+            os.replace(self.dst, old)
         os.replace(self.tmp, self.dst)
+        if old is not None:
+            shutil.rmtree(old)
+
+
+def guard_dst(dst: Path, src: Path, force: bool) -> None:
+    """Refuse, in one line, any DST whose replacement could lose data that dsv3 did not write."""
+    if dst.is_symlink():
+        raise DsvError(f"{dst}: is a symbolic link; give the real directory (dsv3 never writes through a symlink)")
+    real, src_real = dst.resolve(), src.resolve()
+    if real == src_real or src_real in real.parents:
+        raise DsvError(f"{dst}: DST must not be SRC or inside it; SRC is never modified")
+    if not dst.exists():
+        return
+    if not dst.is_dir():
+        raise DsvError(f"{dst}: exists and is a file; choose a directory path for DST")
+    for what, p in (("SRC", src_real), ("the current directory", Path.cwd().resolve()), ("your home directory",
+                                                                                       Path.home().resolve())):
+        if p == real or real in p.parents:
+            raise DsvError(f"{dst}: refusing to replace a directory that {'is' if p == real else 'contains'} {what}; "
+                           "choose a new directory for DST")
+    entries = sorted(p.name for p in dst.iterdir())
+    if not entries:
+        return
+    if not force:
+        raise DsvError(f"{dst}: exists and is not empty; choose another DST, or pass --force to replace an earlier "
+                       "dsv3 convert output")
+    manifest = dst / MANIFEST
+    if not manifest.is_file():
+        raise DsvError(f"{dst}: --force replaces only an earlier dsv3 convert output, and this directory has no "
+                       f"{MANIFEST} (it holds {entries[0]!r}{' and more' if len(entries) > 1 else ''}); "
+                       "remove it yourself or choose another DST")
+    try:
+        listed = json.loads(manifest.read_text())["files"]
+        if not isinstance(listed, dict):
+            raise TypeError
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        raise DsvError(f"{manifest}: unreadable manifest; not replacing {dst}, remove it yourself") from None
+    for p in sorted(dst.rglob("*")):
+        rel = str(p.relative_to(dst))
+        if p.is_symlink() or (p.is_file() and rel not in listed and rel != MANIFEST):
+            raise DsvError(f"{dst}: holds {rel!r}, which dsv3 convert did not write; move it out or choose another "
+                           "DST (--force replaces only dsv3's own files)")
+
+
+def _same_job(old: dict | None, new: dict, tmp: Path) -> None:
+    if old is None:
+        raise DsvError(f"{tmp}: no record of the interrupted job; rerun without --resume to start over")
+    for key in ("command", "options"):
+        if old.get(key) != new.get(key):
+            raise DsvError(f"--resume: {tmp} was started with {key} {old.get(key)}, now {new.get(key)}; rerun with "
+                           "the same ones, or without --resume to start over")
+    a, b = old.get("source", {}), new.get("source", {})
+    for key in ("path", "config", "index", "shards"):
+        if a.get(key) != b.get(key):
+            what = {"path": "another SRC", "config": "config.json changed", "index": "the index changed",
+                    "shards": "shard files changed (size or modification time)"}[key]
+            raise DsvError(f"--resume: the source is not the one the interrupted run read ({what}); rerun without "
+                           "--resume to start over")
 
 
 def sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -146,18 +239,20 @@ def copy_small_files(src: Path, out: Output, skip: set[str] = frozenset()) -> No
             shutil.copy2(p, out.path(p.name))
 
 
-def check_space(dst_parent: Path, needed: int) -> None:
-    dst_parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(dst_parent).free
-    if needed > free:
+def check_space(out: Output, needed: int) -> None:
+    """Refuse up front when the output cannot fit; a resumed run needs only what is not written yet."""
+    remaining = max(0, needed - out.done_bytes())
+    free = shutil.disk_usage(out.tmp).free
+    if remaining > free:
+        kept = f" ({out.done_bytes() / 1e9:.2f} GB already written is kept)" if out.done else ""
         raise DsvError(
-            f"{dst_parent}: not enough disk space: the output needs {needed / 1e9:.1f} GB, {free / 1e9:.1f} GB free; "
-            "free space or choose another DST"
+            f"{out.dst.parent}: not enough disk space: the output needs {remaining / 1e9:.2f} GB more{kept}, "
+            f"{free / 1e9:.2f} GB free; free space or choose another DST"
         )
 
 
 class Progress:
-    """A bar over bytes with files done and throughput; silent with --quiet or when not a terminal."""
+    """A bar over output bytes with files done and throughput; silent with --quiet or when not a terminal."""
 
     def __init__(self, total_bytes: int, n_files: int, desc: str, quiet: bool):
         self.n_files, self.files = n_files, 0
@@ -185,3 +280,7 @@ class Progress:
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def job(command: str, src: Source, **options) -> dict:
+    return {"command": command, "options": options, "source": src.fingerprint()}

@@ -16,7 +16,7 @@ from ..core import names as N
 from ..core.errors import DsvError
 from ..core.fp8 import BLOCK, dequantize, is_fp8
 from ..core.safetensors_io import StreamingWriter
-from .common import Output, Progress, Source, check_space, copy_small_files, write_json
+from .common import Output, Progress, Source, check_space, copy_small_files, job, write_json
 from .shards import _nbytes, read
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -43,11 +43,9 @@ def reshard(src_path, dst_path, mp: int, dtype: str | None = None, force: bool =
             quiet: bool = False) -> None:
     if mp < 1:
         raise DsvError(f"--model-parallel {mp}; use 1 or more")
-    src = Source.open(src_path)
+    src = Source.open(src_path, "reshard")
     config = src.config
-    L = config.get("num_hidden_layers")
-    if not isinstance(L, int):
-        raise DsvError(f"{src.path}/config.json: num_hidden_layers is missing")
+    L = config["num_hidden_layers"]  # validated by Source.open
     check_sizes(config, mp)
     has_fp8 = any(is_fp8(info.dtype) for _, info in src.where.values())
     dtype = dtype or ("fp8" if has_fp8 else "bf16")
@@ -83,42 +81,35 @@ def reshard(src_path, dst_path, mp: int, dtype: str | None = None, force: bool =
             if is_fp8(info.dtype) and not dequant and mp > 1 and shape[dim] % BLOCK:
                 full = info.shape[dim]
                 ok = [d for d in _divisors_ok(full) if (full // d) % BLOCK == 0]
+                fix = f"use --model-parallel in {ok} or --dtype bf16" if ok else "use --dtype bf16"
                 raise DsvError(f"reshard: {name}: splitting dim {dim} ({full}) into {mp} parts cuts through 128x128 "
-                               f"scale blocks; use --model-parallel in {ok} or --dtype bf16")
+                               f"scale blocks; {fix}")
         out_dtype = torch.bfloat16 if dequant and is_fp8(info.dtype) else info.dtype
         plan.append((name, demo, dim, owner, kind))
         for r in range(mp):
             if owner is not None and owner != r:
                 continue
             specs.setdefault(f"{kind}{r}-mp{mp}.safetensors", {})[demo] = (out_dtype, tuple(shape))
-    out = Output(dst_path, src.path, force, resume)
+    out = Output(dst_path, src.path, force, resume, job("reshard", src, model_parallel=mp, dtype=dtype))
     total = sum(_nbytes(d, s) for f in specs.values() for d, s in f.values())
-    check_space(out.dst.parent, total)
+    check_space(out, total)
     todo = {f: s for f, s in specs.items() if not out.already_done(f)}
-    writers = {f: StreamingWriter(out.path(f), s, {"format": "pt"}) for f, s in todo.items()}
     progress = Progress(total, len(specs), f"reshard mp{mp}", quiet)
-    try:
-        for name, demo, dim, owner, kind in plan:
-            targets = [r for r in range(mp) if (owner is None or owner == r) and f"{kind}{r}-mp{mp}.safetensors" in writers]
-            if not targets:
-                continue
-            t = read(src, name)
-            if dequant and is_fp8(t.dtype):
-                t = dequantize(t, read(src, name + "_scale_inv").float(), torch.bfloat16)
-            for r in targets:
-                part = t if dim is None else t.narrow(dim, r * (t.shape[dim] // mp), t.shape[dim] // mp).contiguous()
-                writers[f"{kind}{r}-mp{mp}.safetensors"].write(demo, part)
-                progress.bytes(part.numel() * part.element_size())
-        for f, w in writers.items():
-            w.close()
-            out.finished(f, w.sha256)
+    for f in specs:
+        if f not in todo:
+            progress.bytes(sum(_nbytes(d, s) for d, s in specs[f].values()))
             progress.file_done()
-        copy_small_files(src.path, out, skip={"config.json"})
-        if dequant:
-            config = {k: v for k, v in config.items() if k != "quantization_config"}
-            config["torch_dtype"] = "bfloat16"
-        write_json(out.path("config.json"), config)
-        out.commit()
+    writers = {}
+    try:
+        with out.writing():
+            writers = {f: StreamingWriter(out.path(f), s, {"format": "pt"}) for f, s in todo.items()}
+            _write(src, out, plan, writers, mp, dequant, progress)
+            copy_small_files(src.path, out, skip={"config.json"})
+            if dequant:
+                config = {k: v for k, v in config.items() if k != "quantization_config"}
+                config["torch_dtype"] = "bfloat16"
+            write_json(out.path("config.json"), config)
+            out.commit()
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -126,3 +117,20 @@ def reshard(src_path, dst_path, mp: int, dtype: str | None = None, force: bool =
     finally:
         progress.close()
 
+
+def _write(src: Source, out: Output, plan: list, writers: dict, mp: int, dequant: bool, progress: Progress) -> None:
+    for name, demo, dim, owner, kind in plan:
+        targets = [r for r in range(mp) if (owner is None or owner == r) and f"{kind}{r}-mp{mp}.safetensors" in writers]
+        if not targets:
+            continue
+        t = read(src, name)
+        if dequant and is_fp8(t.dtype):
+            t = dequantize(t, read(src, name + "_scale_inv").float(), torch.bfloat16)
+        for r in targets:
+            part = t if dim is None else t.narrow(dim, r * (t.shape[dim] // mp), t.shape[dim] // mp).contiguous()
+            writers[f"{kind}{r}-mp{mp}.safetensors"].write(demo, part)
+            progress.bytes(part.numel() * part.element_size())
+    for f, w in writers.items():
+        w.close()
+        out.finished(f, w.sha256)
+        progress.file_done()

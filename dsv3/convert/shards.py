@@ -19,7 +19,7 @@ from .common import INDEX, Output, Progress, Source, check_space, write_json
 Rule = Callable[[str, TensorInfo], "tuple[torch.dtype, Callable[[], torch.Tensor]] | None"]
 
 
-def rewrite_shards(src: Source, out: Output, rule: Rule, progress: Progress) -> tuple[dict[str, str], int]:
+def rewrite_shards(src: Source, out: Output, rule: Rule, desc: str, quiet: bool) -> tuple[dict[str, str], int]:
     """Apply `rule` to every tensor; returns the new weight map and the bytes of tensor data written."""
     plans = {}
     total = 0
@@ -32,7 +32,15 @@ def rewrite_shards(src: Source, out: Output, rule: Rule, progress: Progress) -> 
                 plan[name] = (r[0], info.shape, r[1])
                 total += _nbytes(r[0], info.shape)
         plans[shard] = plan
-    check_space(out.dst.parent, total)
+    check_space(out, total)
+    progress = Progress(total, len(plans), desc, quiet)
+    try:
+        return _write_shards(src, out, plans, progress), total
+    finally:
+        progress.close()
+
+
+def _write_shards(src: Source, out: Output, plans: dict, progress: Progress) -> dict[str, str]:
     weight_map = {}
     for shard, plan in plans.items():
         fname = shard.name
@@ -64,7 +72,7 @@ def rewrite_shards(src: Source, out: Output, rule: Rule, progress: Progress) -> 
                 raise
         out.finished(fname, writer.sha256)
         progress.file_done()
-    return weight_map, total
+    return weight_map
 
 
 def read(src: Source, name: str) -> torch.Tensor:

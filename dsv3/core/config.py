@@ -135,7 +135,12 @@ class ModelConfig:
         theta, yarn = _read_rope(d)
         quant = _read_quant(d.get("quantization_config"))
         known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known and k not in ("yarn", "quant", "raw", "rope_theta")}
+        for f in fields(cls):
+            if d.get(f.name) is not None and f.name not in ("yarn", "quant", "raw"):
+                _check_type(f.name, f.type, d[f.name])
+        optional = {f.name for f in fields(cls) if "None" in str(f.type)}
+        kw = {k: v for k, v in d.items() if k in known and k not in ("yarn", "quant", "raw", "rope_theta")
+              and (v is not None or k in optional)}  # null means "the default" for the others
         kw.setdefault("moe_intermediate_size", 0)
         if kw.get("n_routed_experts") is None:
             kw["n_routed_experts"] = 0
@@ -167,11 +172,16 @@ class ModelConfig:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"config.json: {name}={getattr(self, name)!r} {why}")
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings", "moe_layer_freq"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise bad(name, "must be a positive integer")
+        for name in ("qk_nope_head_dim", "n_shared_experts", "n_routed_experts", "moe_intermediate_size"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be >= 0")
+        if not self.rms_norm_eps > 0:
+            raise bad("rms_norm_eps", "must be positive")
         if self.qk_rope_head_dim % 2:
             raise bad("qk_rope_head_dim", "must be even (rotary pairs)")
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
@@ -212,29 +222,68 @@ class ModelConfig:
                 )
 
 
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_type(name: str, annotation: str, value: Any) -> None:
+    """A field's JSON value against its annotation ('int', 'float | None', 'int | list[int] | None', ...)."""
+    options = [a.strip() for a in annotation.split("|")]
+    if value is None and "None" in options:
+        return
+    for opt in options:
+        if opt == "list[int]" and isinstance(value, list) and all(_is(v, "int") for v in value):
+            return
+        if opt in _TYPES and _is(value, opt):
+            return
+    want = " or ".join("a list of integers" if o == "list[int]" else "null" if o == "None" else
+                       {"int": "an integer", "float": "a number", "bool": "true/false", "str": "a string"}.get(o, o)
+                       for o in options)
+    raise ConfigError(f"config.json: {name}={value!r} must be {want}")
+
+
+def _is(value: Any, kind: str) -> bool:
+    if isinstance(value, bool) and kind != "bool":
+        return False
+    if kind == "float" and isinstance(value, float) and not math.isfinite(value):
+        return False
+    return isinstance(value, _TYPES[kind])
+
+
+def _number(where: str, value: Any) -> float:
+    if not _is(value, "float"):
+        raise ConfigError(f"config.json: {where}={value!r} must be a finite number")
+    return float(value)
+
+
 def _read_rope(d: dict) -> tuple[float, YarnConfig | None]:
     """Both `rope_scaling: {type}` (released) and `rope_parameters: {rope_type, rope_theta}` (transformers 5)."""
     params = d.get("rope_parameters") or d.get("rope_scaling") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"config.json: rope_scaling must be an object or null, found {params!r}")
-    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    theta = _number("rope_theta", params.get("rope_theta", d.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
     if kind in (None, "default"):
-        return float(theta), None
+        return theta, None
     if kind != "yarn":
         raise ConfigError(f"config.json: rope type {kind!r} is not supported; expected 'yarn' or none")
     for k in ("factor", "original_max_position_embeddings"):
         if params.get(k) is None:
             raise ConfigError(f"config.json: rope_scaling.{k} is required for yarn")
+    if not _is(params["original_max_position_embeddings"], "int") or params["original_max_position_embeddings"] <= 0:
+        raise ConfigError(f"config.json: rope_scaling.original_max_position_embeddings="
+                          f"{params['original_max_position_embeddings']!r} must be a positive integer")
+
+    def num(k: str, default: float) -> float:
+        return _number(f"rope_scaling.{k}", params.get(k, default) if params.get(k) is not None else default)
+
     yarn = YarnConfig(
-        factor=float(params["factor"]),
-        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-        beta_fast=float(params.get("beta_fast", 32)),
-        beta_slow=float(params.get("beta_slow", 1)),
-        mscale=float(params.get("mscale", 1) or 1),
-        mscale_all_dim=float(params.get("mscale_all_dim", 0) or 0),
+        factor=num("factor", 1), original_max_position_embeddings=params["original_max_position_embeddings"],
+        beta_fast=num("beta_fast", 32), beta_slow=num("beta_slow", 1),
+        mscale=num("mscale", 1) or 1.0, mscale_all_dim=num("mscale_all_dim", 0),
     )
-    return float(theta), yarn
+    if yarn.factor <= 0:
+        raise ConfigError(f"config.json: rope_scaling.factor={yarn.factor} must be positive")
+    return theta, yarn
 
 
 def _read_quant(q: Any) -> QuantConfig | None:
@@ -242,10 +291,19 @@ def _read_quant(q: Any) -> QuantConfig | None:
         return None
     if not isinstance(q, dict):
         raise ConfigError(f"config.json: quantization_config must be an object, found {q!r}")
+    block = q.get("weight_block_size", [128, 128])
+    if not isinstance(block, list) or not all(_is(b, "int") for b in block):
+        raise ConfigError(f"config.json: quantization_config.weight_block_size={block!r} must be a list of integers")
+    for k in ("quant_method", "fmt", "activation_scheme", "scale_fmt"):
+        if q.get(k) is not None and not isinstance(q[k], str):
+            raise ConfigError(f"config.json: quantization_config.{k}={q[k]!r} must be a string")
+    if q.get("scale_fmt") not in (None, "ue8m0"):
+        raise ConfigError(f"config.json: quantization_config.scale_fmt={q['scale_fmt']!r} is not supported; expected "
+                          "ue8m0 or none")
     return QuantConfig(
         quant_method=q.get("quant_method", "fp8"),
         fmt=q.get("fmt", "e4m3"),
-        weight_block_size=tuple(q.get("weight_block_size", (128, 128))),
+        weight_block_size=tuple(block),
         activation_scheme=q.get("activation_scheme", "dynamic"),
         scale_fmt=q.get("scale_fmt"),
     )

@@ -1,7 +1,13 @@
-"""FP8 block-scale arithmetic shared by loading, conversion and the demo writer.
+"""FP8 format facts and block-scale arithmetic: the one place loading, conversion, the backends
+and the demo writer take them from.
 
 Released weights are float8_e4m3fn with an fp32 `weight_scale_inv` per 128x128 block; despite
 the name it is the multiplier: real = fp8 * scale. Edge blocks are partial (576 rows -> 5 blocks).
+
+e4m3fn (OCP, NVIDIA, gfx950) and e4m3fnuz (MI300's gfx94x) share the bit layout, but fnuz's exponent
+bias is 8 instead of 7: the same byte reads as half the value, so converting keeps the bytes and
+doubles the block scale. Two fn bytes need care: 0x80 is -0 in fn but NaN in fnuz (it becomes 0x00),
+and 0x7F/0xFF are NaN in fn but ±240 in fnuz (reported, never mapped silently).
 """
 
 from __future__ import annotations
@@ -12,7 +18,10 @@ import torch
 
 BLOCK = 128
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e4m3fnuz: 240.0}
+FP8_EMIN = {torch.float8_e4m3fn: -6, torch.float8_e4m3fnuz: -7}  # smallest normal exponent
 FP8_DTYPES = tuple(FP8_MAX)
+#: the raw bytes that are NaN in each format (there is no Inf in either)
+NAN_BYTES = {torch.float8_e4m3fn: (b"\x7f", b"\xff"), torch.float8_e4m3fnuz: (b"\x80",)}
 
 
 def is_fp8(dtype: torch.dtype) -> bool:
@@ -35,8 +44,16 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     if tuple(scale.shape) != scale_shape(weight.shape):
         raise ValueError(f"scale shape {tuple(scale.shape)} does not match weight {tuple(weight.shape)}; "
                          f"expected {scale_shape(weight.shape)}")
-    out = weight.float() * expand_scale(scale.float(), n, k)
-    return out.to(dtype)
+    out = weight.float()  # one fp32 buffer, scaled in place block by block: no [n, k] scale map
+    scale = scale.float().to(out.device)
+    n0, k0 = n - n % BLOCK, k - k % BLOCK  # the whole blocks broadcast; the partial edges are small
+    if n0 and k0:
+        out[:n0, :k0].view(n0 // BLOCK, BLOCK, k0 // BLOCK, BLOCK).mul_(scale[: n0 // BLOCK, None, : k0 // BLOCK, None])
+    if k0 < k:
+        out[:, k0:].mul_(expand_scale(scale[:, -1:], n, k - k0))
+    if n0 < n and k0:
+        out[n0:, :k0].mul_(expand_scale(scale[-1:, : k0 // BLOCK], n - n0, k0))
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def quantize(weight: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,3 +90,42 @@ def act_quant_reference(
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     q = (blocks / scale[..., None]).clamp(-fmax, fmax).view(m, nb * block)[:, :k].to(fp8_dtype)
     return q, scale
+
+
+# ---- e4m3fn <-> e4m3fnuz ----------------------------------------------------------------------------
+def nan_count(weight: torch.Tensor) -> int:
+    """NaN bytes in an FP8 tensor of either flavour."""
+    raw = weight.contiguous().view(torch.uint8).numpy().tobytes()
+    return sum(raw.count(b) for b in NAN_BYTES[weight.dtype])
+
+
+def fn_to_fnuz(weight: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(e4m3fn weight, scale) -> (e4m3fnuz weight, 2 * scale); raises ValueError on fn NaN bytes."""
+    if weight.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"expected float8_e4m3fn, got {weight.dtype}")
+    nans = nan_count(weight)
+    if nans:
+        raise ValueError(f"{nans} NaN bytes (0x7F/0xFF) in an e4m3fn weight; they have no fnuz equivalent")
+    b = weight.view(torch.uint8)
+    b = torch.where(b == 0x80, torch.zeros_like(b), b)  # fn -0 would be fnuz NaN
+    return b.view(torch.float8_e4m3fnuz), (None if scale is None else scale.float() * 2)
+
+
+def fnuz_to_fn(weight: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(e4m3fnuz weight, scale) -> (e4m3fn weight, scale / 2): the inverse of fn_to_fnuz; raises on fnuz NaN (0x80)."""
+    if weight.dtype != torch.float8_e4m3fnuz:
+        raise ValueError(f"expected float8_e4m3fnuz, got {weight.dtype}")
+    nans = nan_count(weight)
+    if nans:
+        raise ValueError(f"{nans} NaN bytes (0x80) in an e4m3fnuz weight")
+    return weight.view(torch.uint8).view(torch.float8_e4m3fn), (None if scale is None else scale.float() / 2)
+
+
+def to_format(weight: torch.Tensor, scale: torch.Tensor | None, fp8_dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same real values in the FP8 flavour a GPU computes in (bytes kept, scale doubled or halved)."""
+    if weight.dtype == fp8_dtype:
+        return weight, scale
+    if fp8_dtype == torch.float8_e4m3fnuz:
+        return fn_to_fnuz(weight, scale)
+    return fnuz_to_fn(weight, scale)

@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import DsvError
 from .model import LatentCache, Transformer
+
+
+class NonFiniteLogits(DsvError):
+    """The forward pass produced NaN/Inf: corrupt weights (or a numerics bug), never a valid answer."""
 
 
 @dataclass
@@ -78,9 +83,13 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     t0 = time.perf_counter()
     logits = model(tokens, 0, cache, pad, last_only=True)[:, -1]  # [B, V]
     stats.prefill_tokens, stats.prefill_s = sum(lengths), time.perf_counter() - t0
+    if not bool(torch.isfinite(logits).all()):  # corrupt weights: say so rather than print noise
+        raise NonFiniteLogits("the model produced NaN/Inf logits for the prompt; the weights are likely corrupt "
+                              "(check them with `dsv3 convert verify CKPT`)")
 
     out = torch.empty(B, 0, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    finite = torch.ones((), dtype=torch.bool, device=device)
     t0 = time.perf_counter()
     for i in range(max_new_tokens):
         nxt = par.broadcast(sample(logits, temperature, top_p, generator))  # [B]
@@ -90,7 +99,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         if bool(done.all()) or i == max_new_tokens - 1:
             break
         logits = model(nxt[:, None], L + i, cache, pad, last_only=True)[:, -1]
+        finite &= torch.isfinite(logits).all()  # on the device: checked once, after the loop
     stats.decode_s = time.perf_counter() - t0
+    if not bool(finite):
+        raise NonFiniteLogits("the model produced NaN/Inf logits while decoding; the weights are likely corrupt "
+                              "(check them with `dsv3 convert verify CKPT`) or the activations overflow this dtype")
     results = []
     for row in out.tolist():
         cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))

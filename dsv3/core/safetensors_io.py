@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
+from .fp8 import NAN_BYTES, is_fp8
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -32,67 +33,138 @@ class TensorInfo:
     shape: tuple[int, ...]
     begin: int  # absolute file offsets of the data
     end: int
+    name: str = ""
 
     @property
     def nbytes(self) -> int:
-        return self.end - self.begin
+        """shape x dtype (read_header checks the offsets span exactly that)."""
+        return _numel(self.shape) * _itemsize(self.dtype)
 
 
 def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict]:
-    """Tensor infos and __metadata__; a truncated or corrupt file is a CheckpointError naming it."""
+    """Tensor infos and __metadata__, the whole header validated once: a JSON object of entries with
+    a known dtype, a shape of non-negative ints and offsets that tile the data section exactly (in
+    order, no overlap, no gap, sizes = shape x dtype), as the safetensors format requires. Anything
+    else is a CheckpointError naming the file and the first problem."""
     path = Path(path)
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {why}; re-download or re-convert it")
+
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes); re-download or re-convert it")
+                raise bad(f"truncated safetensors file ({size} bytes)")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or 8 + n > size:
-                raise CheckpointError(f"{path}: corrupt or truncated safetensors header; re-download or re-convert it")
+                raise bad(f"corrupt or truncated safetensors header (declares {n} header bytes, file has {size})")
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON); re-download or re-convert it") from None
-    meta = header.pop("__metadata__", {}) or {}
-    base = 8 + n
+        raise bad("corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise bad(f"corrupt safetensors header (a JSON {type(header).__name__}, expected an object)")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise bad("corrupt safetensors header (__metadata__ is not a map of strings)")
+    base, data_size = 8 + n, size - 8 - n
     out: dict[str, TensorInfo] = {}
-    end_max = base
     for name, d in header.items():
-        try:
-            dtype = DTYPES[d["dtype"]]
-            b, e = d["data_offsets"]
-            info = TensorInfo(dtype, tuple(int(s) for s in d["shape"]), base + b, base + e)
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has an unreadable header entry {d!r}") from None
-        out[name] = info
-        end_max = max(end_max, info.end)
-    if end_max > size:
-        raise CheckpointError(
-            f"{path}: truncated: header describes {end_max} bytes, file has {size}; re-download or re-convert it"
-        )
+        out[name] = _entry(name, d, base, bad)
+    pos = 0
+    for info in sorted(out.values(), key=lambda i: (i.begin, i.end)):
+        if info.begin - base != pos:
+            what = "overlaps the previous tensor" if info.begin - base < pos else f"leaves a gap after byte {pos}"
+            raise bad(f"tensor {info.name!r}: data_offsets {[info.begin - base, info.end - base]} {what}")
+        pos = info.end - base
+    if pos != data_size:
+        if pos > data_size:
+            raise bad(f"truncated: the header describes {pos} data bytes, the file has {data_size}")
+        raise bad(f"{data_size - pos} bytes after the last tensor that no header entry describes")
     return out, meta
 
 
-def read_tensor(path: str | Path, info: TensorInfo) -> torch.Tensor:
-    """One tensor, read straight from its byte range (no mmap of the whole file)."""
-    with open(path, "rb") as f:
-        f.seek(info.begin)
-        buf = bytearray(f.read(info.nbytes))
+def _entry(name: str, d, base: int, bad) -> TensorInfo:
+    if not isinstance(d, dict):
+        raise bad(f"tensor {name!r}: header entry {d!r} is not an object")
+    dtype = DTYPES.get(d.get("dtype")) if isinstance(d.get("dtype"), str) else None
+    if dtype is None:
+        raise bad(f"tensor {name!r}: unknown dtype {d.get('dtype')!r}")
+    shape, offsets = d.get("shape"), d.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+        raise bad(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
+        raise bad(f"tensor {name!r}: data_offsets {offsets!r} is not two non-negative integers")
+    b, e = offsets
+    expected = _numel(shape) * _itemsize(dtype)
+    if e - b != expected:
+        raise bad(f"tensor {name!r}: data_offsets {offsets} span {e - b} bytes, shape {shape} x {d['dtype']} "
+                  f"needs {expected}")
+    return TensorInfo(dtype, tuple(shape), base + b, base + e, name)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def value_problem(t: torch.Tensor, name: str = "", buf=None, thorough: bool = False) -> str | None:
+    """Why a stored tensor's values cannot be real weights, or None: FP8 NaN bytes (a memchr over
+    the raw bytes, ~free), non-finite values, block scales that are negative or absurdly large.
+    Unless `thorough` (verify), floats wider than FP8 are checked only when small (norms, biases,
+    scales): a pass over a 1.3 TB BF16 checkpoint at load would cost minutes, and corrupt large
+    weights still end as non-finite logits, which generation refuses."""
+    if is_fp8(t.dtype):
+        raw = buf if buf is not None else t.contiguous().view(torch.uint8).numpy().tobytes()
+        nan = NAN_BYTES[t.dtype]
+        if any(raw.find(b) >= 0 for b in nan):
+            n = sum(raw.count(b) for b in nan)
+            return f"{n} NaN bytes ({'/'.join(f'0x{b[0]:02X}' for b in nan)}) in a {t.dtype} tensor"
+        return None
+    if not t.is_floating_point() or (t.numel() > SMALL_FLOAT_CHECK and not thorough):
+        return None
+    if not torch.isfinite(t).all():
+        return f"{int((~torch.isfinite(t)).sum())} NaN/Inf values"
+    if name.endswith(SCALE_SUFFIXES) and t.numel() and not (0 <= t.min() and t.max() <= SCALE_MAX):
+        return (f"block scales in [{t.min().item():.3g}, {t.max().item():.3g}]; real ones are amax/fp8_max, "
+                f"in [0, {SCALE_MAX:g}]")
+    return None
+
+
+SMALL_FLOAT_CHECK = 1 << 20  # elements
+SCALE_SUFFIXES = ("_scale_inv", ".scale")  # HF and demo names of FP8 block scales
+SCALE_MAX = 64.0  # a block scale is amax/448: 64 already means weights of ~3e4, far beyond any trained model
+
+
+def read_tensor(path: str | Path, info: TensorInfo, check: bool = True) -> torch.Tensor:
+    """One tensor, read straight from its byte range (no mmap of the whole file). With `check`,
+    values no real weight has (see value_problem) are a CheckpointError naming tensor and file."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(info.begin)
+            buf = bytearray(f.read(info.nbytes))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     if len(buf) != info.nbytes:
         raise CheckpointError(f"{path}: truncated while reading a tensor; re-download or re-convert it")
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=info.dtype)
-    return torch.frombuffer(buf, dtype=info.dtype).view(info.shape)
+    t = torch.empty(info.shape, dtype=info.dtype) if info.nbytes == 0 else \
+        torch.frombuffer(buf, dtype=info.dtype).view(info.shape)
+    if check:
+        why = value_problem(t, info.name, buf)
+        if why:
+            raise CheckpointError(f"{path}: tensor {info.name or '?'}: {why}; the file is corrupt, re-download or "
+                                  "re-convert it")
+    return t
 
 
 def read_rows(path: str | Path, info: TensorInfo, lo: int, hi: int) -> torch.Tensor:
     """Rows lo..hi-1 of a tensor (its first dim), reading only their bytes: a rank's dim-0 slice."""
     row = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
-    part = TensorInfo(info.dtype, (hi - lo, *info.shape[1:]), info.begin + lo * row, info.begin + hi * row)
+    part = TensorInfo(info.dtype, (hi - lo, *info.shape[1:]), info.begin + lo * row, info.begin + hi * row, info.name)
     return read_tensor(path, part)
 
 

@@ -140,7 +140,7 @@ def test_reshard_bf16_and_errors(demo_ckpt, tmp_path):
 
 
 def test_fnuz_all_256_bytes():
-    from dsv3.convert.fnuz_math import fn_to_fnuz
+    from dsv3.core.fp8 import fn_to_fnuz
 
     raw = torch.arange(256, dtype=torch.int32).to(torch.uint8)
     fn = raw.view(torch.float8_e4m3fn)
@@ -206,9 +206,9 @@ def _plant(ck: Path, name: str, change=None, drop: bool = False):
 
 
 @pytest.mark.parametrize("fault,needle", [
-    ("nan_scale", "NaN or Inf"),
+    ("nan_scale", "NaN/Inf"),
     ("bad_shape", "shape"),
-    ("missing_scale", "not have it"),
+    ("missing_scale", "is not there"),
     ("missing_shard", "missing shard"),
     ("truncated", "truncated"),
     ("extra", "not list"),
@@ -239,8 +239,13 @@ def test_verify_catches_each_planted_fault(demo_ckpt, tmp_path, fault, needle):
             ts = {k: h.get_tensor(k) for k in h.keys()}
         ts["model.layers.0.extra.weight"] = torch.zeros(2)
         save_file(ts, str(f))
-    elif fault == "checksum":
-        _plant(ck, "model.norm.weight", lambda t: t + 1)
+    elif fault == "checksum":  # one mantissa bit of a bf16 weight, in place: same size, still finite
+        from dsv3.core.safetensors_io import read_header
+        f = ck / index["model.norm.weight"]
+        info = read_header(f)[0]["model.norm.weight"]
+        raw = bytearray(f.read_bytes())
+        raw[info.begin] ^= 1
+        f.write_bytes(raw)
     r = dsv3_cli("convert", "verify", ck, *(["--checksums"] if fault == "checksum" else []))
     assert r.exit_code != 0, r.output
     assert needle in r.stderr, r.stderr
@@ -257,15 +262,17 @@ def test_dst_refused_without_force_and_src_untouched(demo_ckpt, tmp_path):
     (dst / "keep").write_text("x")
     r = dsv3_cli("convert", "dequant", demo_ckpt, dst)
     assert r.exit_code != 0 and "--force" in r.stderr and (dst / "keep").exists()
-    r = dsv3_cli("convert", "dequant", demo_ckpt, dst, "--force", "--quiet")
-    assert r.exit_code == 0 and not (dst / "keep").exists()
+    r = dsv3_cli("convert", "dequant", demo_ckpt, dst, "--force", "--quiet")  # not an earlier output: kept
+    assert r.exit_code == 2 and "dsv3-manifest.json" in r.stderr and (dst / "keep").exists()
+    (dst / "keep").unlink()
+    assert dsv3_cli("convert", "dequant", demo_ckpt, dst, "--quiet").exit_code == 0
     r = dsv3_cli("convert", "dequant", tmp_path / "dst", tmp_path / "again")
     assert r.exit_code != 0 and "no float8_e4m3fn weights" in r.stderr
     r = dsv3_cli("convert", "dequant", demo_ckpt, demo_ckpt / "inside")
     assert r.exit_code != 0 and "SRC" in r.stderr
 
 
-def test_missing_scale_error_and_allow(demo_ckpt, tmp_path):
+def test_missing_scale_refused_like_run(demo_ckpt, tmp_path):
     ck = tmp_path / "ck"
     shutil.copytree(demo_ckpt, ck)
     index = json.loads((ck / "model.safetensors.index.json").read_text())
@@ -273,20 +280,38 @@ def test_missing_scale_error_and_allow(demo_ckpt, tmp_path):
     _plant(ck, name, drop=True)
     del index["weight_map"][name]
     (ck / "model.safetensors.index.json").write_text(json.dumps(index))
-    r = dsv3_cli("convert", "dequant", ck, tmp_path / "o")
-    assert r.exit_code != 0 and "without its scale" in r.stderr and not (tmp_path / "o").exists()
-    r = dsv3_cli("convert", "dequant", ck, tmp_path / "o", "--allow-missing-scale", "--quiet")
-    assert r.exit_code == 0
-    with safe_open(str(next((tmp_path / "o").glob(json.loads((tmp_path / "o" / "model.safetensors.index.json").read_text())["weight_map"][name[:-10]]))), "pt") as h:
-        assert h.get_tensor(name[:-10]).dtype == torch.float8_e4m3fn
+    for cmd in (["convert", "dequant", ck, tmp_path / "o"], ["run", ck, "--prompt", "x"]):
+        r = dsv3_cli(*cmd)
+        assert r.exit_code == 2 and f"missing scale {name}" in r.stderr, r.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
+
+
+#: runs the CLI with Output.finished patched to die like `kill -9` after N finished files
+KILL_AFTER = """
+import os, sys
+from dsv3.convert import common
+finished = common.Output.finished
+def dying(self, name, digest=None):
+    finished(self, name, digest)
+    if len(self.done) >= int(os.environ["KILL_AFTER_FILES"]):
+        os._exit(137)
+common.Output.finished = dying
+from dsv3.cli import main
+sys.argv[0] = "dsv3"
+main()
+"""
+
+
+def run_killed(args, after: int):
+    env = {**os.environ, "KILL_AFTER_FILES": str(after)}
+    return subprocess.run([sys.executable, "-c", KILL_AFTER, *map(str, args)], env=env, capture_output=True, text=True)
 
 
 def test_killed_dequant_resumes_to_identical_output(tmp_path):
     src = write_checkpoint(tmp_path / "src", DEMO, seed=9, n_shards=6)
     cmd = [sys.executable, "-m", "dsv3", "convert", "dequant", str(src), str(tmp_path / "a"), "--quiet"]
-    env = {**os.environ, "DSV3_CONVERT_STOP_AFTER_FILES": "3"}
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert r.returncode == 137
+    r = run_killed(cmd[3:], 3)
+    assert r.returncode == 137, r.stderr
     assert not (tmp_path / "a").exists() and (tmp_path / ".a.partial").is_dir()  # never looks complete
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from .jit import round_to_fp8_grid
-from .launch import FP8_EMIN, interpreted
+from ...core.fp8 import FP8_EMIN, FP8_MAX
+from .launch import interpreted
 
 BLOCK = 128
 
@@ -38,7 +39,7 @@ def act_quant(x: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float, ue8m0: bo
     """x [..., K] (bf16/fp16/fp32, unit stride in K) -> (q [M, K] fp8, scale [M, ceil(K/128)] fp32), M = prod(...)."""
     if fp8_dtype not in FP8_EMIN:
         raise ValueError(f"act_quant: fp8_dtype {fp8_dtype} is not an e4m3 format; expected one of {list(FP8_EMIN)}")
-    if not 0 < fp8_max <= {torch.float8_e4m3fn: 448.0, torch.float8_e4m3fnuz: 240.0}[fp8_dtype]:
+    if not 0 < fp8_max <= FP8_MAX[fp8_dtype]:
         raise ValueError(f"act_quant: fp8_max={fp8_max} is outside (0, the max of {fp8_dtype}]")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"act_quant: x has dtype {x.dtype}; expected bf16, fp16 or fp32")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core.errors import BackendError
+from ...core.fp8 import FP8_MAX, to_format
 from ...core.kernels import ExpertWeights
 from ..cpu import CpuKernels
 from .launch import interpreted
@@ -84,7 +85,7 @@ class CudaKernels(CpuKernels):
         return None, f"sm{major}{minor} has no FP8 (needs sm89+); running BF16 with weights dequantized at load"
 
     def activation_max(self) -> float:
-        return 448.0
+        return FP8_MAX[torch.float8_e4m3fn]
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -123,8 +124,6 @@ class CudaKernels(CpuKernels):
             return weight.to(dtype).to(self.device), None
         if self.fp8_dtype is None:
             return self.weight_dequant(weight.to(self.device), scale.to(self.device), dtype), None
-        from ...convert.fnuz_math import to_format
-
         try:
             w, s = to_format(weight, scale, self.fp8_dtype)
         except ValueError as e:

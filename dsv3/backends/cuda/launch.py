@@ -15,7 +15,6 @@ import torch
 TARGETS = ("nvidia", "amd")
 
 #: smallest normal exponent of each e4m3 flavour: fn has bias 7, fnuz bias 8
-FP8_EMIN = {torch.float8_e4m3fn: -6, torch.float8_e4m3fnuz: -7}
 
 
 @dataclass(frozen=True)

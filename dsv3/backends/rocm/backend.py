@@ -13,6 +13,7 @@ import os
 import torch
 
 from ...core.errors import BackendError
+from ...core.fp8 import FP8_MAX
 from ..cuda.backend import CudaKernels, _no_triton
 
 #: gcnArchName prefix -> FP8 dtype the chip computes in (absent: no FP8, BF16)
@@ -22,7 +23,7 @@ ARCH_FP8 = {
     "gfx942": torch.float8_e4m3fnuz,
     "gfx950": torch.float8_e4m3fn,
 }
-FNUZ_MAX = 240.0
+FNUZ_MAX = FP8_MAX[torch.float8_e4m3fnuz]
 
 
 def arch_mode(arch: str) -> tuple[torch.dtype | None, str]:
@@ -56,7 +57,7 @@ class RocmKernels(CudaKernels):
     def activation_max(self) -> float:
         """±240 for fnuz; DSV3_ROCM_FP8_ACT_MAX=224 clamps tighter, as one engine does for accuracy."""
         if self.fp8_dtype != torch.float8_e4m3fnuz:
-            return 448.0
+            return FP8_MAX[torch.float8_e4m3fn]
         raw = os.environ.get("DSV3_ROCM_FP8_ACT_MAX", str(FNUZ_MAX))
         try:
             value = float(raw)
