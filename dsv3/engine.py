@@ -127,6 +127,7 @@ def load(path: str | Path, backend: str = "auto", dtype: str | torch.dtype = "bf
         model = Transformer(cfg, kernels, par, attn_impl, max_seq_len, with_mtp=has_mtp)
     model.build_rope(kernels.device)
     load_weights(model, ckpt, cfg, kernels, dt, par, progress)
+    ckpt.close()
     model.eval()
     log.info("loaded %s with %s in %.1fs", path, kernels.describe(), time.perf_counter() - t0)
     return Engine(model, cfg, kernels, par, dt, tokenizer, path, has_mtp)

@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..core.checkpoint import INDEX, Checkpoint, validate
 from ..core.config import ModelConfig
 from ..core.errors import CheckpointError, DsvError
@@ -40,10 +42,13 @@ class Source:
     config: dict
     where: dict[str, tuple[Path, TensorInfo]]  # HF tensor name -> (shard, info)
     shards: list[Path]
+    ckpt: Checkpoint
 
     @classmethod
-    def open(cls, path: str | Path, command: str) -> "Source":
-        """Accepts exactly what `dsv3 run` accepts (same reader, same validator), in the HF layout."""
+    def open(cls, path: str | Path, command: str, mapped: bool = False) -> "Source":
+        """Accepts exactly what `dsv3 run` accepts (same reader, same validator), in the HF layout.
+        `mapped`: read through memory maps, for conversions that go shard by shard and release
+        each shard's map when done (RSS stays about one shard)."""
         path = Path(path)
         cfg = ModelConfig.from_file(path)
         ckpt = Checkpoint(path)
@@ -51,7 +56,12 @@ class Source:
             raise DsvError(f"{path}: holds model-parallel rank files; `convert {command}` takes the HF layout "
                            f"(config.json, {INDEX} and shards)")
         validate(ckpt, cfg)
-        return cls(path, cfg.raw, dict(ckpt.hf), sorted({p for p, _ in ckpt.hf.values()}))
+        ckpt.mapped = mapped
+        return cls(path, cfg.raw, dict(ckpt.hf), sorted({p for p, _ in ckpt.hf.values()}), ckpt)
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor by HF name, values checked (NaN bytes, scales) by the checkpoint's reader."""
+        return self.ckpt.read_part(*self.where[name])
 
     def names_in(self, shard: Path) -> list[str]:
         return [n for n, (s, _) in self.where.items() if s == shard]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..core.errors import DsvError
-from ..core.fp8 import dequantize
+from ..backends.cpu.native import dequantize  # core.fp8.dequantize in one C pass where built
 from .common import Output, Source, copy_small_files, job, write_json
 from .shards import read, require_fp8, rewrite_shards, write_index
 
@@ -24,7 +24,7 @@ def dequant(src_path, dst_path, dtype: str = "bf16", force: bool = False, resume
     if dtype not in DTYPES:
         raise DsvError(f"--dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     target = DTYPES[dtype]
-    src = Source.open(src_path, "dequant")
+    src = Source.open(src_path, "dequant", mapped=True)
     require_fp8(src, "dequant")
     fp8 = fp8_weights_and_scales(src)
     scales = set(fp8.values())

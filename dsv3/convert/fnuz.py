@@ -11,7 +11,7 @@ from .shards import read, require_fp8, rewrite_shards, write_index
 
 
 def fnuz(src_path, dst_path, force: bool = False, resume: bool = False, quiet: bool = False) -> None:
-    src = Source.open(src_path, "fnuz")
+    src = Source.open(src_path, "fnuz", mapped=True)
     require_fp8(src, "fnuz")
     fp8 = fp8_weights_and_scales(src)
     scale_of = {s: w for w, s in fp8.items()}

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import torch
 
 from ..core.errors import DsvError
-from ..core.safetensors_io import StreamingWriter, TensorInfo, read_tensor
+from ..core.safetensors_io import StreamingWriter, TensorInfo
 from .common import INDEX, Output, Progress, Source, check_space, write_json
 
 #: rule(name, info) -> None to drop the tensor, or (out dtype, compute() -> tensor)
@@ -65,6 +65,7 @@ def _write_shards(src: Source, out: Output, plans: dict, progress: Progress) -> 
                 if pending is not None:
                     pending.result()
                 writer.close()
+                t = None  # the last tensor may view the shard's memory map, released below
             except BaseException:
                 if pending is not None:
                     wait([pending])  # the file is not closed under a running write
@@ -72,12 +73,12 @@ def _write_shards(src: Source, out: Output, plans: dict, progress: Progress) -> 
                 raise
         out.finished(fname, writer.sha256)
         progress.file_done()
+        src.ckpt.release(shard)
     return weight_map
 
 
 def read(src: Source, name: str) -> torch.Tensor:
-    path, info = src.where[name]
-    return read_tensor(path, info)
+    return src.read(name)
 
 
 def write_index(out: Output, weight_map: dict[str, str], total_size: int) -> None:
@@ -93,7 +94,7 @@ def require_fp8(src: Source, command: str) -> None:
 
 
 def _nbytes(dtype: torch.dtype, shape) -> int:
-    n = torch.empty((), dtype=dtype).element_size()
+    n = dtype.itemsize
     for s in shape:
         n *= s
     return n

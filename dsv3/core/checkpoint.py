@@ -12,6 +12,7 @@ them all and keeps going wherever it still can.
 from __future__ import annotations
 
 import json
+import mmap
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -23,7 +24,7 @@ from .config import ModelConfig
 from .errors import CheckpointError
 from .fp8 import FP8_DTYPES, is_fp8
 from .parallel import Parallel
-from .safetensors_io import TensorInfo, read_header, read_rows, read_tensor
+from .safetensors_io import TensorInfo, read_header, read_mapped, read_tensor
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -55,6 +56,8 @@ class Checkpoint:
     """A checkpoint directory seen as demo names -> sources, with every header read and validated."""
 
     def __init__(self, path: str | Path, problems: Problems | None = None):
+        self._handles: dict[Path, object] = {}  # open files (or memory maps), one per file read from
+        self.mapped = False
         self.path = Path(path)
         self.problems = problems or Problems()
         if not self.path.exists():
@@ -170,6 +173,44 @@ class Checkpoint:
                     self.problems.add(f"{p}: {demo} is {info.dtype} {list(info.shape)} here but {first.dtype} "
                                       f"{list(first.shape)} in {src.parts[0][0].name}; re-run the reshard")
 
+    # ---- reading --------------------------------------------------------------------------------
+    def read_part(self, path: Path, info: TensorInfo) -> torch.Tensor:
+        """One stored tensor, values checked, through a handle kept open per file (an open per tensor
+        costs more than reading a small one). With `mapped` (conversions), the tensor is a view of a
+        private memory map instead of a copy: data goes from the page cache to the writer or the
+        dequant kernel without a read copy. The loader keeps copies: a model must not share pages
+        with files that may change under it."""
+        if path not in self._handles:
+            try:
+                with open(path, "rb") as f:
+                    self._handles[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if self.mapped \
+                        else open(path, "rb")
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        if self.mapped:
+            return read_mapped(path, info, self._handles[path])
+        return read_tensor(path, info, f=self._handles[path])
+
+    def release(self, path: Path) -> None:
+        """Close one file's handle (unmapping it: its pages leave this process's RSS)."""
+        f = self._handles.pop(path, None)
+        if f is not None:
+            try:
+                f.close()
+            except BufferError:  # a tensor still views the map: it goes when the tensor does
+                pass
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            try:
+                f.close()
+            except BufferError:  # a tensor still views the map: it goes when the tensor does
+                pass
+        self._handles.clear()
+
+    def __del__(self):
+        self.close()
+
     # ---- queries --------------------------------------------------------------------------------
     def names(self) -> list[str]:
         return list(self.sources)
@@ -195,16 +236,19 @@ class Checkpoint:
         if self.layout == "mp" and len(src) > 1 and dim is not None:
             if par.world_size == len(src):
                 path, name, info = src[par.rank]
-                return read_tensor(path, info)
-            full = torch.cat([read_tensor(p, i) for p, _, i in src], dim=dim)
+                return self.read_part(path, info)
+            full = torch.cat([self.read_part(p, i) for p, _, i in src], dim=dim)
             return slice_rank(full, dim, par.rank, par.world_size)
         path, name, info = src[0]
         if dim is None or par.world_size == 1 or (self.layout == "mp" and par.world_size == self.mp):
-            return read_tensor(path, info)
+            return self.read_part(path, info)
         if dim == 0:  # only this rank's rows leave the disk
             n = info.shape[0] // par.world_size
-            return read_rows(path, info, par.rank * n, (par.rank + 1) * n)
-        return slice_rank(read_tensor(path, info), dim, par.rank, par.world_size)
+            row = info.nbytes // info.shape[0] if info.shape[0] else 0
+            part = TensorInfo(info.dtype, (n, *info.shape[1:]), info.begin + par.rank * n * row,
+                              info.begin + (par.rank + 1) * n * row, info.name)
+            return self.read_part(path, part)
+        return slice_rank(self.read_part(path, info), dim, par.rank, par.world_size)
 
 
     @property

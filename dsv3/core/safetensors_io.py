@@ -6,9 +6,12 @@ Format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,16 +143,22 @@ SCALE_SUFFIXES = ("_scale_inv", ".scale")  # HF and demo names of FP8 block scal
 SCALE_MAX = 64.0  # a block scale is amax/448: 64 already means weights of ~3e4, far beyond any trained model
 
 
-def read_tensor(path: str | Path, info: TensorInfo, check: bool = True) -> torch.Tensor:
-    """One tensor, read straight from its byte range (no mmap of the whole file). With `check`,
-    values no real weight has (see value_problem) are a CheckpointError naming tensor and file."""
+def read_tensor(path: str | Path, info: TensorInfo, check: bool = True, f=None) -> torch.Tensor:
+    """One tensor, read straight from its byte range (no mmap of the whole file), through `f` (an
+    open handle on path, saving an open per tensor) if given. With `check`, values no real weight
+    has (see value_problem) are a CheckpointError naming tensor and file."""
+    buf = bytearray(info.nbytes)
     try:
-        with open(path, "rb") as f:
+        if f is None:
+            with open(path, "rb") as fh:
+                fh.seek(info.begin)
+                got = fh.readinto(buf)
+        else:
             f.seek(info.begin)
-            buf = bytearray(f.read(info.nbytes))
+            got = f.readinto(buf)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    if len(buf) != info.nbytes:
+    if got != info.nbytes:
         raise CheckpointError(f"{path}: truncated while reading a tensor; re-download or re-convert it")
     t = torch.empty(info.shape, dtype=info.dtype) if info.nbytes == 0 else \
         torch.frombuffer(buf, dtype=info.dtype).view(info.shape)
@@ -161,11 +170,37 @@ def read_tensor(path: str | Path, info: TensorInfo, check: bool = True) -> torch
     return t
 
 
-def read_rows(path: str | Path, info: TensorInfo, lo: int, hi: int) -> torch.Tensor:
-    """Rows lo..hi-1 of a tensor (its first dim), reading only their bytes: a rank's dim-0 slice."""
-    row = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
-    part = TensorInfo(info.dtype, (hi - lo, *info.shape[1:]), info.begin + lo * row, info.begin + hi * row, info.name)
-    return read_tensor(path, part)
+class _Span:
+    """bytes-like find/count over one range of a memory map (what value_problem asks of a buffer)."""
+
+    def __init__(self, mm, begin: int, end: int):
+        self.mm, self.begin, self.end = mm, begin, end
+
+    def find(self, sub: bytes) -> int:
+        return self.mm.find(sub, self.begin, self.end)
+
+    def count(self, sub: bytes) -> int:
+        n, pos = 0, self.mm.find(sub, self.begin, self.end)
+        while pos >= 0:
+            n, pos = n + 1, self.mm.find(sub, pos + 1, self.end)
+        return n
+
+
+def read_mapped(path: str | Path, info: TensorInfo, mm) -> torch.Tensor:
+    """read_tensor's result as a view of a private (copy-on-write) memory map of the file: no copy.
+    read_header has checked the range lies inside the file."""
+    if info.end > len(mm):
+        raise CheckpointError(f"{path}: truncated while reading a tensor; re-download or re-convert it")
+    if info.nbytes == 0:
+        t = torch.empty(info.shape, dtype=info.dtype)
+    else:
+        t = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.begin).view(info.dtype)
+        t = t.view(info.shape)
+    why = value_problem(t, info.name, _Span(mm, info.begin, info.end))
+    if why:
+        raise CheckpointError(f"{path}: tensor {info.name or '?'}: {why}; the file is corrupt, re-download or "
+                              "re-convert it")
+    return t
 
 
 class StreamingWriter:
@@ -188,13 +223,25 @@ class StreamingWriter:
         raw += b" " * ((8 - len(raw) % 8) % 8)  # data aligned to 8 bytes
         self.total = 8 + len(raw) + offset
         self._f = open(self.path, "wb")
+        try:  # reserve the whole file: a full disk shows now, not halfway, and ext4 allocates once
+            os.posix_fallocate(self._f.fileno(), 0, self.total)
+        except AttributeError:  # no posix_fallocate on this OS
+            pass
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                self._f.close()
+                raise
         self._hash = hashlib.sha256()  # computed as bytes go out: no second read for the manifest
+        self._hasher = ThreadPoolExecutor(max_workers=1)  # hashing and writing one buffer run side by side
         self._emit(struct.pack("<Q", len(raw)) + raw)
         self._next = 0
 
     def _emit(self, data) -> None:
-        self._f.write(data)
-        self._hash.update(data)
+        hashed = self._hasher.submit(self._hash.update, data)  # both release the GIL
+        try:
+            self._f.write(data)
+        finally:
+            hashed.result()  # the buffer is free once both are done: memory stays one tensor
 
     @property
     def sha256(self) -> str:
@@ -211,13 +258,15 @@ class StreamingWriter:
 
     def close(self) -> None:
         if self._next != len(self.order):
-            self._f.close()
+            self.abort()
             raise ValueError(f"{self.path}: closed after {self._next} of {len(self.order)} tensors")
         # no fsync: --resume re-hashes every finished file, so a file lost to a crash is redone
         self._f.close()
+        self._hasher.shutdown()
 
     def abort(self) -> None:
         self._f.close()
+        self._hasher.shutdown()
 
 
 def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
@@ -235,4 +284,4 @@ def _numel(shape) -> int:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize

@@ -198,3 +198,25 @@ def test_fallbacks(tmp_path, monkeypatch, caplog):
     plain.native = None
     x, w = torch.randn(1, 40).bfloat16(), torch.randn(24, 40).bfloat16()
     assert torch.equal(plain.linear(x, w), F.linear(x, w))  # without native.c, the plain-torch op
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("N,K", [(1, 1), (7, 5), (128, 128), (576, 384), (528, 200), (100, 448), (257, 1029)])
+def test_dequant_fp8_same_bits_as_the_formula(fp8, dtype, N, K):
+    """Every byte value (incl. subnormals and ±0) times block scales spanning 2^-20..2^4, the fp32 product
+    rounded once: bit-identical to the float64-checked plain-torch dequantize, and to the product itself."""
+    from dsv3.core.fp8 import dequantize, expand_scale, scale_shape
+
+    g = torch.Generator().manual_seed(N * 1000 + K)
+    nan = (0x80,) if fp8 == torch.float8_e4m3fnuz else (0x7F, 0xFF)
+    raw = torch.randint(0, 256, (N, K), generator=g, dtype=torch.uint8)
+    for b in nan:
+        raw[raw == b] = 0x01
+    w = raw.view(fp8)
+    scale = torch.exp2(torch.randint(-20, 5, scale_shape((N, K)), generator=g).float()) * (
+        1 + torch.rand(scale_shape((N, K)), generator=g))
+    got = NATIVE.dequant_fp8(w, scale, dtype)
+    exact = w.double() * expand_scale(scale.double(), N, K)  # the fp32 product is exact in float64
+    assert torch.equal(got, exact.float().to(dtype)), "not the fp32 product rounded once"
+    assert torch.equal(got, dequantize(w, scale, dtype))

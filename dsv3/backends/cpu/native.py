@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 
+from ...core import fp8 as F8
+from ...core.fp8 import BLOCK, is_fp8, scale_shape
+
 log = logging.getLogger("dsv3")
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
@@ -71,6 +74,7 @@ class Native:
             "dsv3_rope_bf16": [p, p, p, p, i64, i64, i64, i64, i64],
             "dsv3_moe_gate": [p, p, p, i64, i64, i64, i64, i64, i64, i32, i32, i32, f32, p, p, p, p],
             "dsv3_mla_absorbed": [p, i64, i64, p, i64, i64, p, p, p, p, p] + [i64] * 9 + [f32, p, i32],
+            "dsv3_dequant_fp8": [p, p, p, i64, i64, i64, i32, p, i32],
         }
         for name, args in sigs.items():
             fn = getattr(lib, name)
@@ -135,6 +139,31 @@ class Native:
                                    B, H, N, T, C, R, V, kv.stride(0), pe.stride(0), scale, scratch.data_ptr(),
                                    torch.get_num_threads())
         return y
+
+    def dequant_fp8(self, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """core.fp8.dequantize bit for bit, in one pass: weight [N, K] e4m3fn/fnuz contiguous, scale fp32
+        [ceil(N/128), ceil(K/128)] contiguous, dtype bf16 or fp32."""
+        N, K = weight.shape
+        lut = _byte_values(weight.dtype)
+        y = torch.empty(N, K, dtype=dtype)
+        self.lib.dsv3_dequant_fp8(weight.data_ptr(), lut.data_ptr(), scale.data_ptr(), N, K, BLOCK,
+                                  int(dtype == torch.bfloat16), y.data_ptr(), torch.get_num_threads())
+        return y
+
+
+@lru_cache(maxsize=4)
+def _byte_values(fp8_dtype: torch.dtype) -> torch.Tensor:
+    """The 256 values of an FP8 format as fp32, from torch's own cast (so the C side knows no format)."""
+    return torch.arange(256, dtype=torch.uint8).view(fp8_dtype).float()
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """core.fp8.dequantize (same bits), through the C kernel where it is built and the layout allows."""
+    lib = load()
+    if (lib is None or dtype not in (torch.bfloat16, torch.float32) or weight.dim() != 2 or weight.device.type != "cpu"
+            or not is_fp8(weight.dtype) or tuple(scale.shape) != scale_shape(weight.shape)):
+        return F8.dequantize(weight, scale, dtype)
+    return lib.dequant_fp8(weight.contiguous(), scale.float().contiguous(), dtype)
 
 
 @lru_cache(maxsize=1)

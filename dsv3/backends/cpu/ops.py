@@ -55,7 +55,10 @@ class CpuKernels(Kernels):
     def weight_dequant(self, weight, scale, dtype):
         if scale is None:
             return weight.to(dtype)
-        return fp8.dequantize(weight.to("cpu") if weight.device.type == "meta" else weight, scale, dtype)
+        weight = weight.to("cpu") if weight.device.type == "meta" else weight
+        if self.native is not None:  # the same bits in one C pass (~6x torch's fp8 cast)
+            return native_lib.dequantize(weight, scale, dtype)
+        return fp8.dequantize(weight, scale, dtype)
 
     def slow_bf16(self, dtype: torch.dtype) -> bool:
         """bf16 matmuls here run row by row (a CPU without bf16 instructions): fp32 is faster."""
