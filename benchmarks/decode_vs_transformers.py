@@ -47,7 +47,7 @@ def main() -> None:
     from dsv3.convert import dequant
     from dsv3.core.generate import generate
     from dsv3.core.model import LatentCache
-    from dsv3.demo import BENCH_280M
+    from dsv3.synthetic import BENCH_280M
 
     work, fp8_dir = bench_checkpoint(args.workdir, "dsv3-bench-")
     bf16_dir = work / "bf16"

@@ -33,7 +33,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 def bench_checkpoint(workdir: Path | None, prefix: str) -> tuple[Path, Path]:
     """(work dir, the ~280M-parameter checkpoint in the released FP8 layout, 8 shards), written once."""
-    from dsv3.demo import BENCH_280M, write_checkpoint
+    from dsv3.synthetic import BENCH_280M, write_checkpoint
 
     work = workdir or Path(tempfile.mkdtemp(prefix=prefix))
     ckpt = work / "fp8"

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
+from .core.checkpoint import Checkpoint, validate
 from .core.config import ModelConfig
 from .core.errors import DsvError
 from .core.generate import Stats, generate
 from .core.model import ATTN_IMPLS, Transformer
 from .core.parallel import Parallel
-from .core.checkpoint import Checkpoint, validate
 from .core.weights import load_weights
 
 log = logging.getLogger("dsv3")
@@ -122,6 +122,7 @@ def load(path: str | Path, backend: str = "auto", dtype: str | torch.dtype = "bf
         max_seq_len = min(cfg.max_position_embeddings, 4096)
     if max_seq_len <= 0:
         raise DsvError(f"max_seq_len={max_seq_len} must be positive")
+    kernels.configure(cfg)
     t0 = time.perf_counter()
     with torch.device("meta"):
         model = Transformer(cfg, kernels, par, attn_impl, max_seq_len, with_mtp=has_mtp)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_configs import CONFIGS
 
-from dsv3.demo import DEMO, write_checkpoint
+from dsv3.synthetic import DEMO, write_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -70,14 +70,17 @@ class simulated_fp8_activations:
     per 128 channels to FP8 and back (router logits are fp32 in transformers, the head stays bf16):
     what an FP8-GEMM engine feeds its weights. The quantization is written out here, not dsv3's."""
 
-    def __init__(self, model, fp8_dtype: torch.dtype = torch.float8_e4m3fn, fp8_max: float = 448.0):
-        self.head, self.dtype, self.max = model.lm_head.weight, fp8_dtype, fp8_max
+    def __init__(self, model, fp8_dtype: torch.dtype = torch.float8_e4m3fn, fp8_max: float = 448.0,
+                 ue8m0: bool = False):
+        self.head, self.dtype, self.max, self.ue8m0 = model.lm_head.weight, fp8_dtype, fp8_max, ue8m0
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         k = x.shape[-1]
         pad = (-k) % 128
         blocks = torch.nn.functional.pad(x.float(), (0, pad)).unflatten(-1, (-1, 128))
         scale = blocks.abs().amax(-1, keepdim=True).clamp(min=1e-4) / self.max
+        if self.ue8m0:  # V3.1: the scale rounded up to a power of two
+            scale = torch.exp2(torch.ceil(torch.log2(scale)))
         q = (blocks / scale).clamp(-self.max, self.max).to(self.dtype).float() * scale
         return q.flatten(-2)[..., :k].to(x.dtype)
 

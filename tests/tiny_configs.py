@@ -3,7 +3,7 @@
 Dims deliberately include sizes that are not multiples of 128 and sizes that cross a 128 block.
 """
 
-from dsv3.demo.checkpoint import DEMO
+from dsv3.synthetic.checkpoint import DEMO
 
 _V3 = {k: v for k, v in DEMO.items() if k not in ("vocab_size",)}
 

@@ -20,6 +20,7 @@ BUILTIN = {
     "cuda": "dsv3.backends.cuda:CudaKernels",
     "rocm": "dsv3.backends.rocm:RocmKernels",
     "ascend": "dsv3.backends.ascend:AscendKernels",
+    "reference": "dsv3.backends.reference:ReferenceKernels",  # the oracle, for debugging; never auto
 }
 #: `auto` tries these in order and takes the first usable one
 AUTO_ORDER = ("cuda", "rocm", "ascend", "cpu")

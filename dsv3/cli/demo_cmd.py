@@ -23,7 +23,7 @@ def demo(dst: Path, size: str, seed: int, bf16: bool, shards: int, force: bool) 
     DeepSeek's special tokens and chat template. The text it generates is noise: the point is
     to exercise every code path offline.
     """
-    from ..demo import BENCH_280M, DEMO, write_checkpoint
+    from ..synthetic import BENCH_280M, DEMO, write_checkpoint
 
     if dst.exists() and any(dst.iterdir()) and not force:
         raise DsvError(f"{dst}: exists and is not empty; choose another path or pass --force")

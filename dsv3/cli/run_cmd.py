@@ -76,10 +76,9 @@ def printable(text: str) -> str:
 @click.option("--attn", type=click.Choice(["auto", "naive", "absorb"]), default="auto", show_default=True,
               help="MLA form: auto = naive for prefill, absorbed for decode.")
 @click.option("--raw", is_flag=True, help="Send prompts as plain text, without the chat template.")
-@click.option("--verbose", is_flag=True, help="Report the backend and each rank's resident weight memory.")
 @click.pass_context
 def run(ctx, ckpt: Path, backend, dtype, device, prompt, input_file, interactive, max_new_tokens, temperature,
-        top_p, seed, max_seq_len, attn, raw, verbose) -> None:
+        top_p, seed, max_seq_len, attn, raw) -> None:
     """Generate text from a checkpoint: released FP8, BF16 HF layout, or model-parallel rank files.
 
     \b
@@ -96,7 +95,8 @@ def run(ctx, ckpt: Path, backend, dtype, device, prompt, input_file, interactive
         raise DsvError("give exactly one of --prompt, --input-file or --interactive")
     from ..core.parallel import Parallel
 
-    is_main = Parallel.from_env().is_main
+    par = Parallel.from_env()  # one context, handed to load: only rank 0 reads prompts and draws bars
+    is_main = par.is_main
     prompts: list[str] = []
     if input_file is not None and is_main:  # under torchrun only rank 0 reads; the others get a broadcast
         if not input_file.is_file():
@@ -114,14 +114,13 @@ def run(ctx, ckpt: Path, backend, dtype, device, prompt, input_file, interactive
     update, close = _progress_bar(sys.stderr.isatty() and is_main)
     try:
         engine = load(ckpt, backend=backend, dtype=dtype, device=device, attn_impl=attn, max_seq_len=max_seq_len,
-                      progress=update, require_tokenizer=True)  # checked before minutes of loading weights
+                      parallel=par, progress=update, require_tokenizer=True)  # tokenizer checked before the weights
     finally:
         close()
     tok = engine.tokenizer  # there: tokenizer.json was checked before loading
-    par = engine.par
     main = par.is_main
     prompts = par.broadcast_object(prompts)
-    if verbose or ctx.obj.get("verbose"):
+    if ctx.obj.get("verbose"):  # `dsv3 --verbose run ...`
         from ..engine import resident_bytes
 
         click.echo(f"dsv3: rank {par.rank}/{par.world_size}: {engine.kernels.describe()}; "

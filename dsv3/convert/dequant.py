@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..core.errors import DsvError
 from ..backends.cpu.native import dequantize  # core.fp8.dequantize in one C pass where built
+from ..core.errors import DsvError
 from .common import Output, Source, copy_small_files, job, write_json
 from .shards import read, require_fp8, rewrite_shards, write_index
 

@@ -12,9 +12,9 @@ import re
 
 import torch
 
+from ..backends.cpu.native import dequantize  # core.fp8.dequantize in one C pass where built
 from ..core import names as N
 from ..core.errors import DsvError
-from ..backends.cpu.native import dequantize  # core.fp8.dequantize in one C pass where built
 from ..core.fp8 import BLOCK, is_fp8
 from ..core.safetensors_io import StreamingWriter
 from .common import Output, Progress, Source, check_space, copy_small_files, job, write_json

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +108,6 @@ class ModelConfig:
     @property
     def is_fp8(self) -> bool:
         return self.quant is not None and self.quant.quant_method == "fp8"
-
-    def with_changes(self, **kw: Any) -> "ModelConfig":
-        return replace(self, **kw)
 
     # ---- reading ------------------------------------------------------------------------
     @classmethod

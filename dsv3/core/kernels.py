@@ -1,8 +1,8 @@
 """The kernel interface: every op the model core needs, and nothing vendor-specific.
 
-The model holds one `Kernels` object and calls only these methods. `backends/cpu` implements
-all of them in plain torch (the numerical oracle); a vendor backend subclasses it and overrides
-what it accelerates. Shapes use B batch, S query length, T key length, H heads, D dims.
+The model holds one `Kernels` object and calls only these methods. `backends/reference` implements
+all of them in plain torch (the numerical oracle); every backend, the cpu one included, subclasses
+it and overrides what it accelerates. Shapes use B batch, S query length, T key length, H heads, D dims.
 
 Conventions every implementation follows:
 - `mask` is a bool tensor [B, S, T], True where the query may attend to the key, or None when
@@ -69,6 +69,33 @@ class Kernels:
 
     def __init__(self, device: torch.device | str | None = None):
         self.device = torch.device(device if device is not None else self.device_type)
+        self.current_step = None
+        self._step_tables: dict[str, object] = {}
+        #: activation scales rounded up to powers of two (V3.1's scale_fmt "ue8m0"); set by configure
+        self.act_ue8m0 = False
+
+    def configure(self, cfg) -> None:
+        """Called by the loader once config.json is read, before any weight: the model-level facts a
+        backend's arithmetic depends on. FP8 backends read the activation scale format here."""
+        self.act_ue8m0 = cfg.quant is not None and cfg.quant.scale_fmt == "ue8m0"
+
+    # ---- the step hook --------------------------------------------------------------------
+    def begin_step(self, step) -> None:
+        """Called by the model once for each step (a forward's positions: rope cos/sin and mask) before any
+        op sees it. Every layer of the step passes the same cos/sin/mask, so a backend may derive tables
+        from them once per step (see step_table); the base forgets the previous step's tables here."""
+        self.current_step = step
+        self._step_tables = {}
+
+    def step_table(self, name: str, inputs: tuple, build):
+        """build() once per step, for a table derived from `inputs`, which must be the current step's own
+        tensors (cos, sin, mask); an op called outside a step (as tests do) gets a fresh build."""
+        step = self.current_step
+        if step is None or not all(any(t is s for s in (step.cos, step.sin, step.mask)) for t in inputs):
+            return build()
+        if name not in self._step_tables:
+            self._step_tables[name] = build()
+        return self._step_tables[name]
 
     @classmethod
     def available(cls) -> tuple[bool, str]:

@@ -315,10 +315,6 @@ class Transformer(nn.Module):
         self.rope_cos = (angles.cos() * magnitude).to(device)
         self.rope_sin = (angles.sin() * magnitude).to(device)
 
-    @property
-    def n_cache_layers(self) -> int:
-        return len(self.layers) + len(self.mtp)
-
     def set_attn_impl(self, impl: str) -> None:
         if impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl={impl!r}; expected one of {ATTN_IMPLS}")
@@ -349,7 +345,9 @@ class Transformer(nn.Module):
             diag = k_pos[None, :] == q_pos[:, None]  # a pad query sees itself: no all-masked rows
             mask = causal[None] & (real[:, None, :] | diag[None])
             pos = (q_pos[None, :] - pad[:, None]).clamp(min=0)
-        return Step(start_pos, self.rope_cos[pos], self.rope_sin[pos], mask)
+        step = Step(start_pos, self.rope_cos[pos], self.rope_sin[pos], mask)
+        self.kernels.begin_step(step)
+        return step
 
     def hidden(self, tokens: torch.Tensor, start_pos: int = 0, cache: LatentCache | None = None,
                pad: torch.Tensor | None = None) -> tuple[torch.Tensor, Step]:

@@ -111,4 +111,3 @@ def _destroy() -> None:
         dist.destroy_process_group()
 
 
-SINGLE = Parallel()

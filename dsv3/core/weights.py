@@ -11,6 +11,7 @@ from .checkpoint import Checkpoint, slice_rank
 from .config import ModelConfig
 from .errors import CheckpointError
 from .fp8 import BLOCK, dequantize, is_fp8
+from .model import Gate, Linear, StackedLinear
 from .parallel import Parallel
 
 
@@ -32,15 +33,14 @@ def load_weights(model, ckpt: Checkpoint, cfg: ModelConfig, kernels, dtype: torc
             if ours.startswith("mtp.") and not len(model.mtp):
                 continue
             raise CheckpointError(f"{ckpt.path}: tensor {ckpt.display(demo)} has no place in the model")
-        owner = _owner(model, ours)
+        owner = model.get_submodule(ours.rsplit(".", 1)[0])
         if expert is not None and not owner.first <= expert < owner.first + owner.count:
             continue  # another rank's expert
         weight, scale = _read_weight(ckpt, demo, par, kernels, whole=expert is not None)
         leaf = ours.rsplit(".", 1)[1]
-        kind = type(owner).__name__
-        if kind in ("Linear", "StackedLinear") and leaf == "weight":
+        if isinstance(owner, (Linear, StackedLinear)) and leaf == "weight":
             w, s = kernels.prepare_linear(weight, scale, dtype)
-        elif kind == "Gate":  # routing stays fp32: near-ties decide which experts run
+        elif isinstance(owner, Gate):  # routing stays fp32: near-ties decide which experts run
             w, s = weight.float().to(kernels.device), None
         else:
             w, s = weight.to(dtype).to(kernels.device), None
@@ -79,21 +79,15 @@ def _read_weight(ckpt: Checkpoint, demo: str, par: Parallel, kernels, whole: boo
     return slice_rank(dense, dim, par.rank, par.world_size), None
 
 
-def _owner(model, name: str):
-    module = model
-    for part in name.split(".")[:-1]:
-        module = getattr(module, part) if not part.isdigit() else module[int(part)]
-    return module
-
-
 def _assign(owner, leaf: str, value: torch.Tensor, expert: int | None, name: str) -> None:
-    current = owner._buffers.get(leaf)
+    """Set a buffer (a registered name, so setattr replaces it), or one expert's slice of a stacked one."""
+    current = getattr(owner, leaf)
     if expert is None:
         if current is not None and current.device.type == "meta" and leaf == "weight" and current.shape != value.shape:
             raise CheckpointError(f"{name}: loaded shape {list(value.shape)} != model shape {list(current.shape)}")
-        owner._buffers[leaf] = value
+        setattr(owner, leaf, value)
         return
     if current is None or current.device.type == "meta":
         current = torch.empty((owner.count, *value.shape), dtype=value.dtype, device=value.device)
-        owner._buffers[leaf] = current
+        setattr(owner, leaf, current)
     current[expert - owner.first].copy_(value)

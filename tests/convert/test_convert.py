@@ -18,8 +18,8 @@ from tiny_configs import ALIGNED
 
 import dsv3
 from dsv3.cli import main
-from dsv3.demo import write_checkpoint
-from dsv3.demo.checkpoint import DEMO
+from dsv3.synthetic import write_checkpoint
+from dsv3.synthetic.checkpoint import DEMO
 
 
 def dsv3_cli(*args):

@@ -19,8 +19,8 @@ from click.testing import CliRunner
 
 from dsv3.cli import main
 from dsv3.core.safetensors_io import read_header
-from dsv3.demo import write_checkpoint
-from dsv3.demo.checkpoint import DEMO
+from dsv3.synthetic import write_checkpoint
+from dsv3.synthetic.checkpoint import DEMO
 
 N_MUTATIONS = 300
 INDEX = "model.safetensors.index.json"

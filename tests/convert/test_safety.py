@@ -13,14 +13,13 @@ import struct
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from dsv3.cli import main
 from dsv3.convert import common
 from dsv3.core.safetensors_io import StreamingWriter, read_header
-from dsv3.demo import write_checkpoint
-from dsv3.demo.checkpoint import DEMO
+from dsv3.synthetic import write_checkpoint
+from dsv3.synthetic.checkpoint import DEMO
 
 INDEX = "model.safetensors.index.json"
 W = "model.layers.0.self_attn.o_proj.weight"

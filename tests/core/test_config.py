@@ -7,7 +7,7 @@ import pytest
 
 from dsv3.core.config import ModelConfig
 from dsv3.core.errors import ConfigError
-from dsv3.demo.checkpoint import DEMO
+from dsv3.synthetic.checkpoint import DEMO
 
 RELEASED_ROPE = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
                  "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}

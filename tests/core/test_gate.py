@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from dsv3.backends.cpu import CpuKernels
+from dsv3.backends.reference import ReferenceKernels
 from dsv3.core.kernels import GateParams
 
-K = CpuKernels()
+K = ReferenceKernels()
 
 
 def params(**kw):

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from tiny_configs import ALIGNED
 
 from dsv3.cli import main
-from dsv3.demo import write_checkpoint
+from dsv3.synthetic import write_checkpoint
 
 WORKER = str(Path(__file__).parent / "tp_worker.py")
 
@@ -113,8 +113,8 @@ def test_mismatched_checkpoints_are_detected(tp_ckpt, tmp_path):
 
 
 def test_cli_under_torchrun_reports_memory_per_rank(demo_ckpt, tmp_path):
-    r = torchrun("--standalone", "--nproc-per-node", 2, "-m", "dsv3", "run", demo_ckpt, "--prompt", "Hello",
-                 "--max-new-tokens", 4, "--verbose")
+    r = torchrun("--standalone", "--nproc-per-node", 2, "-m", "dsv3", "--verbose", "run", demo_ckpt, "--prompt",
+                 "Hello", "--max-new-tokens", 4)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank 0/2" in r.stderr and "rank 1/2" in r.stderr and "resident weights" in r.stderr
     assert r.stderr.count("prefill:") == 1  # only rank 0 prints

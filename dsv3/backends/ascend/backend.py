@@ -17,7 +17,7 @@ import logging
 import torch
 
 from ...core.kernels import ExpertWeights, GateParams
-from ..cpu import CpuKernels
+from ..reference import ReferenceKernels
 
 log = logging.getLogger("dsv3")
 
@@ -31,12 +31,11 @@ def _import_torch_npu():
     return importlib.import_module("torch_npu")
 
 
-class AscendKernels(CpuKernels):
+class AscendKernels(ReferenceKernels):
     name = "ascend"
     device_type = "npu"
     fp8_dtype = None
     dist_backend = "hccl"
-    native_kernels = False  # the cpu backend's C kernels; this backend's ops run on the NPU
 
     def __init__(self, device=None):
         self.npu = _import_torch_npu()  # registers the npu device type: before torch.device("npu")
@@ -76,9 +75,6 @@ class AscendKernels(CpuKernels):
             self.fallbacks.add(op)
             log.warning(f"ascend: {op} falls back to the reference: {why}")
 
-    def absorb_dtype(self, dtype):
-        return dtype  # the device is fast in the model's dtype (also when tests put it on CPU tensors)
-
     # ---- norms and rope -------------------------------------------------------------------------
     def rms_norm(self, x, weight, eps):
         return self.npu.npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)[0]
@@ -89,14 +85,14 @@ class AscendKernels(CpuKernels):
         products of roped q and k are consumed. Other dims take npu_rotary_mul in interleave mode."""
         D = x.shape[-1]
         if D == 64 and x.dtype in (torch.bfloat16, torch.float16):
-            c, s = self.per_forward(f"interleave_rope {x.dtype}", (cos, sin), lambda: tuple(
+            c, s = self.step_table(f"interleave_rope {x.dtype}", (cos, sin), lambda: tuple(
                 torch.cat([t, t], dim=-1)[:, None].to(x.dtype) for t in (cos, sin)))  # [B, 1, S, 64]: [c0..c31, c0..c31]
             out = self.npu.npu_interleave_rope(x.transpose(1, 2).contiguous(), c, s)  # (B, N, S, D)
             return out.transpose(1, 2)
         if D % 2 or D >= 896:
             self.fallback("rope", f"npu_rotary_mul needs an even head dim < 896, got {D}")
             return super().rope(x, cos, sin)
-        c, s = self.per_forward(f"rotary_mul {x.dtype}", (cos, sin), lambda: tuple(
+        c, s = self.step_table(f"rotary_mul {x.dtype}", (cos, sin), lambda: tuple(
             t.repeat_interleave(2, dim=-1)[:, :, None].to(x.dtype) for t in (cos, sin)))  # [B, S, 1, D]: (c0, c0, c1, ...)
         try:
             return self.npu.npu_rotary_mul(x, c, s, rotary_mode="interleave")
@@ -111,13 +107,13 @@ class AscendKernels(CpuKernels):
         return self._causal
 
     def is_right_down_causal(self, mask: torch.Tensor) -> bool:
-        """Is every sequence's mask the plain causal one (no padding)? Decided once per forward."""
+        """Is every sequence's mask the plain causal one (no padding)? Decided once per step."""
         def decide():
             S, T = mask.shape[1:]
             q_pos = torch.arange(T - S, T, device=mask.device)
             causal = torch.arange(T, device=mask.device)[None, :] <= q_pos[:, None]
             return bool((mask == causal).all())
-        return self.per_forward("right_down_causal", (mask,), decide)
+        return self.step_table("right_down_causal", (mask,), decide)
 
     def attention(self, q, k, v, scale, mask):
         """Naive MLA prefill. Unpadded bf16 batches take TND with the right-down causal sparse mode;

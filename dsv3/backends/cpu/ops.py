@@ -1,8 +1,9 @@
-"""Plain-torch reference implementation of the kernel interface.
+"""The cpu backend: the plain-torch reference plus CPU speed rules, tested against the reference.
 
-Written for clarity and fp32-safe numerics: every reduction, softmax and norm runs in fp32.
-It runs on any torch device, so vendor backends inherit what they do not override, and their
-tests compare against it. It is also the production path on CPUs.
+What it adds: the C kernels of native.c for decode-sized work (fewer than UPCAST_ROWS rows) and
+the FP8 dequant at load, fp32 GEMMs for bf16 prefill on CPUs without bf16 instructions, and a
+rope rotation derived once per step. Without a C compiler (or with DSV3_CPU_NATIVE=0) every op
+that has no dtype rule is the reference's.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...core import fp8
-from ...core.kernels import ExpertWeights, GateParams, Kernels
+from ...core.kernels import ExpertWeights, GateParams
+from ..reference import ReferenceKernels
 from . import native as native_lib
 
 
@@ -27,19 +28,16 @@ def _native_bf16() -> bool:
 UPCAST_ROWS = 16
 
 
-class CpuKernels(Kernels):
+class CpuKernels(ReferenceKernels):
     name = "cpu"
     device_type = "cpu"
     fp8_dtype = None
     dist_backend = "gloo"
-    #: use native.c for bf16 GEMVs and decode experts (subclasses running elsewhere turn it off)
-    native_kernels = True
 
     def __init__(self, device=None):
         super().__init__(device)
         self.native_bf16 = _native_bf16()
-        self._per_forward: dict[str, tuple[tuple, object]] = {}
-        self.native = native_lib.load() if self.native_kernels and self.device.type == "cpu" else None
+        self.native = native_lib.load() if self.device.type == "cpu" else None
         self._one = (torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1))  # (ids, alpha) of a lone MLP
 
     @classmethod
@@ -49,16 +47,10 @@ class CpuKernels(Kernels):
         return True, f"always usable (BF16 or FP32, FP8 weights dequantized at load); {decode}"
 
     # ---- load time ----------------------------------------------------------------------
-    def prepare_linear(self, weight, scale, dtype):
-        return self.weight_dequant(weight, scale, dtype).to(self.device), None
-
     def weight_dequant(self, weight, scale, dtype):
-        if scale is None:
-            return weight.to(dtype)
-        weight = weight.to("cpu") if weight.device.type == "meta" else weight
-        if self.native is not None:  # the same bits in one C pass (~6x torch's fp8 cast)
-            return native_lib.dequantize(weight, scale, dtype)
-        return fp8.dequantize(weight, scale, dtype)
+        if scale is not None and self.native is not None and weight.device.type == "cpu":
+            return native_lib.dequantize(weight, scale, dtype)  # the same bits in one C pass (~6x torch's cast)
+        return super().weight_dequant(weight, scale, dtype)
 
     def slow_bf16(self, dtype: torch.dtype) -> bool:
         """bf16 matmuls here run row by row (a CPU without bf16 instructions): fp32 is faster."""
@@ -70,8 +62,8 @@ class CpuKernels(Kernels):
 
     # ---- ops ----------------------------------------------------------------------------
     def linear(self, x, weight, scale=None):
-        if scale is not None:  # an FP8 weight a subclass kept: dequantize on the fly (slow, correct)
-            weight = fp8.dequantize(weight, scale, x.dtype)
+        if scale is not None:  # not on this backend (FP8 is dequantized at load): the reference's way
+            return super().linear(x, weight, scale)
         rows = x.numel() // x.shape[-1]
         if rows < UPCAST_ROWS and self._native_ok(x, weight):
             # fp32 accumulation and one rounding to bf16, as F.linear; ~1.5x its bandwidth
@@ -93,8 +85,7 @@ class CpuKernels(Kernels):
     def rms_norm(self, x, weight, eps):
         if x.numel() < UPCAST_ROWS * x.shape[-1] and x.is_contiguous() and self._native_ok(x, weight):
             return self.native.rms_norm_bf16(x, weight, eps)  # F.rms_norm runs ~8 ops on a bf16 row
-        # one fused op; it accumulates in fp32 and rounds once, so bf16/fp16 inputs need no fp32 copies
-        return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
+        return super().rms_norm(x, weight, eps)
 
     def rope(self, x, cos, sin):
         B, S = x.shape[:2]
@@ -102,37 +93,8 @@ class CpuKernels(Kernels):
                 and cos.is_contiguous() and sin.is_contiguous() and cos.dtype == torch.float32):
             return self.native.rope_bf16(x, cos, sin)
         z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, S, H, D/2] pairs as complex
-        rot = self.per_forward("rotation", (cos, sin), lambda: torch.complex(cos, sin)[:, :, None, :])  # [B, S, 1, D/2]
+        rot = self.step_table("rotation", (cos, sin), lambda: torch.complex(cos, sin)[:, :, None, :])  # [B, S, 1, D/2]
         return torch.view_as_real(z * rot).flatten(-2).to(x.dtype)
-
-    def per_forward(self, name: str, inputs: tuple, build):
-        """build() once for these input tensors. Every layer of a forward passes the same cos/sin/mask
-        objects, so derived tables are made once per forward. The inputs themselves are kept (not their
-        ids, which a freed tensor hands on to the next one)."""
-        cache = self._per_forward
-        hit = cache.get(name)
-        if hit is None or len(hit[0]) != len(inputs) or any(a is not b for a, b in zip(hit[0], inputs)):
-            hit = cache[name] = (inputs, build())
-        return hit[1]
-
-    def attention(self, q, k, v, scale, mask):
-        scores = torch.einsum("bshd,bthd->bhst", q.float(), k.float()) * scale  # [B, H, S, T]
-        if mask is not None:
-            scores = scores.masked_fill(~mask[:, None], float("-inf"))
-        return torch.einsum("bhst,bthd->bshd", scores.softmax(dim=-1), v.float()).to(q.dtype)  # [B, S, H, Dv]
-
-    def mla_attention(self, q_latent, q_pe, kv, pe, scale, mask):
-        # nope and rope scores as two batched matmuls over [B, S·H] query rows: the cache is read in
-        # place (concatenating it with pe would copy the whole cache every layer and step)
-        B, S, H, C = q_latent.shape
-        k, p = kv.float(), pe.float()  # [B, T, C], [B, T, R]
-        scores = torch.baddbmm(torch.bmm(q_pe.float().reshape(B, S * H, -1), p.transpose(1, 2)),
-                               q_latent.float().reshape(B, S * H, C), k.transpose(1, 2))
-        scores = scores.view(B, S, H, -1) * scale  # [B, S, H, T]
-        if mask is not None:
-            scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
-        out = torch.bmm(scores.softmax(dim=-1).view(B, S * H, -1), k)  # [B, S·H, C]
-        return out.view(B, S, H, C).to(q_latent.dtype)
 
     def mla_absorbed(self, q_nope, q_pe, w_uk, w_uv, kv, pe, scale, mask):
         B, S, H, N = q_nope.shape
@@ -149,24 +111,7 @@ class CpuKernels(Kernels):
             group_score = {"top2_sum": 2, "max": 1, "none": 0}[p.group_score]
             return self.native.moe_gate(x.float().contiguous(), weight, bias, p.top_k, p.n_group, p.topk_group,
                                         p.scoring_func == "sigmoid", group_score, p.norm_topk_prob, p.route_scale)
-        logits = F.linear(x.float(), weight.float())  # [T, E]
-        scores = logits.sigmoid() if p.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-        choice = scores if bias is None else scores + bias.float()  # the bias only steers selection
-        if p.n_group > 1 and p.group_score != "none":
-            groups = choice.unflatten(-1, (p.n_group, -1))  # [T, G, E/G]
-            if p.group_score == "top2_sum":
-                group_scores = groups.topk(2, dim=-1).values.sum(-1)
-            else:
-                group_scores = groups.amax(dim=-1)
-            keep = group_scores.topk(p.topk_group, dim=-1).indices  # [T, topk_group]
-            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-            # -inf, not 0: with negative biases a 0 would let dropped groups win
-            choice = groups.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
-        ids = choice.topk(p.top_k, dim=-1).indices  # [T, k]
-        weights = scores.gather(1, ids)
-        if p.norm_topk_prob and p.top_k > 1:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * p.route_scale, ids
+        return super().moe_gate(x, weight, bias, p)
 
     def _native_gate_ok(self, x, weight, bias, p: GateParams) -> bool:
         per = weight.shape[0] // p.n_group
@@ -190,28 +135,7 @@ class CpuKernels(Kernels):
             for row, e in enumerate(local.tolist()):
                 if 0 <= e < experts.count:
                     t = row // k
-                    y = self._expert(rows if rows is not None else x[t:t + 1], experts, e)
+                    y = self.expert(rows if rows is not None else x[t:t + 1], experts, e)
                     out[t:t + 1].add_(y, alpha=w[row])  # fp32 accumulation of the bf16 expert output
             return out.to(x.dtype)
-        order = local.argsort(stable=True)
-        counts = torch.bincount(local.clamp(0, experts.count), minlength=experts.count + 1).tolist()
-        # ids below `first` clamp to 0: skip them by starting after the ones that are < 0
-        start = int((local < 0).sum())
-        counts[0] -= start
-        for e in range(experts.count):
-            n = counts[e]
-            if n == 0:
-                continue
-            rows = order[start:start + n]
-            start += n
-            tok = rows // k
-            y = self._expert(x[tok], experts, e)  # [n, D]
-            out.index_add_(0, tok, y.float() * weights.flatten()[rows, None].float())
-        return out.to(x.dtype)
-
-    def _expert(self, h: torch.Tensor, experts: ExpertWeights, e: int) -> torch.Tensor:
-        """SwiGLU expert e (local index) on rows h [n, D]."""
-        scale = lambda s: None if s is None else s[e]  # noqa: E731
-        gate = self.linear(h, experts.w1[e], scale(experts.s1))
-        up = self.linear(h, experts.w3[e], scale(experts.s3))
-        return self.linear(F.silu(gate) * up, experts.w2[e], scale(experts.s2))
+        return super().moe_experts(x, weights, ids, experts)

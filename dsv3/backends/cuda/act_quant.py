@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .jit import round_to_fp8_grid
 from ...core.fp8 import FP8_EMIN, FP8_MAX
+from .jit import round_to_fp8_grid
 from .launch import interpreted
 
 BLOCK = 128
@@ -63,3 +63,9 @@ def act_quant(x: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float, ue8m0: bo
 def act_quant_op(x: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float, ue8m0: bool
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     return act_quant(x, fp8_dtype, fp8_max, ue8m0)
+
+
+@act_quant_op.register_fake
+def _(x, fp8_dtype, fp8_max, ue8m0):
+    m, k = x.numel() // x.shape[-1], x.shape[-1]
+    return x.new_empty(m, k, dtype=fp8_dtype), x.new_empty(m, (k + BLOCK - 1) // BLOCK, dtype=torch.float32)

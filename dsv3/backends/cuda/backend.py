@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ...core.errors import BackendError
 from ...core.fp8 import FP8_MAX, to_format
 from ...core.kernels import ExpertWeights
-from ..cpu import CpuKernels
+from ..reference import ReferenceKernels
 from .launch import interpreted
 
 log = logging.getLogger("dsv3")
@@ -40,11 +40,10 @@ def _no_triton() -> str | None:
     return None
 
 
-class CudaKernels(CpuKernels):
+class CudaKernels(ReferenceKernels):
     name = "cuda"
     device_type = "cuda"
     dist_backend = "nccl"
-    native_kernels = False  # the cpu backend's C kernels; tests under the interpreter must exercise this backend
     #: which launch table the kernels use
     target = "nvidia"
     #: the FP8 flavour this vendor computes in, when the chip has FP8 at all
@@ -54,16 +53,12 @@ class CudaKernels(CpuKernels):
         super().__init__(device)
         self.fp8_dtype, self.mode = self.select_mode()
         self.act_max = self.activation_max()
-        from . import (  # triton, only now
-            act_quant,
-            fp8_gemm,
-            mla_decode,
-            moe,
-            weight_dequant,
-        )
+        from . import act_quant, fp8_gemm, mla_decode, moe, weight_dequant  # noqa: F401  triton, only now; registers the ops
 
-        self._act_quant, self._gemm = act_quant.act_quant, fp8_gemm.fp8_gemm
-        self._dequant, self._moe, self._mla = weight_dequant.weight_dequant, moe.fused_moe, mla_decode.mla_decode
+        # through the registered torch.ops.dsv3.* ops: what another runtime or torch.compile calls is what runs here
+        ops = torch.ops.dsv3
+        self._act_quant, self._gemm = ops.act_quant, ops.fp8_gemm
+        self._dequant, self._moe, self._mla = ops.weight_dequant, ops.fused_moe, ops.mla_decode
         if self.fp8_dtype is None:
             say_once(f"{self.name}: {self.mode}")
 
@@ -115,9 +110,6 @@ class CudaKernels(CpuKernels):
         where = f"{self.device} (Triton interpreter)" if interpreted(self.device) else str(self.device)
         return f"{self.name} on {where}: {self.mode}"
 
-    def absorb_dtype(self, dtype):
-        return dtype  # the device is fast in the model's dtype (also when tests put it on CPU tensors)
-
     # ---- load time ----------------------------------------------------------------------
     def prepare_linear(self, weight, scale, dtype):
         if scale is None:
@@ -143,7 +135,7 @@ class CudaKernels(CpuKernels):
             return F.linear(x, weight)
         if weight.dtype != self.fp8_dtype:  # only FP8 weights carry a scale past prepare_linear
             return super().linear(x, weight, scale)
-        q, s = self._act_quant(x, weight.dtype, self.act_max)
+        q, s = self._act_quant(x, weight.dtype, self.act_max, self.act_ue8m0)
         return self._gemm(q, s, weight, scale, x.dtype, self.target).view(*x.shape[:-1], weight.shape[0])
 
     def attention(self, q, k, v, scale, mask):
@@ -159,4 +151,4 @@ class CudaKernels(CpuKernels):
         if experts.s1 is None or experts.w1.dtype != self.fp8_dtype:
             return super().moe_experts(x, weights, ids, experts)
         return self._moe(x, weights, ids, experts.w1, experts.s1, experts.w3, experts.s3, experts.w2, experts.s2,
-                         experts.first, self.act_max, self.target)
+                         experts.first, self.act_max, self.target, self.act_ue8m0)

@@ -119,3 +119,8 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe:
 def mla_decode_op(q_latent: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor, scale: float,
                   mask: torch.Tensor | None, target: str) -> torch.Tensor:
     return mla_decode(q_latent, q_pe, kv, pe, scale, mask, target)
+
+
+@mla_decode_op.register_fake
+def _(q_latent, q_pe, kv, pe, scale, mask, target):
+    return q_latent.new_empty(q_latent.shape)

@@ -91,8 +91,10 @@ def route(ids: torch.Tensor, first: int, n_experts: int, block_m: int) -> tuple[
 
 def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
               w1: torch.Tensor, s1: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor,
-              w2: torch.Tensor, s2: torch.Tensor, first: int, fp8_max: float, target: str = "nvidia") -> torch.Tensor:
+              w2: torch.Tensor, s2: torch.Tensor, first: int, fp8_max: float, target: str = "nvidia",
+              ue8m0: bool = False) -> torch.Tensor:
     """Σ_k weights[t, k] · expert_{ids[t, k]}(x[t]) over the experts held here (global ids first .. first + E - 1).
+    `ue8m0`: activation scales rounded up to powers of two (V3.1), for both quantized activations.
 
     x [T, D] bf16/fp32; w1/w3 [E, I, D] and w2 [E, D, I] FP8 with block scales [E, ceil(·/128), ceil(·/128)].
     """
@@ -115,7 +117,7 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     cfg = moe_config(t * k / e, target)
     rows, tile_expert = route(ids, first, e, cfg.block_m)
     n_rows = t * k
-    xq, xs = act_quant(x, fp8, fp8_max)
+    xq, xs = act_quant(x, fp8, fp8_max, ue8m0)
     h = torch.zeros(n_rows, inter, dtype=x.dtype, device=x.device)  # rows of other ranks: quantized, never read
     launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
@@ -124,7 +126,7 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     _moe_gemm_kernel[grid](xq, xs, w1, s1, w3, s3, h, rows, tile_expert, rows, inter, dim, n_rows,
                            triton.cdiv(dim, BLOCK_K), triton.cdiv(inter, 128), A_DIV=k, SWIGLU=True, WEIGHTED=False,
                            **launch)
-    hq, hs = act_quant(h, fp8, fp8_max)
+    hq, hs = act_quant(h, fp8, fp8_max, ue8m0)
     y = torch.zeros(n_rows, dim, dtype=torch.float32, device=x.device)  # rows of other ranks stay 0
     grid = (tile_expert.numel(), triton.cdiv(dim, cfg.block_n))
     _moe_gemm_kernel[grid](hq, hs, w2, s2, w2, s2, y, rows, tile_expert, weights.float().contiguous(), dim, inter,
@@ -136,5 +138,10 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
 @torch.library.custom_op("dsv3::fused_moe", mutates_args=())
 def fused_moe_op(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor,
                  w3: torch.Tensor, s3: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, first: int, fp8_max: float,
-                 target: str) -> torch.Tensor:
-    return fused_moe(x, weights, ids, w1, s1, w3, s3, w2, s2, first, fp8_max, target)
+                 target: str, ue8m0: bool = False) -> torch.Tensor:
+    return fused_moe(x, weights, ids, w1, s1, w3, s3, w2, s2, first, fp8_max, target, ue8m0)
+
+
+@fused_moe_op.register_fake
+def _(x, weights, ids, w1, s1, w3, s3, w2, s2, first, fp8_max, target, ue8m0=False):
+    return x.new_empty(x.shape)

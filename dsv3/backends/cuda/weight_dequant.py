@@ -42,3 +42,8 @@ def weight_dequant(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = to
 @torch.library.custom_op("dsv3::weight_dequant", mutates_args=())
 def weight_dequant_op(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return weight_dequant(w, scale, dtype)
+
+
+@weight_dequant_op.register_fake
+def _(w, scale, dtype):
+    return w.new_empty(w.shape, dtype=dtype)

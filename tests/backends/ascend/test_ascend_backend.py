@@ -14,11 +14,11 @@ from reference import hf_logits, hf_model, write_hf_reference
 from tiny_configs import ALIGNED, CONFIGS
 
 import dsv3
-from dsv3.backends.cpu import CpuKernels
+from dsv3.backends.reference import ReferenceKernels
 from dsv3.core.kernels import ExpertWeights, GateParams
-from dsv3.demo import write_checkpoint
+from dsv3.synthetic import write_checkpoint
 
-REF = CpuKernels()
+REF = ReferenceKernels()
 V3_GATE = GateParams(top_k=8, n_group=8, topk_group=4, scoring_func="sigmoid", group_score="top2_sum",
                      norm_topk_prob=True, route_scale=2.5)
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from triton_targets import FP8_TARGETS, device_for, ids
 
-from dsv3.backends.cpu import CpuKernels
+from dsv3.backends.reference import ReferenceKernels
 from dsv3.core import fp8
 
-REF = CpuKernels()
+REF = ReferenceKernels()
 
 
 @pytest.fixture(params=FP8_TARGETS, ids=ids(FP8_TARGETS))

@@ -60,3 +60,42 @@ def test_generation_path_matches_full_forward(target, demo_ckpt, monkeypatch):
     """The cpu backend's generation loop on the Triton kernels: cached decode through the MLA decode
     kernel picks exactly the argmax of a cache-free forward, and a left-padded batch matches each alone."""
     assert_generation_path(load(demo_ckpt, target, monkeypatch, attn_impl="absorb"))
+
+
+UE8M0_TARGETS = [t for t in MODEL_TARGETS if t.id in ("cuda-sm90-e4m3fn", "rocm-gfx942-e4m3fnuz")]
+
+
+@pytest.mark.parametrize("target", UE8M0_TARGETS, ids=ids(UE8M0_TARGETS))
+def test_v31_power_of_two_activation_scales(target, tiny_ckpts, references, tmp_path, monkeypatch):
+    """A V3.1-style checkpoint (quantization_config.scale_fmt = "ue8m0") quantizes every activation, in the
+    linears and in the fused MoE, with power-of-two scales, and is judged like the others against
+    transformers with the same power-of-two activation quantization simulated."""
+    import json
+    import shutil
+
+    from dsv3.backends.cuda import act_quant as aq
+    from dsv3.backends.cuda import moe
+
+    ckpt = tmp_path / "v31"
+    shutil.copytree(tiny_ckpts["v3ish"], ckpt)  # the same weights as the v3ish references
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["quantization_config"]["scale_fmt"] = "ue8m0"
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    scales, quant = [], aq.act_quant
+
+    def spy(x, fp8_dtype, fp8_max, ue8m0=False):
+        q, s = quant(x, fp8_dtype, fp8_max, ue8m0)
+        scales.append(s)
+        return q, s
+
+    monkeypatch.setattr(moe, "act_quant", spy)
+    engine = load(ckpt, target, monkeypatch)
+    engine.kernels._act_quant = spy
+    toks, ref, peer_model = references["v3ish"]
+    ours = engine.logits(toks).cpu()
+    assert len(scales) > 10
+    for s in scales:
+        assert torch.equal(torch.exp2(torch.log2(s).round()), s), "an activation scale is not a power of two"
+    with simulated_fp8_activations(peer_model, target.fp8, target.act_max, ue8m0=True):
+        peer = hf_logits(peer_model, toks)
+    assert_no_worse(ours, peer, ref, f"{target.id}/v3ish-ue8m0")

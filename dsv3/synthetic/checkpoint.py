@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..core import fp8 as F8
+from ..core.checkpoint import INDEX
 from ..core.config import ModelConfig
 from ..core.names import TensorSpec, expected_hf_tensors
 from ..core.safetensors_io import save_file
@@ -147,7 +148,7 @@ def write_checkpoint(dst: str | Path, config: dict | None = None, seed: int = 0,
             total_size += v.numel() * v.element_size()
         if progress is not None:
             progress(shard + 1, n_shards)
-    (dst / "model.safetensors.index.json").write_text(
+    (dst / INDEX).write_text(
         json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
     )
     if tokenizer:

@@ -1,4 +1,4 @@
-"""The cpu reference ops against float64 formulas written out independently."""
+"""The reference ops (the oracle) against float64 formulas written out independently."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from dsv3.backends.cpu import CpuKernels
+from dsv3.backends.reference import ReferenceKernels
 from dsv3.core import fp8
 
-K = CpuKernels()
+K = ReferenceKernels()
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 

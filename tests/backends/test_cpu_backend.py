@@ -1,0 +1,155 @@
+"""The cpu backend against the plain-torch reference, op by op, like any other backend.
+
+Shapes cross the cpu backend's own rules: decode sizes (< 16 rows, the C kernels) and prefill sizes
+(fp32 GEMMs on CPUs without bf16 instructions), dims that are not multiples of 8/32/128, batch 1,
+strided inputs. Both with its C kernels and without them (plain torch plus dtype rules).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3.backends.cpu import CpuKernels
+from dsv3.backends.cpu import native as native_lib
+from dsv3.backends.reference import ReferenceKernels
+from dsv3.core import fp8
+from dsv3.core.kernels import ExpertWeights, GateParams
+
+REF = ReferenceKernels()
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative to max |ref|: one bf16 rounding is 2^-8
+
+
+def cpu(native: bool) -> CpuKernels:
+    k = CpuKernels()
+    if not native:
+        k.native = None
+    elif k.native is None:
+        pytest.skip("no C compiler here: the cpu backend runs plain torch")
+    return k
+
+
+def close(got, ref, dtype, what):
+    assert got.dtype == ref.dtype and got.shape == ref.shape, f"{what}: {got.dtype} {got.shape} vs {ref.dtype} {ref.shape}"
+    assert not got.isnan().any(), f"{what}: NaN"
+    err = (got.double() - ref.double()).abs().max().item() / max(ref.double().abs().max().item(), 1e-30)
+    assert err <= TOL[dtype], f"{what}: max error {err:.3e} (relative to max |ref|) > {TOL[dtype]:.0e}"
+
+
+def rand(*shape, dtype, seed=0, scale=1.0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+
+
+NATIVE = [pytest.param(True, id="C"), pytest.param(False, id="torch")]
+DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float32, id="fp32")]
+
+
+@pytest.mark.parametrize("native", NATIVE)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,N,K", [(1, 1, 1), (1, 200, 300), (3, 129, 1029), (15, 64, 72), (16, 40, 56),
+                                      (40, 130, 200)])
+def test_linear_and_mlp(native, dtype, rows, N, K):
+    k = cpu(native)
+    x, w = rand(rows, K, dtype=dtype), rand(N, K, dtype=dtype, seed=1, scale=K ** -0.5)
+    close(k.linear(x, w), REF.linear(x, w), dtype, "linear")
+    w1, w3, w2 = rand(N, K, dtype=dtype, seed=2), rand(N, K, dtype=dtype, seed=3), rand(K, N, dtype=dtype, seed=4)
+    close(k.mlp(x, w1, w2, w3), REF.mlp(x, w1, w2, w3), dtype, "mlp")
+
+
+@pytest.mark.parametrize("native", NATIVE)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 7), (1, 1, 576), (2, 3, 200), (1, 40, 64)])
+def test_rms_norm(native, dtype, shape):
+    k = cpu(native)
+    x, w = rand(*shape, dtype=dtype), rand(shape[-1], dtype=dtype, seed=1)
+    close(k.rms_norm(x, w, 1e-6), REF.rms_norm(x, w, 1e-6), dtype, "rms_norm")
+
+
+@pytest.mark.parametrize("native", NATIVE)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,S,H,D", [(1, 1, 1, 8), (2, 1, 3, 16), (1, 7, 4, 64), (3, 20, 2, 32)])
+def test_rope_on_a_strided_view(native, dtype, B, S, H, D):
+    k = cpu(native)
+    wide = rand(B, S, H, D + 24, dtype=dtype)
+    x = wide[..., 24:]  # the rope part of a [.., nope + rope] projection: not contiguous
+    ang = torch.rand(B, S, D // 2, generator=torch.Generator().manual_seed(5)) * 20
+    close(k.rope(x, ang.cos(), ang.sin()), REF.rope(x, ang.cos(), ang.sin()), dtype, "rope")
+
+
+def test_rope_tables_are_per_step_not_per_call():
+    """The rotation is derived once per step (the begin_step hook), and never reused for other cos/sin."""
+    from dsv3.core.model import Step
+
+    k = cpu(False)
+    ang = [torch.rand(1, 3, 4, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    x = rand(1, 3, 2, 8, dtype=torch.float32)
+    for a in ang:
+        step = Step(0, a.cos(), a.sin(), None)
+        k.begin_step(step)
+        close(k.rope(x, step.cos, step.sin), REF.rope(x, a.cos(), a.sin()), torch.float32, "rope in a step")
+        close(k.rope(x, ang[0].cos(), ang[0].sin()), REF.rope(x, ang[0].cos(), ang[0].sin()), torch.float32,
+              "rope outside the step's tensors")
+
+
+@pytest.mark.parametrize("native", NATIVE)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,S,H,N,C,R,V,T", [(1, 1, 1, 8, 16, 8, 8, 1), (2, 1, 3, 24, 72, 8, 40, 33),
+                                             (1, 5, 2, 16, 64, 16, 32, 12)])
+def test_mla_absorbed(native, dtype, B, S, H, N, C, R, V, T):
+    k = cpu(native)
+    q_nope, q_pe = rand(B, S, H, N, dtype=dtype), rand(B, S, H, R, dtype=dtype, seed=1)
+    kv, pe = rand(B, T, C, dtype=dtype, seed=2), rand(B, T, R, dtype=dtype, seed=3)
+    wd = k.absorb_dtype(dtype)
+    w_uk, w_uv = rand(H, N, C, dtype=wd, seed=4, scale=N ** -0.5), rand(H, C, V, dtype=wd, seed=5, scale=C ** -0.5)
+    mask = None if S == 1 else (torch.arange(T)[None, :] <= torch.arange(T - S, T)[:, None])[None].expand(B, -1, -1)
+    got = k.mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, pe, 0.3, mask)
+    ref = REF.mla_absorbed(q_nope, q_pe, w_uk.float(), w_uv.float(), kv, pe, 0.3, mask)
+    close(got, ref, dtype, "mla_absorbed")
+
+
+@pytest.mark.parametrize("native", NATIVE)
+@pytest.mark.parametrize("T", [1, 3, 15, 40])
+@pytest.mark.parametrize("E,n_group,topk_group,top_k,group_score", [(8, 4, 2, 2, "top2_sum"), (12, 3, 1, 3, "max"),
+                                                                     (16, 1, 1, 4, "none")])
+def test_moe_gate(native, T, E, n_group, topk_group, top_k, group_score):
+    k = cpu(native)
+    p = GateParams(top_k, n_group, topk_group, "sigmoid", group_score, True, 2.5)
+    x, w, bias = rand(T, 40, dtype=torch.float32), rand(E, 40, dtype=torch.float32, seed=1), rand(E, dtype=torch.float32,
+                                                                                                   seed=2, scale=0.1)
+    (gw, gi), (rw, ri) = k.moe_gate(x, w, bias, p), REF.moe_gate(x, w, bias, p)
+    assert torch.equal(gi.sort(-1).values, ri.sort(-1).values), "moe_gate: different experts chosen"
+    close(gw.gather(1, gi.argsort(-1)), rw.gather(1, ri.argsort(-1)), torch.float32, "moe_gate weights")
+
+
+@pytest.mark.parametrize("native", NATIVE)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,first", [(1, 0), (3, 2), (15, 0), (40, 3)])
+def test_moe_experts(native, dtype, T, first):
+    k = cpu(native)
+    E, D, I, top_k = 5, 72, 40, 3
+    ew = ExpertWeights(rand(E, I, D, dtype=dtype, seed=1, scale=D ** -0.5), rand(E, D, I, dtype=dtype, seed=2,
+                                                                                 scale=I ** -0.5),
+                       rand(E, I, D, dtype=dtype, seed=3, scale=D ** -0.5), first=first)
+    x = rand(T, D, dtype=dtype)
+    ids = torch.randint(0, E + first + 2, (T, top_k), generator=torch.Generator().manual_seed(6))  # incl. other ranks'
+    w = torch.rand(T, top_k, generator=torch.Generator().manual_seed(7))
+    close(k.moe_experts(x, w, ids, ew), REF.moe_experts(x, w, ids, ew), dtype, "moe_experts")
+
+
+@pytest.mark.parametrize("native", NATIVE)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_dequant_bitwise(native, dtype):
+    k = cpu(native)
+    q, s = fp8.quantize(torch.randn(300, 200, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(k.weight_dequant(q, s, dtype), REF.weight_dequant(q, s, dtype))
+
+
+def test_the_reference_is_plain_torch():
+    """No C, no thresholds, no caches in the oracle: only the cpu backend has those."""
+    src = (Path(native_lib.__file__).parents[1] / "reference" / "ops.py").read_text()
+    for word in ("native", "UPCAST", "step_table", "_cache", "lru_cache", "ctypes"):
+        assert word not in src, f"backends/reference/ops.py mentions {word!r}"
+    for name in ("linear", "rms_norm", "rope", "attention", "mla_attention", "moe_gate", "moe_experts"):
+        assert name in vars(ReferenceKernels), f"the reference does not implement {name} itself"
