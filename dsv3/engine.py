@@ -34,9 +34,11 @@ class Engine:
     """A loaded model with its tokenizer (if the checkpoint has one)."""
 
     def __init__(self, model: Transformer, cfg: ModelConfig, kernels, par: Parallel, dtype: torch.dtype,
-                 tokenizer=None, path: Path | None = None, has_mtp: bool = False):
+                 tokenizer=None, path: Path | None = None, has_mtp: bool = False, cuda_graphs: bool = True):
         self.model, self.cfg, self.kernels, self.par = model, cfg, kernels, par
         self.dtype, self.tokenizer, self.path, self.has_mtp = dtype, tokenizer, path, has_mtp
+        #: capture the decode step as a CUDA/HIP graph where the backend can (off: eager, for debugging)
+        self.cuda_graphs = cuda_graphs
         self.last_stats: Stats | None = None
 
     @property
@@ -68,8 +70,9 @@ class Engine:
             return self.model.mtp[0](self.model, ids[:, 1:], h[:, :-1], step)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None) -> list[list[int]]:
-        """New token ids for each prompt (EOS excluded). Greedy when temperature == 0."""
+                 top_p: float = 1.0, seed: int | None = None, static: bool = False) -> list[list[int]]:
+        """New token ids for each prompt (EOS excluded). Greedy when temperature == 0. `static` runs the
+        fixed-shape (graph-ready) decode step even where no graph is captured."""
         if prompts and isinstance(prompts[0], int):
             prompts = [prompts]
         prompts = [list(map(int, p)) for p in prompts]
@@ -84,13 +87,14 @@ class Engine:
         eos = self.cfg.eos_token_ids
         if self.tokenizer is not None and self.tokenizer.eos_id is not None and self.tokenizer.eos_id not in eos:
             eos = (*eos, self.tokenizer.eos_id)
-        out, self.last_stats = generate(self.model, prompts, max_new_tokens, temperature, top_p, eos, seed, self.dtype)
+        out, self.last_stats = generate(self.model, prompts, max_new_tokens, temperature, top_p, eos, seed, self.dtype,
+                                        graphs=self.cuda_graphs, static=static)
         return out
 
 
 def load(path: str | Path, backend: str = "auto", dtype: str | torch.dtype = "bf16", device=None,
          attn_impl: str = "auto", max_seq_len: int | None = None, parallel: Parallel | None = None,
-         with_mtp: bool = True, progress=None, require_tokenizer: bool = False) -> Engine:
+         with_mtp: bool = True, progress=None, require_tokenizer: bool = False, cuda_graphs: bool = True) -> Engine:
     """Load a checkpoint (released FP8, BF16 HF layout, or model-parallel rank files).
 
     `progress(nbytes, total)`, if given, is called as each tensor is read (total: all tensor bytes)."""
@@ -131,7 +135,7 @@ def load(path: str | Path, backend: str = "auto", dtype: str | torch.dtype = "bf
     ckpt.close()
     model.eval()
     log.info("loaded %s with %s in %.1fs", path, kernels.describe(), time.perf_counter() - t0)
-    return Engine(model, cfg, kernels, par, dt, tokenizer, path, has_mtp)
+    return Engine(model, cfg, kernels, par, dt, tokenizer, path, has_mtp, cuda_graphs)
 
 
 

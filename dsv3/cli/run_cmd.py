@@ -76,9 +76,11 @@ def printable(text: str) -> str:
 @click.option("--attn", type=click.Choice(["auto", "naive", "absorb"]), default="auto", show_default=True,
               help="MLA form: auto = naive for prefill, absorbed for decode.")
 @click.option("--raw", is_flag=True, help="Send prompts as plain text, without the chat template.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+              help="Capture the decode step as one CUDA/HIP graph per batch bucket (cuda/rocm); off runs it eagerly.")
 @click.pass_context
 def run(ctx, ckpt: Path, backend, dtype, device, prompt, input_file, interactive, max_new_tokens, temperature,
-        top_p, seed, max_seq_len, attn, raw) -> None:
+        top_p, seed, max_seq_len, attn, raw, cuda_graphs) -> None:
     """Generate text from a checkpoint: released FP8, BF16 HF layout, or model-parallel rank files.
 
     \b
@@ -114,7 +116,7 @@ def run(ctx, ckpt: Path, backend, dtype, device, prompt, input_file, interactive
     update, close = _progress_bar(sys.stderr.isatty() and is_main)
     try:
         engine = load(ckpt, backend=backend, dtype=dtype, device=device, attn_impl=attn, max_seq_len=max_seq_len,
-                      parallel=par, progress=update, require_tokenizer=True)  # tokenizer checked before the weights
+                      parallel=par, progress=update, require_tokenizer=True, cuda_graphs=cuda_graphs)  # tokenizer checked before the weights
     finally:
         close()
     tok = engine.tokenizer  # there: tokenizer.json was checked before loading

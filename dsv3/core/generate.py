@@ -1,13 +1,19 @@
-"""Sampling and the generation loop over the latent KV cache.
+"""Sampling and the generation loop over the latent KV cache, on the static decode step.
 
-Prompts of different lengths are left-padded into one batch; the model masks the padding and
-starts each sequence's positions at its first real token, so a batch computes what each prompt
-would alone. Every rank runs the same loop; rank 0's sampled tokens are broadcast so all ranks
-decode the same sequence.
+Prompts of different lengths are right-padded into one batch and prefilled in one forward; each row
+then decodes at its own position (the position step of core/model.py), so a batch computes what each
+prompt would alone, and padding never enters a row's attention. Every rank runs the same loop; rank
+0's sampled tokens are broadcast so all ranks decode the same sequence.
+
+The decode step is shaped by (batch bucket, span) only. Where the backend can capture it
+(`Kernels.capture`, CUDA/HIP graphs), it is captured once and replayed every token; elsewhere the same
+step runs eagerly. EOS is checked on the host every EOS_CHECK_EVERY tokens, not every step, and the
+output is trimmed after.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -15,6 +21,9 @@ import torch
 
 from .errors import DsvError
 from .model import LatentCache, Transformer
+
+log = logging.getLogger("dsv3")
+EOS_CHECK_EVERY = 16  # a host check per 16 tokens instead of a sync per token
 
 
 class NonFiniteLogits(DsvError):
@@ -56,11 +65,72 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
+def bucket(batch: int) -> int:
+    """The graph batch sizes: 1, 2, 4, 8, then multiples of 8 (a batch is padded up to its bucket)."""
+    for b in (1, 2, 4, 8):
+        if batch <= b:
+            return b
+    return -(-batch // 8) * 8
+
+
+class DecodeStep:
+    """The decode step of one batch as static buffers: tokens [Bb, 1] and positions [Bb] are updated in
+    place, logits [Bb, V] are read after each call. `span` fixed (a static step, capturable) or None
+    (eager: each call reads only as far as the longest row needs, the fastest where nothing is captured).
+    Rows beyond the real batch are padding with their own cache rows: computed, never read."""
+
+    def __init__(self, model: Transformer, cache: LatentCache, batch: int, span: int | None, graphs: bool):
+        self.model, self.cache, self.span = model, cache, span
+        device = model.rope_cos.device
+        rows = cache.kv.shape[1]
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        # capture runs the step (warm-ups): at the last position, which no query sees before it is written
+        self.positions = torch.full((rows,), (span or 1) - 1, dtype=torch.long, device=device)
+        self.batch = batch
+        self.replay, self.logits = None, None
+        self.checked = False
+        if graphs and span is not None:
+            captured = model.kernels.capture(self._run)
+            if captured is not None:
+                self.replay, self.logits = captured
+
+    def _run(self) -> torch.Tensor:
+        return self.model.forward_step(self.tokens, self.positions, self.cache, self.span)[0][:, 0]  # [Bb, V]
+
+    @property
+    def captured(self) -> bool:
+        return self.replay is not None
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, longest: int) -> torch.Tensor:
+        """tokens [B], positions [B] (device) -> logits [B, V]. `longest`: the host's bound on positions + 1."""
+        B = self.batch
+        self.tokens[:B, 0].copy_(tokens)
+        self.positions[:B].copy_(positions)
+        if self.replay is not None:
+            self.replay()
+            if not self.checked:  # the first replay against the eager step (same writes, so harmless)
+                self.checked = True
+                graph, eager = self.logits[:B].clone(), self._run()[:B]
+                err = ((graph - eager).abs().max() / eager.abs().max().clamp(min=1e-30)).item()
+                if not err <= 2e-2:  # bf16 rounding
+                    log.warning("%s: the captured decode step disagrees with the eager one (max error %.2e); "
+                                "running eagerly", self.model.kernels.name, err)
+                    self.replay = None
+                    return eager
+            return self.logits[:B]
+        if self.span is not None:
+            return self._run()[:B]
+        logits, _ = self.model.forward_step(self.tokens[:B], self.positions[:B], self.cache, longest)
+        return logits[:, 0]
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_ids: tuple[int, ...] = (), seed: int | None = None,
-             dtype: torch.dtype | None = None, pad_id: int = 0) -> tuple[list[list[int]], Stats]:
-    """New tokens for each prompt (EOS excluded), and timings."""
+             dtype: torch.dtype | None = None, pad_id: int = 0, graphs: bool = True,
+             static: bool = False) -> tuple[list[list[int]], Stats]:
+    """New tokens for each prompt (EOS excluded), and timings. `graphs`: capture the decode step where the
+    backend can; `static`: run the capturable (fixed-span) step even where nothing is captured (tests)."""
     par, device = model.par, model.rope_cos.device
     stats = Stats()
     B = len(prompts)
@@ -71,41 +141,57 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     total = L + max_new_tokens
     if total > model.max_seq_len:
         raise ValueError(f"prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={model.max_seq_len}")
+    why = model.kernels.capture_unavailable()
+    if graphs and why is not None and not getattr(model.kernels, "_said_no_capture", False):
+        model.kernels._said_no_capture = True
+        log.info("%s; the same static step runs without a graph", why)
+    fixed = static or (graphs and why is None)
+    rows = bucket(B) if fixed else B
     tokens = torch.full((B, L), pad_id, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
-        tokens[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
-    pad = torch.tensor([L - n for n in lengths], device=device) if min(lengths) != L else None
+        tokens[b, :len(p)] = torch.tensor(p, dtype=torch.long)  # right-padded: each row starts at position 0
+    length = torch.tensor(lengths, device=device)
     dtype = dtype or model.embed.weight.dtype
-    cache = LatentCache.allocate(model.cfg, len(model.layers), B, total, dtype, device)
+    cache = LatentCache.allocate(model.cfg, len(model.layers), rows, total, dtype, device)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     eos = torch.tensor(list(eos_ids) or [-1], device=device)
 
     t0 = time.perf_counter()
-    logits = model(tokens, 0, cache, pad, last_only=True)[:, -1]  # [B, V]
+    decode = DecodeStep(model, cache, B, total if fixed else None, graphs)  # captured before the cache holds anything
+    stats.extra["capture_s"] = time.perf_counter() - t0
+    stats.extra["decode_step"] = "graph" if decode.captured else "static" if fixed else "eager"
+
+    t0 = time.perf_counter()
+    logits, _ = model.forward_step(tokens, torch.zeros(B, dtype=torch.long, device=device), cache, L, take=length - 1)
     stats.prefill_tokens, stats.prefill_s = sum(lengths), time.perf_counter() - t0
     if not bool(torch.isfinite(logits).all()):  # corrupt weights: say so rather than print noise
         raise NonFiniteLogits("the model produced NaN/Inf logits for the prompt; the weights are likely corrupt "
                               "(check them with `dsv3 convert verify CKPT`)")
 
-    out = torch.empty(B, 0, dtype=torch.long, device=device)
+    t0 = time.perf_counter()
+    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
-    t0 = time.perf_counter()
+    pos = length.clone()
+    n = 0
     for i in range(max_new_tokens):
         nxt = par.broadcast(sample(logits, temperature, top_p, generator))  # [B]
-        out = torch.cat([out, nxt[:, None]], dim=1)
+        out[:, i] = nxt
         done |= torch.isin(nxt, eos)
+        n = i + 1
         stats.steps += 1
-        if bool(done.all()) or i == max_new_tokens - 1:
+        if i == max_new_tokens - 1 or (n % EOS_CHECK_EVERY == 0 and bool(done.all())):
             break
-        logits = model(nxt[:, None], L + i, cache, pad, last_only=True)[:, -1]
+        logits = decode(nxt, pos, L + i + 1)
         finite &= torch.isfinite(logits).all()  # on the device: checked once, after the loop
+        pos += 1
     stats.decode_s = time.perf_counter() - t0
+    stats.extra["decode_step"] = "graph" if decode.captured else "static" if fixed else "eager"  # after a fallback too
     if not bool(finite):
         raise NonFiniteLogits("the model produced NaN/Inf logits while decoding; the weights are likely corrupt "
                               "(check them with `dsv3 convert verify CKPT`) or the activations overflow this dtype")
     results = []
-    for row in out.tolist():
+    for row in out[:, :n].tolist():
         cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
         results.append(row[:cut])
     stats.decode_tokens = sum(len(r) for r in results)

@@ -74,6 +74,20 @@ class Kernels:
         #: activation scales rounded up to powers of two (V3.1's scale_fmt "ue8m0"); set by configure
         self.act_ue8m0 = False
 
+    # ---- graphs ----------------------------------------------------------------------------
+    def capture_unavailable(self) -> str | None:
+        """Why this backend cannot capture the decode step as a graph (None: it can)."""
+        return f"the {self.name} backend runs each step eagerly (no graph capture)"
+
+    def can_capture(self) -> bool:
+        return self.capture_unavailable() is None
+
+    def capture(self, fn):
+        """Record fn() (a decode step reading and writing only tensors that stay allocated) as a graph.
+        Returns (replay, outputs): replay() reruns it on the same buffers and outputs holds fn's result,
+        refreshed by each replay; or None when capture is impossible or failed (the caller runs fn)."""
+        return None
+
     def configure(self, cfg) -> None:
         """Called by the loader once config.json is read, before any weight: the model-level facts a
         backend's arithmetic depends on. FP8 backends read the activation scale format here."""

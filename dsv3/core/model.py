@@ -82,12 +82,23 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 @dataclass
 class Step:
-    """What every layer needs to know about the current forward call."""
+    """What every layer needs to know about the current forward call.
+
+    Two kinds. A contiguous step writes all rows at start_pos.. (prefill chunks, the cache-free
+    forward). A position step (`write_pos` set) is the static decode step of DESIGN.md: row b's
+    tokens go to cache row rows[b] at write_pos[b, :], and it sees that row's keys 0..write_pos[b, i];
+    every tensor is built on the device and every shape depends only on (B, S, span), so the step
+    never waits for the host and can be captured as a graph."""
 
     start_pos: int
     cos: torch.Tensor  # [B, S, R/2] fp32
     sin: torch.Tensor  # [B, S, R/2] fp32
     mask: torch.Tensor | None  # [B, S, T] bool, True = may attend; None = every key visible
+    span: int = 0  # position steps: cache entries 0..span-1 are read (T)
+    write_pos: torch.Tensor | None = None  # [B, S] int64: cache positions of the step's tokens
+    kv_len: torch.Tensor | None = None  # [B] int64: keys the last query of each row sees (the mask is a prefix)
+    rows: torch.Tensor | None = None  # [B] int64 cache rows (slots); None = rows 0..B-1
+    row_index: torch.Tensor | None = None  # [B, 1] the rows, shaped to index the cache with write_pos
 
 
 @dataclass
@@ -155,11 +166,18 @@ class MLA(nn.Module):
         kv, k_pe = self.wkv_a(x).split([self.latent, self.rope_dim], dim=-1)  # [B, S, C], [B, S, R]
         kv = self.kv_norm(kv)
         k_pe = self.kernels.rope(k_pe.unsqueeze(2), step.cos, step.sin).squeeze(2)
-        end = step.start_pos + S
-        if kv_cache is not None:
+        if kv_cache is not None and step.write_pos is None:
+            end = step.start_pos + S
             kv_cache[:B, step.start_pos:end] = kv
             pe_cache[:B, step.start_pos:end] = k_pe
             kv, k_pe = kv_cache[:B, :end], pe_cache[:B, :end]  # [B, T, C], [B, T, R]
+        elif kv_cache is not None:  # a position step: scattered writes, static shapes
+            kv_cache.index_put_((step.row_index, step.write_pos), kv)
+            pe_cache.index_put_((step.row_index, step.write_pos), k_pe)
+            if step.rows is None:
+                kv, k_pe = kv_cache[:B, :step.span], pe_cache[:B, :step.span]  # [B, span, C], [B, span, R]
+            else:  # slots anywhere in the cache: gathered
+                kv, k_pe = kv_cache[step.rows, :step.span], pe_cache[step.rows, :step.span]
 
         impl = self.attn_impl
         if impl == "auto":  # prefill is compute-bound (naive), decode memory-bound (absorbed)
@@ -321,6 +339,37 @@ class Transformer(nn.Module):
         for m in self.modules():
             if isinstance(m, MLA):
                 m.attn_impl = impl
+
+    def position_step(self, positions: torch.Tensor, q: int, span: int, rows: torch.Tensor | None = None) -> Step:
+        """The static step: row b's q tokens sit at positions[b] .. positions[b] + q - 1 of its cache row
+        (rows[b], or b) and see that row's keys up to their own position. Built on the device from
+        `positions`; shapes depend on (B, q, span) only."""
+        device = self.rope_cos.device
+        B = positions.shape[0]
+        pos = positions[:, None] + torch.arange(q, device=device)  # [B, q]
+        mask = torch.arange(span, device=device)[None, None, :] <= pos[..., None]  # [B, q, span]
+        row_index = (rows if rows is not None else torch.arange(B, device=device))[:, None]  # [B, 1]
+        step = Step(0, self.rope_cos[pos], self.rope_sin[pos], mask, span=span, write_pos=pos, kv_len=pos[:, -1] + 1,
+                    rows=rows, row_index=row_index)
+        self.kernels.begin_step(step)
+        return step
+
+    def forward_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: "LatentCache", span: int,
+                     rows: torch.Tensor | None = None, take: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One position step (see Step): tokens [B, q] at positions [B] -> (logits fp32, final hidden).
+        With `take` [B] (an index into q per row) only those positions: logits [B, V], hidden [B, D];
+        else all: [B, q, V], [B, q, D]. q = 1 decodes, q = 1 + k verifies k drafts, a large q prefills."""
+        B, q = tokens.shape
+        step = self.position_step(positions, q, span, rows)
+        h = self.embed(tokens)  # [B, q, D]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, step, cache.kv[i], cache.pe[i])
+        if take is not None:
+            h = h[torch.arange(B, device=h.device), take][:, None]  # [B, 1, D]: only what is sampled
+        h = self.norm(h)
+        logits = self.logits(h)
+        return (logits[:, 0], h[:, 0]) if take is not None else (logits, h)
 
     def step(self, batch: int, seqlen: int, start_pos: int, pad: torch.Tensor | None) -> Step:
         """Rope angles and the causal mask for queries at start_pos..start_pos+seqlen-1.

@@ -457,13 +457,13 @@ def test_nan_logits_are_an_error_not_an_empty_answer(demo_ckpt, monkeypatch, whe
     """Corruption the load-time checks cannot see (a large BF16 weight) ends as NaN logits: an error."""
     from dsv3.core.model import Transformer
 
-    forward, calls = Transformer.forward, []
+    forward, calls = Transformer.forward_step, []
 
     def poisoned(self, *a, **k):
-        out = forward(self, *a, **k)
+        logits, hidden = forward(self, *a, **k)
         calls.append(1)
-        return out.fill_(float("nan")) if when == "prefill" or len(calls) > 1 else out
+        return (logits.fill_(float("nan")) if when == "prefill" or len(calls) > 1 else logits), hidden
 
-    monkeypatch.setattr(Transformer, "forward", poisoned)
+    monkeypatch.setattr(Transformer, "forward_step", poisoned)
     one_line_error(cli("run", demo_ckpt, "--prompt", "hi", "--max-new-tokens", "3"), "NaN/Inf logits", "verify")
 

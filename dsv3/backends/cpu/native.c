@@ -218,12 +218,13 @@ void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t hs, const uin
                        const float *w_uk,
                        const float *w_uv, const uint16_t *kv, const uint16_t *pe, uint16_t *y, int64_t B, int64_t H,
                        int64_t N, int64_t T, int64_t C, int64_t R, int64_t V, int64_t kvs, int64_t pes, float scale,
-                       float *scratch, int threads) {
+                       const int64_t *lens, float *scratch, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t bh = 0; bh < B * H; bh++) {
         int64_t b = bh / H, h = bh % H;
         const uint16_t *qn = q_nope + b * qs + h * hs, *qp = q_pe + b * ps + h * phs;
         const uint16_t *k0 = kv + b * kvs, *p0 = pe + b * pes;
+        const int64_t Tb = lens ? lens[b] : T; /* a row of a position step sees only its own prefix */
         float *ql = scratch + bh * (2 * C + T), *o = ql + C, *s = o + C, mx = -INFINITY, sum = 0.0f, qpf[256];
         for (int64_t c = 0; c < C; c++) ql[c] = o[c] = 0.0f;
         for (int64_t n = 0; n < N; n++) {
@@ -232,7 +233,7 @@ void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t hs, const uin
             for (int64_t c = 0; c < C; c++) ql[c] += q * w[c];
         }
         for (int64_t r = 0; r < R && r < 256; r++) qpf[r] = bf16_scalar(qp[r]);
-        for (int64_t t = 0; t < T; t++) {
+        for (int64_t t = 0; t < Tb; t++) {
             float a = dot_bf16(k0 + t * C, ql, C), c = 0.0f;
             if (R <= 256) c = dot_bf16(p0 + t * R, qpf, R);
             else
@@ -240,8 +241,8 @@ void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t hs, const uin
             s[t] = (a + c) * scale;
             if (s[t] > mx) mx = s[t];
         }
-        for (int64_t t = 0; t < T; t++) sum += (s[t] = expf(s[t] - mx));
-        for (int64_t t = 0; t < T; t++) {
+        for (int64_t t = 0; t < Tb; t++) sum += (s[t] = expf(s[t] - mx));
+        for (int64_t t = 0; t < Tb; t++) {
             float p = s[t] / sum;
             const uint16_t *kt = k0 + t * C;
             for (int64_t c = 0; c < C; c++) o[c] += p * bf16_scalar(kt[c]);

@@ -73,7 +73,7 @@ class Native:
             "dsv3_rms_norm_bf16": [p, p, p, i64, i64, f32],
             "dsv3_rope_bf16": [p, p, p, p, i64, i64, i64, i64, i64],
             "dsv3_moe_gate": [p, p, p, i64, i64, i64, i64, i64, i64, i32, i32, i32, f32, p, p, p, p],
-            "dsv3_mla_absorbed": [p, i64, i64, p, i64, i64, p, p, p, p, p] + [i64] * 9 + [f32, p, i32],
+            "dsv3_mla_absorbed": [p, i64, i64, p, i64, i64, p, p, p, p, p] + [i64] * 9 + [f32, p, p, i32],
             "dsv3_dequant_fp8": [p, p, p, i64, i64, i64, i32, p, i32],
         }
         for name, args in sigs.items():
@@ -128,16 +128,17 @@ class Native:
         return w, ids
 
     def mla_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor,
-                     kv: torch.Tensor, pe: torch.Tensor, scale: float) -> torch.Tensor:
+                     kv: torch.Tensor, pe: torch.Tensor, scale: float, lens: torch.Tensor | None = None) -> torch.Tensor:
         """One query per sequence: q_nope [B, H, N], q_pe [B, H, R] bf16 (unit last strides); w_uk [H, N, C],
-        w_uv [H, C, V] fp32 contiguous; kv [B, T, C], pe [B, T, R] bf16 with unit rows -> [B, H, V] bf16."""
+        w_uv [H, C, V] fp32 contiguous; kv [B, T, C], pe [B, T, R] bf16 with unit rows -> [B, H, V] bf16.
+        lens [B] int64 contiguous (each <= T): row b attends to its first lens[b] keys only; None: all T."""
         B, H, N = q_nope.shape
         T, C, R, V = kv.shape[1], kv.shape[2], pe.shape[2], w_uv.shape[2]
         y, scratch = torch.empty(B, H, V, dtype=torch.bfloat16), torch.empty(B * H * (2 * C + T))
         self.lib.dsv3_mla_absorbed(q_nope.data_ptr(), q_nope.stride(0), q_nope.stride(1), q_pe.data_ptr(), q_pe.stride(0),
                                    q_pe.stride(1), w_uk.data_ptr(), w_uv.data_ptr(), kv.data_ptr(), pe.data_ptr(), y.data_ptr(),
-                                   B, H, N, T, C, R, V, kv.stride(0), pe.stride(0), scale, scratch.data_ptr(),
-                                   torch.get_num_threads())
+                                   B, H, N, T, C, R, V, kv.stride(0), pe.stride(0), scale,
+                                   None if lens is None else lens.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
         return y
 
     def dequant_fp8(self, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

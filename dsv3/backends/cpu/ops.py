@@ -98,11 +98,15 @@ class CpuKernels(ReferenceKernels):
 
     def mla_absorbed(self, q_nope, q_pe, w_uk, w_uv, kv, pe, scale, mask):
         B, S, H, N = q_nope.shape
-        if (S == 1 and mask is None and self._native_ok(q_nope) and q_pe.dtype == kv.dtype == pe.dtype == torch.bfloat16
+        step = self.current_step
+        lens = step.kv_len if step is not None and mask is not None and mask is step.mask else None
+        if (S == 1 and (mask is None or lens is not None) and self._native_ok(q_nope) and q_pe.dtype == kv.dtype == pe.dtype == torch.bfloat16
                 and w_uk.dtype == w_uv.dtype == torch.float32 and w_uk.is_contiguous() and w_uv.is_contiguous()
                 and q_pe.stride(-1) == q_nope.stride(-1) == 1 and kv.stride(-1) == pe.stride(-1) == 1
                 and kv.stride(1) == kv.shape[2] and pe.stride(1) == pe.shape[2]):
-            y = self.native.mla_absorbed(q_nope[:, 0], q_pe[:, 0], w_uk, w_uv, kv, pe, scale)  # one call per layer
+            # a position step's mask is a per-row prefix: the kernel reads each row's keys up to kv_len only
+            y = self.native.mla_absorbed(q_nope[:, 0], q_pe[:, 0], w_uk, w_uv, kv, pe, scale,
+                                         None if lens is None else lens.contiguous())  # one call per layer
             return y.view(B, 1, H, -1)
         return super().mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, pe, scale, mask)
 

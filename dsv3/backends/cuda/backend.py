@@ -51,6 +51,8 @@ class CudaKernels(ReferenceKernels):
 
     def __init__(self, device=None):
         super().__init__(device)
+        self.graphs_ok = True  # False after --no-cuda-graphs or a failed capture
+        self._graph_pool = None
         self.fp8_dtype, self.mode = self.select_mode()
         self.act_max = self.activation_max()
         from . import act_quant, fp8_gemm, mla_decode, moe, weight_dequant  # noqa: F401  triton, only now; registers the ops
@@ -128,6 +130,36 @@ class CudaKernels(ReferenceKernels):
         if weight.device.type == "meta" or (weight.device.type == "cpu" and not interpreted(weight.device)):
             return super().weight_dequant(weight, scale, dtype)  # not where Triton can run
         return self._dequant(weight, scale.to(weight.device), dtype)
+
+    # ---- graphs ----------------------------------------------------------------------------
+    def capture_unavailable(self) -> str | None:
+        if self.device.type != "cuda":
+            return f"{self.name} on {self.device}: graphs need the GPU (the interpreter runs each step eagerly)"
+        if not self.graphs_ok:
+            return f"{self.name}: graph capture failed earlier or was switched off (--no-cuda-graphs)"
+        return None
+
+    def capture(self, fn):
+        """A CUDA (HIP on ROCm) graph of fn, after two warm-up runs on a side stream (Triton compiles,
+        the allocator settles); all graphs of this backend share one memory pool."""
+        if self.capture_unavailable() is not None:
+            return None
+        try:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                out = fn()
+            self._graph_pool = graph.pool()
+            return graph.replay, out
+        except Exception as e:  # a host sync or an uncapturable op inside the step: run eagerly, say why once
+            self.graphs_ok = False
+            say_once(f"{self.name}: decode-step graph capture failed ({type(e).__name__}: {e}); running eagerly")
+            return None
 
     # ---- ops ----------------------------------------------------------------------------
     def linear(self, x, weight, scale=None):

@@ -72,7 +72,10 @@ def route(ids: torch.Tensor, first: int, n_experts: int, block_m: int) -> tuple[
     local = ids.flatten() - first
     key = torch.where((local >= 0) & (local < n_experts), local, n_experts)  # n_experts = not here
     order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=n_experts + 1)[:n_experts]
+    # counted with index_add, not bincount: bincount sizes its output from the max id, a device-to-host copy
+    # that would also make the decode step uncapturable as a graph
+    counts = torch.zeros(n_experts + 1, dtype=torch.int64, device=ids.device).index_add_(
+        0, key, torch.ones_like(key))[:n_experts]
     tiles_per = (counts + block_m - 1) // block_m
     tile_end = torch.cumsum(tiles_per, 0)
     max_tiles = min(n_rows, triton.cdiv(n_rows + n_experts * (block_m - 1), block_m))

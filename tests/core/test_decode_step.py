@@ -1,0 +1,136 @@
+"""The static decode step (issue 12): same tokens as the eager step, no host synchronization, graph
+capture through the backend hook with a checked first replay, and an eager fallback that says why."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from sync_guard import HostSync, no_host_sync
+from tiny_configs import CONFIGS
+
+import dsv3
+from dsv3.core.generate import DecodeStep, bucket
+from dsv3.core.model import LatentCache
+
+PROMPTS = [[5, 9, 200, 17, 3, 88, 41], [250, 2, 77], [12, 13]]  # different lengths: 3 rows, bucket 4
+
+
+def test_buckets():
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 32)] == [1, 2, 4, 4, 8, 8, 16, 16, 24, 32]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_static_step_gives_the_eager_tokens(name, tiny_ckpts):
+    """fp32 greedy, a batch of different lengths and a lone prompt: the fixed-span step (what a graph
+    replays) and the eager step agree token for token, and a batch equals each prompt alone."""
+    engine = dsv3.load(tiny_ckpts[name], backend="cpu", dtype="fp32")
+    eager = engine.generate(PROMPTS, max_new_tokens=12)
+    assert engine.last_stats.extra["decode_step"] == "eager"
+    static = engine.generate(PROMPTS, max_new_tokens=12, static=True)
+    assert engine.last_stats.extra["decode_step"] == "static"
+    assert static == eager
+    assert [engine.generate([p], max_new_tokens=12)[0] for p in PROMPTS] == eager
+
+
+def decode_steps(engine, prompts, span_fixed: bool, steps: int = 3):
+    """Prefill outside the guard, then `steps` decode steps under it; returns the logits of each."""
+    model = engine.model
+    B, L = len(prompts), max(map(len, prompts))
+    total = L + steps + 1
+    cache = LatentCache.allocate(model.cfg, len(model.layers), bucket(B) if span_fixed else B, total, engine.dtype,
+                                 model.rope_cos.device)
+    tokens = torch.zeros(B, L, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens[b, :len(p)] = torch.tensor(p)
+    length = torch.tensor([len(p) for p in prompts])
+    logits, _ = model.forward_step(tokens, torch.zeros(B, dtype=torch.long), cache, L, take=length - 1)
+    step = DecodeStep(model, cache, B, total if span_fixed else None, graphs=False)
+    pos, out = length.clone(), []
+    with torch.inference_mode(), no_host_sync():
+        for i in range(steps):
+            logits = step(logits.argmax(-1), pos, L + i + 1)
+            out.append(logits)
+            pos += 1
+    return out
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch3-in-bucket4"])
+def test_cuda_decode_step_makes_no_host_sync(prompts, demo_ckpt, monkeypatch):
+    """The cuda backend's FP8 decode step (Triton kernels under the interpreter), static span, rows at
+    different positions: nothing in dsv3's code waits for a device value."""
+    import os
+
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no NVIDIA GPU and TRITON_INTERPRET is not 1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = dsv3.load(demo_ckpt, backend="cuda", device=device, dtype="bf16", attn_impl="absorb")
+    assert engine.kernels.fp8_dtype is not None
+    decode_steps(engine, prompts, span_fixed=True)
+
+
+def test_the_guard_catches_a_sync(demo_ckpt):
+    engine = dsv3.load(demo_ckpt, backend="reference", dtype="fp32")  # its MoE sizes expert runs on the host
+    with pytest.raises(HostSync, match="host synchronization"):
+        decode_steps(engine, PROMPTS, span_fixed=True, steps=1)
+
+
+class FakeGraphs:
+    """A capture hook that behaves like a graph: fn runs at capture, replay() reruns it and copies the
+    result into the tensor handed out at capture (a graph's output buffer is fixed)."""
+
+    def __init__(self, broken: bool = False):
+        self.broken, self.replays = broken, 0
+
+    def install(self, kernels, monkeypatch):
+        monkeypatch.setattr(kernels, "capture_unavailable", lambda: None)
+        monkeypatch.setattr(kernels, "capture", self.capture)
+
+    def capture(self, fn):
+        out = fn().clone()
+
+        def replay():
+            self.replays += 1
+            out.copy_(fn() + (100.0 if self.broken else 0.0))
+        return replay, out
+
+
+def test_captured_step_replays_into_static_buffers(demo_ckpt, monkeypatch):
+    engine = dsv3.load(demo_ckpt, backend="cpu", dtype="fp32")
+    eager = engine.generate(PROMPTS, max_new_tokens=10)
+    graphs = FakeGraphs()
+    graphs.install(engine.kernels, monkeypatch)
+    assert engine.generate(PROMPTS, max_new_tokens=10) == eager
+    assert engine.last_stats.extra["decode_step"] == "graph" and graphs.replays == 9
+
+
+def test_a_wrong_replay_is_caught_and_runs_eagerly(demo_ckpt, monkeypatch, caplog):
+    engine = dsv3.load(demo_ckpt, backend="cpu", dtype="fp32")
+    eager = engine.generate(PROMPTS, max_new_tokens=6)
+    FakeGraphs(broken=True).install(engine.kernels, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="dsv3"):
+        assert engine.generate(PROMPTS, max_new_tokens=6) == eager
+    assert "disagrees with the eager one" in caplog.text
+
+
+def test_no_capture_is_said_once(demo_ckpt, caplog):
+    engine = dsv3.load(demo_ckpt, backend="cpu", dtype="fp32")
+    with caplog.at_level(logging.INFO, logger="dsv3"):
+        engine.generate(PROMPTS, max_new_tokens=2)
+        engine.generate(PROMPTS, max_new_tokens=2)
+    assert caplog.text.count("no graph capture") == 1
+    engine.cuda_graphs = False
+    engine.generate(PROMPTS, max_new_tokens=2)
+    assert engine.last_stats.extra["decode_step"] == "eager"
+
+
+def test_cli_graph_flag(demo_ckpt):
+    from click.testing import CliRunner
+
+    from dsv3.cli import main
+
+    for flag in ("--cuda-graphs", "--no-cuda-graphs"):
+        r = CliRunner().invoke(main, ["run", str(demo_ckpt), "--prompt", "hi", "--max-new-tokens", "2", flag])
+        assert r.exit_code == 0, r.output
