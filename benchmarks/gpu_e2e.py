@@ -9,6 +9,7 @@ benchmarks/RESULTS.md with the GPU's name.
 
     python benchmarks/gpu_e2e.py [--no-write] [--workdir DIR]
     TRITON_INTERPRET=1 python benchmarks/gpu_e2e.py --smoke   # tiny model on CPU tensors: the script runs
+    TRITON_INTERPRET=1 python benchmarks/gpu_e2e.py --launches  # kernels per decode step, any machine
 """
 
 from __future__ import annotations
@@ -93,6 +94,29 @@ def decode_launches(engine, batch: int) -> int:
     return c.total
 
 
+def launches_table(args) -> None:
+    """Kernels one decode step launches, FP8 and BF16 modes, batch 1 and 32, the demo and 280M models."""
+    from dsv3.synthetic import BENCH_280M, DEMO, write_checkpoint
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = ["| model | mode | batch 1: per step (per layer) | batch 32: per step (per layer) |", "| --- | --- | --- | --- |"]
+    for name, cfg in (("DEMO", DEMO), ("BENCH_280M", BENCH_280M)):
+        path = (args.workdir or Path("/tmp/dsv3-launches")) / name
+        if not (path / "config.json").is_file():
+            write_checkpoint(path, cfg, seed=0, tokenizer=False)
+        for mode, bf16 in (("FP8", False), ("BF16 (sm80)", True)):
+            engine = load_dsv3(path, device, bf16, graphs=False)
+            n = len(engine.model.layers)
+            cells = [f"{c} ({c / n:.1f})" for c in (decode_launches(engine, b) for b in (1, 32))]
+            rows.append(f"| {name} | {mode} | {' | '.join(cells)} |")
+    text = "\n".join(rows + ["", "Triton launches plus aten kernels of one eager decode step (benchmarks/launches.py); "
+                                  "a graph replays the same kernels. Issue 12's goal: at most 24 per layer."])
+    print(text)
+    if not args.no_write:
+        append_section("Kernels per decode step (issue 12)", "TRITON_INTERPRET=1 python benchmarks/gpu_e2e.py --launches",
+                       text)
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--smoke", action="store_true", help="tiny model, CPU tensors under TRITON_INTERPRET=1")
@@ -100,7 +124,10 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--prefill-len", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--launches", action="store_true", help="only count kernels per decode step (any machine)")
     args = ap.parse_args()
+    if args.launches:
+        return launches_table(args)
 
     from transformers import DeepseekV3ForCausalLM
 

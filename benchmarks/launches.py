@@ -21,10 +21,11 @@ def _is_view(func) -> bool:
 
 
 def _implementation(name: str):
-    from dsv3.backends.cuda import act_quant, fp8_gemm, mla_decode, moe, weight_dequant
+    from dsv3.backends.cuda import act_quant, fp8_gemm, gate, mla_decode, moe, rope, weight_dequant
 
     return {"act_quant": act_quant.act_quant, "fp8_gemm": fp8_gemm.fp8_gemm, "mla_decode": mla_decode.mla_decode,
-            "fused_moe": moe.fused_moe, "weight_dequant": weight_dequant.weight_dequant}[name]
+            "fused_moe": moe.fused_moe, "weight_dequant": weight_dequant.weight_dequant, "rope": rope.rope,
+            "gate_select": gate.gate_select}[name]
 
 
 class LaunchCounter(TorchDispatchMode):

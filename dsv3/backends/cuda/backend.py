@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ...core.errors import BackendError
 from ...core.fp8 import FP8_MAX, to_format
-from ...core.kernels import ExpertWeights
+from ...core.kernels import ExpertWeights, GateParams
 from ..reference import ReferenceKernels
 from .launch import interpreted
 
@@ -55,12 +55,13 @@ class CudaKernels(ReferenceKernels):
         self._graph_pool = None
         self.fp8_dtype, self.mode = self.select_mode()
         self.act_max = self.activation_max()
-        from . import act_quant, fp8_gemm, mla_decode, moe, weight_dequant  # noqa: F401  triton, only now; registers the ops
+        from . import act_quant, fp8_gemm, gate, mla_decode, moe, rope, weight_dequant  # noqa: F401  triton, only now
 
         # through the registered torch.ops.dsv3.* ops: what another runtime or torch.compile calls is what runs here
         ops = torch.ops.dsv3
         self._act_quant, self._gemm = ops.act_quant, ops.fp8_gemm
         self._dequant, self._moe, self._mla = ops.weight_dequant, ops.fused_moe, ops.mla_decode
+        self._rope, self._gate_select = ops.rope, ops.gate_select
         if self.fp8_dtype is None:
             say_once(f"{self.name}: {self.mode}")
 
@@ -169,6 +170,16 @@ class CudaKernels(ReferenceKernels):
             return super().linear(x, weight, scale)
         q, s = self._act_quant(x, weight.dtype, self.act_max, self.act_ue8m0)
         return self._gemm(q, s, weight, scale, x.dtype, self.target).view(*x.shape[:-1], weight.shape[0])
+
+    def rope(self, x, cos, sin):
+        return self._rope(x, cos, sin)  # one launch for all heads of a step (the reference: ~5 ops)
+
+    def moe_gate(self, x, weight, bias, p: GateParams):
+        if p.top_k > 8 or p.scoring_func not in ("sigmoid", "softmax"):
+            return super().moe_gate(x, weight, bias, p)
+        logits = F.linear(x.float(), weight.float())  # [T, E] on every SM; then one selection launch
+        return self._gate_select(logits, bias, p.top_k, p.n_group, p.topk_group, p.scoring_func, p.group_score,
+                                 p.norm_topk_prob, p.route_scale)
 
     def attention(self, q, k, v, scale, mask):
         # SDPA picks a fused kernel on the GPU; the reference's fp32 [B, H, S, T] scores would not fit long prompts

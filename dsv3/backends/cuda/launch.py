@@ -14,8 +14,6 @@ import torch
 
 TARGETS = ("nvidia", "amd")
 
-#: smallest normal exponent of each e4m3 flavour: fn has bias 7, fnuz bias 8
-
 
 @dataclass(frozen=True)
 class GemmConfig:

@@ -61,6 +61,36 @@ def _moe_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, b2_ptr, b2s_ptr, c_ptr, rows_
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & in_n[None, :])
 
 
+@triton.jit
+def _route_kernel(ids_ptr, rows_ptr, tile_expert_ptr, n_rows, first, E, max_tiles, BLOCK_M: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr):
+    """route() in one program, for decode-sized batches: every row compared with every expert and with
+    every other row ([R, E] and [R, R] in registers) instead of a sort and a dozen small launches."""
+    r = tl.arange(0, BLOCK_R)
+    local = tl.load(ids_ptr + r, mask=r < n_rows, other=-1).to(tl.int32) - first
+    key = tl.where((local >= 0) & (local < E) & (r < n_rows), local, E)  # E: not here (or padding)
+    ee = tl.arange(0, BLOCK_E)
+    hit = key[:, None] == ee[None, :]  # [R, E]
+    counts = tl.where(ee < E, tl.sum(hit.to(tl.int32), 0), 0)
+    tiles_per = (counts + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(tiles_per, 0)
+    tile_start = tile_end - tiles_per
+    rank = tl.sum(((key[:, None] == key[None, :]) & (r[None, :] < r[:, None])).to(tl.int32), 1)  # stable order
+    dest = tl.sum(tl.where(hit, tile_start[None, :], 0), 1) * BLOCK_M + rank
+    for off in range(0, max_tiles * BLOCK_M, BLOCK_F):  # every slot starts as the sentinel n_rows
+        f = off + tl.arange(0, BLOCK_F)
+        tl.store(rows_ptr + f, tl.full((BLOCK_F,), 0, tl.int32) + n_rows, mask=f < max_tiles * BLOCK_M)
+    tl.debug_barrier()
+    tl.store(rows_ptr + dest, r, mask=key < E)
+    t = tl.arange(0, BLOCK_T)
+    te = tl.sum(((tile_end[None, :] <= t[:, None]) & (ee[None, :] < E)).to(tl.int32), 1)  # searchsorted, right
+    tl.store(tile_expert_ptr + t, tl.where(te < E, te, -1), mask=t < max_tiles)
+
+
+#: route() takes the one-program kernel up to this many (token, slot) rows: decode and small batches
+ROUTE_KERNEL_ROWS = 512
+
+
 def route(ids: torch.Tensor, first: int, n_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows [tiles·block_m] int32, tile_expert [tiles] int32) for ids [T, k] of global expert ids.
 
@@ -68,6 +98,21 @@ def route(ids: torch.Tensor, first: int, n_experts: int, block_m: int) -> tuple[
     padded to a multiple of block_m with the sentinel T·k; tile_expert is the local expert of each
     tile, -1 for tiles past the end. Sized without a device-to-host copy.
     """
+    n_rows = ids.numel()
+    max_tiles = min(n_rows, triton.cdiv(n_rows + n_experts * (block_m - 1), block_m))
+    if n_rows <= ROUTE_KERNEL_ROWS and n_experts < 1024:
+        rows = torch.empty(max_tiles * block_m, dtype=torch.int32, device=ids.device)
+        tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=ids.device)
+        _route_kernel[(1,)](ids.contiguous(), rows, tile_expert, n_rows, first, n_experts, max_tiles, BLOCK_M=block_m,
+                            BLOCK_R=max(16, triton.next_power_of_2(n_rows)),
+                            BLOCK_E=max(16, triton.next_power_of_2(n_experts + 1)),
+                            BLOCK_T=max(16, triton.next_power_of_2(max_tiles)), BLOCK_F=256)
+        return rows, tile_expert
+    return route_torch(ids, first, n_experts, block_m)
+
+
+def route_torch(ids: torch.Tensor, first: int, n_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """route() in torch ops: any size (prefill)."""
     n_rows = ids.numel()
     local = ids.flatten() - first
     key = torch.where((local >= 0) & (local < n_experts), local, n_experts)  # n_experts = not here

@@ -10,7 +10,15 @@ from triton_targets import FN, device_for
 
 pytest.importorskip("triton")
 
-from dsv3.backends.cuda import act_quant, fp8_gemm, mla_decode, moe, weight_dequant  # noqa: E402,F401  registers
+from dsv3.backends.cuda import (  # noqa: E402,F401  registers the ops
+    act_quant,
+    fp8_gemm,
+    gate,
+    mla_decode,
+    moe,
+    rope,
+    weight_dequant,
+)
 from dsv3.core import fp8  # noqa: E402
 
 
@@ -43,11 +51,15 @@ def cases():
         "fused_moe": (torch.ops.dsv3.fused_moe.default, (xm, rw, ids, stack(w1), stack(s1), stack(w3), stack(s3),
                                                           stack(w2), stack(s2), 0, 448.0, "nvidia", False)),
         "mla_decode": (torch.ops.dsv3.mla_decode.default, (ql, qp, kv, pe, 0.1, None, "nvidia")),
+        "rope": (torch.ops.dsv3.rope.default, (qp, *(torch.rand(B, S, R // 2, generator=gen(60)).to(dev),) * 2)),
+        "gate_select": (torch.ops.dsv3.gate_select.default, (torch.randn(3, 16, generator=gen(61)).to(dev),
+                                                             torch.randn(16, generator=gen(62)).to(dev), 4, 4, 2,
+                                                             "sigmoid", "top2_sum", True, 2.5)),
     }
 
 
 @pytest.mark.parametrize("name", ["act_quant", "act_quant_ue8m0", "fp8_gemm", "weight_dequant", "fused_moe",
-                                  "mla_decode"])
+                                  "mla_decode", "rope", "gate_select"])
 def test_opcheck(name):
     op, args = cases()[name]
     utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")

@@ -24,6 +24,12 @@ def target(request):
     return request.param
 
 
+@pytest.fixture(params=["nvidia", "amd"])
+def vendor(request):
+    """For kernels with no FP8 in them: one run per vendor's device, not per FP8 flavour."""
+    return request.param
+
+
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -187,3 +193,56 @@ def test_mla_decode(target, b, s, h, c, r, t, dtype):
     ref = REF.mla_attention(*[z.double() for z in args], scale, mask)
     tol = {torch.float32: 5e-3, torch.bfloat16: 2e-2}[dtype]  # fp32 runs as tf32 on NVIDIA tensor cores
     check(got.cpu(), ref, tol, f"mla_decode B={b} S={s} H={h} C={c} R={r} T={t} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("b,s,h,d", [(1, 1, 1, 8), (2, 1, 3, 16), (1, 7, 5, 64), (3, 4, 128, 64)])
+def test_rope(vendor, b, s, h, d, dtype):
+    from dsv3.backends.cuda.rope import rope
+
+    dev = device_for(vendor)
+    wide = torch.randn(b, s, h, d + 24, generator=gen(1)).to(dtype)
+    x = wide[..., 24:]  # the rope slice of a projection: strided
+    ang = torch.rand(b, s, d // 2, generator=gen(2)) * 30
+    got = rope(x.to(dev), ang.cos().to(dev), ang.sin().to(dev)).cpu()
+    ref = REF.rope(x, ang.cos(), ang.sin())
+    check(got, ref, 1e-6 if dtype == torch.float32 else 8e-3, f"rope {dtype} [{b},{s},{h},{d}]")
+
+
+@pytest.mark.parametrize("t", [1, 3, 17])
+@pytest.mark.parametrize("e,n_group,topk_group,top_k,scoring,group_score,norm", [
+    (256, 8, 4, 8, "sigmoid", "top2_sum", True),   # DeepSeek-V3
+    (8, 4, 2, 2, "sigmoid", "top2_sum", True),
+    (12, 3, 1, 3, "sigmoid", "max", False),
+    (16, 1, 1, 4, "softmax", "none", True),
+    (20, 5, 2, 6, "softmax", "top2_sum", False),
+])
+def test_gate_select(vendor, t, e, n_group, topk_group, top_k, scoring, group_score, norm):
+    """Same experts and weights as the reference gate, with negative biases (dropped groups must not win)."""
+    from dsv3.backends.cuda.gate import gate_select
+    from dsv3.core.kernels import GateParams
+
+    dev = device_for(vendor)
+    x, w = torch.randn(t, 40, generator=gen(3)), torch.randn(e, 40, generator=gen(4))
+    bias = torch.randn(e, generator=gen(5)) * 0.3 - 0.5 if scoring == "sigmoid" else None
+    p = GateParams(top_k, n_group, topk_group, scoring, group_score, norm, 2.5)
+    ref_w, ref_i = REF.moe_gate(x, w, bias, p)
+    got_w, got_i = gate_select(torch.nn.functional.linear(x, w).to(dev), None if bias is None else bias.to(dev),
+                               top_k, n_group, topk_group, scoring, group_score, norm, 2.5)
+    assert torch.equal(got_i.cpu().sort(-1).values, ref_i.sort(-1).values), f"experts differ:\n{got_i}\n{ref_i}"
+    order_g, order_r = got_i.cpu().argsort(-1), ref_i.argsort(-1)
+    check(got_w.cpu().gather(1, order_g), ref_w.gather(1, order_r), 1e-6, "gate weights")
+
+
+@pytest.mark.parametrize("tokens,k,experts,first,block_m", [(1, 8, 256, 0, 16), (3, 2, 8, 0, 16), (4, 3, 5, 2, 16),
+                                                            (32, 8, 32, 8, 32), (64, 8, 256, 0, 64)])
+def test_route_kernel_equals_the_torch_routing(vendor, tokens, k, experts, first, block_m):
+    """The one-program routing kernel (decode sizes) places rows exactly as the sort-based torch routing,
+    ids of other ranks included."""
+    from dsv3.backends.cuda.moe import route, route_torch
+
+    dev = device_for(vendor)
+    ids = torch.randint(0, experts + 2 * first + 1, (tokens, k), generator=gen(tokens + k))
+    rows, tiles = route(ids.to(dev), first, experts, block_m)
+    ref_rows, ref_tiles = route_torch(ids, first, experts, block_m)
+    assert torch.equal(rows.cpu(), ref_rows) and torch.equal(tiles.cpu(), ref_tiles)
