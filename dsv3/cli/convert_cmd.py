@@ -96,7 +96,8 @@ def fnuz(src, dst, force, resume, quiet) -> None:
 @convert.command()
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.option("--checksums", is_flag=True, help="Also compare file contents with the manifest dsv3 convert wrote.")
-def verify(ckpt, checksums) -> None:
+@_quiet
+def verify(ckpt, checksums, quiet) -> None:
     """Check a checkpoint in any layout (released FP8, BF16, rank files) as `dsv3 run` would load it.
 
     Headers and offsets, index/shard agreement, config.json, every tensor's name, shape and dtype,
@@ -105,7 +106,7 @@ def verify(ckpt, checksums) -> None:
     """
     from ..convert import verify as run
 
-    problems = run(ckpt, checksums=checksums)
+    problems = run(ckpt, checksums=checksums, quiet=quiet)
     if problems:
         for p in problems:
             click.echo(f"problem: {p}", err=True)
