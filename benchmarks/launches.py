@@ -25,7 +25,8 @@ def _implementation(name: str):
 
     return {"act_quant": act_quant.act_quant, "fp8_gemm": fp8_gemm.fp8_gemm, "mla_decode": mla_decode.mla_decode,
             "fused_moe": moe.fused_moe, "weight_dequant": weight_dequant.weight_dequant, "rope": rope.rope,
-            "gate_select": gate.gate_select}[name]
+            "gate_select": gate.gate_select,
+            "fp8_linear": lambda x, b, s, m, u, t: fp8_gemm.fp8_linear(x, b, s, m, u, x.dtype, t)}[name]
 
 
 class LaunchCounter(TorchDispatchMode):

@@ -22,7 +22,7 @@ from ...core.errors import BackendError
 from ...core.fp8 import FP8_MAX, to_format
 from ...core.kernels import ExpertWeights, GateParams
 from ..reference import ReferenceKernels
-from .launch import interpreted
+from .launch import FUSED_QUANT_ROWS, interpreted
 
 log = logging.getLogger("dsv3")
 _said: set[str] = set()
@@ -61,7 +61,7 @@ class CudaKernels(ReferenceKernels):
         ops = torch.ops.dsv3
         self._act_quant, self._gemm = ops.act_quant, ops.fp8_gemm
         self._dequant, self._moe, self._mla = ops.weight_dequant, ops.fused_moe, ops.mla_decode
-        self._rope, self._gate_select = ops.rope, ops.gate_select
+        self._rope, self._gate_select, self._linear = ops.rope, ops.gate_select, ops.fp8_linear
         if self.fp8_dtype is None:
             say_once(f"{self.name}: {self.mode}")
 
@@ -168,6 +168,10 @@ class CudaKernels(ReferenceKernels):
             return F.linear(x, weight)
         if weight.dtype != self.fp8_dtype:  # only FP8 weights carry a scale past prepare_linear
             return super().linear(x, weight, scale)
+        rows = x.numel() // x.shape[-1]
+        if rows <= FUSED_QUANT_ROWS:  # decode: the activation is quantized inside the GEMM, one launch
+            y = self._linear(x.reshape(rows, -1), weight, scale, self.act_max, self.act_ue8m0, self.target)
+            return y.view(*x.shape[:-1], weight.shape[0])
         q, s = self._act_quant(x, weight.dtype, self.act_max, self.act_ue8m0)
         return self._gemm(q, s, weight, scale, x.dtype, self.target).view(*x.shape[:-1], weight.shape[0])
 

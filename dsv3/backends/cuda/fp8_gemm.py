@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...core.fp8 import FP8_EMIN, FP8_MAX
+from .jit import round_to_fp8_grid
 from .launch import GemmConfig, check_target, gemm_config
 
 BLOCK_K = 128
@@ -19,7 +21,12 @@ BLOCK_K = 128
 
 @triton.jit(do_not_specialize=["M"])
 def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, n_kb,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     QUANT_A: tl.constexpr = False, FP8_MAX: tl.constexpr = 1.0, EMIN: tl.constexpr = 0,
+                     UE8M0: tl.constexpr = False):
+    """QUANT_A: a_ptr holds the bf16/fp32 activation itself and each K step quantizes its [BLOCK_M, 128]
+    tile as act_quant would (same scale, same rounding), so a decode-sized linear is one launch.
+    FP8_MAX/EMIN/UE8M0 are read only with QUANT_A (the caller passes the format's, from core/fp8.py)."""
     # grouped tile order: GROUP_M row tiles sweep the same B columns while they are in L2
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -42,7 +49,14 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, n_kb,
         in_k = rk < K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=in_k[:, None] & in_n[None, :], other=0.0)
-        sa = tl.load(as_ptrs + kb, mask=in_m, other=0.0)
+        if QUANT_A:
+            x = a.to(tl.float32)
+            sa = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4) / FP8_MAX  # [BLOCK_M], as act_quant
+            if UE8M0:
+                sa = tl.exp2(tl.ceil(tl.log2(sa)))
+            a = round_to_fp8_grid(tl.clamp(x / sa[:, None], -FP8_MAX, FP8_MAX), EMIN).to(b_ptr.dtype.element_ty)
+        else:
+            sa = tl.load(as_ptrs + kb, mask=in_m, other=0.0)
         sb = tl.load(bs_ptrs + kb, mask=in_n, other=0.0)
         acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
         a_ptrs += BLOCK_K
@@ -78,6 +92,45 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     _fp8_gemm_kernel[grid](a, a_scale, b, b_scale, c, m, n, k, n_kb, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                            BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return c
+
+
+def fp8_linear(x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, fp8_max: float, ue8m0: bool = False,
+               out_dtype: torch.dtype | None = None, target: str = "nvidia") -> torch.Tensor:
+    """x [M, K] bf16/fp16/fp32 -> act_quant(x) · (b · b_scale)ᵀ [M, N], the activation quantized inside the
+    GEMM (same scales and rounding as act_quant; meant for M <= launch.FUSED_QUANT_ROWS)."""
+    check_target(target)
+    if x.dim() != 2 or b.dim() != 2 or x.shape[1] != b.shape[1]:
+        raise ValueError(f"fp8_linear: x {list(x.shape)} and b {list(b.shape)} must be [M, K] and [N, K]")
+    if b.dtype not in FP8_EMIN or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"fp8_linear: x {x.dtype}, b {b.dtype}; expected a float activation and an e4m3 weight")
+    if not 0 < fp8_max <= FP8_MAX[b.dtype]:
+        raise ValueError(f"fp8_linear: fp8_max={fp8_max} is outside (0, the max of {b.dtype}]")
+    (m, k), n = x.shape, b.shape[0]
+    n_kb = triton.cdiv(k, BLOCK_K)
+    if tuple(b_scale.shape) != (triton.cdiv(n, 128), n_kb) or b_scale.dtype != torch.float32:
+        raise ValueError(f"fp8_linear: b_scale {b_scale.dtype} {list(b_scale.shape)}; expected float32 "
+                         f"[{triton.cdiv(n, 128)}, {n_kb}]")
+    x, b, b_scale = x.contiguous(), b.contiguous(), b_scale.contiguous()
+    c = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    if m == 0:
+        return c
+    cfg = gemm_config(m, target)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    _fp8_gemm_kernel[grid](x, b_scale, b, b_scale, c, m, n, k, n_kb, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                           BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m, QUANT_A=True, FP8_MAX=float(fp8_max),
+                           EMIN=FP8_EMIN[b.dtype], UE8M0=ue8m0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return c
+
+
+@torch.library.custom_op("dsv3::fp8_linear", mutates_args=())
+def fp8_linear_op(x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, fp8_max: float, ue8m0: bool,
+                  target: str) -> torch.Tensor:
+    return fp8_linear(x, b, b_scale, fp8_max, ue8m0, x.dtype, target)
+
+
+@fp8_linear_op.register_fake
+def _(x, b, b_scale, fp8_max, ue8m0, target):
+    return x.new_empty(x.shape[0], b.shape[0])
 
 
 @torch.library.custom_op("dsv3::fp8_gemm", mutates_args=())

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 
 TARGETS = ("nvidia", "amd")
+#: up to this many rows a linear quantizes its activation inside the FP8 GEMM (one launch); above, each
+#: N tile would redo the quantization of every row, so act_quant runs once first
+FUSED_QUANT_ROWS = 64
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ def cases():
         "act_quant_ue8m0": (torch.ops.dsv3.act_quant.default, (x, FN, 448.0, True)),
         "fp8_gemm": (torch.ops.dsv3.fp8_gemm.default, (q.to(dev), s.to(dev), w.to(dev), ws.to(dev), torch.bfloat16,
                                                         "nvidia")),
+        "fp8_linear": (torch.ops.dsv3.fp8_linear.default, (x, w.to(dev), ws.to(dev), 448.0, False, "nvidia")),
         "weight_dequant": (torch.ops.dsv3.weight_dequant.default, (w.to(dev), ws.to(dev), torch.bfloat16)),
         "fused_moe": (torch.ops.dsv3.fused_moe.default, (xm, rw, ids, stack(w1), stack(s1), stack(w3), stack(s3),
                                                           stack(w2), stack(s2), 0, 448.0, "nvidia", False)),
@@ -58,7 +59,7 @@ def cases():
     }
 
 
-@pytest.mark.parametrize("name", ["act_quant", "act_quant_ue8m0", "fp8_gemm", "weight_dequant", "fused_moe",
+@pytest.mark.parametrize("name", ["act_quant", "act_quant_ue8m0", "fp8_gemm", "fp8_linear", "weight_dequant", "fused_moe",
                                   "mla_decode", "rope", "gate_select"])
 def test_opcheck(name):
     op, args = cases()[name]
@@ -75,4 +76,5 @@ def test_the_backend_calls_the_registered_ops(monkeypatch):
 
     k = dsv3.backends.resolve("cuda", device_for("nvidia"))
     assert k._gemm is torch.ops.dsv3.fp8_gemm and k._act_quant is torch.ops.dsv3.act_quant
+    assert k._linear is torch.ops.dsv3.fp8_linear
     assert k._moe is torch.ops.dsv3.fused_moe and k._mla is torch.ops.dsv3.mla_decode

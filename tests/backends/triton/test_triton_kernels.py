@@ -246,3 +246,23 @@ def test_route_kernel_equals_the_torch_routing(vendor, tokens, k, experts, first
     rows, tiles = route(ids.to(dev), first, experts, block_m)
     ref_rows, ref_tiles = route_torch(ids, first, experts, block_m)
     assert torch.equal(rows.cpu(), ref_rows) and torch.equal(tiles.cpu(), ref_tiles)
+
+
+@pytest.mark.parametrize("ue8m0", [False, True])
+@pytest.mark.parametrize("m,n,k", [(1, 130, 200), (3, 576, 384), (17, 100, 448), (64, 256, 576)])
+def test_fp8_linear_equals_act_quant_then_gemm(target, m, n, k, ue8m0):
+    """The decode linear quantizes its activation inside the GEMM: the same product as act_quant + fp8_gemm,
+    and within FP8 tolerance of the dense reference."""
+    from dsv3.backends.cuda.act_quant import act_quant
+    from dsv3.backends.cuda.fp8_gemm import fp8_gemm, fp8_linear
+
+    dev = device_for(target.vendor)
+    x = torch.randn(m, k, generator=gen(m + n)).bfloat16().to(dev)
+    w, ws = quantized_weight(n, k, target, seed=7)
+    w, ws = w.to(dev), ws.to(dev)
+    got = fp8_linear(x, w, ws, target.act_max, ue8m0, torch.float32, target.vendor).cpu()
+    q, s = act_quant(x, target.fp8, target.act_max, ue8m0)
+    two = fp8_gemm(q, s, w, ws, torch.float32, target.vendor).cpu()
+    check(got, two, 1e-6, f"fp8_linear vs act_quant+gemm m={m}")
+    dense = REF.linear(x.cpu().float(), fp8.dequantize(w.cpu(), ws.cpu(), torch.float32))
+    check(got, dense, 0.1, f"fp8_linear vs dense m={m}")
