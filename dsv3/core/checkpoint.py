@@ -129,7 +129,8 @@ class Checkpoint:
             if absent:
                 self.problems.add(f"{path}: {INDEX} lists {absent[0]} in this shard but it is not there "
                                   f"({len(absent)} such); the shard and index disagree, re-download them")
-            unlisted = [n for n in infos if n not in set(expect)]
+            listed = set(expect)
+            unlisted = [n for n in infos if n not in listed]
             if unlisted:
                 self.problems.add(f"{path}: holds {unlisted[0]}, which {INDEX} does not list there "
                                   f"({len(unlisted)} such); the shard and index disagree, re-download them")

@@ -145,8 +145,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     if why is None and par.world_size > 1:
         # a rank whose capture failed would run eagerly while the others wait inside a captured collective
         why = "graph capture is off under tensor parallel (collectives inside a graph are not validated yet)"
-    if graphs and why is not None and not getattr(model.kernels, "_said_no_capture", False):
-        model.kernels._said_no_capture = True
+    if graphs and why is not None and not model.kernels.said_no_capture:
+        model.kernels.said_no_capture = True
         log.info("%s; the same static step runs without a graph", why)
     fixed = static or (graphs and why is None)
     rows = bucket(B) if fixed else B

@@ -73,6 +73,8 @@ class Kernels:
         self._step_tables: dict[str, object] = {}
         #: activation scales rounded up to powers of two (V3.1's scale_fmt "ue8m0"); set by configure
         self.act_ue8m0 = False
+        #: the generation loop said once why this backend runs the decode step without a graph
+        self.said_no_capture = False
 
     # ---- graphs ----------------------------------------------------------------------------
     def capture_unavailable(self) -> str | None:

@@ -162,11 +162,14 @@ def read_tensor(path: str | Path, info: TensorInfo, check: bool = True, f=None) 
         raise CheckpointError(f"{path}: truncated while reading a tensor; re-download or re-convert it")
     t = torch.empty(info.shape, dtype=info.dtype) if info.nbytes == 0 else \
         torch.frombuffer(buf, dtype=info.dtype).view(info.shape)
-    if check:
-        why = value_problem(t, info.name, buf)
-        if why:
-            raise CheckpointError(f"{path}: tensor {info.name or '?'}: {why}; the file is corrupt, re-download or "
-                                  "re-convert it")
+    return _checked(path, info, t, buf) if check else t
+
+
+def _checked(path, info: TensorInfo, t: torch.Tensor, raw) -> torch.Tensor:
+    why = value_problem(t, info.name, raw)
+    if why:
+        raise CheckpointError(f"{path}: tensor {info.name or '?'}: {why}; the file is corrupt, re-download or "
+                              "re-convert it")
     return t
 
 
@@ -196,11 +199,7 @@ def read_mapped(path: str | Path, info: TensorInfo, mm) -> torch.Tensor:
     else:
         t = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.begin).view(info.dtype)
         t = t.view(info.shape)
-    why = value_problem(t, info.name, _Span(mm, info.begin, info.end))
-    if why:
-        raise CheckpointError(f"{path}: tensor {info.name or '?'}: {why}; the file is corrupt, re-download or "
-                              "re-convert it")
-    return t
+    return _checked(path, info, t, _Span(mm, info.begin, info.end))
 
 
 class StreamingWriter:
