@@ -56,3 +56,14 @@ def test_decode_step_launch_budget():
     print(f"kernels per layer in one decode step: {per_layer} (goal: <= 24)")
     assert per_layer[1] == per_layer[4]  # launches do not grow with the batch
     assert per_layer[1] <= 36, per_layer  # 34.3 on the demo model (was ~100 before the decode-step work)
+
+
+def test_serve_load_benchmark_smoke():
+    """benchmarks/serve_load.py end to end on the demo model: engine.generate, a real server, 1/4/16 clients."""
+    pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    r = subprocess.run([sys.executable, "benchmarks/serve_load.py", "--smoke"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for row in ("| engine.generate |", "| 16 |", "Chunked prefill"):
+        assert row in r.stdout, r.stdout

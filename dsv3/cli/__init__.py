@@ -64,8 +64,9 @@ def _register() -> None:
     from .convert_cmd import convert
     from .demo_cmd import demo
     from .run_cmd import run
+    from .serve_cmd import serve
 
-    for cmd in (backends, demo, run, convert):
+    for cmd in (backends, demo, run, serve, convert):
         main.add_command(cmd)
 
 

@@ -1,0 +1,164 @@
+"""`dsv3 serve` under load, against `engine.generate` on the same prompts, side by side in one run.
+
+The ~280M-parameter model (bf16, cpu backend), written with a tokenizer. First `engine.generate` runs
+the 16 prompts as one batch in this process (the ceiling: no HTTP, no scheduling); then a real server
+subprocess is loaded with the `openai` async client at 1, 4 and 16 concurrent clients (client i sends
+prompt i), and reports output tok/s, time to first token and time per output token (p50/p99, measured
+by the client). Last, chunked prefill: the time to first token of a short request sent while a
+2048-token prompt is being prefilled, in units of a batch-1 decode step. Writes the table to
+benchmarks/RESULTS.md.
+
+    python benchmarks/serve_load.py [--new-tokens 64] [--workdir DIR]
+    python benchmarks/serve_load.py --smoke      # the demo model, a few tokens (the test suite runs this)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from results import append_section, parser  # noqa: E402
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))] if xs else float("nan")
+
+
+def start_server(ckpt: Path, max_batch: int, dtype: str) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "dsv3", "serve", str(ckpt), "--backend", "cpu", "--dtype", dtype, "--port", "0",
+           "--max-batch", str(max_batch), "--served-model-name", "bench"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stderr:
+        m = re.search(r"serving .* on (http://\S+) ", line)
+        if m:
+            return proc, m.group(1)
+    raise RuntimeError(f"the server did not start (exit {proc.wait()})")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def one(client, prompt: list[int], max_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                             stream=True, stream_options={"include_usage": True},
+                                             extra_body={"return_token_ids": True})
+    stamps, n = [], 0
+    async for ch in stream:
+        for c in ch.choices:
+            k = len((c.model_extra or {}).get("token_ids") or [])
+            if k:
+                stamps.append(time.perf_counter())
+                n += k
+    return {"ttft": stamps[0] - t0, "tpot": (stamps[-1] - stamps[0]) / max(1, n - 1), "tokens": n,
+            "end": stamps[-1], "start": t0}
+
+
+async def load(client, prompts: list[list[int]], clients: int, max_tokens: int) -> dict:
+    rs = await asyncio.gather(*(one(client, prompts[i], max_tokens) for i in range(clients)))
+    wall = max(r["end"] for r in rs) - min(r["start"] for r in rs)
+    return {"tps": sum(r["tokens"] for r in rs) / wall, "ttft": [r["ttft"] for r in rs],
+            "tpot": [r["tpot"] for r in rs], "tokens": sum(r["tokens"] for r in rs)}
+
+
+async def prefill_interference(client, long_prompt: list[int], short: list[int], tries: int) -> tuple[list, list]:
+    """TTFT of a short request alone, and while a long prompt is being prefilled (sent `delay` after it)."""
+    alone, during = [], []
+    for i in range(tries):
+        alone.append((await one(client, short, 1))["ttft"])
+        big = asyncio.create_task(one(client, long_prompt, 1))
+        await asyncio.sleep(0.2 + 0.1 * i)  # somewhere inside the long prefill
+        r = await one(client, short, 1)
+        b = await big
+        if r["end"] < b["end"]:  # it really was served during the long prefill
+            during.append(r["ttft"])
+    return alone, during
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--smoke", action="store_true", help="the demo model and a few tokens: checks the script runs")
+    args = ap.parse_args()
+    import torch
+
+    import dsv3
+    from dsv3.synthetic import BENCH_280M, DEMO, write_checkpoint
+
+    name, cfg = ("demo", DEMO) if args.smoke else ("280M", BENCH_280M)
+    new, long_len = (8, 300) if args.smoke else (args.new_tokens, 2048)
+    work = args.workdir or Path(f"/tmp/dsv3-serve-bench-{name}")
+    ckpt = work / "ckpt"
+    if not (ckpt / "tokenizer.json").is_file():
+        write_checkpoint(ckpt, cfg, seed=0, n_shards=4)
+    rng = random.Random(0)
+    vocab = cfg["vocab_size"]
+    prompts = [[rng.randrange(1, vocab) for _ in range(rng.randrange(16, 65))] for _ in range(16)]
+
+    engine = dsv3.load(ckpt, backend="cpu", dtype="bf16")
+    engine.generate(prompts[:2], max_new_tokens=4)  # warm-up (the C kernels compile once)
+    best = 0.0
+    for _ in range(1 if args.smoke else 2):
+        t0 = time.perf_counter()
+        out = engine.generate(prompts, max_new_tokens=new)
+        best = max(best, sum(map(len, out)) / (time.perf_counter() - t0))
+    del engine
+    gc.collect()
+
+    long_prompt = [rng.randrange(1, vocab) for _ in range(long_len)]
+
+    async def against(url):
+        import openai
+
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600) as client:
+            await load(client, prompts, 2, 4)  # warm-up
+            runs = {}
+            for c in (1, 4, 16):  # best of two, like engine.generate above
+                a, b = await load(client, prompts, c, new), await load(client, prompts, c, new)
+                runs[c] = a if a["tps"] >= b["tps"] else b
+            return runs, await prefill_interference(client, long_prompt, prompts[0][:8], 2 if args.smoke else 5)
+
+    proc, url = start_server(ckpt, 16, "bf16")
+    try:
+        runs, (alone, during) = asyncio.run(against(url))
+    finally:
+        stop_server(proc)
+
+    step = statistics.median(runs[1]["tpot"])
+    rows = ["| clients | output tok/s | vs engine.generate (16 prompts, one batch) | TTFT p50 / p99 (ms) | "
+            "TPOT p50 / p99 (ms) |", "|---|---|---|---|---|"]
+    rows.append(f"| engine.generate | {best:.1f} | 1.00x | - | - |")
+    for c, r in runs.items():
+        rows.append(f"| {c} | {r['tps']:.1f} | {r['tps'] / best:.2f}x | {1e3 * pct(r['ttft'], 50):.0f} / "
+                    f"{1e3 * pct(r['ttft'], 99):.0f} | {1e3 * pct(r['tpot'], 50):.1f} / {1e3 * pct(r['tpot'], 99):.1f} |")
+    chunked = (f"Chunked prefill: time to first token of an 8-token request while a {long_len}-token prompt is being "
+               f"prefilled: median {1e3 * statistics.median(during):.0f} ms over {len(during)} tries = "
+               f"{statistics.median(during) / step:.2f} batch-1 decode steps ({1e3 * step:.1f} ms); "
+               f"alone: {1e3 * statistics.median(alone):.0f} ms = {statistics.median(alone) / step:.2f} steps."
+               if during else "Chunked prefill: the long prompt finished before the short request (nothing measured).")
+    text = "\n".join(rows + ["", chunked, "", f"{name} model, bf16, cpu backend, {new} new tokens per request, "
+                             f"prompts of 16-64 tokens, `--max-batch 16`, torch threads {torch.get_num_threads()}; "
+                             "TTFT/TPOT measured by the client (openai async client, streaming)."])
+    print(text)
+    if not args.no_write and not args.smoke:
+        append_section("Serving under load (issue 14)", "python benchmarks/serve_load.py", text)
+
+
+if __name__ == "__main__":
+    main()

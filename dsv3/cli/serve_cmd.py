@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import importlib.util
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from ..core.errors import DsvError
+from .run_cmd import _progress_bar
+
+
+@click.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option("--backend", default="auto", show_default=True, help="auto, cpu, cuda, rocm, ascend (see `dsv3 backends`).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--device", default=None, help="Override the backend's device (e.g. cuda:1).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. The default answers this machine only; 0.0.0.0 exposes the server to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Requests decoded together: the latent cache holds this many sequences of --max-seq-len.")
+@click.option("--max-waiting", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Requests queued for a slot beyond --max-batch; more are answered 429.")
+@click.option("--max-seq-len", type=click.IntRange(min=2), default=None,
+              help="Context per request (prompt + completion); default min(max_position_embeddings, 4096).")
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Prompt tokens read per step: smaller keeps running streams smoother while a long prompt is read.")
+@click.option("--api-key", envvar="DSV3_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1/* (also from $DSV3_API_KEY).")
+@click.option("--served-model-name", default=None, help="The model id clients send (default: the checkpoint's directory name).")
+@click.option("--attn", type=click.Choice(["auto", "naive", "absorb"]), default="auto", show_default=True,
+              help="MLA form: auto = naive for prefill, absorbed for decode.")
+@click.pass_context
+def serve(ctx, ckpt: Path, backend, dtype, device, host, port, max_batch, max_waiting, max_seq_len, prefill_chunk,
+          api_key, served_model_name, attn) -> None:
+    """Serve a checkpoint over OpenAI's HTTP API, with continuous batching.
+
+    \b
+    Endpoints: POST /v1/chat/completions, POST /v1/completions (streaming or not),
+               GET /v1/models, GET /health, GET /metrics (Prometheus).
+    \b
+    Examples:
+      dsv3 serve CKPT --port 8000
+      curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+           -d '{"model": "CKPT-NAME", "messages": [{"role": "user", "content": "Hi"}]}'
+      torchrun --nproc-per-node 8 -m dsv3 serve CKPT    # tensor parallel: rank 0 serves HTTP
+    """
+    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise DsvError(f"dsv3 serve needs {' and '.join(missing)}: pip install 'dsv3[serve]'")
+    from .. import load
+    from ..core.parallel import Parallel
+    from ..serve.scheduler import Scheduler
+
+    par = Parallel.from_env()
+    sock = None
+    if par.is_main:  # bind before the (long) load: a taken port fails in a second, not after minutes
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen(2048)  # connections wait in the backlog until the app runs: the printed address works at once
+        except OSError as e:
+            raise DsvError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or stop what uses it") from None
+    update, close = _progress_bar(sys.stderr.isatty() and par.is_main)
+    try:
+        engine = load(ckpt, backend=backend, dtype=dtype, device=device, attn_impl=attn, max_seq_len=max_seq_len,
+                      parallel=par, progress=update, require_tokenizer=True)
+    finally:
+        close()
+    eos = tuple(engine.cfg.eos_token_ids) + ((engine.tokenizer.eos_id,) if engine.tokenizer.eos_id is not None else ())
+    scheduler = Scheduler(engine, max_batch=max_batch, max_waiting=max_waiting, prefill_chunk=prefill_chunk, eos_ids=eos)
+    if not par.is_main:
+        scheduler.runner.follow()  # every rank runs rank 0's steps until it stops
+        return
+    import uvicorn
+
+    from ..serve.app import create_app
+
+    name = served_model_name or ckpt.resolve().name
+    app = create_app(scheduler, engine.tokenizer, name, api_key)
+    bound = sock.getsockname()
+    click.echo(f"dsv3: serving {name!r} on http://{host if ':' not in host else f'[{host}]'}:{bound[1]} "
+               f"({engine.kernels.describe()}; max batch {max_batch}, context {engine.max_seq_len}); Ctrl-C stops",
+               err=True)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        click.echo("dsv3: warning: listening beyond this machine without --api-key", err=True)
+    config = uvicorn.Config(app, log_level="debug" if ctx.obj.get("verbose") else "warning", access_log=False,
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    # HTTP in a thread, the model in this (main) thread: torch runs its OpenMP regions fastest from here
+    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="dsv3-http", daemon=True)
+    scheduler.running = True  # /health is ok from the first request the backlog holds
+    http.start()
+    signal.signal(signal.SIGTERM, lambda *_: scheduler.shutdown())
+    try:
+        scheduler.run()
+    except KeyboardInterrupt:
+        click.echo("dsv3: stopping", err=True)
+    finally:
+        server.should_exit = True
+        http.join(timeout=10)
+        sock.close()

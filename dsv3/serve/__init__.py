@@ -1,0 +1,8 @@
+"""`dsv3 serve`: an OpenAI-compatible HTTP server with continuous batching (needs the `serve` extra).
+
+scheduler.py  slots, the waiting queue and the model loop over Transformer.forward_step (no HTTP)
+text.py       incremental detokenization and stop strings
+protocol.py   OpenAI request validation, response and error bodies (no HTTP)
+metrics.py    Prometheus text exposition
+app.py        the Starlette app (the only module that imports the ASGI stack)
+"""

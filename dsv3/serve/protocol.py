@@ -1,0 +1,216 @@
+"""The OpenAI wire format: request validation and response bodies, without any HTTP.
+
+Every problem with a request is an `ApiError` carrying the status and OpenAI's error object
+({"error": {"message", "type", "param", "code"}}), so the HTTP layer answers it and goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+
+from .scheduler import Sampling
+
+#: at most this many stop sequences (OpenAI allows 4; a few more cost nothing here)
+MAX_STOPS = 16
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Parsed:
+    """A validated request: prompt token ids, sampling, and how to answer."""
+
+    prompt: list[int]
+    params: Sampling
+    stream: bool
+    include_usage: bool
+    return_token_ids: bool
+    chat: bool
+
+
+def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ApiError(400, f"{name} must be a finite number, got {v!r}", name, "invalid_type")
+    if v < lo or (lo_open and v == lo) or v > hi:
+        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise ApiError(400, f"{name}={v!r} is outside {rng}", name, "invalid_value")
+    return float(v)
+
+
+def _integer(body: dict, name: str) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ApiError(400, f"{name} must be an integer, got {v!r}", name, "invalid_type")
+    return v
+
+
+def _stops(body: dict) -> tuple[tuple[str, ...], frozenset[int]]:
+    """`stop`: a string or a list of strings (token ids allowed in the list too); `stop_token_ids`: ids."""
+    raw = body.get("stop")
+    items = [] if raw is None else [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list) or len(items) > MAX_STOPS:
+        raise ApiError(400, f"stop must be a string or a list of at most {MAX_STOPS} strings", "stop", "invalid_value")
+    extra = body.get("stop_token_ids") or []
+    if not isinstance(extra, list):
+        raise ApiError(400, "stop_token_ids must be a list of token ids", "stop_token_ids", "invalid_type")
+    strings, ids = [], []
+    for where, entries in (("stop", items), ("stop_token_ids", extra)):
+        for s in entries:
+            if isinstance(s, str) and s and where == "stop":
+                strings.append(s)
+            elif isinstance(s, int) and not isinstance(s, bool) and s >= 0:
+                ids.append(s)
+            else:
+                raise ApiError(400, f"{where} entries must be non-empty strings or token ids, got {s!r}", where,
+                               "invalid_value")
+    return tuple(strings), frozenset(ids)
+
+
+def _content(message: dict, i: int) -> str:
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported", f"messages[{i}].content",
+                               "invalid_content")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content",
+                   "invalid_type")
+
+
+def parse(body, chat: bool, tokenizer, model_name: str, context: int, vocab: int) -> Parsed:
+    """Validate a /v1/completions (chat=False) or /v1/chat/completions body against this model."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", None, "invalid_body")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model is required (GET /v1/models lists it)", "model", "missing_model")
+    if model != model_name:
+        raise ApiError(404, f"the model {model!r} does not exist; this server serves {model_name!r}", "model",
+                       "model_not_found")
+    n = _integer(body, "n")
+    if n not in (None, 1):
+        raise ApiError(400, f"n={n}: this server returns one choice per request (n=1)", "n", "unsupported_value")
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "messages is required: a non-empty list of {role, content}", "messages",
+                           "missing_messages")
+        clean = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool", "developer"):
+                raise ApiError(400, f"messages[{i}] needs a role of system, user, assistant or tool",
+                               f"messages[{i}].role", "invalid_role")
+            clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": _content(m, i)})
+        try:
+            prompt = tokenizer.encode_chat(clean)
+        except Exception as e:  # a template that refuses this conversation
+            raise ApiError(400, f"the chat template cannot render these messages: {e}", "messages",
+                           "invalid_messages") from None
+    else:
+        raw = body.get("prompt")
+        if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], (str, list)):
+            raw = raw[0]  # a batch of one
+        if isinstance(raw, str):
+            prompt = tokenizer.encode(raw)
+        elif isinstance(raw, list) and raw and all(isinstance(t, int) and not isinstance(t, bool) for t in raw):
+            bad = [t for t in raw if not 0 <= t < vocab]
+            if bad:
+                raise ApiError(400, f"prompt token {bad[0]} is outside the vocabulary [0, {vocab})", "prompt",
+                               "invalid_value")
+            prompt = list(raw)
+        elif raw is None:
+            raise ApiError(400, "prompt is required: a string or a list of token ids", "prompt", "missing_prompt")
+        else:
+            raise ApiError(400, "prompt must be one string or one list of token ids (one prompt per request)",
+                           "prompt", "invalid_type")
+    if not prompt:
+        raise ApiError(400, "the prompt is empty after tokenization", "prompt" if not chat else "messages",
+                       "empty_prompt")
+    if len(prompt) >= context:
+        raise ApiError(400, f"the prompt has {len(prompt)} tokens; this model's context is {context} tokens "
+                       "(prompt + at least 1 new token)", "messages" if chat else "prompt", "context_length_exceeded")
+    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _integer(body, name)
+    room = context - len(prompt)
+    if max_tokens is None:
+        max_tokens = room
+    elif max_tokens < 1:
+        raise ApiError(400, f"{name}={max_tokens} must be at least 1", name, "invalid_value")
+    elif max_tokens > room:
+        raise ApiError(400, f"{name}={max_tokens} + the prompt's {len(prompt)} tokens exceeds the context of {context} "
+                       f"tokens; ask for at most {room}", name, "context_length_exceeded")
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)  # OpenAI's default: sampling
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+    seed = _integer(body, "seed")
+    stop, stop_ids = _stops(body)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, f"stream must be true or false, got {stream!r}", "stream", "invalid_type")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise ApiError(400, "stream_options must be an object", "stream_options", "invalid_type")
+    return Parsed(prompt, Sampling(max_tokens, temperature, top_p, seed, stop, stop_ids), stream,
+                  bool(opts.get("include_usage")), bool(body.get("return_token_ids")), chat)
+
+
+def new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def chunk(rid: str, model: str, created: int, chat: bool, text: str | None, finish: str | None,
+          token_ids: list[int] | None = None, first: bool = False) -> dict:
+    """One server-sent event's body in OpenAI's chunk format."""
+    if chat:
+        delta = {"role": "assistant", "content": text or ""} if first else {} if text is None else {"content": text}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+            "model": model, "choices": [choice]}
+
+
+def complete(rid: str, model: str, created: int, chat: bool, text: str, finish: str, use: dict,
+             token_ids: list[int] | None = None) -> dict:
+    """A whole (non-streamed) answer."""
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": model, "choices": [choice], "usage": use}
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,348 @@
+"""Continuous batching over the slot-based step (Transformer.forward_step, DESIGN.md "cache slots").
+
+One thread owns the model. Each request owns a slot (a row of one preallocated latent cache) from
+admission to its last token; requests join and leave the running batch between steps. Every
+iteration runs at most one prefill forward (a chunk of every prompt still being read, shortest
+first, padded to one length) and one decode step over all rows that are generating, so a long
+prompt is read a chunk at a time while the running streams keep their pace.
+
+Under tensor parallel, rank 0 schedules and every rank runs the same forwards: rank 0 broadcasts
+each step's plan (slots, tokens, positions) and the other ranks follow (`follow`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..core.generate import sample
+from ..core.model import LatentCache, Transformer
+from .text import TextStream
+
+log = logging.getLogger("dsv3")
+
+#: plan kinds broadcast to follower ranks
+_STOP, _IDLE, _PREFILL, _DECODE = 0, 1, 2, 3
+#: an idle rank 0 still broadcasts this often, so followers never hit the process group's timeout
+HEARTBEAT_S = 5.0
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound: the caller answers 429."""
+
+
+@dataclass
+class Sampling:
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_ids: frozenset[int] = frozenset()
+
+
+@dataclass
+class Request:
+    """One generation. `emit(kind, data)` receives ("text", (text, token_ids)) events, then ("done", finish_reason)
+    or ("error", message), through the scheduler's `deliver` (by default: called from the model thread)."""
+
+    id: str
+    prompt: list[int]
+    params: Sampling
+    emit: Callable[[str, object], None]
+    text: TextStream
+    arrived: float = field(default_factory=time.perf_counter)
+    slot: int = -1
+    length: int = 0  # entries of its slot holding this request's tokens
+    last: int = -1  # the token sampled last, fed at position `length` by the next decode step
+    generated: int = 0
+    first_token_at: float | None = None
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.length < len(self.prompt)
+
+
+class StepRunner:
+    """The forwards of the server. On rank 0 each call first broadcasts its plan; followers replay them."""
+
+    def __init__(self, model: Transformer, cache: LatentCache):
+        self.model, self.cache, self.par = model, cache, model.par
+        self.device = model.rope_cos.device
+
+    def _broadcast(self, kind: int, data: torch.Tensor | None = None) -> None:
+        if self.par.world_size == 1:
+            return
+        header = torch.tensor([kind, *(data.shape if data is not None else (0, 0))], dtype=torch.long)
+        self.par.broadcast(header.to(self.device))
+        if data is not None:
+            self.par.broadcast(data.to(self.device))
+
+    def idle(self) -> None:
+        self._broadcast(_IDLE)
+
+    def stop(self) -> None:
+        self._broadcast(_STOP)
+
+    @torch.inference_mode()
+    def forward(self, kind: int, slots: list[int], tokens: list[list[int]], positions: list[int],
+                take: list[int]) -> torch.Tensor:
+        """Rows b: tokens[b] (one length q) written to slot slots[b] from positions[b]; logits [B, V] at take[b]."""
+        plan = torch.tensor([[s, p, t, *row] for s, p, t, row in zip(slots, positions, take, tokens)], dtype=torch.long)
+        self._broadcast(kind, plan)
+        return self._run(plan.to(self.device))
+
+    def _run(self, plan: torch.Tensor) -> torch.Tensor:
+        slots, positions, take, tokens = plan[:, 0], plan[:, 1], plan[:, 2], plan[:, 3:]
+        B, q = tokens.shape
+        span = int(plan[:, 1].max()) + q  # host ints: the plan was built on the host
+        rows = None if torch.equal(slots.cpu(), torch.arange(B)) else slots  # a prefix of slots: no gather
+        logits, _ = self.model.forward_step(tokens, positions, self.cache, span, rows=rows, take=take)
+        return logits  # [B, V]
+
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """Followers (rank > 0): run rank 0's plans until it stops."""
+        header = torch.zeros(3, dtype=torch.long, device=self.device)
+        while True:
+            self.par.broadcast(header)
+            kind, B, n = (int(v) for v in header.tolist())
+            if kind == _STOP:
+                return
+            if kind == _IDLE:
+                continue
+            plan = torch.zeros(B, n, dtype=torch.long, device=self.device)
+            self.par.broadcast(plan)
+            self._run(plan)
+
+
+class Scheduler:
+    """Slots, the waiting queue and the model loop (a thread, `start`)."""
+
+    def __init__(self, engine, max_batch: int = 8, max_waiting: int = 64, prefill_chunk: int = 128,
+                 eos_ids: tuple[int, ...] = ()):
+        self.engine, self.model = engine, engine.model
+        self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
+        self.max_len = self.model.max_seq_len
+        self.eos_ids = frozenset(eos_ids)
+        model = self.model
+        self.cache = LatentCache.allocate(model.cfg, len(model.layers), max_batch, self.max_len, engine.dtype,
+                                          model.rope_cos.device)
+        self.runner = StepRunner(model, self.cache)
+        self.free = list(range(max_batch))  # a heap: the lowest slot first, so the batch is mostly a prefix
+        self.inbox: queue.Queue[Request] = queue.Queue()
+        self.waiting: deque[Request] = deque()
+        self.active: list[Request] = []
+        self.pending = 0  # requests submitted and not yet admitted (inbox + waiting)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self.thread: threading.Thread | None = None
+        self.running = False
+        self.error: BaseException | None = None
+        self.observe = None  # metrics hook: observe(event, value)
+        self._outbox: list = []
+        #: deliver(list of (request, kind, data)): how events leave the model thread (the app posts them to its loop)
+        self.deliver = self.deliver_here
+        self.step_time = 0.0  # the last decode step, seconds
+
+    # ---- the caller's side (any thread) ------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        with self._lock:
+            if self.pending >= self.max_waiting:
+                raise QueueFull(f"{self.pending} requests are waiting (the bound is --max-waiting {self.max_waiting})")
+            self.pending += 1
+        if req.params.seed is not None:
+            req.generator = torch.Generator().manual_seed(req.params.seed)
+        self.inbox.put(req)
+        self._wake.set()
+
+    def cancel(self, req: Request) -> None:
+        req.cancelled = True  # the model thread frees its slot before the next step
+        self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        return self.running
+
+    def run(self) -> None:
+        """The model loop, in the calling thread, until `shutdown` (or Ctrl-C there). Call it from the main thread:
+        torch's OpenMP regions started from another thread run several times slower (measured: a decode step of
+        the 280M model at batch 16 takes 2.5x as long), so `dsv3 serve` runs HTTP in a thread instead."""
+        self.running = True
+        try:
+            self._loop()
+        finally:
+            self.running = False
+
+    def start(self) -> None:
+        """The model loop in a thread (embedding, tests): simpler, but see `run` for the cost."""
+        self.running = True
+        self.thread = threading.Thread(target=self.run, name="dsv3-scheduler", daemon=True)
+        self.thread.start()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join()
+
+    def stats(self) -> dict:
+        return {"running": len(self.active), "waiting": self.pending, "slots_used": self.max_batch - len(self.free)}
+
+    # ---- the model thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        last_beat = time.monotonic()
+        try:
+            while not self._stop:
+                self._admit()
+                if not self.active:
+                    self._wake.wait(timeout=HEARTBEAT_S / 2)
+                    self._wake.clear()
+                    if time.monotonic() - last_beat > HEARTBEAT_S:
+                        self.runner.idle()
+                        last_beat = time.monotonic()
+                    continue
+                self._prefill()
+                self._decode()
+                self._flush()
+                last_beat = time.monotonic()
+        except KeyboardInterrupt:
+            self._fail_all("the server is shutting down")
+            raise
+        except BaseException as e:  # the model failed: every open request gets the error, the server reports unhealthy
+            self.error = e
+            log.exception("the model loop failed")
+            self._fail_all(f"the model failed: {type(e).__name__}: {e}")
+        finally:
+            self.runner.stop()
+
+    def _send(self, r: Request, kind: str, data) -> None:
+        self._outbox.append((r, kind, data))
+
+    def _flush(self) -> None:
+        """Everything one iteration produced, handed over at once (the HTTP side wakes once per step, not per token)."""
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
+            self.deliver(batch)
+
+    @staticmethod
+    def deliver_here(batch: list) -> None:
+        for r, kind, data in batch:
+            r.emit(kind, data)
+
+    def _fail_all(self, message: str) -> None:
+        for r in self.active + list(self.waiting):
+            self._send(r, "error", message)
+        while True:
+            try:
+                self._send(self.inbox.get_nowait(), "error", message)
+            except queue.Empty:
+                break
+        self._flush()
+
+    def _admit(self) -> None:
+        while True:
+            try:
+                self.waiting.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        for r in [r for r in self.active if r.cancelled]:
+            self._finish(r, None)
+        while self.waiting and self.waiting[0].cancelled:
+            self.waiting.popleft()
+            with self._lock:
+                self.pending -= 1
+        while self.waiting and self.free:
+            r = self.waiting.popleft()
+            with self._lock:
+                self.pending -= 1
+            if r.cancelled:
+                continue
+            r.slot = heapq.heappop(self.free)
+            self.active.append(r)
+
+    def _finish(self, r: Request, reason: str | None) -> None:
+        """Free the slot (entries past a slot's length are never read, so nothing is erased)."""
+        self.active.remove(r)
+        heapq.heappush(self.free, r.slot)
+        r.slot = -1
+        if reason is not None:
+            rest = r.text.finish()
+            if rest:
+                self._send(r, "text", (rest, []))
+            self._send(r, "done", reason)
+            if self.observe:
+                self.observe("finished", r)
+
+    def _prefill(self) -> None:
+        todo = sorted((r for r in self.active if r.prefilling and not r.cancelled),
+                      key=lambda r: len(r.prompt) - r.length)  # shortest remaining first: short prompts are not stuck
+        if not todo:
+            return
+        # One forward for every prompt being read. When all of them end within a chunk, pad to the longest and finish
+        # them together (a forward costs about the same for a few more tokens; fewer forwards, and the rows start
+        # decoding in one batch). Otherwise q = the shortest rest (at most a chunk) for every row: no padding, and a
+        # short prompt arriving during a long one is done in the next small forward, not after the long one.
+        rests = [len(r.prompt) - r.length for r in todo]
+        q = max(rests) if max(rests) <= self.prefill_chunk else min(self.prefill_chunk, rests[0])
+        if any(r.length + q > self.max_len for r in todo):  # padding would run past a slot's end
+            q = min(self.prefill_chunk, rests[0])
+        rows = todo
+        tokens = [r.prompt[r.length:r.length + q] for r in rows]
+        take = [len(t) - 1 for t in tokens]
+        tokens = [t + [0] * (q - len(t)) for t in tokens]
+        logits = self.runner.forward(_PREFILL, [r.slot for r in rows], tokens, [r.length for r in rows], take)
+        for r, t in zip(rows, take):
+            r.length += t + 1
+        done = [(i, r) for i, r in enumerate(rows) if not r.prefilling]
+        if done:
+            self._sample(logits[[i for i, _ in done]], [r for _, r in done])
+
+    def _decode(self) -> None:
+        rows = [r for r in self.active if not r.prefilling and not r.cancelled and r.last >= 0]
+        if not rows:
+            return
+        rows.sort(key=lambda r: r.slot)
+        t0 = time.perf_counter()
+        logits = self.runner.forward(_DECODE, [r.slot for r in rows], [[r.last] for r in rows],
+                                     [r.length for r in rows], [0] * len(rows))
+        for r in rows:
+            r.length += 1
+        self._sample(logits, rows)
+        self.step_time = time.perf_counter() - t0
+        if self.observe:
+            self.observe("step", (len(rows), self.step_time))
+
+    def _sample(self, logits: torch.Tensor, rows: list[Request]) -> None:
+        greedy = logits.argmax(dim=-1).tolist()
+        now = time.perf_counter()
+        for i, r in enumerate(rows):
+            p = r.params
+            tok = greedy[i] if p.temperature <= 0 else int(sample(logits[i:i + 1], p.temperature, p.top_p, r.generator))
+            if r.first_token_at is None:
+                r.first_token_at = now
+                if self.observe:
+                    self.observe("first_token", r)
+            if tok in self.eos_ids or tok in p.stop_ids:
+                self._finish(r, "stop")
+                continue
+            r.generated += 1
+            r.last = tok
+            text, stopped = r.text.add(tok)
+            if text or not stopped:
+                self._send(r, "text", (text, [tok]))
+            if stopped:
+                self._finish(r, "stop")
+            elif r.generated >= p.max_tokens or r.length + 1 > self.max_len:
+                self._finish(r, "length")

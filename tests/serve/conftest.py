@@ -1,0 +1,95 @@
+"""A real `dsv3 serve` in a subprocess on a free loopback port, and the in-process engine it must agree with."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+pytest.importorskip("openai")
+
+API_KEY = "test-key"
+
+
+class Server:
+    def __init__(self, cmd: list[str], env=None, timeout: float = 180):
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                     start_new_session=True)
+        self.log: list[str] = []
+        deadline, self.url = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.log.append(line)
+            m = re.search(r"serving .* on (http://\S+) ", line)
+            if m:
+                self.url = m.group(1)
+                break
+        if self.url is None:
+            self.stop()
+            raise RuntimeError("the server did not start:\n" + "".join(self.log) + self.proc.stderr.read()[-3000:])
+        # keep draining stderr so a chatty server never blocks on a full pipe
+        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+
+    def request(self, method: str, path: str, body=None, key: str | None = API_KEY, raw: bytes | None = None):
+        """(status, parsed JSON or text) without any client library's own checks."""
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {key}"} if key else {})})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                status, text = r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            status, text = e.code, e.read().decode()
+        try:
+            return status, json.loads(text)
+        except json.JSONDecodeError:
+            return status, text
+
+    def metric(self, name: str) -> float:
+        _, text = self.request("GET", "/metrics")
+        m = re.search(rf"^{name} (\S+)$", text, re.M)
+        return float(m.group(1))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def serve_cmd(ckpt: Path, *extra: str, launcher: list[str] | None = None) -> list[str]:
+    prefix = launcher or [sys.executable, "-m"]
+    return [*prefix, "dsv3", "serve", str(ckpt), "--backend", "cpu", "--dtype", "fp32", "--port", "0",
+            "--api-key", API_KEY, *extra]
+
+
+@pytest.fixture(scope="module")
+def server(demo_ckpt):
+    s = Server(serve_cmd(demo_ckpt, "--max-batch", "8", "--max-waiting", "64", "--served-model-name", "demo"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(demo_ckpt):
+    import dsv3
+
+    return dsv3.load(demo_ckpt, backend="cpu", dtype="fp32")

@@ -1,0 +1,221 @@
+"""The real server, spoken to by the real `openai` client (fp32, cpu backend, the demo checkpoint)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import openai
+import psutil
+import pytest
+from conftest import API_KEY
+
+
+def client(server, **kw):
+    return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120, **kw)
+
+
+def test_models_and_health(server):
+    status, body = server.request("GET", "/v1/models")
+    assert status == 200 and body["data"][0]["id"] == "demo", body
+    status, body = server.request("GET", "/health", key=None)
+    assert status == 200 and body["status"] == "ok", body
+
+
+def test_24_staggered_streams_equal_each_prompt_alone(server, engine):
+    """Requests join and leave the running batch (max batch 8, so 16 also queue); each one's greedy tokens are the
+    prompt's own through engine.generate, and usage counts them exactly."""
+    rng = random.Random(0)
+    vocab = engine.cfg.vocab_size
+    jobs = [([rng.randrange(1, vocab) for _ in range(rng.randrange(1, 40))], rng.randrange(1, 24), rng.random() * 1.5)
+            for _ in range(24)]
+
+    async def one(c, prompt, max_tokens, delay):
+        await asyncio.sleep(delay)
+        stream = await c.completions.create(model="demo", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"return_token_ids": True})
+        ids, text, finish, use = [], [], None, None
+        async for ch in stream:
+            if ch.usage is not None:
+                use = ch.usage
+            for choice in ch.choices:
+                ids += (choice.model_extra or {}).get("token_ids") or []
+                text.append(choice.text)
+                finish = choice.finish_reason or finish
+        return ids, "".join(text), finish, use
+
+    async def main():
+        c = client(server)
+        return await asyncio.gather(*(one(c, *j) for j in jobs))
+
+    results = asyncio.run(main())
+    for (prompt, max_tokens, _), (ids, text, finish, use) in zip(jobs, results):
+        want = engine.generate([prompt], max_new_tokens=max_tokens, temperature=0.0)[0]
+        assert ids == want, f"prompt of {len(prompt)} tokens: served {ids} != alone {want}"
+        assert text == engine.tokenizer.decode(want)
+        assert finish == ("length" if len(want) == max_tokens else "stop")
+        assert (use.prompt_tokens, use.completion_tokens, use.total_tokens) == (
+            len(prompt), len(want), len(prompt) + len(want))
+
+
+def test_chat_non_streaming_matches_generate(server, engine):
+    async def main():
+        return await client(server).chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "Hello there"}], max_tokens=12, temperature=0)
+
+    r = asyncio.run(main())
+    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Hello there"}])
+    want = engine.generate([prompt], max_new_tokens=12)[0]
+    assert r.choices[0].message.content == engine.tokenizer.decode(want)
+    assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == len(want)
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion"
+
+
+def test_cancelled_streams_free_their_slots(server):
+    """100 clients leave mid-stream; then the server still serves a full batch, and holds nothing for them."""
+    proc = psutil.Process(server.proc.pid)
+
+    async def leave(c):
+        stream = await c.completions.create(model="demo", prompt="The", max_tokens=1500, temperature=0, stream=True)
+        n = 0
+        async for _ in stream:
+            n += 1
+            if n == 3:
+                break
+        await stream.close()
+
+    async def full_batch(c):
+        rs = await asyncio.gather(*(c.completions.create(model="demo", prompt=[5 + i], max_tokens=8, temperature=0)
+                                    for i in range(8)))
+        return [r.usage.completion_tokens for r in rs]
+
+    async def main():
+        c = client(server)
+        await full_batch(c)
+        before = proc.memory_info().rss
+        for _ in range(10):
+            await asyncio.gather(*(leave(c) for _ in range(10)))
+        return before, await full_batch(c)
+
+    before, counts = asyncio.run(main())
+    deadline = time.monotonic() + 30
+    while server.metric("dsv3_cache_slots_used") != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.metric("dsv3_cache_slots_used") == 0
+    assert server.metric("dsv3_num_requests_waiting") == 0
+    assert all(n >= 1 for n in counts)
+    assert 'dsv3_requests_total{outcome="cancelled"}' in server.request("GET", "/metrics")[1]
+    grown = proc.memory_info().rss - before
+    assert grown < 64 << 20, f"the server grew by {grown / 2**20:.1f} MiB over 100 cancelled streams"
+
+
+BAD = [
+    ("malformed JSON", None, b"{not json", 400, "invalid_json"),
+    ("unknown model", {"model": "gpt-4", "prompt": "x"}, None, 404, "model_not_found"),
+    ("missing model", {"prompt": "x"}, None, 400, "missing_model"),
+    ("max_tokens 0", {"model": "demo", "prompt": "x", "max_tokens": 0}, None, 400, "invalid_value"),
+    ("max_tokens beyond the context", {"model": "demo", "prompt": "x", "max_tokens": 10**6}, None, 400,
+     "context_length_exceeded"),
+    ("prompt longer than the context", {"model": "demo", "prompt": [7] * 5000}, None, 400, "context_length_exceeded"),
+    ("temperature -1", {"model": "demo", "prompt": "x", "temperature": -1}, None, 400, "invalid_value"),
+    ("temperature nan", None, b'{"model": "demo", "prompt": "x", "temperature": NaN}', 400, "invalid_type"),
+    ("top_p 0", {"model": "demo", "prompt": "x", "top_p": 0}, None, 400, "invalid_value"),
+    ("max_tokens a string", {"model": "demo", "prompt": "x", "max_tokens": "8"}, None, 400, "invalid_type"),
+    ("token outside the vocabulary", {"model": "demo", "prompt": [10**6]}, None, 400, "invalid_value"),
+    ("n 2", {"model": "demo", "prompt": "x", "n": 2}, None, 400, "unsupported_value"),
+    ("a JSON list", [1, 2], None, 400, "invalid_body"),
+]
+
+
+@pytest.mark.parametrize("what,body,raw,status,code", BAD, ids=[b[0] for b in BAD])
+def test_bad_completion_requests(server, what, body, raw, status, code):
+    got, answer = server.request("POST", "/v1/completions", body, raw=raw)
+    assert got == status and answer["error"]["code"] == code, answer
+    assert set(answer["error"]) == {"message", "type", "param", "code"}
+    got, answer = server.request("POST", "/v1/completions", {"model": "demo", "prompt": "ok", "max_tokens": 2})
+    assert got == 200 and answer["usage"]["prompt_tokens"] > 0, answer  # still serving
+
+
+def test_bad_chat_requests_and_auth(server):
+    for body, status, code in [({"model": "demo"}, 400, "missing_messages"),
+                               ({"model": "demo", "messages": []}, 400, "missing_messages"),
+                               ({"model": "demo", "messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_role")]:
+        got, answer = server.request("POST", "/v1/chat/completions", body)
+        assert got == status and answer["error"]["code"] == code, answer
+    got, answer = server.request("POST", "/v1/chat/completions", {"model": "demo", "messages": []}, key="wrong")
+    assert got == 401 and answer["error"]["code"] == "invalid_api_key"
+    got, answer = server.request("GET", "/v1/models", key=None)
+    assert got == 401
+    got, answer = server.request("GET", "/v1/nothing-here")
+    assert got == 404 and "error" in answer
+
+    async def sdk():
+        c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            await c.models.list()
+        with pytest.raises(openai.BadRequestError):
+            await client(server).chat.completions.create(model="demo", messages=[], max_tokens=2)
+
+    asyncio.run(sdk())
+
+
+def test_stop_strings_and_seed(server):
+    async def text(**kw):
+        kw = {"model": "demo", "prompt": "Once upon", "max_tokens": 40, "temperature": 0, **kw}
+        r = await client(server).completions.create(**kw)
+        return r.choices[0].text, r.choices[0].finish_reason
+
+    async def streamed(**kw):
+        stream = await client(server).completions.create(model="demo", prompt="Once upon", max_tokens=40,
+                                                         temperature=0, stream=True, **kw)
+        parts, finish = [], None
+        async for ch in stream:
+            parts.append(ch.choices[0].text)
+            finish = ch.choices[0].finish_reason or finish
+        return "".join(parts), finish
+
+    full, _ = asyncio.run(text())
+    assert len(full) > 12, full
+    stop = full[8:11]
+    cut = full[:full.find(stop)]
+    for fn in (text, streamed):
+        got, finish = asyncio.run(fn(stop=[stop, "\x00never"]))
+        assert (got, finish) == (cut, "stop"), (fn.__name__, stop, got)
+    a, b = asyncio.run(text(temperature=1.0, seed=123)), asyncio.run(text(temperature=1.0, seed=123))
+    assert a == b
+    assert len({asyncio.run(text(temperature=1.0, seed=s))[0] for s in range(4)}) > 1  # seeds matter
+
+
+def test_metrics_exposition(server):
+    status, text = server.request("GET", "/metrics", key=None)
+    assert status == 200
+    for name in ("dsv3_requests_total", "dsv3_generation_tokens_total", "dsv3_num_requests_waiting",
+                 "dsv3_time_to_first_token_seconds_bucket", "dsv3_time_per_output_token_seconds_count",
+                 "dsv3_decode_batch_size_bucket"):
+        assert name in text, name
+
+
+def test_tensor_parallel_under_torchrun(demo_ckpt, engine):
+    """Two ranks (gloo): rank 0 serves HTTP and schedules, both run every step; the answer is one process's."""
+    import sys
+
+    from conftest import Server, serve_cmd
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
+    s = Server(serve_cmd(demo_ckpt, "--max-batch", "4", "--served-model-name", "demo", launcher=launcher))
+    try:
+        prompts = [[3, 14, 15, 92, 65], [2, 71, 82], list(range(1, 30))]
+
+        async def main():
+            c = client(s)
+            return await asyncio.gather(*(c.completions.create(model="demo", prompt=p, max_tokens=10, temperature=0,
+                                                               extra_body={"return_token_ids": True}) for p in prompts))
+
+        for p, r in zip(prompts, asyncio.run(main())):
+            assert r.choices[0].model_extra["token_ids"] == engine.generate([p], max_new_tokens=10)[0]
+        assert s.request("GET", "/health")[0] == 200
+    finally:
+        s.stop()
+    assert s.proc.returncode is not None
