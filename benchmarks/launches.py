@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from contextlib import contextmanager
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 NO_KERNEL = {"empty.memory_format", "empty_strided.default", "lift_fresh.default", "detach.default",
@@ -21,12 +22,13 @@ def _is_view(func) -> bool:
 
 
 def _implementation(name: str):
-    from dsv3.backends.cuda import act_quant, fp8_gemm, gate, mla_decode, moe, rope, weight_dequant
+    from dsv3.backends.cuda import act_quant, fp8_gemm, gate, latent, mla_decode, moe, rms_norm, rope, weight_dequant
 
     return {"act_quant": act_quant.act_quant, "fp8_gemm": fp8_gemm.fp8_gemm, "mla_decode": mla_decode.mla_decode,
             "fused_moe": moe.fused_moe, "weight_dequant": weight_dequant.weight_dequant, "rope": rope.rope,
-            "gate_select": gate.gate_select,
-            "fp8_linear": lambda x, b, s, m, u, t: fp8_gemm.fp8_linear(x, b, s, m, u, x.dtype, t)}[name]
+            "gate_select": gate.gate_select, "fp8_swiglu": fp8_gemm.fp8_swiglu, "mla_latent": latent.mla_latent,
+            "rms_norm": rms_norm.rms_norm,
+            "fp8_linear": lambda x, b, s, m, u, t, r=None: fp8_gemm.fp8_linear(x, b, s, m, u, x.dtype, t, r)}[name]
 
 
 class LaunchCounter(TorchDispatchMode):
@@ -40,9 +42,17 @@ class LaunchCounter(TorchDispatchMode):
             with self:
                 return _implementation(func.overloadpacket.__name__)(*args, **(kwargs or {}))
         name = func.__name__ if hasattr(func, "__name__") else str(func)
-        if not self.inside_triton and not _is_view(func) and name not in NO_KERNEL:
+        out = func(*args, **(kwargs or {}))
+        if self.inside_triton:
+            return out
+        if func.overloadpacket.__name__ == "to":
+            # aten.to may return its input (a view, no kernel) or convert (a copy kernel); under inference_mode
+            # it arrives undecomposed, so tell the two apart by the result
+            if isinstance(out, torch.Tensor) and out.data_ptr() != args[0].data_ptr():
+                self.aten["_to_copy"] += 1
+        elif not _is_view(func) and name not in NO_KERNEL:
             self.aten[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+        return out
 
     @property
     def total(self) -> int:

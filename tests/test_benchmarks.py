@@ -36,26 +36,31 @@ def test_gpu_e2e_benchmark_smoke():
     assert "| nan" not in r.stdout.replace("| nan |", "")  # peak memory is nan without a GPU; nothing else
 
 
-def test_decode_step_launch_budget():
-    """Kernels one cuda decode step launches (Triton + aten), per layer, batch 1 and 4, counted under the
-    interpreter. Issue 12's goal is at most 24 per layer; today's figure is the regression bound."""
+@pytest.mark.parametrize("name", ["demo", "v3ish", "noqlora", "blocks"])
+def test_decode_step_launch_budget(name):
+    """Kernels one cuda decode step launches (Triton + aten, dtype conversions included), per layer, batch 1 and
+    4, counted under the interpreter: at most 24 (issue 12; it was ~100). The 280M model's figure (21.25) is in
+    RESULTS.md (`TRITON_INTERPRET=1 python benchmarks/gpu_e2e.py --launches`): too slow to build here."""
     pytest.importorskip("triton")
     import torch
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "tests"))
     from gpu_e2e import decode_launches
+    from tiny_configs import CONFIGS
 
     import dsv3
     from dsv3.synthetic import DEMO, write_checkpoint
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no GPU and TRITON_INTERPRET is not 1")
-    path = write_checkpoint(Path(os.environ.get("TMPDIR", "/tmp")) / "dsv3-launch-budget", DEMO, seed=0)
+    cfg = {"demo": DEMO, **CONFIGS}[name]
+    path = write_checkpoint(Path(os.environ.get("TMPDIR", "/tmp")) / f"dsv3-launch-budget-{name}", cfg, seed=0)
     engine = dsv3.load(path, backend="cuda", device="cuda" if torch.cuda.is_available() else "cpu", dtype="bf16")
     per_layer = {b: decode_launches(engine, b) / len(engine.model.layers) for b in (1, 4)}
-    print(f"kernels per layer in one decode step: {per_layer} (goal: <= 24)")
+    print(f"{name}: kernels per layer in one decode step: {per_layer} (budget: 24)")
     assert per_layer[1] == per_layer[4]  # launches do not grow with the batch
-    assert per_layer[1] <= 36, per_layer  # 34.3 on the demo model (was ~100 before the decode-step work)
+    assert per_layer[1] <= 24, per_layer
 
 
 def test_serve_load_benchmark_smoke():

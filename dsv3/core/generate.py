@@ -104,6 +104,9 @@ class DecodeStep:
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, longest: int) -> torch.Tensor:
         """tokens [B], positions [B] (device) -> logits [B, V]. `longest`: the host's bound on positions + 1."""
         B = self.batch
+        if self.replay is None and self.span is None:  # eager: no static buffers to stage the inputs in
+            logits, _ = self.model.forward_step(tokens[:, None], positions, self.cache, longest)
+            return logits[:, 0]
         self.tokens[:B, 0].copy_(tokens)
         self.positions[:B].copy_(positions)
         if self.replay is not None:
@@ -118,10 +121,7 @@ class DecodeStep:
                     self.replay = None
                     return eager
             return self.logits[:B]
-        if self.span is not None:
-            return self._run()[:B]
-        logits, _ = self.model.forward_step(self.tokens[:B], self.positions[:B], self.cache, longest)
-        return logits[:, 0]
+        return self._run()[:B]
 
 
 @torch.inference_mode()

@@ -174,11 +174,29 @@ class Kernels:
         """
         raise NotImplementedError
 
+    def linear_add(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+                   residual: torch.Tensor) -> torch.Tensor:
+        """residual + x Wᵀ (a residual connection, residual [..., N] in x's dtype). Composed here; a backend may add
+        inside the GEMM's epilogue (one launch, one rounding)."""
+        return residual + self.linear(x, weight, scale)
+
     def mlp(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, s1: torch.Tensor | None = None,
-            s2: torch.Tensor | None = None, s3: torch.Tensor | None = None) -> torch.Tensor:
-        """SwiGLU w2(silu(w1 x) · w3 x): x [..., D] -> [..., D] in x's dtype (dense MLPs and shared experts).
-        Composed of `linear` here; a backend may fuse it."""
-        return self.linear(F.silu(self.linear(x, w1, s1)) * self.linear(x, w3, s3), w2, s2)
+            s2: torch.Tensor | None = None, s3: torch.Tensor | None = None,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+        """SwiGLU w2(silu(w1 x) · w3 x) (+ residual): x [..., D] -> [..., D] in x's dtype (dense MLPs and shared
+        experts). Composed of `linear` here; a backend may fuse it."""
+        h = F.silu(self.linear(x, w1, s1)) * self.linear(x, w3, s3)
+        return self.linear(h, w2, s2) if residual is None else self.linear_add(h, w2, s2, residual)
+
+    def mla_latent(self, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, norm_weight: torch.Tensor,
+                   eps: float, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
+                   rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """A position step's MLA prologue: writes rms_norm(kv) [B, S, C] and rope(k_pe) [B, S, R] into the caches
+        [slots, T, C] / [slots, T, R] at (rows [B, 1], pos [B, S]) in place, and returns rope(q_pe) [B, S, H, R].
+        Composed here (~6 ops); a backend may do it in one kernel."""
+        kv_cache.index_put_((rows, pos), self.rms_norm(kv, norm_weight, eps))
+        pe_cache.index_put_((rows, pos), self.rope(k_pe.unsqueeze(2), cos, sin).squeeze(2))
+        return self.rope(q_pe, cos, sin)
 
     def mla_absorbed(
         self,

@@ -11,7 +11,7 @@ meta device and filled by `core.weights.load_weights`; names follow the official
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +35,14 @@ class Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, device="meta"))
         self.register_buffer("scale", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.kernels.linear(x, self.weight, self.scale)
-        return self.reduce.all_reduce(y) if self.reduce is not None else y
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x Wᵀ, or residual + x Wᵀ (the add fused into the GEMM where the backend can, never across a reduce)."""
+        if self.reduce is not None and self.reduce.world_size > 1:
+            y = self.reduce.all_reduce(self.kernels.linear(x, self.weight, self.scale))
+            return y if residual is None else residual + y
+        if residual is None:
+            return self.kernels.linear(x, self.weight, self.scale)
+        return self.kernels.linear_add(x, self.weight, self.scale, residual)
 
 
 class RMSNorm(nn.Module):
@@ -96,9 +101,17 @@ class Step:
     mask: torch.Tensor | None  # [B, S, T] bool, True = may attend; None = every key visible
     span: int = 0  # position steps: cache entries 0..span-1 are read (T)
     write_pos: torch.Tensor | None = None  # [B, S] int64: cache positions of the step's tokens
-    kv_len: torch.Tensor | None = None  # [B] int64: keys the last query of each row sees (the mask is a prefix)
     rows: torch.Tensor | None = None  # [B] int64 cache rows (slots); None = rows 0..B-1
     row_index: torch.Tensor | None = None  # [B, 1] the rows, shaped to index the cache with write_pos
+    _kv_len: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def kv_len(self) -> torch.Tensor | None:
+        """[B] int64: keys the last query of each row sees (the mask is a prefix). Made on first use: only
+        kernels that read a row's keys by length want it."""
+        if self._kv_len is None and self.write_pos is not None:
+            self._kv_len = self.write_pos[:, -1] + 1
+        return self._kv_len
 
 
 @dataclass
@@ -153,7 +166,8 @@ class MLA(nn.Module):
             self._absorbed = (w[:, : self.nope].contiguous(), w[:, self.nope:].transpose(1, 2).contiguous())
         return self._absorbed
 
-    def forward(self, x: torch.Tensor, step: Step, kv_cache: torch.Tensor | None, pe_cache: torch.Tensor | None):
+    def forward(self, x: torch.Tensor, step: Step, kv_cache: torch.Tensor | None, pe_cache: torch.Tensor | None,
+                residual: torch.Tensor | None = None):
         B, S, _ = x.shape
         if hasattr(self, "wq"):
             q = self.wq(x)
@@ -161,19 +175,19 @@ class MLA(nn.Module):
             q = self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, S, self.n_heads, self.nope + self.rope_dim)  # [B, S, H, nope + R]
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
-        q_pe = self.kernels.rope(q_pe, step.cos, step.sin)
-
         kv, k_pe = self.wkv_a(x).split([self.latent, self.rope_dim], dim=-1)  # [B, S, C], [B, S, R]
-        kv = self.kv_norm(kv)
-        k_pe = self.kernels.rope(k_pe.unsqueeze(2), step.cos, step.sin).squeeze(2)
+        if kv_cache is None or step.write_pos is None:
+            q_pe = self.kernels.rope(q_pe, step.cos, step.sin)
+            kv = self.kv_norm(kv)
+            k_pe = self.kernels.rope(k_pe.unsqueeze(2), step.cos, step.sin).squeeze(2)
         if kv_cache is not None and step.write_pos is None:
             end = step.start_pos + S
             kv_cache[:B, step.start_pos:end] = kv
             pe_cache[:B, step.start_pos:end] = k_pe
             kv, k_pe = kv_cache[:B, :end], pe_cache[:B, :end]  # [B, T, C], [B, T, R]
-        elif kv_cache is not None:  # a position step: scattered writes, static shapes
-            kv_cache.index_put_((step.row_index, step.write_pos), kv)
-            pe_cache.index_put_((step.row_index, step.write_pos), k_pe)
+        elif kv_cache is not None:  # a position step: normed kv and roped k_pe scattered into the cache, static shapes
+            q_pe = self.kernels.mla_latent(q_pe, kv, k_pe, self.kv_norm.weight, self.kv_norm.eps, step.cos, step.sin,
+                                           kv_cache, pe_cache, step.row_index, step.write_pos)
             if step.rows is None:
                 kv, k_pe = kv_cache[:B, :step.span], pe_cache[:B, :step.span]  # [B, span, C], [B, span, R]
             else:  # slots anywhere in the cache: gathered
@@ -190,7 +204,7 @@ class MLA(nn.Module):
         else:
             w_uk, w_uv = self.absorbed(self.kernels.absorb_dtype(x.dtype))  # [H, nope, C], [H, C, v]
             o = self.kernels.mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, k_pe, self.scale, step.mask)  # [B, S, H, v]
-        return self.wo(o.flatten(2))
+        return self.wo(o.flatten(2), residual)
 
 
 # ---- feed-forward: dense MLP, gate, MoE ----------------------------------------------------------
@@ -203,10 +217,14 @@ class MLP(nn.Module):
         self.kernels, self.reduce = kernels, par if reduce else None
         self.w1, self.w2, self.w3 = Linear(dim, inter, kernels), Linear(inter, dim, kernels), Linear(dim, inter, kernels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """SwiGLU(x) (+ residual: added inside where the backend can, never across a reduce)."""
         w1, w2, w3 = self.w1, self.w2, self.w3
-        y = self.kernels.mlp(x, w1.weight, w2.weight, w3.weight, w1.scale, w2.scale, w3.scale)
-        return self.reduce.all_reduce(y) if self.reduce is not None else y
+        weights = (w1.weight, w2.weight, w3.weight, w1.scale, w2.scale, w3.scale)
+        if self.reduce is not None and self.reduce.world_size > 1:
+            y = self.reduce.all_reduce(self.kernels.mlp(x, *weights))
+            return y if residual is None else residual + y
+        return self.kernels.mlp(x, *weights, residual=residual)
 
 
 class Gate(nn.Module):
@@ -267,14 +285,15 @@ class MoE(nn.Module):
             if cfg.n_shared_experts else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, D]
         weights, ids = self.gate(x)
         y = self.kernels.moe_experts(x, weights, ids, self.experts.weights())
         if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return self.par.all_reduce(y).view(shape)  # one reduce for routed + shared partial sums
+            y = self.shared_experts(x, residual=y)  # routed + shared: partial sums on every rank
+        y = self.par.all_reduce(y).view(shape)  # one reduce for both
+        return y if residual is None else residual + y
 
 
 # ---- decoder block and the transformer -----------------------------------------------------------
@@ -287,8 +306,8 @@ class Block(nn.Module):
         self.ffn = MoE(cfg, kernels, par) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size, kernels, par)
 
     def forward(self, x, step: Step, kv_cache=None, pe_cache=None):
-        x = x + self.attn(self.attn_norm(x), step, kv_cache, pe_cache)
-        return x + self.ffn(self.ffn_norm(x))
+        x = self.attn(self.attn_norm(x), step, kv_cache, pe_cache, residual=x)  # x + attn(norm(x))
+        return self.ffn(self.ffn_norm(x), residual=x)  # x + ffn(norm(x))
 
 
 class ParallelEmbedding(nn.Module):
@@ -325,6 +344,7 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTP(cfg.num_hidden_layers + j, cfg, kernels, par, attn_impl) for j in range(n_mtp))
         self.register_buffer("rope_cos", None, persistent=False)
         self.register_buffer("rope_sin", None, persistent=False)
+        self._aranges: dict[int, torch.Tensor] = {}
 
     def build_rope(self, device) -> None:
         """cos/sin tables [max_seq_len, R/2]: computed, never loaded, so built on the real device."""
@@ -332,6 +352,7 @@ class Transformer(nn.Module):
         angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32, device="cpu"), inv_freq)
         self.rope_cos = (angles.cos() * magnitude).to(device)
         self.rope_sin = (angles.sin() * magnitude).to(device)
+        self._aranges = {}
 
     def set_attn_impl(self, impl: str) -> None:
         if impl not in ATTN_IMPLS:
@@ -340,16 +361,21 @@ class Transformer(nn.Module):
             if isinstance(m, MLA):
                 m.attn_impl = impl
 
+    def _arange(self, n: int) -> torch.Tensor:
+        """0..n-1 on the model's device, made once per n: a decode step launches no kernel for it."""
+        if n not in self._aranges:
+            self._aranges[n] = torch.arange(n, device=self.rope_cos.device)
+        return self._aranges[n]
+
     def position_step(self, positions: torch.Tensor, q: int, span: int, rows: torch.Tensor | None = None) -> Step:
         """The static step: row b's q tokens sit at positions[b] .. positions[b] + q - 1 of its cache row
         (rows[b], or b) and see that row's keys up to their own position. Built on the device from
         `positions`; shapes depend on (B, q, span) only."""
-        device = self.rope_cos.device
         B = positions.shape[0]
-        pos = positions[:, None] + torch.arange(q, device=device)  # [B, q]
-        mask = torch.arange(span, device=device)[None, None, :] <= pos[..., None]  # [B, q, span]
-        row_index = (rows if rows is not None else torch.arange(B, device=device))[:, None]  # [B, 1]
-        step = Step(0, self.rope_cos[pos], self.rope_sin[pos], mask, span=span, write_pos=pos, kv_len=pos[:, -1] + 1,
+        pos = positions[:, None] if q == 1 else positions[:, None] + self._arange(q)  # [B, q]
+        mask = self._arange(span)[None, None, :] <= pos[..., None]  # [B, q, span]
+        row_index = (rows if rows is not None else self._arange(B))[:, None]  # [B, 1]
+        step = Step(0, self.rope_cos[pos], self.rope_sin[pos], mask, span=span, write_pos=pos,
                     rows=rows, row_index=row_index)
         self.kernels.begin_step(step)
         return step

@@ -77,10 +77,11 @@ class CpuKernels(ReferenceKernels):
         return (self.native is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu"
                 and all(w.dtype == torch.bfloat16 and w.is_contiguous() for w in weights))
 
-    def mlp(self, x, w1, w2, w3, s1=None, s2=None, s3=None):
+    def mlp(self, x, w1, w2, w3, s1=None, s2=None, s3=None, residual=None):
         if x.numel() == x.shape[-1] and s1 is None and self._native_ok(x, w1, w2, w3):
-            return self.native.moe_bf16(x.reshape(1, -1).contiguous(), *self._one, w1, w3, w2).view(x.shape)  # one expert
-        return super().mlp(x, w1, w2, w3, s1, s2, s3)
+            y = self.native.moe_bf16(x.reshape(1, -1).contiguous(), *self._one, w1, w3, w2).view(x.shape)  # one expert
+            return y if residual is None else residual + y
+        return super().mlp(x, w1, w2, w3, s1, s2, s3, residual)
 
     def rms_norm(self, x, weight, eps):
         if x.numel() < UPCAST_ROWS * x.shape[-1] and x.is_contiguous() and self._native_ok(x, weight):

@@ -55,13 +55,14 @@ class CudaKernels(ReferenceKernels):
         self._graph_pool = None
         self.fp8_dtype, self.mode = self.select_mode()
         self.act_max = self.activation_max()
-        from . import act_quant, fp8_gemm, gate, mla_decode, moe, rope, weight_dequant  # noqa: F401  triton, only now
+        from . import act_quant, fp8_gemm, gate, latent, mla_decode, moe, rms_norm, rope, weight_dequant  # noqa: F401  triton
 
         # through the registered torch.ops.dsv3.* ops: what another runtime or torch.compile calls is what runs here
         ops = torch.ops.dsv3
         self._act_quant, self._gemm = ops.act_quant, ops.fp8_gemm
         self._dequant, self._moe, self._mla = ops.weight_dequant, ops.fused_moe, ops.mla_decode
         self._rope, self._gate_select, self._linear = ops.rope, ops.gate_select, ops.fp8_linear
+        self._swiglu, self._latent, self._rms_norm = ops.fp8_swiglu, ops.mla_latent, ops.rms_norm
         if self.fp8_dtype is None:
             say_once(f"{self.name}: {self.mode}")
 
@@ -174,6 +175,33 @@ class CudaKernels(ReferenceKernels):
             return y.view(*x.shape[:-1], weight.shape[0])
         q, s = self._act_quant(x, weight.dtype, self.act_max, self.act_ue8m0)
         return self._gemm(q, s, weight, scale, x.dtype, self.target).view(*x.shape[:-1], weight.shape[0])
+
+    def _fused_fp8(self, x, weight, scale) -> bool:
+        """A decode-sized FP8 linear: the activation is quantized inside the GEMM (one launch)."""
+        return (scale is not None and weight.dtype == self.fp8_dtype
+                and x.numel() // x.shape[-1] <= FUSED_QUANT_ROWS)
+
+    def linear_add(self, x, weight, scale, residual):
+        if not self._fused_fp8(x, weight, scale) or residual.dtype != x.dtype:
+            return super().linear_add(x, weight, scale, residual)
+        rows = x.numel() // x.shape[-1]
+        y = self._linear(x.reshape(rows, -1), weight, scale, self.act_max, self.act_ue8m0, self.target,
+                         residual.reshape(rows, -1))  # the add in the GEMM's epilogue
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    def mlp(self, x, w1, w2, w3, s1=None, s2=None, s3=None, residual=None):
+        if not (self._fused_fp8(x, w1, s1) and self._fused_fp8(x, w3, s3)):
+            return super().mlp(x, w1, w2, w3, s1, s2, s3, residual)
+        rows = x.numel() // x.shape[-1]
+        h = self._swiglu(x.reshape(rows, -1), w1, s1, w3, s3, self.act_max, self.act_ue8m0, self.target)  # gate + up
+        y = self.linear(h, w2, s2) if residual is None else self.linear_add(h, w2, s2, residual.reshape(rows, -1))
+        return y.view(*x.shape[:-1], w2.shape[0])
+
+    def rms_norm(self, x, weight, eps):
+        return self._rms_norm(x, weight, eps)  # the arithmetic of mla_latent's kv_norm, bit for bit
+
+    def mla_latent(self, q_pe, kv, k_pe, norm_weight, eps, cos, sin, kv_cache, pe_cache, rows, pos):
+        return self._latent(q_pe, kv, k_pe, norm_weight, eps, cos, sin, kv_cache, pe_cache, rows, pos)  # one launch
 
     def rope(self, x, cos, sin):
         return self._rope(x, cos, sin)  # one launch for all heads of a step (the reference: ~5 ops)

@@ -23,10 +23,13 @@ BLOCK_K = 128
 def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, n_kb,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      QUANT_A: tl.constexpr = False, FP8_MAX: tl.constexpr = 1.0, EMIN: tl.constexpr = 0,
-                     UE8M0: tl.constexpr = False):
+                     UE8M0: tl.constexpr = False, b2_ptr=None, b2s_ptr=None, SWIGLU: tl.constexpr = False,
+                     r_ptr=None, RESIDUAL: tl.constexpr = False):
     """QUANT_A: a_ptr holds the bf16/fp32 activation itself and each K step quantizes its [BLOCK_M, 128]
     tile as act_quant would (same scale, same rounding), so a decode-sized linear is one launch.
-    FP8_MAX/EMIN/UE8M0 are read only with QUANT_A (the caller passes the format's, from core/fp8.py)."""
+    FP8_MAX/EMIN/UE8M0 are read only with QUANT_A (the caller passes the format's, from core/fp8.py).
+    SWIGLU: a second weight b2 (same shape and scales layout) and C = silu(A·Bᵀ) · (A·B2ᵀ), the gate and up
+    projections of an MLP in one pass over A. RESIDUAL: C = A·Bᵀ + R (R [M, N] in C's dtype), one rounding."""
     # grouped tile order: GROUP_M row tiles sweep the same B columns while they are in L2
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -41,14 +44,15 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, n_kb,
     rk = tl.arange(0, BLOCK_K)
     in_m, in_n = rm < M, rn < N
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]
-    b_ptrs = b_ptr + rn[None, :].to(tl.int64) * K + rk[:, None]  # [BLOCK_K, BLOCK_N] view of B rows
+    b_off = rn[None, :].to(tl.int64) * K + rk[:, None]  # [BLOCK_K, BLOCK_N] view of B rows
     as_ptrs = as_ptr + rm.to(tl.int64) * n_kb
-    bs_ptrs = bs_ptr + (rn // 128) * n_kb
+    bs_off = (rn // 128) * n_kb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(n_kb):
         in_k = rk < K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=in_k[:, None] & in_n[None, :], other=0.0)
+        b = tl.load(b_ptr + b_off, mask=in_k[:, None] & in_n[None, :], other=0.0)
         if QUANT_A:
             x = a.to(tl.float32)
             sa = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4) / FP8_MAX  # [BLOCK_M], as act_quant
@@ -57,12 +61,20 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, n_kb,
             a = round_to_fp8_grid(tl.clamp(x / sa[:, None], -FP8_MAX, FP8_MAX), EMIN).to(b_ptr.dtype.element_ty)
         else:
             sa = tl.load(as_ptrs + kb, mask=in_m, other=0.0)
-        sb = tl.load(bs_ptrs + kb, mask=in_n, other=0.0)
+        sb = tl.load(bs_ptr + bs_off + kb, mask=in_n, other=0.0)
         acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+        if SWIGLU:
+            b2 = tl.load(b2_ptr + b_off, mask=in_k[:, None] & in_n[None, :], other=0.0)
+            sb2 = tl.load(b2s_ptr + bs_off + kb, mask=in_n, other=0.0)
+            acc2 += tl.dot(a, b2) * sa[:, None] * sb2[None, :]
         a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    c_ptrs = c_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
+        b_off += BLOCK_K
+    if SWIGLU:
+        acc = acc * tl.sigmoid(acc) * acc2
+    c_off = rm[:, None].to(tl.int64) * N + rn[None, :]
+    if RESIDUAL:
+        acc += tl.load(r_ptr + c_off, mask=in_m[:, None] & in_n[None, :], other=0.0).to(tl.float32)
+    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
 
 
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -94,43 +106,83 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     return c
 
 
-def fp8_linear(x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, fp8_max: float, ue8m0: bool = False,
-               out_dtype: torch.dtype | None = None, target: str = "nvidia") -> torch.Tensor:
-    """x [M, K] bf16/fp16/fp32 -> act_quant(x) · (b · b_scale)ᵀ [M, N], the activation quantized inside the
-    GEMM (same scales and rounding as act_quant; meant for M <= launch.FUSED_QUANT_ROWS)."""
-    check_target(target)
+def _check_fp8_weight(what: str, x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, fp8_max: float) -> None:
     if x.dim() != 2 or b.dim() != 2 or x.shape[1] != b.shape[1]:
-        raise ValueError(f"fp8_linear: x {list(x.shape)} and b {list(b.shape)} must be [M, K] and [N, K]")
+        raise ValueError(f"{what}: x {list(x.shape)} and b {list(b.shape)} must be [M, K] and [N, K]")
     if b.dtype not in FP8_EMIN or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"fp8_linear: x {x.dtype}, b {b.dtype}; expected a float activation and an e4m3 weight")
+        raise ValueError(f"{what}: x {x.dtype}, b {b.dtype}; expected a float activation and an e4m3 weight")
     if not 0 < fp8_max <= FP8_MAX[b.dtype]:
-        raise ValueError(f"fp8_linear: fp8_max={fp8_max} is outside (0, the max of {b.dtype}]")
-    (m, k), n = x.shape, b.shape[0]
-    n_kb = triton.cdiv(k, BLOCK_K)
+        raise ValueError(f"{what}: fp8_max={fp8_max} is outside (0, the max of {b.dtype}]")
+    n, n_kb = b.shape[0], triton.cdiv(b.shape[1], BLOCK_K)
     if tuple(b_scale.shape) != (triton.cdiv(n, 128), n_kb) or b_scale.dtype != torch.float32:
-        raise ValueError(f"fp8_linear: b_scale {b_scale.dtype} {list(b_scale.shape)}; expected float32 "
+        raise ValueError(f"{what}: b_scale {b_scale.dtype} {list(b_scale.shape)}; expected float32 "
                          f"[{triton.cdiv(n, 128)}, {n_kb}]")
-    x, b, b_scale = x.contiguous(), b.contiguous(), b_scale.contiguous()
+
+
+def _quant_a_launch(x, b, b_scale, fp8_max, ue8m0, out_dtype, target, **extra) -> torch.Tensor:
+    (m, k), n = x.shape, b.shape[0]
     c = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return c
     cfg = gemm_config(m, target)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-    _fp8_gemm_kernel[grid](x, b_scale, b, b_scale, c, m, n, k, n_kb, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                           BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m, QUANT_A=True, FP8_MAX=float(fp8_max),
-                           EMIN=FP8_EMIN[b.dtype], UE8M0=ue8m0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _fp8_gemm_kernel[grid](x, b_scale, b, b_scale, c, m, n, k, triton.cdiv(k, BLOCK_K), BLOCK_M=cfg.block_m,
+                           BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m, QUANT_A=True,
+                           FP8_MAX=float(fp8_max), EMIN=FP8_EMIN[b.dtype], UE8M0=ue8m0, num_warps=cfg.num_warps,
+                           num_stages=cfg.num_stages, **extra)
     return c
+
+
+def fp8_linear(x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, fp8_max: float, ue8m0: bool = False,
+               out_dtype: torch.dtype | None = None, target: str = "nvidia",
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] bf16/fp16/fp32 -> act_quant(x) · (b · b_scale)ᵀ [M, N] (+ residual [M, N]), the activation
+    quantized inside the GEMM (same scales and rounding as act_quant; meant for M <= launch.FUSED_QUANT_ROWS)
+    and the residual added before the one rounding to the output dtype."""
+    check_target(target)
+    _check_fp8_weight("fp8_linear", x, b, b_scale, fp8_max)
+    extra = {}
+    if residual is not None:
+        if tuple(residual.shape) != (x.shape[0], b.shape[0]):
+            raise ValueError(f"fp8_linear: residual {list(residual.shape)}; expected [{x.shape[0]}, {b.shape[0]}]")
+        extra = dict(r_ptr=residual.contiguous(), RESIDUAL=True)
+    return _quant_a_launch(x.contiguous(), b.contiguous(), b_scale.contiguous(), fp8_max, ue8m0, out_dtype, target,
+                           **extra)
+
+
+def fp8_swiglu(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor,
+               fp8_max: float, ue8m0: bool = False, target: str = "nvidia") -> torch.Tensor:
+    """silu(x·w1ᵀ) · (x·w3ᵀ) [M, I] in x's dtype: an MLP's gate and up projections in one launch, the
+    activation quantized inside (as fp8_linear) and read once for both weights."""
+    check_target(target)
+    _check_fp8_weight("fp8_swiglu", x, w1, s1, fp8_max)
+    _check_fp8_weight("fp8_swiglu", x, w3, s3, fp8_max)
+    if w1.shape != w3.shape or w1.dtype != w3.dtype:
+        raise ValueError(f"fp8_swiglu: w1 {w1.dtype} {list(w1.shape)} and w3 {w3.dtype} {list(w3.shape)} must match")
+    return _quant_a_launch(x.contiguous(), w1.contiguous(), s1.contiguous(), fp8_max, ue8m0, None, target,
+                           b2_ptr=w3.contiguous(), b2s_ptr=s3.contiguous(), SWIGLU=True)
 
 
 @torch.library.custom_op("dsv3::fp8_linear", mutates_args=())
 def fp8_linear_op(x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, fp8_max: float, ue8m0: bool,
-                  target: str) -> torch.Tensor:
-    return fp8_linear(x, b, b_scale, fp8_max, ue8m0, x.dtype, target)
+                  target: str, residual: torch.Tensor | None = None) -> torch.Tensor:
+    return fp8_linear(x, b, b_scale, fp8_max, ue8m0, x.dtype, target, residual)
 
 
 @fp8_linear_op.register_fake
-def _(x, b, b_scale, fp8_max, ue8m0, target):
+def _(x, b, b_scale, fp8_max, ue8m0, target, residual=None):
     return x.new_empty(x.shape[0], b.shape[0])
+
+
+@torch.library.custom_op("dsv3::fp8_swiglu", mutates_args=())
+def fp8_swiglu_op(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor,
+                  fp8_max: float, ue8m0: bool, target: str) -> torch.Tensor:
+    return fp8_swiglu(x, w1, s1, w3, s3, fp8_max, ue8m0, target)
+
+
+@fp8_swiglu_op.register_fake
+def _(x, w1, s1, w3, s3, fp8_max, ue8m0, target):
+    return x.new_empty(x.shape[0], w1.shape[0])
 
 
 @torch.library.custom_op("dsv3::fp8_gemm", mutates_args=())

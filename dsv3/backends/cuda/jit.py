@@ -29,3 +29,10 @@ def dot(a, b, acc, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc)
+
+
+@triton.jit
+def rms_row(x, w, n, eps):
+    """One RMS-normed row: x · rsqrt(Σx²/n + eps) · w, fp32 in (masked lanes 0), fp32 out. Shared by rms_norm.py and
+    latent.py so that the kv_norm of a cache-free forward and of a decode step's fused prologue agree bit for bit."""
+    return x * tl.rsqrt(tl.sum(x * x, 0) / n + eps) * w

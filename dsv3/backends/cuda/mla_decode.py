@@ -60,7 +60,8 @@ def _mla_decode_kernel(ql_ptr, qp_ptr, kv_ptr, pe_ptr, mask_ptr, o_ptr, lse_ptr,
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     lse = tl.where(l_i > 0, m_i + tl.log(tl.maximum(l_i, 1e-30)), float("-inf"))
     row = bs * n_splits + sp
-    tl.store(o_ptr + (row * H + heads[:, None]) * C + rc[None, :], out, mask=in_h[:, None] & (rc[None, :] < C))
+    tl.store(o_ptr + (row * H + heads[:, None]) * C + rc[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=in_h[:, None] & (rc[None, :] < C))
     tl.store(lse_ptr + row * H + heads, lse, mask=in_h)
 
 
@@ -95,7 +96,8 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe:
     n_splits = _splits(B * S * n_h, T, cfg.block_t, kv.device)
     split_len = triton.cdiv(triton.cdiv(T, n_splits), cfg.block_t) * cfg.block_t
     n_splits = triton.cdiv(T, split_len)
-    o = torch.empty(B * S * n_splits, H, C, dtype=torch.float32, device=kv.device)
+    # one slice: the kernel writes the answer in q's dtype; several: fp32 partials merged by one more launch
+    o = torch.empty(B * S * n_splits, H, C, dtype=torch.float32 if n_splits > 1 else q_latent.dtype, device=kv.device)
     lse = torch.empty(B * S * n_splits, H, dtype=torch.float32, device=kv.device)
     m = mask if mask is not None else kv  # any tensor: never read without HAS_MASK
     sm = (m.stride(0), m.stride(1)) if mask is not None else (0, 0)
@@ -106,13 +108,28 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe:
         HAS_MASK=mask is not None, BLOCK_H=cfg.block_h, BLOCK_T=cfg.block_t, BLOCK_C=max(16, triton.next_power_of_2(C)),
         BLOCK_R=max(16, triton.next_power_of_2(R)), UPCAST=interpreted(kv.device) and kv.dtype != torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    o, lse = o.view(B * S, n_splits, H, C), lse.view(B * S, n_splits, H)
-    if n_splits > 1:  # merge the slices: weights exp(lse_i - lse) sum to one
-        w = torch.softmax(lse, dim=1).nan_to_num(0.0)  # [BS, splits, H]
-        o = (o * w[..., None]).sum(1)
-    else:
-        o = o[:, 0]
-    return o.view(B, S, H, C).to(q_latent.dtype)
+    if n_splits == 1:
+        return o.view(B, S, H, C)
+    out = torch.empty(B, S, H, C, dtype=q_latent.dtype, device=kv.device)
+    _merge_kernel[(B * S, H)](o, lse, out, H, C, n_splits, BLOCK_S=triton.next_power_of_2(n_splits),
+                              BLOCK_C=max(16, triton.next_power_of_2(C)))
+    return out
+
+
+@triton.jit
+def _merge_kernel(o_ptr, lse_ptr, out_ptr, H, C, n_splits, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[q, h] = Σ_i exp(lse_i - lse) · o_i over the key slices i of one (query, head): the weights of a
+    softmax over the slices' log-sum-exps (slices that saw no visible key have lse = -inf and weight 0)."""
+    q, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    i = tl.arange(0, BLOCK_S)
+    c = tl.arange(0, BLOCK_C)
+    lse = tl.load(lse_ptr + (q * n_splits + i) * H + h, mask=i < n_splits, other=float("-inf"))
+    top = tl.max(lse, 0)
+    w = tl.where(lse > float("-inf"), tl.exp(lse - top), 0.0)
+    w = w / tl.maximum(tl.sum(w, 0), 1e-30)
+    o = tl.load(o_ptr + ((q * n_splits + i[:, None]) * H + h) * C + c[None, :],
+                mask=(i[:, None] < n_splits) & (c[None, :] < C), other=0.0)
+    tl.store(out_ptr + (q * H + h) * C + c, tl.sum(o * w[:, None], 0).to(out_ptr.dtype.element_ty), mask=c < C)
 
 
 @torch.library.custom_op("dsv3::mla_decode", mutates_args=())

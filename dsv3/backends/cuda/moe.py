@@ -3,8 +3,9 @@
 1. routing (torch, no host sync): the T·k (token, slot) rows are sorted by local expert and laid
    out in tiles of BLOCK_M rows that each belong to one expert (padded with a sentinel row);
 2. gate/up: one launch computes x·w1ᵀ and x·w3ᵀ for every tile and writes silu(g)·u;
-3. act_quant of that intermediate, then down: one launch, rows scaled by their routing weight;
-4. the k rows of each token are summed. Rows routed to another rank's experts stay zero.
+3. act_quant of that intermediate, then down: one launch, rows scaled by their routing weight
+   (at decode sizes both GEMMs quantize their activation tiles themselves: no act_quant launches);
+4. the k rows of each token are summed (one launch), skipping rows routed to another rank's experts.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ...core.fp8 import FP8_EMIN
 from .act_quant import act_quant
-from .launch import check_target, moe_config
+from .jit import round_to_fp8_grid
+from .launch import FUSED_QUANT_ROWS, check_target, moe_config
 
 BLOCK_K = 128
 
@@ -23,7 +26,10 @@ BLOCK_K = 128
 def _moe_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, b2_ptr, b2s_ptr, c_ptr, rows_ptr, tile_expert_ptr, rw_ptr,
                      N, K, n_rows, n_kb, n_nb, A_DIV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SWIGLU: tl.constexpr, WEIGHTED: tl.constexpr):
+                     SWIGLU: tl.constexpr, WEIGHTED: tl.constexpr, QUANT_A: tl.constexpr = False,
+                     FP8_MAX: tl.constexpr = 1.0, EMIN: tl.constexpr = 0, UE8M0: tl.constexpr = False):
+    """QUANT_A: a_ptr holds the bf16/fp32 activation and each K step quantizes its tile as act_quant would
+    (as in fp8_gemm.py): the decode-sized MoE needs no act_quant launches."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
     if e < 0:  # the grid is sized for the worst case without reading the counts back
@@ -43,7 +49,15 @@ def _moe_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, b2_ptr, b2s_ptr, c_ptr, rows_
     for kb in range(n_kb):
         in_k = rk < K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=valid[:, None] & in_k[None, :], other=0.0)
-        sa = tl.load(as_ptrs + kb, mask=valid, other=0.0)[:, None]
+        if QUANT_A:
+            xa = a.to(tl.float32)
+            qs = tl.maximum(tl.max(tl.abs(xa), axis=1), 1e-4) / FP8_MAX
+            if UE8M0:
+                qs = tl.exp2(tl.ceil(tl.log2(qs)))
+            a = round_to_fp8_grid(tl.clamp(xa / qs[:, None], -FP8_MAX, FP8_MAX), EMIN).to(b_ptr.dtype.element_ty)
+            sa = qs[:, None]
+        else:
+            sa = tl.load(as_ptrs + kb, mask=valid, other=0.0)[:, None]
         b = tl.load(b_ptr + b_off, mask=in_k[:, None] & in_n[None, :], other=0.0)
         sb = tl.load(bs_ptr + bs_off + kb, mask=in_n, other=0.0)[None, :]
         acc += tl.dot(a, b) * sa * sb
@@ -165,22 +179,47 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     cfg = moe_config(t * k / e, target)
     rows, tile_expert = route(ids, first, e, cfg.block_m)
     n_rows = t * k
-    xq, xs = act_quant(x, fp8, fp8_max, ue8m0)
-    h = torch.zeros(n_rows, inter, dtype=x.dtype, device=x.device)  # rows of other ranks: quantized, never read
     launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
+    # decode-sized: each GEMM quantizes its own activation tiles (no act_quant launches); larger: quantize once
+    fused = n_rows <= FUSED_QUANT_ROWS
+    if fused:
+        launch.update(QUANT_A=True, FP8_MAX=float(fp8_max), EMIN=FP8_EMIN[fp8], UE8M0=ue8m0)
+
+    def quantized(a):  # (A, its scales) as the GEMM reads them; with QUANT_A the scale slot is unread
+        return (a, a) if fused else act_quant(a, fp8, fp8_max, ue8m0)
+
+    # rows of other ranks (and of no tile) are never written nor read below: no zero fill
+    h = torch.empty(n_rows, inter, dtype=x.dtype, device=x.device)
     grid = (tile_expert.numel(), triton.cdiv(inter, cfg.block_n))
     # rw_ptr (routing weights) is unread without WEIGHTED: any tensor fills the slot
-    _moe_gemm_kernel[grid](xq, xs, w1, s1, w3, s3, h, rows, tile_expert, rows, inter, dim, n_rows,
+    _moe_gemm_kernel[grid](*quantized(x.contiguous()), w1, s1, w3, s3, h, rows, tile_expert, rows, inter, dim, n_rows,
                            triton.cdiv(dim, BLOCK_K), triton.cdiv(inter, 128), A_DIV=k, SWIGLU=True, WEIGHTED=False,
                            **launch)
-    hq, hs = act_quant(h, fp8, fp8_max, ue8m0)
-    y = torch.zeros(n_rows, dim, dtype=torch.float32, device=x.device)  # rows of other ranks stay 0
+    y = torch.empty(n_rows, dim, dtype=torch.float32, device=x.device)  # rows of other ranks: skipped by the sum
     grid = (tile_expert.numel(), triton.cdiv(dim, cfg.block_n))
-    _moe_gemm_kernel[grid](hq, hs, w2, s2, w2, s2, y, rows, tile_expert, weights.float().contiguous(), dim, inter,
+    _moe_gemm_kernel[grid](*quantized(h), w2, s2, w2, s2, y, rows, tile_expert, weights.float().contiguous(), dim, inter,
                            n_rows, triton.cdiv(inter, BLOCK_K), triton.cdiv(dim, 128), A_DIV=1, SWIGLU=False,
                            WEIGHTED=True, **launch)
-    return y.view(t, k, dim).sum(1).to(x.dtype)
+    out = torch.empty(t, dim, dtype=x.dtype, device=x.device)
+    block_d = min(1024, triton.next_power_of_2(dim))
+    _combine_kernel[(t, triton.cdiv(dim, block_d))](y, ids, out, first, e, dim, K_SLOTS=k,
+                                                    BLOCK_K=triton.next_power_of_2(k), BLOCK_D=block_d)
+    return out
+
+
+@triton.jit
+def _combine_kernel(y_ptr, ids_ptr, out_ptr, first, E, D, K_SLOTS: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """out[t] = Σ_j y[t·k + j] over the slots j whose expert is held here, in fp32, one rounding: the sum of the
+    k weighted expert outputs of a token (rows routed to other ranks were never written and are not read)."""
+    t = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    j = tl.arange(0, BLOCK_K)
+    local = tl.load(ids_ptr + t * K_SLOTS + j, mask=j < K_SLOTS, other=-1) - first
+    here = (j < K_SLOTS) & (local >= 0) & (local < E)
+    y = tl.load(y_ptr + (t * K_SLOTS + j[:, None]) * D + d[None, :], mask=here[:, None] & (d[None, :] < D), other=0.0)
+    tl.store(out_ptr + t * D + d, tl.sum(y, 0).to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 @torch.library.custom_op("dsv3::fused_moe", mutates_args=())

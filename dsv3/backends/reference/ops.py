@@ -45,7 +45,7 @@ class ReferenceKernels(Kernels):
         return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
 
     def rope(self, x, cos, sin):
-        z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, S, H, D/2] pairs as complex
+        z = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))  # [B, S, H, D/2] pairs as complex
         rot = torch.complex(cos, sin)[:, :, None, :]  # [B, S, 1, D/2]
         return torch.view_as_real(z * rot).flatten(-2).to(x.dtype)
 

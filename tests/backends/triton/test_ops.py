@@ -14,8 +14,10 @@ from dsv3.backends.cuda import (  # noqa: E402,F401  registers the ops
     act_quant,
     fp8_gemm,
     gate,
+    latent,
     mla_decode,
     moe,
+    rms_norm,
     rope,
     weight_dequant,
 )
@@ -48,6 +50,17 @@ def cases():
         "fp8_gemm": (torch.ops.dsv3.fp8_gemm.default, (q.to(dev), s.to(dev), w.to(dev), ws.to(dev), torch.bfloat16,
                                                         "nvidia")),
         "fp8_linear": (torch.ops.dsv3.fp8_linear.default, (x, w.to(dev), ws.to(dev), 448.0, False, "nvidia")),
+        "fp8_linear_residual": (torch.ops.dsv3.fp8_linear.default, (x, w.to(dev), ws.to(dev), 448.0, False, "nvidia",
+                                                                    torch.randn(3, 130, generator=gen(3)).bfloat16().to(dev))),
+        "fp8_swiglu": (torch.ops.dsv3.fp8_swiglu.default, (x, w.to(dev), ws.to(dev), w.to(dev), ws.to(dev), 448.0, False,
+                                                            "nvidia")),
+        "mla_latent": (torch.ops.dsv3.mla_latent.default, (qp, kv[:, :S], pe[:, :S], torch.ones(C).bfloat16().to(dev),
+                                                            1e-6, *(torch.rand(B, S, R // 2, generator=gen(63)).to(dev),) * 2,
+                                                            torch.zeros(3, T, C).bfloat16().to(dev),
+                                                            torch.zeros(3, T, R).bfloat16().to(dev),
+                                                            torch.tensor([[2], [0]], device=dev),
+                                                            torch.tensor([[5], [1]], device=dev))),
+        "rms_norm": (torch.ops.dsv3.rms_norm.default, (x, torch.rand(200, generator=gen(64)).bfloat16().to(dev), 1e-6)),
         "weight_dequant": (torch.ops.dsv3.weight_dequant.default, (w.to(dev), ws.to(dev), torch.bfloat16)),
         "fused_moe": (torch.ops.dsv3.fused_moe.default, (xm, rw, ids, stack(w1), stack(s1), stack(w3), stack(s3),
                                                           stack(w2), stack(s2), 0, 448.0, "nvidia", False)),
@@ -59,8 +72,9 @@ def cases():
     }
 
 
-@pytest.mark.parametrize("name", ["act_quant", "act_quant_ue8m0", "fp8_gemm", "fp8_linear", "weight_dequant", "fused_moe",
-                                  "mla_decode", "rope", "gate_select"])
+@pytest.mark.parametrize("name", ["act_quant", "act_quant_ue8m0", "fp8_gemm", "fp8_linear", "fp8_linear_residual",
+                                  "fp8_swiglu", "mla_latent", "rms_norm", "weight_dequant", "fused_moe", "mla_decode", "rope",
+                                  "gate_select"])
 def test_opcheck(name):
     op, args = cases()[name]
     utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -78,3 +92,4 @@ def test_the_backend_calls_the_registered_ops(monkeypatch):
     assert k._gemm is torch.ops.dsv3.fp8_gemm and k._act_quant is torch.ops.dsv3.act_quant
     assert k._linear is torch.ops.dsv3.fp8_linear
     assert k._moe is torch.ops.dsv3.fused_moe and k._mla is torch.ops.dsv3.mla_decode
+    assert k._swiglu is torch.ops.dsv3.fp8_swiglu and k._latent is torch.ops.dsv3.mla_latent

@@ -266,3 +266,76 @@ def test_fp8_linear_equals_act_quant_then_gemm(target, m, n, k, ue8m0):
     check(got, two, 1e-6, f"fp8_linear vs act_quant+gemm m={m}")
     dense = REF.linear(x.cpu().float(), fp8.dequantize(w.cpu(), ws.cpu(), torch.float32))
     check(got, dense, 0.1, f"fp8_linear vs dense m={m}")
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 130, 200), (3, 576, 384), (17, 100, 448)])
+def test_fp8_linear_residual_and_swiglu_equal_their_composition(target, m, n, k):
+    """The epilogues: + residual (one rounding) and the SwiGLU of two weights read in one pass over x."""
+    from dsv3.backends.cuda.fp8_gemm import fp8_linear, fp8_swiglu
+
+    dev = device_for(target.vendor)
+    x = torch.randn(m, k, generator=gen(m + n + 1)).bfloat16().to(dev)
+    r = torch.randn(m, n, generator=gen(m + n + 2)).to(dev)
+    (w1, s1), (w3, s3) = (quantized_weight(n, k, target, seed=s) for s in (11, 12))
+    w1, s1, w3, s3 = (t.to(dev) for t in (w1, s1, w3, s3))
+    plain = fp8_linear(x, w1, s1, target.act_max, False, torch.float32, target.vendor)
+    got = fp8_linear(x, w1, s1, target.act_max, False, torch.float32, target.vendor, residual=r)
+    check(got.cpu(), (plain + r).cpu(), 1e-6, f"fp8_linear + residual m={m}")
+    g, u = plain, fp8_linear(x, w3, s3, target.act_max, False, torch.float32, target.vendor)
+    want = (g * torch.sigmoid(g) * u).cpu()
+    got = fp8_swiglu(x.float(), w1, s1, w3, s3, target.act_max, False, target.vendor).cpu()
+    check(got, want, 1e-5, f"fp8_swiglu m={m} n={n} k={k}")
+    d1, d3 = (fp8.dequantize(w.cpu(), s.cpu(), torch.float32) for w, s in ((w1, s1), (w3, s3)))
+    dense = REF.mlp(x.cpu().float(), d1, torch.eye(n), d3)  # w2 = I: silu(x w1ᵀ) · x w3ᵀ
+    check(got, dense, 0.1, f"fp8_swiglu vs dense m={m}")
+
+
+@pytest.mark.parametrize("b,s,h,c,r,slots", [
+    (1, 1, 16, 512, 64, 1),  # DeepSeek's dims, one sequence
+    (3, 1, 3, 72, 8, 5),  # odd heads, small dims, rows scattered over 5 slots
+    (2, 4, 4, 144, 32, 2),  # several tokens per row (chunked prefill, MTP verification)
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mla_latent(vendor, b, s, h, c, r, slots, dtype):
+    """kv_norm + both ropes + the two cache writes in one launch, against the reference's composition."""
+    from dsv3.backends.cuda.latent import mla_latent
+
+    dev = device_for(vendor)
+    g = gen(b * c + s)
+    q_pe = torch.randn(b, s, h, r + 5, generator=g).to(dtype)[..., 5:]  # a slice, as the model passes it
+    kv_pe = torch.randn(b, s, c + r, generator=g).to(dtype)
+    kv, k_pe = kv_pe.split([c, r], dim=-1)
+    w = (torch.rand(c, generator=g) + 0.5).to(dtype)
+    angles = torch.rand(b, s, r // 2, generator=g) * 6
+    cos, sin = angles.cos(), angles.sin()
+    T = 10
+    rows = torch.randperm(slots, generator=g)[:b][:, None]
+    pos = torch.stack([torch.randperm(T, generator=g)[:s] for _ in range(b)])
+    caches = [torch.full((slots, T, d), 7.0, dtype=dtype) for d in (c, r)]
+    want_q = REF.mla_latent(q_pe, kv, k_pe, w, 1e-6, cos, sin, *caches, rows, pos)
+    got_caches = [z.clone().to(dev) for z in (torch.full((slots, T, c), 7.0, dtype=dtype),
+                                              torch.full((slots, T, r), 7.0, dtype=dtype))]
+    got_q = mla_latent(*(z.to(dev) for z in (q_pe, kv, k_pe, w)), 1e-6, cos.to(dev), sin.to(dev), *got_caches,
+                       rows.to(dev), pos.to(dev))
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    check(got_q.cpu(), want_q, tol, f"mla_latent q B={b} S={s} H={h} {dtype}")
+    for got, want, what in zip(got_caches, caches, ("kv", "pe")):
+        check(got.cpu(), want, tol, f"mla_latent {what} cache B={b} S={s} C={c} R={r} {dtype}")
+        assert (got.cpu() == 7.0).sum() == (want == 7.0).sum(), f"{what}: other entries were touched"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape,sliced", [((1, 1, 7168 // 16), False), ((3, 200), False), ((2, 5, 576), True),
+                                          ((129, 130), False)])
+def test_rms_norm(vendor, shape, sliced, dtype):
+    """One rounding from fp32, like F.rms_norm; a slice of a wider projection (the model's kv) is read in place."""
+    from dsv3.backends.cuda.rms_norm import rms_norm
+
+    dev = device_for(vendor)
+    g = gen(shape[-1] + len(shape))
+    wide = torch.randn(*shape[:-1], shape[-1] + (64 if sliced else 0), generator=g).to(dtype)
+    x = wide[..., :shape[-1]]
+    w = (torch.rand(shape[-1], generator=g) + 0.5).to(dtype)
+    got = rms_norm(x.to(dev), w.to(dev), 1e-6).cpu()
+    want = REF.rms_norm(x.double(), w.double(), 1e-6)
+    check(got, want, {torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype], f"rms_norm {list(shape)} {dtype}")
