@@ -70,9 +70,18 @@ class Engine:
             return self.model.mtp[0](self.model, ids[:, 1:], h[:, :-1], step)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, static: bool = False) -> list[list[int]]:
+                 top_p: float = 1.0, seed: int | None = None, static: bool = False, speculative: str | None = None,
+                 draft_tokens: int = 1) -> list[list[int]]:
         """New token ids for each prompt (EOS excluded). Greedy when temperature == 0. `static` runs the
-        fixed-shape (graph-ready) decode step even where no graph is captured."""
+        fixed-shape (graph-ready) decode step even where no graph is captured. `speculative="mtp"` drafts
+        `draft_tokens` tokens per step with the checkpoint's MTP layer and verifies them in one main-model step:
+        the same greedy tokens (the same distribution when sampling), fewer steps; last_stats.extra reports the
+        acceptance."""
+        if speculative not in (None, "mtp"):
+            raise DsvError(f"speculative={speculative!r}; the one drafter is 'mtp' (the checkpoint's MTP layer)")
+        if speculative and not self.has_mtp:
+            raise DsvError(f"{self.path}: this checkpoint has no MTP layer (num_nextn_predict_layers=0 or dropped), so "
+                           "there is nothing to draft with; run without speculative decoding")
         if prompts and isinstance(prompts[0], int):
             prompts = [prompts]
         prompts = [list(map(int, p)) for p in prompts]
@@ -87,6 +96,16 @@ class Engine:
         eos = self.cfg.eos_token_ids
         if self.tokenizer is not None and self.tokenizer.eos_id is not None and self.tokenizer.eos_id not in eos:
             eos = (*eos, self.tokenizer.eos_id)
+        if speculative:
+            from .core.speculative import speculative_generate
+
+            if longest + max_new_tokens + 2 * draft_tokens + 2 > self.max_seq_len:
+                raise DsvError(f"prompt of {longest} tokens + {max_new_tokens} new tokens + room for {draft_tokens} "
+                               f"drafts exceeds the context of {self.max_seq_len}; shorten the prompt or raise "
+                               "--max-seq-len")
+            out, self.last_stats = speculative_generate(self.model, prompts, max_new_tokens, draft_tokens, temperature,
+                                                        top_p, eos, seed, self.dtype)
+            return out
         out, self.last_stats = generate(self.model, prompts, max_new_tokens, temperature, top_p, eos, seed, self.dtype,
                                         graphs=self.cuda_graphs, static=static)
         return out

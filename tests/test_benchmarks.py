@@ -72,3 +72,11 @@ def test_serve_load_benchmark_smoke():
     assert r.returncode == 0, r.stderr[-3000:]
     for row in ("| engine.generate |", "| 16 |", "Chunked prefill"):
         assert row in r.stdout, r.stdout
+
+
+def test_speculative_benchmark_smoke():
+    """benchmarks/speculative.py end to end on the demo model: plain, MTP drafts, perfect drafts, the byte bound."""
+    r = subprocess.run([sys.executable, "benchmarks/speculative.py", "--smoke"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| DEMO |" in r.stdout and "2.00 tokens/step" in r.stdout, r.stdout

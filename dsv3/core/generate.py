@@ -48,8 +48,14 @@ class Stats:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
     def line(self) -> str:
-        return (f"prefill: {self.prefill_tokens} tokens in {self.prefill_s:.3f}s ({self.prefill_tps:.1f} tok/s) | "
+        text = (f"prefill: {self.prefill_tokens} tokens in {self.prefill_s:.3f}s ({self.prefill_tps:.1f} tok/s) | "
                 f"decode: {self.decode_tokens} tokens in {self.decode_s:.3f}s ({self.decode_tps:.1f} tok/s)")
+        if "acceptance" in self.extra:
+            x = self.extra
+            text += (f" | mtp: {x['draft_tokens']} draft(s)/step, acceptance {x['acceptance']:.0%}, "
+                     f"{x['tokens_per_round']:.2f} tokens/step" + ("" if x["drafting_at_end"] else
+                                                                   ", drafting stopped (below break-even)"))
+        return text
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:

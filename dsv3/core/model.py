@@ -22,6 +22,9 @@ from .kernels import ExpertWeights, GateParams, Kernels
 from .parallel import Parallel
 
 ATTN_IMPLS = ("auto", "naive", "absorb")
+#: "auto" attention: up to this many queries per row (a decode step, 1 + k drafts) use the absorbed form; more
+#: (a prefill) re-expand the cache through wkv_b, which costs the whole cache once but no per-query work
+ABSORB_MAX_QUERIES = 8
 
 
 # ---- building blocks: linear layers and norms -------------------------------------------
@@ -194,8 +197,8 @@ class MLA(nn.Module):
                 kv, k_pe = kv_cache[step.rows, :step.span], pe_cache[step.rows, :step.span]
 
         impl = self.attn_impl
-        if impl == "auto":  # prefill is compute-bound (naive), decode memory-bound (absorbed)
-            impl = "naive" if S > 1 else "absorb"
+        if impl == "auto":  # prefill is compute-bound (naive); decode and draft verification memory-bound (absorbed)
+            impl = "naive" if S > ABSORB_MAX_QUERIES else "absorb"
         if impl == "naive":
             kvb = self.wkv_b(kv).view(B, -1, self.n_heads, self.nope + self.v_dim)  # [B, T, H, nope + v]
             k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)
@@ -381,21 +384,39 @@ class Transformer(nn.Module):
         return step
 
     def forward_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: "LatentCache", span: int,
-                     rows: torch.Tensor | None = None, take: torch.Tensor | None = None
+                     rows: torch.Tensor | None = None, take: torch.Tensor | None = None, all_hidden: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """One position step (see Step): tokens [B, q] at positions [B] -> (logits fp32, final hidden).
-        With `take` [B] (an index into q per row) only those positions: logits [B, V], hidden [B, D];
+        With `take` [B] (an index into q per row) only those positions: logits [B, V], hidden [B, D] (or every
+        position's hidden [B, q, D] with `all_hidden`: what the MTP drafter reads after a prefill);
         else all: [B, q, V], [B, q, D]. q = 1 decodes, q = 1 + k verifies k drafts, a large q prefills."""
         B, q = tokens.shape
         step = self.position_step(positions, q, span, rows)
         h = self.embed(tokens)  # [B, q, D]
         for i, layer in enumerate(self.layers):
             h = layer(h, step, cache.kv[i], cache.pe[i])
-        if take is not None:
-            h = h[torch.arange(B, device=h.device), take][:, None]  # [B, 1, D]: only what is sampled
-        h = self.norm(h)
-        logits = self.logits(h)
-        return (logits[:, 0], h[:, 0]) if take is not None else (logits, h)
+        if take is None:
+            h = self.norm(h)
+            return self.logits(h), h
+        if all_hidden:
+            h = self.norm(h)
+            return self.logits(h[torch.arange(B, device=h.device), take]), h
+        h = self.norm(h[torch.arange(B, device=h.device), take])  # [B, D]: only what is sampled
+        return self.logits(h), h
+
+    def mtp_step(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, cache: "LatentCache",
+                 span: int, take: torch.Tensor, j: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module j as a position step over its own cache (one layer): position t pairs the main model's final
+        hidden at t (hidden [B, q, D]) with the token after t (tokens [B, q]) and drafts the token after that.
+        Returns the draft logits [B, V] at `take` and the block's output there [B, D] (the hidden that chains a
+        further draft through the same module)."""
+        B, q = tokens.shape
+        mtp = self.mtp[j]
+        step = self.position_step(positions, q, span)
+        x = mtp.eh_proj(torch.cat([mtp.enorm(self.embed(tokens)), mtp.hnorm(hidden)], dim=-1))  # [B, q, D]
+        x = mtp.block(x, step, cache.kv[0], cache.pe[0])
+        x = x[torch.arange(B, device=x.device), take]  # [B, D]
+        return self.logits(mtp.head_norm(x)), x
 
     def step(self, batch: int, seqlen: int, start_pos: int, pad: torch.Tensor | None) -> Step:
         """Rope angles and the causal mask for queries at start_pos..start_pos+seqlen-1.

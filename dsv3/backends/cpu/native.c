@@ -87,28 +87,39 @@ void dsv3_linear_bf16(const uint16_t *x, const uint16_t *W, uint16_t *y, int64_t
 void dsv3_moe_bf16(const uint16_t *x, int64_t T, int64_t k, const int64_t *ids, const float *alpha, int64_t first,
                    int64_t count, const uint16_t *w1, const uint16_t *w3, const uint16_t *w2, int64_t D, int64_t I,
                    float *scratch, uint16_t *y, int threads) {
-    float *xf = scratch, *acc = scratch + D, *h = scratch + 2 * D;
-    for (int64_t t = 0; t < T; t++) {
-        widen(x + t * D, xf, D);
-        for (int64_t i = 0; i < D; i++) acc[i] = 0.0f;
-        for (int64_t j = 0; j < k; j++) {
-            int64_t e = ids[t * k + j] - first;
-            if (e < 0 || e >= count) continue; /* another rank's expert */
-            const uint16_t *a = w1 + e * I * D, *c = w3 + e * I * D, *d = w2 + e * D * I;
-            float aj = alpha[t * k + j];
+    /* expert by expert: the rows (token, slot) routed to one expert read its weights once, so a step of a few
+     * tokens (a draft verification, a small batch) reads each expert it touches once, not once per token.
+     * scratch: xf [T*D] | acc [T*D] | h [T*k*I] | rows [T*k] int64, aligned, in the float buffer's tail */
+    float *xf = scratch, *acc = scratch + T * D, *h = scratch + 2 * T * D;
+    float *tail = h + T * k * I;
+    int64_t *rows = (int64_t *)(tail + (((uintptr_t)tail & 7) ? 1 : 0)); /* 8-byte aligned */
+    for (int64_t t = 0; t < T; t++) widen(x + t * D, xf + t * D, D);
+    for (int64_t i = 0; i < T * D; i++) acc[i] = 0.0f;
+    for (int64_t r0 = 0; r0 < T * k; r0++) {
+        int64_t e = ids[r0] - first;
+        if (e < 0 || e >= count) continue; /* another rank's expert */
+        int64_t n = 0, seen = 0;
+        for (int64_t r = 0; r < r0; r++) seen |= ids[r] == ids[r0];
+        if (seen) continue; /* done with an earlier row of the same expert */
+        for (int64_t r = r0; r < T * k; r++)
+            if (ids[r] == ids[r0]) rows[n++] = r;
+        const uint16_t *a = w1 + e * I * D, *c = w3 + e * I * D, *d = w2 + e * D * I;
 #pragma omp parallel num_threads(threads)
-            {
+        {
 #pragma omp for schedule(static)
-                for (int64_t i = 0; i < I; i++) {
-                    float g = dot_bf16(a + i * D, xf, D), u = dot_bf16(c + i * D, xf, D);
-                    h[i] = g / (1.0f + expf(-g)) * u;
+            for (int64_t i = 0; i < I; i++)
+                for (int64_t m = 0; m < n; m++) {
+                    const float *xr = xf + (rows[m] / k) * D;
+                    float g = dot_bf16(a + i * D, xr, D), u = dot_bf16(c + i * D, xr, D);
+                    h[m * I + i] = g / (1.0f + expf(-g)) * u;
                 }
 #pragma omp for schedule(static)
-                for (int64_t i = 0; i < D; i++) acc[i] += aj * dot_bf16(d + i * I, h, I);
-            }
+            for (int64_t i = 0; i < D; i++)
+                for (int64_t m = 0; m < n; m++)
+                    acc[(rows[m] / k) * D + i] += alpha[rows[m]] * dot_bf16(d + i * I, h + m * I, I);
         }
-        for (int64_t i = 0; i < D; i++) y[t * D + i] = to_bf16(acc[i]);
     }
+    for (int64_t i = 0; i < T * D; i++) y[i] = to_bf16(acc[i]);
 }
 
 /* RMSNorm of rows of D: y = x * rsqrt(mean(x^2) + eps) * w, fp32 inside, one rounding to bf16 */

@@ -93,7 +93,8 @@ class Native:
         """x [T, D] bf16, ids [T, k] int64 (global; those outside first .. first + E - 1 are skipped), alpha [T, k]
         fp32, w1/w3 [E, I, D], w2 [E, D, I] bf16 -> [T, D] bf16 = Σ_j alpha · SwiGLU expert, fp32 inside."""
         (T, D), k, I = x.shape, ids.shape[1], w1.shape[-2]
-        y, scratch = torch.empty(T, D, dtype=torch.bfloat16), torch.empty(2 * D + I)
+        # xf and acc [T, D], h [T·k, I], then T·k int64 row indices (two floats each, 8-byte aligned)
+        y, scratch = torch.empty(T, D, dtype=torch.bfloat16), torch.empty(2 * T * D + T * k * I + 2 * T * k + 1)
         E = w1.shape[0] if w1.dim() == 3 else 1
         self.lib.dsv3_moe_bf16(x.data_ptr(), T, k, ids.data_ptr(), alpha.data_ptr(), first, E, w1.data_ptr(),
                                w3.data_ptr(), w2.data_ptr(), D, I, scratch.data_ptr(), y.data_ptr(),

@@ -100,15 +100,18 @@ class CpuKernels(ReferenceKernels):
     def mla_absorbed(self, q_nope, q_pe, w_uk, w_uv, kv, pe, scale, mask):
         B, S, H, N = q_nope.shape
         step = self.current_step
-        lens = step.kv_len if step is not None and mask is not None and mask is step.mask else None
-        if (S == 1 and (mask is None or lens is not None) and self._native_ok(q_nope) and q_pe.dtype == kv.dtype == pe.dtype == torch.bfloat16
+        positioned = step is not None and mask is not None and mask is step.mask and step.write_pos is not None
+        if ((S == 1 and (mask is None or positioned) or 1 < S <= 8 and positioned) and self._native_ok(q_nope)
+                and q_pe.dtype == kv.dtype == pe.dtype == torch.bfloat16
                 and w_uk.dtype == w_uv.dtype == torch.float32 and w_uk.is_contiguous() and w_uv.is_contiguous()
                 and q_pe.stride(-1) == q_nope.stride(-1) == 1 and kv.stride(-1) == pe.stride(-1) == 1
                 and kv.stride(1) == kv.shape[2] and pe.stride(1) == pe.shape[2]):
-            # a position step's mask is a per-row prefix: the kernel reads each row's keys up to kv_len only
-            y = self.native.mla_absorbed(q_nope[:, 0], q_pe[:, 0], w_uk, w_uv, kv, pe, scale,
-                                         None if lens is None else lens.contiguous())  # one call per layer
-            return y.view(B, 1, H, -1)
+            # a position step's mask is a per-row prefix: query s of row b reads keys 0 .. write_pos[b, s] only;
+            # one call per query column (S > 1: a verification of drafts), each a whole batch
+            out = [self.native.mla_absorbed(q_nope[:, s], q_pe[:, s], w_uk, w_uv, kv, pe, scale,
+                                            (step.write_pos[:, s] + 1).contiguous() if positioned else None)
+                   for s in range(S)]
+            return torch.stack(out, dim=1) if S > 1 else out[0].view(B, 1, H, -1)
         return super().mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, pe, scale, mask)
 
     def moe_gate(self, x, weight, bias, p: GateParams):

@@ -1,0 +1,235 @@
+"""Speculative decoding with the MTP module as the drafter (DeepSeek-V3's own multi-token prediction).
+
+Each round, row by row at its own position L (tokens 0..L-1 in the main cache, x_L chosen, not yet fed):
+1. draft: the MTP module drafts d_1 from (main hidden at L-1, x_L); chained through the same module on its
+   own output, d_2 .. d_k (`draft_tokens` = k);
+2. verify: one main-model step over [x_L, d_1 .. d_k] at positions L .. L+k (q = 1 + k) gives the main
+   model's choice y_1 .. y_{k+1} after each;
+3. accept the longest prefix with d_i = y_i (greedy) or by rejection sampling (temperature > 0: accept d_i
+   with probability min(1, p/q), on rejection sample from max(0, p - q)), then the main model's own next
+   token: n + 1 new tokens per round, n = accepted drafts;
+4. catch up: the MTP cache gets the pairs (hidden at t, token t+1) for the n + 1 new positions.
+Rollback is a length: cache entries past a row's length (a rejected draft's, a chained draft's) are never
+visible, and the next round overwrites them before anything reads them (DESIGN.md, "Rollback").
+
+Greedy output equals plain greedy decoding token for token; sampled output has the main model's
+distribution (the standard speculative-sampling argument).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .errors import DsvError
+from .generate import NonFiniteLogits, Stats
+from .model import LatentCache, Transformer
+
+log = logging.getLogger("dsv3")
+#: adaptive mode: this many drafting rounds, then this many plain steps, both timed; the faster one goes on.
+#: Drafts none of which landed in the first QUIT_AFTER rounds stop at once (a drafter with the 85% acceptance of
+#: DeepSeek-V3's report does that once in ~10^4 runs)
+JUDGE_AFTER, QUIT_AFTER = 4, 3
+
+
+def _keep_drafting(rate: dict[bool, float]) -> bool:
+    """The adaptive decision: tokens/s while drafting (True) against plain steps (False)."""
+    return rate[True] > rate[False]
+
+
+def _probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The sampling distribution sample() draws from: softmax(logits / T), restricted to the top-p nucleus."""
+    probs = (logits.float() / temperature).softmax(dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > top_p
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
+
+
+@torch.inference_mode()
+def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, draft_tokens: int = 1,
+                         temperature: float = 0.0, top_p: float = 1.0, eos_ids: tuple[int, ...] = (),
+                         seed: int | None = None, dtype: torch.dtype | None = None, drafter=None,
+                         adaptive: bool = True, keep: dict | None = None) -> tuple[list[list[int]], Stats]:
+    """New tokens per prompt (EOS excluded) and stats (acceptance in stats.extra). `drafter(rows, lengths, drafts)`,
+    if given, replaces the MTP module's drafts (tests: perfect or always-wrong drafts); it returns [B, k] ids.
+    `adaptive`: time JUDGE_AFTER drafting rounds and JUDGE_AFTER plain steps, then go on with the faster (drafts
+    that rarely land cost a verify and a draft per token; where that is, speculation turns itself off).
+    `keep`, if given, receives the final caches and per-row lengths (tests check them against a plain run)."""
+    if len(model.mtp) == 0 and drafter is None:
+        raise DsvError("speculative decoding needs the checkpoint's MTP layer (num_nextn_predict_layers >= 1, "
+                       "loaded with with_mtp=True); run without --speculative")
+    if draft_tokens < 1:
+        raise DsvError(f"draft_tokens={draft_tokens}; give at least 1")
+    if model.par.world_size > 1:
+        raise DsvError("speculative decoding under tensor parallel is not supported yet; run without --speculative")
+    device, k = model.rope_cos.device, draft_tokens
+    stats = Stats()
+    B = len(prompts)
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError("empty prompt")
+    L = max(lengths)
+    total = L + max_new_tokens + 2 * k + 2  # a round writes k + 1 entries past a row's length, which may pass the cut
+    if total > model.max_seq_len:
+        raise ValueError(f"prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) + {k + 1} draft positions exceeds "
+                         f"max_seq_len={model.max_seq_len}")
+    dtype = dtype or model.embed.weight.dtype
+    cache = LatentCache.allocate(model.cfg, len(model.layers), B, total, dtype, device)
+    mtp_cache = LatentCache.allocate(model.cfg, 1, B, total, dtype, device) if len(model.mtp) else None
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    greedy = temperature <= 0
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:  # [N, V] -> [N]
+        return logits.argmax(-1) if greedy else _draw(_probs(logits, temperature, top_p), generator)
+
+    # ---- prefill: the main model over the prompts, then the MTP module over the same positions
+    t0 = time.perf_counter()
+    tokens = torch.zeros(B, L, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        tokens[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+    length = torch.tensor(lengths, device=device)  # [B] entries of each row's main cache
+    zero = torch.zeros(B, dtype=torch.long, device=device)
+    logits, hidden = model.forward_step(tokens, zero, cache, L, take=length - 1, all_hidden=True)  # hidden [B, L, D]
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogits("the model produced NaN/Inf logits for the prompt; the weights are likely corrupt")
+    last = choose(logits)  # [B] x_L: chosen, not yet in the cache
+    out: list[list[int]] = [[int(t)] for t in last.tolist()]
+    stats.prefill_tokens, stats.prefill_s = sum(lengths), time.perf_counter() - t0
+    rows = torch.arange(B, device=device)
+    draft_h, draft_logits = None, None
+    if mtp_cache is not None:
+        nxt = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)  # the token after each position ...
+        nxt[rows, length - 1] = last  # ... and x_L after the last one
+        draft_logits, draft_h = model.mtp_step(nxt, hidden, zero, mtp_cache, L, take=length - 1)
+
+    t0 = time.perf_counter()
+    eos = set(eos_ids)
+    done = [out[b][0] in eos for b in range(B)]
+    proposed = accepted = rounds = row_rounds = 0
+    drafting, decided = True, not adaptive or drafter is not None
+    timing = {True: [0.0, 0], False: [0.0, 0]}  # drafting or not: seconds, tokens gained
+    plain_trial: list[tuple[torch.Tensor, torch.Tensor]] = []  # (hidden [B, 1, D], token [B]) of each timed plain step
+    while True:
+        active = [b for b in range(B) if not done[b] and len(out[b]) < max_new_tokens]
+        if not active:
+            break
+        round_t0, before = time.perf_counter(), sum(len(out[b]) for b in active)
+        live = torch.zeros(B, dtype=torch.bool, device=device)
+        live[active] = True  # finished rows ride along, frozen at their length
+        q = 1 + k if drafting else 1
+        # ---- draft
+        drafts = torch.zeros(B, k, dtype=torch.long, device=device)
+        draft_p = [] if not greedy else None
+        if drafting:
+            if drafter is not None:
+                drafts = drafter(rows, length, [list(o) for o in out]).to(device)
+            else:
+                x_h, d_logits = draft_h, draft_logits
+                for i in range(k):
+                    if greedy:
+                        d = d_logits.argmax(-1)
+                    else:
+                        p_draft = _probs(d_logits, temperature, top_p)
+                        draft_p.append(p_draft)
+                        d = _draw(p_draft, generator)
+                    drafts[:, i] = d
+                    if i + 1 < k:  # chain: the module on its own output hidden, one position further
+                        d_logits, x_h = model.mtp_step(d[:, None], x_h[:, None], length + i, mtp_cache,
+                                                       int(length.max()) + i + 1, take=zero)
+        # ---- verify: x_L and the drafts through the main model, q = 1 + k positions per row
+        feed = torch.cat([last[:, None], drafts[:, :q - 1]], dim=1)  # [B, q]
+        span = int(length.max()) + q
+        v_logits, v_hidden = model.forward_step(feed, length, cache, span)  # [B, q, V], [B, q, D]
+        stats.steps += 1
+        if greedy:
+            choice = v_logits.argmax(-1)  # [B, q]: the main model's token after each fed one
+            ok = (choice[:, :q - 1] == drafts[:, :q - 1]).long().cumprod(dim=1)  # [B, q-1] accepted prefix
+            n = ok.sum(dim=1) if q > 1 else torch.zeros(B, dtype=torch.long, device=device)
+            new = [drafts[b, :int(n[b])].tolist() + [int(choice[b, int(n[b])])] for b in range(B)]
+        else:
+            new, n_list = [], []
+            p_main = _probs(v_logits.reshape(B * q, -1), temperature, top_p).view(B, q, -1)
+            for b in range(B):
+                kept = []
+                for i in range(q - 1):
+                    d = int(drafts[b, i])
+                    p, qd = float(p_main[b, i, d]), (float(draft_p[i][b, d]) if draft_p else 1.0)
+                    u = torch.rand((), generator=generator).item()
+                    if u < min(1.0, p / max(qd, 1e-30)):
+                        kept.append(d)
+                        continue
+                    resid = p_main[b, i] - (draft_p[i][b] if draft_p else torch.nn.functional.one_hot(
+                        drafts[b, i], p_main.shape[-1]).to(p_main.dtype))
+                    resid = resid.clamp(min=0)
+                    kept.append(int(_draw((resid / resid.sum()).unsqueeze(0), generator)))
+                    break
+                else:
+                    kept.append(int(_draw(p_main[b, q - 1].unsqueeze(0), generator)))
+                new.append(kept)
+                n_list.append(len(kept) - 1)
+            n = torch.tensor(n_list, device=device)
+        if not bool(torch.isfinite(v_logits).all()):
+            raise NonFiniteLogits("the model produced NaN/Inf logits while decoding; the weights are likely corrupt")
+        # ---- keep: n + 1 new tokens per row (cut at EOS and max_new_tokens); the cache keeps x_L and the accepted
+        for b in active:
+            for t in new[b]:
+                out[b].append(t)
+                if t in eos or len(out[b]) >= max_new_tokens:
+                    done[b] = done[b] or t in eos or len(out[b]) >= max_new_tokens
+                    break
+        if drafting:
+            rounds += 1
+            row_rounds += len(active)
+            proposed += k * len(active)
+            accepted += int(n[active].sum())
+        # ---- catch up the MTP cache: pairs (main hidden at L + j, token L + j + 1) for j = 0 .. n
+        nxt = torch.tensor([new[b][:q] + [0] * (q - len(new[b][:q])) for b in range(B)], device=device)  # [B, q]
+        if mtp_cache is not None and drafting:
+            draft_logits, draft_h = model.mtp_step(nxt, v_hidden, length, mtp_cache, span, take=n)
+        last = torch.where(live, torch.tensor([new[b][-1] for b in range(B)], device=device), last)
+        length = torch.where(live, length + n + 1, length)
+        if decided:
+            continue
+        timing[drafting][0] += time.perf_counter() - round_t0
+        timing[drafting][1] += sum(len(out[b]) for b in active) - before
+        if drafting and rounds >= QUIT_AFTER and accepted == 0:  # drafts that never land cannot win: no trial
+            decided, drafting = True, False
+            log.info("speculative decoding: no draft accepted in %d rounds; drafting stops", rounds)
+        elif drafting and rounds >= JUDGE_AFTER:
+            drafting, trial_start = False, length.clone()  # now time plain steps
+        elif not drafting:
+            plain_trial.append((v_hidden, nxt[:, 0]))
+            if len(plain_trial) == JUDGE_AFTER:
+                decided = True
+                rate = {mode: t[1] / max(t[0], 1e-9) for mode, t in timing.items()}
+                drafting = _keep_drafting(rate)
+                log.info("speculative decoding: %.1f tok/s drafting (acceptance %.0f%%) vs %.1f tok/s plain; %s",
+                         rate[True], 100 * accepted / max(proposed, 1), rate[False],
+                         "drafting goes on" if drafting else "drafting stops")
+                if drafting and mtp_cache is not None:  # the MTP cache catches up on the timed plain steps
+                    h = torch.cat([t[0] for t in plain_trial], dim=1)  # [B, J, D]
+                    toks = torch.stack([t[1] for t in plain_trial], dim=1)  # [B, J]
+                    draft_logits, draft_h = model.mtp_step(toks, h, trial_start, mtp_cache,
+                                                           int(trial_start.max()) + len(plain_trial),
+                                                           take=torch.full_like(zero, len(plain_trial) - 1))
+    stats.decode_s = time.perf_counter() - t0
+    if keep is not None:
+        keep.update(cache=cache, mtp_cache=mtp_cache, length=length.tolist())
+    results = []
+    for row in out:
+        cut = next((j for j, t in enumerate(row) if t in eos), len(row))
+        results.append(row[:min(cut, max_new_tokens)])
+    stats.decode_tokens = sum(len(r) for r in results)
+    stats.extra.update(speculative="mtp", draft_tokens=k, rounds=rounds, acceptance=accepted / max(proposed, 1),
+                       tokens_per_round=1 + accepted / max(row_rounds, 1), drafting_at_end=drafting)
+    return results, stats

@@ -1,0 +1,178 @@
+"""Speculative decoding with the MTP drafter: the same greedy tokens as plain decoding, caches that hold
+exactly what a plain run of the accepted tokens writes, and sampling with the main model's distribution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_configs import CONFIGS
+
+import dsv3
+from dsv3.core.errors import DsvError
+from dsv3.core.model import LatentCache
+from dsv3.core.speculative import speculative_generate
+from dsv3.synthetic import DEMO, write_checkpoint
+
+PROMPTS = [[5, 9, 200, 17, 3, 88], [30, 2, 77], list(range(1, 20)), [7]]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_ckpts, demo_ckpt):
+    return {name: dsv3.load(path, backend="cpu", dtype="fp32") for name, path in {"demo": demo_ckpt, **tiny_ckpts}.items()}
+
+
+@pytest.mark.parametrize("name", ["demo", *CONFIGS])
+def test_greedy_tokens_equal_plain_decoding(engines, name):
+    """MTP drafts (k = 1 and 2, drafting kept on whatever the acceptance), batch 1 and a batch of 4 prompts of
+    different lengths, 64 new tokens: token for token what plain greedy decoding gives."""
+    e = engines[name]
+    for batch in ([PROMPTS[0]], PROMPTS):
+        plain = e.generate(batch, max_new_tokens=64)
+        for k in (1, 2):
+            spec, stats = speculative_generate(e.model, batch, 64, k, eos_ids=tuple(e.cfg.eos_token_ids),
+                                               adaptive=False)
+            assert spec == plain, f"{name} batch {len(batch)} k={k}: {spec} != {plain}"
+            assert stats.extra["rounds"] > 0
+
+
+def oracle(plain: list[list[int]], wrong: bool, vocab: int):
+    """Drafts from the known answer: the next k tokens (all accepted), or each one shifted (all rejected)."""
+    def drafter(k):
+        def draft(rows, length, out):
+            d = torch.zeros(len(out), k, dtype=torch.long)
+            for b, o in enumerate(out):
+                nxt = (plain[b] + [0] * (k + 1))[len(o):len(o) + k]
+                d[b] = (torch.tensor(nxt) + int(wrong)) % vocab
+            return d
+        return draft
+    return drafter
+
+
+def replayed_caches(model, prompts, outs, lengths):
+    """The caches a plain forward of each row's kept tokens writes: main [0, length), MTP pairs [0, length)."""
+    B, T = len(prompts), max(lengths) + 1
+    cache = LatentCache.allocate(model.cfg, len(model.layers), B, T, torch.float32, "cpu")
+    mtp = LatentCache.allocate(model.cfg, 1, B, T, torch.float32, "cpu")
+    for b in range(B):
+        seq = (prompts[b] + outs[b])[:lengths[b] + 1]
+        tokens = torch.tensor([seq[:lengths[b]]])
+        one = LatentCache(cache.kv[:, b:b + 1], cache.pe[:, b:b + 1])
+        _, h = model.forward_step(tokens, torch.zeros(1, dtype=torch.long), one, lengths[b])
+        model.mtp_step(torch.tensor([seq[1:lengths[b] + 1]]), h, torch.zeros(1, dtype=torch.long),
+                       LatentCache(mtp.kv[:, b:b + 1], mtp.pe[:, b:b + 1]), lengths[b],
+                       take=torch.tensor([lengths[b] - 1]))
+    return cache, mtp
+
+
+@pytest.mark.parametrize("wrong", [False, True], ids=["all-accepted", "all-rejected"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_forced_acceptance_and_rejection_leave_the_caches_of_a_plain_run(engines, wrong, k):
+    e = engines["demo"]
+    m = e.model
+    plain = e.generate(PROMPTS, max_new_tokens=20)
+    keep = {}
+    with torch.inference_mode():
+        spec, stats = speculative_generate(m, PROMPTS, 20, k, eos_ids=tuple(e.cfg.eos_token_ids),
+                                           drafter=oracle(plain, wrong, e.cfg.vocab_size)(k), keep=keep)
+        assert spec == plain
+        # drafts past the known answer (the last round of a row) are guesses either way
+        assert (stats.extra["acceptance"] < 0.1) if wrong else (stats.extra["acceptance"] > 0.85), stats.extra
+        if not wrong:
+            assert stats.extra["tokens_per_round"] > 1.5
+        lengths = keep["length"]
+        for b, p in enumerate(PROMPTS):  # every kept token but the last is in the cache; nothing else counts
+            assert lengths[b] >= len(p) + len(spec[b]) - 1
+        want = [len(p) + len(o) - 1 for p, o in zip(PROMPTS, spec)]
+        cache, mtp = replayed_caches(m, PROMPTS, spec, want)
+    for b, n in enumerate(want):
+        for got, ref, what in ((keep["cache"].kv, cache.kv, "main kv"), (keep["cache"].pe, cache.pe, "main pe"),
+                               (keep["mtp_cache"].kv, mtp.kv, "mtp kv"), (keep["mtp_cache"].pe, mtp.pe, "mtp pe")):
+            err = (got[:, b, :n] - ref[:, b, :n]).abs().max().item()
+            assert err < 1e-4, f"row {b}, {what}: entries 0..{n - 1} differ from a plain run by {err:.2e}"
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["drafting-stops", "drafting-resumes"])
+def test_adaptive_mode_switches_without_changing_tokens_or_caches(engines, monkeypatch, resume):
+    """Adaptive runs time drafting rounds, then plain steps, and go on with the faster; when drafting resumes,
+    the MTP cache first catches up on the plain steps (checked against a plain run's pairs)."""
+    import dsv3.core.speculative as spec
+
+    monkeypatch.setattr(spec, "JUDGE_AFTER", 3)
+    monkeypatch.setattr(spec, "QUIT_AFTER", 1000)  # the random demo drafter lands nothing: time it anyway
+    monkeypatch.setattr(spec, "_keep_drafting", lambda rate: resume)
+    e = engines["demo"]
+    plain = e.generate(PROMPTS, max_new_tokens=24)
+    keep = {}
+    with torch.inference_mode():
+        out, stats = spec.speculative_generate(e.model, PROMPTS, 24, 1, eos_ids=tuple(e.cfg.eos_token_ids),
+                                               keep=keep)
+        assert out == plain
+        assert stats.extra["drafting_at_end"] == resume and stats.extra["rounds"] >= 3
+        if resume:
+            want = [len(p) + len(o) - 1 for p, o in zip(PROMPTS, out)]
+            _, mtp = replayed_caches(e.model, PROMPTS, out, want)
+            for b, n in enumerate(want):
+                err = (keep["mtp_cache"].kv[:, b, :n] - mtp.kv[:, b, :n]).abs().max().item()
+                assert err < 1e-4, f"row {b}: MTP cache differs from a plain run's pairs by {err:.2e}"
+
+
+def test_eos_inside_an_accepted_run(engines):
+    e = engines["demo"]
+    plain = e.generate([PROMPTS[2]], max_new_tokens=30)[0]
+    eos = plain[7]  # a token the run produces mid-way: the answer ends before it, even when drafted with more
+    want, _ = speculative_generate(e.model, [PROMPTS[2]], 30, 1, eos_ids=(eos,), adaptive=False,
+                                   drafter=lambda *a: torch.zeros(1, 1, dtype=torch.long))  # rejected: plain path
+    for k in (1, 2, 3):
+        got, _ = speculative_generate(e.model, [PROMPTS[2]], 30, k, eos_ids=(eos,),
+                                      drafter=oracle([plain], False, e.cfg.vocab_size)(k))
+        assert got == want == [plain[:plain.index(eos)]], (k, got, want)
+
+
+def test_no_mtp_layer_is_a_clear_error(demo_ckpt):
+    e = dsv3.load(demo_ckpt, backend="cpu", dtype="fp32", with_mtp=False)
+    with pytest.raises(DsvError, match="no MTP layer"):
+        e.generate([[1, 2, 3]], max_new_tokens=4, speculative="mtp")
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab(tmp_path_factory):
+    cfg = {**DEMO, "vocab_size": 12, "num_hidden_layers": 2}
+    path = write_checkpoint(tmp_path_factory.mktemp("vocab12"), cfg, seed=3, tokenizer=False)
+    return dsv3.load(path, backend="cpu", dtype="fp32")
+
+
+def test_sampling_keeps_the_main_models_distribution(tiny_vocab):
+    """Vocabulary of 12, temperature 1: the second and third sampled tokens over 3000 rows with speculation
+    (the MTP drafter, k = 2: both acceptance and rejection happen) against their exact distribution from the
+    main model; a chi-square goodness-of-fit test per position (df = 11) must not reject at p < 1e-4."""
+    m = tiny_vocab.model
+    prompt, N, V = [3, 7, 1], 3000, 12
+    with torch.inference_mode():
+        p1 = m(torch.tensor([prompt]))[0, -1].softmax(-1).double()  # [V]
+        seqs = torch.tensor([prompt + [t] for t in range(V)])
+        p2_given = m(seqs)[:, -1].softmax(-1).double()  # [V, V]
+        p2 = p1 @ p2_given
+        seqs3 = torch.tensor([prompt + [a, b] for a in range(V) for b in range(V)])
+        p3_given = m(seqs3)[:, -1].softmax(-1).double().view(V, V, V)
+        p3 = torch.einsum("a,ab,abc->c", p1, p2_given, p3_given)
+    out, stats = speculative_generate(m, [prompt] * N, 3, 2, temperature=1.0, seed=0, adaptive=False)
+    assert 0.0 < stats.extra["acceptance"] < 1.0, stats.extra
+    for i, exact in ((1, p2), (2, p3)):
+        counts = torch.bincount(torch.tensor([o[i] for o in out]), minlength=V).double()
+        expected = exact * N
+        chi2 = ((counts - expected) ** 2 / expected).sum()
+        p_value = torch.special.gammaincc(torch.tensor((V - 1) / 2, dtype=torch.float64), chi2 / 2).item()
+        assert p_value > 1e-4, f"token {i + 1}: chi2 {chi2:.1f} (df {V - 1}), p = {p_value:.2e}"
+
+
+@pytest.mark.slow
+def test_greedy_tokens_equal_plain_decoding_on_the_280m_model(tmp_path_factory):
+    from dsv3.synthetic import BENCH_280M
+
+    path = write_checkpoint(tmp_path_factory.mktemp("spec280m"), BENCH_280M, seed=0, n_shards=4, tokenizer=False)
+    e = dsv3.load(path, backend="cpu", dtype="fp32")
+    for batch in ([PROMPTS[0]], PROMPTS):
+        plain = e.generate(batch, max_new_tokens=64)
+        for k in (1, 2):
+            spec, _ = speculative_generate(e.model, batch, 64, k, eos_ids=tuple(e.cfg.eos_token_ids), adaptive=False)
+            assert spec == plain, f"280M batch {len(batch)} k={k}"
