@@ -91,6 +91,42 @@ async def prefill_interference(client, long_prompt: list[int], short: list[int],
     return alone, during
 
 
+async def under_load(client, background: list[list[int]], long_prompt: list[int], short: list[int], tries: int):
+    """A serving scene: len(background) streams decoding; a long prompt arrives, then a short request while the long
+    one is being prefilled. Returns (TTFTs of the short request, the running batch's decode step before the long
+    prompt came: the median gap between a background stream's tokens)."""
+    gaps, ttfts, stop = [], [], asyncio.Event()
+
+    async def stream(prompt):
+        s = await client.completions.create(model="bench", prompt=prompt, max_tokens=100000 // 64, temperature=0,
+                                            stream=True, extra_body={"return_token_ids": True})
+        last = None
+        async for _ in s:
+            now = time.perf_counter()
+            if last is not None and not measuring_done[0]:
+                gaps.append(now - last)
+            last = now
+            if stop.is_set():
+                break
+        await s.close()
+
+    measuring_done = [False]
+    tasks = [asyncio.create_task(stream(p)) for p in background]
+    await asyncio.sleep(3.0)  # every stream prefilled and decoding: the gaps now are the batch's decode step
+    measuring_done[0] = True
+    step = statistics.median(gaps[len(gaps) // 2:])
+    for i in range(tries):
+        big = asyncio.create_task(one(client, long_prompt, 1))
+        await asyncio.sleep(0.2 + 0.1 * i)
+        r = await one(client, short, 1)
+        b = await big
+        if r["end"] < b["end"]:
+            ttfts.append(r["ttft"])
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return ttfts, step
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -128,15 +164,16 @@ def main() -> None:
 
         async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600) as client:
             await load(client, prompts, 2, 4)  # warm-up
+            loaded = await under_load(client, prompts[1:9], long_prompt, prompts[0][:8], 2 if args.smoke else 5)
             runs = {}
             for c in (1, 4, 16):  # best of two, like engine.generate above
                 a, b = await load(client, prompts, c, new), await load(client, prompts, c, new)
                 runs[c] = a if a["tps"] >= b["tps"] else b
-            return runs, await prefill_interference(client, long_prompt, prompts[0][:8], 2 if args.smoke else 5)
+            return runs, await prefill_interference(client, long_prompt, prompts[0][:8], 2 if args.smoke else 5), loaded
 
     proc, url = start_server(ckpt, 16, "bf16")
     try:
-        runs, (alone, during) = asyncio.run(against(url))
+        runs, (alone, during), (loaded_ttft, loaded_step) = asyncio.run(against(url))
     finally:
         stop_server(proc)
 
@@ -152,6 +189,10 @@ def main() -> None:
                f"{statistics.median(during) / step:.2f} batch-1 decode steps ({1e3 * step:.1f} ms); "
                f"alone: {1e3 * statistics.median(alone):.0f} ms = {statistics.median(alone) / step:.2f} steps."
                if during else "Chunked prefill: the long prompt finished before the short request (nothing measured).")
+    if loaded_ttft:
+        chunked += (f" With 8 streams decoding (their step: {1e3 * loaded_step:.0f} ms), the same request sent during the "
+                    f"long prefill: median {1e3 * statistics.median(loaded_ttft):.0f} ms = "
+                    f"{statistics.median(loaded_ttft) / loaded_step:.2f} decode steps of the running batch.")
     text = "\n".join(rows + ["", chunked, "", f"{name} model, bf16, cpu backend, {new} new tokens per request, "
                              f"prompts of 16-64 tokens, `--max-batch 16`, torch threads {torch.get_num_threads()}; "
                              "TTFT/TPOT measured by the client (openai async client, streaming)."])
