@@ -91,10 +91,14 @@ def random_tensor(name: str, spec: TensorSpec, seed: int) -> torch.Tensor:
 
 
 def stored_tensors(name: str, spec: TensorSpec, specs: dict[str, TensorSpec], seed: int, fp8: bool,
-                   n_layers: int) -> dict[str, torch.Tensor]:
-    """The tensor(s) as they sit on disk: an FP8 weight comes with its block scale."""
+                   n_layers: int, overrides: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The tensor(s) as they sit on disk: an FP8 weight comes with its block scale. `overrides` gives the fp32
+    values of some tensors (a trained MTP layer) instead of random ones."""
     src = _canonical(name, n_layers)
-    values = random_tensor(src, specs.get(src, spec), seed)
+    if overrides and name in overrides:
+        values = overrides[name].float()
+    else:
+        values = random_tensor(src, specs.get(src, spec), seed)
     if spec.role == "linear" and fp8:
         q, s = F8.quantize(values)
         return {name: q, name.replace(".weight", ".weight_scale_inv"): s}
@@ -104,7 +108,8 @@ def stored_tensors(name: str, spec: TensorSpec, specs: dict[str, TensorSpec], se
 
 
 def write_checkpoint(dst: str | Path, config: dict | None = None, seed: int = 0, n_shards: int = 4,
-                     fp8: bool = True, tokenizer: bool = True, progress=None) -> Path:
+                     fp8: bool = True, tokenizer: bool = True, progress=None,
+                     overrides: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a random checkpoint in the released HF layout (FP8 by default) to dst."""
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
@@ -139,7 +144,7 @@ def write_checkpoint(dst: str | Path, config: dict | None = None, seed: int = 0,
             wanted = [t for t in (n, n.replace(".weight", ".weight_scale_inv")) if placement.get(t) == shard]
             if not wanted:
                 continue
-            stored = stored_tensors(n, specs[n], specs, seed, fp8, cfg.num_hidden_layers)
+            stored = stored_tensors(n, specs[n], specs, seed, fp8, cfg.num_hidden_layers, overrides)
             for t in wanted:
                 tensors[t] = stored[t]
         save_file(tensors, dst / fname, {"format": "pt"})

@@ -176,3 +176,28 @@ def test_greedy_tokens_equal_plain_decoding_on_the_280m_model(tmp_path_factory):
         for k in (1, 2):
             spec, _ = speculative_generate(e.model, batch, 64, k, eos_ids=tuple(e.cfg.eos_token_ids), adaptive=False)
             assert spec == plain, f"280M batch {len(batch)} k={k}"
+
+
+def test_training_the_demo_mtp_layer(tmp_path):
+    """dsv3 demo --train-mtp's trainer: the loss falls, every MTP tensor is rewritten (and nothing else), and the
+    rewritten checkpoint loads and drafts."""
+    from dsv3.core.names import expected_hf_tensors
+    from dsv3.synthetic.train_mtp import train_mtp
+
+    path = write_checkpoint(tmp_path / "demo", DEMO, seed=0)
+    e = dsv3.load(path, backend="cpu", dtype="fp32")
+    before = e.model.layers[0].attn.wq_a.weight.clone()
+    losses = []
+    trained = train_mtp(e, steps=40, n_seq=64, length=24, progress=lambda i, n, loss: losses.append(loss))
+    assert sum(losses[-5:]) < sum(losses[:5]), losses
+    layer = e.cfg.num_hidden_layers
+    mtp_names = {n for n, s in expected_hf_tensors(e.cfg, fp8=False).items() if n.startswith(f"model.layers.{layer}.")
+                 and not n.endswith((".embed_tokens.weight", ".shared_head.head.weight"))}
+    assert set(trained) == mtp_names
+    write_checkpoint(path, DEMO, seed=0, overrides=trained)
+    e2 = dsv3.load(path, backend="cpu", dtype="fp32")
+    assert torch.equal(e2.model.layers[0].attn.wq_a.weight, before)  # the main model is untouched
+    w = e2.model.mtp[0].eh_proj.weight
+    assert (w - trained[f"model.layers.{layer}.eh_proj.weight"]).abs().max() < 0.1 * w.abs().max()  # FP8 rounding
+    out, stats = speculative_generate(e2.model, [[1, 2, 3]], 8, 1, adaptive=False)
+    assert len(out[0]) == 8 and stats.extra["rounds"] > 0
