@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from launches import count_launches  # noqa: E402
-from results import append_section, parser  # noqa: E402
+from results import append_section, parser, perfect_drafts  # noqa: E402
 
 
 def sync() -> None:
@@ -52,22 +52,11 @@ def load_dsv3(path, device, bf16_mode: bool, graphs: bool):
 
 
 def time_speculative(engine, prompt: list[int], new_tokens: int, repeats: int) -> tuple[float, float]:
-    """Best batch-1 decode tok/s with perfect MTP drafts (prefill excluded) and tokens per verify step. Perfect:
-    the run's own answer, found as a fixed point (a 2-token verify may break a near-tie unlike a plain step)."""
+    """Best batch-1 decode tok/s with perfect MTP drafts (prefill excluded) and tokens per verify step."""
     from dsv3.core.speculative import speculative_generate
 
     eos = tuple(engine.cfg.eos_token_ids)
-    answer = engine.generate([prompt], max_new_tokens=new_tokens)[0]
-
-    def perfect(rows, length, out):
-        return torch.tensor([(answer + [0, 0])[len(out[0]):len(out[0]) + 1]])
-
-    for _ in range(8):
-        again, _ = speculative_generate(engine.model, [prompt], new_tokens, 1, eos_ids=eos, drafter=perfect,
-                                        adaptive=False)
-        if again[0] == answer:
-            break
-        answer = again[0]
+    perfect = perfect_drafts(engine, prompt, new_tokens)
     best, per_step = 0.0, 0.0
     for _ in range(repeats):
         _, st = speculative_generate(engine.model, [prompt], new_tokens, 1, eos_ids=eos, drafter=perfect,

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import append_section, parser  # noqa: E402
+from results import append_section, parser, perfect_drafts  # noqa: E402
 
 #: DeepSeek-V3's byte proportions at a CPU-benchmark size: 256 -> 64 experts, top-8, expert width 0.29 x hidden
 V3_SHAPED = {"vocab_size": 8192, "hidden_size": 1024, "intermediate_size": 2816, "moe_intermediate_size": 320,
@@ -65,19 +65,7 @@ def measure(engine, prompt, new: int, repeats: int):
 
     m = engine.model
     eos = tuple(engine.cfg.eos_token_ids)
-    # perfect drafts: the tokens the speculative run itself ends up choosing. In bf16 a verify step of two tokens
-    # may pick differently from a plain step at a near-tie, so start from the plain answer and rerun with the last
-    # run's answer as the drafts until the answer no longer changes (a fixed point: every draft is accepted)
-    answer = engine.generate([prompt], max_new_tokens=new)[0]
-
-    def perfect(rows, length, out):
-        return torch.tensor([(answer + [0, 0])[len(out[0]):len(out[0]) + 1]])
-
-    for _ in range(8):
-        again, _ = speculative_generate(m, [prompt], new, 1, eos_ids=eos, drafter=perfect, adaptive=False)
-        if again[0] == answer:
-            break
-        answer = again[0]
+    perfect = perfect_drafts(engine, prompt, new)
 
     def timed(fn):
         t0 = time.perf_counter()

@@ -58,17 +58,29 @@ class Stats:
         return text
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] fp32 -> token ids [B]. temperature 0 is greedy; top_p keeps the smallest nucleus."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = (logits / temperature).softmax(dim=-1)
+def probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The distribution sampling draws from: softmax(logits / T) restricted to the smallest top-p nucleus, [.., V],
+    normalized (speculative decoding compares the main model's with the drafter's)."""
+    probs = (logits.float() / temperature).softmax(dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the token that crosses top_p
         sorted_p = sorted_p.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of probs [B, V] (on the CPU: a seeded generator gives the same draw on every device)."""
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] fp32 -> token ids [B]. temperature 0 is greedy; top_p keeps the smallest nucleus."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    return draw(probabilities(logits, temperature, top_p), generator)
 
 
 def bucket(batch: int) -> int:

@@ -24,7 +24,7 @@ import time
 import torch
 
 from .errors import DsvError
-from .generate import NonFiniteLogits, Stats
+from .generate import NonFiniteLogits, Stats, draw, probabilities, sample
 from .model import LatentCache, Transformer
 
 log = logging.getLogger("dsv3")
@@ -37,22 +37,6 @@ JUDGE_AFTER, QUIT_AFTER = 4, 3
 def _keep_drafting(rate: dict[bool, float]) -> bool:
     """The adaptive decision: tokens/s while drafting (True) against plain steps (False)."""
     return rate[True] > rate[False]
-
-
-def _probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """The sampling distribution sample() draws from: softmax(logits / T), restricted to the top-p nucleus."""
-    probs = (logits.float() / temperature).softmax(dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p > top_p
-        sorted_p = sorted_p.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
-
-
-def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
 
 
 @torch.inference_mode()
@@ -89,9 +73,6 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     greedy = temperature <= 0
 
-    def choose(logits: torch.Tensor) -> torch.Tensor:  # [N, V] -> [N]
-        return logits.argmax(-1) if greedy else _draw(_probs(logits, temperature, top_p), generator)
-
     # ---- prefill: the main model over the prompts, then the MTP module over the same positions
     t0 = time.perf_counter()
     tokens = torch.zeros(B, L, dtype=torch.long, device=device)
@@ -102,7 +83,7 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
     logits, hidden = model.forward_step(tokens, zero, cache, L, take=length - 1, all_hidden=True)  # hidden [B, L, D]
     if not bool(torch.isfinite(logits).all()):
         raise NonFiniteLogits("the model produced NaN/Inf logits for the prompt; the weights are likely corrupt")
-    last = choose(logits)  # [B] x_L: chosen, not yet in the cache
+    last = sample(logits, temperature, top_p, generator)  # [B] x_L: chosen, not yet in the cache
     out: list[list[int]] = [[int(t)] for t in last.tolist()]
     stats.prefill_tokens, stats.prefill_s = sum(lengths), time.perf_counter() - t0
     rows = torch.arange(B, device=device)
@@ -139,9 +120,9 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
                     if greedy:
                         d = d_logits.argmax(-1)
                     else:
-                        p_draft = _probs(d_logits, temperature, top_p)
+                        p_draft = probabilities(d_logits, temperature, top_p)
                         draft_p.append(p_draft)
-                        d = _draw(p_draft, generator)
+                        d = draw(p_draft, generator)
                     drafts[:, i] = d
                     if i + 1 < k:  # chain: the module on its own output hidden, one position further
                         d_logits, x_h = model.mtp_step(d[:, None], x_h[:, None], length + i, mtp_cache,
@@ -158,7 +139,7 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
             new = [drafts[b, :int(n[b])].tolist() + [int(choice[b, int(n[b])])] for b in range(B)]
         else:
             new, n_list = [], []
-            p_main = _probs(v_logits.reshape(B * q, -1), temperature, top_p).view(B, q, -1)
+            p_main = probabilities(v_logits.reshape(B * q, -1), temperature, top_p).view(B, q, -1)
             for b in range(B):
                 kept = []
                 for i in range(q - 1):
@@ -171,10 +152,10 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
                     resid = p_main[b, i] - (draft_p[i][b] if draft_p else torch.nn.functional.one_hot(
                         drafts[b, i], p_main.shape[-1]).to(p_main.dtype))
                     resid = resid.clamp(min=0)
-                    kept.append(int(_draw((resid / resid.sum()).unsqueeze(0), generator)))
+                    kept.append(int(draw((resid / resid.sum()).unsqueeze(0), generator)))
                     break
                 else:
-                    kept.append(int(_draw(p_main[b, q - 1].unsqueeze(0), generator)))
+                    kept.append(int(draw(p_main[b, q - 1].unsqueeze(0), generator)))
                 new.append(kept)
                 n_list.append(len(kept) - 1)
             n = torch.tensor(n_list, device=device)
