@@ -62,3 +62,62 @@ def perfect_drafts(engine, prompt: list[int], new_tokens: int):
             break
         answer = again[0]
     return drafter
+
+
+def nbytes(module) -> int:
+    """Bytes of a module's buffers (its weights)."""
+    return sum(b.numel() * b.element_size() for b in module.buffers() if b is not None)
+
+
+def decode_step_bytes(model) -> float:
+    """Weight bytes one batch-1 decode step reads: each layer's attention and dense/shared weights (the absorbed
+    projections where they were made, in place of wkv_b), the k routed experts of each MoE layer, the final norm and
+    the head; one embedding row is left out."""
+    from dsv3.core.model import MoE
+
+    total = nbytes(model.head) + nbytes(model.norm)
+    for layer in model.layers:
+        total += nbytes(layer)
+        absorbed = layer.attn._absorbed
+        if absorbed is not None:
+            total += sum(t.numel() * t.element_size() for t in absorbed) - nbytes(layer.attn.wkv_b)
+        if isinstance(layer.ffn, MoE):
+            experts = layer.ffn.experts
+            total -= nbytes(experts) * (1 - model.cfg.num_experts_per_tok / experts.w1.count)
+    return total
+
+
+def copy_bandwidth(mib: int = 1024, repeats: int = 5) -> float:
+    """This machine's memory bandwidth as a plain copy of `mib` MiB (far past any cache) sees it: bytes read plus
+    bytes written per second, best of `repeats`."""
+    import time
+
+    import torch
+
+    a = torch.ones(mib * 2**20 // 4)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / best
+
+
+def checkpoint_tensor_bytes(path) -> tuple[int, int]:
+    """(every tensor's bytes, the bytes of the tensors a loaded model holds) of a checkpoint: the second leaves out
+    what the model shares rather than loads (the MTP layer's copies of the embedding and the head)."""
+    from dsv3.core import names as N
+    from dsv3.core.checkpoint import Checkpoint
+    from dsv3.core.config import ModelConfig
+
+    ckpt = Checkpoint(path)
+    layers = ModelConfig.from_file(path).num_hidden_layers
+    total = held = 0
+    for name in ckpt.names():
+        n = ckpt.info(name).nbytes
+        total += n
+        weight = name[: -len("scale")] + "weight" if name.endswith(".scale") else name
+        held += n if N.demo_to_model(weight, layers) is not None else 0
+    ckpt.close()
+    return total, held

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import append_section, parser, perfect_drafts  # noqa: E402
+from results import append_section, nbytes, parser, perfect_drafts  # noqa: E402
 
 #: DeepSeek-V3's byte proportions at a CPU-benchmark size: 256 -> 64 experts, top-8, expert width 0.29 x hidden
 V3_SHAPED = {"vocab_size": 8192, "hidden_size": 1024, "intermediate_size": 2816, "moe_intermediate_size": 320,
@@ -34,10 +34,6 @@ V3_SHAPED = {"vocab_size": 8192, "hidden_size": 1024, "intermediate_size": 2816,
              "q_lora_rank": 384, "kv_lora_rank": 256, "qk_nope_head_dim": 64, "qk_rope_head_dim": 32,
              "v_head_dim": 64, "n_routed_experts": 64, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4,
              "max_position_embeddings": 4096}
-
-
-def nbytes(module) -> int:
-    return sum(b.numel() * b.element_size() for b in module.buffers() if b is not None)
 
 
 def step_bytes(model, union: dict[int, float]) -> tuple[float, float, float]:

@@ -113,10 +113,13 @@ class Engine:
 
 def load(path: str | Path, backend: str = "auto", dtype: str | torch.dtype = "bf16", device=None,
          attn_impl: str = "auto", max_seq_len: int | None = None, parallel: Parallel | None = None,
-         with_mtp: bool = True, progress=None, require_tokenizer: bool = False, cuda_graphs: bool = True) -> Engine:
+         with_mtp: bool = True, progress=None, require_tokenizer: bool = False, cuda_graphs: bool = True,
+         cpu_weights: str = "auto") -> Engine:
     """Load a checkpoint (released FP8, BF16 HF layout, or model-parallel rank files).
 
-    `progress(nbytes, total)`, if given, is called as each tensor is read (total: all tensor bytes)."""
+    `progress(nbytes, total)`, if given, is called as each tensor is read (total: all tensor bytes).
+    `cpu_weights` (cpu backend): "fp8" keeps FP8 weights as FP8 in memory, "bf16" dequantizes them at load,
+    "auto" is fp8 wherever the cpu backend's C kernels run a bf16 model (half the memory, faster decode)."""
     from .backends import resolve
     from .core.tokenizer import Tokenizer
 
@@ -126,6 +129,15 @@ def load(path: str | Path, backend: str = "auto", dtype: str | torch.dtype = "bf
     dt = parse_dtype(dtype)
     par = parallel or Parallel.from_env()
     kernels = resolve(backend, device)
+    if cpu_weights != "auto":
+        if not hasattr(kernels, "keeps_fp8"):
+            raise DsvError(f"cpu weights {cpu_weights!r}: the {kernels.name} backend decides its own weight format "
+                           "(the option is the cpu backend's); drop it or use --backend cpu")
+        from .backends.cpu.ops import WEIGHT_MODES
+
+        if cpu_weights not in WEIGHT_MODES:
+            raise DsvError(f"cpu weights {cpu_weights!r}: expected one of {', '.join(WEIGHT_MODES)}")
+        kernels.weights = cpu_weights
     if par.world_size > 1:
         if device is None and kernels.device.type != "cpu":  # one accelerator per local rank
             kernels.device = torch.device(kernels.device.type, par.local_rank)

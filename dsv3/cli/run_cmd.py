@@ -9,6 +9,12 @@ import click
 
 from ..core.errors import DsvError
 
+#: `run` and `serve`: what FP8 checkpoint weights become in the cpu backend's memory
+CPU_WEIGHTS = click.option(
+    "--cpu-weights", type=click.Choice(["auto", "fp8", "bf16"]), default="auto", show_default=True,
+    help="cpu backend: keep FP8 weights as FP8 in memory (half the RAM of bf16, fewer bytes per token) or "
+         "dequantize them to bf16 at load. auto = fp8 for --dtype bf16 where the C kernels build.")
+
 
 def _progress_bar(enabled: bool):
     if not enabled:
@@ -61,6 +67,7 @@ def printable(text: str) -> str:
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
               help="Activation/weight dtype for dequantized weights.")
 @click.option("--device", default=None, help="Override the backend's device (e.g. cpu, cuda:1).")
+@CPU_WEIGHTS
 @click.option("--prompt", default=None, help="One prompt.")
 @click.option("--input-file", type=click.Path(path_type=Path), default=None,
               help="A file with one prompt per line; all are run as one batch.")
@@ -77,14 +84,15 @@ def printable(text: str) -> str:
               help="MLA form: auto = naive for prefill, absorbed for decode.")
 @click.option("--raw", is_flag=True, help="Send prompts as plain text, without the chat template.")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
-              help="Capture the decode step as one CUDA/HIP graph per batch bucket (cuda/rocm); off runs it eagerly.")
+              help="Capture the decode step once and replay it per token: a CUDA/HIP graph per batch bucket on "
+                   "cuda/rocm, a recorded step on cpu (bf16); off runs it eagerly, for debugging.")
 @click.option("--speculative", type=click.Choice(["mtp"]), default=None,
               help="Draft with the checkpoint's MTP layer and verify the drafts in one step: the same greedy "
                    "tokens (the same distribution when sampling) in fewer steps. Stats report the acceptance.")
 @click.option("--draft-tokens", type=click.IntRange(1, 8), default=1, show_default=True,
               help="Drafts per step with --speculative (1 is the MTP layer's design; more chain it on itself).")
 @click.pass_context
-def run(ctx, ckpt: Path, backend, dtype, device, prompt, input_file, interactive, max_new_tokens, temperature,
+def run(ctx, ckpt: Path, backend, dtype, device, cpu_weights, prompt, input_file, interactive, max_new_tokens, temperature,
         top_p, seed, max_seq_len, attn, raw, cuda_graphs, speculative, draft_tokens) -> None:
     """Generate text from a checkpoint: released FP8, BF16 HF layout, or model-parallel rank files.
 
@@ -121,7 +129,8 @@ def run(ctx, ckpt: Path, backend, dtype, device, prompt, input_file, interactive
     update, close = _progress_bar(sys.stderr.isatty() and is_main)
     try:
         engine = load(ckpt, backend=backend, dtype=dtype, device=device, attn_impl=attn, max_seq_len=max_seq_len,
-                      parallel=par, progress=update, require_tokenizer=True, cuda_graphs=cuda_graphs)  # tokenizer checked before the weights
+                      parallel=par, progress=update, require_tokenizer=True, cuda_graphs=cuda_graphs,
+                      cpu_weights=cpu_weights)  # tokenizer checked before the weights
     finally:
         close()
     tok = engine.tokenizer  # there: tokenizer.json was checked before loading

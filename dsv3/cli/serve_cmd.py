@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..core.errors import DsvError
-from .run_cmd import _progress_bar
+from .run_cmd import CPU_WEIGHTS, _progress_bar
 
 
 @click.command()
@@ -18,6 +18,7 @@ from .run_cmd import _progress_bar
 @click.option("--backend", default="auto", show_default=True, help="auto, cpu, cuda, rocm, ascend (see `dsv3 backends`).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
 @click.option("--device", default=None, help="Override the backend's device (e.g. cuda:1).")
+@CPU_WEIGHTS
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. The default answers this machine only; 0.0.0.0 exposes the server to the network.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
@@ -35,7 +36,7 @@ from .run_cmd import _progress_bar
 @click.option("--attn", type=click.Choice(["auto", "naive", "absorb"]), default="auto", show_default=True,
               help="MLA form: auto = naive for prefill, absorbed for decode.")
 @click.pass_context
-def serve(ctx, ckpt: Path, backend, dtype, device, host, port, max_batch, max_waiting, max_seq_len, prefill_chunk,
+def serve(ctx, ckpt: Path, backend, dtype, device, cpu_weights, host, port, max_batch, max_waiting, max_seq_len, prefill_chunk,
           api_key, served_model_name, attn) -> None:
     """Serve a checkpoint over OpenAI's HTTP API, with continuous batching.
 
@@ -69,7 +70,7 @@ def serve(ctx, ckpt: Path, backend, dtype, device, host, port, max_batch, max_wa
     update, close = _progress_bar(sys.stderr.isatty() and par.is_main)
     try:
         engine = load(ckpt, backend=backend, dtype=dtype, device=device, attn_impl=attn, max_seq_len=max_seq_len,
-                      parallel=par, progress=update, require_tokenizer=True)
+                      parallel=par, progress=update, require_tokenizer=True, cpu_weights=cpu_weights)
     finally:
         close()
     eos = tuple(engine.cfg.eos_token_ids) + ((engine.tokenizer.eos_id,) if engine.tokenizer.eos_id is not None else ())

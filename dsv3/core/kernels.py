@@ -66,6 +66,9 @@ class Kernels:
     fp8_dtype: torch.dtype | None = None
     #: torch.distributed backend name
     dist_backend: str = "gloo"
+    #: an FP8 weight whose tensor-parallel slice cuts through 128x128 scale blocks may be dequantized at load
+    #: instead of refused (a backend whose ops take dense and FP8 weights alike)
+    fp8_split_dequantizes: bool = False
 
     def __init__(self, device: torch.device | str | None = None):
         self.device = torch.device(device if device is not None else self.device_type)

@@ -56,8 +56,8 @@ def load_weights(model, ckpt: Checkpoint, cfg: ModelConfig, kernels, dtype: torc
 
 def _read_weight(ckpt: Checkpoint, demo: str, par: Parallel, kernels, whole: bool):
     """This rank's (weight, fp32 scale or None). Splits that cut through 128x128 scale blocks
-    cannot slice the scale, so for backends that dequantize at load the full weight is
-    dequantized first and then sliced; FP8-keeping backends get a precise error."""
+    cannot slice the scale, so for backends that dequantize at load (or may, for such a weight) the full
+    weight is dequantized first and then sliced; other FP8-keeping backends get a precise error."""
     info = ckpt.info(demo)
     scale_name = demo[: -len("weight")] + "scale"
     if not is_fp8(info.dtype):
@@ -69,7 +69,7 @@ def _read_weight(ckpt: Checkpoint, demo: str, par: Parallel, kernels, whole: boo
                or (info.shape[dim] // par.world_size) % BLOCK == 0)
     if aligned:
         return ckpt.read(demo, par), ckpt.read(scale_name, par).float()
-    if kernels.fp8_dtype is not None:
+    if kernels.fp8_dtype is not None and not kernels.fp8_split_dequantizes:
         ok = [w for w in range(1, info.shape[dim] + 1) if info.shape[dim] % w == 0 and (info.shape[dim] // w) % BLOCK == 0]
         raise CheckpointError(
             f"{ckpt.display(demo)}: splitting dim {dim} of size {info.shape[dim]} over {par.world_size} ranks cuts "

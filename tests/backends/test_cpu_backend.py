@@ -1,8 +1,10 @@
 """The cpu backend against the plain-torch reference, op by op, like any other backend.
 
 Shapes cross the cpu backend's own rules: decode sizes (< 16 rows, the C kernels) and prefill sizes
-(fp32 GEMMs on CPUs without bf16 instructions), dims that are not multiples of 8/32/128, batch 1,
-strided inputs. Both with its C kernels and without them (plain torch plus dtype rules).
+(fp32 GEMMs on CPUs without bf16 instructions, FP8 weights widened per call), dims that are not
+multiples of 8/32/128, batch 1, strided inputs. Both with its C kernels and without them (plain torch
+plus dtype rules), and with FP8 weights kept as FP8 (e4m3fn and e4m3fnuz) against the reference's
+dequantize-then-multiply.
 """
 
 from __future__ import annotations
@@ -153,3 +155,108 @@ def test_the_reference_is_plain_torch():
         assert word not in src, f"backends/reference/ops.py mentions {word!r}"
     for name in ("linear", "rms_norm", "rope", "attention", "mla_attention", "moe_gate", "moe_experts"):
         assert name in vars(ReferenceKernels), f"the reference does not implement {name} itself"
+
+
+FP8 = [pytest.param(torch.float8_e4m3fn, id="e4m3fn"), pytest.param(torch.float8_e4m3fnuz, id="e4m3fnuz")]
+
+
+def kept_fp8(k: CpuKernels, w: torch.Tensor, fp8_dtype):
+    """A weight as the FP8-keeping backend holds it (through prepare_linear, as the loader does)."""
+    q, s = fp8.quantize(w, fp8_dtype)
+    got = k.prepare_linear(q, s, torch.bfloat16)
+    assert got[0].dtype == fp8_dtype and got[1] is not None, "the cpu backend did not keep the FP8 weight"
+    return got
+
+
+@pytest.mark.parametrize("fp8_dtype", FP8)
+@pytest.mark.parametrize("rows,N,K", [(1, 1, 1), (1, 200, 300), (3, 129, 1029), (15, 64, 72), (16, 40, 56),
+                                      (40, 130, 200)])
+def test_fp8_weights_linear_and_mlp(fp8_dtype, rows, N, K):
+    k = cpu(True)
+    dtype = torch.bfloat16
+    x, r = rand(rows, K, dtype=dtype), rand(rows, N, dtype=dtype, seed=9)
+    w, s = kept_fp8(k, rand(N, K, dtype=torch.float32, seed=1, scale=K ** -0.5), fp8_dtype)
+    close(k.linear(x, w, s), REF.linear(x, w, s), dtype, "fp8 linear")
+    close(k.linear_add(x, w, s, r), REF.linear_add(x, w, s, r), dtype, "fp8 linear + residual")
+    (w1, s1), (w3, s3) = (kept_fp8(k, rand(N, K, dtype=torch.float32, seed=i), fp8_dtype) for i in (2, 3))
+    w2, s2 = kept_fp8(k, rand(K, N, dtype=torch.float32, seed=4), fp8_dtype)
+    xr = rand(rows, K, dtype=dtype, seed=5)
+    close(k.mlp(x, w1, w2, w3, s1, s2, s3, residual=xr), REF.mlp(x, w1, w2, w3, s1, s2, s3, residual=xr), dtype,
+          "fp8 mlp")
+
+
+@pytest.mark.parametrize("fp8_dtype", FP8)
+@pytest.mark.parametrize("T,first", [(1, 0), (3, 2), (15, 0), (40, 3)])
+def test_fp8_weights_moe_experts(fp8_dtype, T, first):
+    k = cpu(True)
+    E, D, I, top_k = 5, 200, 130, 3
+    stacks = []
+    for seed, (n, m) in ((1, (I, D)), (2, (D, I)), (3, (I, D))):
+        ws = [kept_fp8(k, rand(n, m, dtype=torch.float32, seed=seed * 10 + e, scale=m ** -0.5), fp8_dtype)
+              for e in range(E)]
+        stacks.append((torch.stack([w for w, _ in ws]), torch.stack([s for _, s in ws])))
+    (w1, s1), (w2, s2), (w3, s3) = stacks
+    ew = ExpertWeights(w1, w2, w3, s1, s2, s3, first=first)
+    x = rand(T, D, dtype=torch.bfloat16)
+    ids = torch.randint(0, E + first + 2, (T, top_k), generator=torch.Generator().manual_seed(6))  # incl. other ranks'
+    w = torch.rand(T, top_k, generator=torch.Generator().manual_seed(7))
+    close(k.moe_experts(x, w, ids, ew), REF.moe_experts(x, w, ids, ew), torch.bfloat16, "fp8 moe_experts")
+
+
+def test_fp8_weights_refused_with_nan_and_kept_only_where_they_can_be():
+    from dsv3.core.errors import CheckpointError, DsvError
+
+    k = cpu(True)
+    q, s = fp8.quantize(torch.randn(130, 70))
+    bad = q.view(torch.uint8).clone()
+    bad[3, 5] = 0x7F
+    with pytest.raises(CheckpointError, match="1 NaN values"):
+        k.prepare_linear(bad.view(torch.float8_e4m3fn), s, torch.bfloat16)
+    w, scale = k.prepare_linear(q, s, torch.float32)  # fp32 activations: the C kernels take bf16 only
+    assert w.dtype == torch.float32 and scale is None
+    dequantized = CpuKernels(weights="bf16")
+    assert dequantized.prepare_linear(q, s, torch.bfloat16)[0].dtype == torch.bfloat16
+    with pytest.raises(DsvError, match="--dtype bf16"):
+        CpuKernels(weights="fp8").prepare_linear(q, s, torch.float32)
+    with pytest.raises(DsvError, match="expected one of auto, fp8, bf16"):
+        CpuKernels(weights="int4")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,S,T,H,Dq,Dv", [(1, 1, 1, 1, 8, 8), (2, 7, 7, 3, 24, 16), (1, 33, 40, 4, 96, 64),
+                                           (3, 16, 16, 2, 40, 40)])
+def test_attention(dtype, B, S, T, H, Dq, Dv):
+    """Prefill attention (torch's flash kernel, v padded to q's width) against the reference, with a chunk's mask:
+    S queries at the end of T keys, each seeing keys up to its own position, and a padded row seeing fewer."""
+    k = cpu(False)
+    q, kk, v = rand(B, S, H, Dq, dtype=dtype), rand(B, T, H, Dq, dtype=dtype, seed=1), rand(B, T, H, Dv, dtype=dtype,
+                                                                                           seed=2)
+    mask = (torch.arange(T)[None, :] <= torch.arange(T - S, T)[:, None])[None].repeat(B, 1, 1)  # [B, S, T]
+    if B > 1:
+        mask[1, :, T - 2:] = False if T > 2 else mask[1, :, T - 2:]
+        mask[1, :, 0] = True
+    close(k.attention(q, kk, v, 0.3, mask), REF.attention(q, kk, v, 0.3, mask), dtype, "attention")
+    close(k.attention(q, kk, v, 0.3, None), REF.attention(q, kk, v, 0.3, None), dtype, "attention, no mask")
+
+
+@pytest.mark.parametrize("native", NATIVE)
+@pytest.mark.parametrize("B,S,H,nope,C,R", [(1, 1, 1, 8, 16, 8), (3, 2, 4, 24, 72, 16), (2, 1, 8, 64, 256, 32)])
+def test_mla_latent(native, B, S, H, nope, C, R):
+    """A position step's prologue on the views the model passes (q_pe inside q, kv and k_pe inside one projection),
+    into cache rows out of order: the same caches and rotated q_pe as the reference's composition."""
+    k = cpu(native)
+    dtype = torch.bfloat16
+    q = rand(B, S, H, nope + R, dtype=dtype)
+    q_pe = q[..., nope:]
+    kv, k_pe = rand(B, S, C + R, dtype=dtype, seed=1).split([C, R], dim=-1)
+    w = rand(C, dtype=dtype, seed=2)
+    ang = torch.rand(B, S, R // 2, generator=torch.Generator().manual_seed(3)) * 20
+    rows = torch.tensor([2, 0, 1, 3][:B])[:, None]
+    pos = torch.tensor([[5 + s + 3 * b for s in range(S)] for b in range(B)])
+    caches = [(torch.zeros(4, 16, C, dtype=dtype), torch.zeros(4, 16, R, dtype=dtype)) for _ in range(2)]
+    got = k.mla_latent(q_pe, kv, k_pe, w, 1e-6, ang.cos(), ang.sin(), *caches[0], rows, pos)
+    ref = REF.mla_latent(q_pe, kv, k_pe, w, 1e-6, ang.cos(), ang.sin(), *caches[1], rows, pos)
+    close(got, ref, dtype, "mla_latent q_pe")
+    close(caches[0][0], caches[1][0], dtype, "mla_latent kv cache")
+    close(caches[0][1], caches[1][1], dtype, "mla_latent pe cache")
+    assert (caches[0][0].abs().sum(-1) > 0).sum() == B * S, "written elsewhere than at (rows, pos)"

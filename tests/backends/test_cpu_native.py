@@ -1,6 +1,8 @@
 """The cpu backend's native kernels (native.c) against float64 formulas, the plain-torch ops, and in the model.
 
-Shapes include batch 1, dims that are not multiples of 8, 32 or 128 (the vector loops' tails) and long caches.
+Shapes include batch 1, dims that are not multiples of 8, 32 or 128 (the vector loops' tails and FP8 scale
+blocks) and long caches. Every kernel runs on each instruction-set build this CPU can run (avx512, avx2,
+generic), so an AVX-512 machine tests the AVX2 path too; bf16 and FP8 (e4m3fn and e4m3fnuz) weights.
 """
 
 from __future__ import annotations
@@ -15,12 +17,30 @@ from judge import assert_no_worse
 import dsv3
 from dsv3.backends.cpu import CpuKernels
 from dsv3.backends.cpu import native as native_lib
+from dsv3.core.fp8 import expand_scale, scale_shape
 from dsv3.core.kernels import GateParams
 from dsv3.core.model import LatentCache
 
 NATIVE = native_lib.load()
 pytestmark = pytest.mark.skipif(NATIVE is None, reason="no C compiler here: the cpu backend runs plain torch")
 BF16 = 2.0 ** -8  # one rounding to bf16, relative
+FP8 = [pytest.param(torch.float8_e4m3fn, id="e4m3fn"), pytest.param(torch.float8_e4m3fnuz, id="e4m3fnuz")]
+
+
+def _isa_params():
+    have = native_lib.supported_isas() if NATIVE is not None else []
+    return [pytest.param(isa, id=isa, marks=() if isa in have else pytest.mark.skip(reason=f"this CPU lacks {isa}"))
+            for isa in native_lib.ISAS]
+
+
+ISAS = _isa_params()
+
+
+@pytest.fixture(params=ISAS)
+def lib(request):
+    built = native_lib.load(request.param)
+    assert built is not None and built.isa == request.param, f"the {request.param} build reports {built and built.isa}"
+    return built
 
 
 def bf16(*shape, g, scale=1.0):
@@ -33,16 +53,62 @@ def check(got: torch.Tensor, ref: torch.Tensor, rel: float, what: str) -> None:
     assert not got.isnan().any() and err <= bound, f"{what}: max err {err:.3e} > {bound:.3e}"
 
 
+def fp8_weight(shape, fp8, g):
+    """Random FP8 bytes (every value but the NaN codes: subnormals, ±0, the extremes), a stack or not, with block
+    scales spanning 2^-12..2^-4 so every 128x128 block has its own. Returns (weight, scale, float64 value)."""
+    raw = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    for b in torch.nonzero(torch.arange(256, dtype=torch.uint8).view(fp8).float().isnan()).flatten().tolist():
+        raw[raw == b] = 0x01
+    w = raw.view(fp8)
+    *lead, rows, cols = shape
+    sshape = (*lead, *scale_shape((rows, cols)))
+    scale = torch.exp2(torch.randint(-12, -4, sshape, generator=g).float()) * (1 + torch.rand(sshape, generator=g))
+    blocks = scale.double().reshape(-1, *sshape[-2:])
+    value = w.double().reshape(-1, rows, cols) * torch.stack([expand_scale(b, rows, cols) for b in blocks])
+    return w, scale, value.reshape(shape)
+
+
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 7, 5), (1, 512, 1024), (3, 200, 300), (15, 129, 1029)])
-def test_linear_bf16(M, N, K):
+def test_linear_bf16(lib, M, N, K):
     g = torch.Generator().manual_seed(M * N + K)
-    x, w = bf16(M, K, g=g), bf16(N, K, g=g)
+    x, w, r = bf16(M, K, g=g), bf16(N, K, g=g), bf16(M, N, g=g)
     ref = x.double() @ w.double().T
-    got = NATIVE.linear_bf16(x, w)
+    got = lib.linear(x, w)
     assert got.dtype == torch.bfloat16 and got.shape == (M, N)
     # one rounding of the fp32 sum: within half a bf16 ulp of each value, plus fp32 summation order
     err = ((got.double() - ref).abs() / (ref.abs() + 1e-3 * ref.abs().max())).max().item()
     assert err <= BF16, f"linear {M}x{N}x{K}: max relative err {err:.3e}"
+    check(lib.linear(x, w, residual=r), ref + r.double(), 2 * BF16, f"linear + residual {M}x{N}x{K}")
+
+
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 7, 5), (1, 300, 1024), (2, 129, 130), (3, 200, 300),
+                                   (15, 257, 1029)])
+def test_linear_fp8(lib, fp8, M, N, K):
+    """FP8 weights widened in registers, one fp32 scale per 128x128 block (K and N not multiples of 16 or 128)."""
+    g = torch.Generator().manual_seed(M * N + K + 1)
+    x, r = bf16(M, K, g=g), bf16(M, N, g=g)
+    w, scale, value = fp8_weight((N, K), fp8, g)
+    ref = x.double() @ value.T
+    got = lib.linear(x, w, scale)
+    assert got.dtype == torch.bfloat16 and got.shape == (M, N)
+    err = ((got.double() - ref).abs() / (ref.abs() + 1e-3 * ref.abs().max())).max().item()
+    assert err <= BF16, f"fp8 linear {M}x{N}x{K}: max relative err {err:.3e}"
+    check(lib.linear(x, w, scale, residual=r), ref + r.double(), 2 * BF16, f"fp8 linear + residual {M}x{N}x{K}")
+
+
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("col", [0, 21, 35])  # in the vector loop (first lane, a later one) and in the scalar tail
+def test_fp8_every_byte_value(lib, fp8, col):
+    """Each of the 256 byte values (NaN codes aside), alone in its row against a one-hot x: exactly its value."""
+    table = torch.arange(256, dtype=torch.uint8).view(fp8).float()
+    codes = torch.nonzero(~table.isnan()).flatten()
+    raw = torch.zeros(len(codes), 36, dtype=torch.uint8)
+    raw[:, col] = codes.to(torch.uint8)
+    x = torch.zeros(1, 36, dtype=torch.bfloat16)
+    x[0, col] = 1.0
+    got = lib.linear(x, raw.view(fp8), torch.ones(scale_shape(raw.shape))).float()[0]
+    assert torch.equal(got, table[codes]), f"FP8 bytes widen to wrong values: {got[got != table[codes]][:4]}"
 
 
 def swiglu64(x, w1, w3, w2):
@@ -50,29 +116,50 @@ def swiglu64(x, w1, w3, w2):
     return (h * torch.sigmoid(h) * (x @ w3.T)) @ w2.T
 
 
-@pytest.mark.parametrize("D,I,ids", [(64, 33, [3, 0, 3]), (300, 128, [1]), (1024, 256, [4, 2, 0, 1]), (7, 5, [])])
-def test_moe_bf16(D, I, ids):
+def experts(E, I, D, g, weights):
+    """(w1, w3, w2, s1, s3, s2, float64 values of w1, w3, w2): bf16, or FP8 with block scales."""
+    if weights == "bf16":
+        w1, w3, w2 = bf16(E, I, D, g=g, scale=D ** -0.5), bf16(E, I, D, g=g, scale=D ** -0.5), bf16(E, D, I, g=g,
+                                                                                                  scale=I ** -0.5)
+        return w1, w3, w2, None, None, None, w1.double(), w3.double(), w2.double()
+    (w1, s1, v1), (w3, s3, v3), (w2, s2, v2) = (fp8_weight(sh, weights, g) for sh in ((E, I, D), (E, I, D), (E, D, I)))
+    return w1, w3, w2, s1, s3, s2, v1, v3, v2
+
+
+WEIGHTS = [pytest.param("bf16", id="bf16"), *FP8]
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("D,I,ids", [(64, 33, [[3, 0, 3]]), (300, 129, [[1]]), (1024, 256, [[4, 2, 0, 1]]),
+                                     (7, 5, [[]]), (200, 140, [[1, 2], [2, 0], [1, 4]])])
+def test_moe(lib, weights, D, I, ids):
+    """Routed SwiGLU experts of one or a few tokens (a token may name an expert twice; tokens share experts)."""
     g = torch.Generator().manual_seed(D + I)
-    E = 5
-    x = bf16(D, g=g)
-    w1, w3, w2 = bf16(E, I, D, g=g, scale=D ** -0.5), bf16(E, I, D, g=g, scale=D ** -0.5), bf16(E, D, I, g=g, scale=I ** -0.5)
-    alpha = torch.rand(len(ids), generator=g)
-    ref = torch.zeros(D, dtype=torch.float64)
-    for a, e in zip(alpha.tolist(), ids):
-        ref += a * swiglu64(x.double(), w1[e].double(), w3[e].double(), w2[e].double())
-    y = NATIVE.moe_bf16(x[None], torch.tensor([ids], dtype=torch.int64).view(1, -1), alpha[None], w1, w3, w2)[0]
-    if not ids:
+    E, T = 5, len(ids)
+    x = bf16(T, D, g=g)
+    w1, w3, w2, s1, s3, s2, v1, v3, v2 = experts(E, I, D, g, weights)
+    ids = torch.tensor(ids, dtype=torch.int64).view(T, -1)
+    alpha = torch.rand(*ids.shape, generator=g)
+    ref = torch.zeros(T, D, dtype=torch.float64)
+    for t in range(T):
+        for a, e in zip(alpha[t].tolist(), ids[t].tolist()):
+            ref[t] += a * swiglu64(x[t].double(), v1[e], v3[e], v2[e])
+    y = lib.moe(x, ids, alpha, w1, w3, w2, s1, s3, s2)
+    if not ids.numel():
         assert (y == 0).all()
         return
-    check(y, ref, 4 * BF16, f"moe D={D} I={I} ids={ids}")
+    check(y, ref, 4 * BF16, f"moe {weights} D={D} I={I} ids={ids.tolist()}")
+    r = bf16(T, D, g=g)
+    check(lib.moe(x, ids, alpha, w1, w3, w2, s1, s3, s2, residual=r), ref + r.double(), 4 * BF16, "moe + residual")
 
 
-def test_moe_bf16_tokens_and_other_ranks_experts():
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_moe_tokens_and_other_ranks_experts(lib, weights):
     """Two tokens on a rank holding global experts 2..4: ids outside that range are skipped, not clamped."""
     g = torch.Generator().manual_seed(9)
     D, I, first = 40, 24, 2
     x = bf16(2, D, g=g)
-    w1, w3, w2 = bf16(3, I, D, g=g), bf16(3, I, D, g=g), bf16(3, D, I, g=g)
+    w1, w3, w2, s1, s3, s2, v1, v3, v2 = experts(3, I, D, g, weights)
     ids = torch.tensor([[0, 3, 5], [2, 4, 1]])
     alpha = torch.rand(2, 3, generator=g)
     ref = torch.zeros(2, D, dtype=torch.float64)
@@ -80,26 +167,46 @@ def test_moe_bf16_tokens_and_other_ranks_experts():
         for j in range(3):
             e = int(ids[t, j]) - first
             if 0 <= e < 3:
-                ref[t] += alpha[t, j].item() * swiglu64(x[t].double(), w1[e].double(), w3[e].double(), w2[e].double())
-    check(NATIVE.moe_bf16(x, ids, alpha, w1, w3, w2, first), ref, 4 * BF16, "moe, expert parallel")
+                ref[t] += alpha[t, j].item() * swiglu64(x[t].double(), v1[e], v3[e], v2[e])
+    check(lib.moe(x, ids, alpha, w1, w3, w2, s1, s3, s2, first), ref, 4 * BF16, "moe, expert parallel")
 
 
-@pytest.mark.parametrize("rows,D", [(1, 7), (3, 1024), (2, 1025)])
-def test_rms_norm_bf16(rows, D):
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("N,K", [(1, 1), (7, 5), (129, 300), (257, 1029)])
+def test_fp8_to_bf16_same_bits_as_dequantize(lib, fp8, N, K):
+    """The prefill widening (vector registers, no table) gives dequantize's bits: the fp32 product rounded once."""
+    from dsv3.core.fp8 import dequantize
+
+    w, scale, _ = fp8_weight((N, K), fp8, torch.Generator().manual_seed(N + K))
+    assert torch.equal(lib.fp8_to_bf16(w, scale), dequantize(w, scale, torch.bfloat16))
+
+
+@pytest.mark.parametrize("fp8", FP8)
+def test_count_nan(lib, fp8):
+    raw = torch.full((300, 7), 0x11, dtype=torch.uint8)
+    codes = torch.nonzero(torch.arange(256, dtype=torch.uint8).view(fp8).float().isnan()).flatten().tolist()
+    for i, c in enumerate(codes * 3):
+        raw[i * 50, i] = c
+    assert lib.count_nan(raw.view(fp8)) == 3 * len(codes)
+    assert lib.count_nan(torch.full((5,), 0x11, dtype=torch.uint8).view(fp8)) == 0
+
+
+@pytest.mark.parametrize("rows,D", [(1, 7), (3, 1024), (2, 1025), (40, 300)])
+def test_rms_norm_bf16(lib, rows, D):
     g = torch.Generator().manual_seed(D)
     x, w = bf16(rows, D, g=g), bf16(D, g=g)
     xd = x.double()
     ref = xd / torch.sqrt((xd ** 2).mean(-1, keepdim=True) + 1e-6) * w.double()
-    check(NATIVE.rms_norm_bf16(x, w, 1e-6), ref, 2 * BF16, f"rms_norm {rows}x{D}")
+    check(lib.rms_norm_bf16(x, w, 1e-6), ref, 2 * BF16, f"rms_norm {rows}x{D}")
 
 
 @pytest.mark.parametrize("B,S,H,D", [(1, 1, 1, 2), (1, 1, 8, 64), (2, 3, 3, 30)])
-def test_rope_bf16_on_a_strided_view(B, S, H, D):
+def test_rope_bf16_on_a_strided_view(lib, B, S, H, D):
     g = torch.Generator().manual_seed(D)
     q = bf16(B, S, H, 11 + D, g=g)  # the rope part of a wider projection, as the model passes it
     x = q[..., 11:]
     ang = torch.rand(B, S, D // 2, generator=g) * 20
-    got = NATIVE.rope_bf16(x, ang.cos(), ang.sin())
+    got = lib.rope_bf16(x, ang.cos(), ang.sin())
     z = torch.view_as_complex(x.double().reshape(B, S, H, D // 2, 2).contiguous())
     ref = torch.view_as_real(z * torch.polar(torch.ones_like(ang.double()), ang.double())[:, :, None]).flatten(-2)
     check(got, ref, 2 * BF16, f"rope {B}x{S}x{H}x{D}")
@@ -115,12 +222,13 @@ GATES = [  # (E, n_group, topk_group, top_k, scoring, group_score, norm)
 
 
 @pytest.mark.parametrize("E,n_group,topk_group,top_k,scoring,group_score,norm", GATES)
-def test_moe_gate_matches_the_plain_torch_gate(E, n_group, topk_group, top_k, scoring, group_score, norm):
+def test_moe_gate_matches_the_plain_torch_gate(lib, E, n_group, topk_group, top_k, scoring, group_score, norm):
     g = torch.Generator().manual_seed(E * 7 + top_k)
     p = GateParams(top_k, n_group, topk_group, scoring, group_score, norm, 2.5)
     plain = CpuKernels()
     plain.native = None
     native = CpuKernels()
+    native.native = lib
     for T in (1, 3):
         x = torch.randn(T, 65, generator=g).bfloat16()
         w = torch.randn(E, 65, generator=g)
@@ -132,12 +240,15 @@ def test_moe_gate_matches_the_plain_torch_gate(E, n_group, topk_group, top_k, sc
             check(wn, wp.double(), 1e-5, "gate weights")
 
 
-@pytest.mark.parametrize("B,H,N,C,R,V,T", [(1, 1, 5, 20, 4, 7, 1), (1, 8, 64, 256, 64, 128, 37), (2, 3, 24, 72, 8, 40, 1000)])
-def test_mla_absorbed_decode(B, H, N, C, R, V, T):
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,N,C,R,V,T", [(1, 1, 5, 20, 4, 7, 1), (1, 8, 64, 256, 64, 128, 37), (2, 3, 24, 72, 8, 40, 1000),
+                                           (1, 2, 128, 512, 64, 128, 300)])
+def test_mla_absorbed_decode(lib, wdtype, B, H, N, C, R, V, T):
     g = torch.Generator().manual_seed(T + C)
     q = bf16(B, 1, H, N + R, g=g)
     q_nope, q_pe = q[..., :N], q[..., N:].contiguous()
     w_uk, w_uv = torch.randn(H, N, C, generator=g) * N ** -0.5, torch.randn(H, C, V, generator=g) * C ** -0.5
+    w_uk, w_uv = w_uk.to(wdtype), w_uv.to(wdtype)  # the absorbed projections: fp32 on CPUs slow in bf16, else bf16
     kv_cache, pe_cache = bf16(B, T + 9, C, g=g), bf16(B, T + 9, R, g=g)  # read in place: batch stride > T rows
     kv, pe = kv_cache[:, :T], pe_cache[:, :T]
     scale = 0.3
@@ -145,7 +256,9 @@ def test_mla_absorbed_decode(B, H, N, C, R, V, T):
     s = (torch.einsum("bshc,btc->bsht", ql, kv.double()) + torch.einsum("bshr,btr->bsht", q_pe.double(), pe.double())) * scale
     o = torch.einsum("bsht,btc->bshc", s.softmax(-1), kv.double())
     ref = torch.einsum("bshc,hcv->bshv", o, w_uv.double())
-    got = CpuKernels().mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, pe, scale, None)
+    k = CpuKernels()
+    k.native = lib
+    got = k.mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, pe, scale, None)
     assert got.shape == (B, 1, H, V) and got.dtype == torch.bfloat16
     check(got, ref, 4 * BF16, f"mla_absorbed B={B} H={H} T={T}")
 
@@ -158,8 +271,10 @@ def decode_logits(engine, tokens: torch.Tensor, prefill: int) -> torch.Tensor:
     return torch.cat([m(tokens[:, i:i + 1], i, cache) for i in range(prefill, tokens.shape[1])], dim=1)
 
 
-def test_bf16_decode_no_worse_than_plain_torch(tiny_ckpts):
-    """Every decode op of the model through native.c (batch 1 and 4), judged against fp32 like the plain path.
+@pytest.mark.parametrize("weights", ["fp8", "bf16"])
+def test_bf16_decode_no_worse_than_plain_torch(tiny_ckpts, weights):
+    """Every decode op of the model through native.c (batch 1 and 4), judged against fp32 like the plain path;
+    with the FP8 weights kept as FP8 (widened in the kernels) or dequantized to bf16 at load.
 
     Pooled over the three configs and both batches: on tiny random models a bf16 difference in one
     value flips a near-tied routing choice and moves one config's error either way by up to ~1.7x
@@ -168,9 +283,10 @@ def test_bf16_decode_no_worse_than_plain_torch(tiny_ckpts):
     """
     got, peer, want = [], [], []
     for name in ("v3ish", "noqlora", "blocks"):
-        ours = dsv3.load(tiny_ckpts[name], backend="cpu", dtype="bf16")
-        plain = dsv3.load(tiny_ckpts[name], backend="cpu", dtype="bf16")
+        ours = dsv3.load(tiny_ckpts[name], backend="cpu", dtype="bf16", cpu_weights=weights)
+        plain = dsv3.load(tiny_ckpts[name], backend="cpu", dtype="bf16", cpu_weights="bf16")
         plain.kernels.native = None
+        assert (ours.kernels.fp8_dtype is not None) == (weights == "fp8")
         ref = dsv3.load(tiny_ckpts[name], backend="cpu", dtype="fp32")
         assert ours.kernels.native is not None
         tokens = torch.randint(0, ours.cfg.vocab_size, (4, 136), generator=torch.Generator().manual_seed(3))
@@ -179,25 +295,39 @@ def test_bf16_decode_no_worse_than_plain_torch(tiny_ckpts):
                 out.append(decode_logits(engine, batch, 8).flatten(0, 1))  # [positions, V]
     vocab = min(t.shape[-1] for t in want)  # vocabularies differ: judge the logits of the ids all three have
     pooled = [torch.cat([t[:, :vocab] for t in ts]) for ts in (got, peer, want)]
-    assert_no_worse(*pooled, "native decode, 3 configs x batch 1 and 4")
+    assert_no_worse(*pooled, f"native decode ({weights} weights), 3 configs x batch 1 and 4")
 
 
 def test_fallbacks(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("DSV3_CPU_NATIVE", "0")
-    assert native_lib.load.__wrapped__() is None
+    assert native_lib.load() is None
     monkeypatch.setenv("DSV3_CPU_NATIVE", "1")
     monkeypatch.setenv("DSV3_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
     with caplog.at_level(logging.WARNING, logger="dsv3"):
-        assert native_lib.load.__wrapped__() is None
+        assert native_lib._load.__wrapped__("generic") is None
     assert "native kernels unavailable" in caplog.text
     monkeypatch.delenv("CC")
-    built = native_lib.load.__wrapped__()
-    assert built is not None and built.path.parent == tmp_path / "cache"
+    built = native_lib._load.__wrapped__("generic")
+    assert built is not None and built.path.parent == tmp_path / "cache" and built.isa == "generic"
     plain = CpuKernels()
     plain.native = None
     x, w = torch.randn(1, 40).bfloat16(), torch.randn(24, 40).bfloat16()
     assert torch.equal(plain.linear(x, w), F.linear(x, w))  # without native.c, the plain-torch op
+
+
+def test_instruction_set_choice(monkeypatch, caplog):
+    """The widest set the CPU runs by default; DSV3_CPU_ISA picks another, an unknown one is refused with the list."""
+    have = native_lib.supported_isas()
+    assert have[-1] == "generic" and native_lib.load().isa == have[0]
+    monkeypatch.setenv("DSV3_CPU_ISA", "generic")
+    assert native_lib.load().isa == "generic"
+    monkeypatch.setenv("DSV3_CPU_ISA", "sse9")
+    with caplog.at_level(logging.WARNING, logger="dsv3"):
+        assert native_lib.load().isa == have[0]
+    assert "DSV3_CPU_ISA=sse9" in caplog.text and have[0] in caplog.text
+    with pytest.raises(ValueError, match="this CPU runs"):
+        native_lib.load("sse9")
 
 
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz])
@@ -220,3 +350,95 @@ def test_dequant_fp8_same_bits_as_the_formula(fp8, dtype, N, K):
     exact = w.double() * expand_scale(scale.double(), N, K)  # the fp32 product is exact in float64
     assert torch.equal(got, exact.float().to(dtype)), "not the fp32 product rounded once"
     assert torch.equal(got, dequantize(w, scale, dtype))
+
+
+def test_fp8_weights_stay_fp8_in_memory(tiny_ckpts):
+    """FP8-resident mode holds the checkpoint's bytes (FP8 weights 1 byte each with their scales; bf16 embedding, head
+    and norms as stored; the fp32 gate and the absorbed projections are the only extra), half of what bf16 holds."""
+    from dsv3.core import names as N
+    from dsv3.core.checkpoint import Checkpoint
+    from dsv3.core.model import Linear, StackedLinear
+    from dsv3.engine import resident_bytes
+
+    path = tiny_ckpts["v3ish"]
+    ckpt = Checkpoint(path)
+    layers = dsv3.load(path, backend="cpu", dtype="bf16", cpu_weights="fp8")
+    held_in_ckpt = sum(ckpt.info(n).nbytes for n in ckpt.names()
+                       if N.demo_to_model(n[: -len("scale")] + "weight" if n.endswith(".scale") else n,
+                                          layers.cfg.num_hidden_layers) is not None)
+    ckpt.close()
+    sizes = {}
+    for weights in ("fp8", "bf16"):
+        engine = dsv3.load(path, backend="cpu", dtype="bf16", cpu_weights=weights)
+        engine.generate([[1, 2, 3]], max_new_tokens=2)  # makes the absorbed projections
+        kept = [m.weight.dtype for m in engine.model.modules() if isinstance(m, (Linear, StackedLinear))
+                and m.scale is not None]
+        assert (set(kept) == {torch.float8_e4m3fn}) if weights == "fp8" else not kept, f"{weights}: {set(kept)}"
+        sizes[weights] = resident_bytes(engine) + sum(t.numel() * t.element_size() for layer in engine.model.layers
+                                                      for t in (layer.attn._absorbed or ()))
+    gate = sum(layer.ffn.gate.weight.numel() * 2 for layer in engine.model.layers if hasattr(layer.ffn, "gate"))
+    assert sizes["fp8"] <= 1.05 * held_in_ckpt + gate, f"{sizes['fp8']} bytes held for {held_in_ckpt} in the checkpoint"
+    assert sizes["bf16"] > 1.3 * sizes["fp8"]
+
+
+@pytest.mark.parametrize("weights", ["fp8", "bf16"])
+def test_recorded_decode_step_gives_the_eager_tokens(tiny_ckpts, weights):
+    """bf16 greedy on every tiny config, a lone prompt and a batch of 3 different lengths (padded into bucket 4): the
+    recorded and replayed decode step (tape.py) gives the eager step's tokens, and the stats say it replayed."""
+    prompts = [[5, 9, 200, 17, 3, 88, 41], [250, 2, 77], [12, 13]]
+    for name in ("v3ish", "noqlora", "blocks"):
+        engine = dsv3.load(tiny_ckpts[name], backend="cpu", dtype="bf16", cpu_weights=weights)
+        for batch in (prompts[:1], prompts):
+            engine.cuda_graphs = False
+            eager = engine.generate(batch, max_new_tokens=20)
+            assert engine.last_stats.extra["decode_step"] == "eager"
+            engine.cuda_graphs = True
+            assert engine.generate(batch, max_new_tokens=20) == eager, f"{name}, {len(batch)} prompts"
+            assert engine.last_stats.extra["decode_step"] == "graph"
+
+
+def test_tape_replays_computes_views_in_place_ops_and_filled_tensors():
+    """The recorder's rules on a made-up step: computing ops rerun into their first outputs, views alias, in-place
+    ops rerun, zero-filled tensors are zeroed again, and a host read refuses the recording."""
+    from dsv3.backends.cpu import tape as T
+
+    x = torch.tensor([1.0, 2.0, 3.0])
+    idx = torch.tensor([2, 0])
+
+    def step():
+        acc = torch.zeros(2)
+        acc.add_(x[idx])  # a gather, then in place into a filled tensor
+        y = (acc * 2).view(2, 1)  # compute, then a view
+        NATIVE.lib.dsv3_isa()  # a query, not recorded
+        return torch.cat([y, y + 1], dim=1).flatten()
+
+    tape, out = T.record(step, NATIVE)
+    assert out.tolist() == [6.0, 7.0, 2.0, 3.0]
+    x.copy_(torch.tensor([10.0, 20.0, 30.0]))
+    idx.copy_(torch.tensor([1, 1]))
+    tape.replay()
+    assert out.tolist() == [40.0, 41.0, 40.0, 41.0]
+    tape.replay()  # the zero-filled accumulator starts from zero again
+    assert out.tolist() == [40.0, 41.0, 40.0, 41.0]
+
+    def reads_the_host():
+        return x * 2 if bool((x > 0).all()) else x
+
+    with pytest.raises(T.Uncapturable, match="__bool__"):
+        T.record(reads_the_host, NATIVE)
+
+
+def test_a_step_that_cannot_be_recorded_runs_eagerly(tiny_ckpts, monkeypatch, caplog):
+    from dsv3.backends.cpu import tape as T
+
+    engine = dsv3.load(tiny_ckpts["v3ish"], backend="cpu", dtype="bf16")
+    want = engine.generate([[3, 4, 5]], max_new_tokens=5)
+
+    def refuse(fn, native):
+        raise T.Uncapturable("a host read")
+
+    monkeypatch.setattr(T, "record", refuse)
+    with caplog.at_level(logging.INFO, logger="dsv3"):
+        assert engine.generate([[3, 4, 5]], max_new_tokens=5) == want
+    assert "cannot be recorded (a host read)" in caplog.text
+    assert engine.last_stats.extra["decode_step"] == "static"

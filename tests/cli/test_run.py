@@ -25,6 +25,14 @@ def test_run_prints_text_and_tokens_per_second(demo_ckpt):
     assert "tok/s" in r.stderr and "prefill" in r.stderr and "decode" in r.stderr
 
 
+@pytest.mark.parametrize("weights", ["fp8", "bf16"])
+def test_run_cpu_weights(demo_ckpt, weights):
+    r = dsv3("--verbose", "run", demo_ckpt, "--backend", "cpu", "--cpu-weights", weights, "--prompt", "Hello",
+             "--max-new-tokens", "4")
+    assert r.exit_code == 0, r.output
+    assert ("fp8 weights: float8_e4m3fn" if weights == "fp8" else "dequantized at load") in r.stderr, r.stderr
+
+
 def test_run_greedy_is_deterministic(demo_ckpt):
     a = dsv3("run", demo_ckpt, "--prompt", "The quick brown fox", "--max-new-tokens", "12")
     b = dsv3("run", demo_ckpt, "--prompt", "The quick brown fox", "--max-new-tokens", "12")
@@ -122,6 +130,8 @@ def test_broken_checkpoints_give_one_line(breaker, demo_ckpt, tmp_path):
     (["--backend", "ascend"], "not usable here"),
     (["--max-new-tokens", "5000"], "exceeds the context"),
     (["--max-seq-len", "8", "--max-new-tokens", "4"], "exceeds the context"),
+    (["--cpu-weights", "fp8", "--dtype", "fp32"], "--dtype bf16"),
+    (["--backend", "reference", "--cpu-weights", "fp8"], "the option is the cpu backend's"),
 ])
 def test_bad_options_give_one_line(args, needle, demo_ckpt):
     r = dsv3("run", demo_ckpt, "--prompt", "a prompt that is longer than eight tokens for sure", *args)

@@ -1,24 +1,56 @@
-/* CPU kernels for decode (fewer than 16 rows): bf16 linear, the SwiGLU experts of a few tokens,
- * RMSNorm, interleaved rope, the group-limited gate and the absorbed MLA of one query, each in one
- * call with fp32 accumulation and one rounding to bf16. Built at first use by native.py (cc -O3
- * -march=native -fopenmp) and called through ctypes; ops.py holds the plain-torch twins the tests
- * compare against.
+/* CPU kernels for decode (fewer than 16 rows) and the FP8 weights the cpu backend keeps: linear layers,
+ * the SwiGLU experts of a few tokens, RMSNorm, interleaved rope, the group-limited gate and the absorbed
+ * MLA of one query, each in one call with fp32 accumulation and one rounding to bf16. Weights are bf16 or
+ * block-scaled FP8 (e4m3fn/fnuz bytes with one fp32 scale per 128x128 block), widened in registers. Built
+ * at first use by native.py, once per instruction set (see ISA below), and called through ctypes; ops.py
+ * holds the plain-torch twins the tests compare against.
  *
- * Why: at batch 1 a decode step reads every active weight once, so its speed is bytes over read
- * bandwidth, plus the cost of each op call. On CPUs without bf16 instructions torch's bf16 GEMV
- * reaches ~60% of the bandwidth (measured on AVX2: 18 of 30 GB/s); these loops widen bf16 to fp32
- * with one shift and keep four FMA chains in flight. The fused calls replace ~1200 small torch ops
- * per decode step of the 280M benchmark model.
+ * Why: at batch 1 a decode step reads every active weight once, so its speed is bytes over read bandwidth,
+ * plus the cost of each op call. Measured on a 2-core AVX-512/AMX Xeon: a GEMV over weights that are not in
+ * cache reads ~16-19 GB/s whichever vector width does the arithmetic (AVX2, AVX-512, or AVX512-BF16's dot
+ * products), so what matters is reading each byte once, as few bytes as possible (FP8 weights stay FP8:
+ * half the bytes of bf16) and few calls per step.
+ *
+ * ISA: compiled with -mavx512f -mavx512bw -mavx512vl (DSV3_AVX512), with -mavx2 -mfma -mf16c (DSV3_AVX2),
+ * or with neither (plain C, any CPU); native.py picks the widest this CPU runs and tests run every one the
+ * CPU can, so the AVX2 path is tested on AVX-512 machines too.
+ *
+ * FP8 widening: a byte s.eeee.mmm moved into an fp16 as s.0eeee.mmm0000000 is the byte's value divided by
+ * 2^8 (e4m3fn, exponent bias 7 vs fp16's 15) or 2^7 (e4m3fnuz, bias 8), subnormals included; the hardware
+ * fp16 -> fp32 conversion (F16C / AVX-512F) then widens 8 or 16 at once. `fmt` is that power of two (the
+ * caller derives it from torch's own cast, so this file knows no format). NaN bytes are refused at load
+ * (ops.py keeps such a weight dequantized), so the widening never meets one.
  */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define DSV3_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define DSV3_AVX2 1
 #endif
+
+#define QB 128 /* FP8 scale block, both dims */
+/* Weight rows are streamed from memory once per step. The hardware prefetcher alone keeps too few lines in
+ * flight for the FP8 loops (more arithmetic per byte): a GEMV over FP8 weights not in cache read 6 GB/s
+ * without, 12 GB/s with a prefetch this far ahead (the next rows: a thread's rows are contiguous). */
+#define PF_AHEAD 2048
+#define PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 3)
+
+const char *dsv3_isa(void) {
+#if defined(DSV3_AVX512)
+    return "avx512";
+#elif defined(DSV3_AVX2)
+    return "avx2";
+#else
+    return "generic";
+#endif
+}
 
 static float bf16_scalar(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -34,27 +66,87 @@ static uint16_t to_bf16(float f) { /* round to nearest even, as torch's fp32 -> 
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-#ifdef DSV3_AVX2
+/* an FP8 byte's value in units of fmt: its bits placed in an fp16 as described above, decoded */
+static float fp8_half(uint8_t b) {
+    int e = (b >> 3) & 0xF, m = b & 7;
+    float v = e ? ldexpf((float)(8 + m), e - 18) : ldexpf((float)m, -17);
+    return (b & 0x80) ? -v : v;
+}
+
+#if defined(DSV3_AVX512)
+static inline __m512 bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline __m512 fp8x16(const uint8_t *p) {
+    __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p)); /* sign copied into bits 8..15 */
+    h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16((short)0xBFFF));
+    return _mm512_cvtph_ps(h);
+}
+#elif defined(DSV3_AVX2)
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-
 static inline __m256 bf16x8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
+static inline __m256i fp8_halves(const uint8_t *p) { /* 16 bytes -> 16 fp16 */
+    __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16((short)0xBFFF));
+}
 #endif
 
-/* sum_k w[k] * x[k], w bf16, x fp32 */
+/* sum_k a[k] * b[k], fp32 */
+static float dot_f32(const float *a, const float *b, int64_t n) {
+    int64_t k = 0;
+    float s = 0.0f;
+#if defined(DSV3_AVX512) /* four chains: a row widened once is dotted with several tokens from L1 */
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; k + 64 <= n; k += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 16), _mm512_loadu_ps(b + k + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 32), _mm512_loadu_ps(b + k + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 48), _mm512_loadu_ps(b + k + 48), a3);
+    }
+    for (; k + 16 <= n; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), a0);
+    s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#elif defined(DSV3_AVX2)
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (; k + 32 <= n; k += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 16), _mm256_loadu_ps(b + k + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 24), _mm256_loadu_ps(b + k + 24), a3);
+    }
+    for (; k + 8 <= n; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), a0);
+    s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+    for (; k < n; k++) s += a[k] * b[k];
+    return s;
+}
+
+/* sum_k w[k] * x[k], w bf16, x fp32; independent chains, one would stall on the FMA latency */
 static float dot_bf16(const uint16_t *w, const float *x, int64_t n) {
     int64_t k = 0;
     float s = 0.0f;
-#ifdef DSV3_AVX2
-    /* four independent chains: one would stall on the FMA latency */
+#if defined(DSV3_AVX512)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; k + 64 <= n; k += 64) {
+        PREFETCH(w + k + PF_AHEAD);
+        PREFETCH(w + k + PF_AHEAD + 32);
+        a0 = _mm512_fmadd_ps(bf16x16(w + k), _mm512_loadu_ps(x + k), a0);
+        a1 = _mm512_fmadd_ps(bf16x16(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+        a2 = _mm512_fmadd_ps(bf16x16(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+        a3 = _mm512_fmadd_ps(bf16x16(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+    }
+    for (; k + 16 <= n; k += 16) a0 = _mm512_fmadd_ps(bf16x16(w + k), _mm512_loadu_ps(x + k), a0);
+    s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#elif defined(DSV3_AVX2)
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     for (; k + 32 <= n; k += 32) {
+        PREFETCH(w + k + PF_AHEAD);
         a0 = _mm256_fmadd_ps(bf16x8(w + k), _mm256_loadu_ps(x + k), a0);
         a1 = _mm256_fmadd_ps(bf16x8(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
         a2 = _mm256_fmadd_ps(bf16x8(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
@@ -67,91 +159,261 @@ static float dot_bf16(const uint16_t *w, const float *x, int64_t n) {
     return s;
 }
 
+/* sum_k fp8_half(w[k]) * s[k / 128] * x[k]: one FP8 weight row against fp32 x, in units of fmt. The block's
+ * sum is scaled once, in a vector register. */
+static float dot_fp8(const uint8_t *w, const float *x, const float *s, int64_t K) {
+    float tail = 0.0f;
+#if defined(DSV3_AVX512)
+    __m512 tot = _mm512_setzero_ps();
+#elif defined(DSV3_AVX2)
+    __m256 tot = _mm256_setzero_ps();
+#endif
+    for (int64_t k0 = 0; k0 < K; k0 += QB) {
+        const int64_t len = K - k0 < QB ? K - k0 : QB;
+        const uint8_t *wb = w + k0;
+        const float *xb = x + k0;
+        int64_t k = 0;
+        PREFETCH(wb + PF_AHEAD);
+        PREFETCH(wb + PF_AHEAD + 64);
+#if defined(DSV3_AVX512)
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (; k + 32 <= len; k += 32) {
+            a0 = _mm512_fmadd_ps(fp8x16(wb + k), _mm512_loadu_ps(xb + k), a0);
+            a1 = _mm512_fmadd_ps(fp8x16(wb + k + 16), _mm512_loadu_ps(xb + k + 16), a1);
+        }
+        for (; k + 16 <= len; k += 16) a0 = _mm512_fmadd_ps(fp8x16(wb + k), _mm512_loadu_ps(xb + k), a0);
+        tot = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(s[k0 / QB]), tot);
+#elif defined(DSV3_AVX2)
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (; k + 16 <= len; k += 16) {
+            __m256i h = fp8_halves(wb + k);
+            a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_loadu_ps(xb + k), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), _mm256_loadu_ps(xb + k + 8), a1);
+        }
+        tot = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(s[k0 / QB]), tot);
+#endif
+        float t = 0.0f;
+        for (; k < len; k++) t += fp8_half(wb[k]) * xb[k];
+        tail += t * s[k0 / QB];
+    }
+#if defined(DSV3_AVX512)
+    return _mm512_reduce_add_ps(tot) + tail;
+#elif defined(DSV3_AVX2)
+    return hsum(tot) + tail;
+#else
+    return tail;
+#endif
+}
+
+/* out[k] = the weight's value (fp32) for one FP8 row: fp8_half(w[k]) * fmt * s[k / 128] */
+static void widen_fp8(const uint8_t *w, const float *s, float fmt, int64_t K, float *out) {
+    for (int64_t k0 = 0; k0 < K; k0 += QB) {
+        const int64_t len = K - k0 < QB ? K - k0 : QB;
+        const float sc = s[k0 / QB] * fmt;
+        int64_t k = 0;
+        PREFETCH(w + k0 + PF_AHEAD);
+        PREFETCH(w + k0 + PF_AHEAD + 64);
+#if defined(DSV3_AVX512)
+        for (; k + 16 <= len; k += 16)
+            _mm512_storeu_ps(out + k0 + k, _mm512_mul_ps(fp8x16(w + k0 + k), _mm512_set1_ps(sc)));
+#elif defined(DSV3_AVX2)
+        for (; k + 16 <= len; k += 16) {
+            __m256i h = fp8_halves(w + k0 + k);
+            _mm256_storeu_ps(out + k0 + k, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_set1_ps(sc)));
+            _mm256_storeu_ps(out + k0 + k + 8,
+                             _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), _mm256_set1_ps(sc)));
+        }
+#endif
+        for (; k < len; k++) out[k0 + k] = fp8_half(w[k0 + k]) * sc;
+    }
+}
+
 static void widen(const uint16_t *x, float *xf, int64_t n) {
     for (int64_t k = 0; k < n; k++) xf[k] = bf16_scalar(x[k]);
 }
 
-/* y [M, N] bf16 = x [M, K] @ W [N, K]^T, all bf16, fp32 accumulation and one rounding (as torch's
- * F.linear). Each weight row is read from memory once for all M rows of x. xf: scratch of M * K floats. */
-void dsv3_linear_bf16(const uint16_t *x, const uint16_t *W, uint16_t *y, int64_t M, int64_t N, int64_t K, float *xf,
-                      int threads) {
-    widen(x, xf, M * K);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t m = 0; m < M; m++) y[m * N + n] = to_bf16(dot_bf16(W + n * K, xf + m * K, K));
+/* A weight matrix [rows, K]: bf16 (s == NULL) or FP8 bytes with block scales s [ceil(rows/128), ceil(K/128)] */
+typedef struct {
+    const void *w;
+    const float *s;
+    int64_t K;
+    float fmt;
+} Mat;
+
+/* expert e of a stack [E, rows, K] (+ scales [E, ceil(rows/128), ceil(K/128)]) */
+static Mat expert(const void *w, const float *s, int64_t e, int64_t rows, int64_t K, float fmt) {
+    Mat m = {NULL, NULL, K, fmt};
+    if (s == NULL) {
+        m.w = (const uint16_t *)w + e * rows * K;
+    } else {
+        m.w = (const uint8_t *)w + e * rows * K;
+        m.s = s + e * ((rows + QB - 1) / QB) * ((K + QB - 1) / QB);
+    }
+    return m;
 }
 
-/* Routed SwiGLU experts of T tokens, k each: y [T, D] bf16, y[t] = sum_j alpha[t, j] * W2_e (silu(W1_e x[t]) * W3_e x[t])
- * over the ids[t, j] held here (first <= id < first + count; e = id - first), fp32 throughout. w1/w3 [E, I, D] and
- * w2 [E, D, I] bf16, stacked (a dense MLP is E = 1, k = 1). scratch: D (x) + D (sum) + I (hidden) floats. */
-void dsv3_moe_bf16(const uint16_t *x, int64_t T, int64_t k, const int64_t *ids, const float *alpha, int64_t first,
-                   int64_t count, const uint16_t *w1, const uint16_t *w3, const uint16_t *w2, int64_t D, int64_t I,
-                   float *scratch, uint16_t *y, int threads) {
-    /* expert by expert: the rows (token, slot) routed to one expert read its weights once, so a step of a few
-     * tokens (a draft verification, a small batch) reads each expert it touches once, not once per token.
-     * scratch: xf [T*D] | acc [T*D] | h [T*k*I] | rows [T*k] int64, aligned, in the float buffer's tail */
-    float *xf = scratch, *acc = scratch + T * D, *h = scratch + 2 * T * D;
-    float *tail = h + T * k * I;
-    int64_t *rows = (int64_t *)(tail + (((uintptr_t)tail & 7) ? 1 : 0)); /* 8-byte aligned */
-    for (int64_t t = 0; t < T; t++) widen(x + t * D, xf + t * D, D);
-    for (int64_t i = 0; i < T * D; i++) acc[i] = 0.0f;
-    for (int64_t r0 = 0; r0 < T * k; r0++) {
-        int64_t e = ids[r0] - first;
-        if (e < 0 || e >= count) continue; /* another rank's expert */
-        int64_t n = 0, seen = 0;
-        for (int64_t r = 0; r < r0; r++) seen |= ids[r] == ids[r0];
-        if (seen) continue; /* done with an earlier row of the same expert */
-        for (int64_t r = r0; r < T * k; r++)
-            if (ids[r] == ids[r0]) rows[n++] = r;
-        const uint16_t *a = w1 + e * I * D, *c = w3 + e * I * D, *d = w2 + e * D * I;
+/* row r of m against fp32 x */
+static float row_dot(const Mat *m, int64_t r, const float *x) {
+    if (m->s == NULL) return dot_bf16((const uint16_t *)m->w + r * m->K, x, m->K);
+    const int64_t kb = (m->K + QB - 1) / QB;
+    return m->fmt * dot_fp8((const uint8_t *)m->w + r * m->K, x, m->s + (r / QB) * kb, m->K);
+}
+
+/* row r of m as fp32 (rows read by several tokens are widened once, then dotted with each) */
+static void row_widen(const Mat *m, int64_t r, float *out) {
+    if (m->s == NULL) {
+        widen((const uint16_t *)m->w + r * m->K, out, m->K);
+        return;
+    }
+    const int64_t kb = (m->K + QB - 1) / QB;
+    widen_fp8((const uint8_t *)m->w + r * m->K, m->s + (r / QB) * kb, m->fmt, m->K, out);
+}
+
+/* y [M, N] bf16 = x [M, K] @ W [N, K]^T (+ residual [M, N] bf16, added before the one rounding); W bf16 (s NULL)
+ * or FP8 (s its block scales). Each weight row is read from memory once for all M rows of x. */
+void dsv3_linear(const uint16_t *x, int64_t M, int64_t K, const void *w, const float *s, float fmt, int64_t N,
+                 const uint16_t *residual, uint16_t *y, int threads) {
+    const Mat m = {w, s, K, fmt};
+    float *xf = malloc((size_t)(M * K) * sizeof(float));
+    widen(x, xf, M * K);
 #pragma omp parallel num_threads(threads)
-        {
+    {
+        float *row = M > 1 ? malloc((size_t)K * sizeof(float)) : NULL;
 #pragma omp for schedule(static)
-            for (int64_t i = 0; i < I; i++)
-                for (int64_t m = 0; m < n; m++) {
-                    const float *xr = xf + (rows[m] / k) * D;
-                    float g = dot_bf16(a + i * D, xr, D), u = dot_bf16(c + i * D, xr, D);
-                    h[m * I + i] = g / (1.0f + expf(-g)) * u;
-                }
-#pragma omp for schedule(static)
-            for (int64_t i = 0; i < D; i++)
-                for (int64_t m = 0; m < n; m++)
-                    acc[(rows[m] / k) * D + i] += alpha[rows[m]] * dot_bf16(d + i * I, h + m * I, I);
+        for (int64_t n = 0; n < N; n++) {
+            if (M > 1) row_widen(&m, n, row);
+            for (int64_t i = 0; i < M; i++) {
+                float v = M > 1 ? dot_f32(row, xf + i * K, K) : row_dot(&m, n, xf);
+                if (residual) v += bf16_scalar(residual[i * N + n]);
+                y[i * N + n] = to_bf16(v);
+            }
         }
+        free(row);
+    }
+    free(xf);
+}
+
+/* Routed SwiGLU experts of T tokens, k each: y [T, D] bf16 = (residual +) sum_j alpha[t, j] * W2_e (silu(W1_e x[t]) *
+ * W3_e x[t]) over the ids[t, j] held here (first <= id < first + count; e = id - first), fp32 throughout. w1/w3
+ * [E, I, D] and w2 [E, D, I], bf16 or FP8 (s1/s3/s2 their block scales), stacked (a dense MLP is E = 1, every id 0).
+ * Expert-major: the rows routed to one expert read its weights once, so a step of a few tokens (a draft
+ * verification, a small batch) reads each expert it touches once, in one parallel region for all of them. */
+void dsv3_moe(const uint16_t *x, int64_t T, int64_t k, const int64_t *ids, const float *alpha, int64_t first,
+              int64_t count, const void *w1, const float *s1, const void *w3, const float *s3, const void *w2,
+              const float *s2, float fmt, int64_t D, int64_t I, const uint16_t *residual, uint16_t *y, int threads) {
+    float *scratch = malloc((size_t)(2 * T * D + T * k * I + 1) * sizeof(float));
+    int64_t *slots = malloc((size_t)(3 * T * k + 1) * sizeof(int64_t));
+    float *xf = scratch, *acc = scratch + T * D, *h = scratch + 2 * T * D;
+    int64_t *order = slots, *uexp = slots + T * k, *ustart = slots + 2 * T * k; /* rows grouped by expert */
+    int64_t nu = 0, p = 0;
+    widen(x, xf, T * D);
+    for (int64_t i = 0; i < T * D; i++) acc[i] = residual ? bf16_scalar(residual[i]) : 0.0f;
+    for (int64_t r0 = 0; r0 < T * k; r0++) {
+        int64_t e = ids[r0] - first, seen = 0;
+        if (e < 0 || e >= count) continue; /* another rank's expert */
+        for (int64_t r = 0; r < r0; r++) seen |= ids[r] == ids[r0];
+        if (seen) continue;
+        uexp[nu] = e;
+        ustart[nu++] = p;
+        for (int64_t r = r0; r < T * k; r++)
+            if (ids[r] == ids[r0]) order[p++] = r;
+    }
+    ustart[nu] = p;
+#pragma omp parallel num_threads(threads)
+    {
+        const int64_t wmax = D > I ? D : I;
+        float *r1 = malloc((size_t)wmax * sizeof(float)), *r3 = malloc((size_t)wmax * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < nu * I; q++) { /* gate and up: every (expert, hidden unit) */
+            const int64_t u = q / I, i = q % I, n = ustart[u + 1] - ustart[u];
+            const Mat a = expert(w1, s1, uexp[u], I, D, fmt), c = expert(w3, s3, uexp[u], I, D, fmt);
+            if (n > 1) {
+                row_widen(&a, i, r1);
+                row_widen(&c, i, r3);
+            }
+            for (int64_t j = ustart[u]; j < ustart[u + 1]; j++) {
+                const float *xr = xf + (order[j] / k) * D;
+                float g = n > 1 ? dot_f32(r1, xr, D) : row_dot(&a, i, xr);
+                float v = n > 1 ? dot_f32(r3, xr, D) : row_dot(&c, i, xr);
+                h[j * I + i] = g / (1.0f + expf(-g)) * v;
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t d = 0; d < D; d++) /* down, accumulated per output unit: no two threads share one */
+            for (int64_t u = 0; u < nu; u++) {
+                const int64_t n = ustart[u + 1] - ustart[u];
+                const Mat b = expert(w2, s2, uexp[u], D, I, fmt);
+                if (n > 1) row_widen(&b, d, r1);
+                for (int64_t j = ustart[u]; j < ustart[u + 1]; j++)
+                    acc[(order[j] / k) * D + d] += alpha[order[j]] * (n > 1 ? dot_f32(r1, h + j * I, I)
+                                                                             : row_dot(&b, d, h + j * I));
+            }
+        free(r1);
+        free(r3);
     }
     for (int64_t i = 0; i < T * D; i++) y[i] = to_bf16(acc[i]);
+    free(scratch);
+    free(slots);
 }
 
-/* RMSNorm of rows of D: y = x * rsqrt(mean(x^2) + eps) * w, fp32 inside, one rounding to bf16 */
-void dsv3_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t D, float eps) {
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *xr = x + r * D;
-        float ss = 0.0f;
-        for (int64_t k = 0; k < D; k++) {
-            float v = bf16_scalar(xr[k]);
-            ss += v * v;
-        }
-        float inv = 1.0f / sqrtf(ss / (float)D + eps);
-        for (int64_t k = 0; k < D; k++) y[r * D + k] = to_bf16(bf16_scalar(xr[k]) * inv * bf16_scalar(w[k]));
+/* one row of RMSNorm: y = x * rsqrt(mean(x^2) + eps) * w, fp32 inside (xf: D floats), one rounding to bf16 */
+static void rms_row(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t D, float eps, float *xf) {
+    widen(x, xf, D);
+    const float inv = 1.0f / sqrtf(dot_f32(xf, xf, D) / (float)D + eps);
+    for (int64_t k = 0; k < D; k++) y[k] = to_bf16(xf[k] * inv * bf16_scalar(w[k]));
+}
+
+/* RMSNorm of rows of D, rows in parallel (a prefill normalizes thousands: torch's bf16 rms_norm runs ~8 ops
+ * over each) */
+void dsv3_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t D, float eps,
+                        int threads) {
+#pragma omp parallel num_threads(rows >= 8 ? threads : 1)
+    {
+        float *xf = malloc((size_t)D * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) rms_row(x + r * D, w, y + r * D, D, eps, xf);
+        free(xf);
     }
+}
+
+/* interleaved rotation of one bf16 vector of D = 2P by cos/sin [P] */
+static void rope_vec(const uint16_t *x, const float *c, const float *s, uint16_t *y, int64_t P) {
+    for (int64_t i = 0; i < P; i++) {
+        float a = bf16_scalar(x[2 * i]), b = bf16_scalar(x[2 * i + 1]);
+        y[2 * i] = to_bf16(a * c[i] - b * s[i]);
+        y[2 * i + 1] = to_bf16(a * s[i] + b * c[i]);
+    }
+}
+
+/* A position step's MLA prologue (ops.py mla_latent, the interface's composition of it): token (b, s) goes to
+ * cache row rows[b] at position pos[b, s]: kv_cache[row, pos] = rms_norm(kv[b, s]) (weight w), pe_cache[row, pos]
+ * = rope(k_pe[b, s]), and q_out [B, S, H, R] = rope(q_pe). kv and k_pe rows are views of one projection (token
+ * stride kvs); q_pe has token stride qs and head stride qhs; caches [slots, T, C] / [slots, T, R] contiguous;
+ * cos/sin [B, S, R/2]. One call instead of ~6 torch ops per layer. */
+void dsv3_mla_latent(const uint16_t *q_pe, int64_t qs, int64_t qhs, const uint16_t *kv, const uint16_t *k_pe,
+                     int64_t kvs, const uint16_t *w, float eps, const float *cos_, const float *sin_, uint16_t *kv_cache,
+                     uint16_t *pe_cache, int64_t T, const int64_t *rows, const int64_t *pos, int64_t B, int64_t S,
+                     int64_t H, int64_t C, int64_t R, uint16_t *q_out) {
+    const int64_t P = R / 2;
+    float *xf = malloc((size_t)C * sizeof(float));
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t s = 0; s < S; s++) {
+            const int64_t t = b * S + s, row = rows[b], p = pos[t];
+            const float *c = cos_ + t * P, *sn = sin_ + t * P;
+            rms_row(kv + t * kvs, w, kv_cache + (row * T + p) * C, C, eps, xf);
+            rope_vec(k_pe + t * kvs, c, sn, pe_cache + (row * T + p) * R, P);
+            for (int64_t h = 0; h < H; h++) rope_vec(q_pe + t * qs + h * qhs, c, sn, q_out + (t * H + h) * R, P);
+        }
+    free(xf);
 }
 
 /* Interleaved rotary embedding of bf16 vectors x[t, h, 0:D] (token stride ts, head stride hs, unit dim
  * stride) by cos/sin [t, D/2] fp32; y is contiguous [t, h, D] bf16. */
 void dsv3_rope_bf16(const uint16_t *x, const float *cos_, const float *sin_, uint16_t *y, int64_t tokens,
                     int64_t heads, int64_t D, int64_t ts, int64_t hs) {
-    int64_t P = D / 2;
+    const int64_t P = D / 2;
     for (int64_t t = 0; t < tokens; t++)
-        for (int64_t h = 0; h < heads; h++) {
-            const uint16_t *xv = x + t * ts + h * hs;
-            uint16_t *yv = y + (t * heads + h) * D;
-            for (int64_t i = 0; i < P; i++) {
-                float a = bf16_scalar(xv[2 * i]), b = bf16_scalar(xv[2 * i + 1]);
-                float c = cos_[t * P + i], s = sin_[t * P + i];
-                yv[2 * i] = to_bf16(a * c - b * s);
-                yv[2 * i + 1] = to_bf16(a * s + b * c);
-            }
-        }
+        for (int64_t h = 0; h < heads; h++) rope_vec(x + t * ts + h * hs, cos_ + t * P, sin_ + t * P, y + (t * heads + h) * D, P);
 }
 
 /* index of the largest of v[0..n) not yet taken; ties go to the lowest index */
@@ -162,21 +424,24 @@ static int64_t argmax_free(const float *v, const unsigned char *taken, int64_t n
     return best;
 }
 
-/* The aux-loss-free, group-limited gate for rows of x [T, D] fp32 against weight [E, D] fp32 (see
- * ops.py moe_gate, its twin). sigmoid: 1 = sigmoid, 0 = softmax; group_score: 2 = top-2 sum, 1 = max,
- * 0 = none. Scratch: 3 * E floats + E + n_group bytes. */
-void dsv3_moe_gate(const float *x, const float *weight, const float *bias, int64_t T, int64_t D, int64_t E,
-                   int64_t top_k, int64_t n_group, int64_t topk_group, int sigmoid, int group_score, int norm,
-                   float route_scale, float *scratch, unsigned char *flags, float *out_w, int64_t *out_ids) {
+/* The aux-loss-free, group-limited gate for rows of x [T, D] (bf16 or fp32) against weight [E, D] fp32 (see
+ * the reference's moe_gate, its twin). sigmoid: 1 = sigmoid, 0 = softmax; group_score: 2 = top-2 sum, 1 = max,
+ * 0 = none. */
+void dsv3_moe_gate(const void *x, int x_bf16, const float *weight, const float *bias, int64_t T, int64_t D,
+                   int64_t E, int64_t top_k, int64_t n_group, int64_t topk_group, int sigmoid, int group_score, int norm,
+                   float route_scale, float *out_w, int64_t *out_ids) {
+    float *scratch = malloc((size_t)(3 * E + D) * sizeof(float)), *xw = scratch + 3 * E;
+    unsigned char *flags = malloc((size_t)(E + n_group));
     float *scores = scratch, *choice = scratch + E, *gs = scratch + 2 * E;
     unsigned char *taken = flags, *gkeep = flags + E;
     int64_t per = E / n_group;
     for (int64_t t = 0; t < T; t++) {
-        const float *xt = x + t * D;
+        const float *xt = xw; /* x is bf16 (widened here) or fp32 */
+        if (x_bf16) widen((const uint16_t *)x + t * D, xw, D);
+        else xt = (const float *)x + t * D;
         float mx = -INFINITY, sum = 0.0f;
         for (int64_t e = 0; e < E; e++) {
-            float acc = 0.0f;
-            for (int64_t k = 0; k < D; k++) acc += xt[k] * weight[e * D + k];
+            float acc = dot_f32(xt, weight + e * D, D);
             scores[e] = acc;
             if (acc > mx) mx = acc;
         }
@@ -219,17 +484,20 @@ void dsv3_moe_gate(const float *x, const float *weight, const float *bias, int64
             out_w[t * top_k + j] = w * route_scale;
         }
     }
+    free(scratch);
+    free(flags);
 }
 
 /* The absorbed MLA of one query per sequence, projections included: for sequence b and head h,
- * q_lat = q_nope[b, h] @ w_uk[h] (w_uk [H, N, C] fp32), attention over the latent cache p =
- * softmax(scale * (q_lat . kv[b, t] + q_pe[b, h] . pe[b, t])) over t < T and o = sum_t p[t] kv[b, t], then y[b, h] = o @ w_uv[h] (w_uv [H, C, V] fp32), rounded to bf16 [B, H, V].
- * q_nope and q_pe are bf16 with sequence strides qs/ps and head strides hs/phs. Scratch: B * H * (2 * C + T) floats. */
+ * q_lat = q_nope[b, h] @ w_uk[h] (w_uk [H, N, C]), attention over the latent cache p = softmax(scale * (q_lat .
+ * kv[b, t] + q_pe[b, h] . pe[b, t])) over t < T (or lens[b]) and o = sum_t p[t] kv[b, t], then y[b, h] = o @
+ * w_uv[h] (w_uv [H, C, V]), rounded to bf16 [B, H, V]. w_uk/w_uv are fp32 or bf16 (w_bf16). q_nope and q_pe are
+ * bf16 with sequence strides qs/ps and head strides hs/phs. */
 void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t hs, const uint16_t *q_pe, int64_t ps, int64_t phs,
-                       const float *w_uk,
-                       const float *w_uv, const uint16_t *kv, const uint16_t *pe, uint16_t *y, int64_t B, int64_t H,
-                       int64_t N, int64_t T, int64_t C, int64_t R, int64_t V, int64_t kvs, int64_t pes, float scale,
-                       const int64_t *lens, float *scratch, int threads) {
+                       const void *w_uk, const void *w_uv, int w_bf16, const uint16_t *kv, const uint16_t *pe,
+                       uint16_t *y, int64_t B, int64_t H, int64_t N, int64_t T, int64_t C, int64_t R, int64_t V,
+                       int64_t kvs, int64_t pes, float scale, const int64_t *lens, int threads) {
+    float *scratch = malloc((size_t)(B * H * (2 * C + T)) * sizeof(float));
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t bh = 0; bh < B * H; bh++) {
         int64_t b = bh / H, h = bh % H;
@@ -238,10 +506,15 @@ void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t hs, const uin
         const int64_t Tb = lens ? lens[b] : T; /* a row of a position step sees only its own prefix */
         float *ql = scratch + bh * (2 * C + T), *o = ql + C, *s = o + C, mx = -INFINITY, sum = 0.0f, qpf[256];
         for (int64_t c = 0; c < C; c++) ql[c] = o[c] = 0.0f;
-        for (int64_t n = 0; n < N; n++) {
-            float q = bf16_scalar(qn[n]);
-            const float *w = w_uk + (h * N + n) * C;
-            for (int64_t c = 0; c < C; c++) ql[c] += q * w[c];
+        for (int64_t n = 0; n < N; n++) { /* ql += q[n] * w_uk[h, n, :] */
+            const float q = bf16_scalar(qn[n]);
+            if (w_bf16) {
+                const uint16_t *w = (const uint16_t *)w_uk + (h * N + n) * C;
+                for (int64_t c = 0; c < C; c++) ql[c] += q * bf16_scalar(w[c]);
+            } else {
+                const float *w = (const float *)w_uk + (h * N + n) * C;
+                for (int64_t c = 0; c < C; c++) ql[c] += q * w[c];
+            }
         }
         for (int64_t r = 0; r < R && r < 256; r++) qpf[r] = bf16_scalar(qp[r]);
         for (int64_t t = 0; t < Tb; t++) {
@@ -262,13 +535,19 @@ void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t hs, const uin
         for (int64_t j0 = 0; j0 < V; j0 += 512) { /* V is the value head dim (128 in V3); chunked for any */
             int64_t len = V - j0 < 512 ? V - j0 : 512;
             for (int64_t j = 0; j < len; j++) out[j] = 0.0f;
-            for (int64_t c = 0; c < C; c++) {
-                const float *w = w_uv + (h * C + c) * V + j0;
-                for (int64_t j = 0; j < len; j++) out[j] += o[c] * w[j];
+            for (int64_t c = 0; c < C; c++) { /* out += o[c] * w_uv[h, c, :] */
+                if (w_bf16) {
+                    const uint16_t *w = (const uint16_t *)w_uv + (h * C + c) * V + j0;
+                    for (int64_t j = 0; j < len; j++) out[j] += o[c] * bf16_scalar(w[j]);
+                } else {
+                    const float *w = (const float *)w_uv + (h * C + c) * V + j0;
+                    for (int64_t j = 0; j < len; j++) out[j] += o[c] * w[j];
+                }
             }
             for (int64_t j = 0; j < len; j++) y[bh * V + j0 + j] = to_bf16(out[j]);
         }
     }
+    free(scratch);
 }
 
 /* FP8 block-scaled weight -> bf16 (out_bf16) or fp32: y = round(lut[w] * scale[block]), the fp32 product
@@ -301,4 +580,34 @@ void dsv3_dequant_fp8(const uint8_t *w, const float *lut, const float *scale, in
             }
         }
     }
+}
+
+/* FP8 weight [N, K] -> bf16 for a prefill GEMM: the value rounded once (as dsv3_dequant_fp8, without its NaN
+ * handling: this backend refuses NaN bytes at load), widened in vector registers rather than by a table */
+void dsv3_fp8_to_bf16(const uint8_t *w, const float *scale, float fmt, int64_t N, int64_t K, uint16_t *out,
+                      int threads) {
+    const int64_t kb = (K + QB - 1) / QB;
+#pragma omp parallel num_threads(threads)
+    {
+        float *row = malloc((size_t)K * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            widen_fp8(w + n * K, scale + (n / QB) * kb, fmt, K, row);
+            uint16_t *y = out + n * K;
+            for (int64_t k = 0; k < K; k++) { /* nearest even; branch-free so it vectorizes */
+                uint32_t u;
+                memcpy(&u, row + k, 4);
+                y[k] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+            }
+        }
+        free(row);
+    }
+}
+
+/* how many of n bytes equal a or b (an FP8 format's NaN codes: e4m3fn has two, e4m3fnuz one, passed twice) */
+int64_t dsv3_count_bytes(const uint8_t *w, int64_t n, int a, int b, int threads) {
+    int64_t c = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : c)
+    for (int64_t i = 0; i < n; i++) c += (w[i] == (uint8_t)a) | (w[i] == (uint8_t)b);
+    return c;
 }

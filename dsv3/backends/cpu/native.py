@@ -1,9 +1,10 @@
 """native.c, built at first use and called through ctypes: the cpu backend's decode kernels.
 
-The library is compiled once per (source, compiler, CPU flags) into the cache directory
-($DSV3_CACHE_DIR, else ~/.cache/dsv3) with the system C compiler. Where there is none, or
-DSV3_CPU_NATIVE=0, `load()` returns None and the cpu backend stays plain torch. The OpenMP
-runtime is torch's own libgomp (same soname, already loaded), so both share one thread pool and
+The library is compiled once per (source, compiler, instruction set, CPU) into the cache directory
+($DSV3_CACHE_DIR, else ~/.cache/dsv3) with the system C compiler, for the widest instruction set this CPU
+runs (ISAS: avx512, avx2, generic; DSV3_CPU_ISA picks another). Where there is no compiler, or
+DSV3_CPU_NATIVE=0, `load()` returns None and the cpu backend stays plain torch. The OpenMP runtime is
+torch's own libgomp (same soname, already loaded), so both share one thread pool and
 `torch.set_num_threads` governs both.
 """
 
@@ -27,7 +28,14 @@ from ...core.fp8 import BLOCK, is_fp8, scale_shape
 
 log = logging.getLogger("dsv3")
 SOURCE = Path(__file__).with_name("native.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+#: instruction sets native.c is built for, widest first: compiler flags and the /proc/cpuinfo flags they need
+ISAS = {
+    "avx512": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
+               {"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c"}),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
+    "generic": ([], set()),
+}
 
 
 def _cpu_flags() -> str:
@@ -40,21 +48,40 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def cpu_name() -> str:
+    """The CPU's model name (for benchmark tables), or the platform's word for it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def supported_isas() -> list[str]:
+    """The instruction sets of ISAS this CPU runs, widest first ("generic" always)."""
+    flags = set(_cpu_flags().split(":", 1)[-1].split())
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+    return [name for name, (_, need) in ISAS.items() if name == "generic" or (x86 and need <= flags)]
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("DSV3_CACHE_DIR") or Path.home() / ".cache" / "dsv3")
 
 
-def _build(cc: str) -> Path:
+def _build(cc: str, isa: str) -> Path:
     src = SOURCE.read_bytes()
+    flags = FLAGS + ISAS[isa][0]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(b"\0".join([src, version.encode(), _cpu_flags().encode(), " ".join(FLAGS).encode()])).hexdigest()
-    lib = _cache_dir() / f"native-{platform.machine()}-{key[:16]}.so"
+    key = hashlib.sha256(b"\0".join([src, version.encode(), _cpu_flags().encode(), " ".join(flags).encode()])).hexdigest()
+    lib = _cache_dir() / f"native-{platform.machine()}-{isa}-{key[:16]}.so"
     if lib.is_file():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # build aside, then rename: concurrent ranks are safe
         out = Path(tmp) / lib.name
-        run = subprocess.run([cc, *FLAGS, "-o", str(out), str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300)
+        run = subprocess.run([cc, *flags, "-o", str(out), str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300)
         if run.returncode != 0:
             raise RuntimeError(f"{cc} failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}")
         os.replace(out, lib)
@@ -62,50 +89,72 @@ def _build(cc: str) -> Path:
 
 
 class Native:
-    """Typed wrappers over the library's functions. Tensors must be contiguous and on the CPU."""
+    """Typed wrappers over the library's functions. Tensors must be contiguous and on the CPU.
+
+    Weights are bf16, or FP8 (e4m3fn/fnuz) with their fp32 block scales [ceil(N/128), ceil(K/128)] (per expert
+    for stacks): `scale=None` means bf16."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path):
         self.lib, self.path = lib, path
         p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
         sigs = {
-            "dsv3_linear_bf16": [p, p, p, i64, i64, i64, p, i32],
-            "dsv3_moe_bf16": [p, i64, i64, p, p, i64, i64, p, p, p, i64, i64, p, p, i32],
-            "dsv3_rms_norm_bf16": [p, p, p, i64, i64, f32],
+            "dsv3_linear": [p, i64, i64, p, p, f32, i64, p, p, i32],
+            "dsv3_moe": [p, i64, i64, p, p, i64, i64, p, p, p, p, p, p, f32, i64, i64, p, p, i32],
+            "dsv3_rms_norm_bf16": [p, p, p, i64, i64, f32, i32],
             "dsv3_rope_bf16": [p, p, p, p, i64, i64, i64, i64, i64],
-            "dsv3_moe_gate": [p, p, p, i64, i64, i64, i64, i64, i64, i32, i32, i32, f32, p, p, p, p],
-            "dsv3_mla_absorbed": [p, i64, i64, p, i64, i64, p, p, p, p, p] + [i64] * 9 + [f32, p, p, i32],
+            "dsv3_mla_latent": [p, i64, i64, p, p, i64, p, f32, p, p, p, p, i64, p, p] + [i64] * 5 + [p],
+            "dsv3_moe_gate": [p, i32, p, p, i64, i64, i64, i64, i64, i64, i32, i32, i32, f32, p, p],
+            "dsv3_mla_absorbed": [p, i64, i64, p, i64, i64, p, p, i32, p, p, p] + [i64] * 9 + [f32, p, i32],
             "dsv3_dequant_fp8": [p, p, p, i64, i64, i64, i32, p, i32],
+            "dsv3_fp8_to_bf16": [p, p, f32, i64, i64, p, i32],
         }
         for name, args in sigs.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
+        lib.dsv3_count_bytes.argtypes, lib.dsv3_count_bytes.restype = [p, i64, i32, i32, i32], i64
+        lib.dsv3_isa.argtypes, lib.dsv3_isa.restype = [], ctypes.c_char_p
+        #: the instruction set this build's vector loops use: "avx512", "avx2" or "generic"
+        self.isa = lib.dsv3_isa().decode()
 
-    def linear_bf16(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x [M, K] @ weight [N, K]ᵀ -> [M, N], all bf16 (fp32 accumulation, one rounding)."""
+    @staticmethod
+    def _w(weight: torch.Tensor, scale: torch.Tensor | None) -> tuple[int, int | None, float]:
+        """(weight pointer, scale pointer or None, fmt) for the C side's Mat."""
+        if scale is None:
+            return weight.data_ptr(), None, 0.0
+        return weight.data_ptr(), scale.data_ptr(), fp8_unit(weight.dtype)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] bf16 @ weight [N, K]ᵀ (+ residual [M, N] bf16) -> [M, N] bf16 (fp32 accumulation, one rounding)."""
         M, K = x.shape
-        y, scratch = torch.empty(M, weight.shape[0], dtype=torch.bfloat16), torch.empty(M * K)
-        self.lib.dsv3_linear_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), M, weight.shape[0], K,
-                                  scratch.data_ptr(), torch.get_num_threads())
+        N = weight.shape[0]
+        y = torch.empty(M, N, dtype=torch.bfloat16)
+        self.lib.dsv3_linear(x.data_ptr(), M, K, *self._w(weight, scale), N,
+                             None if residual is None else residual.data_ptr(), y.data_ptr(), torch.get_num_threads())
         return y
 
-    def moe_bf16(self, x: torch.Tensor, ids: torch.Tensor, alpha: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
-                 w2: torch.Tensor, first: int = 0) -> torch.Tensor:
+    def moe(self, x: torch.Tensor, ids: torch.Tensor, alpha: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+            w2: torch.Tensor, s1: torch.Tensor | None = None, s3: torch.Tensor | None = None,
+            s2: torch.Tensor | None = None, first: int = 0, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, D] bf16, ids [T, k] int64 (global; those outside first .. first + E - 1 are skipped), alpha [T, k]
-        fp32, w1/w3 [E, I, D], w2 [E, D, I] bf16 -> [T, D] bf16 = Σ_j alpha · SwiGLU expert, fp32 inside."""
+        fp32, w1/w3 [E, I, D], w2 [E, D, I] bf16 or FP8 (+ scales) -> [T, D] bf16 = (residual +) Σ_j alpha · SwiGLU
+        expert, fp32 inside. A dense MLP is E = 1 (2-D weights), every id 0."""
         (T, D), k, I = x.shape, ids.shape[1], w1.shape[-2]
-        # xf and acc [T, D], h [T·k, I], then T·k int64 row indices (two floats each, 8-byte aligned)
-        y, scratch = torch.empty(T, D, dtype=torch.bfloat16), torch.empty(2 * T * D + T * k * I + 2 * T * k + 1)
+        y = torch.empty(T, D, dtype=torch.bfloat16)
         E = w1.shape[0] if w1.dim() == 3 else 1
-        self.lib.dsv3_moe_bf16(x.data_ptr(), T, k, ids.data_ptr(), alpha.data_ptr(), first, E, w1.data_ptr(),
-                               w3.data_ptr(), w2.data_ptr(), D, I, scratch.data_ptr(), y.data_ptr(),
-                               torch.get_num_threads())
+        p1, q1, fmt = self._w(w1, s1)
+        p3, q3, _ = self._w(w3, s3)
+        p2, q2, _ = self._w(w2, s2)
+        self.lib.dsv3_moe(x.data_ptr(), T, k, ids.data_ptr(), alpha.data_ptr(), first, E, p1, q1, p3, q3, p2, q2, fmt,
+                          D, I, None if residual is None else residual.data_ptr(), y.data_ptr(), torch.get_num_threads())
         return y
 
     def rms_norm_bf16(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x [..., D] bf16 contiguous, weight [D] bf16 -> [..., D] bf16."""
         y = torch.empty_like(x)
         D = x.shape[-1]
-        self.lib.dsv3_rms_norm_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // D, D, eps)
+        self.lib.dsv3_rms_norm_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // D, D, eps,
+                                    torch.get_num_threads())
         return y
 
     def rope_bf16(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -116,30 +165,44 @@ class Native:
                                 x.stride(1), x.stride(2))
         return y
 
+    def mla_latent(self, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, weight: torch.Tensor, eps: float,
+                   cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
+                   rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Kernels.mla_latent in one call. q_pe [B, S, H, R], kv [B, S, C] and k_pe [B, S, R] bf16 views with unit last
+        strides, (b, s) rows at one token stride (kv's and k_pe's the same); weight [C] bf16; cos/sin [B, S, R/2] fp32
+        contiguous; caches [slots, T, C] / [slots, T, R] bf16 contiguous; rows [B] and pos [B, S] int64 contiguous."""
+        B, S, H, R = q_pe.shape
+        q = torch.empty(B, S, H, R, dtype=torch.bfloat16)
+        self.lib.dsv3_mla_latent(q_pe.data_ptr(), q_pe.stride(1), q_pe.stride(2), kv.data_ptr(), k_pe.data_ptr(),
+                                 kv.stride(1), weight.data_ptr(), eps, cos.data_ptr(), sin.data_ptr(), kv_cache.data_ptr(),
+                                 pe_cache.data_ptr(), kv_cache.shape[1], rows.data_ptr(), pos.data_ptr(), B, S, H,
+                                 kv.shape[-1], R, q.data_ptr())
+        return q
+
     def moe_gate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int,
                  topk_group: int, sigmoid: bool, group_score: int, norm: bool, route_scale: float):
-        """x [T, D] fp32, weight [E, D] fp32, bias [E] fp32 or None -> (weights [T, k] fp32, ids [T, k] int64)."""
+        """x [T, D] bf16 or fp32, weight [E, D] fp32, bias [E] fp32 or None -> (weights [T, k] fp32, ids [T, k] int64)."""
         T, D = x.shape
         E = weight.shape[0]
-        scratch, flags = torch.empty(3 * E), torch.empty(E + n_group, dtype=torch.uint8)
         w, ids = torch.empty(T, top_k), torch.empty(T, top_k, dtype=torch.int64)
-        self.lib.dsv3_moe_gate(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), T, D, E,
-                               top_k, n_group, topk_group, int(sigmoid), group_score, int(norm), route_scale,
-                               scratch.data_ptr(), flags.data_ptr(), w.data_ptr(), ids.data_ptr())
+        self.lib.dsv3_moe_gate(x.data_ptr(), int(x.dtype == torch.bfloat16), weight.data_ptr(),
+                               None if bias is None else bias.data_ptr(), T, D, E, top_k, n_group, topk_group,
+                               int(sigmoid), group_score, int(norm), route_scale, w.data_ptr(), ids.data_ptr())
         return w, ids
 
     def mla_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor,
                      kv: torch.Tensor, pe: torch.Tensor, scale: float, lens: torch.Tensor | None = None) -> torch.Tensor:
         """One query per sequence: q_nope [B, H, N], q_pe [B, H, R] bf16 (unit last strides); w_uk [H, N, C],
-        w_uv [H, C, V] fp32 contiguous; kv [B, T, C], pe [B, T, R] bf16 with unit rows -> [B, H, V] bf16.
+        w_uv [H, C, V] fp32 or bf16 (both the same), contiguous; kv [B, T, C], pe [B, T, R] bf16 with unit rows -> [B, H, V] bf16.
         lens [B] int64 contiguous (each <= T): row b attends to its first lens[b] keys only; None: all T."""
         B, H, N = q_nope.shape
         T, C, R, V = kv.shape[1], kv.shape[2], pe.shape[2], w_uv.shape[2]
-        y, scratch = torch.empty(B, H, V, dtype=torch.bfloat16), torch.empty(B * H * (2 * C + T))
+        y = torch.empty(B, H, V, dtype=torch.bfloat16)
         self.lib.dsv3_mla_absorbed(q_nope.data_ptr(), q_nope.stride(0), q_nope.stride(1), q_pe.data_ptr(), q_pe.stride(0),
-                                   q_pe.stride(1), w_uk.data_ptr(), w_uv.data_ptr(), kv.data_ptr(), pe.data_ptr(), y.data_ptr(),
+                                   q_pe.stride(1), w_uk.data_ptr(), w_uv.data_ptr(), int(w_uk.dtype == torch.bfloat16),
+                                   kv.data_ptr(), pe.data_ptr(), y.data_ptr(),
                                    B, H, N, T, C, R, V, kv.stride(0), pe.stride(0), scale,
-                                   None if lens is None else lens.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+                                   None if lens is None else lens.data_ptr(), torch.get_num_threads())
         return y
 
     def dequant_fp8(self, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -152,11 +215,34 @@ class Native:
                                   int(dtype == torch.bfloat16), y.data_ptr(), torch.get_num_threads())
         return y
 
+    def fp8_to_bf16(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """An FP8 weight [N, K] without NaN bytes (see count_nan) -> bf16, as dequant_fp8 (same bits), vectorized."""
+        N, K = weight.shape
+        y = torch.empty(N, K, dtype=torch.bfloat16)
+        self.lib.dsv3_fp8_to_bf16(weight.data_ptr(), scale.data_ptr(), fp8_unit(weight.dtype), N, K, y.data_ptr(),
+                                  torch.get_num_threads())
+        return y
+
+    def count_nan(self, weight: torch.Tensor) -> int:
+        """How many bytes of a contiguous FP8 tensor are NaN codes."""
+        codes = [int(b) for b in torch.nonzero(_byte_values(weight.dtype).isnan()).flatten()]
+        a, b = (codes + codes)[:2] if codes else (0, 0)
+        if not codes:
+            return 0
+        return self.lib.dsv3_count_bytes(weight.data_ptr(), weight.numel(), a, b, torch.get_num_threads())
+
 
 @lru_cache(maxsize=4)
 def _byte_values(fp8_dtype: torch.dtype) -> torch.Tensor:
     """The 256 values of an FP8 format as fp32, from torch's own cast (so the C side knows no format)."""
     return torch.arange(256, dtype=torch.uint8).view(fp8_dtype).float()
+
+
+@lru_cache(maxsize=4)
+def fp8_unit(fp8_dtype: torch.dtype) -> float:
+    """native.c's fmt for an FP8 format: the value of one unit of a byte's bits placed in an fp16 (2^8 for
+    e4m3fn, 2^7 for e4m3fnuz). Byte 0x38 (exponent field 7, mantissa 0) is 2^-8 there."""
+    return float(_byte_values(fp8_dtype)[0x38]) * 2.0 ** 8
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -168,17 +254,30 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     return lib.dequant_fp8(weight.contiguous(), scale.float().contiguous(), dtype)
 
 
-@lru_cache(maxsize=1)
-def load() -> Native | None:
-    """The built library, or None (logged once, with the reason) where it cannot be had."""
+def load(isa: str | None = None) -> Native | None:
+    """The library built for `isa` (default: $DSV3_CPU_ISA, else the widest this CPU runs), or None (logged once,
+    with the reason) where it cannot be had."""
     if os.environ.get("DSV3_CPU_NATIVE", "1") == "0":
         return None
+    isas = supported_isas()
+    want = isa or os.environ.get("DSV3_CPU_ISA") or isas[0]
+    if want not in isas:
+        if isa is not None:
+            raise ValueError(f"instruction set {isa!r} is not one this CPU runs; it runs {', '.join(isas)}")
+        log.warning("DSV3_CPU_ISA=%s: not one of the instruction sets this CPU runs (%s); using %s", want,
+                    ", ".join(isas), isas[0])
+        want = isas[0]
+    return _load(want)
+
+
+@lru_cache(maxsize=None)
+def _load(isa: str) -> Native | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         log.info("cpu backend: no C compiler found; decode runs on plain torch (slower)")
         return None
     try:
-        path = _build(cc)
+        path = _build(cc, isa)
         return Native(ctypes.CDLL(str(path)), path)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("cpu backend: native kernels unavailable (%s); decode runs on plain torch (slower)", e)

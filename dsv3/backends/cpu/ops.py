@@ -1,19 +1,31 @@
 """The cpu backend: the plain-torch reference plus CPU speed rules, tested against the reference.
 
-What it adds: the C kernels of native.c for decode-sized work (fewer than UPCAST_ROWS rows) and
-the FP8 dequant at load, fp32 GEMMs for bf16 prefill on CPUs without bf16 instructions, and a
-rope rotation derived once per step. Without a C compiler (or with DSV3_CPU_NATIVE=0) every op
-that has no dtype rule is the reference's.
+What it adds: the C kernels of native.c for decode-sized work (fewer than UPCAST_ROWS rows), FP8
+weights kept as FP8 (`weights="fp8"`, the default where the C kernels run a bf16 model: half the
+memory and half the bytes per token of bf16) or dequantized at load ("bf16"), torch's own GEMMs
+(oneDNN, AMX where the CPU has it) for prefill with FP8 weights widened per call, fp32 GEMMs for bf16
+prefill on CPUs without bf16 instructions, flash attention (SDPA) for prefill, and a rope rotation
+derived once per step. Without a C compiler (or with DSV3_CPU_NATIVE=0) every op that has no dtype
+rule is the reference's and FP8 weights are dequantized at load.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
+from ...core.errors import CheckpointError, DsvError
+from ...core.fp8 import is_fp8, scale_shape
 from ...core.kernels import ExpertWeights, GateParams
 from ..reference import ReferenceKernels
 from . import native as native_lib
+from . import tape as tape_lib
+
+log = logging.getLogger("dsv3")
+#: what FP8 checkpoint weights become in memory on this backend
+WEIGHT_MODES = ("auto", "fp8", "bf16")
 
 
 def _native_bf16() -> bool:
@@ -24,8 +36,12 @@ def _native_bf16() -> bool:
 
 #: from this many rows, a bf16 GEMM on a CPU without bf16 instructions is faster done in fp32
 #: (there it runs row by row; converting the weight costs about 12 rows' worth, measured on AVX2).
-#: Below it, bf16 products are GEMVs: memory-bound, and the native kernels' job.
+#: Below it, products are GEMVs: memory-bound, and the native kernels' job.
 UPCAST_ROWS = 16
+#: up to this many (token, expert) routes the C kernel runs the routed experts (each expert's weights read once,
+#: its rows dotted in registers); beyond, one GEMM per expert through torch. Measured on 32 experts of 256 x 1024,
+#: FP8, AVX-512/AMX: 128 tokens x top-4 take 11 ms in C vs 18-23 ms as 32 torch GEMMs; 512 tokens 61 vs 31 ms.
+NATIVE_MOE_ROUTES = 512
 
 
 class CpuKernels(ReferenceKernels):
@@ -33,20 +49,75 @@ class CpuKernels(ReferenceKernels):
     device_type = "cpu"
     fp8_dtype = None
     dist_backend = "gloo"
+    fp8_split_dequantizes = True
 
-    def __init__(self, device=None):
+    def __init__(self, device=None, weights: str = "auto", isa: str | None = None):
         super().__init__(device)
+        if weights not in WEIGHT_MODES:
+            raise DsvError(f"cpu weights {weights!r}: expected one of {', '.join(WEIGHT_MODES)}")
         self.native_bf16 = _native_bf16()
-        self.native = native_lib.load() if self.device.type == "cpu" else None
-        self._one = (torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1))  # (ids, alpha) of a lone MLP
+        self.native = native_lib.load(isa) if self.device.type == "cpu" else None
+        #: "fp8": FP8 checkpoint weights stay FP8 (C kernels widen them); "bf16": dequantized at load; "auto": fp8
+        #: where it can (a bf16 model with the C kernels built), else bf16
+        self.weights = weights
+        self._one = (torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1))  # (ids, alpha): an MLP is one expert
+        self.model_dtype: torch.dtype | None = None  # seen at load (prepare_linear): the step is recorded for bf16
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
-        decode = ("decode through its C kernels" if native_lib.load() is not None else
-                  "decode in plain torch (C kernels off: no compiler, build failed or DSV3_CPU_NATIVE=0)")
-        return True, f"always usable (BF16 or FP32, FP8 weights dequantized at load); {decode}"
+        lib = native_lib.load()
+        decode = (f"FP8 weights kept as FP8, decode through its C kernels ({lib.isa})" if lib is not None else
+                  "FP8 weights dequantized at load, decode in plain torch (C kernels off: no compiler, build failed "
+                  "or DSV3_CPU_NATIVE=0)")
+        return True, f"always usable (BF16 or FP32); {decode}"
+
+    def describe(self) -> str:
+        fp8 = str(self.fp8_dtype).replace("torch.", "") if self.fp8_dtype else "none (dequantized at load)"
+        isa = f"C kernels: {self.native.isa}" if self.native is not None else "no C kernels"
+        return f"{self.name} on {self.device}, fp8 weights: {fp8}, {isa}"
+
+    # ---- the recorded decode step ------------------------------------------------------------
+    def capture_unavailable(self) -> str | None:
+        if self.native is None or self.device.type != "cpu" or self.model_dtype != torch.bfloat16:
+            return ("the cpu backend records and replays the decode step only for bf16 models on its C kernels; this "
+                    "one runs each step eagerly (no graph capture)")
+        return None
+
+    def capture(self, fn):
+        """The decode step recorded once and replayed (tape.py): its C calls and computing torch ops in order, none of
+        the Python around them. None (the caller runs it eagerly) where the step reads a tensor on the host."""
+        if self.capture_unavailable() is not None:
+            return None
+        fn()  # a warm-up: what the first step makes lazily (the absorbed projections) exists before the recording
+        try:
+            tape, out = tape_lib.record(fn, self.native)
+        except tape_lib.Uncapturable as e:
+            log.info("cpu: the decode step cannot be recorded (%s); it runs eagerly", e)
+            return None
+        return tape.replay, out
 
     # ---- load time ----------------------------------------------------------------------
+    def keeps_fp8(self, dtype: torch.dtype) -> bool:
+        """Do FP8 checkpoint weights stay FP8 for a model in `dtype`? (the C kernels take bf16 activations)"""
+        able = self.native is not None and dtype == torch.bfloat16 and self.device.type == "cpu"
+        if self.weights == "fp8" and not able:
+            why = "the C kernels did not build here" if self.native is None else f"the model runs in {dtype}"
+            raise DsvError(f"cpu weights fp8: {why}; FP8-resident weights need the C kernels and --dtype bf16 "
+                           "(or use --cpu-weights bf16)")
+        return able and self.weights != "bf16"
+
+    def prepare_linear(self, weight, scale, dtype):
+        self.model_dtype = dtype
+        if (scale is not None and is_fp8(weight.dtype) and self.keeps_fp8(dtype)
+                and tuple(scale.shape) == scale_shape(weight.shape)):
+            w = weight.contiguous()
+            if nan := self.native.count_nan(w):
+                raise CheckpointError(f"an FP8 weight {list(weight.shape)} holds {nan} NaN values: the checkpoint is "
+                                      "corrupt (check it with `dsv3 convert verify CKPT`)")
+            self.fp8_dtype = weight.dtype
+            return w, scale.float().contiguous()
+        return super().prepare_linear(weight, scale, dtype)
+
     def weight_dequant(self, weight, scale, dtype):
         if scale is not None and self.native is not None and weight.device.type == "cpu":
             return native_lib.dequantize(weight, scale, dtype)  # the same bits in one C pass (~6x torch's cast)
@@ -57,35 +128,64 @@ class CpuKernels(ReferenceKernels):
         return dtype == torch.bfloat16 and self.device.type == "cpu" and not self.native_bf16
 
     def absorb_dtype(self, dtype):
-        # a bf16 bmm of one query row per head runs ~9x slower than fp32 on such CPUs
+        # a bf16 bmm of one query row per head runs ~9x slower than fp32 on such CPUs (the C kernel takes both)
         return torch.float32 if self.slow_bf16(dtype) else dtype
 
-    # ---- ops ----------------------------------------------------------------------------
-    def linear(self, x, weight, scale=None):
-        if scale is not None:  # not on this backend (FP8 is dequantized at load): the reference's way
-            return super().linear(x, weight, scale)
-        rows = x.numel() // x.shape[-1]
-        if rows < UPCAST_ROWS and self._native_ok(x, weight):
-            # fp32 accumulation and one rounding to bf16, as F.linear; ~1.5x its bandwidth
-            return self.native.linear_bf16(x.reshape(rows, -1).contiguous(), weight).view(*x.shape[:-1], weight.shape[0])
-        if self.slow_bf16(x.dtype) and rows >= UPCAST_ROWS:
-            # same result (fp32 accumulation, one rounding to bf16), ~8x faster on AVX2 for prefill
-            return F.linear(x.float(), weight.float()).to(x.dtype)
-        return F.linear(x, weight)
+    def _dense(self, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """A weight as a dense matrix in dtype for a prefill GEMM (FP8 widened now, dropped after the call)."""
+        if scale is None:
+            return weight
+        if dtype == torch.bfloat16 and self.native is not None and weight.dim() == 2:
+            return self.native.fp8_to_bf16(weight, scale)
+        return self.weight_dequant(weight, scale, dtype)
 
+    # ---- ops ----------------------------------------------------------------------------
     def _native_ok(self, x, *weights) -> bool:
-        return (self.native is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu"
-                and all(w.dtype == torch.bfloat16 and w.is_contiguous() for w in weights))
+        """x bf16 and every weight bf16 or (kept) FP8, contiguous, on the CPU, with the C kernels built."""
+        if self.native is None or x.dtype != torch.bfloat16 or x.device.type != "cpu":
+            return False
+        for w in weights:
+            if (w.dtype != torch.bfloat16 and w.dtype != self.fp8_dtype) or not w.is_contiguous():
+                return False
+        return True
+
+    def _decode_rows(self, x) -> int:
+        rows = x.numel() // x.shape[-1]
+        return rows if rows < UPCAST_ROWS else 0
+
+    def linear(self, x, weight, scale=None):
+        return self._linear(x, weight, scale, None)
+
+    def linear_add(self, x, weight, scale, residual):
+        return self._linear(x, weight, scale, residual)
+
+    def _linear(self, x, weight, scale, residual):
+        rows = self._decode_rows(x)
+        if rows and self._native_ok(x, weight) and (residual is None or residual.dtype == torch.bfloat16):
+            # fp32 accumulation and one rounding to bf16 (residual added before it); the weight read once
+            y = self.native.linear(x.reshape(rows, -1).contiguous(), weight, scale,
+                                   None if residual is None else residual.reshape(rows, -1).contiguous())
+            return y.view(*x.shape[:-1], weight.shape[0])
+        w = self._dense(weight, scale, x.dtype)
+        if self.slow_bf16(x.dtype) and not rows:
+            # same result (fp32 accumulation, one rounding to bf16), ~8x faster on AVX2 for prefill
+            y = F.linear(x.float(), w.float()).to(x.dtype)
+        else:
+            y = F.linear(x, w.to(x.dtype))
+        return y if residual is None else residual + y
 
     def mlp(self, x, w1, w2, w3, s1=None, s2=None, s3=None, residual=None):
-        if x.numel() == x.shape[-1] and s1 is None and self._native_ok(x, w1, w2, w3):
-            y = self.native.moe_bf16(x.reshape(1, -1).contiguous(), *self._one, w1, w3, w2).view(x.shape)  # one expert
-            return y if residual is None else residual + y
+        rows = self._decode_rows(x)
+        if rows and self._native_ok(x, w1, w2, w3) and (residual is None or residual.dtype == torch.bfloat16):
+            ids, alpha = self._one if rows == 1 else (torch.zeros(rows, 1, dtype=torch.int64), torch.ones(rows, 1))
+            y = self.native.moe(x.reshape(rows, -1).contiguous(), ids, alpha, w1, w3, w2, s1, s3, s2,
+                                residual=None if residual is None else residual.reshape(rows, -1).contiguous())
+            return y.view(x.shape)
         return super().mlp(x, w1, w2, w3, s1, s2, s3, residual)
 
     def rms_norm(self, x, weight, eps):
-        if x.numel() < UPCAST_ROWS * x.shape[-1] and x.is_contiguous() and self._native_ok(x, weight):
-            return self.native.rms_norm_bf16(x, weight, eps)  # F.rms_norm runs ~8 ops on a bf16 row
+        if x.is_contiguous() and self._native_ok(x, weight):
+            return self.native.rms_norm_bf16(x, weight, eps)  # F.rms_norm runs ~8 ops over a bf16 row
         return super().rms_norm(x, weight, eps)
 
     def rope(self, x, cos, sin):
@@ -97,19 +197,48 @@ class CpuKernels(ReferenceKernels):
         rot = self.step_table("rotation", (cos, sin), lambda: torch.complex(cos, sin)[:, :, None, :])  # [B, S, 1, D/2]
         return torch.view_as_real(z * rot).flatten(-2).to(x.dtype)
 
+    def mla_latent(self, q_pe, kv, k_pe, norm_weight, eps, cos, sin, kv_cache, pe_cache, rows, pos):
+        B, S = kv.shape[:2]
+        bf16 = torch.bfloat16
+        if (self.native is not None and B * S < UPCAST_ROWS and q_pe.dtype == kv.dtype == k_pe.dtype == bf16
+                and norm_weight.dtype == kv_cache.dtype == pe_cache.dtype == bf16 and q_pe.device.type == "cpu"
+                and q_pe.stride(-1) == kv.stride(-1) == k_pe.stride(-1) == 1 and kv.stride(1) == k_pe.stride(1)
+                and kv.stride(0) == S * kv.stride(1) and k_pe.stride(0) == S * k_pe.stride(1)
+                and q_pe.stride(0) == S * q_pe.stride(1) and norm_weight.is_contiguous()
+                and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
+                and kv_cache.is_contiguous() and pe_cache.is_contiguous() and rows.numel() == B
+                and rows.dtype == pos.dtype == torch.int64):
+            return self.native.mla_latent(q_pe, kv, k_pe, norm_weight, eps, cos, sin, kv_cache, pe_cache,
+                                          rows.reshape(B).contiguous(), pos.contiguous())
+        return super().mla_latent(q_pe, kv, k_pe, norm_weight, eps, cos, sin, kv_cache, pe_cache, rows, pos)
+
+    def attention(self, q, k, v, scale, mask):
+        """Prefill attention through torch's flash kernel (fp32 accumulation and softmax, as the reference). Its
+        fast path wants equal q/k and v head dims, so v is zero-padded to q's and the padding sliced off."""
+        if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float32) or v.shape[-1] > q.shape[-1]:
+            return super().attention(q, k, v, scale, mask)
+        dv = v.shape[-1]
+        if dv < q.shape[-1]:
+            v = F.pad(v, (0, q.shape[-1] - dv))
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, H, S, D]
+                                           attn_mask=None if mask is None else mask[:, None], scale=scale)
+        return o.transpose(1, 2)[..., :dv]  # [B, S, H, Dv]
+
     def mla_absorbed(self, q_nope, q_pe, w_uk, w_uv, kv, pe, scale, mask):
         B, S, H, N = q_nope.shape
         step = self.current_step
         positioned = step is not None and mask is not None and mask is step.mask and step.write_pos is not None
         if ((S == 1 and (mask is None or positioned) or 1 < S <= 8 and positioned) and self._native_ok(q_nope)
                 and q_pe.dtype == kv.dtype == pe.dtype == torch.bfloat16
-                and w_uk.dtype == w_uv.dtype == torch.float32 and w_uk.is_contiguous() and w_uv.is_contiguous()
+                and w_uk.dtype == w_uv.dtype and w_uk.dtype in (torch.float32, torch.bfloat16)
+                and w_uk.is_contiguous() and w_uv.is_contiguous()
                 and q_pe.stride(-1) == q_nope.stride(-1) == 1 and kv.stride(-1) == pe.stride(-1) == 1
                 and kv.stride(1) == kv.shape[2] and pe.stride(1) == pe.shape[2]):
             # a position step's mask is a per-row prefix: query s of row b reads keys 0 .. write_pos[b, s] only;
             # one call per query column (S > 1: a verification of drafts), each a whole batch
-            out = [self.native.mla_absorbed(q_nope[:, s], q_pe[:, s], w_uk, w_uv, kv, pe, scale,
-                                            (step.write_pos[:, s] + 1).contiguous() if positioned else None)
+            lens = [None] * S if not positioned else [step.kv_len] if S == 1 else [
+                (step.write_pos[:, s] + 1).contiguous() for s in range(S)]  # kv_len: made once per step
+            out = [self.native.mla_absorbed(q_nope[:, s], q_pe[:, s], w_uk, w_uv, kv, pe, scale, lens[s])
                    for s in range(S)]
             return torch.stack(out, dim=1) if S > 1 else out[0].view(B, 1, H, -1)
         return super().mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, pe, scale, mask)
@@ -117,7 +246,8 @@ class CpuKernels(ReferenceKernels):
     def moe_gate(self, x, weight, bias, p: GateParams):
         if x.shape[0] < UPCAST_ROWS and self._native_gate_ok(x, weight, bias, p):
             group_score = {"top2_sum": 2, "max": 1, "none": 0}[p.group_score]
-            return self.native.moe_gate(x.float().contiguous(), weight, bias, p.top_k, p.n_group, p.topk_group,
+            x = x.contiguous() if x.dtype == torch.bfloat16 else x.float().contiguous()
+            return self.native.moe_gate(x, weight, bias, p.top_k, p.n_group, p.topk_group,
                                         p.scoring_func == "sigmoid", group_score, p.norm_topk_prob, p.route_scale)
         return super().moe_gate(x, weight, bias, p)
 
@@ -131,10 +261,10 @@ class CpuKernels(ReferenceKernels):
 
     def moe_experts(self, x, weights, ids, experts: ExpertWeights):
         k = ids.shape[1]
-        if x.shape[0] < UPCAST_ROWS and experts.s1 is None and self._native_ok(x, experts.w1, experts.w2, experts.w3):
-            # decode: one call, no host sync on the ids; other ranks' experts are skipped inside
-            return self.native.moe_bf16(x.contiguous(), ids.contiguous(), weights.float().contiguous(), experts.w1,
-                                        experts.w3, experts.w2, experts.first)
+        if ids.numel() <= NATIVE_MOE_ROUTES and self._native_ok(x, experts.w1, experts.w2, experts.w3):
+            # decode and short prompts: one call, no host sync on the ids; other ranks' experts are skipped inside
+            return self.native.moe(x.contiguous(), ids.contiguous(), weights.float().contiguous(), experts.w1,
+                                   experts.w3, experts.w2, experts.s1, experts.s3, experts.s2, experts.first)
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)  # [T, D]
         local = (ids - experts.first).flatten()  # [T·k]
         if local.numel() <= 16:  # decode: a handful of rows, each its own expert call without sorting
