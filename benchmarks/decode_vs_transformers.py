@@ -82,12 +82,13 @@ def main() -> None:
     long_prompt = torch.randint(2, BENCH_280M["vocab_size"], (1, args.prefill_len), generator=g)
     n_new = args.new_tokens
 
-    decode_only = {}  # tok/s of the decode steps alone (the prompt's prefill left out), best seen per engine
+    decode_only = {}  # tok/s of the decode steps alone (the prompt's prefill left out), best interleaved run
 
-    def ours_decode(engine):
+    def ours_decode(engine, keep=False):
         out, stats = generate(engine.model, [prompt[0].tolist()], n_new, eos_ids=(), dtype=torch.bfloat16)
         assert len(out[0]) == n_new
-        decode_only[id(engine)] = max(decode_only.get(id(engine), 0.0), stats.decode_tps)
+        if keep:
+            decode_only[id(engine)] = max(decode_only.get(id(engine), 0.0), stats.decode_tps)
         return out[0]
 
     def theirs_decode():
@@ -112,9 +113,10 @@ def main() -> None:
     # interleaved repeats: a slow phase of this shared machine hits all alike, and each run starts with its weights
     # evicted by the other models' (cold, as in a big model that no cache holds)
     times = {k: float("inf") for k in decoders}
+    kept = {"fp8": lambda: ours_decode(modes["fp8"], keep=True), "bf16": lambda: ours_decode(modes["bf16"], keep=True)}
     for _ in range(args.repeats):
         for k, fn in decoders.items():
-            times[k] = min(times[k], best(fn, 1))
+            times[k] = min(times[k], best(kept.get(k, fn), 1))
     tps = {k: n_new / t for k, t in times.items()}
     # then each model on its own, run after run, as one user runs it (what of its weights a cache keeps, it keeps)
     alone = {}
@@ -171,7 +173,8 @@ def main() -> None:
         f"Copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write of a 1 GiB copy, best of 5); the bandwidth limit "
         "is that over the weight bytes a batch-1 step reads (every layer's attention and dense/shared weights, the "
         "absorbed projections, 4 of 32 experts per MoE layer, the head); 'decode steps reached' is the best rate of the "
-        "decode steps alone (the prompt's prefill left out) over all runs above. Weights in cache can beat the limit.",
+        "decode steps alone (the prompt's prefill left out) in the interleaved runs. Weights in cache can beat the "
+        "limit.",
         f"Logits of a 128-token prompt against transformers in fp32: relative error FP8 weights {err['fp8']:.4f}, "
         f"bf16 weights {err['bf16']:.4f}, transformers bf16 {e_peer:.4f} (ratio to it: "
         f"{err['fp8'] / e_peer:.2f}x and {err['bf16'] / e_peer:.2f}x; the bar is 1.5x).",

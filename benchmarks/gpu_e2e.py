@@ -175,6 +175,8 @@ def main() -> None:
     rows = []
     systems = [("dsv3 cuda FP8, graphs", False, True), ("dsv3 cuda FP8, no graphs", False, False),
                ("dsv3 cuda BF16 mode (sm80), graphs", True, True)]
+    if not gpu:  # under the interpreter nothing is captured: "graphs" and "no graphs" are the same eager step
+        systems = [s for s in systems if s[0] != "dsv3 cuda FP8, no graphs"]
     for label, bf16_mode, graphs in systems:
         peak_reset()
         engine = load_dsv3(fp8_dir, device, bf16_mode, graphs)

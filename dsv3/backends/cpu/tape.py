@@ -100,11 +100,7 @@ class Tape(TorchFunctionMode):
         if len(fresh) != len(outs):
             raise Uncapturable(f"{name} returns a mix of views and new tensors")
 
-        def rerun(f=func, a=args, k=kwargs, targets=outs):
-            for t, new in zip(targets, _tensors(f(*a, **k))):
-                t.copy_(new)
-
-        self.entries.append((rerun, ()))
+        self.entries.append(_into(func, name, args, kwargs, outs))
         return out
 
     # ---- replay -----------------------------------------------------------------------------
@@ -112,6 +108,42 @@ class Tape(TorchFunctionMode):
         with torch.inference_mode():  # what the step made are inference tensors; reruns write into them
             for fn, args in self.entries:
                 fn(*args)
+
+
+#: operators with an out= form in torch, for rerunning straight into the recorded tensor (no allocation, no copy)
+OUT_FORMS = {"add": torch.add, "__add__": torch.add, "__radd__": torch.add, "sub": torch.sub, "__sub__": torch.sub,
+             "mul": torch.mul, "__mul__": torch.mul, "__rmul__": torch.mul, "le": torch.le, "__le__": torch.le,
+             "lt": torch.lt, "__lt__": torch.lt, "ge": torch.ge, "__ge__": torch.ge, "gt": torch.gt, "__gt__": torch.gt,
+             "eq": torch.eq, "__eq__": torch.eq, "cat": torch.cat, "stack": torch.stack}
+#: conversions and copies: rerun as a copy of the source into the recorded tensor
+COPIES = {"float", "bfloat16", "half", "double", "to", "type", "contiguous", "clone"}
+
+
+def _into(func, name, args, kwargs, outs):
+    """The cheapest rerun of a computing op that gives exactly its first result: an out= form, a copy of the source,
+    or the op itself with its result copied in. The fast forms are checked against the recorded result once."""
+
+    def rerun(f=func, a=args, k=kwargs, targets=outs):
+        for t, new in zip(targets, _tensors(f(*a, **k))):
+            t.copy_(new)
+
+    fast = None
+    if len(outs) == 1:
+        target = outs[0]
+        if name in OUT_FORMS and set(kwargs) <= {"alpha", "dim"}:
+            fast = (lambda g=OUT_FORMS[name], a=args, k=kwargs, t=target: g(*a, **k, out=t))
+        elif name in COPIES and args and isinstance(args[0], torch.Tensor) and args[0].shape == target.shape:
+            fast = (lambda src=args[0], t=target: t.copy_(src))
+    if fast is not None:
+        want = outs[0].clone()
+        try:
+            fast()
+            if torch.equal(outs[0], want):
+                return fast, ()
+        except (TypeError, RuntimeError):
+            pass
+        outs[0].copy_(want)
+    return rerun, ()
 
 
 class _RecordingLib:
