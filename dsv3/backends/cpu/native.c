@@ -98,66 +98,50 @@ static inline __m256i fp8_halves(const uint8_t *p) { /* 16 bytes -> 16 fp16 */
 }
 #endif
 
-/* sum_k a[k] * b[k], fp32 */
-static float dot_f32(const float *a, const float *b, int64_t n) {
-    int64_t k = 0;
-    float s = 0.0f;
-#if defined(DSV3_AVX512) /* four chains: a row widened once is dotted with several tokens from L1 */
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (; k + 64 <= n; k += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 16), _mm512_loadu_ps(b + k + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 32), _mm512_loadu_ps(b + k + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 48), _mm512_loadu_ps(b + k + 48), a3);
-    }
-    for (; k + 16 <= n; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), a0);
-    s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#elif defined(DSV3_AVX2)
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (; k + 32 <= n; k += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 16), _mm256_loadu_ps(b + k + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 24), _mm256_loadu_ps(b + k + 24), a3);
-    }
-    for (; k + 8 <= n; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), a0);
-    s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#endif
-    for (; k < n; k++) s += a[k] * b[k];
-    return s;
-}
-
-/* sum_k w[k] * x[k], w bf16, x fp32; independent chains, one would stall on the FMA latency */
-static float dot_bf16(const uint16_t *w, const float *x, int64_t n) {
+/* sum_k a[k] * b[k] with a fp32 or bf16 (a_bf16, a constant where it is inlined), b fp32: four FMA chains (one
+ * would stall on the FMA latency); bf16 rows stream from memory, so they are prefetched ahead */
+static inline __attribute__((always_inline)) float dot_any(const void *a, int a_bf16, const float *b, int64_t n) {
+    const float *af = (const float *)a;
+    const uint16_t *ah = (const uint16_t *)a;
     int64_t k = 0;
     float s = 0.0f;
 #if defined(DSV3_AVX512)
+#define LOAD_A(i) (a_bf16 ? bf16x16(ah + (i)) : _mm512_loadu_ps(af + (i)))
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     for (; k + 64 <= n; k += 64) {
-        PREFETCH(w + k + PF_AHEAD);
-        PREFETCH(w + k + PF_AHEAD + 32);
-        a0 = _mm512_fmadd_ps(bf16x16(w + k), _mm512_loadu_ps(x + k), a0);
-        a1 = _mm512_fmadd_ps(bf16x16(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
-        a2 = _mm512_fmadd_ps(bf16x16(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
-        a3 = _mm512_fmadd_ps(bf16x16(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+        if (a_bf16) {
+            PREFETCH(ah + k + PF_AHEAD);
+            PREFETCH(ah + k + PF_AHEAD + 32);
+        }
+        a0 = _mm512_fmadd_ps(LOAD_A(k), _mm512_loadu_ps(b + k), a0);
+        a1 = _mm512_fmadd_ps(LOAD_A(k + 16), _mm512_loadu_ps(b + k + 16), a1);
+        a2 = _mm512_fmadd_ps(LOAD_A(k + 32), _mm512_loadu_ps(b + k + 32), a2);
+        a3 = _mm512_fmadd_ps(LOAD_A(k + 48), _mm512_loadu_ps(b + k + 48), a3);
     }
-    for (; k + 16 <= n; k += 16) a0 = _mm512_fmadd_ps(bf16x16(w + k), _mm512_loadu_ps(x + k), a0);
+    for (; k + 16 <= n; k += 16) a0 = _mm512_fmadd_ps(LOAD_A(k), _mm512_loadu_ps(b + k), a0);
     s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#undef LOAD_A
 #elif defined(DSV3_AVX2)
+#define LOAD_A(i) (a_bf16 ? bf16x8(ah + (i)) : _mm256_loadu_ps(af + (i)))
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     for (; k + 32 <= n; k += 32) {
-        PREFETCH(w + k + PF_AHEAD);
-        a0 = _mm256_fmadd_ps(bf16x8(w + k), _mm256_loadu_ps(x + k), a0);
-        a1 = _mm256_fmadd_ps(bf16x8(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-        a2 = _mm256_fmadd_ps(bf16x8(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-        a3 = _mm256_fmadd_ps(bf16x8(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+        if (a_bf16) PREFETCH(ah + k + PF_AHEAD);
+        a0 = _mm256_fmadd_ps(LOAD_A(k), _mm256_loadu_ps(b + k), a0);
+        a1 = _mm256_fmadd_ps(LOAD_A(k + 8), _mm256_loadu_ps(b + k + 8), a1);
+        a2 = _mm256_fmadd_ps(LOAD_A(k + 16), _mm256_loadu_ps(b + k + 16), a2);
+        a3 = _mm256_fmadd_ps(LOAD_A(k + 24), _mm256_loadu_ps(b + k + 24), a3);
     }
-    for (; k + 8 <= n; k += 8) a0 = _mm256_fmadd_ps(bf16x8(w + k), _mm256_loadu_ps(x + k), a0);
+    for (; k + 8 <= n; k += 8) a0 = _mm256_fmadd_ps(LOAD_A(k), _mm256_loadu_ps(b + k), a0);
     s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#undef LOAD_A
 #endif
-    for (; k < n; k++) s += bf16_scalar(w[k]) * x[k];
+    for (; k < n; k++) s += (a_bf16 ? bf16_scalar(ah[k]) : af[k]) * b[k];
     return s;
 }
+
+static float dot_f32(const float *a, const float *b, int64_t n) { return dot_any(a, 0, b, n); }
+
+static float dot_bf16(const uint16_t *w, const float *x, int64_t n) { return dot_any(w, 1, x, n); }
 
 /* sum_k fp8_half(w[k]) * s[k / 128] * x[k]: one FP8 weight row against fp32 x, in units of fmt. The block's
  * sum is scaled once, in a vector register. */
