@@ -104,7 +104,7 @@ class Engine:
                                f"drafts exceeds the context of {self.max_seq_len}; shorten the prompt or raise "
                                "--max-seq-len")
             out, self.last_stats = speculative_generate(self.model, prompts, max_new_tokens, draft_tokens, temperature,
-                                                        top_p, eos, seed, self.dtype)
+                                                        top_p, eos, seed, self.dtype, graphs=self.cuda_graphs)
             return out
         out, self.last_stats = generate(self.model, prompts, max_new_tokens, temperature, top_p, eos, seed, self.dtype,
                                         graphs=self.cuda_graphs, static=static)

@@ -24,7 +24,7 @@ import time
 import torch
 
 from .errors import DsvError
-from .generate import NonFiniteLogits, Stats, draw, probabilities, sample
+from .generate import DecodeStep, NonFiniteLogits, Stats, draw, probabilities, sample
 from .model import LatentCache, Transformer
 
 log = logging.getLogger("dsv3")
@@ -32,6 +32,46 @@ log = logging.getLogger("dsv3")
 #: Drafts none of which landed in the first QUIT_AFTER rounds stop at once (a drafter with the 85% acceptance of
 #: DeepSeek-V3's report does that once in ~10^4 runs)
 JUDGE_AFTER, QUIT_AFTER = 4, 3
+#: a verify step shape (q tokens per row) is captured once it has run this many times (drafting goes on)
+CAPTURE_AFTER = 3
+
+
+class VerifyStep:
+    """The main model's step over q tokens per row at a fixed span: static shapes, so the backend may capture it like
+    the decode step (a graph on cuda/rocm, a recorded step on cpu) and replay it per round; elsewhere it runs eagerly.
+    The first replay is checked against the eager step (same writes, so harmless)."""
+
+    def __init__(self, model: Transformer, cache: LatentCache, batch: int, q: int, span: int, graphs: bool):
+        device = model.rope_cos.device
+        self.model, self.cache, self.span = model, cache, span
+        self.tokens = torch.zeros(batch, q, dtype=torch.long, device=device)
+        # capture runs the step at the last q positions, which no query reads before a round writes them
+        self.positions = torch.full((batch,), span - q, dtype=torch.long, device=device)
+        self.replay, self.out, self.checked = None, None, False
+        if graphs and model.kernels.can_capture() and model.par.world_size == 1:
+            captured = model.kernels.capture(self._run)
+            if captured is not None:
+                self.replay, self.out = captured
+
+    def _run(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.forward_step(self.tokens, self.positions, self.cache, self.span)  # [B, q, V], [B, q, D]
+
+    def __call__(self, feed: torch.Tensor, length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.tokens.copy_(feed)
+        self.positions.copy_(length)
+        if self.replay is None:
+            return self._run()
+        self.replay()
+        if not self.checked:
+            self.checked = True
+            got, eager = self.out[0].clone(), self._run()
+            err = ((got - eager[0]).abs().max() / eager[0].abs().max().clamp(min=1e-30)).item()
+            if not err <= 2e-2:  # bf16 rounding
+                log.warning("%s: the captured verify step disagrees with the eager one (max error %.2e); running "
+                            "eagerly", self.model.kernels.name, err)
+                self.replay = None
+                return eager
+        return self.out
 
 
 def _keep_drafting(rate: dict[bool, float]) -> bool:
@@ -43,12 +83,15 @@ def _keep_drafting(rate: dict[bool, float]) -> bool:
 def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, draft_tokens: int = 1,
                          temperature: float = 0.0, top_p: float = 1.0, eos_ids: tuple[int, ...] = (),
                          seed: int | None = None, dtype: torch.dtype | None = None, drafter=None,
-                         adaptive: bool = True, keep: dict | None = None) -> tuple[list[list[int]], Stats]:
+                         adaptive: bool = True, keep: dict | None = None,
+                         graphs: bool = True) -> tuple[list[list[int]], Stats]:
     """New tokens per prompt (EOS excluded) and stats (acceptance in stats.extra). `drafter(rows, lengths, drafts)`,
     if given, replaces the MTP module's drafts (tests: perfect or always-wrong drafts); it returns [B, k] ids.
     `adaptive`: time JUDGE_AFTER drafting rounds and JUDGE_AFTER plain steps, then go on with the faster (drafts
     that rarely land cost a verify and a draft per token; where that is, speculation turns itself off).
-    `keep`, if given, receives the final caches and per-row lengths (tests check them against a plain run)."""
+    `keep`, if given, receives the final caches and per-row lengths (tests check them against a plain run).
+    Once drafting has stopped for good, the rest decodes through the plain decode step, captured where the backend
+    can (`graphs`), so a run that gave up drafting is as fast as one that never drafted."""
     if len(model.mtp) == 0 and drafter is None:
         raise DsvError("speculative decoding needs the checkpoint's MTP layer (num_nextn_predict_layers >= 1, "
                        "loaded with with_mtp=True); run without --speculative")
@@ -100,6 +143,9 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
     drafting, decided = True, not adaptive or drafter is not None
     timing = {True: [0.0, 0], False: [0.0, 0]}  # drafting or not: seconds, tokens gained
     plain_trial: list[tuple[torch.Tensor, torch.Tensor]] = []  # (hidden [B, 1, D], token [B]) of each timed plain step
+    plain_step: DecodeStep | None = None
+    verify: dict[int, VerifyStep] = {}  # per q: 1 + k while drafting, 1 for the timed plain steps
+    uses: dict[int, int] = {}
     while True:
         active = [b for b in range(B) if not done[b] and len(out[b]) < max_new_tokens]
         if not active:
@@ -130,7 +176,18 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
         # ---- verify: x_L and the drafts through the main model, q = 1 + k positions per row
         feed = torch.cat([last[:, None], drafts[:, :q - 1]], dim=1)  # [B, q]
         span = int(length.max()) + q
-        v_logits, v_hidden = model.forward_step(feed, length, cache, span)  # [B, q, V], [B, q, D]
+        if decided and not drafting:  # drafting stopped for good: the plain decode step, captured where it can be
+            if plain_step is None:
+                plain_step = DecodeStep(model, cache, B, total, graphs=graphs)
+            v_logits, v_hidden = plain_step(last, length, span)[:, None], None  # [B, 1, V]; the hidden is not needed
+        else:  # a round, or a timed plain step (its hidden feeds the MTP cache if drafting resumes)
+            uses[q] = uses.get(q, 0) + 1
+            if q not in verify and uses[q] > CAPTURE_AFTER:  # a capture costs ~3 steps: only for steps that go on
+                verify[q] = VerifyStep(model, cache, B, q, total, graphs)
+            if q in verify:
+                v_logits, v_hidden = verify[q](feed, length)  # [B, q, V], [B, q, D]
+            else:
+                v_logits, v_hidden = model.forward_step(feed, length, cache, span)
         stats.steps += 1
         if greedy:
             choice = v_logits.argmax(-1)  # [B, q]: the main model's token after each fed one
@@ -189,7 +246,7 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
         elif drafting and rounds >= JUDGE_AFTER:
             drafting, trial_start = False, length.clone()  # now time plain steps
         elif not drafting:
-            plain_trial.append((v_hidden, nxt[:, 0]))
+            plain_trial.append((v_hidden.clone(), nxt[:, 0]))  # a replayed step reuses its output buffer
             if len(plain_trial) == JUDGE_AFTER:
                 decided = True
                 rate = {mode: t[1] / max(t[0], 1e-9) for mode, t in timing.items()}

@@ -201,3 +201,40 @@ def test_training_the_demo_mtp_layer(tmp_path):
     assert (w - trained[f"model.layers.{layer}.eh_proj.weight"]).abs().max() < 0.1 * w.abs().max()  # FP8 rounding
     out, stats = speculative_generate(e2.model, [[1, 2, 3]], 8, 1, adaptive=False)
     assert len(out[0]) == 8 and stats.extra["rounds"] > 0
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["drafting-stops", "drafting-resumes"])
+def test_captured_verify_and_plain_steps_change_nothing(tiny_ckpts, monkeypatch, resume):
+    """bf16 on the cpu backend, where the verify step (q = 1 + k), the timed plain steps and the plain steps after
+    drafting stops are recorded and replayed: the tokens and both caches equal a run with nothing captured (the
+    replays read back hidden states from one reused buffer, so a kept one must have been copied)."""
+    import dsv3.core.speculative as spec
+
+    monkeypatch.setattr(spec, "JUDGE_AFTER", 3)
+    monkeypatch.setattr(spec, "QUIT_AFTER", 1000)
+    monkeypatch.setattr(spec, "CAPTURE_AFTER", 0)  # capture every verify shape at once
+    monkeypatch.setattr(spec, "_keep_drafting", lambda rate: resume)
+    made = []
+    real_init = spec.VerifyStep.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        made.append(self)
+
+    monkeypatch.setattr(spec.VerifyStep, "__init__", init)
+    e = dsv3.load(tiny_ckpts["v3ish"], backend="cpu", dtype="bf16")
+    runs = []
+    for graphs in (False, True):
+        keep = {}
+        out, stats = spec.speculative_generate(e.model, PROMPTS, 24, 2, eos_ids=tuple(e.cfg.eos_token_ids), keep=keep,
+                                               graphs=graphs)
+        runs.append((out, keep))
+    (eager, a), (captured, b) = runs
+    assert sorted(v.tokens.shape[1] for v in made if v.replay is not None) == [1, 3], "q = 1 + 2 and 1 not captured"
+    assert captured == eager
+    assert a["length"] == b["length"]
+    for name in ("cache", "mtp_cache"):
+        for t in ("kv", "pe"):
+            for row, n in enumerate(a["length"]):
+                x, y = getattr(a[name], t)[:, row, :n], getattr(b[name], t)[:, row, :n]
+                assert torch.equal(x, y), f"{name}.{t} row {row} differs"
