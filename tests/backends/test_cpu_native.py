@@ -421,11 +421,22 @@ def test_tape_replays_computes_views_in_place_ops_and_filled_tensors():
     tape.replay()  # the zero-filled accumulator starts from zero again
     assert out.tolist() == [40.0, 41.0, 40.0, 41.0]
 
+    T.check(tape, out)  # replays reproduce the recording
+
     def reads_the_host():
         return x * 2 if bool((x > 0).all()) else x
 
     with pytest.raises(T.Uncapturable, match="__bool__"):
         T.record(reads_the_host, NATIVE)
+
+    def data_dependent_shape():  # boolean indexing sizes its result by the data, behind torch's back
+        return x[x > 15.0] * 2
+
+    tape, out = T.record(data_dependent_shape, NATIVE)
+    x.copy_(torch.tensor([10.0, 20.0, 30.0]))
+    x[0] = 16.0  # three elements pass now: the recorded two-element result cannot hold them
+    with pytest.raises(T.Uncapturable, match="replay failed"):
+        T.check(tape, out)
 
 
 def test_a_step_that_cannot_be_recorded_runs_eagerly(tiny_ckpts, monkeypatch, caplog):

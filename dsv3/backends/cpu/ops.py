@@ -91,6 +91,7 @@ class CpuKernels(ReferenceKernels):
         fn()  # a warm-up: what the first step makes lazily (the absorbed projections) exists before the recording
         try:
             tape, out = tape_lib.record(fn, self.native)
+            tape_lib.check(tape, out)
         except tape_lib.Uncapturable as e:
             log.info("cpu: the decode step cannot be recorded (%s); it runs eagerly", e)
             return None

@@ -177,3 +177,15 @@ def record(fn, native) -> tuple[Tape, object]:
         native.lib = real
     tape.keep.extend(_tensors(out))
     return tape, out
+
+
+def check(tape: Tape, out) -> None:
+    """Replay once on the recorded inputs: the same bits as the recording, or Uncapturable (an op whose result shape
+    or value the tape cannot reproduce, such as a data-dependent one)."""
+    want = [t.clone() for t in _tensors(out)]
+    try:
+        tape.replay()
+    except RuntimeError as e:
+        raise Uncapturable(f"its replay failed: {str(e).splitlines()[0]}") from None
+    if not all(torch.equal(a, b) for a, b in zip(_tensors(out), want)):
+        raise Uncapturable("its replay does not reproduce the recorded result")
