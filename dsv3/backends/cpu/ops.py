@@ -66,7 +66,8 @@ class CpuKernels(ReferenceKernels):
     @classmethod
     def available(cls) -> tuple[bool, str]:
         lib = native_lib.load()
-        decode = (f"FP8 weights kept as FP8, decode through its C kernels ({lib.isa})" if lib is not None else
+        decode = (f"bf16 models keep FP8 weights as FP8 and decode through its C kernels ({lib.isa}), the step "
+                  "recorded and replayed" if lib is not None else
                   "FP8 weights dequantized at load, decode in plain torch (C kernels off: no compiler, build failed "
                   "or DSV3_CPU_NATIVE=0)")
         return True, f"always usable (BF16 or FP32); {decode}"
