@@ -130,14 +130,10 @@ def load(path: str | Path, backend: str = "auto", dtype: str | torch.dtype = "bf
     par = parallel or Parallel.from_env()
     kernels = resolve(backend, device)
     if cpu_weights != "auto":
-        if not hasattr(kernels, "keeps_fp8"):
+        if not hasattr(kernels, "use_weights"):
             raise DsvError(f"cpu weights {cpu_weights!r}: the {kernels.name} backend decides its own weight format "
                            "(the option is the cpu backend's); drop it or use --backend cpu")
-        from .backends.cpu.ops import WEIGHT_MODES
-
-        if cpu_weights not in WEIGHT_MODES:
-            raise DsvError(f"cpu weights {cpu_weights!r}: expected one of {', '.join(WEIGHT_MODES)}")
-        kernels.weights = cpu_weights
+        kernels.use_weights(cpu_weights)
     if par.world_size > 1:
         if device is None and kernels.device.type != "cpu":  # one accelerator per local rank
             kernels.device = torch.device(kernels.device.type, par.local_rank)

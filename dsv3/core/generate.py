@@ -91,6 +91,16 @@ def bucket(batch: int) -> int:
     return -(-batch // 8) * 8
 
 
+def replay_agrees(kernels, what: str, graph: torch.Tensor, eager: torch.Tensor) -> bool:
+    """A captured step's first replay against the eager step's logits (bf16 rounding allowed); logs a disagreement."""
+    err = ((graph - eager).abs().max() / eager.abs().max().clamp(min=1e-30)).item()
+    if err <= 2e-2:
+        return True
+    log.warning("%s: the captured %s disagrees with the eager one (max error %.2e); running eagerly", kernels.name,
+                what, err)
+    return False
+
+
 class DecodeStep:
     """The decode step of one batch as static buffers: tokens [Bb, 1] and positions [Bb] are updated in
     place, logits [Bb, V] are read after each call. `span` fixed (a static step, capturable) or None
@@ -132,10 +142,7 @@ class DecodeStep:
             if not self.checked:  # the first replay against the eager step (same writes, so harmless)
                 self.checked = True
                 graph, eager = self.logits[:B].clone(), self._run()[:B]
-                err = ((graph - eager).abs().max() / eager.abs().max().clamp(min=1e-30)).item()
-                if not err <= 2e-2:  # bf16 rounding
-                    log.warning("%s: the captured decode step disagrees with the eager one (max error %.2e); "
-                                "running eagerly", self.model.kernels.name, err)
+                if not replay_agrees(self.model.kernels, "decode step", graph, eager):
                     self.replay = None
                     return eager
             return self.logits[:B]

@@ -225,10 +225,10 @@ class Native:
 
     def count_nan(self, weight: torch.Tensor) -> int:
         """How many bytes of a contiguous FP8 tensor are NaN codes."""
-        codes = [int(b) for b in torch.nonzero(_byte_values(weight.dtype).isnan()).flatten()]
-        a, b = (codes + codes)[:2] if codes else (0, 0)
+        codes = torch.nonzero(_byte_values(weight.dtype).isnan()).flatten().tolist()  # e4m3fn: 2, e4m3fnuz: 1
         if not codes:
             return 0
+        a, b = codes[0], codes[-1]
         return self.lib.dsv3_count_bytes(weight.data_ptr(), weight.numel(), a, b, torch.get_num_threads())
 
 

@@ -53,13 +53,9 @@ class CpuKernels(ReferenceKernels):
 
     def __init__(self, device=None, weights: str = "auto", isa: str | None = None):
         super().__init__(device)
-        if weights not in WEIGHT_MODES:
-            raise DsvError(f"cpu weights {weights!r}: expected one of {', '.join(WEIGHT_MODES)}")
         self.native_bf16 = _native_bf16()
         self.native = native_lib.load(isa) if self.device.type == "cpu" else None
-        #: "fp8": FP8 checkpoint weights stay FP8 (C kernels widen them); "bf16": dequantized at load; "auto": fp8
-        #: where it can (a bf16 model with the C kernels built), else bf16
-        self.weights = weights
+        self.use_weights(weights)
         self._one = (torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1))  # (ids, alpha): an MLP is one expert
         self.model_dtype: torch.dtype | None = None  # seen at load (prepare_linear): the step is recorded for bf16
 
@@ -99,6 +95,13 @@ class CpuKernels(ReferenceKernels):
         return tape.replay, out
 
     # ---- load time ----------------------------------------------------------------------
+    def use_weights(self, weights: str) -> None:
+        """"fp8": FP8 checkpoint weights stay FP8 (the C kernels widen them); "bf16": dequantized at load; "auto": fp8
+        where it can (a bf16 model with the C kernels built), else bf16. Set before the weights load."""
+        if weights not in WEIGHT_MODES:
+            raise DsvError(f"cpu weights {weights!r}: expected one of {', '.join(WEIGHT_MODES)}")
+        self.weights = weights
+
     def keeps_fp8(self, dtype: torch.dtype) -> bool:
         """Do FP8 checkpoint weights stay FP8 for a model in `dtype`? (the C kernels take bf16 activations)"""
         able = self.native is not None and dtype == torch.bfloat16 and self.device.type == "cpu"
