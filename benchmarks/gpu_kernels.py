@@ -14,8 +14,11 @@ Writes the tables to RESULTS.md with the GPU's name. Aims at under 5 minutes on 
     python benchmarks/gpu_kernels.py [--no-write] [--tune]
     TRITON_INTERPRET=1 python benchmarks/gpu_kernels.py --smoke   # tiny shapes on CPU: checks the script runs
 
---tune also sweeps the GEMM launch configs per M bucket at the q_b, o and expert shapes and prints
-the best ones, to fill dsv3/backends/cuda/launch.py's table (adds a few minutes: each config compiles once).
+--tune also sweeps the GEMM's launch configs (tiles, warps, stages, split-K) at every FP8 linear shape of
+DeepSeek-V3 at tensor parallel 1, 8 and 16 (--tune-tp) and each M bucket (--tune-m), and writes the best
+into this GPU's config file, dsv3/backends/cuda/configs/nvidia-<arch>.json (--tune-out elsewhere; point
+DSV3_LAUNCH_CONFIGS at it to use it uncommitted). Each config compiles once: the full sweep takes long;
+`--tune-m 1,16,128,4096 --tune-tp 1` is a quick first pass.
 """
 
 from __future__ import annotations
@@ -120,37 +123,70 @@ def gemm_table(device, bench, shapes, ms) -> str:
     return "\n".join(rows) + "".join(first_error)
 
 
-TUNE_SPACE = [(bm, bn, w, st) for bm in (16, 32, 64, 128) for bn in (64, 128, 256) for w in (4, 8) for st in (3, 4)]
+def tune_space(m: int) -> list:
+    """Candidate launches for M rows: tiles no taller than needed, split-K only where M is small."""
+    from dsv3.backends.cuda.launch import GemmConfig
+
+    splits = (1, 0, 2, 4) if m <= 64 else (1, 0)
+    return [GemmConfig(bm, bn, w, st, split_k=sk) for bm in (16, 32, 64, 128) if bm <= max(16, 2 * m)
+            for bn in (64, 128, 256) for w in (4, 8) for st in (3, 4) for sk in splits]
 
 
-def tune_table(device, bench, shapes, ms) -> str:
-    """Best (BLOCK_M, BLOCK_N, warps, stages) per M at each shape, against the current table's choice."""
+def tune_shapes(smoke: bool, tps) -> dict:
+    """{"NxK": layer names} for every FP8 linear of DeepSeek-V3 at the given tensor-parallel sizes."""
+    from dsv3.backends.cuda.launch import v3_linear_shapes
+
+    if smoke:
+        return {f"{n}x{k}": name for name, n, k in SMOKE_GEMMS}
+    shapes: dict = {}
+    for tp in tps:
+        for name, (n, k) in v3_linear_shapes(tp).items():
+            shapes.setdefault(f"{n}x{k}", []).append(f"{name} tp{tp}")
+    return {key: ", ".join(names) for key, names in shapes.items()}
+
+
+def tune_table(device, bench, shapes: dict, ms, target: str, out: Path | None) -> str:
+    """Best launch per (shape, M bucket) against the table's choice; with `out`, the file for this GPU:
+    the current table with the measured entries added (benchmarks run only where they beat the table)."""
+    import json
+
     from dsv3.backends.cuda.act_quant import act_quant
     from dsv3.backends.cuda.fp8_gemm import fp8_gemm
-    from dsv3.backends.cuda.launch import GemmConfig, gemm_config
+    from dsv3.backends.cuda.launch import _arch_of, check_config, gemm_config, load_table, table_json
 
-    rows = ["| layer | M | table config | table TFLOP/s | best config | best TFLOP/s |", "| --- | --- | --- | --- | --- | --- |"]
-    for name, n, k in shapes:
+    table = load_table(target, _arch_of(device))
+    entries = {shape: dict(buckets) for shape, buckets in table.gemm.items()}
+    rows = ["| shape (N x K) | layers | M | table config | table TFLOP/s | best config | best TFLOP/s |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    c = lambda g: f"{g.block_m}x{g.block_n} w{g.num_warps} s{g.num_stages} k{g.split_k or 'auto'}"  # noqa: E731
+    for shape, names in shapes.items():
+        n, k = (int(v) for v in shape.split("x"))
         w, ws = random_fp8((n, k), device), block_scales(n, k, device)
         for m in ms:
             q, s = act_quant(torch.randn(m, k, device=device, dtype=torch.bfloat16), FN, 448.0)
             flop = 2 * m * n * k
-            table = gemm_config(m, "nvidia")
-            t_table = bench(lambda: fp8_gemm(q, s, w, ws, config=table))  # noqa: B023
-            best = (t_table, table)
-            for bm, bn, warps, stages in TUNE_SPACE:
-                if bm > max(16, 2 * m):  # tiles much taller than M only add idle rows
-                    continue
-                cfg = GemmConfig(bm, bn, warps, stages)
+            current = gemm_config(m, target, n, k, device)
+            t_table = bench(lambda: fp8_gemm(q, s, w, ws, config=current))  # noqa: B023
+            best = (t_table, current)
+            for cfg in tune_space(m):
                 try:
+                    check_config(cfg, table.smem_bytes, "candidate")
                     t = bench(lambda: fp8_gemm(q, s, w, ws, config=cfg))  # noqa: B023
-                except Exception:  # out of shared memory for this tile: not a candidate
+                except Exception:  # too large for this chip's shared memory: not a candidate
                     continue
                 best = min(best, (t, cfg), key=lambda p: p[0])
-            c = lambda g: f"{g.block_m}x{g.block_n} w{g.num_warps} s{g.num_stages}"  # noqa: E731
-            rows.append(f"| {name} | {m} | {c(table)} | {flop / t_table / 1e9:.1f} | {c(best[1])} | "
+            if best[1] != current:
+                entries.setdefault(shape, {})[m] = best[1]
+            rows.append(f"| {shape} | {names} | {m} | {c(current)} | {flop / t_table / 1e9:.1f} | {c(best[1])} | "
                         f"{flop / best[0] / 1e9:.1f} |")
             print(rows[-1], file=sys.stderr)
+    if out is not None:
+        tuned = type(table)(table.arch, table.sms, table.smem_bytes,
+                            {shape: tuple(sorted(b.items())) for shape, b in entries.items()}, table.moe, table.attention)
+        about = (f"Launch configs for {table.arch}, tuned by `python benchmarks/gpu_kernels.py --tune` on "
+                 f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'the interpreter (smoke)'}.")
+        out.write_text(json.dumps(table_json(tuned, about), indent=1) + "\n")
+        rows.append(f"\nWrote {out}.")
     return "\n".join(rows)
 
 
@@ -210,7 +246,15 @@ def mla_table(device, bench, copy_gbs, heads, cases) -> str:
 
 def main() -> None:
     ap = parser(__doc__)
-    ap.add_argument("--tune", action="store_true", help="also sweep GEMM launch configs and print the best per M")
+    ap.add_argument("--tune", action="store_true",
+                    help="also sweep the FP8 GEMM's launch configs at every DeepSeek-V3 linear shape and M bucket and "
+                         "write this GPU's config file (dsv3/backends/cuda/configs/<vendor>-<arch>.json)")
+    ap.add_argument("--tune-tp", default="1,8,16", help="tensor-parallel sizes whose shapes --tune sweeps")
+    ap.add_argument("--tune-m", default="1,2,4,8,16,32,64,128,256,512,1024,2048,4096",
+                    help="M buckets --tune sweeps (fewer: a shorter run)")
+    ap.add_argument("--tune-out", type=Path, default=None,
+                    help="where --tune writes the config file (default: the package's file for this GPU; "
+                         "under --smoke nothing unless given)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes under TRITON_INTERPRET=1 on CPU; writes nothing")
     args = ap.parse_args()
     if args.smoke:
@@ -232,9 +276,13 @@ def main() -> None:
                     [(1, 70)] if smoke else [(1, 4096), (1, 32768), (32, 4096), (128, 2048)])
     tune = ""
     if args.tune:
-        picked = [g for g in (SMOKE_GEMMS if smoke else GEMMS) if g[0] in ("q_b", "o", "expert gate/up")]
+        from dsv3.backends.cuda.launch import CONFIG_DIR, _arch_of
+
+        out = args.tune_out or (None if smoke else CONFIG_DIR / f"nvidia-{_arch_of(device)}.json")
+        shapes = tune_shapes(smoke, [int(v) for v in args.tune_tp.split(",")])
+        ms = (1, 3) if smoke else tuple(int(v) for v in args.tune_m.split(","))
         tune = "\n\n### GEMM launch configs: the table's against the best found\n\n" + tune_table(
-            device, bench, picked, (1, 3) if smoke else MS)
+            device, bench, shapes, ms, "nvidia", out)
     name = "CPU (Triton interpreter, smoke)" if smoke else torch.cuda.get_device_name(device)
     import triton
 

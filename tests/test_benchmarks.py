@@ -3,6 +3,7 @@ script a GPU session gets is known to work before it meets a GPU."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,15 +14,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_kernels_benchmark_smoke():
+def test_gpu_kernels_benchmark_smoke(tmp_path):
+    """Every table under the interpreter, and --tune's config file loads as the kernels' launch table."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "benchmarks/gpu_kernels.py", "--smoke", "--tune"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600, check=False)
+    out = tmp_path / "tuned.json"
+    r = subprocess.run([sys.executable, "benchmarks/gpu_kernels.py", "--smoke", "--tune", "--tune-out", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     for heading in ("### FP8 GEMM", "### Fused MoE", "### MLA decode", "### GEMM launch configs"):
         assert heading in r.stdout
     assert "nan" not in r.stdout.lower()
+    from dsv3.backends.cuda.launch import parse_table
+
+    table = parse_table(json.loads(out.read_text()), str(out))
+    assert {"default", "24576x1536", "7168x2048"} <= set(table.gemm) and table.arch == "sm90"  # measured entries kept
 
 
 def test_gpu_e2e_benchmark_smoke():

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ...core.fp8 import FP8_EMIN, FP8_MAX
-from .jit import round_to_fp8_grid
+from .jit import quantize_tile
 from .launch import interpreted
 
 BLOCK = 128
@@ -26,10 +26,7 @@ def _act_quant_kernel(x_ptr, y_ptr, s_ptr, M, K, stride_xm, n_blocks, FP8_MAX: t
     inside = (rows[:, None] < M) & (cols[None, :] < K)
     r64 = rows.to(tl.int64)[:, None]
     x = tl.load(x_ptr + r64 * stride_xm + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4) / FP8_MAX  # [BLOCK_M]
-    if UE8M0:
-        scale = tl.exp2(tl.ceil(tl.log2(scale)))
-    y = round_to_fp8_grid(tl.clamp(x / scale[:, None], -FP8_MAX, FP8_MAX), EMIN)
+    y, scale = quantize_tile(x, FP8_MAX, EMIN, UE8M0)  # [BLOCK_M, BLOCK], [BLOCK_M]
     tl.store(y_ptr + r64 * K + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=inside)
     tl.store(s_ptr + rows * n_blocks + blk, scale, mask=rows < M)
 

@@ -65,6 +65,8 @@ class CudaKernels(ReferenceKernels):
         self._swiglu, self._latent, self._rms_norm = ops.fp8_swiglu, ops.mla_latent, ops.rms_norm
         if self.fp8_dtype is None:
             say_once(f"{self.name}: {self.mode}")
+        else:  # split-K's tile counters, made now so that no graph capture is the first to need them
+            fp8_gemm.split_counters(self.device)
 
     # ---- what this device can do --------------------------------------------------------
     def select_mode(self) -> tuple[torch.dtype | None, str]:

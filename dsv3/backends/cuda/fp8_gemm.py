@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from ...core.fp8 import FP8_EMIN, FP8_MAX
-from .jit import round_to_fp8_grid
-from .launch import GemmConfig, check_target, gemm_config
+from .jit import quantize_tile, split_k_gather
+from .launch import MAX_SPLIT_TILES, GemmConfig, check_target, gemm_config, split_k
 
 BLOCK_K = 128
 
@@ -24,14 +24,17 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, n_kb,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      QUANT_A: tl.constexpr = False, FP8_MAX: tl.constexpr = 1.0, EMIN: tl.constexpr = 0,
                      UE8M0: tl.constexpr = False, b2_ptr=None, b2s_ptr=None, SWIGLU: tl.constexpr = False,
-                     r_ptr=None, RESIDUAL: tl.constexpr = False):
+                     r_ptr=None, RESIDUAL: tl.constexpr = False, ws_ptr=None, count_ptr=None, kb_per_split=0,
+                     SPLIT_K: tl.constexpr = 1):
     """QUANT_A: a_ptr holds the bf16/fp32 activation itself and each K step quantizes its [BLOCK_M, 128]
     tile as act_quant would (same scale, same rounding), so a decode-sized linear is one launch.
     FP8_MAX/EMIN/UE8M0 are read only with QUANT_A (the caller passes the format's, from core/fp8.py).
     SWIGLU: a second weight b2 (same shape and scales layout) and C = silu(A·Bᵀ) · (A·B2ᵀ), the gate and up
-    projections of an MLP in one pass over A. RESIDUAL: C = A·Bᵀ + R (R [M, N] in C's dtype), one rounding."""
+    projections of an MLP in one pass over A. RESIDUAL: C = A·Bᵀ + R (R [M, N] in C's dtype), one rounding.
+    SPLIT_K > 1: program (tile, s) sums K blocks s·kb_per_split .. and the tile's last program adds the
+    partials up (jit.split_k_gather): a small-M GEMM keeps every SM reading weights."""
     # grouped tile order: GROUP_M row tiles sweep the same B columns while they are in L2
-    pid = tl.program_id(0)
+    pid, split = tl.program_id(0), tl.program_id(1)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     group = pid // (GROUP_M * tiles_n)
     first_m = group * GROUP_M
@@ -41,24 +44,23 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, n_kb,
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kb_lo = split * kb_per_split
+    kb_hi = tl.minimum(kb_lo + kb_per_split, n_kb) if SPLIT_K > 1 else n_kb
     rk = tl.arange(0, BLOCK_K)
     in_m, in_n = rm < M, rn < N
-    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]
-    b_off = rn[None, :].to(tl.int64) * K + rk[:, None]  # [BLOCK_K, BLOCK_N] view of B rows
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * K + kb_lo * BLOCK_K + rk[None, :]
+    b_off = rn[None, :].to(tl.int64) * K + kb_lo * BLOCK_K + rk[:, None]  # [BLOCK_K, BLOCK_N] view of B rows
     as_ptrs = as_ptr + rm.to(tl.int64) * n_kb
     bs_off = (rn // 128) * n_kb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(n_kb):
+    for kb in range(kb_lo, kb_hi):
         in_k = rk < K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0)
         b = tl.load(b_ptr + b_off, mask=in_k[:, None] & in_n[None, :], other=0.0)
         if QUANT_A:
-            x = a.to(tl.float32)
-            sa = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4) / FP8_MAX  # [BLOCK_M], as act_quant
-            if UE8M0:
-                sa = tl.exp2(tl.ceil(tl.log2(sa)))
-            a = round_to_fp8_grid(tl.clamp(x / sa[:, None], -FP8_MAX, FP8_MAX), EMIN).to(b_ptr.dtype.element_ty)
+            qa, sa = quantize_tile(a.to(tl.float32), FP8_MAX, EMIN, UE8M0)  # as act_quant
+            a = qa.to(b_ptr.dtype.element_ty)
         else:
             sa = tl.load(as_ptrs + kb, mask=in_m, other=0.0)
         sb = tl.load(bs_ptr + bs_off + kb, mask=in_n, other=0.0)
@@ -69,12 +71,17 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, n_kb,
             acc2 += tl.dot(a, b2) * sa[:, None] * sb2[None, :]
         a_ptrs += BLOCK_K
         b_off += BLOCK_K
+    out = in_m[:, None] & in_n[None, :]
+    if SPLIT_K > 1:
+        last, acc, acc2 = split_k_gather(acc, acc2, ws_ptr, count_ptr, pid, split, tiles_m * tiles_n, SPLIT_K, SWIGLU,
+                                         BLOCK_M, BLOCK_N)
+        out &= last
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc2
     c_off = rm[:, None].to(tl.int64) * N + rn[None, :]
     if RESIDUAL:
-        acc += tl.load(r_ptr + c_off, mask=in_m[:, None] & in_n[None, :], other=0.0).to(tl.float32)
-    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
+        acc += tl.load(r_ptr + c_off, mask=out, other=0.0).to(tl.float32)
+    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=out)
 
 
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -99,11 +106,42 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m == 0:
         return c
-    cfg = config or gemm_config(m, target)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    cfg = config or gemm_config(m, target, n, k, a.device)
+    grid, extra = _grid(cfg, m, n, n_kb, target, a.device, swiglu=False)
     _fp8_gemm_kernel[grid](a, a_scale, b, b_scale, c, m, n, k, n_kb, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                           BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                           BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                           **extra)
     return c
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device) -> torch.Tensor:
+    """The per-tile arrival counters of split-K launches on `device`: zeros, and every launch leaves them
+    zero. Made once per device (the backend makes it at load, so never inside a graph capture)."""
+    device = torch.device(device)
+    if device not in _COUNTERS:
+        _COUNTERS[device] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
+
+
+def split_k_args(cfg: GemmConfig, tiles: int, n_kb: int, target: str, device: torch.device, swiglu: bool
+                 ) -> tuple[int, dict]:
+    """(splits, kernel kwargs) of a launch of `tiles` output tiles: the fp32 partials' workspace (two planes
+    per split with SwiGLU) and the counters, where the config and the tile count call for split-K."""
+    splits, per = split_k(cfg, tiles, n_kb, target, device)
+    if splits == 1:
+        return 1, {}
+    ws = torch.empty((2 if swiglu else 1) * splits * tiles * cfg.block_m * cfg.block_n, dtype=torch.float32,
+                     device=device)
+    return splits, dict(ws_ptr=ws, count_ptr=split_counters(device), kb_per_split=per, SPLIT_K=splits)
+
+
+def _grid(cfg: GemmConfig, m: int, n: int, n_kb: int, target: str, device: torch.device, swiglu: bool):
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    splits, extra = split_k_args(cfg, tiles, n_kb, target, device, swiglu)
+    return (tiles, splits), extra
 
 
 def _check_fp8_weight(what: str, x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, fp8_max: float) -> None:
@@ -119,13 +157,14 @@ def _check_fp8_weight(what: str, x: torch.Tensor, b: torch.Tensor, b_scale: torc
                          f"[{triton.cdiv(n, 128)}, {n_kb}]")
 
 
-def _quant_a_launch(x, b, b_scale, fp8_max, ue8m0, out_dtype, target, **extra) -> torch.Tensor:
+def _quant_a_launch(x, b, b_scale, fp8_max, ue8m0, out_dtype, target, config=None, **extra) -> torch.Tensor:
     (m, k), n = x.shape, b.shape[0]
     c = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return c
-    cfg = gemm_config(m, target)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    cfg = config or gemm_config(m, target, n, k, x.device)
+    grid, split = _grid(cfg, m, n, triton.cdiv(k, BLOCK_K), target, x.device, swiglu="b2_ptr" in extra)
+    extra.update(split)
     _fp8_gemm_kernel[grid](x, b_scale, b, b_scale, c, m, n, k, triton.cdiv(k, BLOCK_K), BLOCK_M=cfg.block_m,
                            BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m, QUANT_A=True,
                            FP8_MAX=float(fp8_max), EMIN=FP8_EMIN[b.dtype], UE8M0=ue8m0, num_warps=cfg.num_warps,
@@ -135,7 +174,7 @@ def _quant_a_launch(x, b, b_scale, fp8_max, ue8m0, out_dtype, target, **extra) -
 
 def fp8_linear(x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, fp8_max: float, ue8m0: bool = False,
                out_dtype: torch.dtype | None = None, target: str = "nvidia",
-               residual: torch.Tensor | None = None) -> torch.Tensor:
+               residual: torch.Tensor | None = None, config: GemmConfig | None = None) -> torch.Tensor:
     """x [M, K] bf16/fp16/fp32 -> act_quant(x) · (b · b_scale)ᵀ [M, N] (+ residual [M, N]), the activation
     quantized inside the GEMM (same scales and rounding as act_quant; meant for M <= launch.FUSED_QUANT_ROWS)
     and the residual added before the one rounding to the output dtype."""
@@ -147,11 +186,12 @@ def fp8_linear(x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, fp8_max:
             raise ValueError(f"fp8_linear: residual {list(residual.shape)}; expected [{x.shape[0]}, {b.shape[0]}]")
         extra = dict(r_ptr=residual.contiguous(), RESIDUAL=True)
     return _quant_a_launch(x.contiguous(), b.contiguous(), b_scale.contiguous(), fp8_max, ue8m0, out_dtype, target,
-                           **extra)
+                           config, **extra)
 
 
 def fp8_swiglu(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor,
-               fp8_max: float, ue8m0: bool = False, target: str = "nvidia") -> torch.Tensor:
+               fp8_max: float, ue8m0: bool = False, target: str = "nvidia", config: GemmConfig | None = None
+               ) -> torch.Tensor:
     """silu(x·w1ᵀ) · (x·w3ᵀ) [M, I] in x's dtype: an MLP's gate and up projections in one launch, the
     activation quantized inside (as fp8_linear) and read once for both weights."""
     check_target(target)
@@ -159,7 +199,7 @@ def fp8_swiglu(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor, w3: torch.Te
     _check_fp8_weight("fp8_swiglu", x, w3, s3, fp8_max)
     if w1.shape != w3.shape or w1.dtype != w3.dtype:
         raise ValueError(f"fp8_swiglu: w1 {w1.dtype} {list(w1.shape)} and w3 {w3.dtype} {list(w3.shape)} must match")
-    return _quant_a_launch(x.contiguous(), w1.contiguous(), s1.contiguous(), fp8_max, ue8m0, None, target,
+    return _quant_a_launch(x.contiguous(), w1.contiguous(), s1.contiguous(), fp8_max, ue8m0, None, target, config,
                            b2_ptr=w3.contiguous(), b2s_ptr=s3.contiguous(), SWIGLU=True)
 
 

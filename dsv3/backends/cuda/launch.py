@@ -1,21 +1,57 @@
-"""Launch configurations per vendor, and facts about the FP8 formats the kernels are built for.
+"""Launch configurations per GPU, read from data files, and facts the kernels are built around.
 
 Pure Python (no triton import): the backends read these tables to describe themselves. Every
-kernel file takes a `target` ("nvidia" or "amd") and looks its block sizes up here, so the
-ROCm backend runs the same kernel source with wave64-appropriate settings instead of a copy.
+kernel file takes a `target` ("nvidia" or "amd") and a device, and looks its block sizes up here,
+so the ROCm backend runs the same kernel source with wave64-appropriate settings instead of a copy.
+
+The tables are JSON files in `configs/`, one per GPU architecture (`nvidia-sm90.json`,
+`amd-gfx942.json`): per weight shape "NxK" a config per M bucket, nearest bucket wins (in log
+scale, a tie to the larger), and a `default` section for shapes without an entry. A GPU of the
+vendor without a file of its own takes the vendor's file's defaults only (shape entries are
+measured on one chip). `benchmarks/gpu_kernels.py --tune` sweeps a GPU and writes its file;
+DSV3_LAUNCH_CONFIGS=path.json replaces the packaged file (a tuning run not yet committed).
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 
 TARGETS = ("nvidia", "amd")
+#: the file a vendor's GPUs fall back to, and the interpreter's stand-in for that vendor's chip
+PRIMARY_ARCH = {"nvidia": "sm90", "amd": "gfx942"}
+CONFIG_DIR = Path(__file__).parent / "configs"
 #: up to this many rows a linear quantizes its activation inside the FP8 GEMM (one launch); above, each
 #: N tile would redo the quantization of every row, so act_quant runs once first
 FUSED_QUANT_ROWS = 64
+#: split-K programs of one launch meet on a counter per output tile (see jit.split_k_gather); a launch
+#: with more tiles than this runs unsplit
+MAX_SPLIT_TILES = 1 << 14
+MAX_SPLIT_K = 16
+
+# DeepSeek-V3's FP8 linears as (N, K) and which of them tensor parallelism divides: 0 = N (column
+# parallel), 1 = K (row parallel), None = replicated. Routed experts are placed whole (expert parallel).
+V3_LINEARS = {
+    "wq_a": (1536, 7168, None), "wkv_a": (576, 7168, None), "wq_b": (24576, 1536, 0), "wkv_b": (32768, 512, 0),
+    "wo": (7168, 16384, 1), "dense w1/w3": (18432, 7168, 0), "dense w2": (7168, 18432, 1),
+    "shared w1/w3": (2048, 7168, 0), "shared w2": (7168, 2048, 1), "eh_proj": (7168, 14336, None),
+}
+V3_EXPERTS = {"expert w1/w3": (2048, 7168), "expert w2": (7168, 2048)}
+V3_TP = (1, 8, 16)
+
+
+def v3_linear_shapes(tp: int) -> dict[str, tuple[int, int]]:
+    """(N, K) of every FP8 linear of DeepSeek-V3 on one rank of `tp`."""
+    out = {}
+    for name, (n, k, dim) in V3_LINEARS.items():
+        out[name] = (n // tp, k) if dim == 0 else (n, k // tp) if dim == 1 else (n, k)
+    return out
 
 
 @dataclass(frozen=True)
@@ -25,30 +61,8 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8
-
-
-# (largest M of the bucket, config). BLOCK_K is always 128: one activation scale and one weight
-# scale per K step. Buckets keep the compile count at four per kernel, whatever M arrives.
-_GEMM = {
-    "nvidia": ((16, GemmConfig(16, 64, 4, 4)), (32, GemmConfig(32, 64, 4, 4)), (64, GemmConfig(64, 128, 4, 3)),
-               (1 << 62, GemmConfig(128, 128, 8, 3))),
-    # wave64: 4 warps already fill 256 lanes. LDS is 64 KB per CU on MI300: two stages of a 128x128
-    # FP8 A tile and a 128x128 B tile would need all of it, so the largest tile is 128x64
-    "amd": ((16, GemmConfig(16, 64, 4, 2)), (32, GemmConfig(32, 64, 4, 2)), (64, GemmConfig(64, 128, 4, 2)),
-            (1 << 62, GemmConfig(128, 64, 8, 2))),
-}
-
-
-def gemm_config(m: int, target: str) -> GemmConfig:
-    for bound, cfg in _GEMM[target]:
-        if m <= bound:
-            return cfg
-    raise AssertionError("unreachable: the last bucket is unbounded")
-
-
-def moe_config(rows_per_expert: float, target: str) -> GemmConfig:
-    """Grouped GEMM tiles: rows of one expert share a tile, so the tile height follows their mean count."""
-    return gemm_config(int(rows_per_expert), target)
+    #: programs over K per output tile; 0 = as many as fill the GPU once (small M), 1 = no split
+    split_k: int = 1
 
 
 @dataclass(frozen=True)
@@ -59,13 +73,190 @@ class AttnConfig:
     num_stages: int
 
 
-# a [BLOCK_T, 512] bf16 latent tile is 64 KB at BLOCK_T = 64: fine twice in an H100's 228 KB of shared
-# memory, the whole of an MI300 CU's LDS, so AMD reads 32 keys per step
-_ATTN = {"nvidia": AttnConfig(16, 64, 4, 2), "amd": AttnConfig(16, 32, 4, 1)}
+@dataclass(frozen=True)
+class LaunchTable:
+    arch: str
+    sms: int  # streaming multiprocessors / compute units: what split-K and key slices aim to fill
+    smem_bytes: int  # shared memory (LDS) per block the tiles must fit in
+    gemm: dict  # "NxK" or "default" -> ((m bucket, GemmConfig), ...) sorted by bucket
+    moe: dict  # the same for the grouped expert GEMMs; M is the mean rows per expert
+    attention: AttnConfig
 
 
-def attn_config(target: str) -> AttnConfig:
-    return _ATTN[target]
+def _buckets(section: dict, where: str) -> tuple[tuple[int, GemmConfig], ...]:
+    names = {f.name for f in fields(GemmConfig)}
+    out = []
+    for m, cfg in section.items():
+        if not str(m).isdigit() or int(m) < 1:
+            raise ValueError(f"{where}: M bucket {m!r} is not a positive integer")
+        if not isinstance(cfg, dict) or set(cfg) - names or not {"block_m", "block_n", "num_warps", "num_stages"} <= set(cfg):
+            raise ValueError(f"{where}[{m}]: {cfg!r}; expected keys {sorted(names)} (group_m, split_k optional)")
+        out.append((int(m), GemmConfig(**cfg)))
+    if not out:
+        raise ValueError(f"{where}: no M buckets")
+    return tuple(sorted(out, key=lambda p: p[0]))
+
+
+POW2_TILES = (16, 32, 64, 128, 256)
+
+
+def check_config(cfg: GemmConfig, smem_bytes: int, where: str) -> None:
+    """ValueError naming the entry unless cfg is a launch Triton can run on a chip with smem_bytes of shared
+    memory: power-of-two tiles of 16..256 (tl.dot's smallest is 16), 1..16 warps, 1..6 stages, the
+    pipelined tiles of gate and up (the larger of the GEMMs that use the table) within shared memory."""
+    problems = []
+    if cfg.block_m not in POW2_TILES or cfg.block_n not in POW2_TILES:
+        problems.append(f"tiles {cfg.block_m}x{cfg.block_n} are not powers of two in {POW2_TILES}")
+    if cfg.num_warps not in (1, 2, 4, 8, 16):
+        problems.append(f"num_warps={cfg.num_warps} is not 1, 2, 4, 8 or 16")
+    if not 1 <= cfg.num_stages <= 6:
+        problems.append(f"num_stages={cfg.num_stages} is outside 1..6")
+    if cfg.group_m < 1 or not 0 <= cfg.split_k <= MAX_SPLIT_K:
+        problems.append(f"group_m={cfg.group_m} (>= 1) or split_k={cfg.split_k} (0 = auto .. {MAX_SPLIT_K})")
+    if gemm_smem_bytes(cfg, b_tiles=2) > smem_bytes:
+        problems.append(f"needs {gemm_smem_bytes(cfg, b_tiles=2)} bytes of shared memory, the chip has {smem_bytes}")
+    if problems:
+        raise ValueError(f"{where}: {cfg}: " + "; ".join(problems))
+
+
+def parse_table(data: dict, where: str) -> LaunchTable:
+    """A LaunchTable from a config file's JSON; ValueError naming the entry when it is malformed."""
+    for key in ("arch", "sms", "smem_bytes", "gemm", "moe", "attention"):
+        if key not in data:
+            raise ValueError(f"{where}: no {key!r} key")
+    tables = {}
+    for kind in ("gemm", "moe"):
+        if "default" not in data[kind]:
+            raise ValueError(f"{where}: {kind} has no 'default' section")
+        for shape in data[kind]:
+            if shape != "default" and not _shape_key(shape):
+                raise ValueError(f"{where}: {kind} shape {shape!r}; expected 'NxK' such as '24576x1536' or 'default'")
+        tables[kind] = {shape: _buckets(sec, f"{where}: {kind}[{shape}]") for shape, sec in data[kind].items()}
+        for shape, buckets in tables[kind].items():
+            for m, cfg in buckets:
+                check_config(cfg, int(data["smem_bytes"]), f"{where}: {kind}[{shape}][{m}]")
+    attention = AttnConfig(**data["attention"])
+    if attention.block_h not in POW2_TILES or attention.block_t not in POW2_TILES:
+        raise ValueError(f"{where}: attention {attention}: block_h and block_t must be powers of two in {POW2_TILES}")
+    return LaunchTable(str(data["arch"]), int(data["sms"]), int(data["smem_bytes"]), tables["gemm"], tables["moe"],
+                       attention)
+
+
+def _shape_key(shape: str) -> tuple[int, int] | None:
+    parts = shape.split("x")
+    if len(parts) == 2 and all(p.isdigit() for p in parts):
+        return int(parts[0]), int(parts[1])
+    return None
+
+
+def table_json(table: LaunchTable, about: str) -> dict:
+    """The file form of a table (what --tune writes)."""
+    def sec(kind):
+        return {shape: {str(m): {k: v for k, v in asdict(c).items() if v != GemmConfig.__dataclass_fields__[k].default
+                                 or k in ("block_m", "block_n", "num_warps", "num_stages")} for m, c in buckets}
+                for shape, buckets in kind.items()}
+    return {"about": about, "arch": table.arch, "sms": table.sms, "smem_bytes": table.smem_bytes,
+            "gemm": sec(table.gemm), "moe": sec(table.moe), "attention": asdict(table.attention)}
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(target: str, arch: str | None = None) -> LaunchTable:
+    """The launch table of `target`'s GPU `arch` (None: the interpreter's stand-in, PRIMARY_ARCH)."""
+    check_target(target)
+    arch = arch or PRIMARY_ARCH[target]
+    override = os.environ.get("DSV3_LAUNCH_CONFIGS")
+    path = Path(override) if override else CONFIG_DIR / f"{target}-{arch}.json"
+    own = path.is_file()
+    if not own:
+        path = CONFIG_DIR / f"{target}-{PRIMARY_ARCH[target]}.json"
+    try:
+        table = parse_table(json.loads(path.read_text()), str(path))
+    except (OSError, json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"launch configs {path}: {e}") from None
+    if not own:  # another chip's measurements do not carry over; its defaults are a sensible start
+        table = LaunchTable(arch, table.sms, table.smem_bytes, {"default": table.gemm["default"]},
+                            {"default": table.moe["default"]}, table.attention)
+    return table
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_of(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return None
+    if getattr(torch.version, "hip", None):
+        return getattr(torch.cuda.get_device_properties(device), "gcnArchName", "unknown").split(":")[0]
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def table_for(target: str, device: torch.device) -> LaunchTable:
+    return load_table(target, _arch_of(device))
+
+
+def sm_count(target: str, device: torch.device) -> int:
+    """The device's SMs (CUs); under the interpreter, those of the table's chip, so split choices match a GPU's."""
+    return _sm_count(device) if device.type == "cuda" else load_table(target).sms
+
+
+def nearest(buckets: tuple[tuple[int, GemmConfig], ...], m: int) -> GemmConfig:
+    """The config of the bucket nearest m in log scale; a tie goes to the larger bucket."""
+    m = max(m, 1)
+    return min(buckets, key=lambda p: (abs(math.log(p[0] / m)), -p[0]))[1]
+
+
+def gemm_config(m: int, target: str, n: int | None = None, k: int | None = None,
+                device: torch.device = torch.device("cpu")) -> GemmConfig:
+    """The FP8 GEMM's launch config for an [m, k] activation times an [n, k] weight."""
+    gemm = table_for(target, device).gemm
+    return nearest(gemm.get(f"{n}x{k}", gemm["default"]), m)
+
+
+def moe_config(rows_per_expert: float, target: str, n: int | None = None, k: int | None = None,
+               device: torch.device = torch.device("cpu")) -> GemmConfig:
+    """Grouped GEMM tiles: rows of one expert share a tile, so the tile height follows their mean count."""
+    moe = table_for(target, device).moe
+    return nearest(moe.get(f"{n}x{k}", moe["default"]), int(rows_per_expert))
+
+
+def split_k(cfg: GemmConfig, tiles: int, n_kb: int, target: str, device: torch.device) -> tuple[int, int]:
+    """(splits, K blocks per split) for `tiles` output tiles over n_kb K blocks. cfg.split_k = 0 (auto)
+    splits until the launch fills the GPU's SMs once; no split leaves a program without K blocks."""
+    want = cfg.split_k or (1 if tiles >= sm_count(target, device) else -(-sm_count(target, device) // tiles))
+    want = max(1, min(want, MAX_SPLIT_K, n_kb))
+    if tiles > MAX_SPLIT_TILES:
+        want = 1
+    per = -(-n_kb // want)
+    return -(-n_kb // per), per
+
+
+def gemm_smem_bytes(cfg: GemmConfig, b_tiles: int = 1) -> int:
+    """Shared memory the software pipeline of an FP8 GEMM needs: num_stages copies of the A and B tiles
+    (BLOCK_K = 128, one byte each); b_tiles = 2 for gate and up read in one pass."""
+    return cfg.num_stages * 128 * (cfg.block_m + b_tiles * cfg.block_n)
+
+
+def attn_smem_bytes(cfg: AttnConfig, block_t: int, c: int, r: int, elt: int) -> int:
+    """num_stages copies (at least one) of a [BLOCK_T, C + R] tile of the latent cache, padded as the kernel pads."""
+    cp, rp = max(16, 1 << (c - 1).bit_length()), max(16, 1 << (r - 1).bit_length())
+    return max(1, cfg.num_stages) * block_t * (cp + rp) * elt
+
+
+def attn_config(target: str, c: int = 512, r: int = 64, elt: int = 2,
+                device: torch.device = torch.device("cpu")) -> AttnConfig:
+    """The MLA decode tiles for latent width c, rope width r and element size elt: the table's key
+    block, halved until the pipelined tiles fit the chip's shared memory (an fp32 cache at C = 512
+    needs half the keys per step of a bf16 one)."""
+    table = table_for(target, device)
+    cfg = table.attention
+    block_t = cfg.block_t
+    while block_t > 16 and attn_smem_bytes(cfg, block_t, c, r, elt) > table.smem_bytes:
+        block_t //= 2
+    return AttnConfig(cfg.block_h, block_t, cfg.num_warps, cfg.num_stages)
 
 
 def interpreted(device: torch.device) -> bool:

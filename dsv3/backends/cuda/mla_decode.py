@@ -8,14 +8,12 @@ splits are merged in torch by their log-sum-exp.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from .jit import dot
-from .launch import attn_config, check_target, interpreted
+from .launch import attn_config, check_target, interpreted, sm_count
 
 
 @triton.jit
@@ -65,16 +63,11 @@ def _mla_decode_kernel(ql_ptr, qp_ptr, kv_ptr, pe_ptr, mask_ptr, o_ptr, lse_ptr,
     tl.store(lse_ptr + row * H + heads, lse, mask=in_h)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _splits(work: int, t: int, block_t: int, device: torch.device) -> int:
-    """Enough key slices to give the GPU ~2 programs per SM; one on the interpreter."""
+def _splits(work: int, t: int, block_t: int, target: str, device: torch.device) -> int:
+    """Enough key slices to give the GPU ~2 programs per SM; one or two on the interpreter."""
     if device.type != "cuda":
         return 1 if t <= 4 * block_t else 2
-    sms = _sm_count(device)  # asked once per device: this runs every layer of every decode step
+    sms = sm_count(target, device)  # cached per device: this runs every layer of every decode step
     return max(1, min(triton.cdiv(2 * sms, work), triton.cdiv(t, 4 * block_t), 64))
 
 
@@ -91,9 +84,9 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe:
         raise ValueError(f"mla_decode: mask {list(mask.shape)}; expected [{B}, {S}, {T}] with unit stride in T")
     if any(t.stride(-1) != 1 for t in (q_latent, q_pe, kv, pe)):
         raise ValueError("mla_decode: the last dim of q_latent, q_pe, kv and pe must be contiguous")
-    cfg = attn_config(target)
+    cfg = attn_config(target, C, R, kv.element_size(), kv.device)  # fp32 caches take half the keys per step
     n_h = triton.cdiv(H, cfg.block_h)
-    n_splits = _splits(B * S * n_h, T, cfg.block_t, kv.device)
+    n_splits = _splits(B * S * n_h, T, cfg.block_t, target, kv.device)
     split_len = triton.cdiv(triton.cdiv(T, n_splits), cfg.block_t) * cfg.block_t
     n_splits = triton.cdiv(T, split_len)
     # one slice: the kernel writes the answer in q's dtype; several: fp32 partials merged by one more launch

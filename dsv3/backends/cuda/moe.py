@@ -16,8 +16,9 @@ import triton.language as tl
 
 from ...core.fp8 import FP8_EMIN
 from .act_quant import act_quant
-from .jit import round_to_fp8_grid
-from .launch import FUSED_QUANT_ROWS, check_target, moe_config
+from .fp8_gemm import split_k_args
+from .jit import quantize_tile, split_k_gather
+from .launch import FUSED_QUANT_ROWS, GemmConfig, check_target, moe_config
 
 BLOCK_K = 128
 
@@ -27,10 +28,12 @@ def _moe_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, b2_ptr, b2s_ptr, c_ptr, rows_
                      N, K, n_rows, n_kb, n_nb, A_DIV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SWIGLU: tl.constexpr, WEIGHTED: tl.constexpr, QUANT_A: tl.constexpr = False,
-                     FP8_MAX: tl.constexpr = 1.0, EMIN: tl.constexpr = 0, UE8M0: tl.constexpr = False):
+                     FP8_MAX: tl.constexpr = 1.0, EMIN: tl.constexpr = 0, UE8M0: tl.constexpr = False,
+                     ws_ptr=None, count_ptr=None, kb_per_split=0, SPLIT_K: tl.constexpr = 1):
     """QUANT_A: a_ptr holds the bf16/fp32 activation and each K step quantizes its tile as act_quant would
-    (as in fp8_gemm.py): the decode-sized MoE needs no act_quant launches."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    (as in fp8_gemm.py): the decode-sized MoE needs no act_quant launches. SPLIT_K > 1: the K blocks of a
+    tile over several programs (axis 2), as in fp8_gemm.py, so that a few tokens' experts fill the GPU."""
+    pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     e = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
     if e < 0:  # the grid is sized for the worst case without reading the counts back
         return
@@ -38,23 +41,22 @@ def _moe_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, b2_ptr, b2s_ptr, c_ptr, rows_
     valid = rows < n_rows
     a_rows = (rows // A_DIV).to(tl.int64)  # gate/up reads token t for rows t·k .. t·k + k - 1
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kb_lo = split * kb_per_split
+    kb_hi = tl.minimum(kb_lo + kb_per_split, n_kb) if SPLIT_K > 1 else n_kb
     rk = tl.arange(0, BLOCK_K)
     in_n = rn < N
-    a_ptrs = a_ptr + a_rows[:, None] * K + rk[None, :]
+    a_ptrs = a_ptr + a_rows[:, None] * K + kb_lo * BLOCK_K + rk[None, :]
     as_ptrs = as_ptr + a_rows * n_kb
-    b_off = e * N * K + rn[None, :].to(tl.int64) * K + rk[:, None]
+    b_off = e * N * K + rn[None, :].to(tl.int64) * K + kb_lo * BLOCK_K + rk[:, None]
     bs_off = (e * n_nb + rn // 128) * n_kb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(n_kb):
+    for kb in range(kb_lo, kb_hi):
         in_k = rk < K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=valid[:, None] & in_k[None, :], other=0.0)
         if QUANT_A:
-            xa = a.to(tl.float32)
-            qs = tl.maximum(tl.max(tl.abs(xa), axis=1), 1e-4) / FP8_MAX
-            if UE8M0:
-                qs = tl.exp2(tl.ceil(tl.log2(qs)))
-            a = round_to_fp8_grid(tl.clamp(xa / qs[:, None], -FP8_MAX, FP8_MAX), EMIN).to(b_ptr.dtype.element_ty)
+            qa, qs = quantize_tile(a.to(tl.float32), FP8_MAX, EMIN, UE8M0)
+            a = qa.to(b_ptr.dtype.element_ty)
             sa = qs[:, None]
         else:
             sa = tl.load(as_ptrs + kb, mask=valid, other=0.0)[:, None]
@@ -67,12 +69,18 @@ def _moe_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, b2_ptr, b2s_ptr, c_ptr, rows_
             acc2 += tl.dot(a, b2) * sa * sb2
         a_ptrs += BLOCK_K
         b_off += BLOCK_K
+    out = valid[:, None] & in_n[None, :]
+    if SPLIT_K > 1:
+        tile = pid_m * tl.num_programs(1) + pid_n
+        last, acc, acc2 = split_k_gather(acc, acc2, ws_ptr, count_ptr, tile, split,
+                                         tl.num_programs(0) * tl.num_programs(1), SPLIT_K, SWIGLU, BLOCK_M, BLOCK_N)
+        out &= last
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc2
     if WEIGHTED:
         acc = acc * tl.load(rw_ptr + rows, mask=valid, other=0.0)[:, None]
     c_ptrs = c_ptr + rows[:, None].to(tl.int64) * N + rn[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & in_n[None, :])
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=out)
 
 
 @triton.jit
@@ -154,7 +162,7 @@ def route_torch(ids: torch.Tensor, first: int, n_experts: int, block_m: int) -> 
 def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
               w1: torch.Tensor, s1: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor,
               w2: torch.Tensor, s2: torch.Tensor, first: int, fp8_max: float, target: str = "nvidia",
-              ue8m0: bool = False) -> torch.Tensor:
+              ue8m0: bool = False, config: GemmConfig | None = None) -> torch.Tensor:
     """Σ_k weights[t, k] · expert_{ids[t, k]}(x[t]) over the experts held here (global ids first .. first + E - 1).
     `ue8m0`: activation scales rounded up to powers of two (V3.1), for both quantized activations.
 
@@ -176,7 +184,7 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     if t == 0:
         return torch.zeros_like(x)
     fp8 = w1.dtype
-    cfg = moe_config(t * k / e, target)
+    cfg = config or moe_config(t * k / e, target, inter, dim, x.device)
     rows, tile_expert = route(ids, first, e, cfg.block_m)
     n_rows = t * k
     launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, num_warps=cfg.num_warps,
@@ -191,21 +199,30 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
 
     # rows of other ranks (and of no tile) are never written nor read below: no zero fill
     h = torch.empty(n_rows, inter, dtype=x.dtype, device=x.device)
-    grid = (tile_expert.numel(), triton.cdiv(inter, cfg.block_n))
+    grid, split = _grid(cfg, tile_expert.numel(), inter, dim, target, x.device, swiglu=True)
     # rw_ptr (routing weights) is unread without WEIGHTED: any tensor fills the slot
     _moe_gemm_kernel[grid](*quantized(x.contiguous()), w1, s1, w3, s3, h, rows, tile_expert, rows, inter, dim, n_rows,
                            triton.cdiv(dim, BLOCK_K), triton.cdiv(inter, 128), A_DIV=k, SWIGLU=True, WEIGHTED=False,
-                           **launch)
+                           **launch, **split)
     y = torch.empty(n_rows, dim, dtype=torch.float32, device=x.device)  # rows of other ranks: skipped by the sum
-    grid = (tile_expert.numel(), triton.cdiv(dim, cfg.block_n))
+    grid, split = _grid(cfg, tile_expert.numel(), dim, inter, target, x.device, swiglu=False)
     _moe_gemm_kernel[grid](*quantized(h), w2, s2, w2, s2, y, rows, tile_expert, weights.float().contiguous(), dim, inter,
                            n_rows, triton.cdiv(inter, BLOCK_K), triton.cdiv(dim, 128), A_DIV=1, SWIGLU=False,
-                           WEIGHTED=True, **launch)
+                           WEIGHTED=True, **launch, **split)
     out = torch.empty(t, dim, dtype=x.dtype, device=x.device)
     block_d = min(1024, triton.next_power_of_2(dim))
     _combine_kernel[(t, triton.cdiv(dim, block_d))](y, ids, out, first, e, dim, K_SLOTS=k,
                                                     BLOCK_K=triton.next_power_of_2(k), BLOCK_D=block_d)
     return out
+
+
+def _grid(cfg: GemmConfig, m_tiles: int, n: int, k: int, target: str, device: torch.device, swiglu: bool):
+    """(grid, kernel kwargs) of one grouped GEMM: tiles of rows x tiles of N x splits of K. The tile count is
+    the worst case the grid is sized for (tiles past the routed rows exit at once), so split-K is chosen
+    for the rows a decode step can route, read back from nothing."""
+    n_tiles = triton.cdiv(n, cfg.block_n)
+    splits, extra = split_k_args(cfg, m_tiles * n_tiles, triton.cdiv(k, BLOCK_K), target, device, swiglu)
+    return (m_tiles, n_tiles, splits), extra
 
 
 @triton.jit
@@ -226,7 +243,7 @@ def _combine_kernel(y_ptr, ids_ptr, out_ptr, first, E, D, K_SLOTS: tl.constexpr,
 def fused_moe_op(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor,
                  w3: torch.Tensor, s3: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, first: int, fp8_max: float,
                  target: str, ue8m0: bool = False) -> torch.Tensor:
-    return fused_moe(x, weights, ids, w1, s1, w3, s3, w2, s2, first, fp8_max, target, ue8m0)
+    return fused_moe(x, weights, ids, w1, s1, w3, s3, w2, s2, first, fp8_max, target, ue8m0)  # the table's config
 
 
 @fused_moe_op.register_fake

@@ -125,9 +125,11 @@ def stored_bf16(h: torch.Tensor, device: str) -> torch.Tensor:
     return h.bfloat16()
 
 
-def moe_reference(x, weights, ids, w1, s1, w3, s3, w2, s2, first, t, device) -> torch.Tensor:
+def moe_reference(x, weights, ids, w1, s1, w3, s3, w2, s2, first, t, device, jitter=None) -> torch.Tensor:
     """Token by token, slot by slot, in float64: quantize x, gate/up, SwiGLU (stored in bf16 as the
-    kernel does), quantize, down, weight; experts outside [first, first + E) contribute nothing."""
+    kernel does), quantize, down, weight; experts outside [first, first + E) contribute nothing.
+    jitter (a generator): gate and up each off by a random 2^-11 relative, the size of a GPU's FP8
+    tensor-core accumulation error, to see how far that alone moves the output."""
     deq = lambda w, s, e: fp8.dequantize(w[e], s[e], torch.float64)
     xq = dequant_rows(*fp8.act_quant_reference(x, t.fp8, fp8_max=t.act_max))
     out = torch.zeros(x.shape, dtype=torch.float64)
@@ -137,6 +139,8 @@ def moe_reference(x, weights, ids, w1, s1, w3, s3, w2, s2, first, t, device) -> 
             if not 0 <= e < w1.shape[0]:
                 continue
             g, u = xq[i] @ deq(w1, s1, e).T, xq[i] @ deq(w3, s3, e).T
+            if jitter is not None:
+                g, u = (v * (1 + 2**-11 * torch.randn(v.shape, generator=jitter, dtype=torch.float64)) for v in (g, u))
             h = stored_bf16(g * torch.sigmoid(g) * u, device)
             hq = dequant_rows(*fp8.act_quant_reference(h[None], t.fp8, fp8_max=t.act_max))[0]
             out[i] += float(weights[i, j]) * (hq @ deq(w2, s2, e).T)
@@ -163,15 +167,95 @@ def test_fused_moe(target, tokens, dim, inter, experts, k, first):
     w2, s2 = quantized_weight(dim, inter, target, 3, experts)
     on = [t.to(dev) for t in (x, weights, ids, w1, s1, w3, s3, w2, s2)]
     got = fused_moe(*on, first, target.act_max, target.vendor).cpu()
-    ref = moe_reference(x, weights, ids, w1, s1, w3, s3, w2, s2, first, target, dev)
-    check(got, ref, 8e-3, f"fused_moe T={tokens} D={dim} I={inter} E={experts} k={k} first={first}")
+    args = (x, weights, ids, w1, s1, w3, s3, w2, s2, first, target, dev)
+    ref = moe_reference(*args)
+    check(got, ref, 8e-3 + 2 * moe_sensitivity(ref, args), f"fused_moe T={tokens} D={dim} I={inter} E={experts} "
+          f"k={k} first={first}")
 
+
+def moe_sensitivity(ref, args) -> float:
+    """How far the reference itself moves when gate and up carry a GPU's accumulation error (the worst of two
+    draws, relative to max |ref|). The SwiGLU output is quantized to FP8 again: a 2^-11 change can flip its
+    rounding, or the max of a 128-block and with it that block's scale and every value in it, and each flip
+    moves an output by up to an FP8 step (6%) of one term. The kernel may differ from the reference by
+    that much on a GPU (measured on an H200: 1.6e-2 at T=129, I=130), and by no more than it plus rounding."""
+    errs = [(moe_reference(*args, jitter=gen(s)) - ref).abs().max().item() for s in (1, 2)]
+    return max(errs) / max(ref.abs().max().item(), 1e-30)
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_fused_moe_split_k(target, splits):
+    """Both grouped GEMMs with their K blocks over several programs (K = 200 and 56: the last split is short)
+    equal the unsplit launch, and leave the split-K counters at zero."""
+    from dsv3.backends.cuda.fp8_gemm import split_counters
+    from dsv3.backends.cuda.launch import GemmConfig
+    from dsv3.backends.cuda.moe import fused_moe
+
+    dev = device_for(target.vendor)
+    g = gen(splits)
+    x = torch.randn(3, 200, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(3)])
+    weights = torch.rand(3, 2, generator=g)
+    w1, s1 = quantized_weight(56 * 3, 200, target, 1, 8)
+    w3, s3 = quantized_weight(56 * 3, 200, target, 2, 8)
+    w2, s2 = quantized_weight(200, 56 * 3, target, 3, 8)
+    on = [t.to(dev) for t in (x, weights, ids, w1, s1, w3, s3, w2, s2)]
+    run = lambda s: fused_moe(*on, 0, target.act_max, target.vendor, config=GemmConfig(16, 64, 4, 2, split_k=s))  # noqa: E731
+    check(run(splits).cpu().float(), run(1).cpu().float(), 1e-2, f"fused_moe split_k={splits}")
+    assert not split_counters(torch.device(dev)).any(), "a split-K launch left a tile counter set"
+
+
+
+# ---- split-K -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("splits", [2, 3, 5])
+@pytest.mark.parametrize("m,n,k", [(1, 130, 7 * 128 - 56), (1, 64, 4 * 128), (3, 200, 5 * 128 + 1)])
+def test_split_k_equals_one_pass(target, m, n, k, splits):
+    """Split-K (K blocks over several programs, the tile's last program adds the partials up) against the
+    float64 reference and the unsplit launch, for the plain GEMM and the fused linear, residual and SwiGLU
+    epilogues; K is not a multiple of the split (the last split gets fewer blocks, or a shortened block);
+    the arrival counters are all back at zero afterwards (the next launch, or a graph replay, relies on it)."""
+    from dsv3.backends.cuda.act_quant import act_quant
+    from dsv3.backends.cuda.fp8_gemm import fp8_gemm, fp8_linear, fp8_swiglu, split_counters
+    from dsv3.backends.cuda.launch import GemmConfig
+
+    dev = device_for(target.vendor)
+    one, split = GemmConfig(16, 64, 4, 2, split_k=1), GemmConfig(16, 64, 4, 2, split_k=splits)
+    x = torch.randn(m, k, generator=gen(m + n + splits)).bfloat16().to(dev)
+    r = torch.randn(m, n, generator=gen(m + n + 3)).to(dev)
+    (w1, s1), (w3, s3) = (quantized_weight(n, k, target, seed=s) for s in (21, 22))
+    w1, s1, w3, s3 = (t.to(dev) for t in (w1, s1, w3, s3))
+    q, s = act_quant(x, target.fp8, target.act_max)
+    ref = dequant_rows(q.cpu(), s.cpu()) @ fp8.dequantize(w1.cpu(), s1.cpu(), torch.float64).T
+    got = fp8_gemm(q, s, w1, s1, torch.float32, target.vendor, config=split).cpu()
+    check(got, ref, 1e-5, f"fp8_gemm split_k={splits} M={m} N={n} K={k}")  # fp32 out: only the sum order differs
+    lin = lambda cfg, **kw: fp8_linear(x, w1, s1, target.act_max, False, torch.float32, target.vendor,  # noqa: E731
+                                       config=cfg, **kw).cpu()
+    check(lin(split), lin(one), 1e-5, f"fp8_linear split_k={splits} M={m}")
+    check(lin(split, residual=r), lin(one, residual=r), 1e-5, f"fp8_linear + residual split_k={splits} M={m}")
+    swi = lambda cfg: fp8_swiglu(x.float(), w1, s1, w3, s3, target.act_max, False, target.vendor, config=cfg).cpu()  # noqa: E731
+    check(swi(split), swi(one), 1e-5, f"fp8_swiglu split_k={splits} M={m}")
+    assert not split_counters(torch.device(dev)).any(), "a split-K launch left a tile counter set"
+
+
+def test_split_k_passes_nan_from_any_split(target):
+    """A NaN in the K range of one split (not the last one to finish) reaches its row of the output."""
+    from dsv3.backends.cuda.fp8_gemm import fp8_linear
+    from dsv3.backends.cuda.launch import GemmConfig
+
+    dev = device_for(target.vendor)
+    x = torch.randn(2, 4 * 128, generator=gen(5)).bfloat16()
+    x[1, 130] = float("nan")  # K block 1 of 4: the first of two splits
+    w, ws = quantized_weight(70, 4 * 128, target, seed=5)
+    got = fp8_linear(x.to(dev), w.to(dev), ws.to(dev), target.act_max, False, torch.float32, target.vendor,
+                     config=GemmConfig(16, 64, 4, 2, split_k=2)).cpu()
+    assert got[1].isnan().all() and not got[0].isnan().any(), "split-K lost or spread a NaN"
 
 # ---- MLA decode attention ------------------------------------------------------------------------------
 @pytest.mark.parametrize("b,s,h,c,r,t", [
     (1, 1, 16, 512, 64, 1),  # DeepSeek's dims, first decode step
     (2, 1, 3, 72, 8, 37),  # odd heads, small dims
     (1, 1, 5, 144, 32, 300),  # long enough for several key slices
+    (1, 1, 20, 160, 32, 70),  # two head groups of 16, the second a partial one
     (2, 4, 4, 64, 16, 20),  # several queries with a causal mask (chunked prefill through the absorbed form)
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -1,0 +1,141 @@
+"""The launch-config files of the Triton kernels (dsv3/backends/cuda/configs): they load on a machine
+without a GPU or triton, every entry is a launch the chip can run, every DeepSeek-V3 linear shape at
+tensor parallel 1, 8 and 16 resolves to a config (its own entry or the default), and no entry names a
+shape DeepSeek-V3 does not have (a typo would silently never be used)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dsv3.backends.cuda import launch as L
+
+FILES = sorted(L.CONFIG_DIR.glob("*.json"))
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@pytest.fixture(autouse=True)
+def fresh_tables(monkeypatch):
+    monkeypatch.delenv("DSV3_LAUNCH_CONFIGS", raising=False)
+    L.load_table.cache_clear()
+    yield
+    L.load_table.cache_clear()
+
+
+def test_there_is_a_file_per_primary_chip():
+    names = {f.stem for f in FILES}
+    assert {f"{t}-{a}" for t, a in L.PRIMARY_ARCH.items()} <= names, names
+
+
+@pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
+def test_each_file_loads_and_every_entry_is_a_valid_launch(path):
+    target, arch = path.stem.split("-", 1)
+    table = L.load_table(target, arch)  # parse_table checks each config against the chip's shared memory
+    assert table.arch == arch, f"{path.name} says arch {table.arch!r}"
+    assert table.sms > 0 and table.smem_bytes >= 64 * 1024
+    for kind in (table.gemm, table.moe):
+        for buckets in kind.values():
+            for _, cfg in buckets:
+                assert L.gemm_smem_bytes(cfg, b_tiles=2) <= table.smem_bytes
+    for elt in (2, 4):  # bf16 and fp32 latent caches at DeepSeek's C = 512, R = 64 fit (fp32 failed on an H200)
+        cfg = L.attn_config(target, 512, 64, elt) if arch == L.PRIMARY_ARCH[target] else None
+        if cfg is not None:
+            assert L.attn_smem_bytes(cfg, cfg.block_t, 512, 64, elt) <= table.smem_bytes, (arch, elt, cfg)
+
+
+@pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
+def test_entries_name_deepseek_v3_shapes(path):
+    data = json.loads(path.read_text())
+    linears = {f"{n}x{k}" for tp in L.V3_TP for n, k in L.v3_linear_shapes(tp).values()}
+    experts = {f"{n}x{k}" for n, k in L.V3_EXPERTS.values()}
+    for shape in data["gemm"]:
+        assert shape == "default" or shape in linears, f"{path.name}: gemm entry {shape} is no DeepSeek-V3 linear"
+    for shape in data["moe"]:
+        assert shape == "default" or shape in experts, f"{path.name}: moe entry {shape} is no DeepSeek-V3 expert"
+
+
+@pytest.mark.parametrize("target", L.TARGETS)
+@pytest.mark.parametrize("tp", L.V3_TP)
+def test_every_v3_linear_resolves_at_every_m(target, tp):
+    table = L.load_table(target)
+    for name, (n, k) in L.v3_linear_shapes(tp).items():
+        for m in M_BUCKETS:
+            cfg = L.gemm_config(m, target, n, k)
+            own = table.gemm.get(f"{n}x{k}")
+            assert cfg in [c for _, c in (own or table.gemm["default"])], (name, m)
+            L.check_config(cfg, table.smem_bytes, f"{name} tp={tp} m={m}")
+    for n, k in L.V3_EXPERTS.values():
+        for rows in (0.03, 1, 16, 128, 4096):
+            L.check_config(L.moe_config(rows, target, n, k), table.smem_bytes, f"moe {n}x{k} rows={rows}")
+
+
+def test_the_nearest_bucket_wins_in_log_scale():
+    b = ((1, "a"), (16, "b"), (128, "c"))
+    assert [L.nearest(b, m) for m in (1, 3, 4, 5, 16, 45, 46, 100, 4096)] == list("aabbbbccc")
+    # 4 is 4x from both 1 and 16: the larger tile; 45 < sqrt(16 * 128) ~ 45.25 < 46
+    assert L.nearest(b, 0) == "a"
+
+
+def test_a_shape_entry_overrides_the_default_and_other_chips_take_defaults_only():
+    q_b = L.gemm_config(1, "nvidia", 24576, 1536)
+    assert (q_b.block_m, q_b.block_n, q_b.num_warps, q_b.num_stages) == (16, 256, 8, 3)  # the H200 sweep
+    assert L.gemm_config(1, "nvidia", 24576, 1536) != L.gemm_config(1, "nvidia", 100, 1536)
+    other = L.load_table("nvidia", "sm100")  # no file of its own: the sm90 defaults, not its measurements
+    assert set(other.gemm) == {"default"} and other.arch == "sm100"
+
+
+def test_a_malformed_file_is_refused_with_the_entry_named(tmp_path, monkeypatch):
+    data = json.loads((L.CONFIG_DIR / "nvidia-sm90.json").read_text())
+    data["gemm"]["7168x2048"]["128"]["block_n"] = 96
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    monkeypatch.setenv("DSV3_LAUNCH_CONFIGS", str(bad))
+    with pytest.raises(ValueError, match=r"gemm\[7168x2048\]\[128\].*powers of two"):
+        L.load_table("nvidia")
+    data["gemm"]["7168x2048"]["128"].update(block_n=256, num_stages=6)  # 6 * 128 * (128 + 512) bytes
+    bad.write_text(json.dumps(data))
+    L.load_table.cache_clear()
+    with pytest.raises(ValueError, match="bytes of shared memory"):
+        L.load_table("nvidia")
+
+
+def test_an_override_file_replaces_the_packaged_one(tmp_path, monkeypatch):
+    data = json.loads((L.CONFIG_DIR / "nvidia-sm90.json").read_text())
+    data["gemm"]["576x7168"] = {"1": {"block_m": 16, "block_n": 32, "num_warps": 2, "num_stages": 2, "split_k": 7}}
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps(data))
+    monkeypatch.setenv("DSV3_LAUNCH_CONFIGS", str(path))
+    assert L.gemm_config(1, "nvidia", 576, 7168).split_k == 7
+
+
+@pytest.mark.parametrize("tiles,n_kb", [(1, 1), (1, 56), (9, 3), (9, 56), (31, 7), (132, 56), (4, 12), (500, 2)])
+def test_split_k_fills_the_gpu_and_leaves_no_split_empty(tiles, n_kb):
+    import torch
+
+    auto = L.GemmConfig(16, 64, 4, 2, split_k=0)
+    splits, per = L.split_k(auto, tiles, n_kb, "nvidia", torch.device("cpu"))  # the table's 132 SMs
+    assert (splits - 1) * per < n_kb <= splits * per, "a split without K blocks, or K blocks without a split"
+    assert 1 <= splits <= min(L.MAX_SPLIT_K, n_kb)
+    if tiles >= 132:
+        assert splits == 1
+    elif n_kb >= L.MAX_SPLIT_K:
+        assert tiles * splits >= min(132, tiles * L.MAX_SPLIT_K) * 0.5, "split-K leaves most SMs idle"
+    fixed = L.split_k(L.GemmConfig(16, 64, 4, 2, split_k=5), tiles, n_kb, "nvidia", torch.device("cpu"))
+    assert fixed[0] <= 5 and (fixed[0] - 1) * fixed[1] < n_kb <= fixed[0] * fixed[1]
+
+
+def test_fp32_latent_tiles_fit_where_bf16_ones_do():
+    """The H200 refused fp32 MLA decode at C = 512 (249856 bytes of shared memory for 232448): the key block
+    halves for 4-byte elements; bf16 keeps the table's."""
+    bf16, fp32 = L.attn_config("nvidia", 512, 64, 2), L.attn_config("nvidia", 512, 64, 4)
+    assert bf16.block_t == L.load_table("nvidia").attention.block_t and fp32.block_t == bf16.block_t // 2
+    assert L.attn_smem_bytes(fp32, fp32.block_t, 512, 64, 4) <= L.load_table("nvidia").smem_bytes
+
+
+def test_the_config_files_ship_with_the_package():
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[3] / "pyproject.toml").read_text())
+    assert "configs/*.json" in pyproject["tool"]["setuptools"]["package-data"]["dsv3.backends.cuda"]
