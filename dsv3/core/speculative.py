@@ -30,35 +30,37 @@ from .model import LatentCache, Transformer
 log = logging.getLogger("dsv3")
 #: adaptive mode: this many drafting rounds, then this many plain steps, both timed; the faster one goes on.
 #: Drafts none of which landed in the first QUIT_AFTER rounds stop at once (a drafter with the 85% acceptance of
-#: DeepSeek-V3's report does that once in ~10^4 runs)
+#: DeepSeek-V3's report misses its first draft three times running once in ~300 runs: 0.15^3)
 JUDGE_AFTER, QUIT_AFTER = 4, 3
-#: a verify step shape (q tokens per row) is captured once it has run this many times (drafting goes on)
-CAPTURE_AFTER = 3
+#: a step shape (verify or draft, q tokens per row) is captured once it has run this many times. At once: a capture
+#: costs about what the eager runs it would wait through cost (cpu: one recorded run and one check; a GPU: two warm-up
+#: runs), and the rounds that follow replay it (measured on the cpu at 64 new tokens: 3 eager rounds first cost the
+#: perfect-draft run ~20% of its speed)
+CAPTURE_AFTER = 0
 
 
-class VerifyStep:
-    """The main model's step over q tokens per row at a fixed span: static shapes, so the backend may capture it like
-    the decode step (a graph on cuda/rocm, a recorded step on cpu) and replay it per round; elsewhere it runs eagerly.
-    The first replay is checked against the eager step (same writes, so harmless)."""
+class StaticStep:
+    """A step of static shapes: inputs staged in fixed buffers (updated in place), the output read from the step's
+    own buffers, so the backend may capture it like the decode step (a graph on cuda/rocm, a recorded step on cpu)
+    and replay it per round; elsewhere, or when capture fails, it runs eagerly. The first replay is checked against
+    the eager step (same writes, so harmless). `run(**buffers)` is the step; `buffers` its inputs, whose values at
+    construction are what the capture's warm-up runs see: positions at the end of the span, which no query reads
+    before a round writes them."""
 
-    def __init__(self, model: Transformer, cache: LatentCache, batch: int, q: int, span: int, graphs: bool):
-        device = model.rope_cos.device
-        self.model, self.cache, self.span = model, cache, span
-        self.tokens = torch.zeros(batch, q, dtype=torch.long, device=device)
-        # capture runs the step at the last q positions, which no query reads before a round writes them
-        self.positions = torch.full((batch,), span - q, dtype=torch.long, device=device)
+    def __init__(self, model: Transformer, what: str, run, buffers: dict[str, torch.Tensor], graphs: bool):
+        self.model, self.what, self.run, self.buffers = model, what, run, buffers
         self.replay, self.out, self.checked = None, None, False
         if graphs and model.kernels.can_capture() and model.par.world_size == 1:
             captured = model.kernels.capture(self._run)
             if captured is not None:
                 self.replay, self.out = captured
 
-    def _run(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.forward_step(self.tokens, self.positions, self.cache, self.span)  # [B, q, V], [B, q, D]
+    def _run(self):
+        return self.run(**self.buffers)
 
-    def __call__(self, feed: torch.Tensor, length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.tokens.copy_(feed)
-        self.positions.copy_(length)
+    def __call__(self, **values: torch.Tensor):
+        for name, value in values.items():
+            self.buffers[name].copy_(value)
         if self.replay is None:
             return self._run()
         self.replay()
@@ -66,10 +68,37 @@ class VerifyStep:
             self.checked = True
             graph = self.out[0].clone()  # the eager run below writes the same buffers a replay reads back
             eager = self._run()
-            if not replay_agrees(self.model.kernels, "verify step", graph, eager[0]):
+            if not replay_agrees(self.model.kernels, self.what, graph, eager[0]):
                 self.replay = None
                 return eager
         return self.out
+
+
+def verify_step(model: Transformer, cache: LatentCache, batch: int, q: int, span: int, graphs: bool) -> StaticStep:
+    """The main model over q tokens per row at positions length .. length + q - 1 -> logits [B, q, V], hidden [B, q, D]."""
+    device = model.rope_cos.device
+    buffers = dict(tokens=torch.zeros(batch, q, dtype=torch.long, device=device),
+                   positions=torch.full((batch,), span - q, dtype=torch.long, device=device))
+    return StaticStep(model, "verify step", lambda tokens, positions: model.forward_step(tokens, positions, cache, span),
+                      buffers, graphs)
+
+
+def draft_step(model: Transformer, cache: LatentCache, batch: int, q: int, span: int, dtype: torch.dtype,
+               graphs: bool) -> StaticStep:
+    """The MTP module over q (hidden, next token) pairs per row -> draft logits [B, V] and hidden [B, D] at `take`."""
+    device = model.rope_cos.device
+    buffers = dict(tokens=torch.zeros(batch, q, dtype=torch.long, device=device),
+                   hidden=torch.zeros(batch, q, model.cfg.hidden_size, dtype=dtype, device=device),
+                   positions=torch.full((batch,), span - q, dtype=torch.long, device=device),
+                   take=torch.zeros(batch, dtype=torch.long, device=device))
+    return StaticStep(model, "draft step", lambda tokens, hidden, positions, take: model.mtp_step(
+        tokens, hidden, positions, cache, span, take=take), buffers, graphs)
+
+
+def _worth_capturing(decided: bool, accepted: int) -> bool:
+    """While the adaptive mode still judges, capture only once a draft has landed: drafts that never land quit
+    after QUIT_AFTER rounds, and captures for those few rounds would cost more than they save."""
+    return decided or accepted > 0
 
 
 def _keep_drafting(rate: dict[bool, float]) -> bool:
@@ -142,13 +171,25 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
     timing = {True: [0.0, 0], False: [0.0, 0]}  # drafting or not: seconds, tokens gained
     plain_trial: list[tuple[torch.Tensor, torch.Tensor]] = []  # (hidden [B, 1, D], token [B]) of each timed plain step
     plain_step: DecodeStep | None = None
-    verify: dict[int, VerifyStep] = {}  # per q: 1 + k while drafting, 1 for the timed plain steps
-    uses: dict[int, int] = {}
+    # static steps per (kind, q), captured once a shape has run CAPTURE_AFTER times (a capture costs ~3 steps): the
+    # verify step (q = 1 + k while drafting, 1 for the timed plain steps) and the MTP catch-up (q = 1 + k)
+    static: dict[tuple[str, int], StaticStep] = {}
+    uses: dict[tuple[str, int], int] = {}
+
+    captures = [0]  # static steps made so far: a round that made one is not timed (a one-off cost, not its speed)
+
+    def static_step(kind: str, q: int) -> StaticStep | None:
+        uses[kind, q] = uses.get((kind, q), 0) + 1
+        if (kind, q) not in static and uses[kind, q] > CAPTURE_AFTER and _worth_capturing(decided, accepted):
+            static[kind, q] = (verify_step(model, cache, B, q, total, graphs) if kind == "verify" else
+                               draft_step(model, mtp_cache, B, q, total, dtype, graphs))
+            captures[0] += 1
+        return static.get((kind, q))
     while True:
         active = [b for b in range(B) if not done[b] and len(out[b]) < max_new_tokens]
         if not active:
             break
-        round_t0, before = time.perf_counter(), sum(len(out[b]) for b in active)
+        round_t0, before, made = time.perf_counter(), sum(len(out[b]) for b in active), captures[0]
         live = torch.zeros(B, dtype=torch.bool, device=device)
         live[active] = True  # finished rows ride along, frozen at their length
         q = 1 + k if drafting else 1
@@ -179,11 +220,9 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
                 plain_step = DecodeStep(model, cache, B, total, graphs=graphs)
             v_logits, v_hidden = plain_step(last, length, span)[:, None], None  # [B, 1, V]; the hidden is not needed
         else:  # a round, or a timed plain step (its hidden feeds the MTP cache if drafting resumes)
-            uses[q] = uses.get(q, 0) + 1
-            if q not in verify and uses[q] > CAPTURE_AFTER:  # a capture costs ~3 steps: only for steps that go on
-                verify[q] = VerifyStep(model, cache, B, q, total, graphs)
-            if q in verify:
-                v_logits, v_hidden = verify[q](feed, length)  # [B, q, V], [B, q, D]
+            step = static_step("verify", q)
+            if step is not None:
+                v_logits, v_hidden = step(tokens=feed, positions=length)  # [B, q, V], [B, q, D]
             else:
                 v_logits, v_hidden = model.forward_step(feed, length, cache, span)
         stats.steps += 1
@@ -231,13 +270,18 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
         # ---- catch up the MTP cache: pairs (main hidden at L + j, token L + j + 1) for j = 0 .. n
         nxt = torch.tensor([new[b][:q] + [0] * (q - len(new[b][:q])) for b in range(B)], device=device)  # [B, q]
         if mtp_cache is not None and drafting:
-            draft_logits, draft_h = model.mtp_step(nxt, v_hidden, length, mtp_cache, span, take=n)
+            step = static_step("draft", q)
+            if step is not None:
+                draft_logits, draft_h = step(tokens=nxt, hidden=v_hidden, positions=length, take=n)
+            else:
+                draft_logits, draft_h = model.mtp_step(nxt, v_hidden, length, mtp_cache, span, take=n)
         last = torch.where(live, torch.tensor([new[b][-1] for b in range(B)], device=device), last)
         length = torch.where(live, length + n + 1, length)
         if decided:
             continue
-        timing[drafting][0] += time.perf_counter() - round_t0
-        timing[drafting][1] += sum(len(out[b]) for b in active) - before
+        if captures[0] == made:
+            timing[drafting][0] += time.perf_counter() - round_t0
+            timing[drafting][1] += sum(len(out[b]) for b in active) - before
         if drafting and rounds >= QUIT_AFTER and accepted == 0:  # drafts that never land cannot win: no trial
             decided, drafting = True, False
             log.info("speculative decoding: no draft accepted in %d rounds; drafting stops", rounds)

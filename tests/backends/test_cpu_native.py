@@ -68,7 +68,8 @@ def fp8_weight(shape, fp8, g):
     return w, scale, value.reshape(shape)
 
 
-@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 7, 5), (1, 512, 1024), (3, 200, 300), (15, 129, 1029)])
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 7, 5), (1, 512, 1024), (3, 200, 300), (4, 65, 160), (5, 33, 290),
+                                   (15, 129, 1029)])
 def test_linear_bf16(lib, M, N, K):
     g = torch.Generator().manual_seed(M * N + K)
     x, w, r = bf16(M, K, g=g), bf16(N, K, g=g), bf16(M, N, g=g)
@@ -83,9 +84,10 @@ def test_linear_bf16(lib, M, N, K):
 
 @pytest.mark.parametrize("fp8", FP8)
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 7, 5), (1, 300, 1024), (2, 129, 130), (3, 200, 300),
-                                   (15, 257, 1029)])
+                                   (4, 65, 160), (5, 33, 290), (15, 257, 1029)])
 def test_linear_fp8(lib, fp8, M, N, K):
-    """FP8 weights widened in registers, one fp32 scale per 128x128 block (K and N not multiples of 16 or 128)."""
+    """FP8 weights widened in registers, one fp32 scale per 128x128 block (K and N not multiples of 16 or 128); up to
+    four rows share one pass over a weight row (M = 2, 3, 4, then 5 = 4 + 1 and 15 = 4 + 4 + 4 + 3)."""
     g = torch.Generator().manual_seed(M * N + K + 1)
     x, r = bf16(M, K, g=g), bf16(M, N, g=g)
     w, scale, value = fp8_weight((N, K), fp8, g)
@@ -131,9 +133,11 @@ WEIGHTS = [pytest.param("bf16", id="bf16"), *FP8]
 
 @pytest.mark.parametrize("weights", WEIGHTS)
 @pytest.mark.parametrize("D,I,ids", [(64, 33, [[3, 0, 3]]), (300, 129, [[1]]), (1024, 256, [[4, 2, 0, 1]]),
-                                     (7, 5, [[]]), (200, 140, [[1, 2], [2, 0], [1, 4]])])
+                                     (7, 5, [[]]), (200, 140, [[1, 2], [2, 0], [1, 4]]),
+                                     (96, 130, [[1, 0], [1, 2], [1, 0], [1, 3], [1, 0], [1, 4]])])
 def test_moe(lib, weights, D, I, ids):
-    """Routed SwiGLU experts of one or a few tokens (a token may name an expert twice; tokens share experts)."""
+    """Routed SwiGLU experts of one or a few tokens (a token may name an expert twice; tokens share experts; six
+    tokens on one expert: its weight rows serve four rows per pass, then two)."""
     g = torch.Generator().manual_seed(D + I)
     E, T = 5, len(ids)
     x = bf16(T, D, g=g)

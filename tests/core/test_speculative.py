@@ -205,23 +205,25 @@ def test_training_the_demo_mtp_layer(tmp_path):
 
 @pytest.mark.parametrize("resume", [False, True], ids=["drafting-stops", "drafting-resumes"])
 def test_captured_verify_and_plain_steps_change_nothing(tiny_ckpts, monkeypatch, resume):
-    """bf16 on the cpu backend, where the verify step (q = 1 + k), the timed plain steps and the plain steps after
-    drafting stops are recorded and replayed: the tokens and both caches equal a run with nothing captured (the
-    replays read back hidden states from one reused buffer, so a kept one must have been copied)."""
+    """bf16 on the cpu backend, where the verify step (q = 1 + k), the MTP draft step that catches up on the new
+    positions (q = 1 + k), the timed plain steps and the plain steps after drafting stops are recorded and replayed:
+    the tokens and both caches equal a run with nothing captured (the replays read back hidden states from one
+    reused buffer, so a kept one must have been copied)."""
     import dsv3.core.speculative as spec
 
     monkeypatch.setattr(spec, "JUDGE_AFTER", 3)
     monkeypatch.setattr(spec, "QUIT_AFTER", 1000)
-    monkeypatch.setattr(spec, "CAPTURE_AFTER", 0)  # capture every verify shape at once
+    monkeypatch.setattr(spec, "CAPTURE_AFTER", 0)  # capture every step shape at once ...
+    monkeypatch.setattr(spec, "_worth_capturing", lambda decided, accepted: True)  # ... even before a draft lands
     monkeypatch.setattr(spec, "_keep_drafting", lambda rate: resume)
     made = []
-    real_init = spec.VerifyStep.__init__
+    real_init = spec.StaticStep.__init__
 
     def init(self, *a, **k):
         real_init(self, *a, **k)
         made.append(self)
 
-    monkeypatch.setattr(spec.VerifyStep, "__init__", init)
+    monkeypatch.setattr(spec.StaticStep, "__init__", init)
     e = dsv3.load(tiny_ckpts["v3ish"], backend="cpu", dtype="bf16")
     runs = []
     for graphs in (False, True):
@@ -230,7 +232,8 @@ def test_captured_verify_and_plain_steps_change_nothing(tiny_ckpts, monkeypatch,
                                                graphs=graphs)
         runs.append((out, keep))
     (eager, a), (captured, b) = runs
-    assert sorted(v.tokens.shape[1] for v in made if v.replay is not None) == [1, 3], "q = 1 + 2 and 1 not captured"
+    captured_steps = sorted((v.what, v.buffers["tokens"].shape[1]) for v in made if v.replay is not None)
+    assert captured_steps == [("draft step", 3), ("verify step", 1), ("verify step", 3)], captured_steps
     assert captured == eager
     assert a["length"] == b["length"]
     for name in ("cache", "mtp_cache"):

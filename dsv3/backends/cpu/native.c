@@ -243,14 +243,106 @@ static float row_dot(const Mat *m, int64_t r, const float *x) {
     return m->fmt * dot_fp8((const uint8_t *)m->w + r * m->K, x, m->s + (r / QB) * kb, m->K);
 }
 
-/* row r of m as fp32 (rows read by several tokens are widened once, then dotted with each) */
-static void row_widen(const Mat *m, int64_t r, float *out) {
-    if (m->s == NULL) {
-        widen((const uint16_t *)m->w + r * m->K, out, m->K);
+/* Row r of m against MR (1..4) rows of fp32 activations at once: out[i] = row . xs[i]. Each weight vector is
+ * loaded and widened once and multiplied into every row's accumulator, so a step of a few tokens (a draft
+ * verification, a small batch) reads and converts each weight once; the FP8 block scale multiplies each 128-wide
+ * partial sum, as in dot_fp8. FP8 and MR are constants where this is inlined (see dot_rows). */
+static inline __attribute__((always_inline)) void dot_rows_k(const Mat *m, int64_t r, const float *const *xs,
+                                                             const int FP8, const int MR, float *out) {
+    const int64_t K = m->K, kb = (K + QB - 1) / QB;
+    const uint8_t *w8 = (const uint8_t *)m->w + r * K;
+    const uint16_t *w16 = (const uint16_t *)m->w + r * K;
+    const float *s = FP8 ? m->s + (r / QB) * kb : NULL;
+    float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#if defined(DSV3_AVX512)
+    __m512 tot[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+#elif defined(DSV3_AVX2)
+    __m256 tot[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+#endif
+    for (int64_t k0 = 0; k0 < K; k0 += QB) {
+        const int64_t len = K - k0 < QB ? K - k0 : QB;
+        const float sc = FP8 ? s[k0 / QB] : 1.0f;
+        int64_t k = 0;
+        if (FP8) {
+            PREFETCH(w8 + k0 + PF_AHEAD);
+            PREFETCH(w8 + k0 + PF_AHEAD + 64);
+        } else {
+            for (int l = 0; l < 4; l++) PREFETCH(w16 + k0 + PF_AHEAD + 32 * l);
+        }
+#if defined(DSV3_AVX512)
+        /* two accumulators per row: with one, a row's FMAs wait on each other's latency */
+        __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        __m512 b[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (; k + 32 <= len; k += 32) {
+            const __m512 w0 = FP8 ? fp8x16(w8 + k0 + k) : bf16x16(w16 + k0 + k);
+            const __m512 w1 = FP8 ? fp8x16(w8 + k0 + k + 16) : bf16x16(w16 + k0 + k + 16);
+            for (int i = 0; i < MR; i++) {
+                a[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xs[i] + k0 + k), a[i]);
+                b[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xs[i] + k0 + k + 16), b[i]);
+            }
+        }
+        for (; k + 16 <= len; k += 16) {
+            const __m512 wv = FP8 ? fp8x16(w8 + k0 + k) : bf16x16(w16 + k0 + k);
+            for (int i = 0; i < MR; i++) a[i] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs[i] + k0 + k), a[i]);
+        }
+        for (int i = 0; i < MR; i++) tot[i] = _mm512_fmadd_ps(_mm512_add_ps(a[i], b[i]), _mm512_set1_ps(sc), tot[i]);
+#elif defined(DSV3_AVX2)
+        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        __m256 b[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (; k + 16 <= len; k += 16) {
+            __m256 lo, hi;
+            if (FP8) {
+                const __m256i h = fp8_halves(w8 + k0 + k);
+                lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+                hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+            } else {
+                lo = bf16x8(w16 + k0 + k);
+                hi = bf16x8(w16 + k0 + k + 8);
+            }
+            for (int i = 0; i < MR; i++) { /* two accumulators per row, as above */
+                a[i] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xs[i] + k0 + k), a[i]);
+                b[i] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xs[i] + k0 + k + 8), b[i]);
+            }
+        }
+        for (int i = 0; i < MR; i++) tot[i] = _mm256_fmadd_ps(_mm256_add_ps(a[i], b[i]), _mm256_set1_ps(sc), tot[i]);
+#endif
+        for (; k < len; k++) {
+            const float wv = (FP8 ? fp8_half(w8[k0 + k]) : bf16_scalar(w16[k0 + k])) * sc;
+            for (int i = 0; i < MR; i++) tail[i] += wv * xs[i][k0 + k];
+        }
+    }
+    for (int i = 0; i < MR; i++) {
+#if defined(DSV3_AVX512)
+        tail[i] += _mm512_reduce_add_ps(tot[i]);
+#elif defined(DSV3_AVX2)
+        tail[i] += hsum(tot[i]);
+#endif
+        out[i] = FP8 ? tail[i] * m->fmt : tail[i];
+    }
+}
+
+/* dot_rows_k with its constants resolved: one specialized loop per (weight kind, number of rows) */
+static void dot_rows(const Mat *m, int64_t r, const float *const *xs, int mr, float *out) {
+    if (m->s != NULL) {
+        if (mr == 1) dot_rows_k(m, r, xs, 1, 1, out);
+        else if (mr == 2) dot_rows_k(m, r, xs, 1, 2, out);
+        else if (mr == 3) dot_rows_k(m, r, xs, 1, 3, out);
+        else dot_rows_k(m, r, xs, 1, 4, out);
+    } else {
+        if (mr == 1) dot_rows_k(m, r, xs, 0, 1, out);
+        else if (mr == 2) dot_rows_k(m, r, xs, 0, 2, out);
+        else if (mr == 3) dot_rows_k(m, r, xs, 0, 3, out);
+        else dot_rows_k(m, r, xs, 0, 4, out);
+    }
+}
+
+/* out[j] = row r of m . rows[j] for j < n, four rows per pass over the weight row (one pass up to four tokens) */
+static void dot_many(const Mat *m, int64_t r, const float *const *rows, int64_t n, float *out) {
+    if (n == 1) {
+        out[0] = row_dot(m, r, rows[0]);
         return;
     }
-    const int64_t kb = (m->K + QB - 1) / QB;
-    widen_fp8((const uint8_t *)m->w + r * m->K, m->s + (r / QB) * kb, m->fmt, m->K, out);
+    for (int64_t j = 0; j < n; j += 4) dot_rows(m, r, rows + j, n - j < 4 ? (int)(n - j) : 4, out + j);
 }
 
 /* y [M, N] bf16 = x [M, K] @ W [N, K]^T (+ residual [M, N] bf16, added before the one rounding); W bf16 (s NULL)
@@ -259,21 +351,21 @@ void dsv3_linear(const uint16_t *x, int64_t M, int64_t K, const void *w, const f
                  const uint16_t *residual, uint16_t *y, int threads) {
     const Mat m = {w, s, K, fmt};
     float *xf = malloc((size_t)(M * K) * sizeof(float));
+    const float **rows = malloc((size_t)M * sizeof(float *));
     widen(x, xf, M * K);
+    for (int64_t i = 0; i < M; i++) rows[i] = xf + i * K;
 #pragma omp parallel num_threads(threads)
     {
-        float *row = M > 1 ? malloc((size_t)K * sizeof(float)) : NULL;
+        float *v = malloc((size_t)M * sizeof(float));
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
-            if (M > 1) row_widen(&m, n, row);
-            for (int64_t i = 0; i < M; i++) {
-                float v = M > 1 ? dot_f32(row, xf + i * K, K) : row_dot(&m, n, xf);
-                if (residual) v += bf16_scalar(residual[i * N + n]);
-                y[i * N + n] = to_bf16(v);
-            }
+            dot_many(&m, n, rows, M, v);
+            for (int64_t i = 0; i < M; i++)
+                y[i * N + n] = to_bf16(v[i] + (residual ? bf16_scalar(residual[i * N + n]) : 0.0f));
         }
-        free(row);
+        free(v);
     }
+    free(rows);
     free(xf);
 }
 
@@ -303,38 +395,33 @@ void dsv3_moe(const uint16_t *x, int64_t T, int64_t k, const int64_t *ids, const
             if (ids[r] == ids[r0]) order[p++] = r;
     }
     ustart[nu] = p;
+    const float **xrow = malloc((size_t)(2 * p + 1) * sizeof(float *)), **hrow = xrow + p;
+    for (int64_t j = 0; j < p; j++) { /* the rows of each expert's run, as dot_many takes them */
+        xrow[j] = xf + (order[j] / k) * D;
+        hrow[j] = h + j * I;
+    }
 #pragma omp parallel num_threads(threads)
     {
-        const int64_t wmax = D > I ? D : I;
-        float *r1 = malloc((size_t)wmax * sizeof(float)), *r3 = malloc((size_t)wmax * sizeof(float));
+        float *g = malloc((size_t)(2 * T * k + 2) * sizeof(float)), *v = g + T * k + 1;
 #pragma omp for schedule(static)
         for (int64_t q = 0; q < nu * I; q++) { /* gate and up: every (expert, hidden unit) */
             const int64_t u = q / I, i = q % I, n = ustart[u + 1] - ustart[u];
             const Mat a = expert(w1, s1, uexp[u], I, D, fmt), c = expert(w3, s3, uexp[u], I, D, fmt);
-            if (n > 1) {
-                row_widen(&a, i, r1);
-                row_widen(&c, i, r3);
-            }
-            for (int64_t j = ustart[u]; j < ustart[u + 1]; j++) {
-                const float *xr = xf + (order[j] / k) * D;
-                float g = n > 1 ? dot_f32(r1, xr, D) : row_dot(&a, i, xr);
-                float v = n > 1 ? dot_f32(r3, xr, D) : row_dot(&c, i, xr);
-                h[j * I + i] = g / (1.0f + expf(-g)) * v;
-            }
+            dot_many(&a, i, xrow + ustart[u], n, g);
+            dot_many(&c, i, xrow + ustart[u], n, v);
+            for (int64_t j = 0; j < n; j++) h[(ustart[u] + j) * I + i] = g[j] / (1.0f + expf(-g[j])) * v[j];
         }
 #pragma omp for schedule(static)
         for (int64_t d = 0; d < D; d++) /* down, accumulated per output unit: no two threads share one */
             for (int64_t u = 0; u < nu; u++) {
                 const int64_t n = ustart[u + 1] - ustart[u];
                 const Mat b = expert(w2, s2, uexp[u], D, I, fmt);
-                if (n > 1) row_widen(&b, d, r1);
-                for (int64_t j = ustart[u]; j < ustart[u + 1]; j++)
-                    acc[(order[j] / k) * D + d] += alpha[order[j]] * (n > 1 ? dot_f32(r1, h + j * I, I)
-                                                                             : row_dot(&b, d, h + j * I));
+                dot_many(&b, d, hrow + ustart[u], n, g);
+                for (int64_t j = 0; j < n; j++) acc[(order[ustart[u] + j] / k) * D + d] += alpha[order[ustart[u] + j]] * g[j];
             }
-        free(r1);
-        free(r3);
+        free(g);
     }
+    free(xrow);
     for (int64_t i = 0; i < T * D; i++) y[i] = to_bf16(acc[i]);
     free(scratch);
     free(slots);
