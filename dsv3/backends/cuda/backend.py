@@ -65,8 +65,6 @@ class CudaKernels(ReferenceKernels):
         self._swiglu, self._latent, self._rms_norm = ops.fp8_swiglu, ops.mla_latent, ops.rms_norm
         if self.fp8_dtype is None:
             say_once(f"{self.name}: {self.mode}")
-        else:  # split-K's tile counters, made now so that no graph capture is the first to need them
-            fp8_gemm.split_counters(self.device)
 
     # ---- what this device can do --------------------------------------------------------
     def select_mode(self) -> tuple[torch.dtype | None, str]:
@@ -126,6 +124,9 @@ class CudaKernels(ReferenceKernels):
             w, s = to_format(weight, scale, self.fp8_dtype)
         except ValueError as e:
             raise BackendError(f"{self.name}: cannot use an FP8 weight {list(weight.shape)}: {e}") from None
+        from .fp8_gemm import split_counters
+
+        split_counters(self.device)  # split-K's tile counters, made at load: never first inside a graph capture
         return w.to(self.device), s.float().to(self.device)
 
     def weight_dequant(self, weight, scale, dtype):
