@@ -89,17 +89,24 @@ def copy_bandwidth(device, bench) -> float:
 
 
 def scaled_mm_block(q, s, w, ws):
-    """torch._scaled_mm with (1x128, 128x128) scaling, if this torch/GPU does it; else raises."""
-    return torch._scaled_mm(q, w.t(), scale_a=s, scale_b=ws.t(), out_dtype=torch.bfloat16)
+    """torch._scaled_mm with (1x128, 128x128) scaling, if this torch/GPU does it; else raises. cuBLAS's blockwise
+    path wants M a multiple of 4 (rows padded here) and the 1x128 activation scale outer-dim-major (strides
+    (1, M)); ../shared/gpu/h200-e5d6eba.md has the rules and the refusal seen without them."""
+    pad = (-q.shape[0]) % 4
+    if pad:
+        q = torch.cat([q.view(torch.uint8), q.new_zeros(pad, q.shape[1]).view(torch.uint8)]).view(q.dtype)
+        s = torch.cat([s, s.new_ones(pad, s.shape[1])])
+    out = torch._scaled_mm(q, w.t(), scale_a=s.t().contiguous().t(), scale_b=ws.t(), out_dtype=torch.bfloat16)
+    return out[: out.shape[0] - pad]
 
 
-def gemm_table(device, bench, shapes, ms) -> str:
+def gemm_table(device, bench, shapes, ms, copy_gbs: float) -> str:
     from dsv3.backends.cuda.act_quant import act_quant
     from dsv3.backends.cuda.fp8_gemm import fp8_gemm
 
     first_error = []
-    rows = ["| layer | M | N | K | dsv3 FP8 TFLOP/s | GEMM only | BF16 matmul | _scaled_mm blockwise | FP8 / BF16 |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| layer | M | N | K | dsv3 FP8 TFLOP/s | GEMM only | BF16 matmul | _scaled_mm blockwise | FP8 / BF16 | "
+            "us (x one read of the FP8 weight) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, n, k in shapes:
         w, ws = random_fp8((n, k), device), block_scales(n, k, device)
         wb = torch.randn(n, k, device=device, dtype=torch.bfloat16)
@@ -117,8 +124,9 @@ def gemm_table(device, bench, shapes, ms) -> str:
                 scaled = f"n/a ({type(e).__name__})"
                 first_error = first_error or [f"\n\n_scaled_mm: {type(e).__name__}: {str(e).splitlines()[0][:300]}"]
             tf = lambda t: f"{flop / t / 1e9:.1f}"  # noqa: E731  ms -> TFLOP/s
+            read_ms = n * k / (copy_gbs * 1e9) * 1e3  # the weight's bytes at the measured copy rate
             rows.append(f"| {name} | {m} | {n} | {k} | {tf(t_ours)} | {tf(t_gemm)} | {tf(t_bf16)} | {scaled} | "
-                        f"{t_bf16 / t_ours:.2f}x |")
+                        f"{t_bf16 / t_ours:.2f}x | {t_ours * 1e3:.1f} ({t_ours / read_ms:.1f}x) |")
             print(rows[-1], file=sys.stderr)
     return "\n".join(rows) + "".join(first_error)
 
@@ -190,7 +198,7 @@ def tune_table(device, bench, shapes: dict, ms, target: str, out: Path | None) -
     return "\n".join(rows)
 
 
-def moe_table(device, bench, experts, dim, inter, k, token_counts) -> str:
+def moe_table(device, bench, experts, dim, inter, k, token_counts, copy_gbs: float) -> str:
     from dsv3.backends.cuda.act_quant import act_quant
     from dsv3.backends.cuda.fp8_gemm import fp8_gemm
     from dsv3.backends.cuda.moe import fused_moe
@@ -214,14 +222,19 @@ def moe_table(device, bench, experts, dim, inter, k, token_counts) -> str:
             out.index_add_(0, tok, y.float() * weights.flatten()[rows, None])
         return out.to(x.dtype)
 
-    rows = ["| tokens | fused ms | per-expert loop ms | speedup |", "| --- | --- | --- | --- |"]
+    rows = ["| tokens | fused ms | per-expert loop ms | speedup | active expert bytes / time (of copy bandwidth) | "
+            "TFLOP/s |", "| --- | --- | --- | --- | --- | --- |"]
     for t in token_counts:
         x = torch.randn(t, dim, device=device, dtype=torch.bfloat16)
         ids = torch.rand(t, experts, device=device).topk(k, dim=-1).indices
         weights = torch.rand(t, k, device=device)
         t_fused = bench(lambda: fused_moe(x, weights, ids, w1, s1, w3, s3, w2, s2, 0, 448.0))  # noqa: B023
         t_loop = bench(lambda: loop(x, weights, ids))  # noqa: B023
-        rows.append(f"| {t} | {t_fused:.3f} | {t_loop:.3f} | {t_loop / t_fused:.1f}x |")
+        active = len(ids.unique()) * 3 * inter * dim  # FP8 bytes of the experts this batch routes to
+        gbs = active / (t_fused * 1e-3) / 1e9
+        tflops = 2 * 3 * t * k * inter * dim / (t_fused * 1e-3) / 1e12
+        rows.append(f"| {t} | {t_fused:.3f} | {t_loop:.3f} | {t_loop / t_fused:.1f}x | {gbs:.0f} GB/s "
+                    f"({gbs / copy_gbs:.0%}) | {tflops:.1f} |")
         print(rows[-1], file=sys.stderr)
     return "\n".join(rows)
 
@@ -255,6 +268,7 @@ def main() -> None:
     ap.add_argument("--tune-out", type=Path, default=None,
                     help="where --tune writes the config file (default: the package's file for this GPU; "
                          "under --smoke nothing unless given)")
+    ap.add_argument("--tune-only", action="store_true", help="with --tune: skip the tests and the tables")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes under TRITON_INTERPRET=1 on CPU; writes nothing")
     args = ap.parse_args()
     if args.smoke:
@@ -267,13 +281,15 @@ def main() -> None:
         sys.exit("no NVIDIA GPU here: nothing to time (use --smoke with TRITON_INTERPRET=1 to check the script)")
     bench = timer(device)
     start = time.time()
-    tests = run_tests(device)
-    copy_gbs = copy_bandwidth(device, bench)
     smoke = args.smoke
-    gemm = gemm_table(device, bench, SMOKE_GEMMS if smoke else GEMMS, (1, 3) if smoke else MS)
-    moe = moe_table(device, bench, *((8, 256, 128, 2, (1, 5)) if smoke else (256, 7168, 2048, 8, MS)))
-    mla = mla_table(device, bench, copy_gbs, 4 if smoke else 128,
-                    [(1, 70)] if smoke else [(1, 4096), (1, 32768), (32, 4096), (128, 2048)])
+    copy_gbs = copy_bandwidth(device, bench)
+    tests = gemm = moe = mla = "(skipped: --tune-only)"
+    if not (args.tune and args.tune_only):
+        tests = run_tests(device)
+        gemm = gemm_table(device, bench, SMOKE_GEMMS if smoke else GEMMS, (1, 3) if smoke else MS, copy_gbs)
+        moe = moe_table(device, bench, *((8, 256, 128, 2, (1, 5)) if smoke else (256, 7168, 2048, 8, MS)), copy_gbs)
+        mla = mla_table(device, bench, copy_gbs, 4 if smoke else 128,
+                        [(1, 70)] if smoke else [(1, 4096), (1, 32768), (32, 4096), (128, 2048)])
     tune = ""
     if args.tune:
         from dsv3.backends.cuda.launch import CONFIG_DIR, _arch_of
@@ -293,7 +309,7 @@ def main() -> None:
     print(body)
     if not (args.no_write or smoke):
         command = "python benchmarks/gpu_kernels.py" + (" --tune" if args.tune else "")
-        append_section("GPU kernels (issue 5)", command, body)
+        append_section("GPU kernels (issues 5, 13)", command, body)
 
 
 if __name__ == "__main__":

@@ -88,3 +88,19 @@ def test_speculative_benchmark_smoke():
                        text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| DEMO |" in r.stdout and "2.00 tokens/step" in r.stdout, r.stdout
+
+
+def test_gpu_session_script_is_ready():
+    """The one script a GPU session runs: valid bash, and every benchmark it calls exists and takes its flags."""
+    import re
+
+    script = ROOT / "benchmarks" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    calls = re.findall(r"python3 (benchmarks/\S+\.py)([^\n]*)", script.read_text())
+    assert {c for c, _ in calls} >= {"benchmarks/gpu_kernels.py", "benchmarks/gpu_e2e.py"}
+    for path in {c for c, _ in calls}:
+        usage = subprocess.run([sys.executable, path, "--help"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=120, check=True).stdout
+        for flags in (f for c, f in calls if c == path):
+            for flag in re.findall(r"--[a-z-]+", flags):
+                assert flag in usage, f"{path} has no {flag}"
