@@ -260,3 +260,38 @@ def test_mla_latent(native, B, S, H, nope, C, R):
     close(caches[0][0], caches[1][0], dtype, "mla_latent kv cache")
     close(caches[0][1], caches[1][1], dtype, "mla_latent pe cache")
     assert (caches[0][0].abs().sum(-1) > 0).sum() == B * S, "written elsewhere than at (rows, pos)"
+
+
+@pytest.mark.parametrize("weights", [pytest.param(None, id="bf16"), *FP8])
+@pytest.mark.parametrize("isa", ["amx", "avx512"])
+def test_prefill_moe_experts(weights, isa):
+    """A prompt's routed experts (more routes than the one-call C kernel takes): on AMX tiles where the CPU has
+    them (rows sorted by expert, grouped GEMMs, one weighted combine), else per expert in torch; both against the
+    reference, with other ranks' experts and experts that get no rows."""
+    if isa not in native_lib.supported_isas():
+        pytest.skip(f"this CPU lacks {isa}")
+    k = cpu(True)
+    k.native = native_lib.load(isa)
+    E, D, I, top_k, first, T = 6, 96, 64, 3, 3, 200
+    stacks = []
+    for seed, (n, m) in ((1, (I, D)), (2, (D, I)), (3, (I, D))):
+        ws = [rand(n, m, dtype=torch.float32, seed=seed * 10 + e, scale=m ** -0.5) for e in range(E)]
+        if weights is None:
+            stacks.append((torch.stack(ws).bfloat16(), None))
+        else:
+            ws = [kept_fp8(k, w, weights) for w in ws]
+            stacks.append((torch.stack([w for w, _ in ws]), torch.stack([s for _, s in ws])))
+    (w1, s1), (w2, s2), (w3, s3) = stacks
+    ew = ExpertWeights(w1, w2, w3, s1, s2, s3, first=first)
+    x = rand(T, D, dtype=torch.bfloat16)
+    ids = torch.randint(0, E + first + 2, (T, top_k), generator=torch.Generator().manual_seed(6))  # incl. other ranks'
+    ids[ids == first + 4] = first  # expert 4 gets no rows
+    assert T * top_k > native_lib_routes()
+    w = torch.rand(T, top_k, generator=torch.Generator().manual_seed(7))
+    close(k.moe_experts(x, w, ids, ew), REF.moe_experts(x, w, ids, ew), torch.bfloat16, f"prefill moe_experts ({isa})")
+
+
+def native_lib_routes() -> int:
+    from dsv3.backends.cpu.ops import NATIVE_MOE_ROUTES
+
+    return NATIVE_MOE_ROUTES

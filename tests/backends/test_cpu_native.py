@@ -457,3 +457,50 @@ def test_a_step_that_cannot_be_recorded_runs_eagerly(tiny_ckpts, monkeypatch, ca
         assert engine.generate([[3, 4, 5]], max_new_tokens=5) == want
     assert "cannot be recorded (a host read)" in caplog.text
     assert engine.last_stats.extra["decode_step"] == "static"
+
+
+AMX = pytest.mark.skipif(NATIVE is None or "amx" not in native_lib.supported_isas(), reason="this CPU has no AMX tiles")
+
+
+@AMX
+@pytest.mark.parametrize("weights", ["bf16", *FP8])
+@pytest.mark.parametrize("counts,N,K,G", [([1], 16, 32, 1), ([0, 17, 33, 5], 48, 160, 2), ([64, 0, 2], 32, 256, 1),
+                                          ([40, 31], 16, 96, 2)])
+def test_grouped_amx(weights, counts, N, K, G):
+    """Each expert's rows times its weights on AMX tiles, one or two weights side by side: rows not a multiple of
+    16 or 32 (a tile runs past an expert's rows), experts with none, K not a multiple of 128 (FP8 scale blocks)."""
+    lib = native_lib.load("amx")
+    g = torch.Generator().manual_seed(sum(counts) + N + K)
+    E, R = len(counts), sum(counts)
+    starts = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int64)
+    a = bf16(R + 31, K, g=g)
+    mats = []
+    for _ in range(G):
+        if weights == "bf16":
+            w = bf16(E, N, K, g=g, scale=K ** -0.5)
+            mats.append((w, None, w.double()))
+        else:
+            mats.append(fp8_weight((E, N, K), weights, g))
+    flat = [t for w, s, _ in mats for t in (w, s)]
+    got = lib.grouped_amx(a, starts, *flat)
+    assert got is not None and got.shape == (R, G * N) and got.dtype == torch.bfloat16
+    ref = torch.cat([torch.cat([a[starts[e]:starts[e + 1]].double() @ v[e].T for e in range(E)]) for _, _, v in mats],
+                    dim=1)
+    # weights rounded to bf16 inside (FP8 x scale), the output once: a few bf16 roundings of the sum
+    check(got, ref, 2 * BF16, f"grouped_amx {weights} counts={counts} N={N} K={K} G={G}")
+
+
+@pytest.mark.parametrize("T,k,D", [(1, 1, 16), (7, 3, 100), (40, 8, 33)])
+def test_combine_rows(lib, T, k, D):
+    g = torch.Generator().manual_seed(T * k + D)
+    R = T * k
+    ys = bf16(R, D, g=g)
+    pos = torch.randperm(R, generator=g).view(T, k)
+    pos[torch.rand(T, k, generator=g) < 0.3] = -1  # another rank's expert
+    w = torch.rand(T, k, generator=g)
+    ref = torch.zeros(T, D, dtype=torch.float64)
+    for t in range(T):
+        for j in range(k):
+            if pos[t, j] >= 0:
+                ref[t] += float(w[t, j]) * ys[pos[t, j]].double()
+    check(lib.combine_rows(ys, pos, w), ref, BF16, f"combine_rows T={T} k={k} D={D}")

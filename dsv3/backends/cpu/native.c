@@ -13,7 +13,9 @@
  *
  * ISA: compiled with -mavx512f -mavx512bw -mavx512vl (DSV3_AVX512), with -mavx2 -mfma -mf16c (DSV3_AVX2),
  * or with neither (plain C, any CPU); native.py picks the widest this CPU runs and tests run every one the
- * CPU can, so the AVX2 path is tested on AVX-512 machines too.
+ * CPU can, so the AVX2 path is tested on AVX-512 machines too. The AVX-512 build with AMX and AVX512-BF16 on
+ * top (DSV3_AMX) adds the grouped expert GEMMs of a prompt (dsv3_grouped_amx): there the weights of an expert
+ * serve dozens of rows, so the products, not the bytes, are the cost, and AMX tiles do them.
  *
  * FP8 widening: a byte s.eeee.mmm moved into an fp16 as s.0eeee.mmm0000000 is the byte's value divided by
  * 2^8 (e4m3fn, exponent bias 7 vs fp16's 15) or 2^7 (e4m3fnuz, bias 8), subnormals included; the hardware
@@ -21,6 +23,7 @@
  * caller derives it from torch's own cast, so this file knows no format). NaN bytes are refused at load
  * (ops.py keeps such a weight dequantized), so the widening never meets one.
  */
+#define _GNU_SOURCE /* syscall(), for the AMX permission (dsv3_moe_amx) */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -34,6 +37,9 @@
 #include <immintrin.h>
 #define DSV3_AVX2 1
 #endif
+#if defined(DSV3_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define DSV3_AMX 1 /* prefill's routed experts on AMX tiles: dsv3_moe_amx */
+#endif
 
 #define QB 128 /* FP8 scale block, both dims */
 /* Weight rows are streamed from memory once per step. The hardware prefetcher alone keeps too few lines in
@@ -43,7 +49,9 @@
 #define PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 3)
 
 const char *dsv3_isa(void) {
-#if defined(DSV3_AVX512)
+#if defined(DSV3_AMX)
+    return "amx";
+#elif defined(DSV3_AVX512)
     return "avx512";
 #elif defined(DSV3_AVX2)
     return "avx2";
@@ -682,3 +690,170 @@ int64_t dsv3_count_bytes(const uint8_t *w, int64_t n, int a, int b, int threads)
     for (int64_t i = 0; i < n; i++) c += (w[i] == (uint8_t)a) | (w[i] == (uint8_t)b);
     return c;
 }
+
+/* out [T, D] bf16 = sum_j w[t, j] * ys[pos[t, j]] over a token's k expert rows (pos -1: another rank's expert), in
+ * fp32, one rounding: the weighted sum of expert outputs computed row by row elsewhere (dsv3_grouped_amx) */
+void dsv3_combine_rows(const uint16_t *ys, const int64_t *pos, const float *w, int64_t T, int64_t k, int64_t D,
+                       uint16_t *out, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        float *acc = malloc((size_t)D * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
+            for (int64_t j = 0; j < k; j++) {
+                const int64_t p = pos[t * k + j];
+                if (p < 0) continue;
+                const float a = w[t * k + j];
+                const uint16_t *y = ys + p * D;
+                for (int64_t d = 0; d < D; d++) acc[d] += a * bf16_scalar(y[d]);
+            }
+            for (int64_t d = 0; d < D; d++) out[t * D + d] = to_bf16(acc[d]);
+        }
+        free(acc);
+    }
+}
+
+/* ---- prefill: grouped expert GEMMs on AMX tiles ---------------------------------------------------------------
+ * out [R, G·N] bf16: for rows a [R, K] bf16 sorted by local expert (expert e's rows are starts[e] .. starts[e+1]),
+ * out[m, g·N .. g·N + N) = a[m] · W_g[e]ᵀ for the G (1 or 2) weights given: gate and up of every expert in one call
+ * (their SwiGLU is the caller's), or down. W [E, N, K] bf16 or FP8 (block scales), fp32 accumulation, one rounding.
+ * AMX tiles: A = 16 rows of a as they lie (K contiguous), B = 16 weight rows widened to bf16 and laid out in K pairs
+ * ("VNNI": row r of a B tile holds (W[n][2r], W[n][2r+1]) for n = 0..15), made strip by strip (16 weight rows) as the
+ * work goes, never for the whole weight; each strip serves all of its expert's rows. `a` must hold 31 readable rows
+ * past R (a tile of 16 rows may run past an expert's last row; those results are not stored). N, K multiples of 32.
+ * Returns 0, or -1 where this build or the OS gives no AMX (the caller then runs its GEMMs). */
+#if defined(DSV3_AMX)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+static void amx_config(void) { /* every tile 16 rows of 64 bytes: C 16x16 fp32, A 16x32 bf16, B 16 K-pairs x 16 */
+    TileConfig c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.rows[t] = 16;
+        c.colsb[t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* r[i][j] <- r[j][i] for 16 vectors of 16 32-bit lanes (pairs, 128-bit quarters, then halves) */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    }
+}
+
+/* weight rows n0 .. n0+15 of m as B tiles: vnni[kt][r][n] (uint32: a bf16 pair) for kt = 0 .. K/32 - 1. A 32-wide
+ * K slice of the 16 rows is 16 vectors of 16 bf16 pairs; transposed, vector r holds pair r of every row. */
+static void amx_strip(const Mat *m, int64_t n0, uint32_t *vnni) {
+    const int64_t K = m->K, kb = (K + QB - 1) / QB;
+    __m512i v[16];
+    for (int64_t k = 0; k < K; k += 32) {
+        for (int64_t n = 0; n < 16; n++) {
+            if (m->s == NULL) {
+                v[n] = _mm512_loadu_si512((const void *)((const uint16_t *)m->w + (n0 + n) * K + k));
+            } else {
+                const uint8_t *w = (const uint8_t *)m->w + (n0 + n) * K + k;
+                const __m512 sc = _mm512_set1_ps(m->s[((n0 + n) / QB) * kb + k / QB] * m->fmt);
+                v[n] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(fp8x16(w + 16), sc), _mm512_mul_ps(fp8x16(w), sc));
+            }
+        }
+        transpose16(v);
+        uint32_t *tile = vnni + (k / 32) * 256;
+        for (int r = 0; r < 16; r++) _mm512_storeu_si512((void *)(tile + r * 16), v[r]);
+    }
+}
+
+int dsv3_grouped_amx(const uint16_t *a, const int64_t *starts, int64_t E, int64_t G, const void *w0, const float *s0,
+                     const void *w1, const float *s1, float fmt, int64_t K, int64_t N, uint16_t *out, int threads) {
+    static int allowed = -1; /* Linux hands out AMX state only on request, once per process */
+    if (allowed < 0) allowed = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    if (!allowed || K % 32 || N % 16 || G < 1 || G > 2) return -1;
+    const int64_t tiles_n = N / 16;
+#pragma omp parallel num_threads(threads)
+    {
+        amx_config();
+        uint32_t *vnni = malloc((size_t)(G * K * 16 / 2) * sizeof(uint32_t));
+        float *c = malloc(4 * 256 * sizeof(float));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t q = 0; q < E * tiles_n; q++) { /* one expert's 16 output columns, for each of the G weights */
+            const int64_t e = q / tiles_n, n0 = (q % tiles_n) * 16, rows = starts[e + 1] - starts[e];
+            if (rows == 0) continue;
+            const Mat m0 = expert(w0, s0, e, N, K, fmt);
+            amx_strip(&m0, n0, vnni);
+            if (G == 2) {
+                const Mat m1 = expert(w1, s1, e, N, K, fmt);
+                amx_strip(&m1, n0, vnni + K * 8);
+            }
+            for (int64_t t0 = 0; t0 < rows; t0 += 32) { /* 32 rows: tiles 0/1 (weight 0), 2/3 (weight 1) */
+                const uint16_t *arow = a + (starts[e] + t0) * K;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int64_t k = 0; k < K; k += 32) {
+                    _tile_loadd(4, arow + k, K * 2);
+                    _tile_loadd(5, arow + 16 * K + k, K * 2);
+                    _tile_loadd(6, vnni + (k / 32) * 256, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 5, 6);
+                    if (G == 2) {
+                        _tile_loadd(7, vnni + K * 8 + (k / 32) * 256, 64);
+                        _tile_dpbf16ps(2, 4, 7);
+                        _tile_dpbf16ps(3, 5, 7);
+                    }
+                }
+                _tile_stored(0, c, 64);
+                _tile_stored(1, c + 256, 64);
+                if (G == 2) {
+                    _tile_stored(2, c + 512, 64);
+                    _tile_stored(3, c + 768, 64);
+                }
+                for (int64_t i = 0; i < 32 && t0 + i < rows; i++) /* C tile row i: one row's 16 columns */
+                    for (int64_t g = 0; g < G; g++) {
+                        const __m512 v = _mm512_loadu_ps(c + g * 512 + (i / 16) * 256 + (i % 16) * 16);
+                        _mm256_storeu_si256((__m256i *)(out + (starts[e] + t0 + i) * G * N + g * N + n0),
+                                            (__m256i)_mm512_cvtneps_pbh(v));
+                    }
+            }
+        }
+        free(vnni);
+        free(c);
+        _tile_release();
+    }
+    return 0;
+}
+#else
+int dsv3_grouped_amx(const uint16_t *a, const int64_t *starts, int64_t E, int64_t G, const void *w0, const float *s0,
+                     const void *w1, const float *s1, float fmt, int64_t K, int64_t N, uint16_t *out, int threads) {
+    (void)a, (void)starts, (void)E, (void)G, (void)w0, (void)s0, (void)w1, (void)s1, (void)fmt, (void)K, (void)N;
+    (void)out, (void)threads;
+    return -1;
+}
+#endif

@@ -31,6 +31,10 @@ SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 #: instruction sets native.c is built for, widest first: compiler flags and the /proc/cpuinfo flags they need
 ISAS = {
+    # AVX-512 plus AMX tiles (prefill's routed experts, dsv3_grouped_amx) and AVX512-BF16 (to round weights into them)
+    "amx": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c", "-mavx512bf16", "-mamx-tile",
+             "-mamx-bf16"], {"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c", "avx512_bf16", "amx_tile",
+                             "amx_bf16"}),
     "avx512": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
                {"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c"}),
     "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
@@ -107,11 +111,14 @@ class Native:
             "dsv3_mla_absorbed": [p, i64, i64, p, i64, i64, p, p, i32, p, p, p] + [i64] * 9 + [f32, p, i32],
             "dsv3_dequant_fp8": [p, p, p, i64, i64, i64, i32, p, i32],
             "dsv3_fp8_to_bf16": [p, p, f32, i64, i64, p, i32],
+            "dsv3_combine_rows": [p, p, p, i64, i64, i64, p, i32],
         }
         for name, args in sigs.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
         lib.dsv3_count_bytes.argtypes, lib.dsv3_count_bytes.restype = [p, i64, i32, i32, i32], i64
+        lib.dsv3_grouped_amx.argtypes = [p, p, i64, i64, p, p, p, p, f32, i64, i64, p, i32]
+        lib.dsv3_grouped_amx.restype = i32
         lib.dsv3_isa.argtypes, lib.dsv3_isa.restype = [], ctypes.c_char_p
         #: the instruction set this build's vector loops use: "avx512", "avx2" or "generic"
         self.isa = lib.dsv3_isa().decode()
@@ -215,6 +222,39 @@ class Native:
                                   int(dtype == torch.bfloat16), y.data_ptr(), torch.get_num_threads())
         return y
 
+    @property
+    def amx(self) -> bool:
+        """This build multiplies on AMX tiles (grouped_amx)."""
+        return self.isa == "amx"
+
+    def grouped_amx(self, a: torch.Tensor, starts: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None,
+                    w2: torch.Tensor | None = None, s2: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Grouped GEMM on AMX tiles: a [R + 31, K] bf16 (31 readable rows of padding past R = starts[-1]) with its
+        rows sorted by local expert (expert e's are starts[e] .. starts[e + 1]; starts int64 [E + 1]) times each
+        expert's w [E, N, K]ᵀ (and w2's, side by side: [R, 2N]), bf16 or FP8 (+ scales) -> [R, N] bf16, fp32
+        accumulation. K a multiple of 32, N of 16. None where the build or the OS gives no AMX."""
+        E, N, K = w.shape
+        R = int(starts[-1])
+        if a.shape[0] < R + 31 or a.shape[1] != K or not a.is_contiguous() or a.dtype != torch.bfloat16:
+            raise ValueError(f"grouped_amx: a {a.dtype} {list(a.shape)}; expected contiguous bf16 [>= {R + 31}, {K}]")
+        G = 1 if w2 is None else 2
+        out = torch.empty(R, G * N, dtype=torch.bfloat16)
+        fmt = fp8_unit(w.dtype) if s is not None else 0.0
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        rc = self.lib.dsv3_grouped_amx(a.data_ptr(), starts.data_ptr(), E, G, w.data_ptr(), ptr(s), ptr(w2), ptr(s2),
+                                       fmt, K, N, out.data_ptr(), torch.get_num_threads())
+        return out if rc == 0 else None
+
+    def combine_rows(self, ys: torch.Tensor, pos: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """[T, D] bf16 = Σ_j w[t, j] · ys[pos[t, j]] in fp32, one rounding; ys [R, D] bf16, pos [T, k] int64 (-1:
+        skipped), w [T, k] fp32."""
+        T, k = pos.shape
+        D = ys.shape[1]
+        out = torch.empty(T, D, dtype=torch.bfloat16)
+        self.lib.dsv3_combine_rows(ys.data_ptr(), pos.data_ptr(), w.data_ptr(), T, k, D, out.data_ptr(),
+                                   torch.get_num_threads())
+        return out
+
     def fp8_to_bf16(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """An FP8 weight [N, K] without NaN bytes (see count_nan) -> bf16, as dequant_fp8 (same bits), vectorized."""
         N, K = weight.shape
@@ -267,7 +307,10 @@ def load(isa: str | None = None) -> Native | None:
         log.warning("DSV3_CPU_ISA=%s: not one of the instruction sets this CPU runs (%s); using %s", want,
                     ", ".join(isas), isas[0])
         want = isas[0]
-    return _load(want)
+    lib = _load(want)
+    if lib is None and isa is None and want == "amx" and len(isas) > 1:
+        return _load(isas[1])  # a compiler without AMX intrinsics (gcc < 11): the AVX-512 build
+    return lib
 
 
 @lru_cache(maxsize=None)

@@ -281,4 +281,37 @@ class CpuKernels(ReferenceKernels):
                     y = self.expert(rows if rows is not None else x[t:t + 1], experts, e)
                     out[t:t + 1].add_(y, alpha=w[row])  # fp32 accumulation of the bf16 expert output
             return out.to(x.dtype)
+        if (self.native is not None and self.native.amx and self._native_ok(x, experts.w1, experts.w2, experts.w3)
+                and x.shape[1] % 32 == 0 and experts.w1.shape[1] % 32 == 0):
+            y = self._moe_amx(x, weights, ids, experts)
+            if y is not None:
+                return y
         return super().moe_experts(x, weights, ids, experts)
+
+    def _moe_amx(self, x, weights, ids, experts: ExpertWeights):
+        """Prefill-sized routed experts on AMX tiles: rows gathered once in expert order, then gate|up of every
+        expert in one grouped GEMM, the SwiGLU in torch, down in one more, and one weighted add back to the tokens,
+        in the reference's roundings (gate, up, their SwiGLU and each expert output in bf16, the sum in fp32). FP8
+        weights are widened strip by strip inside the GEMM, never whole. None: no AMX here."""
+        k, E, inter, D = ids.shape[1], experts.count, experts.w1.shape[1], x.shape[1]
+        local = (ids - experts.first).flatten()  # [T·k]
+        order = local.argsort(stable=True)
+        # counts[0]: rows of experts below this rank's, counts[1 + e]: expert e's, counts[E + 1]: those above
+        counts = torch.bincount(local.clamp(-1, E) + 1, minlength=E + 2)
+        rows = order[int(counts[0]):int(counts[0]) + int(counts[1:E + 1].sum())]  # the rows held here, sorted
+        R = rows.numel()
+        starts = torch.zeros(E + 1, dtype=torch.int64)
+        starts[1:] = counts[1:E + 1].cumsum(0)
+        tok = rows // k
+        xs = x.new_empty(R + 31, D)  # the GEMM's last tile may read past an expert's rows: padding, never stored
+        torch.index_select(x, 0, tok, out=xs[:R])
+        gu = self.native.grouped_amx(xs, starts, experts.w1, experts.s1, experts.w3, experts.s3)  # [R, 2I]
+        if gu is None:
+            return None
+        gate, up = gu.split(inter, dim=1)
+        h = x.new_empty(R + 31, inter)
+        torch.mul(F.silu(gate), up, out=h[:R])
+        ys = self.native.grouped_amx(h, starts, experts.w2, experts.s2)  # [R, D]
+        pos = torch.full((local.numel(),), -1, dtype=torch.int64)  # each (token, slot) row's place in ys
+        pos[rows] = torch.arange(R)
+        return self.native.combine_rows(ys, pos.view(ids.shape), weights.float().contiguous())
