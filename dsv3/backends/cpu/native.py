@@ -120,7 +120,7 @@ class Native:
         lib.dsv3_grouped_amx.argtypes = [p, p, i64, i64, p, p, p, p, f32, i64, i64, p, i32]
         lib.dsv3_grouped_amx.restype = i32
         lib.dsv3_isa.argtypes, lib.dsv3_isa.restype = [], ctypes.c_char_p
-        #: the instruction set this build's vector loops use: "avx512", "avx2" or "generic"
+        #: the instruction set of this build: "amx" (AVX-512 + AMX tiles), "avx512", "avx2" or "generic"
         self.isa = lib.dsv3_isa().decode()
 
     @staticmethod
