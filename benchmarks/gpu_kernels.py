@@ -160,9 +160,9 @@ def tune_table(device, bench, shapes: dict, ms, target: str, out: Path | None) -
 
     from dsv3.backends.cuda.act_quant import act_quant
     from dsv3.backends.cuda.fp8_gemm import fp8_gemm
-    from dsv3.backends.cuda.launch import _arch_of, check_config, gemm_config, load_table, table_json
+    from dsv3.backends.cuda.launch import arch_of, check_config, gemm_config, load_table, table_json
 
-    table = load_table(target, _arch_of(device))
+    table = load_table(target, arch_of(device))
     entries = {shape: dict(buckets) for shape, buckets in table.gemm.items()}
     rows = ["| shape (N x K) | layers | M | table config | table TFLOP/s | best config | best TFLOP/s |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -292,9 +292,9 @@ def main() -> None:
                         [(1, 70)] if smoke else [(1, 4096), (1, 32768), (32, 4096), (128, 2048)])
     tune = ""
     if args.tune:
-        from dsv3.backends.cuda.launch import CONFIG_DIR, _arch_of
+        from dsv3.backends.cuda.launch import CONFIG_DIR, arch_of
 
-        out = args.tune_out or (None if smoke else CONFIG_DIR / f"nvidia-{_arch_of(device)}.json")
+        out = args.tune_out or (None if smoke else CONFIG_DIR / f"nvidia-{arch_of(device)}.json")
         shapes = tune_shapes(smoke, [int(v) for v in args.tune_tp.split(",")])
         ms = (1, 3) if smoke else tuple(int(v) for v in args.tune_m.split(","))
         tune = "\n\n### GEMM launch configs: the table's against the best found\n\n" + tune_table(

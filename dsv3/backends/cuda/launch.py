@@ -180,7 +180,8 @@ def load_table(target: str, arch: str | None = None) -> LaunchTable:
 
 
 @functools.lru_cache(maxsize=None)
-def _arch_of(device: torch.device) -> str | None:
+def arch_of(device: torch.device) -> str | None:
+    """The chip's name in the config files' terms (sm90, gfx942); None off the GPU (the interpreter)."""
     if device.type != "cuda":
         return None
     if getattr(torch.version, "hip", None):
@@ -195,7 +196,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def table_for(target: str, device: torch.device) -> LaunchTable:
-    return load_table(target, _arch_of(device))
+    return load_table(target, arch_of(device))
 
 
 def sm_count(target: str, device: torch.device) -> int:
