@@ -464,16 +464,21 @@ AMX = pytest.mark.skipif(NATIVE is None or "amx" not in native_lib.supported_isa
 
 @AMX
 @pytest.mark.parametrize("weights", ["bf16", *FP8])
-@pytest.mark.parametrize("counts,N,K,G", [([1], 16, 32, 1), ([0, 17, 33, 5], 48, 160, 2), ([64, 0, 2], 32, 256, 1),
+@pytest.mark.parametrize("counts,N,K,G", [([1], 32, 32, 1), ([0, 17, 33, 5], 48, 160, 2), ([64, 0, 2], 64, 256, 1),
                                           ([40, 31], 16, 96, 2)])
-def test_grouped_amx(weights, counts, N, K, G):
-    """Each expert's rows times its weights on AMX tiles, one or two weights side by side: rows not a multiple of
-    16 or 32 (a tile runs past an expert's rows), experts with none, K not a multiple of 128 (FP8 scale blocks)."""
+@pytest.mark.parametrize("gather", [False, True], ids=["sorted", "gathered"])
+def test_grouped_amx(weights, counts, N, K, G, gather):
+    """Each expert's rows times its weights on AMX tiles (G = 1), or the SwiGLU of two (G = 2: gate and up rounded to
+    bf16, then silu, then the product, as separate bf16 ops): rows not a multiple of 16 or 32 (a tile runs past an
+    expert's rows), experts with none, K not a multiple of 128 (FP8 scale blocks); rows read in place or gathered
+    through an index."""
     lib = native_lib.load("amx")
-    g = torch.Generator().manual_seed(sum(counts) + N + K)
+    g = torch.Generator().manual_seed(sum(counts) + N + K + G)
     E, R = len(counts), sum(counts)
     starts = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int64)
-    a = bf16(R + 31, K, g=g)
+    src = bf16(R + 31, K, g=g)
+    rows = torch.randperm(R + 31, generator=g)[:R] if gather else None
+    a = src[rows] if gather else src[:R]
     mats = []
     for _ in range(G):
         if weights == "bf16":
@@ -481,13 +486,16 @@ def test_grouped_amx(weights, counts, N, K, G):
             mats.append((w, None, w.double()))
         else:
             mats.append(fp8_weight((E, N, K), weights, g))
-    flat = [t for w, s, _ in mats for t in (w, s)]
-    got = lib.grouped_amx(a, starts, *flat)
-    assert got is not None and got.shape == (R, G * N) and got.dtype == torch.bfloat16
-    ref = torch.cat([torch.cat([a[starts[e]:starts[e + 1]].double() @ v[e].T for e in range(E)]) for _, _, v in mats],
-                    dim=1)
-    # weights rounded to bf16 inside (FP8 x scale), the output once: a few bf16 roundings of the sum
-    check(got, ref, 2 * BF16, f"grouped_amx {weights} counts={counts} N={N} K={K} G={G}")
+    got = lib.grouped_amx(src, starts, *[t for w, sc, _ in mats for t in (w, sc)], rows=rows)
+    assert got is not None and got.shape == (R, N) and got.dtype == torch.bfloat16
+    prods = [torch.cat([a[starts[e]:starts[e + 1]].double() @ v[e].T for e in range(E)]) for _, _, v in mats]
+    if G == 1:
+        ref, tol = prods[0], 2 * BF16  # weights rounded to bf16 inside (FP8 x scale), the output once
+    else:
+        rb = lambda t: t.bfloat16().double()  # noqa: E731
+        gate, up = rb(prods[0]), rb(prods[1])
+        ref, tol = rb(rb(gate * torch.sigmoid(gate)) * up), 6 * BF16  # a gate rounding apart moves silu and product
+    check(got, ref, tol, f"grouped_amx {weights} counts={counts} N={N} K={K} G={G} gather={gather}")
 
 
 @pytest.mark.parametrize("T,k,D", [(1, 1, 16), (7, 3, 100), (40, 8, 33)])

@@ -715,14 +715,12 @@ void dsv3_combine_rows(const uint16_t *ys, const int64_t *pos, const float *w, i
 }
 
 /* ---- prefill: grouped expert GEMMs on AMX tiles ---------------------------------------------------------------
- * out [R, G·N] bf16: for rows a [R, K] bf16 sorted by local expert (expert e's rows are starts[e] .. starts[e+1]),
- * out[m, g·N .. g·N + N) = a[m] · W_g[e]ᵀ for the G (1 or 2) weights given: gate and up of every expert in one call
- * (their SwiGLU is the caller's), or down. W [E, N, K] bf16 or FP8 (block scales), fp32 accumulation, one rounding.
- * AMX tiles: A = 16 rows of a as they lie (K contiguous), B = 16 weight rows widened to bf16 and laid out in K pairs
- * ("VNNI": row r of a B tile holds (W[n][2r], W[n][2r+1]) for n = 0..15), made strip by strip (16 weight rows) as the
- * work goes, never for the whole weight; each strip serves all of its expert's rows. `a` must hold 31 readable rows
- * past R (a tile of 16 rows may run past an expert's last row; those results are not stored). N, K multiples of 32.
- * Returns 0, or -1 where this build or the OS gives no AMX (the caller then runs its GEMMs). */
+ * Rows sorted by local expert (expert e's rows are starts[e] .. starts[e+1]) times each expert's weights W [E, N, K]
+ * (bf16 or FP8 with block scales), fp32 accumulation: a prompt's routed experts in two calls (gate and up with
+ * their SwiGLU, then down). AMX tiles: A = 16 rows of activations as they lie (K contiguous), B = 16 weight rows
+ * widened to bf16 and laid out in K pairs ("VNNI": row r of a B tile holds (W[n][2r], W[n][2r+1]) for n = 0..15),
+ * made strip by strip as the work goes, never for the whole weight; each strip serves all of its expert's rows.
+ * Returns 0, or -1 where this build or the OS gives no AMX or the shapes do not fit (the caller then runs torch). */
 #if defined(DSV3_AMX)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -790,28 +788,68 @@ static void amx_strip(const Mat *m, int64_t n0, uint32_t *vnni) {
     }
 }
 
-int dsv3_grouped_amx(const uint16_t *a, const int64_t *starts, int64_t E, int64_t G, const void *w0, const float *s0,
-                     const void *w1, const float *s1, float fmt, int64_t K, int64_t N, uint16_t *out, int threads) {
+/* e^x in fp32, relative error ~2e-7 (Cephes' expf: n = round(x log2 e), x - n ln 2 in two parts, a degree-6
+ * polynomial, times 2^n); inputs clamped to the range where e^x is finite */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365447505531f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m256i bf16x16_of(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); } /* round to nearest even */
+
+static inline __m512 round_bf16x16(__m512 v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16x16_of(v)), 16));
+}
+
+/* G = 1: out [R, N] = a . W0^T per expert. G = 2: out [R, N] = silu(a . W0^T) * (a . W1^T), gate and up with the
+ * roundings of separate bf16 linears and torch's bf16 silu and product (each result rounded to bf16). With idx
+ * (int64 [R]), row r of a is row idx[r] of a [T, K] (gathered here); without, a is [R + 31, K] (padding rows past R
+ * readable). Work: 16 rows of W0 and W1 (G = 2), or 32 rows of W0 (G = 1), of one expert per item; the tiles: C 0-3
+ * (two 16-row chunks x two B strips), A 4-5, B 6-7. */
+int dsv3_grouped_amx(const uint16_t *a, const int64_t *idx, const int64_t *starts, int64_t E, int64_t G,
+                     const void *w0, const float *s0, const void *w1, const float *s1, float fmt, int64_t K, int64_t N,
+                     uint16_t *out, int threads) {
     static int allowed = -1; /* Linux hands out AMX state only on request, once per process */
     if (allowed < 0) allowed = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-    if (!allowed || K % 32 || N % 16 || G < 1 || G > 2) return -1;
-    const int64_t tiles_n = N / 16;
+    if (!allowed || K % 32 || N % (G == 2 ? 16 : 32) || G < 1 || G > 2) return -1;
+    const int64_t R = starts[E], width = G == 2 ? 16 : 32, items = N / width;
+    uint16_t *gathered = NULL;
+    if (idx != NULL) {
+        gathered = malloc((size_t)((R + 32) * K) * 2);
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t r = 0; r < R; r++) memcpy(gathered + r * K, a + idx[r] * K, (size_t)K * 2);
+        memset(gathered + R * K, 0, (size_t)(32 * K) * 2);
+        a = gathered;
+    }
 #pragma omp parallel num_threads(threads)
     {
         amx_config();
-        uint32_t *vnni = malloc((size_t)(G * K * 16 / 2) * sizeof(uint32_t));
+        uint32_t *vnni = malloc((size_t)(2 * K * 8) * sizeof(uint32_t)); /* two B strips of 16 rows */
         float *c = malloc(4 * 256 * sizeof(float));
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t q = 0; q < E * tiles_n; q++) { /* one expert's 16 output columns, for each of the G weights */
-            const int64_t e = q / tiles_n, n0 = (q % tiles_n) * 16, rows = starts[e + 1] - starts[e];
+        for (int64_t q = 0; q < E * items; q++) {
+            const int64_t e = q / items, n0 = (q % items) * width, rows = starts[e + 1] - starts[e];
             if (rows == 0) continue;
             const Mat m0 = expert(w0, s0, e, N, K, fmt);
             amx_strip(&m0, n0, vnni);
             if (G == 2) {
                 const Mat m1 = expert(w1, s1, e, N, K, fmt);
                 amx_strip(&m1, n0, vnni + K * 8);
+            } else {
+                amx_strip(&m0, n0 + 16, vnni + K * 8);
             }
-            for (int64_t t0 = 0; t0 < rows; t0 += 32) { /* 32 rows: tiles 0/1 (weight 0), 2/3 (weight 1) */
+            for (int64_t t0 = 0; t0 < rows; t0 += 32) { /* 32 rows: C 0/1 with strip 0, C 2/3 with strip 1 */
                 const uint16_t *arow = a + (starts[e] + t0) * K;
                 _tile_zero(0);
                 _tile_zero(1);
@@ -821,39 +859,46 @@ int dsv3_grouped_amx(const uint16_t *a, const int64_t *starts, int64_t E, int64_
                     _tile_loadd(4, arow + k, K * 2);
                     _tile_loadd(5, arow + 16 * K + k, K * 2);
                     _tile_loadd(6, vnni + (k / 32) * 256, 64);
+                    _tile_loadd(7, vnni + K * 8 + (k / 32) * 256, 64);
                     _tile_dpbf16ps(0, 4, 6);
                     _tile_dpbf16ps(1, 5, 6);
-                    if (G == 2) {
-                        _tile_loadd(7, vnni + K * 8 + (k / 32) * 256, 64);
-                        _tile_dpbf16ps(2, 4, 7);
-                        _tile_dpbf16ps(3, 5, 7);
-                    }
+                    _tile_dpbf16ps(2, 4, 7);
+                    _tile_dpbf16ps(3, 5, 7);
                 }
                 _tile_stored(0, c, 64);
                 _tile_stored(1, c + 256, 64);
-                if (G == 2) {
-                    _tile_stored(2, c + 512, 64);
-                    _tile_stored(3, c + 768, 64);
-                }
-                for (int64_t i = 0; i < 32 && t0 + i < rows; i++) /* C tile row i: one row's 16 columns */
-                    for (int64_t g = 0; g < G; g++) {
-                        const __m512 v = _mm512_loadu_ps(c + g * 512 + (i / 16) * 256 + (i % 16) * 16);
-                        _mm256_storeu_si256((__m256i *)(out + (starts[e] + t0 + i) * G * N + g * N + n0),
-                                            (__m256i)_mm512_cvtneps_pbh(v));
+                _tile_stored(2, c + 512, 64);
+                _tile_stored(3, c + 768, 64);
+                for (int64_t i = 0; i < 32 && t0 + i < rows; i++) { /* C tile row i: one row's 16 columns */
+                    const __m512 v0 = _mm512_loadu_ps(c + (i / 16) * 256 + (i % 16) * 16);
+                    const __m512 v1 = _mm512_loadu_ps(c + 512 + (i / 16) * 256 + (i % 16) * 16);
+                    uint16_t *o = out + (starts[e] + t0 + i) * N + n0;
+                    if (G == 1) {
+                        _mm256_storeu_si256((__m256i *)o, bf16x16_of(v0));
+                        _mm256_storeu_si256((__m256i *)(o + 16), bf16x16_of(v1));
+                    } else {
+                        const __m512 g = round_bf16x16(v0), u = round_bf16x16(v1);
+                        const __m512 one = _mm512_set1_ps(1.0f);
+                        const __m512 act = round_bf16x16(_mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(
+                            _mm512_setzero_ps(), g)))));
+                        _mm256_storeu_si256((__m256i *)o, bf16x16_of(_mm512_mul_ps(act, u)));
                     }
+                }
             }
         }
         free(vnni);
         free(c);
         _tile_release();
     }
+    free(gathered);
     return 0;
 }
 #else
-int dsv3_grouped_amx(const uint16_t *a, const int64_t *starts, int64_t E, int64_t G, const void *w0, const float *s0,
-                     const void *w1, const float *s1, float fmt, int64_t K, int64_t N, uint16_t *out, int threads) {
-    (void)a, (void)starts, (void)E, (void)G, (void)w0, (void)s0, (void)w1, (void)s1, (void)fmt, (void)K, (void)N;
-    (void)out, (void)threads;
+int dsv3_grouped_amx(const uint16_t *a, const int64_t *idx, const int64_t *starts, int64_t E, int64_t G,
+                     const void *w0, const float *s0, const void *w1, const float *s1, float fmt, int64_t K, int64_t N,
+                     uint16_t *out, int threads) {
+    (void)a, (void)idx, (void)starts, (void)E, (void)G, (void)w0, (void)s0, (void)w1, (void)s1, (void)fmt, (void)K;
+    (void)N, (void)out, (void)threads;
     return -1;
 }
 #endif

@@ -117,7 +117,7 @@ class Native:
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
         lib.dsv3_count_bytes.argtypes, lib.dsv3_count_bytes.restype = [p, i64, i32, i32, i32], i64
-        lib.dsv3_grouped_amx.argtypes = [p, p, i64, i64, p, p, p, p, f32, i64, i64, p, i32]
+        lib.dsv3_grouped_amx.argtypes = [p, p, p, i64, i64, p, p, p, p, f32, i64, i64, p, i32]
         lib.dsv3_grouped_amx.restype = i32
         lib.dsv3_isa.argtypes, lib.dsv3_isa.restype = [], ctypes.c_char_p
         #: the instruction set of this build: "amx" (AVX-512 + AMX tiles), "avx512", "avx2" or "generic"
@@ -228,22 +228,29 @@ class Native:
         return self.isa == "amx"
 
     def grouped_amx(self, a: torch.Tensor, starts: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None,
-                    w2: torch.Tensor | None = None, s2: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Grouped GEMM on AMX tiles: a [R + 31, K] bf16 (31 readable rows of padding past R = starts[-1]) with its
-        rows sorted by local expert (expert e's are starts[e] .. starts[e + 1]; starts int64 [E + 1]) times each
-        expert's w [E, N, K]ᵀ (and w2's, side by side: [R, 2N]), bf16 or FP8 (+ scales) -> [R, N] bf16, fp32
-        accumulation. K a multiple of 32, N of 16. None where the build or the OS gives no AMX."""
+                    w2: torch.Tensor | None = None, s2: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Grouped GEMM on AMX tiles over rows sorted by local expert (expert e's are starts[e] .. starts[e + 1];
+        starts int64 [E + 1], R = starts[-1]): each expert's rows times its w [E, N, K]ᵀ -> [R, N] bf16, or with w2,
+        silu(rows · wᵀ) · (rows · w2ᵀ) (an expert's SwiGLU, each result rounded to bf16 as separate bf16 ops would).
+        Rows: a[rows] (rows int64 [R]; a [T, K]), or a itself, which must then hold 31 readable rows past R. bf16 or
+        FP8 weights (+ scales); K a multiple of 32, N of 16 (SwiGLU) or 32. `out`: [>= R, N] bf16 to write into.
+        None where the build or the OS gives no AMX."""
         E, N, K = w.shape
         R = int(starts[-1])
-        if a.shape[0] < R + 31 or a.shape[1] != K or not a.is_contiguous() or a.dtype != torch.bfloat16:
-            raise ValueError(f"grouped_amx: a {a.dtype} {list(a.shape)}; expected contiguous bf16 [>= {R + 31}, {K}]")
-        G = 1 if w2 is None else 2
-        out = torch.empty(R, G * N, dtype=torch.bfloat16)
+        if a.shape[1] != K or not a.is_contiguous() or a.dtype != torch.bfloat16 or (rows is None and a.shape[0] < R + 31):
+            raise ValueError(f"grouped_amx: a {a.dtype} {list(a.shape)}; expected contiguous bf16 [T, {K}] with rows, "
+                             f"or [>= {R + 31}, {K}] without")
+        if out is None:
+            out = torch.empty(R, N, dtype=torch.bfloat16)
+        if out.shape[0] < R or out.shape[1] != N or out.dtype != torch.bfloat16 or not out.is_contiguous():
+            raise ValueError(f"grouped_amx: out {out.dtype} {list(out.shape)}; expected contiguous bf16 [>= {R}, {N}]")
         fmt = fp8_unit(w.dtype) if s is not None else 0.0
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-        rc = self.lib.dsv3_grouped_amx(a.data_ptr(), starts.data_ptr(), E, G, w.data_ptr(), ptr(s), ptr(w2), ptr(s2),
-                                       fmt, K, N, out.data_ptr(), torch.get_num_threads())
-        return out if rc == 0 else None
+        rc = self.lib.dsv3_grouped_amx(a.data_ptr(), ptr(rows), starts.data_ptr(), E, 1 if w2 is None else 2,
+                                       w.data_ptr(), ptr(s), ptr(w2), ptr(s2), fmt, K, N, out.data_ptr(),
+                                       torch.get_num_threads())
+        return out[:R] if rc == 0 else None
 
     def combine_rows(self, ys: torch.Tensor, pos: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """[T, D] bf16 = Σ_j w[t, j] · ys[pos[t, j]] in fp32, one rounding; ys [R, D] bf16, pos [T, k] int64 (-1:

@@ -282,18 +282,18 @@ class CpuKernels(ReferenceKernels):
                     out[t:t + 1].add_(y, alpha=w[row])  # fp32 accumulation of the bf16 expert output
             return out.to(x.dtype)
         if (self.native is not None and self.native.amx and self._native_ok(x, experts.w1, experts.w2, experts.w3)
-                and x.shape[1] % 32 == 0 and experts.w1.shape[1] % 32 == 0):
+                and x.shape[1] % 32 == 0 and experts.w1.shape[1] % 32 == 0):  # the AMX tiles' K and N steps
             y = self._moe_amx(x, weights, ids, experts)
             if y is not None:
                 return y
         return super().moe_experts(x, weights, ids, experts)
 
     def _moe_amx(self, x, weights, ids, experts: ExpertWeights):
-        """Prefill-sized routed experts on AMX tiles: rows gathered once in expert order, then gate|up of every
-        expert in one grouped GEMM, the SwiGLU in torch, down in one more, and one weighted add back to the tokens,
-        in the reference's roundings (gate, up, their SwiGLU and each expert output in bf16, the sum in fp32). FP8
-        weights are widened strip by strip inside the GEMM, never whole. None: no AMX here."""
-        k, E, inter, D = ids.shape[1], experts.count, experts.w1.shape[1], x.shape[1]
+        """Prefill-sized routed experts on AMX tiles: the (token, slot) rows sorted by expert once, then every
+        expert's gate, up and SwiGLU in one grouped GEMM, down in a second, one weighted combine: the reference's
+        roundings (gate, up, SwiGLU and each expert output in bf16, the weighted sum in fp32). FP8 weights are
+        widened 16 rows at a time inside the GEMM, never whole. None: no AMX here."""
+        k, E, inter = ids.shape[1], experts.count, experts.w1.shape[1]
         local = (ids - experts.first).flatten()  # [T·k]
         order = local.argsort(stable=True)
         # counts[0]: rows of experts below this rank's, counts[1 + e]: expert e's, counts[E + 1]: those above
@@ -302,15 +302,10 @@ class CpuKernels(ReferenceKernels):
         R = rows.numel()
         starts = torch.zeros(E + 1, dtype=torch.int64)
         starts[1:] = counts[1:E + 1].cumsum(0)
-        tok = rows // k
-        xs = x.new_empty(R + 31, D)  # the GEMM's last tile may read past an expert's rows: padding, never stored
-        torch.index_select(x, 0, tok, out=xs[:R])
-        gu = self.native.grouped_amx(xs, starts, experts.w1, experts.s1, experts.w3, experts.s3)  # [R, 2I]
-        if gu is None:
+        h = x.new_empty(R + 31, inter)  # SwiGLU out; the down GEMM's last tile may read past R: padding, never stored
+        if self.native.grouped_amx(x.contiguous(), starts, experts.w1, experts.s1, experts.w3, experts.s3,
+                                   rows=rows // k, out=h) is None:
             return None
-        gate, up = gu.split(inter, dim=1)
-        h = x.new_empty(R + 31, inter)
-        torch.mul(F.silu(gate), up, out=h[:R])
         ys = self.native.grouped_amx(h, starts, experts.w2, experts.s2)  # [R, D]
         pos = torch.full((local.numel(),), -1, dtype=torch.int64)  # each (token, slot) row's place in ys
         pos[rows] = torch.arange(R)
