@@ -152,9 +152,8 @@ def _shape_key(shape: str) -> tuple[int, int] | None:
 def table_json(table: LaunchTable, about: str) -> dict:
     """The file form of a table (what --tune writes)."""
     def sec(kind):
-        return {shape: {str(m): {k: v for k, v in asdict(c).items() if v != GemmConfig.__dataclass_fields__[k].default
-                                 or k in ("block_m", "block_n", "num_warps", "num_stages")} for m, c in buckets}
-                for shape, buckets in kind.items()}
+        return {shape: {str(m): asdict(c) for m, c in buckets} for shape, buckets in kind.items()}
+
     return {"about": about, "arch": table.arch, "sms": table.sms, "smem_bytes": table.smem_bytes,
             "gemm": sec(table.gemm), "moe": sec(table.moe), "attention": asdict(table.attention)}
 
