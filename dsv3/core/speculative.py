@@ -171,8 +171,8 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
     timing = {True: [0.0, 0], False: [0.0, 0]}  # drafting or not: seconds, tokens gained
     plain_trial: list[tuple[torch.Tensor, torch.Tensor]] = []  # (hidden [B, 1, D], token [B]) of each timed plain step
     plain_step: DecodeStep | None = None
-    # static steps per (kind, q), captured once a shape has run CAPTURE_AFTER times (a capture costs ~3 steps): the
-    # verify step (q = 1 + k while drafting, 1 for the timed plain steps) and the MTP catch-up (q = 1 + k)
+    # static steps per (kind, q), captured once a shape has run CAPTURE_AFTER times and is worth it (_worth_capturing):
+    # the verify step (q = 1 + k while drafting, 1 for the timed plain steps) and the MTP catch-up (q = 1 + k)
     static: dict[tuple[str, int], StaticStep] = {}
     uses: dict[tuple[str, int], int] = {}
 

@@ -23,7 +23,7 @@
  * caller derives it from torch's own cast, so this file knows no format). NaN bytes are refused at load
  * (ops.py keeps such a weight dequantized), so the widening never meets one.
  */
-#define _GNU_SOURCE /* syscall(), for the AMX permission (dsv3_moe_amx) */
+#define _GNU_SOURCE /* syscall(), for the AMX permission (dsv3_grouped_amx) */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -38,7 +38,7 @@
 #define DSV3_AVX2 1
 #endif
 #if defined(DSV3_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define DSV3_AMX 1 /* prefill's routed experts on AMX tiles: dsv3_moe_amx */
+#define DSV3_AMX 1 /* prefill's routed experts on AMX tiles: dsv3_grouped_amx */
 #endif
 
 #define QB 128 /* FP8 scale block, both dims */
