@@ -106,6 +106,8 @@ class Step:
     write_pos: torch.Tensor | None = None  # [B, S] int64: cache positions of the step's tokens
     rows: torch.Tensor | None = None  # [B] int64 cache rows (slots); None = rows 0..B-1
     row_index: torch.Tensor | None = None  # [B, 1] the rows, shaped to index the cache with write_pos
+    causal: bool = False  # the mask is plain causal (query start_pos + i sees keys 0..start_pos + i): a kernel may
+    # use its own causal path instead of reading the mask
     _kv_len: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -441,7 +443,7 @@ class Transformer(nn.Module):
             diag = k_pos[None, :] == q_pos[:, None]  # a pad query sees itself: no all-masked rows
             mask = causal[None] & (real[:, None, :] | diag[None])
             pos = (q_pos[None, :] - pad[:, None]).clamp(min=0)
-        step = Step(start_pos, self.rope_cos[pos], self.rope_sin[pos], mask)
+        step = Step(start_pos, self.rope_cos[pos], self.rope_sin[pos], mask, causal=pad is None)
         self.kernels.begin_step(step)
         return step
 

@@ -51,8 +51,9 @@ DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float32, i
 @pytest.mark.parametrize("native", NATIVE)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,N,K", [(1, 1, 1), (1, 200, 300), (3, 129, 1029), (15, 64, 72), (16, 40, 56),
-                                      (40, 130, 200)])
+                                      (40, 130, 200), (17, 96, 64), (300, 160, 224), (513, 32, 96)])
 def test_linear_and_mlp(native, dtype, rows, N, K):
+    """(17 | 300, N, K multiples of 32): a prompt's product on AMX where the CPU has it; 513 rows: past that, torch"""
     k = cpu(native)
     x, w = rand(rows, K, dtype=dtype), rand(N, K, dtype=dtype, seed=1, scale=K ** -0.5)
     close(k.linear(x, w), REF.linear(x, w), dtype, "linear")
@@ -170,7 +171,7 @@ def kept_fp8(k: CpuKernels, w: torch.Tensor, fp8_dtype):
 
 @pytest.mark.parametrize("fp8_dtype", FP8)
 @pytest.mark.parametrize("rows,N,K", [(1, 1, 1), (1, 200, 300), (3, 129, 1029), (15, 64, 72), (16, 40, 56),
-                                      (40, 130, 200)])
+                                      (40, 130, 200), (17, 96, 64), (300, 160, 224), (64, 288, 1024)])
 def test_fp8_weights_linear_and_mlp(fp8_dtype, rows, N, K):
     k = cpu(True)
     dtype = torch.bfloat16
@@ -237,6 +238,31 @@ def test_attention(dtype, B, S, T, H, Dq, Dv):
         mask[1, :, 0] = True
     close(k.attention(q, kk, v, 0.3, mask), REF.attention(q, kk, v, 0.3, mask), dtype, "attention")
     close(k.attention(q, kk, v, 0.3, None), REF.attention(q, kk, v, 0.3, None), dtype, "attention, no mask")
+
+
+@pytest.mark.parametrize("S", [5, 64])
+def test_attention_of_a_prompt_from_position_0_takes_the_causal_path(S):
+    """A step whose mask is plain causal (Step.causal) and whose queries are all its keys: torch's own causal path,
+    the same numbers as the mask gives; a chunk after position 0 (S < T) and a step not marked causal read the mask."""
+    from dsv3.core.model import Step
+
+    k = cpu(False)
+    dtype = torch.bfloat16
+    q, kk, v = rand(1, S, 2, 96, dtype=dtype), rand(1, S, 2, 96, dtype=dtype, seed=1), rand(1, S, 2, 64, dtype=dtype, seed=2)
+    mask = (torch.arange(S)[None, :] <= torch.arange(S)[:, None])[None]
+    for causal in (True, False):
+        step = Step(0, torch.zeros(1, S, 1), torch.zeros(1, S, 1), mask, causal=causal)
+        k.begin_step(step)
+        close(k.attention(q, kk, v, 0.3, step.mask), REF.attention(q, kk, v, 0.3, mask), dtype, f"causal={causal}")
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    spy = lambda *a, **kw: calls.append(kw["is_causal"]) or real(*a, **kw)  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        k.begin_step(Step(0, torch.zeros(1, S, 1), torch.zeros(1, S, 1), mask, causal=True))
+        k.attention(q, kk, v, 0.3, k.current_step.mask)
+        k.attention(q[:, 1:], kk, v, 0.3, k.current_step.mask[:, 1:])  # a chunk: S < T
+    assert calls == [True, False]
 
 
 @pytest.mark.parametrize("native", NATIVE)

@@ -233,15 +233,16 @@ def test_moe_gate_matches_the_plain_torch_gate(lib, E, n_group, topk_group, top_
     plain.native = None
     native = CpuKernels()
     native.native = lib
-    for T in (1, 3):
+    for T in (1, 3, 40):  # 40: a prompt's rows (the logits from torch's GEMM, the selection in C)
         x = torch.randn(T, 65, generator=g).bfloat16()
         w = torch.randn(E, 65, generator=g)
         bias = torch.randn(E, generator=g) - 1.0  # negative biases: dropped groups must not win with 0
         for b in (bias, None):
             wn, idn = native.moe_gate(x, w, b, p)
             wp, idp = plain.moe_gate(x, w, b, p)
-            assert idn.tolist() == idp.tolist(), f"ids {idn.tolist()} != plain torch {idp.tolist()}"
-            check(wn, wp.double(), 1e-5, "gate weights")
+            # the same experts; their order may differ where two choices tie to an ulp of the sigmoid (saturated)
+            assert idn.sort(-1).values.tolist() == idp.sort(-1).values.tolist(), f"ids {idn.tolist()} != plain torch {idp.tolist()}"
+            check(wn.gather(1, idn.argsort(-1)), wp.gather(1, idp.argsort(-1)).double(), 1e-5, "gate weights")
 
 
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
@@ -476,9 +477,10 @@ def test_grouped_amx(weights, counts, N, K, G, gather):
     g = torch.Generator().manual_seed(sum(counts) + N + K + G)
     E, R = len(counts), sum(counts)
     starts = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int64)
-    src = bf16(R + 31, K, g=g)
-    rows = torch.randperm(R + 31, generator=g)[:R] if gather else None
+    src = bf16(R + 7, K, g=g)
+    rows = torch.randperm(R + 7, generator=g)[:R] if gather else None
     a = src[rows] if gather else src[:R]
+    src = src if gather else src[:R].clone()  # exactly R rows: the kernel pads its tiles itself
     mats = []
     for _ in range(G):
         if weights == "bf16":

@@ -504,67 +504,73 @@ static int64_t argmax_free(const float *v, const unsigned char *taken, int64_t n
 }
 
 /* The aux-loss-free, group-limited gate for rows of x [T, D] (bf16 or fp32) against weight [E, D] fp32 (see
- * the reference's moe_gate, its twin). sigmoid: 1 = sigmoid, 0 = softmax; group_score: 2 = top-2 sum, 1 = max,
- * 0 = none. */
+ * the reference's moe_gate, its twin); weight NULL: x is already the logits, fp32 [T, E] (a prompt's, from
+ * torch's GEMM). sigmoid: 1 = sigmoid, 0 = softmax; group_score: 2 = top-2 sum, 1 = max, 0 = none. Rows in
+ * parallel: the selection, not the product, is what a prompt's gate costs as a chain of torch ops. */
 void dsv3_moe_gate(const void *x, int x_bf16, const float *weight, const float *bias, int64_t T, int64_t D,
                    int64_t E, int64_t top_k, int64_t n_group, int64_t topk_group, int sigmoid, int group_score, int norm,
-                   float route_scale, float *out_w, int64_t *out_ids) {
-    float *scratch = malloc((size_t)(3 * E + D) * sizeof(float)), *xw = scratch + 3 * E;
-    unsigned char *flags = malloc((size_t)(E + n_group));
-    float *scores = scratch, *choice = scratch + E, *gs = scratch + 2 * E;
-    unsigned char *taken = flags, *gkeep = flags + E;
-    int64_t per = E / n_group;
-    for (int64_t t = 0; t < T; t++) {
-        const float *xt = xw; /* x is bf16 (widened here) or fp32 */
-        if (x_bf16) widen((const uint16_t *)x + t * D, xw, D);
-        else xt = (const float *)x + t * D;
-        float mx = -INFINITY, sum = 0.0f;
-        for (int64_t e = 0; e < E; e++) {
-            float acc = dot_f32(xt, weight + e * D, D);
-            scores[e] = acc;
-            if (acc > mx) mx = acc;
-        }
-        for (int64_t e = 0; e < E; e++) {
-            if (sigmoid) scores[e] = 1.0f / (1.0f + expf(-scores[e]));
-            else sum += (scores[e] = expf(scores[e] - mx));
-        }
-        for (int64_t e = 0; e < E; e++) {
-            if (!sigmoid) scores[e] /= sum;
-            choice[e] = scores[e] + (bias ? bias[e] : 0.0f);
-            taken[e] = 0;
-        }
-        if (n_group > 1 && group_score) {
-            for (int64_t g = 0; g < n_group; g++) {
-                const float *c = choice + g * per;
-                float a = -INFINITY, b = -INFINITY; /* the two largest */
-                for (int64_t i = 0; i < per; i++) {
-                    if (c[i] > a) { b = a; a = c[i]; }
-                    else if (c[i] > b) b = c[i];
+                   float route_scale, float *out_w, int64_t *out_ids, int threads) {
+#pragma omp parallel num_threads(T > 1 ? threads : 1)
+    {
+        float *scratch = malloc((size_t)(3 * E + D) * sizeof(float)), *xw = scratch + 3 * E;
+        unsigned char *flags = malloc((size_t)(E + n_group));
+        float *scores = scratch, *choice = scratch + E, *gs = scratch + 2 * E;
+        unsigned char *taken = flags, *gkeep = flags + E;
+        int64_t per = E / n_group;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            const float *xt = xw; /* x is bf16 (widened here) or fp32 */
+            if (weight == NULL) xt = (const float *)x + t * E;
+            else if (x_bf16) widen((const uint16_t *)x + t * D, xw, D);
+            else xt = (const float *)x + t * D;
+            float mx = -INFINITY, sum = 0.0f;
+            for (int64_t e = 0; e < E; e++) {
+                float acc = weight == NULL ? xt[e] : dot_f32(xt, weight + e * D, D);
+                scores[e] = acc;
+                if (acc > mx) mx = acc;
+            }
+            for (int64_t e = 0; e < E; e++) {
+                if (sigmoid) scores[e] = 1.0f / (1.0f + expf(-scores[e]));
+                else sum += (scores[e] = expf(scores[e] - mx));
+            }
+            for (int64_t e = 0; e < E; e++) {
+                if (!sigmoid) scores[e] /= sum;
+                choice[e] = scores[e] + (bias ? bias[e] : 0.0f);
+                taken[e] = 0;
+            }
+            if (n_group > 1 && group_score) {
+                for (int64_t g = 0; g < n_group; g++) {
+                    const float *c = choice + g * per;
+                    float a = -INFINITY, b = -INFINITY; /* the two largest */
+                    for (int64_t i = 0; i < per; i++) {
+                        if (c[i] > a) { b = a; a = c[i]; }
+                        else if (c[i] > b) b = c[i];
+                    }
+                    gs[g] = group_score == 2 ? a + b : a;
+                    gkeep[g] = 0;
                 }
-                gs[g] = group_score == 2 ? a + b : a;
-                gkeep[g] = 0;
+                for (int64_t j = 0; j < topk_group; j++) {
+                    int64_t g = argmax_free(gs, gkeep, n_group);
+                    gkeep[g] = 1;
+                }
+                for (int64_t e = 0; e < E; e++) taken[e] = !gkeep[e / per]; /* dropped groups never win */
             }
-            for (int64_t j = 0; j < topk_group; j++) {
-                int64_t g = argmax_free(gs, gkeep, n_group);
-                gkeep[g] = 1;
+            float total = 0.0f;
+            for (int64_t j = 0; j < top_k; j++) {
+                int64_t e = argmax_free(choice, taken, E);
+                taken[e] = 1;
+                out_ids[t * top_k + j] = e;
+                total += (out_w[t * top_k + j] = scores[e]);
             }
-            for (int64_t e = 0; e < E; e++) taken[e] = !gkeep[e / per]; /* dropped groups never win */
+            for (int64_t j = 0; j < top_k; j++) {
+                float w = out_w[t * top_k + j];
+                if (norm && top_k > 1) w /= total + 1e-20f;
+                out_w[t * top_k + j] = w * route_scale;
+            }
         }
-        float total = 0.0f;
-        for (int64_t j = 0; j < top_k; j++) {
-            int64_t e = argmax_free(choice, taken, E);
-            taken[e] = 1;
-            out_ids[t * top_k + j] = e;
-            total += (out_w[t * top_k + j] = scores[e]);
-        }
-        for (int64_t j = 0; j < top_k; j++) {
-            float w = out_w[t * top_k + j];
-            if (norm && top_k > 1) w /= total + 1e-20f;
-            out_w[t * top_k + j] = w * route_scale;
-        }
+        free(scratch);
+        free(flags);
     }
-    free(scratch);
-    free(flags);
 }
 
 /* The absorbed MLA of one query per sequence, projections included: for sequence b and head h,
@@ -767,24 +773,31 @@ static inline void transpose16(__m512i r[16]) {
     }
 }
 
-/* weight rows n0 .. n0+15 of m as B tiles: vnni[kt][r][n] (uint32: a bf16 pair) for kt = 0 .. K/32 - 1. A 32-wide
- * K slice of the 16 rows is 16 vectors of 16 bf16 pairs; transposed, vector r holds pair r of every row. */
-static void amx_strip(const Mat *m, int64_t n0, uint32_t *vnni) {
+/* weight rows n0 .. n0+15 of m as A tiles: wa[ks][n][32] bf16 for K slice ks (the FP8 bytes widened, times their
+ * block's scale, rounded to bf16 once: the reference's dequantized weight). Row-major like the weight itself, so no
+ * transpose: the weights are the A operand and the activations, transposed once per call, the B operand. */
+static void amx_weight_rows(const Mat *m, int64_t n0, uint16_t *wa) {
     const int64_t K = m->K, kb = (K + QB - 1) / QB;
+    for (int64_t k = 0; k < K; k += 32) {
+        const __m512 sc = _mm512_set1_ps(m->s[(n0 / QB) * kb + k / QB] * m->fmt); /* 16 rows: one 128-row block */
+        for (int64_t n = 0; n < 16; n++) {
+            const uint8_t *w = (const uint8_t *)m->w + (n0 + n) * K + k;
+            _mm512_storeu_si512((void *)(wa + (k / 32) * 512 + n * 32),
+                                (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(fp8x16(w + 16), sc), _mm512_mul_ps(fp8x16(w), sc)));
+        }
+    }
+}
+
+/* 16 rows (row(i), i < n; zeros past n) of K bf16 as B tiles: xt[ks][r][i] = the pair (2r, 2r + 1) of K slice ks of
+ * row i (a uint32) */
+static void amx_act_rows(const uint16_t *a, const int64_t *idx, int64_t first, int64_t n, int64_t K, uint32_t *xt) {
     __m512i v[16];
     for (int64_t k = 0; k < K; k += 32) {
-        for (int64_t n = 0; n < 16; n++) {
-            if (m->s == NULL) {
-                v[n] = _mm512_loadu_si512((const void *)((const uint16_t *)m->w + (n0 + n) * K + k));
-            } else {
-                const uint8_t *w = (const uint8_t *)m->w + (n0 + n) * K + k;
-                const __m512 sc = _mm512_set1_ps(m->s[((n0 + n) / QB) * kb + k / QB] * m->fmt);
-                v[n] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(fp8x16(w + 16), sc), _mm512_mul_ps(fp8x16(w), sc));
-            }
-        }
+        for (int64_t i = 0; i < 16; i++)
+            v[i] = i < n ? _mm512_loadu_si512((const void *)(a + (idx ? idx[first + i] : first + i) * K + k))
+                         : _mm512_setzero_si512();
         transpose16(v);
-        uint32_t *tile = vnni + (k / 32) * 256;
-        for (int r = 0; r < 16; r++) _mm512_storeu_si512((void *)(tile + r * 16), v[r]);
+        for (int r = 0; r < 16; r++) _mm512_storeu_si512((void *)(xt + (k / 32) * 256 + r * 16), v[r]);
     }
 }
 
@@ -812,85 +825,109 @@ static inline __m512 round_bf16x16(__m512 v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16x16_of(v)), 16));
 }
 
+/* a C tile [16 weight rows][16 token rows] fp32, transposed: token row i's 16 values rounded to bf16 at o + i * ld */
+static void amx_store_t(const float *c, uint16_t *o, int64_t ld, int64_t live) {
+    __m512i v[16];
+    for (int n = 0; n < 16; n++) v[n] = _mm512_loadu_si512((const void *)(c + n * 16));
+    transpose16(v);
+    for (int64_t i = 0; i < live; i++) _mm256_storeu_si256((__m256i *)(o + i * ld), bf16x16_of((__m512)v[i]));
+}
+
 /* G = 1: out [R, N] = a . W0^T per expert. G = 2: out [R, N] = silu(a . W0^T) * (a . W1^T), gate and up with the
  * roundings of separate bf16 linears and torch's bf16 silu and product (each result rounded to bf16). With idx
- * (int64 [R]), row r of a is row idx[r] of a [T, K] (gathered here); without, a is [R + 31, K] (padding rows past R
- * readable). Work: 16 rows of W0 and W1 (G = 2), or 32 rows of W0 (G = 1), of one expert per item; the tiles: C 0-3
- * (two 16-row chunks x two B strips), A 4-5, B 6-7. */
+ * (int64 [R]), row r of a is row idx[r] of a [T, K]; without, row r of a [R, K]. The weights are the A operand (16
+ * weight rows per tile, read as they are stored: bf16 in place, FP8 widened) and the activations the B operand,
+ * transposed into pairs once per call and padded to 32 rows per expert; C tiles come out [weight row][token row] and
+ * are transposed in the epilogue. (The other way round, every 16 x 32 weight slice needed a transpose: most of the
+ * kernel's time at DeepSeek's 64-row experts.) Work: 16 rows of W0 and W1 (G = 2), or 32 rows of W0 (G = 1), of one
+ * expert per item; tiles: C 0-3 (two weight strips x two 16-row chunks), A 4-5, B 6-7. */
 int dsv3_grouped_amx(const uint16_t *a, const int64_t *idx, const int64_t *starts, int64_t E, int64_t G,
                      const void *w0, const float *s0, const void *w1, const float *s1, float fmt, int64_t K, int64_t N,
                      uint16_t *out, int threads) {
     static int allowed = -1; /* Linux hands out AMX state only on request, once per process */
     if (allowed < 0) allowed = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
     if (!allowed || K % 32 || N % (G == 2 ? 16 : 32) || G < 1 || G > 2) return -1;
-    const int64_t R = starts[E], width = G == 2 ? 16 : 32, items = N / width;
-    uint16_t *gathered = NULL;
-    if (idx != NULL) {
-        gathered = malloc((size_t)((R + 32) * K) * 2);
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t r = 0; r < R; r++) memcpy(gathered + r * K, a + idx[r] * K, (size_t)K * 2);
-        memset(gathered + R * K, 0, (size_t)(32 * K) * 2);
-        a = gathered;
-    }
+    const int64_t width = G == 2 ? 16 : 32, items = N / width, KS = K / 32;
+    int64_t *chunk0 = malloc((size_t)(E + 1) * sizeof(int64_t)); /* expert e's first 16-row chunk; 2 per 32 rows */
+    chunk0[0] = 0;
+    for (int64_t e = 0; e < E; e++) chunk0[e + 1] = chunk0[e] + 2 * ((starts[e + 1] - starts[e] + 31) / 32);
+    const int64_t chunks = chunk0[E];
+    uint32_t *xt = malloc((size_t)((chunks ? chunks : 1) * KS * 256) * sizeof(uint32_t));
 #pragma omp parallel num_threads(threads)
     {
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t c = 0; c < chunks; c++) { /* the activations as B tiles, once */
+            int64_t e = 0;
+            while (chunk0[e + 1] <= c) e++;
+            const int64_t row = starts[e] + (c - chunk0[e]) * 16, left = starts[e + 1] - row;
+            amx_act_rows(a, idx, row, left < 0 ? 0 : left < 16 ? left : 16, K, xt + c * KS * 256);
+        }
         amx_config();
-        uint32_t *vnni = malloc((size_t)(2 * K * 8) * sizeof(uint32_t)); /* two B strips of 16 rows */
+        uint16_t *wa = malloc((size_t)(2 * K * 16) * sizeof(uint16_t)); /* two FP8 weight strips, widened */
         float *c = malloc(4 * 256 * sizeof(float));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t q = 0; q < E * items; q++) {
             const int64_t e = q / items, n0 = (q % items) * width, rows = starts[e + 1] - starts[e];
             if (rows == 0) continue;
-            const Mat m0 = expert(w0, s0, e, N, K, fmt);
-            amx_strip(&m0, n0, vnni);
-            if (G == 2) {
-                const Mat m1 = expert(w1, s1, e, N, K, fmt);
-                amx_strip(&m1, n0, vnni + K * 8);
+            const Mat m0 = expert(w0, s0, e, N, K, fmt), m1 = G == 2 ? expert(w1, s1, e, N, K, fmt) : m0;
+            const int64_t n1 = G == 2 ? n0 : n0 + 16; /* the second strip: W1's rows n0.., or W0's next 16 */
+            const uint16_t *a0, *a1; /* A tiles of slice ks at a0 + ks * step, rows `stride` bytes apart */
+            int64_t step, stride;
+            if (m0.s == NULL) { /* bf16: the weight's own rows */
+                a0 = (const uint16_t *)m0.w + n0 * K;
+                a1 = (const uint16_t *)m1.w + n1 * K;
+                step = 32, stride = K * 2;
             } else {
-                amx_strip(&m0, n0 + 16, vnni + K * 8);
+                amx_weight_rows(&m0, n0, wa);
+                amx_weight_rows(&m1, n1, wa + K * 16);
+                a0 = wa, a1 = wa + K * 16, step = 512, stride = 64;
             }
-            for (int64_t t0 = 0; t0 < rows; t0 += 32) { /* 32 rows: C 0/1 with strip 0, C 2/3 with strip 1 */
-                const uint16_t *arow = a + (starts[e] + t0) * K;
+            for (int64_t t0 = 0; t0 < rows; t0 += 32) { /* C 0/1: strip 0 x chunks 0/1, C 2/3: strip 1 x chunks 0/1 */
+                const uint32_t *b = xt + (chunk0[e] + t0 / 16) * KS * 256;
                 _tile_zero(0);
                 _tile_zero(1);
                 _tile_zero(2);
                 _tile_zero(3);
-                for (int64_t k = 0; k < K; k += 32) {
-                    _tile_loadd(4, arow + k, K * 2);
-                    _tile_loadd(5, arow + 16 * K + k, K * 2);
-                    _tile_loadd(6, vnni + (k / 32) * 256, 64);
-                    _tile_loadd(7, vnni + K * 8 + (k / 32) * 256, 64);
+                for (int64_t ks = 0; ks < KS; ks++) {
+                    _tile_loadd(4, a0 + ks * step, stride);
+                    _tile_loadd(5, a1 + ks * step, stride);
+                    _tile_loadd(6, b + ks * 256, 64);
+                    _tile_loadd(7, b + (KS + ks) * 256, 64);
                     _tile_dpbf16ps(0, 4, 6);
-                    _tile_dpbf16ps(1, 5, 6);
-                    _tile_dpbf16ps(2, 4, 7);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(2, 5, 6);
                     _tile_dpbf16ps(3, 5, 7);
                 }
                 _tile_stored(0, c, 64);
                 _tile_stored(1, c + 256, 64);
                 _tile_stored(2, c + 512, 64);
                 _tile_stored(3, c + 768, 64);
-                for (int64_t i = 0; i < 32 && t0 + i < rows; i++) { /* C tile row i: one row's 16 columns */
-                    const __m512 v0 = _mm512_loadu_ps(c + (i / 16) * 256 + (i % 16) * 16);
-                    const __m512 v1 = _mm512_loadu_ps(c + 512 + (i / 16) * 256 + (i % 16) * 16);
-                    uint16_t *o = out + (starts[e] + t0 + i) * N + n0;
+                for (int j = 0; j < 2 && t0 + 16 * j < rows; j++) { /* chunk j: C [weight row n][token row i] */
+                    float *c0 = c + j * 256, *c1 = c + 512 + j * 256;
+                    const int64_t live = rows - t0 - 16 * j < 16 ? rows - t0 - 16 * j : 16;
+                    uint16_t *o = out + (starts[e] + t0 + 16 * j) * N;
                     if (G == 1) {
-                        _mm256_storeu_si256((__m256i *)o, bf16x16_of(v0));
-                        _mm256_storeu_si256((__m256i *)(o + 16), bf16x16_of(v1));
+                        amx_store_t(c0, o + n0, N, live);
+                        amx_store_t(c1, o + n1, N, live);
                     } else {
-                        const __m512 g = round_bf16x16(v0), u = round_bf16x16(v1);
-                        const __m512 one = _mm512_set1_ps(1.0f);
-                        const __m512 act = round_bf16x16(_mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(
-                            _mm512_setzero_ps(), g)))));
-                        _mm256_storeu_si256((__m256i *)o, bf16x16_of(_mm512_mul_ps(act, u)));
+                        for (int n = 0; n < 16; n++) { /* elementwise, so in the transposed layout */
+                            const __m512 g = round_bf16x16(_mm512_loadu_ps(c0 + n * 16));
+                            const __m512 u = round_bf16x16(_mm512_loadu_ps(c1 + n * 16));
+                            const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+                            const __m512 act = round_bf16x16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+                            _mm512_storeu_ps(c0 + n * 16, _mm512_mul_ps(act, u));
+                        }
+                        amx_store_t(c0, o + n0, N, live);
                     }
                 }
             }
         }
-        free(vnni);
+        free(wa);
         free(c);
         _tile_release();
     }
-    free(gathered);
+    free(xt);
+    free(chunk0);
     return 0;
 }
 #else

@@ -107,7 +107,7 @@ class Native:
             "dsv3_rms_norm_bf16": [p, p, p, i64, i64, f32, i32],
             "dsv3_rope_bf16": [p, p, p, p, i64, i64, i64, i64, i64],
             "dsv3_mla_latent": [p, i64, i64, p, p, i64, p, f32, p, p, p, p, i64, p, p] + [i64] * 5 + [p],
-            "dsv3_moe_gate": [p, i32, p, p, i64, i64, i64, i64, i64, i64, i32, i32, i32, f32, p, p],
+            "dsv3_moe_gate": [p, i32, p, p, i64, i64, i64, i64, i64, i64, i32, i32, i32, f32, p, p, i32],
             "dsv3_mla_absorbed": [p, i64, i64, p, i64, i64, p, p, i32, p, p, p] + [i64] * 9 + [f32, p, i32],
             "dsv3_dequant_fp8": [p, p, p, i64, i64, i64, i32, p, i32],
             "dsv3_fp8_to_bf16": [p, p, f32, i64, i64, p, i32],
@@ -186,15 +186,17 @@ class Native:
                                  kv.shape[-1], R, q.data_ptr())
         return q
 
-    def moe_gate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int,
+    def moe_gate(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, top_k: int, n_group: int,
                  topk_group: int, sigmoid: bool, group_score: int, norm: bool, route_scale: float):
-        """x [T, D] bf16 or fp32, weight [E, D] fp32, bias [E] fp32 or None -> (weights [T, k] fp32, ids [T, k] int64)."""
+        """x [T, D] bf16 or fp32, weight [E, D] fp32, bias [E] fp32 or None -> (weights [T, k] fp32, ids [T, k] int64).
+        weight None: x is the logits, fp32 [T, E]."""
         T, D = x.shape
-        E = weight.shape[0]
+        E = D if weight is None else weight.shape[0]
         w, ids = torch.empty(T, top_k), torch.empty(T, top_k, dtype=torch.int64)
-        self.lib.dsv3_moe_gate(x.data_ptr(), int(x.dtype == torch.bfloat16), weight.data_ptr(),
+        self.lib.dsv3_moe_gate(x.data_ptr(), int(x.dtype == torch.bfloat16), None if weight is None else weight.data_ptr(),
                                None if bias is None else bias.data_ptr(), T, D, E, top_k, n_group, topk_group,
-                               int(sigmoid), group_score, int(norm), route_scale, w.data_ptr(), ids.data_ptr())
+                               int(sigmoid), group_score, int(norm), route_scale, w.data_ptr(), ids.data_ptr(),
+                               torch.get_num_threads())
         return w, ids
 
     def mla_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor,
@@ -233,14 +235,14 @@ class Native:
         """Grouped GEMM on AMX tiles over rows sorted by local expert (expert e's are starts[e] .. starts[e + 1];
         starts int64 [E + 1], R = starts[-1]): each expert's rows times its w [E, N, K]ᵀ -> [R, N] bf16, or with w2,
         silu(rows · wᵀ) · (rows · w2ᵀ) (an expert's SwiGLU, each result rounded to bf16 as separate bf16 ops would).
-        Rows: a[rows] (rows int64 [R]; a [T, K]), or a itself, which must then hold 31 readable rows past R. bf16 or
-        FP8 weights (+ scales); K a multiple of 32, N of 16 (SwiGLU) or 32. `out`: [>= R, N] bf16 to write into.
+        Rows: a[rows] (rows int64 [R]; a [T, K]), or a's first R rows. bf16 or FP8 weights (+ scales); K a multiple
+        of 32, N of 16 (SwiGLU) or 32. `out`: [>= R, N] bf16 to write into.
         None where the build or the OS gives no AMX."""
         E, N, K = w.shape
         R = int(starts[-1])
-        if a.shape[1] != K or not a.is_contiguous() or a.dtype != torch.bfloat16 or (rows is None and a.shape[0] < R + 31):
+        if a.shape[1] != K or not a.is_contiguous() or a.dtype != torch.bfloat16 or (rows is None and a.shape[0] < R):
             raise ValueError(f"grouped_amx: a {a.dtype} {list(a.shape)}; expected contiguous bf16 [T, {K}] with rows, "
-                             f"or [>= {R + 31}, {K}] without")
+                             f"or [>= {R}, {K}] without")
         if out is None:
             out = torch.empty(R, N, dtype=torch.bfloat16)
         if out.shape[0] < R or out.shape[1] != N or out.dtype != torch.bfloat16 or not out.is_contiguous():
