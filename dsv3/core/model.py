@@ -310,8 +310,12 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
         self.ffn = MoE(cfg, kernels, par) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size, kernels, par)
 
-    def forward(self, x, step: Step, kv_cache=None, pe_cache=None):
+    def forward(self, x, step: Step, kv_cache=None, pe_cache=None, take: torch.Tensor | None = None):
+        """x [B, S, D] -> [B, S, D]; with `take` [B] (a position per row) only that position goes through the
+        feed-forward -> [B, 1, D]: the others only had to leave their latents in the cache (the MTP catch-up)."""
         x = self.attn(self.attn_norm(x), step, kv_cache, pe_cache, residual=x)  # x + attn(norm(x))
+        if take is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), take][:, None]  # [B, 1, D]
         return self.ffn(self.ffn_norm(x), residual=x)  # x + ffn(norm(x))
 
 
@@ -412,12 +416,11 @@ class Transformer(nn.Module):
         hidden at t (hidden [B, q, D]) with the token after t (tokens [B, q]) and drafts the token after that.
         Returns the draft logits [B, V] at `take` and the block's output there [B, D] (the hidden that chains a
         further draft through the same module)."""
-        B, q = tokens.shape
+        q = tokens.shape[1]
         mtp = self.mtp[j]
         step = self.position_step(positions, q, span)
         x = mtp.eh_proj(torch.cat([mtp.enorm(self.embed(tokens)), mtp.hnorm(hidden)], dim=-1))  # [B, q, D]
-        x = mtp.block(x, step, cache.kv[0], cache.pe[0])
-        x = x[torch.arange(B, device=x.device), take]  # [B, D]
+        x = mtp.block(x, step, cache.kv[0], cache.pe[0], take=take)[:, 0]  # [B, D]: the feed-forward at take only
         return self.logits(mtp.head_norm(x)), x
 
     def step(self, batch: int, seqlen: int, start_pos: int, pad: torch.Tensor | None) -> Step:
