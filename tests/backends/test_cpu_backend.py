@@ -113,6 +113,28 @@ def test_mla_absorbed(native, dtype, B, S, H, N, C, R, V, T):
 
 
 @pytest.mark.parametrize("native", NATIVE)
+@pytest.mark.parametrize("B,S,T", [(1, 2, 9), (3, 3, 40), (2, 5, 17)])
+def test_mla_absorbed_in_a_position_step(native, B, S, T):
+    """A verification of drafts: S queries per row at the row's own positions (rows at different lengths), each
+    seeing its own prefix of the cache, all queries in one call."""
+    from dsv3.core.model import Step
+
+    k = cpu(native)
+    dtype, H, N, C, R, V = torch.bfloat16, 3, 24, 72, 8, 40
+    q_nope, q_pe = rand(B, S, H, N, dtype=dtype), rand(B, S, H, R, dtype=dtype, seed=1)
+    kv, pe = rand(B, T, C, dtype=dtype, seed=2), rand(B, T, R, dtype=dtype, seed=3)
+    wd = k.absorb_dtype(dtype)
+    w_uk, w_uv = rand(H, N, C, dtype=wd, seed=4, scale=N ** -0.5), rand(H, C, V, dtype=wd, seed=5, scale=C ** -0.5)
+    pos = torch.tensor([T - S - 2 * b for b in range(B)])[:, None] + torch.arange(S)  # [B, S]
+    mask = torch.arange(T)[None, None, :] <= pos[..., None]  # [B, S, T]
+    step = Step(0, torch.zeros(B, S, 1), torch.zeros(B, S, 1), mask, span=T, write_pos=pos)
+    k.begin_step(step)
+    got = k.mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, pe, 0.3, step.mask)
+    close(got, REF.mla_absorbed(q_nope, q_pe, w_uk.float(), w_uv.float(), kv, pe, 0.3, mask), dtype,
+          "mla_absorbed, position step")
+
+
+@pytest.mark.parametrize("native", NATIVE)
 @pytest.mark.parametrize("T", [1, 3, 15, 40])
 @pytest.mark.parametrize("E,n_group,topk_group,top_k,group_score", [(8, 4, 2, 2, "top2_sum"), (12, 3, 1, 3, "max"),
                                                                      (16, 1, 1, 4, "none")])

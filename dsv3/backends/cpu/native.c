@@ -573,22 +573,23 @@ void dsv3_moe_gate(const void *x, int x_bf16, const float *weight, const float *
     }
 }
 
-/* The absorbed MLA of one query per sequence, projections included: for sequence b and head h,
- * q_lat = q_nope[b, h] @ w_uk[h] (w_uk [H, N, C]), attention over the latent cache p = softmax(scale * (q_lat .
- * kv[b, t] + q_pe[b, h] . pe[b, t])) over t < T (or lens[b]) and o = sum_t p[t] kv[b, t], then y[b, h] = o @
- * w_uv[h] (w_uv [H, C, V]), rounded to bf16 [B, H, V]. w_uk/w_uv are fp32 or bf16 (w_bf16). q_nope and q_pe are
- * bf16 with sequence strides qs/ps and head strides hs/phs. */
-void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t hs, const uint16_t *q_pe, int64_t ps, int64_t phs,
-                       const void *w_uk, const void *w_uv, int w_bf16, const uint16_t *kv, const uint16_t *pe,
-                       uint16_t *y, int64_t B, int64_t H, int64_t N, int64_t T, int64_t C, int64_t R, int64_t V,
-                       int64_t kvs, int64_t pes, float scale, const int64_t *lens, int threads) {
-    float *scratch = malloc((size_t)(B * H * (2 * C + T)) * sizeof(float));
+/* The absorbed MLA of S queries per sequence, projections included: for sequence b, query s and head h,
+ * q_lat = q_nope[b, s, h] @ w_uk[h] (w_uk [H, N, C]), attention over the latent cache p = softmax(scale * (q_lat .
+ * kv[b, t] + q_pe[b, s, h] . pe[b, t])) over t < T (or lens[b, s]) and o = sum_t p[t] kv[b, t], then y[b, s, h] =
+ * o @ w_uv[h] (w_uv [H, C, V]), rounded to bf16 [B, S, H, V]. w_uk/w_uv are fp32 or bf16 (w_bf16). q_nope and
+ * q_pe are bf16 with sequence strides qs/ps, query strides qss/pss and head strides hs/phs. The S queries of a
+ * head are neighbouring items (a verification of drafts reads that head's projections once, warm for the rest). */
+void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t qss, int64_t hs, const uint16_t *q_pe, int64_t ps,
+                       int64_t pss, int64_t phs, const void *w_uk, const void *w_uv, int w_bf16, const uint16_t *kv,
+                       const uint16_t *pe, uint16_t *y, int64_t B, int64_t S, int64_t H, int64_t N, int64_t T, int64_t C,
+                       int64_t R, int64_t V, int64_t kvs, int64_t pes, float scale, const int64_t *lens, int threads) {
+    float *scratch = malloc((size_t)(B * S * H * (2 * C + T)) * sizeof(float));
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t bh = 0; bh < B * H; bh++) {
-        int64_t b = bh / H, h = bh % H;
-        const uint16_t *qn = q_nope + b * qs + h * hs, *qp = q_pe + b * ps + h * phs;
+    for (int64_t bh = 0; bh < B * H * S; bh++) { /* item (b, h, i): query i innermost */
+        const int64_t b = bh / (H * S), h = bh / S % H, i = bh % S;
+        const uint16_t *qn = q_nope + b * qs + i * qss + h * hs, *qp = q_pe + b * ps + i * pss + h * phs;
         const uint16_t *k0 = kv + b * kvs, *p0 = pe + b * pes;
-        const int64_t Tb = lens ? lens[b] : T; /* a row of a position step sees only its own prefix */
+        const int64_t Tb = lens ? lens[b * S + i] : T; /* a query of a position step sees only its own prefix */
         float *ql = scratch + bh * (2 * C + T), *o = ql + C, *s = o + C, mx = -INFINITY, sum = 0.0f, qpf[256];
         for (int64_t c = 0; c < C; c++) ql[c] = o[c] = 0.0f;
         for (int64_t n = 0; n < N; n++) { /* ql += q[n] * w_uk[h, n, :] */
@@ -629,7 +630,7 @@ void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t hs, const uin
                     for (int64_t j = 0; j < len; j++) out[j] += o[c] * w[j];
                 }
             }
-            for (int64_t j = 0; j < len; j++) y[bh * V + j0 + j] = to_bf16(out[j]);
+            for (int64_t j = 0; j < len; j++) y[((b * S + i) * H + h) * V + j0 + j] = to_bf16(out[j]);
         }
     }
     free(scratch);

@@ -278,13 +278,10 @@ class CpuKernels(ReferenceKernels):
                 and w_uk.is_contiguous() and w_uv.is_contiguous()
                 and q_pe.stride(-1) == q_nope.stride(-1) == 1 and kv.stride(-1) == pe.stride(-1) == 1
                 and kv.stride(1) == kv.shape[2] and pe.stride(1) == pe.shape[2]):
-            # a position step's mask is a per-row prefix: query s of row b reads keys 0 .. write_pos[b, s] only;
-            # one call per query column (S > 1: a verification of drafts), each a whole batch
-            lens = [None] * S if not positioned else [step.kv_len] if S == 1 else [
-                (step.write_pos[:, s] + 1).contiguous() for s in range(S)]  # kv_len: made once per step
-            out = [self.native.mla_absorbed(q_nope[:, s], q_pe[:, s], w_uk, w_uv, kv, pe, scale, lens[s])
-                   for s in range(S)]
-            return torch.stack(out, dim=1) if S > 1 else out[0].view(B, 1, H, -1)
+            # a position step's mask is a per-row prefix: query s of row b reads keys 0 .. write_pos[b, s] only
+            # (S > 1: a verification of drafts, every query in the one call)
+            lens = None if not positioned else step.kv_len[:, None] if S == 1 else step.write_pos + 1  # [B, S]
+            return self.native.mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, pe, scale, lens)
         return super().mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, pe, scale, mask)
 
     def moe_gate(self, x, weight, bias, p: GateParams):
