@@ -90,6 +90,14 @@ static inline __m512 fp8x16(const uint8_t *p) {
     h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16((short)0xBFFF));
     return _mm512_cvtph_ps(h);
 }
+/* 32 bytes at once: one sign extension, shift and mask for both halves (~11% more GEMV rate in cache than two
+ * fp8x16, measured at 1 row) */
+static inline void fp8x32(const uint8_t *p, __m512 *lo, __m512 *hi) {
+    __m512i h = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
+    h = _mm512_and_si512(_mm512_slli_epi16(h, 7), _mm512_set1_epi16((short)0xBFFF));
+    *lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+    *hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+}
 #elif defined(DSV3_AVX2)
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -170,8 +178,10 @@ static float dot_fp8(const uint8_t *w, const float *x, const float *s, int64_t K
 #if defined(DSV3_AVX512)
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
         for (; k + 32 <= len; k += 32) {
-            a0 = _mm512_fmadd_ps(fp8x16(wb + k), _mm512_loadu_ps(xb + k), a0);
-            a1 = _mm512_fmadd_ps(fp8x16(wb + k + 16), _mm512_loadu_ps(xb + k + 16), a1);
+            __m512 w0, w1;
+            fp8x32(wb + k, &w0, &w1);
+            a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb + k), a0);
+            a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + k + 16), a1);
         }
         for (; k + 16 <= len; k += 16) a0 = _mm512_fmadd_ps(fp8x16(wb + k), _mm512_loadu_ps(xb + k), a0);
         tot = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(s[k0 / QB]), tot);
@@ -282,8 +292,13 @@ static inline __attribute__((always_inline)) void dot_rows_k(const Mat *m, int64
         __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         __m512 b[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         for (; k + 32 <= len; k += 32) {
-            const __m512 w0 = FP8 ? fp8x16(w8 + k0 + k) : bf16x16(w16 + k0 + k);
-            const __m512 w1 = FP8 ? fp8x16(w8 + k0 + k + 16) : bf16x16(w16 + k0 + k + 16);
+            __m512 w0, w1;
+            if (FP8) {
+                fp8x32(w8 + k0 + k, &w0, &w1);
+            } else {
+                w0 = bf16x16(w16 + k0 + k);
+                w1 = bf16x16(w16 + k0 + k + 16);
+            }
             for (int i = 0; i < MR; i++) {
                 a[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xs[i] + k0 + k), a[i]);
                 b[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xs[i] + k0 + k + 16), b[i]);
