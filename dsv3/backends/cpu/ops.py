@@ -198,7 +198,7 @@ class CpuKernels(ReferenceKernels):
             y = self.native.moe(x.reshape(rows, -1).contiguous(), ids, alpha, w1, w3, w2, s1, s3, s2,
                                 residual=None if residual is None else residual.reshape(rows, -1).contiguous())
             return y.view(x.shape)
-        if not rows and self._amx_prompt(x, w1, w3) and (residual is None or residual.dtype == x.dtype):
+        if not rows and self._amx_prompt(x, w1, w2, w3) and (residual is None or residual.dtype == x.dtype):
             y = self._mlp_amx(x, w1, w2, w3, s1, s2, s3)
             if y is not None:
                 return y if residual is None else residual + y
@@ -288,7 +288,7 @@ class CpuKernels(ReferenceKernels):
         if self._native_gate_ok(x, weight, bias, p):
             group_score = {"top2_sum": 2, "max": 1, "none": 0}[p.group_score]
             if x.shape[0] < UPCAST_ROWS:  # decode: the product in C too (one call)
-                x, weight = (x.contiguous() if x.dtype == torch.bfloat16 else x.float().contiguous()), weight
+                x = x.contiguous() if x.dtype == torch.bfloat16 else x.float().contiguous()
             else:  # a prompt: the reference's own fp32 GEMM, then the selection in C (~10 torch ops per layer)
                 x, weight = F.linear(x.float(), weight), None  # [T, E]
             return self.native.moe_gate(x, weight, bias, p.top_k, p.n_group, p.topk_group,
