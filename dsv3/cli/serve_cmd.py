@@ -35,9 +35,15 @@ from .run_cmd import CPU_WEIGHTS, _progress_bar
 @click.option("--served-model-name", default=None, help="The model id clients send (default: the checkpoint's directory name).")
 @click.option("--attn", type=click.Choice(["auto", "naive", "absorb"]), default="auto", show_default=True,
               help="MLA form: auto = naive for prefill, absorbed for decode.")
+@click.option("--speculative", type=click.Choice(["mtp"]), default=None,
+              help="Draft with the checkpoint's MTP layer and verify the drafts in each decode step: the same greedy "
+                   "tokens (the same distribution when sampling) in fewer steps. /metrics counts drafted and "
+                   "accepted tokens.")
+@click.option("--draft-tokens", type=click.IntRange(1, 8), default=1, show_default=True,
+              help="Drafts per request and step with --speculative (1 is the MTP layer's design).")
 @click.pass_context
 def serve(ctx, ckpt: Path, backend, dtype, device, cpu_weights, host, port, max_batch, max_waiting, max_seq_len, prefill_chunk,
-          api_key, served_model_name, attn) -> None:
+          api_key, served_model_name, attn, speculative, draft_tokens) -> None:
     """Serve a checkpoint over OpenAI's HTTP API, with continuous batching.
 
     \b
@@ -74,7 +80,8 @@ def serve(ctx, ckpt: Path, backend, dtype, device, cpu_weights, host, port, max_
     finally:
         close()
     eos = tuple(engine.cfg.eos_token_ids) + ((engine.tokenizer.eos_id,) if engine.tokenizer.eos_id is not None else ())
-    scheduler = Scheduler(engine, max_batch=max_batch, max_waiting=max_waiting, prefill_chunk=prefill_chunk, eos_ids=eos)
+    scheduler = Scheduler(engine, max_batch=max_batch, max_waiting=max_waiting, prefill_chunk=prefill_chunk, eos_ids=eos,
+                          speculative=speculative, draft_tokens=draft_tokens)
     if not par.is_main:
         scheduler.runner.follow()  # every rank runs rank 0's steps until it stops
         return

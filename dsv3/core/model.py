@@ -411,14 +411,15 @@ class Transformer(nn.Module):
         return self.logits(h), h
 
     def mtp_step(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, cache: "LatentCache",
-                 span: int, take: torch.Tensor, j: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """MTP module j as a position step over its own cache (one layer): position t pairs the main model's final
-        hidden at t (hidden [B, q, D]) with the token after t (tokens [B, q]) and drafts the token after that.
-        Returns the draft logits [B, V] at `take` and the block's output there [B, D] (the hidden that chains a
-        further draft through the same module)."""
+                 span: int, take: torch.Tensor, j: int = 0, rows: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module j as a position step over its own cache (one layer; cache rows `rows`, as forward_step's):
+        position t pairs the main model's final hidden at t (hidden [B, q, D]) with the token after t (tokens
+        [B, q]) and drafts the token after that. Returns the draft logits [B, V] at `take` and the block's output
+        there [B, D] (the hidden that chains a further draft through the same module)."""
         q = tokens.shape[1]
         mtp = self.mtp[j]
-        step = self.position_step(positions, q, span)
+        step = self.position_step(positions, q, span, rows)
         x = mtp.eh_proj(torch.cat([mtp.enorm(self.embed(tokens)), mtp.hnorm(hidden)], dim=-1))  # [B, q, D]
         x = mtp.block(x, step, cache.kv[0], cache.pe[0], take=take)[:, 0]  # [B, D]: the feed-forward at take only
         return self.logits(mtp.head_norm(x)), x

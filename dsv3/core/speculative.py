@@ -95,6 +95,34 @@ def draft_step(model: Transformer, cache: LatentCache, batch: int, q: int, span:
         tokens, hidden, positions, cache, span, take=take), buffers, graphs)
 
 
+def accept_greedy(choice: list[int], drafts: list[int]) -> list[int]:
+    """The tokens a greedy row keeps: the drafts the main model agrees with (its choice after each fed token,
+    choice [k + 1]), then its own next token."""
+    n = 0
+    while n < len(drafts) and drafts[n] == choice[n]:
+        n += 1
+    return drafts[:n] + [choice[n]]
+
+
+def accept_sampled(p_main: torch.Tensor, drafts: torch.Tensor, p_draft: list[torch.Tensor] | None,
+                   generator: torch.Generator | None) -> list[int]:
+    """Speculative sampling for one row: p_main [k + 1, V] the main model's distribution after each fed token,
+    drafts [k], p_draft the drafter's distributions (None: drafts proposed with certainty). Draft i is kept with
+    probability min(1, p/q); the first rejected is replaced by a draw from max(0, p - q), normalized; all kept,
+    a draw from the last p_main: the output is distributed as the main model's own."""
+    kept = []
+    for i in range(drafts.shape[0]):
+        d = int(drafts[i])
+        p, qd = float(p_main[i, d]), (float(p_draft[i][d]) if p_draft else 1.0)
+        if torch.rand((), generator=generator).item() < min(1.0, p / max(qd, 1e-30)):
+            kept.append(d)
+            continue
+        q_dist = p_draft[i] if p_draft else torch.nn.functional.one_hot(drafts[i], p_main.shape[-1]).to(p_main.dtype)
+        resid = (p_main[i] - q_dist).clamp(min=0)
+        return kept + [int(draw((resid / resid.sum()).unsqueeze(0), generator))]
+    return kept + [int(draw(p_main[-1].unsqueeze(0), generator))]
+
+
 def _worth_capturing(decided: bool, accepted: int) -> bool:
     """While the adaptive mode still judges, capture only once a draft has landed: drafts that never land quit
     after QUIT_AFTER rounds, and captures for those few rounds would cost more than they save."""
@@ -155,13 +183,13 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
         raise NonFiniteLogits("the model produced NaN/Inf logits for the prompt; the weights are likely corrupt")
     last = sample(logits, temperature, top_p, generator)  # [B] x_L: chosen, not yet in the cache
     out: list[list[int]] = [[int(t)] for t in last.tolist()]
-    stats.prefill_tokens, stats.prefill_s = sum(lengths), time.perf_counter() - t0
     rows = torch.arange(B, device=device)
     draft_h, draft_logits = None, None
     if mtp_cache is not None:
         nxt = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)  # the token after each position ...
         nxt[rows, length - 1] = last  # ... and x_L after the last one
         draft_logits, draft_h = model.mtp_step(nxt, hidden, zero, mtp_cache, L, take=length - 1)
+    stats.prefill_tokens, stats.prefill_s = sum(lengths), time.perf_counter() - t0  # the MTP module's prefill too
 
     t0 = time.perf_counter()
     eos = set(eos_ids)
@@ -176,14 +204,18 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
     static: dict[tuple[str, int], StaticStep] = {}
     uses: dict[tuple[str, int], int] = {}
 
-    captures = [0]  # static steps made so far: a round that made one is not timed (a one-off cost, not its speed)
+    # static steps made so far (a round that made one is not timed: a one-off cost, not its speed) and the seconds
+    # their captures took, kept out of decode_s as generate() keeps its decode step's capture out
+    captures, capture_s = [0], [0.0]
 
     def static_step(kind: str, q: int) -> StaticStep | None:
         uses[kind, q] = uses.get((kind, q), 0) + 1
         if (kind, q) not in static and uses[kind, q] > CAPTURE_AFTER and _worth_capturing(decided, accepted):
+            t = time.perf_counter()
             static[kind, q] = (verify_step(model, cache, B, q, total, graphs) if kind == "verify" else
                                draft_step(model, mtp_cache, B, q, total, dtype, graphs))
             captures[0] += 1
+            capture_s[0] += time.perf_counter() - t
         return static.get((kind, q))
     while True:
         active = [b for b in range(B) if not done[b] and len(out[b]) < max_new_tokens]
@@ -217,7 +249,9 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
         span = int(length.max()) + q
         if decided and not drafting:  # drafting stopped for good: the plain decode step, captured where it can be
             if plain_step is None:
+                t = time.perf_counter()
                 plain_step = DecodeStep(model, cache, B, total, graphs=graphs)
+                capture_s[0] += time.perf_counter() - t
             v_logits, v_hidden = plain_step(last, length, span)[:, None], None  # [B, 1, V]; the hidden is not needed
         else:  # a round, or a timed plain step (its hidden feeds the MTP cache if drafting resumes)
             step = static_step("verify", q)
@@ -232,27 +266,10 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
             n = ok.sum(dim=1) if q > 1 else torch.zeros(B, dtype=torch.long, device=device)
             new = [drafts[b, :int(n[b])].tolist() + [int(choice[b, int(n[b])])] for b in range(B)]
         else:
-            new, n_list = [], []
             p_main = probabilities(v_logits.reshape(B * q, -1), temperature, top_p).view(B, q, -1)
-            for b in range(B):
-                kept = []
-                for i in range(q - 1):
-                    d = int(drafts[b, i])
-                    p, qd = float(p_main[b, i, d]), (float(draft_p[i][b, d]) if draft_p else 1.0)
-                    u = torch.rand((), generator=generator).item()
-                    if u < min(1.0, p / max(qd, 1e-30)):
-                        kept.append(d)
-                        continue
-                    resid = p_main[b, i] - (draft_p[i][b] if draft_p else torch.nn.functional.one_hot(
-                        drafts[b, i], p_main.shape[-1]).to(p_main.dtype))
-                    resid = resid.clamp(min=0)
-                    kept.append(int(draw((resid / resid.sum()).unsqueeze(0), generator)))
-                    break
-                else:
-                    kept.append(int(draw(p_main[b, q - 1].unsqueeze(0), generator)))
-                new.append(kept)
-                n_list.append(len(kept) - 1)
-            n = torch.tensor(n_list, device=device)
+            new = [accept_sampled(p_main[b], drafts[b, :q - 1], [p[b] for p in draft_p] if draft_p else None,
+                                  generator) for b in range(B)]
+            n = torch.tensor([len(kept) - 1 for kept in new], device=device)
         if not bool(torch.isfinite(v_logits).all()):
             raise NonFiniteLogits("the model produced NaN/Inf logits while decoding; the weights are likely corrupt")
         # ---- keep: n + 1 new tokens per row (cut at EOS and max_new_tokens); the cache keeps x_L and the accepted
@@ -302,7 +319,8 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
                     draft_logits, draft_h = model.mtp_step(toks, h, trial_start, mtp_cache,
                                                            int(trial_start.max()) + len(plain_trial),
                                                            take=torch.full_like(zero, len(plain_trial) - 1))
-    stats.decode_s = time.perf_counter() - t0
+    stats.decode_s = time.perf_counter() - t0 - capture_s[0]
+    stats.extra["capture_s"] = capture_s[0]
     if keep is not None:
         keep.update(cache=cache, mtp_cache=mtp_cache, length=length.tolist())
     results = []

@@ -43,6 +43,7 @@ class Metrics:
         self.tpot = Histogram(LATENCY_BUCKETS)
         self.e2e = Histogram(LATENCY_BUCKETS)
         self.step_batch = Histogram(BATCH_BUCKETS)
+        self.draft_tokens = self.accepted_tokens = 0  # speculative decoding (--speculative)
 
     def request(self, outcome: str) -> None:
         with self._lock:
@@ -53,6 +54,9 @@ class Metrics:
         with self._lock:
             if event == "step":
                 self.step_batch.observe(value[0])
+            elif event == "drafts":
+                self.draft_tokens += value[0]
+                self.accepted_tokens += value[1]
             elif event == "first_token":
                 self.ttft.observe(value.first_token_at - value.arrived)
                 self.prompt_tokens += len(value.prompt)
@@ -72,7 +76,12 @@ class Metrics:
             out += ["# HELP dsv3_prompt_tokens_total Prompt tokens prefilled.", "# TYPE dsv3_prompt_tokens_total counter",
                     f"dsv3_prompt_tokens_total {self.prompt_tokens}",
                     "# HELP dsv3_generation_tokens_total Tokens generated.",
-                    "# TYPE dsv3_generation_tokens_total counter", f"dsv3_generation_tokens_total {self.generation_tokens}"]
+                    "# TYPE dsv3_generation_tokens_total counter", f"dsv3_generation_tokens_total {self.generation_tokens}",
+                    "# HELP dsv3_spec_draft_tokens_total Tokens drafted by the MTP module (--speculative).",
+                    "# TYPE dsv3_spec_draft_tokens_total counter", f"dsv3_spec_draft_tokens_total {self.draft_tokens}",
+                    "# HELP dsv3_spec_accepted_tokens_total Drafted tokens the main model accepted.",
+                    "# TYPE dsv3_spec_accepted_tokens_total counter",
+                    f"dsv3_spec_accepted_tokens_total {self.accepted_tokens}"]
             for name, help_, key in (("dsv3_num_requests_running", "Requests holding a cache slot.", "running"),
                                      ("dsv3_num_requests_waiting", "Requests waiting for a slot.", "waiting"),
                                      ("dsv3_cache_slots_used", "Latent cache slots in use.", "slots_used"),

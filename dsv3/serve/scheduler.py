@@ -6,6 +6,11 @@ iteration runs at most one prefill forward (a chunk of every prompt still being 
 first, padded to one length) and one decode step over all rows that are generating, so a long
 prompt is read a chunk at a time while the running streams keep their pace.
 
+With `speculative="mtp"` the decode step verifies drafts: the MTP module (its own cache, one slot per
+request like the main cache) drafts k tokens per row, one main-model step over [last, drafts] keeps each
+row's accepted prefix plus the main model's next token (rows accept different counts), and the MTP
+module catches up on the kept positions (core/speculative.py explains the round).
+
 Under tensor parallel, rank 0 schedules and every rank runs the same forwards: rank 0 broadcasts
 each step's plan (slots, tokens, positions) and the other ranks follow (`follow`).
 """
@@ -23,8 +28,10 @@ from typing import Callable
 
 import torch
 
-from ..core.generate import sample
+from ..core.errors import DsvError
+from ..core.generate import draw, probabilities, sample
 from ..core.model import LatentCache, Transformer
+from ..core.speculative import accept_greedy, accept_sampled
 from .text import TextStream
 
 log = logging.getLogger("dsv3")
@@ -67,6 +74,8 @@ class Request:
     first_token_at: float | None = None
     cancelled: bool = False
     generator: torch.Generator | None = None
+    draft_logits: torch.Tensor | None = None  # speculative: the MTP module's logits [V] for the token after `last`
+    draft_h: torch.Tensor | None = None  # ... and its block's output there [D] (chains a further draft)
 
     @property
     def prefilling(self) -> bool:
@@ -110,6 +119,32 @@ class StepRunner:
         logits, _ = self.model.forward_step(tokens, positions, self.cache, span, rows=rows, take=take)
         return logits  # [B, V]
 
+    # ---- speculative decoding (single rank: the scheduler refuses it under tensor parallel) ----------------
+    def _slots(self, slots: list[int]) -> torch.Tensor | None:
+        return None if slots == list(range(len(slots))) else torch.tensor(slots, device=self.device)
+
+    @torch.inference_mode()
+    def forward_hidden(self, slots: list[int], tokens: list[list[int]], positions: list[int], take: list[int]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A prefill chunk that also returns every position's final hidden [B, q, D] (what the MTP module reads)."""
+        t = torch.tensor(tokens, device=self.device)
+        return self.model.forward_step(t, torch.tensor(positions, device=self.device), self.cache,
+                                       max(positions) + t.shape[1], rows=self._slots(slots),
+                                       take=torch.tensor(take, device=self.device), all_hidden=True)
+
+    @torch.inference_mode()
+    def verify(self, slots: list[int], tokens: torch.Tensor, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, q] at positions.. of each slot -> logits [B, q, V] and final hidden [B, q, D]."""
+        return self.model.forward_step(tokens, torch.tensor(positions, device=self.device), self.cache,
+                                       max(positions) + tokens.shape[1], rows=self._slots(slots))
+
+    @torch.inference_mode()
+    def mtp(self, slots: list[int], tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+            take: torch.Tensor, mtp_cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP module over (hidden, next token) pairs at positions.. of each slot -> draft logits [B, V], [B, D]."""
+        return self.model.mtp_step(tokens, hidden, positions, mtp_cache, int(positions.max()) + tokens.shape[1],
+                                   take=take, rows=self._slots(slots))
+
     @torch.inference_mode()
     def follow(self) -> None:
         """Followers (rank > 0): run rank 0's plans until it stops."""
@@ -130,7 +165,7 @@ class Scheduler:
     """Slots, the waiting queue and the model loop (a thread, `start`)."""
 
     def __init__(self, engine, max_batch: int = 8, max_waiting: int = 64, prefill_chunk: int = 128,
-                 eos_ids: tuple[int, ...] = ()):
+                 eos_ids: tuple[int, ...] = (), speculative: str | None = None, draft_tokens: int = 1):
         self.engine, self.model = engine, engine.model
         self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
         self.max_len = self.model.max_seq_len
@@ -139,6 +174,21 @@ class Scheduler:
         self.cache = LatentCache.allocate(model.cfg, len(model.layers), max_batch, self.max_len, engine.dtype,
                                           model.rope_cos.device)
         self.runner = StepRunner(model, self.cache)
+        self.draft_tokens, self.mtp_cache = 0, None  # speculative: drafts per row and step, the MTP module's cache
+        self.drafted = self.accepted = 0
+        if speculative is not None:
+            if speculative != "mtp":
+                raise DsvError(f"--speculative {speculative}: the one drafter is 'mtp' (the checkpoint's MTP layer)")
+            if len(model.mtp) == 0:
+                raise DsvError("--speculative mtp needs the checkpoint's MTP layer (num_nextn_predict_layers >= 1); "
+                               "this one has none: serve without --speculative")
+            if model.par.world_size > 1:
+                raise DsvError("--speculative under tensor parallel is not supported yet; serve without it")
+            if draft_tokens < 1:
+                raise DsvError(f"--draft-tokens {draft_tokens}: give at least 1")
+            self.draft_tokens = draft_tokens
+            self.mtp_cache = LatentCache.allocate(model.cfg, 1, max_batch, self.max_len, engine.dtype,
+                                                  model.rope_cos.device)
         self.free = list(range(max_batch))  # a heap: the lowest slot first, so the batch is mostly a prefix
         self.inbox: queue.Queue[Request] = queue.Queue()
         self.waiting: deque[Request] = deque()
@@ -302,18 +352,33 @@ class Scheduler:
         tokens = [r.prompt[r.length:r.length + q] for r in rows]
         take = [len(t) - 1 for t in tokens]
         tokens = [t + [0] * (q - len(t)) for t in tokens]
-        logits = self.runner.forward(_PREFILL, [r.slot for r in rows], tokens, [r.length for r in rows], take)
+        slots, starts = [r.slot for r in rows], [r.length for r in rows]
+        if self.mtp_cache is None:
+            logits = self.runner.forward(_PREFILL, slots, tokens, starts, take)
+        else:
+            logits, hidden = self.runner.forward_hidden(slots, tokens, starts, take)  # hidden [B, q, D]
         for r, t in zip(rows, take):
             r.length += t + 1
         done = [(i, r) for i, r in enumerate(rows) if not r.prefilling]
         if done:
             self._sample(logits[[i for i, _ in done]], [r for _, r in done])
+        if self.mtp_cache is not None:  # the MTP module reads the same positions: pairs (hidden at t, token t + 1)
+            nxt = [r.prompt[s + 1:s + t + 2] + ([max(r.last, 0)] if not r.prefilling else [])  # -1: ended at once
+                   for r, s, t in zip(rows, starts, take)]
+            nxt = torch.tensor([n + [0] * (q - len(n)) for n in nxt], device=hidden.device)  # [B, q]
+            dl, dh = self.runner.mtp(slots, nxt, hidden, torch.tensor(starts, device=hidden.device),
+                                     torch.tensor(take, device=hidden.device), self.mtp_cache)
+            for i, r in enumerate(rows):
+                if not r.prefilling and r.slot >= 0:  # a prompt read to its end, not finished at its first token
+                    r.draft_logits, r.draft_h = dl[i], dh[i]
 
     def _decode(self) -> None:
         rows = [r for r in self.active if not r.prefilling and not r.cancelled and r.last >= 0]
         if not rows:
             return
         rows.sort(key=lambda r: r.slot)
+        if self.mtp_cache is not None:
+            return self._decode_speculative(rows)
         t0 = time.perf_counter()
         logits = self.runner.forward(_DECODE, [r.slot for r in rows], [[r.last] for r in rows],
                                      [r.length for r in rows], [0] * len(rows))
@@ -324,25 +389,87 @@ class Scheduler:
         if self.observe:
             self.observe("step", (len(rows), self.step_time))
 
+    def _decode_speculative(self, rows: list[Request]) -> None:
+        """One round for every generating row: k drafts from the MTP module, one main-model step over [last, drafts]
+        (q = 1 + k), each row's kept tokens emitted one by one (a stop or EOS among them ends it there), then the
+        MTP module catches up on the kept positions. Rows too near the context's end for k drafts make everyone's
+        round a plain step (k = 0) this once."""
+        t0 = time.perf_counter()
+        B, dev = len(rows), self.cache.kv.device
+        k = self.draft_tokens if all(r.length + 1 + self.draft_tokens <= self.max_len for r in rows) else 0
+        slots, starts = [r.slot for r in rows], torch.tensor([r.length for r in rows], device=dev)
+        drafts = torch.zeros(B, k, dtype=torch.long, device=dev)
+        p_draft: list[list[torch.Tensor]] = [[] for _ in rows]  # sampling rows: the drafter's distributions
+        dl, dh = torch.stack([r.draft_logits for r in rows]), torch.stack([r.draft_h for r in rows])
+        for i in range(k):
+            for b, r in enumerate(rows):
+                if r.params.temperature <= 0:
+                    drafts[b, i] = dl[b].argmax()
+                else:
+                    p_draft[b].append(probabilities(dl[b:b + 1], r.params.temperature, r.params.top_p)[0])
+                    drafts[b, i] = draw(p_draft[b][-1][None], r.generator)[0]
+            if i + 1 < k:  # chained: the module on its own output, one position further
+                dl, dh = self.runner.mtp(slots, drafts[:, i:i + 1], dh[:, None], starts + i,
+                                         torch.zeros(B, dtype=torch.long, device=dev), self.mtp_cache)
+        feed = torch.cat([torch.tensor([[r.last] for r in rows], device=dev), drafts], dim=1)  # [B, 1 + k]
+        logits, hidden = self.runner.verify(slots, feed, [r.length for r in rows])  # [B, q, V], [B, q, D]
+        choice = logits.argmax(dim=-1).tolist()
+        kept = []
+        for b, r in enumerate(rows):
+            p = r.params
+            if p.temperature <= 0:
+                kept.append(accept_greedy(choice[b], drafts[b].tolist()))
+            else:
+                kept.append(accept_sampled(probabilities(logits[b], p.temperature, p.top_p), drafts[b],
+                                           p_draft[b] or None, r.generator))
+        self.drafted += k * B
+        self.accepted += sum(len(t) - 1 for t in kept)
+        now = time.perf_counter()
+        for r, toks in zip(rows, kept):
+            start = r.length
+            for j, tok in enumerate(toks):  # `last` and the drafts before token j are in the cache, as plain decoding
+                r.length = start + j + 1  # would have them when it chose token j
+                if self._emit(r, tok, now):
+                    break
+        q = 1 + k
+        nxt = torch.tensor([t[:q] + [0] * (q - len(t[:q])) for t in kept], device=dev)  # [B, q]
+        n = torch.tensor([len(t) - 1 for t in kept], device=dev)
+        dl, dh = self.runner.mtp(slots, nxt, hidden, starts, n, self.mtp_cache)
+        for b, r in enumerate(rows):
+            if r.slot >= 0:  # still running: its next drafts
+                r.draft_logits, r.draft_h = dl[b], dh[b]
+        self.step_time = time.perf_counter() - t0
+        if self.observe:
+            self.observe("step", (B, self.step_time))
+            self.observe("drafts", (k * B, sum(len(t) - 1 for t in kept)))
+
     def _sample(self, logits: torch.Tensor, rows: list[Request]) -> None:
         greedy = logits.argmax(dim=-1).tolist()
         now = time.perf_counter()
         for i, r in enumerate(rows):
             p = r.params
             tok = greedy[i] if p.temperature <= 0 else int(sample(logits[i:i + 1], p.temperature, p.top_p, r.generator))
-            if r.first_token_at is None:
-                r.first_token_at = now
-                if self.observe:
-                    self.observe("first_token", r)
-            if tok in self.eos_ids or tok in p.stop_ids:
-                self._finish(r, "stop")
-                continue
-            r.generated += 1
-            r.last = tok
-            text, stopped = r.text.add(tok)
-            if text or not stopped:
-                self._send(r, "text", (text, [tok]))
-            if stopped:
-                self._finish(r, "stop")
-            elif r.generated >= p.max_tokens or r.length + 1 > self.max_len:
-                self._finish(r, "length")
+            self._emit(r, tok, now)
+
+    def _emit(self, r: Request, tok: int, now: float) -> bool:
+        """Request r's next token: streamed, or the end of it (EOS, a stop, max_tokens, the context). True: finished."""
+        p = r.params
+        if r.first_token_at is None:
+            r.first_token_at = now
+            if self.observe:
+                self.observe("first_token", r)
+        if tok in self.eos_ids or tok in p.stop_ids:
+            self._finish(r, "stop")
+            return True
+        r.generated += 1
+        r.last = tok
+        text, stopped = r.text.add(tok)
+        if text or not stopped:
+            self._send(r, "text", (text, [tok]))
+        if stopped:
+            self._finish(r, "stop")
+        elif r.generated >= p.max_tokens or r.length + 1 > self.max_len:
+            self._finish(r, "length")
+        else:
+            return False
+        return True

@@ -5,6 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+import torch
+
 from dsv3.serve.scheduler import QueueFull, Request, Sampling, Scheduler
 from dsv3.serve.text import TextStream
 
@@ -56,3 +59,66 @@ def test_the_waiting_queue_is_bounded(engine):
         assert "--max-waiting 2" in str(e)
     else:
         raise AssertionError("a third request was queued past --max-waiting 2")
+
+
+def _perfect_or_wrong(s, want: dict, right: bool):
+    """Patch the scheduler's MTP calls: the module still runs (its cache fills as it would), but each row's draft
+    logits are replaced by a certainty on the token the main model will choose there (right) or on another one."""
+    real = s.runner.mtp
+
+    @torch.inference_mode()
+    def mtp(slots, tokens, hidden, positions, take, cache):
+        dl, dh = real(slots, tokens, hidden, positions, take, cache)
+        for b, slot in enumerate(slots):
+            r = next((r for r in s.active if r.slot == slot), None)
+            j = int(positions[b] + take[b]) + 2 - len(r.prompt) if r is not None else -1  # the drafted token's index
+            if 0 <= j < len(want[r.id]):
+                tok = want[r.id][j] if right else (want[r.id][j] + 1) % dl.shape[-1]
+                dl[b] = float("-inf")
+                dl[b, tok] = 0.0
+        return dl, dh
+    s.runner.mtp = mtp
+
+
+@pytest.mark.parametrize("drafts", ["as trained", "perfect", "always wrong"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_speculative_decoding_in_the_batch_gives_each_prompt_its_own_tokens(engine, drafts, k):
+    """--speculative mtp: rows of different lengths, joining at different times, accept different numbers of drafts
+    per step (all, none, or what a random MTP layer lands); fp32 greedy tokens equal each prompt run alone, EOS
+    and max_tokens inside an accepted run included."""
+    prompts = [[5, 9, 2], [(3 * i) % 400 + 1 for i in range(37)], [7] * 12, [1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    max_tokens = [9, 14, 5, 11]
+    want = {str(len(p)): engine.generate([p], max_new_tokens=m)[0] for p, m in zip(prompts, max_tokens)}
+    s = Scheduler(engine, max_batch=3, prefill_chunk=16, eos_ids=tuple(engine.cfg.eos_token_ids),
+                  speculative="mtp", draft_tokens=k)
+    if drafts != "as trained":
+        _perfect_or_wrong(s, want, drafts == "perfect")
+    s.start()
+    try:
+        done = threading.Semaphore(0)
+        reqs = []
+        for p, m in zip(prompts, max_tokens):
+            reqs.append(make(engine, p, m, done))
+            s.submit(reqs[-1])
+            time.sleep(0.01)
+        for _ in reqs:
+            assert done.acquire(timeout=120), f"a request never finished (the model loop: {s.error!r})"
+        assert s.error is None, s.error
+        for r in reqs:
+            assert r.tokens == want[r.id], f"prompt of {len(r.prompt)} tokens, {drafts} drafts, k={k}"
+        if drafts == "perfect":
+            assert s.accepted > 0.8 * s.drafted, f"{s.accepted} of {s.drafted} perfect drafts accepted"
+        if drafts == "always wrong":
+            assert s.accepted == 0 and s.drafted > 0
+        assert s.stats() == {"running": 0, "waiting": 0, "slots_used": 0}
+    finally:
+        s.shutdown()
+
+
+def test_speculative_serving_needs_an_mtp_layer(demo_ckpt):
+    import dsv3
+    from dsv3.core.errors import DsvError
+
+    plain = dsv3.load(demo_ckpt, backend="cpu", dtype="fp32", with_mtp=False)
+    with pytest.raises(DsvError, match="needs the checkpoint's MTP layer"):
+        Scheduler(plain, max_batch=1, speculative="mtp")

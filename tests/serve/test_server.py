@@ -219,3 +219,32 @@ def test_tensor_parallel_under_torchrun(demo_ckpt, engine):
     finally:
         s.stop()
     assert s.proc.returncode is not None
+
+
+def test_speculative_serving(demo_ckpt, engine):
+    """`dsv3 serve --speculative mtp --draft-tokens 2`: concurrent greedy requests get each prompt's own tokens, a
+    seeded sampled request repeats itself, and /metrics counts the drafts."""
+    from conftest import Server, serve_cmd
+
+    s = Server(serve_cmd(demo_ckpt, "--max-batch", "4", "--served-model-name", "demo", "--speculative", "mtp",
+                         "--draft-tokens", "2"))
+    try:
+        prompts = [[3, 14, 15, 92, 65], [2, 71, 82], list(range(1, 30)), [9] * 7, [4, 4, 2]]
+
+        async def main():
+            c = client(s)
+            return await asyncio.gather(*(c.completions.create(model="demo", prompt=p, max_tokens=12, temperature=0,
+                                                               extra_body={"return_token_ids": True}) for p in prompts))
+
+        for p, r in zip(prompts, asyncio.run(main())):
+            assert r.choices[0].model_extra["token_ids"] == engine.generate([p], max_new_tokens=12)[0]
+
+        async def sampled():
+            c = client(s)
+            r = await c.completions.create(model="demo", prompt=[5, 6, 7], max_tokens=10, temperature=0.9, seed=7,
+                                           extra_body={"return_token_ids": True})
+            return r.choices[0].model_extra["token_ids"]
+        assert asyncio.run(sampled()) == asyncio.run(sampled())
+        assert s.metric("dsv3_spec_draft_tokens_total") > 0
+    finally:
+        s.stop()

@@ -797,9 +797,10 @@ static void amx_weight_rows(const Mat *m, int64_t n0, uint16_t *wa) {
     for (int64_t k = 0; k < K; k += 32) {
         const __m512 sc = _mm512_set1_ps(m->s[(n0 / QB) * kb + k / QB] * m->fmt); /* 16 rows: one 128-row block */
         for (int64_t n = 0; n < 16; n++) {
-            const uint8_t *w = (const uint8_t *)m->w + (n0 + n) * K + k;
+            __m512 lo, hi;
+            fp8x32((const uint8_t *)m->w + (n0 + n) * K + k, &lo, &hi);
             _mm512_storeu_si512((void *)(wa + (k / 32) * 512 + n * 32),
-                                (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(fp8x16(w + 16), sc), _mm512_mul_ps(fp8x16(w), sc)));
+                                (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, sc), _mm512_mul_ps(lo, sc)));
         }
     }
 }
