@@ -197,6 +197,15 @@ def test_metrics_exposition(server):
         assert name in text, name
 
 
+def concurrent_greedy(server, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """The served token ids of greedy completions of all prompts, sent at once."""
+    async def main():
+        c = client(server)
+        return await asyncio.gather(*(c.completions.create(model="demo", prompt=p, max_tokens=max_tokens, temperature=0,
+                                                           extra_body={"return_token_ids": True}) for p in prompts))
+    return [r.choices[0].model_extra["token_ids"] for r in asyncio.run(main())]
+
+
 def test_tensor_parallel_under_torchrun(demo_ckpt, engine):
     """Two ranks (gloo): rank 0 serves HTTP and schedules, both run every step; the answer is one process's."""
     import sys
@@ -207,14 +216,8 @@ def test_tensor_parallel_under_torchrun(demo_ckpt, engine):
     s = Server(serve_cmd(demo_ckpt, "--max-batch", "4", "--served-model-name", "demo", launcher=launcher))
     try:
         prompts = [[3, 14, 15, 92, 65], [2, 71, 82], list(range(1, 30))]
-
-        async def main():
-            c = client(s)
-            return await asyncio.gather(*(c.completions.create(model="demo", prompt=p, max_tokens=10, temperature=0,
-                                                               extra_body={"return_token_ids": True}) for p in prompts))
-
-        for p, r in zip(prompts, asyncio.run(main())):
-            assert r.choices[0].model_extra["token_ids"] == engine.generate([p], max_new_tokens=10)[0]
+        for p, ids in zip(prompts, concurrent_greedy(s, prompts, 10)):
+            assert ids == engine.generate([p], max_new_tokens=10)[0]
         assert s.request("GET", "/health")[0] == 200
     finally:
         s.stop()
@@ -230,14 +233,8 @@ def test_speculative_serving(demo_ckpt, engine):
                          "--draft-tokens", "2"))
     try:
         prompts = [[3, 14, 15, 92, 65], [2, 71, 82], list(range(1, 30)), [9] * 7, [4, 4, 2]]
-
-        async def main():
-            c = client(s)
-            return await asyncio.gather(*(c.completions.create(model="demo", prompt=p, max_tokens=12, temperature=0,
-                                                               extra_body={"return_token_ids": True}) for p in prompts))
-
-        for p, r in zip(prompts, asyncio.run(main())):
-            assert r.choices[0].model_extra["token_ids"] == engine.generate([p], max_new_tokens=12)[0]
+        for p, ids in zip(prompts, concurrent_greedy(s, prompts, 12)):
+            assert ids == engine.generate([p], max_new_tokens=12)[0]
 
         async def sampled():
             c = client(s)
