@@ -789,19 +789,17 @@ static inline void transpose16(__m512i r[16]) {
     }
 }
 
-/* weight rows n0 .. n0+15 of m as A tiles: wa[ks][n][32] bf16 for K slice ks (the FP8 bytes widened, times their
- * block's scale, rounded to bf16 once: the reference's dequantized weight). Row-major like the weight itself, so no
- * transpose: the weights are the A operand and the activations, transposed once per call, the B operand. */
-static void amx_weight_rows(const Mat *m, int64_t n0, uint16_t *wa) {
+/* K slice k (32 columns) of weight rows n0 .. n0+15 of m as an A tile: wa[n][32] bf16 (the FP8 bytes widened,
+ * times their block's scale, rounded to bf16 once: the reference's dequantized weight). Row-major like the weight
+ * itself, so no transpose: the weights are the A operand and the activations, transposed once per call, the B
+ * operand. */
+static void amx_weight_slice(const Mat *m, int64_t n0, int64_t k, uint16_t *wa) {
     const int64_t K = m->K, kb = (K + QB - 1) / QB;
-    for (int64_t k = 0; k < K; k += 32) {
-        const __m512 sc = _mm512_set1_ps(m->s[(n0 / QB) * kb + k / QB] * m->fmt); /* 16 rows: one 128-row block */
-        for (int64_t n = 0; n < 16; n++) {
-            __m512 lo, hi;
-            fp8x32((const uint8_t *)m->w + (n0 + n) * K + k, &lo, &hi);
-            _mm512_storeu_si512((void *)(wa + (k / 32) * 512 + n * 32),
-                                (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, sc), _mm512_mul_ps(lo, sc)));
-        }
+    const __m512 sc = _mm512_set1_ps(m->s[(n0 / QB) * kb + k / QB] * m->fmt); /* 16 rows: one 128-row block */
+    for (int64_t n = 0; n < 16; n++) {
+        __m512 lo, hi;
+        fp8x32((const uint8_t *)m->w + (n0 + n) * K + k, &lo, &hi);
+        _mm512_storeu_si512((void *)(wa + n * 32), (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, sc), _mm512_mul_ps(lo, sc)));
     }
 }
 
@@ -894,9 +892,7 @@ int dsv3_grouped_amx(const uint16_t *a, const int64_t *idx, const int64_t *start
                 a0 = (const uint16_t *)m0.w + n0 * K;
                 a1 = (const uint16_t *)m1.w + n1 * K;
                 step = 32, stride = K * 2;
-            } else {
-                amx_weight_rows(&m0, n0, wa);
-                amx_weight_rows(&m1, n1, wa + K * 16);
+            } else { /* widened slice by slice during the first 32 rows' products (the loads overlap the tiles' work) */
                 a0 = wa, a1 = wa + K * 16, step = 512, stride = 64;
             }
             for (int64_t t0 = 0; t0 < rows; t0 += 32) { /* C 0/1: strip 0 x chunks 0/1, C 2/3: strip 1 x chunks 0/1 */
@@ -906,6 +902,10 @@ int dsv3_grouped_amx(const uint16_t *a, const int64_t *idx, const int64_t *start
                 _tile_zero(2);
                 _tile_zero(3);
                 for (int64_t ks = 0; ks < KS; ks++) {
+                    if (m0.s != NULL && t0 == 0) {
+                        amx_weight_slice(&m0, n0, ks * 32, wa + ks * 512);
+                        amx_weight_slice(&m1, n1, ks * 32, wa + K * 16 + ks * 512);
+                    }
                     _tile_loadd(4, a0 + ks * step, stride);
                     _tile_loadd(5, a1 + ks * step, stride);
                     _tile_loadd(6, b + ks * 256, 64);
