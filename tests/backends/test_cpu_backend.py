@@ -63,16 +63,19 @@ def test_linear_and_mlp(native, dtype, rows, N, K):
 
 @pytest.mark.parametrize("native", NATIVE)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1, 7), (1, 1, 576), (2, 3, 200), (1, 40, 64)])
+@pytest.mark.parametrize("shape", [(1, 1, 7), (1, 1, 576), (2, 3, 200), (1, 40, 64), (3, 300, 72)])
 def test_rms_norm(native, dtype, shape):
     k = cpu(native)
     x, w = rand(*shape, dtype=dtype), rand(shape[-1], dtype=dtype, seed=1)
     close(k.rms_norm(x, w, 1e-6), REF.rms_norm(x, w, 1e-6), dtype, "rms_norm")
+    wide = rand(*shape[:-1], shape[-1] + 40, dtype=dtype, seed=2)  # kv_norm's input: the front of a wider projection
+    close(k.rms_norm(wide[..., :shape[-1]], w, 1e-6), REF.rms_norm(wide[..., :shape[-1]], w, 1e-6), dtype,
+          "rms_norm of a column slice")
 
 
 @pytest.mark.parametrize("native", NATIVE)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,S,H,D", [(1, 1, 1, 8), (2, 1, 3, 16), (1, 7, 4, 64), (3, 20, 2, 32)])
+@pytest.mark.parametrize("B,S,H,D", [(1, 1, 1, 8), (2, 1, 3, 16), (1, 7, 4, 64), (3, 20, 2, 32), (1, 300, 8, 64)])
 def test_rope_on_a_strided_view(native, dtype, B, S, H, D):
     k = cpu(native)
     wide = rand(B, S, H, D + 24, dtype=dtype)

@@ -457,15 +457,15 @@ static void rms_row(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t D
     for (int64_t k = 0; k < D; k++) y[k] = to_bf16(xf[k] * inv * bf16_scalar(w[k]));
 }
 
-/* RMSNorm of rows of D, rows in parallel (a prefill normalizes thousands: torch's bf16 rms_norm runs ~8 ops
- * over each) */
-void dsv3_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t D, float eps,
-                        int threads) {
+/* RMSNorm of rows of D (row r at x + r * xs: a view of a wider projection is read in place), rows in parallel (a
+ * prefill normalizes thousands: torch's bf16 rms_norm runs ~8 ops over each); y contiguous */
+void dsv3_rms_norm_bf16(const uint16_t *x, int64_t xs, const uint16_t *w, uint16_t *y, int64_t rows, int64_t D,
+                        float eps, int threads) {
 #pragma omp parallel num_threads(rows >= 8 ? threads : 1)
     {
         float *xf = malloc((size_t)D * sizeof(float));
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++) rms_row(x + r * D, w, y + r * D, D, eps, xf);
+        for (int64_t r = 0; r < rows; r++) rms_row(x + r * xs, w, y + r * D, D, eps, xf);
         free(xf);
     }
 }
@@ -502,10 +502,11 @@ void dsv3_mla_latent(const uint16_t *q_pe, int64_t qs, int64_t qhs, const uint16
 }
 
 /* Interleaved rotary embedding of bf16 vectors x[t, h, 0:D] (token stride ts, head stride hs, unit dim
- * stride) by cos/sin [t, D/2] fp32; y is contiguous [t, h, D] bf16. */
+ * stride) by cos/sin [t, D/2] fp32; y is contiguous [t, h, D] bf16. Tokens in parallel from 64 (a prefill). */
 void dsv3_rope_bf16(const uint16_t *x, const float *cos_, const float *sin_, uint16_t *y, int64_t tokens,
-                    int64_t heads, int64_t D, int64_t ts, int64_t hs) {
+                    int64_t heads, int64_t D, int64_t ts, int64_t hs, int threads) {
     const int64_t P = D / 2;
+#pragma omp parallel for num_threads(tokens >= 64 ? threads : 1) schedule(static)
     for (int64_t t = 0; t < tokens; t++)
         for (int64_t h = 0; h < heads; h++) rope_vec(x + t * ts + h * hs, cos_ + t * P, sin_ + t * P, y + (t * heads + h) * D, P);
 }

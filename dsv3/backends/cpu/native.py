@@ -104,8 +104,8 @@ class Native:
         sigs = {
             "dsv3_linear": [p, i64, i64, p, p, f32, i64, p, p, i32],
             "dsv3_moe": [p, i64, i64, p, p, i64, i64, p, p, p, p, p, p, f32, i64, i64, p, p, i32],
-            "dsv3_rms_norm_bf16": [p, p, p, i64, i64, f32, i32],
-            "dsv3_rope_bf16": [p, p, p, p, i64, i64, i64, i64, i64],
+            "dsv3_rms_norm_bf16": [p, i64, p, p, i64, i64, f32, i32],
+            "dsv3_rope_bf16": [p, p, p, p, i64, i64, i64, i64, i64, i32],
             "dsv3_mla_latent": [p, i64, i64, p, p, i64, p, f32, p, p, p, p, i64, p, p] + [i64] * 5 + [p],
             "dsv3_moe_gate": [p, i32, p, p, i64, i64, i64, i64, i64, i64, i32, i32, i32, f32, p, p, i32],
             "dsv3_mla_absorbed": [p, i64, i64, i64, p, i64, i64, i64, p, p, i32, p, p, p] + [i64] * 10 + [f32, p, i32],
@@ -157,11 +157,12 @@ class Native:
         return y
 
     def rms_norm_bf16(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """x [..., D] bf16 contiguous, weight [D] bf16 -> [..., D] bf16."""
-        y = torch.empty_like(x)
+        """x [..., D] bf16 with unit last stride and its rows one stride apart (contiguous, or a column slice of a
+        wider tensor: see rows_at_one_stride), weight [D] bf16 -> [..., D] bf16 contiguous."""
         D = x.shape[-1]
-        self.lib.dsv3_rms_norm_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // D, D, eps,
-                                    torch.get_num_threads())
+        y = torch.empty(x.shape, dtype=x.dtype)
+        self.lib.dsv3_rms_norm_bf16(x.data_ptr(), x.stride(-2) if x.dim() > 1 else D, weight.data_ptr(), y.data_ptr(),
+                                    x.numel() // D, D, eps, torch.get_num_threads())
         return y
 
     def rope_bf16(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -169,7 +170,7 @@ class Native:
         B, S, H, D = x.shape
         y = torch.empty(B, S, H, D, dtype=x.dtype)
         self.lib.dsv3_rope_bf16(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), B * S, H, D,
-                                x.stride(1), x.stride(2))
+                                x.stride(1), x.stride(2), torch.get_num_threads())
         return y
 
     def mla_latent(self, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -283,6 +284,13 @@ class Native:
 
 
 @lru_cache(maxsize=4)
+def rows_at_one_stride(x: torch.Tensor) -> bool:
+    """x's rows (all but the last dim, flattened) lie one stride apart, with a unit last stride."""
+    if x.dim() < 2 or x.stride(-1) != 1:
+        return x.is_contiguous()
+    return all(x.stride(i) == x.shape[i + 1] * x.stride(i + 1) for i in range(x.dim() - 2))
+
+
 def _byte_values(fp8_dtype: torch.dtype) -> torch.Tensor:
     """The 256 values of an FP8 format as fp32, from torch's own cast (so the C side knows no format)."""
     return torch.arange(256, dtype=torch.uint8).view(fp8_dtype).float()

@@ -224,13 +224,13 @@ class CpuKernels(ReferenceKernels):
         return self.native.grouped_amx(h, starts, w2[None], one(s2)).view(x.shape)
 
     def rms_norm(self, x, weight, eps):
-        if x.is_contiguous() and self._native_ok(x, weight):
+        if native_lib.rows_at_one_stride(x) and self._native_ok(x, weight):
             return self.native.rms_norm_bf16(x, weight, eps)  # F.rms_norm runs ~8 ops over a bf16 row
         return super().rms_norm(x, weight, eps)
 
     def rope(self, x, cos, sin):
         B, S = x.shape[:2]
-        if (B * S < UPCAST_ROWS and self._native_ok(x) and x.stride(-1) == 1 and x.stride(0) == S * x.stride(1)
+        if (self._native_ok(x) and x.stride(-1) == 1 and x.stride(0) == S * x.stride(1)
                 and cos.is_contiguous() and sin.is_contiguous() and cos.dtype == torch.float32):
             return self.native.rope_bf16(x, cos, sin)
         z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, S, H, D/2] pairs as complex
