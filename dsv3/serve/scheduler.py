@@ -208,6 +208,8 @@ class Scheduler:
 
     # ---- the caller's side (any thread) ------------------------------------------------------
     def submit(self, req: Request) -> None:
+        if self.error is not None:  # the model loop has died: nothing would ever take the request
+            raise DsvError(f"the model loop failed ({type(self.error).__name__}: {self.error}); restart the server")
         with self._lock:
             if self.pending >= self.max_waiting:
                 raise QueueFull(f"{self.pending} requests are waiting (the bound is --max-waiting {self.max_waiting})")

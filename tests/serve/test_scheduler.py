@@ -122,3 +122,13 @@ def test_speculative_serving_needs_an_mtp_layer(demo_ckpt):
     plain = dsv3.load(demo_ckpt, backend="cpu", dtype="fp32", with_mtp=False)
     with pytest.raises(DsvError, match="needs the checkpoint's MTP layer"):
         Scheduler(plain, max_batch=1, speculative="mtp")
+
+
+def test_a_dead_model_loop_refuses_new_requests(engine):
+    """After the model loop failed, submit says so at once instead of queueing a request nothing will take."""
+    from dsv3.core.errors import DsvError
+
+    s = Scheduler(engine, max_batch=1)
+    s.error = RuntimeError("out of memory")
+    with pytest.raises(DsvError, match="model loop failed .*out of memory"):
+        s.submit(Request("x", [1, 2], Sampling(4), lambda *a: None, TextStream(engine.tokenizer.decode)))
