@@ -261,15 +261,14 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
                 v_logits, v_hidden = model.forward_step(feed, length, cache, span)
         stats.steps += 1
         if greedy:
-            choice = v_logits.argmax(-1)  # [B, q]: the main model's token after each fed one
-            ok = (choice[:, :q - 1] == drafts[:, :q - 1]).long().cumprod(dim=1)  # [B, q-1] accepted prefix
-            n = ok.sum(dim=1) if q > 1 else torch.zeros(B, dtype=torch.long, device=device)
-            new = [drafts[b, :int(n[b])].tolist() + [int(choice[b, int(n[b])])] for b in range(B)]
+            choice = v_logits.argmax(-1).tolist()  # [B][q]: the main model's token after each fed one
+            fed = drafts[:, :q - 1].tolist()
+            new = [accept_greedy(choice[b], fed[b]) for b in range(B)]
         else:
             p_main = probabilities(v_logits.reshape(B * q, -1), temperature, top_p).view(B, q, -1)
             new = [accept_sampled(p_main[b], drafts[b, :q - 1], [p[b] for p in draft_p] if draft_p else None,
                                   generator) for b in range(B)]
-            n = torch.tensor([len(kept) - 1 for kept in new], device=device)
+        n = torch.tensor([len(kept) - 1 for kept in new], device=device)  # [B] accepted drafts
         if not bool(torch.isfinite(v_logits).all()):
             raise NonFiniteLogits("the model produced NaN/Inf logits while decoding; the weights are likely corrupt")
         # ---- keep: n + 1 new tokens per row (cut at EOS and max_new_tokens); the cache keeps x_L and the accepted

@@ -283,7 +283,6 @@ class Native:
         return self.lib.dsv3_count_bytes(weight.data_ptr(), weight.numel(), a, b, torch.get_num_threads())
 
 
-@lru_cache(maxsize=4)
 def rows_at_one_stride(x: torch.Tensor) -> bool:
     """x's rows (all but the last dim, flattened) lie one stride apart, with a unit last stride."""
     if x.dim() < 2 or x.stride(-1) != 1:
@@ -291,6 +290,7 @@ def rows_at_one_stride(x: torch.Tensor) -> bool:
     return all(x.stride(i) == x.shape[i + 1] * x.stride(i + 1) for i in range(x.dim() - 2))
 
 
+@lru_cache(maxsize=4)
 def _byte_values(fp8_dtype: torch.dtype) -> torch.Tensor:
     """The 256 values of an FP8 format as fp32, from torch's own cast (so the C side knows no format)."""
     return torch.arange(256, dtype=torch.uint8).view(fp8_dtype).float()
