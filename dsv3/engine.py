@@ -11,7 +11,7 @@ import torch
 from .core.checkpoint import Checkpoint, validate
 from .core.config import ModelConfig
 from .core.errors import DsvError
-from .core.generate import Stats, generate
+from .core.generate import Stats, StepPool, generate
 from .core.model import ATTN_IMPLS, Transformer
 from .core.parallel import Parallel
 from .core.weights import load_weights
@@ -40,6 +40,8 @@ class Engine:
         #: capture the decode step as a CUDA/HIP graph where the backend can (off: eager, for debugging)
         self.cuda_graphs = cuda_graphs
         self.last_stats: Stats | None = None
+        #: the last calls' captured steps and caches, replayed by a next call of the same shape (see release())
+        self.steps = StepPool()
 
     @property
     def max_seq_len(self) -> int:
@@ -68,6 +70,12 @@ class Engine:
             h, _ = self.model.hidden(ids)
             step = self.model.step(ids.shape[0], ids.shape[1] - 1, 0, None)
             return self.model.mtp[0](self.model, ids[:, 1:], h[:, :-1], step)
+
+    def release(self) -> None:
+        """Free the captured steps and caches kept for the next call of the same shape (their memory: on a GPU, the
+        latent cache of the batch and span; call it before other work needs that memory, or after replacing a
+        weight tensor, which the kept steps would not see)."""
+        self.steps.clear()
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, static: bool = False, speculative: str | None = None,
@@ -104,10 +112,11 @@ class Engine:
                                f"drafts exceeds the context of {self.max_seq_len}; shorten the prompt or raise "
                                "--max-seq-len")
             out, self.last_stats = speculative_generate(self.model, prompts, max_new_tokens, draft_tokens, temperature,
-                                                        top_p, eos, seed, self.dtype, graphs=self.cuda_graphs)
+                                                        top_p, eos, seed, self.dtype, graphs=self.cuda_graphs,
+                                                        pool=self.steps)
             return out
         out, self.last_stats = generate(self.model, prompts, max_new_tokens, temperature, top_p, eos, seed, self.dtype,
-                                        graphs=self.cuda_graphs, static=static)
+                                        graphs=self.cuda_graphs, static=static, pool=self.steps)
         return out
 
 

@@ -24,7 +24,17 @@ import time
 import torch
 
 from .errors import DsvError
-from .generate import DecodeStep, NonFiniteLogits, Stats, draw, probabilities, replay_agrees, sample
+from .generate import (
+    DecodeStep,
+    NonFiniteLogits,
+    Stats,
+    StepPool,
+    all_finite,
+    draw,
+    probabilities,
+    replay_agrees,
+    sample,
+)
 from .model import LatentCache, Transformer
 
 log = logging.getLogger("dsv3")
@@ -138,15 +148,16 @@ def _keep_drafting(rate: dict[bool, float]) -> bool:
 def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, draft_tokens: int = 1,
                          temperature: float = 0.0, top_p: float = 1.0, eos_ids: tuple[int, ...] = (),
                          seed: int | None = None, dtype: torch.dtype | None = None, drafter=None,
-                         adaptive: bool = True, keep: dict | None = None,
-                         graphs: bool = True) -> tuple[list[list[int]], Stats]:
+                         adaptive: bool = True, keep: dict | None = None, graphs: bool = True,
+                         pool: StepPool | None = None) -> tuple[list[list[int]], Stats]:
     """New tokens per prompt (EOS excluded) and stats (acceptance in stats.extra). `drafter(rows, lengths, drafts)`,
     if given, replaces the MTP module's drafts (tests: perfect or always-wrong drafts); it returns [B, k] ids.
     `adaptive`: time JUDGE_AFTER drafting rounds and JUDGE_AFTER plain steps, then go on with the faster (drafts
     that rarely land cost a verify and a draft per token; where that is, speculation turns itself off).
     `keep`, if given, receives the final caches and per-row lengths (tests check them against a plain run).
     Once drafting has stopped for good, the rest decodes through the plain decode step, captured where the backend
-    can (`graphs`), so a run that gave up drafting is as fast as one that never drafted."""
+    can (`graphs`), so a run that gave up drafting is as fast as one that never drafted. `pool`: where the caches
+    and captured steps are kept for the next call of the same shape."""
     if len(model.mtp) == 0 and drafter is None:
         raise DsvError("speculative decoding needs the checkpoint's MTP layer (num_nextn_predict_layers >= 1, "
                        "loaded with with_mtp=True); run without --speculative")
@@ -166,8 +177,12 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
         raise ValueError(f"prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) + {k + 1} draft positions exceeds "
                          f"max_seq_len={model.max_seq_len}")
     dtype = dtype or model.embed.weight.dtype
-    cache = LatentCache.allocate(model.cfg, len(model.layers), B, total, dtype, device)
-    mtp_cache = LatentCache.allocate(model.cfg, 1, B, total, dtype, device) if len(model.mtp) else None
+    # kept caches hold an earlier call's entries, all past this call's lengths until it writes them: never read
+    kept = pool.take(("speculative", B, total, dtype, graphs)) if pool is not None else {}
+    if "cache" not in kept:
+        kept["cache"] = LatentCache.allocate(model.cfg, len(model.layers), B, total, dtype, device)
+        kept["mtp_cache"] = LatentCache.allocate(model.cfg, 1, B, total, dtype, device) if len(model.mtp) else None
+    cache, mtp_cache = kept["cache"], kept["mtp_cache"]
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     greedy = temperature <= 0
 
@@ -179,7 +194,7 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
     length = torch.tensor(lengths, device=device)  # [B] entries of each row's main cache
     zero = torch.zeros(B, dtype=torch.long, device=device)
     logits, hidden = model.forward_step(tokens, zero, cache, L, take=length - 1, all_hidden=True)  # hidden [B, L, D]
-    if not bool(torch.isfinite(logits).all()):
+    if not bool(all_finite(logits)):
         raise NonFiniteLogits("the model produced NaN/Inf logits for the prompt; the weights are likely corrupt")
     last = sample(logits, temperature, top_p, generator)  # [B] x_L: chosen, not yet in the cache
     out: list[list[int]] = [[int(t)] for t in last.tolist()]
@@ -198,10 +213,10 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
     drafting, decided = True, not adaptive or drafter is not None
     timing = {True: [0.0, 0], False: [0.0, 0]}  # drafting or not: seconds, tokens gained
     plain_trial: list[tuple[torch.Tensor, torch.Tensor]] = []  # (hidden [B, 1, D], token [B]) of each timed plain step
-    plain_step: DecodeStep | None = None
+    plain_step: DecodeStep | None = kept.get("plain")
     # static steps per (kind, q), captured once a shape has run CAPTURE_AFTER times and is worth it (_worth_capturing):
     # the verify step (q = 1 + k while drafting, 1 for the timed plain steps) and the MTP catch-up (q = 1 + k)
-    static: dict[tuple[str, int], StaticStep] = {}
+    static: dict[tuple[str, int], StaticStep] = kept.setdefault("static", {})
     uses: dict[tuple[str, int], int] = {}
 
     # static steps made so far (a round that made one is not timed: a one-off cost, not its speed) and the seconds
@@ -250,7 +265,7 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
         if decided and not drafting:  # drafting stopped for good: the plain decode step, captured where it can be
             if plain_step is None:
                 t = time.perf_counter()
-                plain_step = DecodeStep(model, cache, B, total, graphs=graphs)
+                plain_step = kept["plain"] = DecodeStep(model, cache, B, total, graphs=graphs)
                 capture_s[0] += time.perf_counter() - t
             v_logits, v_hidden = plain_step(last, length, span)[:, None], None  # [B, 1, V]; the hidden is not needed
         else:  # a round, or a timed plain step (its hidden feeds the MTP cache if drafting resumes)
@@ -269,7 +284,7 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
             new = [accept_sampled(p_main[b], drafts[b, :q - 1], [p[b] for p in draft_p] if draft_p else None,
                                   generator) for b in range(B)]
         n = torch.tensor([len(kept) - 1 for kept in new], device=device)  # [B] accepted drafts
-        if not bool(torch.isfinite(v_logits).all()):
+        if not bool(all_finite(v_logits)):
             raise NonFiniteLogits("the model produced NaN/Inf logits while decoding; the weights are likely corrupt")
         # ---- keep: n + 1 new tokens per row (cut at EOS and max_new_tokens); the cache keeps x_L and the accepted
         for b in active:

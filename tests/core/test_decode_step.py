@@ -11,10 +11,22 @@ from sync_guard import HostSync, no_host_sync
 from tiny_configs import CONFIGS
 
 import dsv3
-from dsv3.core.generate import DecodeStep, bucket
+from dsv3.core.generate import DecodeStep, all_finite, bucket
 from dsv3.core.model import LatentCache
 
 PROMPTS = [[5, 9, 200, 17, 3, 88, 41], [250, 2, 77], [12, 13]]  # different lengths: 3 rows, bucket 4
+
+
+def test_all_finite_sees_one_bad_logit():
+    x = torch.randn(3, 5000) * 30
+    assert bool(all_finite(x)) and bool(all_finite(torch.full((4, 129280), 3e4)))  # far from fp32's range
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[2, 4321] = bad
+        assert not bool(all_finite(y)) and not bool(all_finite(y.bfloat16()))
+    y = x.clone()
+    y[0, 0], y[1, 1] = float("inf"), -float("inf")  # they cancel to NaN, not to a finite sum
+    assert not bool(all_finite(y))
 
 
 def test_buckets():
@@ -134,3 +146,26 @@ def test_cli_graph_flag(demo_ckpt):
     for flag in ("--cuda-graphs", "--no-cuda-graphs"):
         r = CliRunner().invoke(main, ["run", str(demo_ckpt), "--prompt", "hi", "--max-new-tokens", "2", flag])
         assert r.exit_code == 0, r.output
+
+
+def test_a_kept_step_serves_the_next_call_of_its_shape(demo_ckpt, monkeypatch):
+    """engine.generate keeps its captured step and cache (Engine.steps, two shapes): a later call of a kept shape
+    (same bucket and span; other prompts, another batch size of the bucket) captures nothing and gives what a run
+    with nothing kept gives, though the kept cache still holds the earlier call's entries (past every row's length:
+    never read). A third shape drops the least recently used one; release() drops them all."""
+    reference = dsv3.load(demo_ckpt, backend="cpu", dtype="fp32")  # fp32 on the cpu: nothing captured, nothing kept
+    engine = dsv3.load(demo_ckpt, backend="cpu", dtype="fp32")
+    graphs = FakeGraphs()
+    graphs.install(engine.kernels, monkeypatch)
+    captures = []
+    capture = engine.kernels.capture
+    monkeypatch.setattr(engine.kernels, "capture", lambda fn: captures.append(1) or capture(fn))
+    other = [[40, 41, 42, 43, 44, 45, 46], [8, 9], [10], [11, 12, 13]]  # 4 rows, longest 7: PROMPTS' shape
+    calls = [(PROMPTS, 1), (other, 1), (PROMPTS[2:], 2), (PROMPTS, 2), (PROMPTS[:2], 3), (PROMPTS[2:], 4)]
+    for prompts, made in calls:
+        assert engine.generate(prompts, max_new_tokens=10) == reference.generate(prompts, max_new_tokens=10)
+        assert len(captures) == made, (prompts, len(captures))
+    assert engine.last_stats.extra["decode_step"] == "graph"
+    engine.release()
+    engine.generate(PROMPTS, max_new_tokens=10)
+    assert len(captures) == 5

@@ -241,3 +241,31 @@ def test_captured_verify_and_plain_steps_change_nothing(tiny_ckpts, monkeypatch,
             for row, n in enumerate(a["length"]):
                 x, y = getattr(a[name], t)[:, row, :n], getattr(b[name], t)[:, row, :n]
                 assert torch.equal(x, y), f"{name}.{t} row {row} differs"
+
+
+def test_kept_steps_serve_the_next_call(tiny_ckpts, monkeypatch):
+    """bf16 on the cpu backend with a StepPool (what engine.generate passes): a second call of the same shape, other
+    prompts, records nothing new and gives the tokens of a call with nothing kept, though the kept caches still hold
+    the first call's entries past each row's length."""
+    import dsv3.core.speculative as spec
+    from dsv3.core.generate import StepPool
+
+    made = []
+    real_init = spec.StaticStep.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        made.append(self)
+
+    monkeypatch.setattr(spec.StaticStep, "__init__", init)
+    e = dsv3.load(tiny_ckpts["v3ish"], backend="cpu", dtype="bf16")
+    eos = tuple(e.cfg.eos_token_ids)
+    pool = StepPool()
+    other = [[60, 61, 62], list(range(100, 119)), [8, 9, 10, 11], [250]]  # longest 19, as PROMPTS
+    for prompts in (PROMPTS, other):
+        want, _ = spec.speculative_generate(e.model, prompts, 24, 1, eos_ids=eos, adaptive=False)
+        before = len(made)
+        got, _ = spec.speculative_generate(e.model, prompts, 24, 1, eos_ids=eos, adaptive=False, pool=pool)
+        assert got == want
+    assert before == len(made), "the second call recorded its steps again"
+    assert [s.replay is not None for s in pool.shapes[next(iter(pool.shapes))]["static"].values()] == [True, True]
