@@ -31,15 +31,28 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
+def synthetic_checkpoint(path: Path, config: dict, n_shards: int) -> Path:
+    """A random checkpoint of `config` in the released FP8 layout at path, written unless one of this config is
+    already there (a --workdir kept from a run with another config is rewritten, not measured by mistake)."""
+    import json
+
+    from dsv3.synthetic import write_checkpoint
+
+    try:
+        written = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        written = None
+    if written is None or any(written.get(key) != value for key, value in config.items()):
+        write_checkpoint(path, config, seed=0, n_shards=n_shards, tokenizer=False)
+    return path
+
+
 def bench_checkpoint(workdir: Path | None, prefix: str) -> tuple[Path, Path]:
     """(work dir, the ~280M-parameter checkpoint in the released FP8 layout, 8 shards), written once."""
-    from dsv3.synthetic import BENCH_280M, write_checkpoint
+    from dsv3.synthetic import BENCH_280M
 
     work = workdir or Path(tempfile.mkdtemp(prefix=prefix))
-    ckpt = work / "fp8"
-    if not (ckpt / "config.json").is_file():
-        write_checkpoint(ckpt, BENCH_280M, seed=0, n_shards=8, tokenizer=False)
-    return work, ckpt
+    return work, synthetic_checkpoint(work / "fp8", BENCH_280M, n_shards=8)
 
 
 def perfect_drafts(engine, prompt: list[int], new_tokens: int):
@@ -69,22 +82,32 @@ def nbytes(module) -> int:
     return sum(b.numel() * b.element_size() for b in module.buffers() if b is not None)
 
 
-def decode_step_bytes(model) -> float:
-    """Weight bytes one batch-1 decode step reads: each layer's attention and dense/shared weights (the absorbed
-    projections where they were made, in place of wkv_b), the k routed experts of each MoE layer, the final norm and
-    the head; one embedding row is left out."""
+def fixed_step_bytes(block) -> float:
+    """Weight bytes a decoder block reads at every step whatever the routing: attention (the absorbed projections
+    where they were made, in place of wkv_b, which decoding then never reads), norms, the gate and the dense or
+    shared MLP; its routed experts left out."""
     from dsv3.core.model import MoE
 
-    total = nbytes(model.head) + nbytes(model.norm)
-    for layer in model.layers:
-        total += nbytes(layer)
-        absorbed = layer.attn._absorbed
-        if absorbed is not None:
-            total += sum(t.numel() * t.element_size() for t in absorbed) - nbytes(layer.attn.wkv_b)
-        if isinstance(layer.ffn, MoE):
-            experts = layer.ffn.experts
-            total -= nbytes(experts) * (1 - model.cfg.num_experts_per_tok / experts.w1.count)
-    return total
+    total = nbytes(block)
+    absorbed = block.attn._absorbed
+    if absorbed is not None:
+        total += sum(t.numel() * t.element_size() for t in absorbed) - nbytes(block.attn.wkv_b)
+    return total - (nbytes(block.ffn.experts) if isinstance(block.ffn, MoE) else 0)
+
+
+def expert_bytes(block) -> float:
+    """Weight bytes of one routed expert of a block (0 for a dense block)."""
+    from dsv3.core.model import MoE
+
+    return nbytes(block.ffn.experts) / block.ffn.experts.w1.count if isinstance(block.ffn, MoE) else 0.0
+
+
+def decode_step_bytes(model) -> float:
+    """Weight bytes one batch-1 decode step reads: each layer's fixed bytes (fixed_step_bytes), the k routed experts
+    of each MoE layer, the final norm and the head; one embedding row is left out."""
+    k = model.cfg.num_experts_per_tok
+    layers = sum(fixed_step_bytes(b) + k * expert_bytes(b) for b in model.layers)
+    return nbytes(model.head) + nbytes(model.norm) + layers
 
 
 def copy_bandwidth(mib: int = 1024, repeats: int = 5) -> float:

@@ -108,15 +108,21 @@ class Step:
     row_index: torch.Tensor | None = None  # [B, 1] the rows, shaped to index the cache with write_pos
     causal: bool = False  # the mask is plain causal (query start_pos + i sees keys 0..start_pos + i): a kernel may
     # use its own causal path instead of reading the mask
-    _kv_len: torch.Tensor | None = field(default=None, repr=False)
+    _query_lens: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def query_lens(self) -> torch.Tensor | None:
+        """[B, S] int64: keys each query sees (the mask is a prefix per query). Made on first use, once per step:
+        only kernels that read a row's keys by length want it."""
+        if self._query_lens is None and self.write_pos is not None:
+            self._query_lens = self.write_pos + 1
+        return self._query_lens
 
     @property
     def kv_len(self) -> torch.Tensor | None:
-        """[B] int64: keys the last query of each row sees (the mask is a prefix). Made on first use: only
-        kernels that read a row's keys by length want it."""
-        if self._kv_len is None and self.write_pos is not None:
-            self._kv_len = self.write_pos[:, -1] + 1
-        return self._kv_len
+        """[B] int64: keys the last query of each row sees."""
+        lens = self.query_lens
+        return None if lens is None else lens[:, -1]
 
 
 @dataclass

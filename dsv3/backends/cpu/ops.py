@@ -61,7 +61,7 @@ class CpuKernels(ReferenceKernels):
         self.native_bf16 = _native_bf16()
         self.native = native_lib.load(isa) if self.device.type == "cpu" else None
         self.use_weights(weights)
-        self._one = (torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1))  # (ids, alpha): an MLP is one expert
+        self._routes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # (ids, alpha) per row count: see _mlp_routes
         self.model_dtype: torch.dtype | None = None  # seen at load (prepare_linear): the step is recorded for bf16
 
     @classmethod
@@ -194,7 +194,7 @@ class CpuKernels(ReferenceKernels):
     def mlp(self, x, w1, w2, w3, s1=None, s2=None, s3=None, residual=None):
         rows = self._decode_rows(x)
         if rows and self._native_ok(x, w1, w2, w3) and (residual is None or residual.dtype == torch.bfloat16):
-            ids, alpha = self._one if rows == 1 else (torch.zeros(rows, 1, dtype=torch.int64), torch.ones(rows, 1))
+            ids, alpha = self._mlp_routes(rows)
             y = self.native.moe(x.reshape(rows, -1).contiguous(), ids, alpha, w1, w3, w2, s1, s3, s2,
                                 residual=None if residual is None else residual.reshape(rows, -1).contiguous())
             return y.view(x.shape)
@@ -203,6 +203,13 @@ class CpuKernels(ReferenceKernels):
             if y is not None:
                 return y if residual is None else residual + y
         return super().mlp(x, w1, w2, w3, s1, s2, s3, residual)
+
+    def _mlp_routes(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [rows, 1] zeros, alpha [rows, 1] ones): a dense MLP as the one expert of dsv3_moe. Made once per row
+        count, so a recorded step holds no factory to refill at each replay."""
+        if rows not in self._routes:
+            self._routes[rows] = (torch.zeros(rows, 1, dtype=torch.int64), torch.ones(rows, 1))
+        return self._routes[rows]
 
     def _amx_prompt(self, x, *weights) -> bool:
         """A prompt's product [T, K] x [N, K]ᵀ goes to the AMX grouped GEMM (one expert): AMX here, bf16 activations,
@@ -280,7 +287,7 @@ class CpuKernels(ReferenceKernels):
                 and kv.stride(1) == kv.shape[2] and pe.stride(1) == pe.shape[2]):
             # a position step's mask is a per-row prefix: query s of row b reads keys 0 .. write_pos[b, s] only
             # (S > 1: a verification of drafts, every query in the one call)
-            lens = None if not positioned else step.kv_len[:, None] if S == 1 else step.write_pos + 1  # [B, S]
+            lens = step.query_lens if positioned else None  # [B, S]
             return self.native.mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, pe, scale, lens)
         return super().mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, pe, scale, mask)
 
