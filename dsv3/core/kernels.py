@@ -211,10 +211,15 @@ class Kernels:
         pe: torch.Tensor,
         scale: float,
         mask: torch.Tensor | None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The absorbed form end to end: q_nope [B, S, H, N] -> latent through w_uk [H, N, C], `mla_attention`
         over the cache, back through w_uv [H, C, V] -> [B, S, H, V] in q_nope's dtype. w_uk/w_uv are in
-        `absorb_dtype`. Composed here; a backend may fuse it (decode is a few hundred small ops otherwise)."""
+        `absorb_dtype`. Composed here; a backend may fuse it (decode is a few hundred small ops otherwise).
+        `rows` [B]: kv/pe are the whole slot cache [slots, T, ..] and sequence b reads slot rows[b] (gathered
+        here; a fused kernel reads the slots in place)."""
+        if rows is not None:
+            kv, pe = kv[rows], pe[rows]  # [B, T, C], [B, T, R]
         B, S, H, _ = q_nope.shape
         # per head, as batched matmuls over the B·S query rows (einsum's planning costs more than the math at decode)
         q = q_nope.reshape(B * S, H, -1).transpose(0, 1).to(w_uk.dtype)  # [H, B·S, N]

@@ -196,17 +196,20 @@ class MLA(nn.Module):
             kv_cache[:B, step.start_pos:end] = kv
             pe_cache[:B, step.start_pos:end] = k_pe
             kv, k_pe = kv_cache[:B, :end], pe_cache[:B, :end]  # [B, T, C], [B, T, R]
-        elif kv_cache is not None:  # a position step: normed kv and roped k_pe scattered into the cache, static shapes
-            q_pe = self.kernels.mla_latent(q_pe, kv, k_pe, self.kv_norm.weight, self.kv_norm.eps, step.cos, step.sin,
-                                           kv_cache, pe_cache, step.row_index, step.write_pos)
-            if step.rows is None:
-                kv, k_pe = kv_cache[:B, :step.span], pe_cache[:B, :step.span]  # [B, span, C], [B, span, R]
-            else:  # slots anywhere in the cache: gathered
-                kv, k_pe = kv_cache[step.rows, :step.span], pe_cache[step.rows, :step.span]
-
         impl = self.attn_impl
         if impl == "auto":  # prefill is compute-bound (naive); decode and draft verification memory-bound (absorbed)
             impl = "naive" if S > ABSORB_MAX_QUERIES else "absorb"
+        slots = None  # the absorbed form of a step over slots anywhere in the cache reads the whole cache by slot
+        if kv_cache is not None and step.write_pos is not None:  # a position step: normed kv and roped k_pe
+            q_pe = self.kernels.mla_latent(q_pe, kv, k_pe, self.kv_norm.weight, self.kv_norm.eps, step.cos, step.sin,
+                                           kv_cache, pe_cache, step.row_index, step.write_pos)  # scattered in
+            if step.rows is None:
+                kv, k_pe = kv_cache[:B, :step.span], pe_cache[:B, :step.span]  # [B, span, C], [B, span, R]
+            elif impl == "absorb":
+                kv, k_pe, slots = kv_cache[:, :step.span], pe_cache[:, :step.span], step.rows  # [slots, span, ..]
+            else:  # slots anywhere in the cache: gathered for the naive form's expansion
+                kv, k_pe = kv_cache[step.rows, :step.span], pe_cache[step.rows, :step.span]
+
         if impl == "naive":
             kvb = self.wkv_b(kv).view(B, -1, self.n_heads, self.nope + self.v_dim)  # [B, T, H, nope + v]
             k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)
@@ -214,7 +217,7 @@ class MLA(nn.Module):
             o = self.kernels.attention(torch.cat([q_nope, q_pe], dim=-1), k, v, self.scale, step.mask)
         else:
             w_uk, w_uv = self.absorbed(self.kernels.absorb_dtype(x.dtype))  # [H, nope, C], [H, C, v]
-            o = self.kernels.mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, k_pe, self.scale, step.mask)  # [B, S, H, v]
+            o = self.kernels.mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, k_pe, self.scale, step.mask, slots)  # [B, S, H, v]
         return self.wo(o.flatten(2), residual)
 
 

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from ..core.errors import DsvError
-from ..core.generate import draw, probabilities, sample
+from ..core.generate import StaticStep, bucket, draw, probabilities, sample
 from ..core.model import LatentCache, Transformer
 from ..core.speculative import accept_greedy, accept_sampled
 from .text import TextStream
@@ -83,11 +83,20 @@ class Request:
 
 
 class StepRunner:
-    """The forwards of the server. On rank 0 each call first broadcasts its plan; followers replay them."""
+    """The forwards of the server. On rank 0 each call first broadcasts its plan; followers replay them.
 
-    def __init__(self, model: Transformer, cache: LatentCache):
+    Decode steps (one token per row) run as static steps, one per batch bucket, captured where the backend can (a
+    graph on cuda/rocm, a recorded step on the cpu) and replayed: slots, positions and tokens are staged into the
+    step's buffers, the span is the whole cache (attention reads each row's own length), and a bucket's padding rows
+    write to a scratch slot, the cache's last, which no request owns."""
+
+    def __init__(self, model: Transformer, cache: LatentCache, graphs: bool = True):
         self.model, self.cache, self.par = model, cache, model.par
         self.device = model.rope_cos.device
+        self.scratch = cache.kv.shape[1] - 1
+        # single rank only: a rank whose capture failed would run eagerly while the others replay (as generate())
+        self.graphs = graphs and model.kernels.can_capture() and model.par.world_size == 1
+        self.static: dict[int, StaticStep] = {}  # decode steps by batch bucket
 
     def _broadcast(self, kind: int, data: torch.Tensor | None = None) -> None:
         if self.par.world_size == 1:
@@ -114,10 +123,34 @@ class StepRunner:
     def _run(self, plan: torch.Tensor) -> torch.Tensor:
         slots, positions, take, tokens = plan[:, 0], plan[:, 1], plan[:, 2], plan[:, 3:]
         B, q = tokens.shape
+        if q == 1 and self.graphs:
+            return self._decode_static(slots, positions, tokens)
         span = int(plan[:, 1].max()) + q  # host ints: the plan was built on the host
         rows = None if torch.equal(slots.cpu(), torch.arange(B)) else slots  # a prefix of slots: no gather
         logits, _ = self.model.forward_step(tokens, positions, self.cache, span, rows=rows, take=take)
         return logits  # [B, V]
+
+    def _decode_static(self, slots: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        B = slots.shape[0]
+        step = self.static.get(bucket(B))
+        if step is None:
+            step = self.static[bucket(B)] = self._decode_step(bucket(B))
+        buf = step.buffers
+        buf["tokens"][:B].copy_(tokens)
+        buf["positions"][:B].copy_(positions)
+        buf["rows"][:B].copy_(slots)
+        buf["rows"][B:] = self.scratch  # padding: the rows of an earlier, larger batch must not write their slots
+        buf["positions"][B:] = 0
+        logits, _ = step()
+        return logits[:B]  # [B, V]
+
+    def _decode_step(self, rows: int) -> StaticStep:
+        span, model, cache = self.cache.max_len, self.model, self.cache
+        zeros = lambda: torch.zeros(rows, dtype=torch.long, device=self.device)  # noqa: E731
+        buffers = dict(tokens=zeros()[:, None], positions=zeros(),
+                       rows=torch.full((rows,), self.scratch, dtype=torch.long, device=self.device), take=zeros())
+        return StaticStep(model, "server decode step", lambda tokens, positions, rows, take: model.forward_step(
+            tokens, positions, cache, span, rows=rows, take=take), buffers, graphs=True)
 
     # ---- speculative decoding (single rank: the scheduler refuses it under tensor parallel) ----------------
     def _slots(self, slots: list[int]) -> torch.Tensor | None:
@@ -171,9 +204,10 @@ class Scheduler:
         self.max_len = self.model.max_seq_len
         self.eos_ids = frozenset(eos_ids)
         model = self.model
-        self.cache = LatentCache.allocate(model.cfg, len(model.layers), max_batch, self.max_len, engine.dtype,
+        # one slot per request, and a scratch slot (the last) for the padding rows of a decode step's batch bucket
+        self.cache = LatentCache.allocate(model.cfg, len(model.layers), max_batch + 1, self.max_len, engine.dtype,
                                           model.rope_cos.device)
-        self.runner = StepRunner(model, self.cache)
+        self.runner = StepRunner(model, self.cache, graphs=engine.cuda_graphs)
         self.draft_tokens, self.mtp_cache = 0, None  # speculative: drafts per row and step, the MTP module's cache
         self.drafted = self.accepted = 0
         if speculative is not None:

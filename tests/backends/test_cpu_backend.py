@@ -116,6 +116,30 @@ def test_mla_absorbed(native, dtype, B, S, H, N, C, R, V, T):
 
 
 @pytest.mark.parametrize("native", NATIVE)
+@pytest.mark.parametrize("S", [1, 2])
+def test_mla_absorbed_reads_slots_in_place(native, S):
+    """A server step: rows in slots 3, 0, 4 of a 6-slot cache (the whole cache passed, with the rows), each at its own
+    length; the same as the reference on the gathered rows. The other slots hold NaN: read by no one."""
+    from dsv3.core.model import Step
+
+    k = cpu(native)
+    dtype, B, H, N, C, R, V, T = torch.bfloat16, 3, 3, 24, 72, 8, 40, 29
+    rows = torch.tensor([3, 0, 4])
+    q_nope, q_pe = rand(B, S, H, N, dtype=dtype), rand(B, S, H, R, dtype=dtype, seed=1)
+    kv, pe = torch.full((6, T, C), float("nan"), dtype=dtype), torch.full((6, T, R), float("nan"), dtype=dtype)
+    kv[rows], pe[rows] = rand(B, T, C, dtype=dtype, seed=2), rand(B, T, R, dtype=dtype, seed=3)
+    wd = k.absorb_dtype(dtype)
+    w_uk, w_uv = rand(H, N, C, dtype=wd, seed=4, scale=N ** -0.5), rand(H, C, V, dtype=wd, seed=5, scale=C ** -0.5)
+    pos = torch.tensor([T - S - 5, 7, T - S])[:, None] + torch.arange(S)  # [B, S]
+    mask = torch.arange(T)[None, None, :] <= pos[..., None]  # [B, S, T]
+    step = Step(0, torch.zeros(B, S, 1), torch.zeros(B, S, 1), mask, span=T, write_pos=pos, rows=rows)
+    k.begin_step(step)
+    got = k.mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, pe, 0.3, step.mask, rows)
+    ref = REF.mla_absorbed(q_nope, q_pe, w_uk.float(), w_uv.float(), kv[rows], pe[rows], 0.3, mask)
+    close(got, ref, dtype, "mla_absorbed over slots")
+
+
+@pytest.mark.parametrize("native", NATIVE)
 @pytest.mark.parametrize("B,S,T", [(1, 2, 9), (3, 3, 40), (2, 5, 17)])
 def test_mla_absorbed_in_a_position_step(native, B, S, T):
     """A verification of drafts: S queries per row at the row's own positions (rows at different lengths), each

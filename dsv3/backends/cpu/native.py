@@ -108,7 +108,7 @@ class Native:
             "dsv3_rope_bf16": [p, p, p, p, i64, i64, i64, i64, i64, i32],
             "dsv3_mla_latent": [p, i64, i64, p, p, i64, p, f32, p, p, p, p, i64, p, p] + [i64] * 5 + [p],
             "dsv3_moe_gate": [p, i32, p, p, i64, i64, i64, i64, i64, i64, i32, i32, i32, f32, p, p, i32],
-            "dsv3_mla_absorbed": [p, i64, i64, i64, p, i64, i64, i64, p, p, i32, p, p, p] + [i64] * 10 + [f32, p, i32],
+            "dsv3_mla_absorbed": [p, i64, i64, i64, p, i64, i64, i64, p, p, i32, p, p, p] + [i64] * 10 + [f32, p, p, i32],
             "dsv3_dequant_fp8": [p, p, p, i64, i64, i64, i32, p, i32],
             "dsv3_fp8_to_bf16": [p, p, f32, i64, i64, p, i32],
             "dsv3_combine_rows": [p, p, p, i64, i64, i64, p, i32],
@@ -201,11 +201,13 @@ class Native:
         return w, ids
 
     def mla_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor,
-                     kv: torch.Tensor, pe: torch.Tensor, scale: float, lens: torch.Tensor | None = None) -> torch.Tensor:
+                     kv: torch.Tensor, pe: torch.Tensor, scale: float, lens: torch.Tensor | None = None,
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
         """S queries per sequence: q_nope [B, S, H, N], q_pe [B, S, H, R] bf16 (unit last strides); w_uk [H, N, C],
         w_uv [H, C, V] fp32 or bf16 (both the same), contiguous; kv [B, T, C], pe [B, T, R] bf16 with unit rows ->
         [B, S, H, V] bf16. lens [B, S] int64 contiguous (each <= T): query s of row b attends to the first lens[b, s]
-        keys only; None: all T."""
+        keys only; None: all T. rows [B] int64 contiguous: kv/pe are a whole cache [slots, T, ..] and row b reads
+        slot rows[b] (each < slots)."""
         B, S, H, N = q_nope.shape
         T, C, R, V = kv.shape[1], kv.shape[2], pe.shape[2], w_uv.shape[2]
         y = torch.empty(B, S, H, V, dtype=torch.bfloat16)
@@ -213,7 +215,8 @@ class Native:
                                    q_pe.data_ptr(), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2), w_uk.data_ptr(),
                                    w_uv.data_ptr(), int(w_uk.dtype == torch.bfloat16), kv.data_ptr(), pe.data_ptr(),
                                    y.data_ptr(), B, S, H, N, T, C, R, V, kv.stride(0), pe.stride(0), scale,
-                                   None if lens is None else lens.data_ptr(), torch.get_num_threads())
+                                   None if lens is None else lens.data_ptr(), None if rows is None else rows.data_ptr(),
+                                   torch.get_num_threads())
         return y
 
     def dequant_fp8(self, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

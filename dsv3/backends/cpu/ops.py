@@ -275,7 +275,7 @@ class CpuKernels(ReferenceKernels):
                                            is_causal=causal, scale=scale)
         return o.transpose(1, 2)[..., :dv]  # [B, S, H, Dv]
 
-    def mla_absorbed(self, q_nope, q_pe, w_uk, w_uv, kv, pe, scale, mask):
+    def mla_absorbed(self, q_nope, q_pe, w_uk, w_uv, kv, pe, scale, mask, rows=None):
         B, S, H, N = q_nope.shape
         step = self.current_step
         positioned = step is not None and mask is not None and mask is step.mask and step.write_pos is not None
@@ -284,12 +284,15 @@ class CpuKernels(ReferenceKernels):
                 and w_uk.dtype == w_uv.dtype and w_uk.dtype in (torch.float32, torch.bfloat16)
                 and w_uk.is_contiguous() and w_uv.is_contiguous()
                 and q_pe.stride(-1) == q_nope.stride(-1) == 1 and kv.stride(-1) == pe.stride(-1) == 1
-                and kv.stride(1) == kv.shape[2] and pe.stride(1) == pe.shape[2]):
+                and kv.stride(1) == kv.shape[2] and pe.stride(1) == pe.shape[2]
+                and (rows is None or rows.dtype == torch.int64)):
             # a position step's mask is a per-row prefix: query s of row b reads keys 0 .. write_pos[b, s] only
             # (S > 1: a verification of drafts, every query in the one call)
             lens = step.query_lens if positioned else None  # [B, S]
-            return self.native.mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, pe, scale, lens)
-        return super().mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, pe, scale, mask)
+            if rows is not None:  # the slots read in place
+                rows = rows.contiguous()
+            return self.native.mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, pe, scale, lens, rows)
+        return super().mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, pe, scale, mask, rows)
 
     def moe_gate(self, x, weight, bias, p: GateParams):
         if self._native_gate_ok(x, weight, bias, p):
