@@ -90,13 +90,14 @@ class StepRunner:
     step's buffers, the span is the whole cache (attention reads each row's own length), and a bucket's padding rows
     write to a scratch slot, the cache's last, which no request owns."""
 
-    def __init__(self, model: Transformer, cache: LatentCache, graphs: bool = True):
-        self.model, self.cache, self.par = model, cache, model.par
+    def __init__(self, model: Transformer, cache: LatentCache, graphs: bool = True,
+                 mtp_cache: LatentCache | None = None):
+        self.model, self.cache, self.mtp_cache, self.par = model, cache, mtp_cache, model.par
         self.device = model.rope_cos.device
         self.scratch = cache.kv.shape[1] - 1
         # single rank only: a rank whose capture failed would run eagerly while the others replay (as generate())
         self.graphs = graphs and model.kernels.can_capture() and model.par.world_size == 1
-        self.static: dict[int, StaticStep] = {}  # decode steps by batch bucket
+        self.static: dict[tuple[str, int, int], StaticStep] = {}  # by (kind, batch bucket, q)
 
     def _broadcast(self, kind: int, data: torch.Tensor | None = None) -> None:
         if self.par.world_size == 1:
@@ -131,26 +132,50 @@ class StepRunner:
         return logits  # [B, V]
 
     def _decode_static(self, slots: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        B = slots.shape[0]
-        step = self.static.get(bucket(B))
-        if step is None:
-            step = self.static[bucket(B)] = self._decode_step(bucket(B))
-        buf = step.buffers
-        buf["tokens"][:B].copy_(tokens)
-        buf["positions"][:B].copy_(positions)
-        buf["rows"][:B].copy_(slots)
-        buf["rows"][B:] = self.scratch  # padding: the rows of an earlier, larger batch must not write their slots
-        buf["positions"][B:] = 0
-        logits, _ = step()
-        return logits[:B]  # [B, V]
+        logits, _ = self._staged("decode", slots, tokens=tokens, positions=positions)
+        return logits  # [B, V]
 
-    def _decode_step(self, rows: int) -> StaticStep:
-        span, model, cache = self.cache.max_len, self.model, self.cache
-        zeros = lambda: torch.zeros(rows, dtype=torch.long, device=self.device)  # noqa: E731
-        buffers = dict(tokens=zeros()[:, None], positions=zeros(),
-                       rows=torch.full((rows,), self.scratch, dtype=torch.long, device=self.device), take=zeros())
-        return StaticStep(model, "server decode step", lambda tokens, positions, rows, take: model.forward_step(
-            tokens, positions, cache, span, rows=rows, take=take), buffers, graphs=True)
+    def _staged(self, kind: str, slots: torch.Tensor, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the static step of (kind, batch bucket, q) on these rows: their inputs staged into its buffers, the
+        padding rows pointed at the scratch slot (rows an earlier, larger batch left there must not write their
+        slots). Returns views of the step's outputs for the B rows, valid until its next replay."""
+        B, q = inputs["tokens"].shape
+        key = (kind, bucket(B), q)
+        step = self.static.get(key)
+        if step is None:
+            step = self.static[key] = self._static_step(kind, bucket(B), q)
+        buf = step.buffers
+        buf["rows"][:B].copy_(slots)
+        buf["rows"][B:] = self.scratch
+        buf["positions"][B:] = 0
+        for name, value in inputs.items():
+            buf[name][:B].copy_(value)
+        a, b = step()
+        return a[:B], b[:B]
+
+    def _static_step(self, kind: str, rows: int, q: int) -> StaticStep:
+        """decode: logits [Bb, V] of one token per row; verify: logits [Bb, q, V] and final hidden [Bb, q, D] of q
+        tokens per row; mtp: the MTP module's catch-up over q (hidden, next token) pairs per row, draft logits and
+        block output at `take`. The span is the whole cache: attention reads each row only to its own length."""
+        model, device = self.model, self.device
+        zeros = lambda *shape, dtype=torch.long: torch.zeros(rows, *shape, dtype=dtype, device=device)  # noqa: E731
+        buffers = dict(tokens=zeros(q), positions=zeros(),
+                       rows=torch.full((rows,), self.scratch, dtype=torch.long, device=device))
+        if kind == "decode":
+            buffers["take"] = zeros()
+            cache = self.cache
+            run = lambda tokens, positions, rows, take: model.forward_step(  # noqa: E731
+                tokens, positions, cache, cache.max_len, rows=rows, take=take)
+        elif kind == "verify":
+            cache = self.cache
+            run = lambda tokens, positions, rows: model.forward_step(  # noqa: E731
+                tokens, positions, cache, cache.max_len, rows=rows)
+        else:
+            buffers.update(take=zeros(), hidden=zeros(q, model.cfg.hidden_size, dtype=self.cache.kv.dtype))
+            cache = self.mtp_cache
+            run = lambda tokens, positions, rows, take, hidden: model.mtp_step(  # noqa: E731
+                tokens, hidden, positions, cache, cache.max_len, take=take, rows=rows)
+        return StaticStep(model, f"server {kind} step", run, buffers, graphs=True)
 
     # ---- speculative decoding (single rank: the scheduler refuses it under tensor parallel) ----------------
     def _slots(self, slots: list[int]) -> torch.Tensor | None:
@@ -167,14 +192,23 @@ class StepRunner:
 
     @torch.inference_mode()
     def verify(self, slots: list[int], tokens: torch.Tensor, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [B, q] at positions.. of each slot -> logits [B, q, V] and final hidden [B, q, D]."""
-        return self.model.forward_step(tokens, torch.tensor(positions, device=self.device), self.cache,
-                                       max(positions) + tokens.shape[1], rows=self._slots(slots))
+        """tokens [B, q] at positions.. of each slot -> logits [B, q, V] and final hidden [B, q, D] (a static step's
+        buffers where steps are captured: read them before the next verify)."""
+        at = torch.tensor(positions, device=self.device)
+        if self.graphs:
+            return self._staged("verify", torch.tensor(slots, device=self.device), tokens=tokens, positions=at)
+        return self.model.forward_step(tokens, at, self.cache, max(positions) + tokens.shape[1],
+                                       rows=self._slots(slots))
 
     @torch.inference_mode()
     def mtp(self, slots: list[int], tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-            take: torch.Tensor, mtp_cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MTP module over (hidden, next token) pairs at positions.. of each slot -> draft logits [B, V], [B, D]."""
+            take: torch.Tensor, mtp_cache: LatentCache, static: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP module over (hidden, next token) pairs at positions.. of each slot -> draft logits [B, V], [B, D].
+        `static`: a decode round's shape (not a prefill chunk's), run as a static step where steps are captured
+        (its outputs are that step's buffers: read or copy them before its next run)."""
+        if static and self.graphs and mtp_cache is self.mtp_cache:
+            return self._staged("mtp", torch.tensor(slots, device=self.device), tokens=tokens, hidden=hidden,
+                                positions=positions, take=take)
         return self.model.mtp_step(tokens, hidden, positions, mtp_cache, int(positions.max()) + tokens.shape[1],
                                    take=take, rows=self._slots(slots))
 
@@ -221,8 +255,9 @@ class Scheduler:
             if draft_tokens < 1:
                 raise DsvError(f"--draft-tokens {draft_tokens}: give at least 1")
             self.draft_tokens = draft_tokens
-            self.mtp_cache = LatentCache.allocate(model.cfg, 1, max_batch, self.max_len, engine.dtype,
-                                                  model.rope_cos.device)
+            self.mtp_cache = LatentCache.allocate(model.cfg, 1, max_batch + 1, self.max_len, engine.dtype,
+                                                  model.rope_cos.device)  # + the scratch slot, as the main cache
+            self.runner.mtp_cache = self.mtp_cache
         self.free = list(range(max_batch))  # a heap: the lowest slot first, so the batch is mostly a prefix
         self.inbox: queue.Queue[Request] = queue.Queue()
         self.waiting: deque[Request] = deque()
@@ -403,7 +438,7 @@ class Scheduler:
                    for r, s, t in zip(rows, starts, take)]
             nxt = torch.tensor([n + [0] * (q - len(n)) for n in nxt], device=hidden.device)  # [B, q]
             dl, dh = self.runner.mtp(slots, nxt, hidden, torch.tensor(starts, device=hidden.device),
-                                     torch.tensor(take, device=hidden.device), self.mtp_cache)
+                                     torch.tensor(take, device=hidden.device), self.mtp_cache, static=False)
             for i, r in enumerate(rows):
                 if not r.prefilling and r.slot >= 0:  # a prompt read to its end, not finished at its first token
                     r.draft_logits, r.draft_h = dl[i], dh[i]

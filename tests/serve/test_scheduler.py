@@ -67,8 +67,8 @@ def _perfect_or_wrong(s, want: dict, right: bool):
     real = s.runner.mtp
 
     @torch.inference_mode()
-    def mtp(slots, tokens, hidden, positions, take, cache):
-        dl, dh = real(slots, tokens, hidden, positions, take, cache)
+    def mtp(slots, tokens, hidden, positions, take, cache, static=True):
+        dl, dh = real(slots, tokens, hidden, positions, take, cache, static)
         for b, slot in enumerate(slots):
             r = next((r for r in s.active if r.slot == slot), None)
             j = int(positions[b] + take[b]) + 2 - len(r.prompt) if r is not None else -1  # the drafted token's index
@@ -159,9 +159,11 @@ def serve_all(s, engine, staggered: bool) -> dict[str, list[int]]:
     return {r.id: r.tokens for r in reqs}
 
 
-def test_static_decode_steps_give_each_prompt_its_own_tokens(engine, demo_ckpt, monkeypatch):
+@pytest.mark.parametrize("k", [0, 1, 2], ids=["plain", "mtp-k1", "mtp-k2"])
+def test_static_decode_steps_give_each_prompt_its_own_tokens(engine, demo_ckpt, monkeypatch, k):
     """fp32 with a capture hook that behaves like a graph: the server decodes through its static steps (slots staged
-    in place, the whole cache as span, padding rows in the scratch slot) and each prompt gets what it gets alone."""
+    in place, the whole cache as span, padding rows in the scratch slot; with --speculative mtp the verify step and
+    the MTP module's chained drafts and catch-up too) and each prompt gets what it gets alone."""
     import dsv3
 
     served = dsv3.load(demo_ckpt, backend="cpu", dtype="fp32")
@@ -176,22 +178,28 @@ def test_static_decode_steps_give_each_prompt_its_own_tokens(engine, demo_ckpt, 
 
     monkeypatch.setattr(served.kernels, "capture_unavailable", lambda: None)
     monkeypatch.setattr(served.kernels, "capture", capture)
-    s = Scheduler(served, max_batch=3, prefill_chunk=16, eos_ids=tuple(engine.cfg.eos_token_ids))
+    s = Scheduler(served, max_batch=3, prefill_chunk=16, eos_ids=tuple(engine.cfg.eos_token_ids),
+                  speculative="mtp" if k else None, draft_tokens=max(k, 1))
     got = serve_all(s, engine, staggered=True)
     for p, m in zip(PROMPTS, MAX_TOKENS):
         assert got[str(len(p))] == engine.generate([p], max_new_tokens=m)[0], f"prompt of {len(p)} tokens"
-    assert {1, 2, 4} & set(s.runner.static) and all(st.replay is not None for st in s.runner.static.values())
+    kinds = {kind for kind, _, _ in s.runner.static}
+    assert kinds == ({"verify", "mtp"} if k else {"decode"}), kinds
+    assert all(st.replay is not None for st in s.runner.static.values())
 
 
-def test_recorded_server_steps_equal_eager_ones(demo_ckpt):
-    """bf16 on the cpu's C kernels, where the server's decode steps are recorded and replayed: the same tokens as a
-    server whose steps run eagerly, request by request, over the same batches."""
+@pytest.mark.parametrize("k", [0, 2], ids=["plain", "mtp-k2"])
+def test_recorded_server_steps_equal_eager_ones(demo_ckpt, k):
+    """bf16 on the cpu's C kernels, where the server's steps are recorded and replayed: the same tokens as a server
+    whose steps run eagerly, request by request, over the same batches."""
     import dsv3
 
     results = []
     for graphs in (False, True):
         e = dsv3.load(demo_ckpt, backend="cpu", dtype="bf16", cuda_graphs=graphs)
-        s = Scheduler(e, max_batch=3, prefill_chunk=16, eos_ids=tuple(e.cfg.eos_token_ids))
+        s = Scheduler(e, max_batch=3, prefill_chunk=16, eos_ids=tuple(e.cfg.eos_token_ids),
+                      speculative="mtp" if k else None, draft_tokens=max(k, 1))
         results.append(serve_all(s, e, staggered=False))
-        assert all(st.replay is not None for st in s.runner.static.values()) and len(s.runner.static) == 3 * graphs
+        assert all(st.replay is not None for st in s.runner.static.values())
+        assert bool(s.runner.static) == graphs
     assert results[0] == results[1]
