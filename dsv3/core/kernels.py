@@ -169,11 +169,13 @@ class Kernels:
         pe: torch.Tensor,
         scale: float,
         mask: torch.Tensor,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Absorbed MLA over the latent cache.
 
         q_latent [B, S, H, C] (q_nope already multiplied into the latent space), q_pe [B, S, H, R],
         kv [B, T, C], pe [B, T, R] -> [B, S, H, C] = softmax(scale·(q_latent·kvᵀ + q_pe·peᵀ)) · kv.
+        `rows` [B]: kv/pe are the whole slot cache [slots, T, ..] and sequence b reads slot rows[b].
         """
         raise NotImplementedError
 
@@ -216,15 +218,13 @@ class Kernels:
         """The absorbed form end to end: q_nope [B, S, H, N] -> latent through w_uk [H, N, C], `mla_attention`
         over the cache, back through w_uv [H, C, V] -> [B, S, H, V] in q_nope's dtype. w_uk/w_uv are in
         `absorb_dtype`. Composed here; a backend may fuse it (decode is a few hundred small ops otherwise).
-        `rows` [B]: kv/pe are the whole slot cache [slots, T, ..] and sequence b reads slot rows[b] (gathered
-        here; a fused kernel reads the slots in place)."""
-        if rows is not None:
-            kv, pe = kv[rows], pe[rows]  # [B, T, C], [B, T, R]
+        `rows` [B]: kv/pe are the whole slot cache [slots, T, ..] and sequence b reads slot rows[b] (handed on to
+        `mla_attention`: a kernel reads the slots in place, the reference gathers them)."""
         B, S, H, _ = q_nope.shape
         # per head, as batched matmuls over the B·S query rows (einsum's planning costs more than the math at decode)
         q = q_nope.reshape(B * S, H, -1).transpose(0, 1).to(w_uk.dtype)  # [H, B·S, N]
         q_latent = torch.bmm(q, w_uk).transpose(0, 1).reshape(B, S, H, -1)  # [B, S, H, C]
-        o = self.mla_attention(q_latent.contiguous(), q_pe.contiguous(), kv, pe, scale, mask)  # [B, S, H, C]
+        o = self.mla_attention(q_latent.contiguous(), q_pe.contiguous(), kv, pe, scale, mask, rows)  # [B, S, H, C]
         o = torch.bmm(o.reshape(B * S, H, -1).transpose(0, 1), w_uv)  # [H, B·S, V]
         return o.transpose(0, 1).reshape(B, S, H, -1).to(q_nope.dtype)
 

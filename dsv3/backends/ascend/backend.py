@@ -132,8 +132,10 @@ class AscendKernels(ReferenceKernels):
             input_layout="BSND", sparse_mode=0)
         return out
 
-    def mla_attention(self, q_latent, q_pe, kv, pe, scale, mask):
+    def mla_attention(self, q_latent, q_pe, kv, pe, scale, mask, rows=None):
         """Absorbed MLA: one latent KV head shared by all query heads, rope parts passed separately."""
+        if rows is not None:  # slots of the whole cache: the op takes one row per sequence
+            kv, pe = kv[rows], pe[rows]
         H = q_latent.shape[2]
         heads = 1 << (H - 1).bit_length()  # the op takes powers of two: pad with zero heads
         if heads > MAX_MLA_HEADS:

@@ -222,8 +222,12 @@ class CudaKernels(ReferenceKernels):
                                            attn_mask=None if mask is None else mask[:, None], scale=scale)
         return o.transpose(1, 2)  # [B, S, H, Dv]
 
-    def mla_attention(self, q_latent, q_pe, kv, pe, scale, mask):
-        return self._mla(q_latent, q_pe, kv, pe, scale, mask, self.target)
+    def mla_attention(self, q_latent, q_pe, kv, pe, scale, mask, rows=None):
+        step = self.current_step
+        # a position step's mask is each query's prefix: its lengths let the kernel stop there instead of reading a
+        # mask (and keys) over the whole span
+        lens = step.query_lens if step is not None and mask is not None and mask is step.mask else None
+        return self._mla(q_latent, q_pe, kv, pe, scale, mask, self.target, lens, rows)
 
     def moe_experts(self, x, weights, ids, experts: ExpertWeights):
         if experts.s1 is None or experts.w1.dtype != self.fp8_dtype:

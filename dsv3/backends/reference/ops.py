@@ -55,9 +55,11 @@ class ReferenceKernels(Kernels):
             scores = scores.masked_fill(~mask[:, None], float("-inf"))
         return torch.einsum("bhst,bthd->bshd", scores.softmax(dim=-1), v.float()).to(q.dtype)  # [B, S, H, Dv]
 
-    def mla_attention(self, q_latent, q_pe, kv, pe, scale, mask):
+    def mla_attention(self, q_latent, q_pe, kv, pe, scale, mask, rows=None):
         # nope and rope scores as two batched matmuls over [B, S·H] query rows: the cache is read in
         # place (concatenating it with pe would copy the whole cache every layer and step)
+        if rows is not None:  # slots of the whole cache: gathered (a kernel reads them in place)
+            kv, pe = kv[rows], pe[rows]  # [B, T, C], [B, T, R]
         B, S, H, C = q_latent.shape
         k, p = kv.float(), pe.float()  # [B, T, C], [B, T, R]
         scores = torch.baddbmm(torch.bmm(q_pe.float().reshape(B, S * H, -1), p.transpose(1, 2)),

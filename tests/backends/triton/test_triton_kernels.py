@@ -279,6 +279,31 @@ def test_mla_decode(target, b, s, h, c, r, t, dtype):
     check(got.cpu(), ref, tol, f"mla_decode B={b} S={s} H={h} C={c} R={r} T={t} {dtype}")
 
 
+@pytest.mark.parametrize("s,t", [(1, 37), (2, 300), (3, 70)])
+def test_mla_decode_lengths_and_slots(target, s, t):
+    """A position step over slots: rows in slots 4, 0, 2 of a 5-slot cache at their own lengths (lens, no mask),
+    the keys past each length and the other slots NaN (never read), over several key slices at t = 300."""
+    from dsv3.backends.cuda.mla_decode import mla_decode
+
+    dev = device_for(target.vendor)
+    g = gen(7 * t + s)
+    b, h, c, r = 3, 4, 72, 16
+    rows = torch.tensor([4, 0, 2])
+    lens = torch.tensor([t - s - 9, 1, t - s])[:, None] + 1 + torch.arange(s)  # [B, S]: query i sees keys < lens
+    ql, qp = torch.randn(b, s, h, c, generator=g).bfloat16(), torch.randn(b, s, h, r, generator=g).bfloat16()
+    kv, pe = torch.full((5, t, c), float("nan")).bfloat16(), torch.full((5, t, r), float("nan")).bfloat16()
+    for i, slot in enumerate(rows.tolist()):
+        n = int(lens[i].max())
+        kv[slot, :n], pe[slot, :n] = torch.randn(n, c, generator=g), torch.randn(n, r, generator=g)
+    scale = 1 / math.sqrt(c + r)
+    got = mla_decode(ql.to(dev), qp.to(dev), kv.to(dev), pe.to(dev), scale, None, target.vendor, lens.to(dev),
+                     rows.to(dev))
+    mask = torch.arange(t)[None, None, :] < lens[..., None]  # [B, S, T]
+    ref = REF.mla_attention(ql.double(), qp.double(), kv[rows].nan_to_num().double(), pe[rows].nan_to_num().double(),
+                            scale, mask)
+    check(got.cpu(), ref, 2e-2, f"mla_decode over slots S={s} T={t}")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("b,s,h,d", [(1, 1, 1, 8), (2, 1, 3, 16), (1, 7, 5, 64), (3, 4, 128, 64)])
 def test_rope(vendor, b, s, h, d, dtype):
