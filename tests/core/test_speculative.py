@@ -203,6 +203,21 @@ def test_training_the_demo_mtp_layer(tmp_path):
     assert len(out[0]) == 8 and stats.extra["rounds"] > 0
 
 
+def static_steps_made(monkeypatch) -> list:
+    """Every StaticStep made from now on, in order (the list fills as they are made)."""
+    from dsv3.core.generate import StaticStep
+
+    made = []
+    real_init = StaticStep.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        made.append(self)
+
+    monkeypatch.setattr(StaticStep, "__init__", init)
+    return made
+
+
 @pytest.mark.parametrize("resume", [False, True], ids=["drafting-stops", "drafting-resumes"])
 def test_captured_verify_and_plain_steps_change_nothing(tiny_ckpts, monkeypatch, resume):
     """bf16 on the cpu backend, where the verify step (q = 1 + k), the MTP draft step that catches up on the new
@@ -216,14 +231,7 @@ def test_captured_verify_and_plain_steps_change_nothing(tiny_ckpts, monkeypatch,
     monkeypatch.setattr(spec, "CAPTURE_AFTER", 0)  # capture every step shape at once ...
     monkeypatch.setattr(spec, "_worth_capturing", lambda decided, accepted: True)  # ... even before a draft lands
     monkeypatch.setattr(spec, "_keep_drafting", lambda rate: resume)
-    made = []
-    real_init = spec.StaticStep.__init__
-
-    def init(self, *a, **k):
-        real_init(self, *a, **k)
-        made.append(self)
-
-    monkeypatch.setattr(spec.StaticStep, "__init__", init)
+    made = static_steps_made(monkeypatch)
     e = dsv3.load(tiny_ckpts["v3ish"], backend="cpu", dtype="bf16")
     runs = []
     for graphs in (False, True):
@@ -250,14 +258,7 @@ def test_kept_steps_serve_the_next_call(tiny_ckpts, monkeypatch):
     import dsv3.core.speculative as spec
     from dsv3.core.generate import StepPool
 
-    made = []
-    real_init = spec.StaticStep.__init__
-
-    def init(self, *a, **k):
-        real_init(self, *a, **k)
-        made.append(self)
-
-    monkeypatch.setattr(spec.StaticStep, "__init__", init)
+    made = static_steps_made(monkeypatch)
     e = dsv3.load(tiny_ckpts["v3ish"], backend="cpu", dtype="bf16")
     eos = tuple(e.cfg.eos_token_ids)
     pool = StepPool()

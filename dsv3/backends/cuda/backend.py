@@ -224,10 +224,11 @@ class CudaKernels(ReferenceKernels):
 
     def mla_attention(self, q_latent, q_pe, kv, pe, scale, mask, rows=None):
         step = self.current_step
-        # a position step's mask is each query's prefix: its lengths let the kernel stop there instead of reading a
-        # mask (and keys) over the whole span
-        lens = step.query_lens if step is not None and mask is not None and mask is step.mask else None
-        return self._mla(q_latent, q_pe, kv, pe, scale, mask, self.target, lens, rows)
+        # a position step's mask is each query's prefix: its write positions (no extra launch) let the kernel stop
+        # there instead of reading a mask (and keys) over the whole span
+        positioned = step is not None and mask is not None and mask is step.mask and step.write_pos is not None
+        last = step.write_pos.contiguous() if positioned else None
+        return self._mla(q_latent, q_pe, kv, pe, scale, mask, self.target, last, rows)
 
     def moe_experts(self, x, weights, ids, experts: ExpertWeights):
         if experts.s1 is None or experts.w1.dtype != self.fp8_dtype:

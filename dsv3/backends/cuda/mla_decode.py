@@ -5,9 +5,9 @@ block of heads of one query and a slice of the keys (split-K, "flash decoding"):
 token shares the same latent rows, so they are read once per head block, not once per head. The
 splits are merged in torch by their log-sum-exp.
 
-A position step (decode, draft verification) passes each query's key count (`lens`) instead of a
-mask: a slice stops at the query's length, so keys past it are never read and the step's span
-(a graph's fixed one, or a server's whole cache) costs only idle programs. With `rows`, kv and pe
+A position step (decode, draft verification) passes each query's own position (`last`, the step's write
+positions: no extra launch) instead of a mask: a slice stops there, so keys past it are never read and the
+step's span (a graph's fixed one, or a server's whole cache) costs only idle programs. With `rows`, kv and pe
 are a whole slot cache and sequence b reads its slot in place (a server's batch is any set of slots).
 """
 
@@ -22,10 +22,10 @@ from .launch import attn_config, check_target, interpreted, sm_count
 
 
 @triton.jit
-def _mla_decode_kernel(ql_ptr, qp_ptr, kv_ptr, pe_ptr, mask_ptr, lens_ptr, rows_ptr, o_ptr, lse_ptr,
+def _mla_decode_kernel(ql_ptr, qp_ptr, kv_ptr, pe_ptr, mask_ptr, last_ptr, rows_ptr, o_ptr, lse_ptr,
                        S, H, T, C, R, scale, split_len, n_splits,
                        sq_b, sq_s, sq_h, sp_b, sp_s, sp_h, skv_b, skv_t, spe_b, spe_t, sm_b, sm_s,
-                       HAS_MASK: tl.constexpr, HAS_LENS: tl.constexpr, HAS_ROWS: tl.constexpr,
+                       HAS_MASK: tl.constexpr, HAS_LAST: tl.constexpr, HAS_ROWS: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr):
     bs, hb, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -45,8 +45,8 @@ def _mla_decode_kernel(ql_ptr, qp_ptr, kv_ptr, pe_ptr, mask_ptr, lens_ptr, rows_
     acc = tl.zeros((BLOCK_H, BLOCK_C), tl.float32)
     lo = sp * split_len
     hi = tl.minimum(lo + split_len, T)
-    if HAS_LENS:  # the query's own prefix: a slice past it reads nothing
-        hi = tl.minimum(hi, tl.load(lens_ptr + b * S + s).to(tl.int32))
+    if HAS_LAST:  # the query sees keys up to its own position: a slice past it reads nothing
+        hi = tl.minimum(hi, tl.load(last_ptr + b * S + s).to(tl.int32) + 1)
     for t0 in range(lo, hi, BLOCK_T):
         ts = t0 + tl.arange(0, BLOCK_T)
         keep = ts < hi
@@ -83,10 +83,10 @@ def _splits(work: int, t: int, block_t: int, target: str, device: torch.device) 
 
 
 def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor, scale: float,
-               mask: torch.Tensor | None = None, target: str = "nvidia", lens: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None, target: str = "nvidia", last: torch.Tensor | None = None,
                rows: torch.Tensor | None = None) -> torch.Tensor:
     """q_latent [B, S, H, C], q_pe [B, S, H, R], kv [B, T, C], pe [B, T, R], mask [B, S, T] bool (True = visible) or
-    None; or lens [B, S] int64 (query (b, s) sees keys 0 .. lens[b, s] - 1; the mask is then not read). rows [B]
+    None; or last [B, S] int64 (query (b, s) sees keys 0 .. last[b, s]; the mask is then not read). rows [B]
     int64: kv [slots, T, C] and pe [slots, T, R] are a whole slot cache, sequence b reads slot rows[b]."""
     check_target(target)
     B, S, H, C = q_latent.shape
@@ -99,9 +99,9 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe:
                          "with rows)")
     if rows is not None and (tuple(rows.shape) != (B,) or rows.dtype != torch.int64):
         raise ValueError(f"mla_decode: rows {rows.dtype} {list(rows.shape)}; expected int64 [{B}]")
-    if lens is not None and (tuple(lens.shape) != (B, S) or lens.dtype != torch.int64 or not lens.is_contiguous()):
-        raise ValueError(f"mla_decode: lens {lens.dtype} {list(lens.shape)}; expected contiguous int64 [{B}, {S}]")
-    if lens is not None:
+    if last is not None and (tuple(last.shape) != (B, S) or last.dtype != torch.int64 or not last.is_contiguous()):
+        raise ValueError(f"mla_decode: last {last.dtype} {list(last.shape)}; expected contiguous int64 [{B}, {S}]")
+    if last is not None:
         mask = None
     if mask is not None and (tuple(mask.shape) != (B, S, T) or mask.stride(-1) != 1):
         raise ValueError(f"mla_decode: mask {list(mask.shape)}; expected [{B}, {S}, {T}] with unit stride in T")
@@ -118,11 +118,11 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe:
     m = mask if mask is not None else kv  # any tensor: never read without HAS_MASK
     sm = (m.stride(0), m.stride(1)) if mask is not None else (0, 0)
     _mla_decode_kernel[(B * S, n_h, n_splits)](
-        q_latent, q_pe, kv, pe, m, lens if lens is not None else kv, rows if rows is not None else kv, o, lse,
+        q_latent, q_pe, kv, pe, m, last if last is not None else kv, rows if rows is not None else kv, o, lse,
         S, H, T, C, R, float(scale), split_len, n_splits,
         q_latent.stride(0), q_latent.stride(1), q_latent.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         kv.stride(0), kv.stride(1), pe.stride(0), pe.stride(1), *sm,
-        HAS_MASK=mask is not None, HAS_LENS=lens is not None, HAS_ROWS=rows is not None, BLOCK_H=cfg.block_h, BLOCK_T=cfg.block_t, BLOCK_C=max(16, triton.next_power_of_2(C)),
+        HAS_MASK=mask is not None, HAS_LAST=last is not None, HAS_ROWS=rows is not None, BLOCK_H=cfg.block_h, BLOCK_T=cfg.block_t, BLOCK_C=max(16, triton.next_power_of_2(C)),
         BLOCK_R=max(16, triton.next_power_of_2(R)), UPCAST=interpreted(kv.device) and kv.dtype != torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if n_splits == 1:
@@ -151,11 +151,11 @@ def _merge_kernel(o_ptr, lse_ptr, out_ptr, H, C, n_splits, BLOCK_S: tl.constexpr
 
 @torch.library.custom_op("dsv3::mla_decode", mutates_args=())
 def mla_decode_op(q_latent: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor, scale: float,
-                  mask: torch.Tensor | None, target: str, lens: torch.Tensor | None = None,
+                  mask: torch.Tensor | None, target: str, last: torch.Tensor | None = None,
                   rows: torch.Tensor | None = None) -> torch.Tensor:
-    return mla_decode(q_latent, q_pe, kv, pe, scale, mask, target, lens, rows)
+    return mla_decode(q_latent, q_pe, kv, pe, scale, mask, target, last, rows)
 
 
 @mla_decode_op.register_fake
-def _(q_latent, q_pe, kv, pe, scale, mask, target, lens=None, rows=None):
+def _(q_latent, q_pe, kv, pe, scale, mask, target, last=None, rows=None):
     return q_latent.new_empty(q_latent.shape)

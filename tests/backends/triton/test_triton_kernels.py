@@ -281,7 +281,7 @@ def test_mla_decode(target, b, s, h, c, r, t, dtype):
 
 @pytest.mark.parametrize("s,t", [(1, 37), (2, 300), (3, 70)])
 def test_mla_decode_lengths_and_slots(target, s, t):
-    """A position step over slots: rows in slots 4, 0, 2 of a 5-slot cache at their own lengths (lens, no mask),
+    """A position step over slots: rows in slots 4, 0, 2 of a 5-slot cache at their own lengths (`last`, no mask),
     the keys past each length and the other slots NaN (never read), over several key slices at t = 300."""
     from dsv3.backends.cuda.mla_decode import mla_decode
 
@@ -296,7 +296,7 @@ def test_mla_decode_lengths_and_slots(target, s, t):
         n = int(lens[i].max())
         kv[slot, :n], pe[slot, :n] = torch.randn(n, c, generator=g), torch.randn(n, r, generator=g)
     scale = 1 / math.sqrt(c + r)
-    got = mla_decode(ql.to(dev), qp.to(dev), kv.to(dev), pe.to(dev), scale, None, target.vendor, lens.to(dev),
+    got = mla_decode(ql.to(dev), qp.to(dev), kv.to(dev), pe.to(dev), scale, None, target.vendor, (lens - 1).to(dev),
                      rows.to(dev))
     mask = torch.arange(t)[None, None, :] < lens[..., None]  # [B, S, T]
     ref = REF.mla_attention(ql.double(), qp.double(), kv[rows].nan_to_num().double(), pe[rows].nan_to_num().double(),
