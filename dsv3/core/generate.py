@@ -187,8 +187,8 @@ class StaticStep:
     own buffers, so the backend may capture it like the decode step (a graph on cuda/rocm, a recorded step on cpu)
     and replay it per round; elsewhere, or when capture fails, it runs eagerly. The first replay is checked against
     the eager step (same writes, so harmless). `run(**buffers)` is the step; `buffers` its inputs, whose values at
-    construction are what the capture's warm-up runs see: positions at the end of the span, which no query reads
-    before a round writes them."""
+    construction are what the capture's warm-up runs see, so they must write where no query reads: positions at
+    the end of the span, which a round overwrites before anything reads them, or a scratch slot (the server's)."""
 
     def __init__(self, model: Transformer, what: str, run, buffers: dict[str, torch.Tensor], graphs: bool):
         self.model, self.what, self.run, self.buffers = model, what, run, buffers

@@ -85,14 +85,15 @@ class Request:
 class StepRunner:
     """The forwards of the server. On rank 0 each call first broadcasts its plan; followers replay them.
 
-    Decode steps (one token per row) run as static steps, one per batch bucket, captured where the backend can (a
-    graph on cuda/rocm, a recorded step on the cpu) and replayed: slots, positions and tokens are staged into the
-    step's buffers, the span is the whole cache (attention reads each row's own length), and a bucket's padding rows
-    write to a scratch slot, the cache's last, which no request owns."""
+    The steps of a decode round (one token per row; with drafting, the verify step and the MTP module's) run as
+    static steps, one per (kind, batch bucket, q), captured where the backend can (a graph on cuda/rocm, a recorded
+    step on the cpu) and replayed: slots, positions and tokens are staged into the step's buffers, the span is the
+    whole cache (attention reads each row's own length), and a bucket's padding rows write to a scratch slot, the
+    cache's last, which no request owns. Prefill chunks run eagerly (their q varies)."""
 
-    def __init__(self, model: Transformer, cache: LatentCache, graphs: bool = True,
-                 mtp_cache: LatentCache | None = None):
-        self.model, self.cache, self.mtp_cache, self.par = model, cache, mtp_cache, model.par
+    def __init__(self, model: Transformer, cache: LatentCache, graphs: bool = True):
+        self.model, self.cache, self.par = model, cache, model.par
+        self.mtp_cache: LatentCache | None = None  # the MTP module's, set by a scheduler that drafts
         self.device = model.rope_cos.device
         self.scratch = cache.kv.shape[1] - 1
         # single rank only: a rank whose capture failed would run eagerly while the others replay (as generate())
