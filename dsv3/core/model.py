@@ -118,12 +118,6 @@ class Step:
             self._query_lens = self.write_pos + 1
         return self._query_lens
 
-    @property
-    def kv_len(self) -> torch.Tensor | None:
-        """[B] int64: keys the last query of each row sees."""
-        lens = self.query_lens
-        return None if lens is None else lens[:, -1]
-
 
 @dataclass
 class LatentCache:
