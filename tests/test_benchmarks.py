@@ -104,3 +104,21 @@ def test_gpu_session_script_is_ready():
         for flags in (f for c, f in calls if c == path):
             for flag in re.findall(r"--[a-z-]+", flags):
                 assert flag in usage, f"{path} has no {flag}"
+
+
+def test_a_benchmark_without_workdir_leaves_nothing_in_tmp(tmp_path):
+    """bench_checkpoint without --workdir writes to a temporary directory that is gone once the process ends (the
+    280M checkpoint and its conversions are 1.2 GB); with --workdir it stays for the next run. The checkpoint
+    writer is stubbed: what is tested is where it writes and what is left."""
+    code = (
+        "import sys, tempfile; sys.path.insert(0, 'benchmarks'); import results as R\n"
+        "R.synthetic_checkpoint = lambda path, cfg, n_shards: (path.mkdir(parents=True), path)[1]\n"
+        f"tempfile.tempdir = {str(tmp_path)!r}\n"
+        f"work, ckpt = R.bench_checkpoint(None, 'dsv3-bench-')\n"
+        "assert ckpt.is_dir() and work.parent == R.Path(tempfile.tempdir), work\n"
+        f"kept, _ = R.bench_checkpoint(R.Path({str(tmp_path / 'kept')!r}), 'dsv3-bench-')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"]
