@@ -30,6 +30,12 @@ class NonFiniteLogits(DsvError):
     """The forward pass produced NaN/Inf: corrupt weights (or a numerics bug), never a valid answer."""
 
 
+NAN_PROMPT = ("the model produced NaN/Inf logits for the prompt; the weights are likely corrupt (check them with "
+              "`dsv3 convert verify CKPT`)")
+NAN_DECODE = ("the model produced NaN/Inf logits while decoding; the weights are likely corrupt (check them with "
+              "`dsv3 convert verify CKPT`) or the activations overflow this dtype")
+
+
 @dataclass
 class Stats:
     prefill_tokens: int = 0
@@ -134,54 +140,6 @@ class StepPool:
         self.shapes.clear()
 
 
-class DecodeStep:
-    """The decode step of one batch as static buffers: tokens [Bb, 1] and positions [Bb] are updated in
-    place, logits [Bb, V] are read after each call. `span` fixed (a static step, capturable) or None
-    (eager: each call reads only as far as the longest row needs, the fastest where nothing is captured).
-    Rows beyond the real batch are padding with their own cache rows: computed, never read."""
-
-    def __init__(self, model: Transformer, cache: LatentCache, batch: int, span: int | None, graphs: bool):
-        self.model, self.cache, self.span = model, cache, span
-        device = model.rope_cos.device
-        rows = cache.kv.shape[1]
-        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        # capture runs the step (warm-ups): at the last position, which no query sees before it is written
-        self.positions = torch.full((rows,), (span or 1) - 1, dtype=torch.long, device=device)
-        self.batch = batch
-        self.replay, self.logits = None, None
-        self.checked = False
-        if graphs and span is not None:
-            captured = model.kernels.capture(self._run)
-            if captured is not None:
-                self.replay, self.logits = captured
-
-    def _run(self) -> torch.Tensor:
-        return self.model.forward_step(self.tokens, self.positions, self.cache, self.span)[0][:, 0]  # [Bb, V]
-
-    @property
-    def captured(self) -> bool:
-        return self.replay is not None
-
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, longest: int) -> torch.Tensor:
-        """tokens [B], positions [B] (device) -> logits [B, V]. `longest`: the host's bound on positions + 1."""
-        B = self.batch
-        if self.replay is None and self.span is None:  # eager: no static buffers to stage the inputs in
-            logits, _ = self.model.forward_step(tokens[:, None], positions, self.cache, longest)
-            return logits[:, 0]
-        self.tokens[:B, 0].copy_(tokens)
-        self.positions[:B].copy_(positions)
-        if self.replay is not None:
-            self.replay()
-            if not self.checked:  # the first replay against the eager step (same writes, so harmless)
-                self.checked = True
-                graph, eager = self.logits[:B].clone(), self._run()[:B]
-                if not replay_agrees(self.model.kernels, "decode step", graph, eager):
-                    self.replay = None
-                    return eager
-            return self.logits[:B]
-        return self._run()[:B]
-
-
 class StaticStep:
     """A step of static shapes: inputs staged in fixed buffers (updated in place), the output read from the step's
     own buffers, so the backend may capture it like the decode step (a graph on cuda/rocm, a recorded step on cpu)
@@ -201,9 +159,14 @@ class StaticStep:
     def _run(self):
         return self.run(**self.buffers)
 
+    @property
+    def captured(self) -> bool:
+        return self.replay is not None
+
     def __call__(self, **values: torch.Tensor):
+        """Stage the values (the first rows of each buffer: a batch may fill part of its bucket) and run."""
         for name, value in values.items():
-            self.buffers[name].copy_(value)
+            self.buffers[name][:value.shape[0]].copy_(value)
         if self.replay is None:
             return self._run()
         self.replay()
@@ -216,6 +179,64 @@ class StaticStep:
                 return eager
         return self.out
 
+
+class DecodeStep(StaticStep):
+    """The decode step of one batch: tokens [Bb, 1] and positions [Bb] staged in static buffers, (logits [B, V],
+    final hidden [B, D]) read after each call (the hidden is what the MTP drafter reads). `span` fixed (a static
+    step, capturable) or None (eager: each call reads only as far as the longest row needs, the fastest where
+    nothing is captured). Rows beyond the real batch are padding with their own cache rows: computed, never read."""
+
+    def __init__(self, model: Transformer, cache: LatentCache, batch: int, span: int | None, graphs: bool):
+        device = model.rope_cos.device
+        rows = cache.kv.shape[1]
+        # capture runs the step (warm-ups): at the last position, which no query sees before it is written
+        buffers = dict(tokens=torch.zeros(rows, 1, dtype=torch.long, device=device),
+                       positions=torch.full((rows,), (span or 1) - 1, dtype=torch.long, device=device))
+        self.cache, self.span, self.batch = cache, span, batch
+        super().__init__(model, "decode step", self._forward, buffers, graphs and span is not None)
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, longest: int | None = None):
+        logits, hidden = self.model.forward_step(tokens, positions, self.cache, self.span or longest)
+        return logits[:, 0], hidden[:, 0]  # [Bb, V], [Bb, D]
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, longest: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B], positions [B] (device) -> logits [B, V], hidden [B, D]. `longest`: the host's bound on
+        positions + 1."""
+        if self.span is None:  # eager: no static buffers to stage the inputs in
+            return self._forward(tokens[:, None], positions, longest)
+        logits, hidden = super().__call__(tokens=tokens[:, None], positions=positions)
+        return logits[:self.batch], hidden[:self.batch]
+
+
+def decode_tokens(model: Transformer, decode: DecodeStep, logits: torch.Tensor, pos: torch.Tensor, top: int,
+                  count: int, temperature: float, top_p: float, generator: torch.Generator | None,
+                  eos: torch.Tensor, done: torch.Tensor, stats: Stats,
+                  cap: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode loop: up to `count` tokens per row, the first sampled from logits [B, V], each fed back through
+    `decode` at pos [B] (advanced in place, never past `cap` [B] if given: a row that needs fewer tokens than the
+    others then rewrites one entry past its answer instead of running off its cache; `top` = the largest position,
+    known on the host). Stops early once every row has an EOS (`eos` ids; `done` [B] the rows finished already),
+    checked every EOS_CHECK_EVERY tokens.
+    -> tokens [B, n] (rows run on past their EOS: the caller trims) and a device bool: every logit was finite."""
+    B = logits.shape[0]
+    out = torch.empty(B, count, dtype=torch.long, device=logits.device)
+    finite = torch.ones((), dtype=torch.bool, device=logits.device)
+    n = 0
+    for i in range(count):
+        nxt = model.par.broadcast(sample(logits, temperature, top_p, generator))  # [B]
+        out[:, i] = nxt
+        done |= torch.isin(nxt, eos)
+        n = i + 1
+        stats.steps += 1
+        if i == count - 1 or (n % EOS_CHECK_EVERY == 0 and bool(done.all())):
+            break
+        logits = decode(nxt, pos, top + i + 1)[0]
+        finite &= all_finite(logits)  # on the device: checked once, after the loop
+        pos += 1
+        if cap is not None:
+            torch.minimum(pos, cap, out=pos)
+    return out[:, :n], finite
 
 
 @torch.inference_mode()
@@ -270,33 +291,17 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     logits, _ = model.forward_step(tokens, torch.zeros(B, dtype=torch.long, device=device), cache, L, take=length - 1)
     stats.prefill_tokens, stats.prefill_s = sum(lengths), time.perf_counter() - t0
     if not bool(all_finite(logits)):  # corrupt weights: say so rather than print noise
-        raise NonFiniteLogits("the model produced NaN/Inf logits for the prompt; the weights are likely corrupt "
-                              "(check them with `dsv3 convert verify CKPT`)")
+        raise NonFiniteLogits(NAN_PROMPT)
 
     t0 = time.perf_counter()
-    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    finite = torch.ones((), dtype=torch.bool, device=device)
-    pos = length.clone()
-    n = 0
-    for i in range(max_new_tokens):
-        nxt = par.broadcast(sample(logits, temperature, top_p, generator))  # [B]
-        out[:, i] = nxt
-        done |= torch.isin(nxt, eos)
-        n = i + 1
-        stats.steps += 1
-        if i == max_new_tokens - 1 or (n % EOS_CHECK_EVERY == 0 and bool(done.all())):
-            break
-        logits = decode(nxt, pos, L + i + 1)
-        finite &= all_finite(logits)  # on the device: checked once, after the loop
-        pos += 1
+    out, finite = decode_tokens(model, decode, logits, length.clone(), L, max_new_tokens, temperature, top_p,
+                                generator, eos, torch.zeros(B, dtype=torch.bool, device=device), stats)
     stats.decode_s = time.perf_counter() - t0
     stats.extra["decode_step"] = "graph" if decode.captured else "static" if fixed else "eager"  # after a fallback too
     if not bool(finite):
-        raise NonFiniteLogits("the model produced NaN/Inf logits while decoding; the weights are likely corrupt "
-                              "(check them with `dsv3 convert verify CKPT`) or the activations overflow this dtype")
+        raise NonFiniteLogits(NAN_DECODE)
     results = []
-    for row in out[:, :n].tolist():
+    for row in out.tolist():
         cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
         results.append(row[:cut])
     stats.decode_tokens = sum(len(r) for r in results)

@@ -25,12 +25,15 @@ import torch
 
 from .errors import DsvError
 from .generate import (
+    NAN_DECODE,
+    NAN_PROMPT,
     DecodeStep,
     NonFiniteLogits,
     StaticStep,
     Stats,
     StepPool,
     all_finite,
+    decode_tokens,
     draw,
     probabilities,
     sample,
@@ -39,8 +42,10 @@ from .model import LatentCache, Transformer
 
 log = logging.getLogger("dsv3")
 #: adaptive mode: this many drafting rounds, then this many plain steps, both timed; the faster one goes on.
-#: Drafts none of which landed in the first QUIT_AFTER rounds stop at once (a drafter with the 85% acceptance of
-#: DeepSeek-V3's report misses its first draft three times running once in ~300 runs: 0.15^3)
+#: Before the rounds, the MTP drafter is probed on plain steps; if none of its drafts would have landed in QUIT_AFTER
+#: probes, drafting stops at once (a drafter with the 85% acceptance of DeepSeek-V3's report misses its first
+#: draft three times running once in ~300 runs: 0.15^3). A substituted drafter (tests) is judged the same way on
+#: its first QUIT_AFTER rounds.
 JUDGE_AFTER, QUIT_AFTER = 4, 3
 #: a step shape (verify or draft, q tokens per row) is captured once it has run this many times. At once: a capture
 #: costs about what the eager runs it would wait through cost (cpu: one recorded run and one check; a GPU: two warm-up
@@ -109,19 +114,65 @@ def _keep_drafting(rate: dict[bool, float]) -> bool:
     return rate[True] > rate[False]
 
 
+def _start_drafting(hits: float) -> bool:
+    """After a probe: whether the drafts seen so far landed often enough to try drafting rounds (greedy: one draft
+    that equals the main model's token; sampling: the probability that a sampled draft is kept sums to 1/2)."""
+    return hits >= 0.5
+
+
+def plain_step(model: Transformer, kept: dict, cache: LatentCache, B: int, total: int, graphs: bool,
+               capture_s: list[float]) -> DecodeStep:
+    """generate's decode step over the main cache (logits and the hidden the drafter reads), made once and kept."""
+    if "plain" not in kept:
+        t = time.perf_counter()
+        kept["plain"] = DecodeStep(model, cache, B, total, graphs=graphs)
+        capture_s[0] += time.perf_counter() - t
+    return kept["plain"]
+
+
+def plain_tail(model: Transformer, kept: dict, cache: LatentCache, B: int, total: int, graphs: bool,
+               last: torch.Tensor, length: torch.Tensor, active: list[int], out: list[list[int]], done: list[bool],
+               max_new_tokens: int, temperature: float, top_p: float, generator: torch.Generator | None,
+               eos: set[int], eos_t: torch.Tensor, stats: Stats, capture_s: list[float]) -> torch.Tensor:
+    """Once drafting has stopped for good: the rest of the answer through generate's own decode loop on the plain
+    decode step (captured where the backend can, kept in `kept`), so a run that gave up drafting decodes as fast as
+    one that never drafted (a round's host bookkeeping is ~0.3 ms, 5% of a small model's step). Rows not in
+    `active` stay frozen at their length; the others write at most the tokens they still need. Appends to `out`;
+    -> the new lengths [B]."""
+    decode = plain_step(model, kept, cache, B, total, graphs, capture_s)
+    need = [max_new_tokens - len(out[b]) if b in active else 0 for b in range(B)]
+    cap = length + torch.tensor(need, device=length.device)  # [B] past each row's answer: never read
+    top = int(length.max())
+    logits, _ = decode(last, length, top + 1)  # x_L, chosen last round, into the cache
+    pos = torch.minimum(length + 1, cap)
+    finished = torch.tensor([b not in active for b in range(B)], device=length.device)
+    tokens, finite = decode_tokens(model, decode, logits, pos, top + 1, max(need), temperature, top_p, generator,
+                                   eos_t, finished, stats, cap=cap)
+    if not bool(finite & all_finite(logits)):
+        raise NonFiniteLogits(NAN_DECODE)
+    for b, row in zip(active, tokens[active].tolist()):
+        for t in row:
+            out[b].append(t)
+            if t in eos or len(out[b]) >= max_new_tokens:
+                break
+        done[b] = True
+    return pos
+
+
 @torch.inference_mode()
 def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, draft_tokens: int = 1,
                          temperature: float = 0.0, top_p: float = 1.0, eos_ids: tuple[int, ...] = (),
                          seed: int | None = None, dtype: torch.dtype | None = None, drafter=None,
-                         adaptive: bool = True, keep: dict | None = None, graphs: bool = True,
+                         adaptive: bool | None = None, keep: dict | None = None, graphs: bool = True,
                          pool: StepPool | None = None) -> tuple[list[list[int]], Stats]:
     """New tokens per prompt (EOS excluded) and stats (acceptance in stats.extra). `drafter(rows, lengths, drafts)`,
     if given, replaces the MTP module's drafts (tests: perfect or always-wrong drafts); it returns [B, k] ids.
-    `adaptive`: time JUDGE_AFTER drafting rounds and JUDGE_AFTER plain steps, then go on with the faster (drafts
-    that rarely land cost a verify and a draft per token; where that is, speculation turns itself off).
+    `adaptive`: probe the drafter on plain steps until a draft would have landed (none in QUIT_AFTER: drafting
+    stops), then time JUDGE_AFTER drafting rounds and JUDGE_AFTER plain steps and go on with the faster (drafts
+    that rarely land cost a verify and a draft per token; where that is, speculation turns itself off); None: on
+    unless a `drafter` is given (substituted drafts are for tests that want every round to draft).
     `keep`, if given, receives the final caches and per-row lengths (tests check them against a plain run).
-    Once drafting has stopped for good, the rest decodes through the plain decode step, captured where the backend
-    can (`graphs`), so a run that gave up drafting is as fast as one that never drafted. `pool`: where the caches
+    Once drafting has stopped for good, the rest decodes through generate's loop (`plain_tail`). `pool`: where the caches
     and captured steps are kept for the next call of the same shape."""
     if len(model.mtp) == 0 and drafter is None:
         raise DsvError("speculative decoding needs the checkpoint's MTP layer (num_nextn_predict_layers >= 1, "
@@ -160,7 +211,7 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
     zero = torch.zeros(B, dtype=torch.long, device=device)
     logits, hidden = model.forward_step(tokens, zero, cache, L, take=length - 1, all_hidden=True)  # hidden [B, L, D]
     if not bool(all_finite(logits)):
-        raise NonFiniteLogits("the model produced NaN/Inf logits for the prompt; the weights are likely corrupt")
+        raise NonFiniteLogits(NAN_PROMPT)
     last = sample(logits, temperature, top_p, generator)  # [B] x_L: chosen, not yet in the cache
     out: list[list[int]] = [[int(t)] for t in last.tolist()]
     rows = torch.arange(B, device=device)
@@ -173,14 +224,25 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
 
     t0 = time.perf_counter()
     eos = set(eos_ids)
+    eos_t = torch.tensor(list(eos_ids) or [-1], device=device)
     done = [out[b][0] in eos for b in range(B)]
-    proposed = accepted = rounds = row_rounds = 0
-    drafting, decided = True, not adaptive or drafter is not None
+    # the host's copies of each row's cache length and last token, so a round spends few small ops on bookkeeping
+    # (each costs ~20-60 us on a cpu right after a step: ~0.5 ms a round, 5% of a step, before these)
+    lens, lasts = list(lengths), [o[0] for o in out]
+    sums: list[torch.Tensor] = []  # each step's logits summed: NaN/Inf checked once, after the loop
+    no_drafts = torch.zeros(0, dtype=torch.long, device=device)
+    proposed = accepted = rounds = row_rounds = probes = probed = 0
+    hits = 0.0  # drafts that would have landed in the probes (sampling: the probability they would have)
+    drafting, decided = True, not (adaptive if adaptive is not None else drafter is None)
+    # adaptive with the MTP drafter: first probe, plain steps that also run the drafter (its cache must follow the
+    # main model's anyway) and compare its draft with the token the main model then picks: a drafter that never
+    # lands costs ~0.3 of a step per probe instead of a verify round's ~1 (measured on V3_SHAPED, cpu)
+    probing = not decided and drafter is None and mtp_cache is not None
     timing = {True: [0.0, 0], False: [0.0, 0]}  # drafting or not: seconds, tokens gained
     plain_trial: list[tuple[torch.Tensor, torch.Tensor]] = []  # (hidden [B, 1, D], token [B]) of each timed plain step
-    plain_step: DecodeStep | None = kept.get("plain")
     # static steps per (kind, q), captured once a shape has run CAPTURE_AFTER times and is worth it (_worth_capturing):
-    # the verify step (q = 1 + k while drafting, 1 for the timed plain steps) and the MTP catch-up (q = 1 + k)
+    # the verify step (q = 1 + k) and the MTP catch-up (q = 1 + k, or 1 while probing); the plain steps (q = 1) are
+    # generate's decode step (plain_step)
     static: dict[tuple[str, int], StaticStep] = kept.setdefault("static", {})
     uses: dict[tuple[str, int], int] = {}
 
@@ -190,7 +252,7 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
 
     def static_step(kind: str, q: int) -> StaticStep | None:
         uses[kind, q] = uses.get((kind, q), 0) + 1
-        if (kind, q) not in static and uses[kind, q] > CAPTURE_AFTER and _worth_capturing(decided, accepted):
+        if (kind, q) not in static and uses[kind, q] > CAPTURE_AFTER and _worth_capturing(decided, accepted + hits):
             t = time.perf_counter()
             static[kind, q] = (verify_step(model, cache, B, q, total, graphs) if kind == "verify" else
                                draft_step(model, mtp_cache, B, q, total, dtype, graphs))
@@ -201,17 +263,19 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
         active = [b for b in range(B) if not done[b] and len(out[b]) < max_new_tokens]
         if not active:
             break
+        if decided and not drafting:  # drafting stopped for good: generate's loop on the plain decode step
+            length = plain_tail(model, kept, cache, B, total, graphs, last, length, active, out, done, max_new_tokens,
+                                temperature, top_p, generator, eos, eos_t, stats, capture_s)
+            break
         round_t0, before, made = time.perf_counter(), sum(len(out[b]) for b in active), captures[0]
-        live = torch.zeros(B, dtype=torch.bool, device=device)
-        live[active] = True  # finished rows ride along, frozen at their length
-        q = 1 + k if drafting else 1
+        q = 1 + k if drafting and not probing else 1
         # ---- draft
-        drafts = torch.zeros(B, k, dtype=torch.long, device=device)
         draft_p = [] if not greedy else None
-        if drafting:
+        if q > 1:
             if drafter is not None:
                 drafts = drafter(rows, length, [list(o) for o in out]).to(device)
             else:
+                drafts = torch.zeros(B, k, dtype=torch.long, device=device)
                 x_h, d_logits = draft_h, draft_logits
                 for i in range(k):
                     if greedy:
@@ -223,34 +287,34 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
                     drafts[:, i] = d
                     if i + 1 < k:  # chain: the module on its own output hidden, one position further
                         d_logits, x_h = model.mtp_step(d[:, None], x_h[:, None], length + i, mtp_cache,
-                                                       int(length.max()) + i + 1, take=zero)
-        # ---- verify: x_L and the drafts through the main model, q = 1 + k positions per row
-        feed = torch.cat([last[:, None], drafts[:, :q - 1]], dim=1)  # [B, q]
-        span = int(length.max()) + q
-        if decided and not drafting:  # drafting stopped for good: the plain decode step, captured where it can be
-            if plain_step is None:
-                t = time.perf_counter()
-                plain_step = kept["plain"] = DecodeStep(model, cache, B, total, graphs=graphs)
-                capture_s[0] += time.perf_counter() - t
-            v_logits, v_hidden = plain_step(last, length, span)[:, None], None  # [B, 1, V]; the hidden is not needed
-        else:  # a round, or a timed plain step (its hidden feeds the MTP cache if drafting resumes)
-            step = static_step("verify", q)
-            if step is not None:
-                v_logits, v_hidden = step(tokens=feed, positions=length)  # [B, q, V], [B, q, D]
-            else:
-                v_logits, v_hidden = model.forward_step(feed, length, cache, span)
+                                                       max(lens) + i + 1, take=zero)
+            feed = torch.cat([last[:, None], drafts], dim=1)  # [B, q]: x_L and the drafts
+        # ---- verify: the main model over q = 1 + k positions per row (1: a plain step)
+        span = max(lens) + q
+        if q == 1:  # a probe or a timed plain step: its hidden feeds the MTP cache (now, or if drafting resumes)
+            v_logits, v_hidden = plain_step(model, kept, cache, B, total, graphs, capture_s)(last, length, span)
+            v_logits, v_hidden = v_logits[:, None], v_hidden[:, None]  # [B, 1, V], [B, 1, D]
+        elif (step := static_step("verify", q)) is not None:
+            v_logits, v_hidden = step(tokens=feed, positions=length)  # [B, q, V], [B, q, D]
+        else:
+            v_logits, v_hidden = model.forward_step(feed, length, cache, span)
         stats.steps += 1
+        sums.append(v_logits.sum())
         if greedy:
             choice = v_logits.argmax(-1).tolist()  # [B][q]: the main model's token after each fed one
-            fed = drafts[:, :q - 1].tolist()
+            fed = drafts.tolist() if q > 1 else [[]] * B
             new = [accept_greedy(choice[b], fed[b]) for b in range(B)]
+            if probing:
+                guess = draft_logits.argmax(-1).tolist()  # [B]: the draft a round would have fed
+                hits += sum(guess[b] == choice[b][0] for b in active)
         else:
             p_main = probabilities(v_logits.reshape(B * q, -1), temperature, top_p).view(B, q, -1)
-            new = [accept_sampled(p_main[b], drafts[b, :q - 1], [p[b] for p in draft_p] if draft_p else None,
-                                  generator) for b in range(B)]
-        n = torch.tensor([len(kept) - 1 for kept in new], device=device)  # [B] accepted drafts
-        if not bool(all_finite(v_logits)):
-            raise NonFiniteLogits("the model produced NaN/Inf logits while decoding; the weights are likely corrupt")
+            new = [accept_sampled(p_main[b], drafts[b] if q > 1 else no_drafts, [p[b] for p in draft_p] if draft_p
+                                  else None, generator) for b in range(B)]
+            if probing:  # a sampled draft is kept with probability sum(min(p_main, p_draft))
+                p_draft = probabilities(draft_logits, temperature, top_p)
+                hits += float(torch.minimum(p_main[active, 0], p_draft[active]).sum())
+        n_host = [len(kept) - 1 for kept in new]  # accepted drafts per row
         # ---- keep: n + 1 new tokens per row (cut at EOS and max_new_tokens); the cache keeps x_L and the accepted
         for b in active:
             for t in new[b]:
@@ -258,27 +322,40 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
                 if t in eos or len(out[b]) >= max_new_tokens:
                     done[b] = done[b] or t in eos or len(out[b]) >= max_new_tokens
                     break
-        if drafting:
+        if probing:
+            probes += 1
+            probed += len(active)
+        elif drafting:
             rounds += 1
             row_rounds += len(active)
             proposed += k * len(active)
-            accepted += int(n[active].sum())
+            accepted += sum(n_host[b] for b in active)
         # ---- catch up the MTP cache: pairs (main hidden at L + j, token L + j + 1) for j = 0 .. n
         nxt = torch.tensor([new[b][:q] + [0] * (q - len(new[b][:q])) for b in range(B)], device=device)  # [B, q]
         if mtp_cache is not None and drafting:
+            n = torch.tensor(n_host, device=device)  # [B]
             step = static_step("draft", q)
             if step is not None:
                 draft_logits, draft_h = step(tokens=nxt, hidden=v_hidden, positions=length, take=n)
             else:
                 draft_logits, draft_h = model.mtp_step(nxt, v_hidden, length, mtp_cache, span, take=n)
-        last = torch.where(live, torch.tensor([new[b][-1] for b in range(B)], device=device), last)
-        length = torch.where(live, length + n + 1, length)
+        for b in active:  # finished rows ride along, frozen at their length
+            lens[b] += n_host[b] + 1
+            lasts[b] = new[b][-1]
+        last, length = torch.tensor(lasts, device=device), torch.tensor(lens, device=device)
         if decided:
+            continue
+        if probing:
+            if _start_drafting(hits):
+                probing = False
+            elif probes >= QUIT_AFTER:
+                decided, drafting = True, False
+                log.info("speculative decoding: no draft would have landed in %d probes; drafting stops", probes)
             continue
         if captures[0] == made:
             timing[drafting][0] += time.perf_counter() - round_t0
             timing[drafting][1] += sum(len(out[b]) for b in active) - before
-        if drafting and rounds >= QUIT_AFTER and accepted == 0:  # drafts that never land cannot win: no trial
+        if drafting and rounds >= QUIT_AFTER and accepted + hits == 0:  # drafts that never land cannot win: no trial
             decided, drafting = True, False
             log.info("speculative decoding: no draft accepted in %d rounds; drafting stops", rounds)
         elif drafting and rounds >= JUDGE_AFTER:
@@ -290,7 +367,7 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
                 rate = {mode: t[1] / max(t[0], 1e-9) for mode, t in timing.items()}
                 drafting = _keep_drafting(rate)
                 log.info("speculative decoding: %.1f tok/s drafting (acceptance %.0f%%) vs %.1f tok/s plain; %s",
-                         rate[True], 100 * accepted / max(proposed, 1), rate[False],
+                         rate[True], 100 * (accepted + hits) / max(proposed + probed, 1), rate[False],
                          "drafting goes on" if drafting else "drafting stops")
                 if drafting and mtp_cache is not None:  # the MTP cache catches up on the timed plain steps
                     h = torch.cat([t[0] for t in plain_trial], dim=1)  # [B, J, D]
@@ -298,6 +375,8 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
                     draft_logits, draft_h = model.mtp_step(toks, h, trial_start, mtp_cache,
                                                            int(trial_start.max()) + len(plain_trial),
                                                            take=torch.full_like(zero, len(plain_trial) - 1))
+    if sums and not bool(all_finite(torch.stack(sums))):
+        raise NonFiniteLogits(NAN_DECODE)
     stats.decode_s = time.perf_counter() - t0 - capture_s[0]
     stats.extra["capture_s"] = capture_s[0]
     if keep is not None:
@@ -307,6 +386,7 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
         cut = next((j for j, t in enumerate(row) if t in eos), len(row))
         results.append(row[:min(cut, max_new_tokens)])
     stats.decode_tokens = sum(len(r) for r in results)
-    stats.extra.update(speculative="mtp", draft_tokens=k, rounds=rounds, acceptance=accepted / max(proposed, 1),
+    stats.extra.update(speculative="mtp", draft_tokens=k, rounds=rounds, probes=probes,
+                       acceptance=(accepted + hits) / max(proposed + probed, 1),
                        tokens_per_round=1 + accepted / max(row_rounds, 1), drafting_at_end=drafting)
     return results, stats

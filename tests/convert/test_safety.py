@@ -452,8 +452,9 @@ def test_ctrl_d_in_interactive_ends_the_line(demo_ckpt, monkeypatch, capsys):
     assert err.endswith(">>> \n"), repr(err)
 
 
+@pytest.mark.parametrize("speculative", [(), ("--speculative", "mtp")], ids=["plain", "mtp"])
 @pytest.mark.parametrize("when", ["prefill", "decode"])
-def test_nan_logits_are_an_error_not_an_empty_answer(demo_ckpt, monkeypatch, when):
+def test_nan_logits_are_an_error_not_an_empty_answer(demo_ckpt, monkeypatch, when, speculative):
     """Corruption the load-time checks cannot see (a large BF16 weight) ends as NaN logits: an error."""
     from dsv3.core.model import Transformer
 
@@ -465,5 +466,6 @@ def test_nan_logits_are_an_error_not_an_empty_answer(demo_ckpt, monkeypatch, whe
         return (logits.fill_(float("nan")) if when == "prefill" or len(calls) > 1 else logits), hidden
 
     monkeypatch.setattr(Transformer, "forward_step", poisoned)
-    one_line_error(cli("run", demo_ckpt, "--prompt", "hi", "--max-new-tokens", "3"), "NaN/Inf logits", "verify")
+    one_line_error(cli("run", demo_ckpt, "--prompt", "hi", "--max-new-tokens", "3", *speculative), "NaN/Inf logits",
+                   "verify")
 

@@ -62,7 +62,7 @@ def decode_steps(engine, prompts, span_fixed: bool, steps: int = 3):
     pos, out = length.clone(), []
     with torch.inference_mode(), no_host_sync():
         for i in range(steps):
-            logits = step(logits.argmax(-1), pos, L + i + 1)
+            logits, _ = step(logits.argmax(-1), pos, L + i + 1)
             out.append(logits)
             pos += 1
     return out
@@ -101,11 +101,12 @@ class FakeGraphs:
         monkeypatch.setattr(kernels, "capture", self.capture)
 
     def capture(self, fn):
-        out = fn().clone()
+        out = tuple(t.clone() for t in fn())  # the decode step's (logits, hidden)
 
         def replay():
             self.replays += 1
-            out.copy_(fn() + (100.0 if self.broken else 0.0))
+            for o, t in zip(out, fn()):
+                o.copy_(t + (100.0 if self.broken else 0.0))
         return replay, out
 
 

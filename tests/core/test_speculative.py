@@ -99,6 +99,7 @@ def test_adaptive_mode_switches_without_changing_tokens_or_caches(engines, monke
 
     monkeypatch.setattr(spec, "JUDGE_AFTER", 3)
     monkeypatch.setattr(spec, "QUIT_AFTER", 1000)  # the random demo drafter lands nothing: time it anyway
+    monkeypatch.setattr(spec, "_start_drafting", lambda hits: True)  # one probe, then rounds
     monkeypatch.setattr(spec, "_keep_drafting", lambda rate: resume)
     e = engines["demo"]
     plain = e.generate(PROMPTS, max_new_tokens=24)
@@ -128,6 +129,60 @@ def test_eos_inside_an_accepted_run(engines):
         assert got == want == [plain[:plain.index(eos)]], (k, got, want)
 
 
+def test_a_drafter_that_never_lands_is_probed_then_dropped(engines):
+    """The demo's random MTP layer, greedy, adaptive (the default): QUIT_AFTER probes (plain steps that also run the
+    drafter), none of whose drafts would have landed, then no verify round at all; the plain tokens, and the main
+    cache a plain run writes."""
+    import dsv3.core.speculative as spec
+
+    e = engines["demo"]
+    plain = e.generate(PROMPTS, max_new_tokens=24)
+    keep = {}
+    with torch.inference_mode():
+        out, stats = spec.speculative_generate(e.model, PROMPTS, 24, 2, eos_ids=tuple(e.cfg.eos_token_ids), keep=keep)
+        assert out == plain
+        assert (stats.extra["probes"], stats.extra["rounds"], stats.extra["acceptance"]) == (spec.QUIT_AFTER, 0, 0.0)
+        assert not stats.extra["drafting_at_end"] and stats.steps == 23
+        want = [len(p) + len(o) - 1 for p, o in zip(PROMPTS, out)]
+        cache, _ = replayed_caches(e.model, PROMPTS, out, want)
+    for b, n in enumerate(want):
+        err = (keep["cache"].kv[:, b, :n] - cache.kv[:, b, :n]).abs().max().item()
+        assert err < 1e-4, f"row {b}: main cache differs from a plain run by {err:.2e}"
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_rows_of_different_lengths_when_drafting_stops(engines, monkeypatch, k):
+    """Rows 0 and 2 draft perfectly, 1 and 3 never, so when drafting stops they are at different lengths and need
+    different numbers of tokens: generate's loop, which finishes the run, must give the plain tokens, write each
+    row's cache as a plain run does, and write no row past its answer (the cache has a round's slack, not a row's)."""
+    import dsv3.core.speculative as spec
+
+    monkeypatch.setattr(spec, "JUDGE_AFTER", 3)
+    monkeypatch.setattr(spec, "QUIT_AFTER", 1000)
+    monkeypatch.setattr(spec, "_keep_drafting", lambda rate: False)
+    e = engines["demo"]
+    new = 12
+    plain = e.generate(PROMPTS, max_new_tokens=new)
+    right, wrong = oracle(plain, False, e.cfg.vocab_size)(k), oracle(plain, True, e.cfg.vocab_size)(k)
+
+    def mixed(rows, length, out):
+        good, bad = right(rows, length, out), wrong(rows, length, out)
+        return torch.where((torch.arange(len(out)) % 2 == 0)[:, None], good, bad)
+
+    keep = {}
+    with torch.inference_mode():
+        out, stats = spec.speculative_generate(e.model, PROMPTS, new, k, eos_ids=tuple(e.cfg.eos_token_ids),
+                                               drafter=mixed, adaptive=True, keep=keep)
+        assert out == plain
+        assert not stats.extra["drafting_at_end"]
+        want = [len(p) + len(o) - 1 for p, o in zip(PROMPTS, out)]
+        cache, _ = replayed_caches(e.model, PROMPTS, out, want)
+    for b, p in enumerate(PROMPTS):
+        assert want[b] <= keep["length"][b] <= len(p) + new + k, (b, keep["length"], want)
+        err = (keep["cache"].kv[:, b, :want[b]] - cache.kv[:, b, :want[b]]).abs().max().item()
+        assert err < 1e-4, f"row {b}: main cache differs from a plain run by {err:.2e}"
+
+
 def test_no_mtp_layer_is_a_clear_error(demo_ckpt):
     e = dsv3.load(demo_ckpt, backend="cpu", dtype="fp32", with_mtp=False)
     with pytest.raises(DsvError, match="no MTP layer"):
@@ -141,10 +196,12 @@ def tiny_vocab(tmp_path_factory):
     return dsv3.load(path, backend="cpu", dtype="fp32")
 
 
-def test_sampling_keeps_the_main_models_distribution(tiny_vocab):
+@pytest.mark.parametrize("adaptive", [False, True], ids=["drafting", "probing"])
+def test_sampling_keeps_the_main_models_distribution(tiny_vocab, adaptive):
     """Vocabulary of 12, temperature 1: the second and third sampled tokens over 3000 rows with speculation
-    (the MTP drafter, k = 2: both acceptance and rejection happen) against their exact distribution from the
-    main model; a chi-square goodness-of-fit test per position (df = 11) must not reject at p < 1e-4."""
+    (the MTP drafter, k = 2: both acceptance and rejection happen; adaptive: the second comes from a probe, a plain
+    step that scores the drafts instead of feeding them, then the drafts land often enough for a round) against their exact distribution from the main model; a
+    chi-square goodness-of-fit test per position (df = 11) must not reject at p < 1e-4."""
     m = tiny_vocab.model
     prompt, N, V = [3, 7, 1], 3000, 12
     with torch.inference_mode():
@@ -155,8 +212,9 @@ def test_sampling_keeps_the_main_models_distribution(tiny_vocab):
         seqs3 = torch.tensor([prompt + [a, b] for a in range(V) for b in range(V)])
         p3_given = m(seqs3)[:, -1].softmax(-1).double().view(V, V, V)
         p3 = torch.einsum("a,ab,abc->c", p1, p2_given, p3_given)
-    out, stats = speculative_generate(m, [prompt] * N, 3, 2, temperature=1.0, seed=0, adaptive=False)
+    out, stats = speculative_generate(m, [prompt] * N, 3, 2, temperature=1.0, seed=0, adaptive=adaptive)
     assert 0.0 < stats.extra["acceptance"] < 1.0, stats.extra
+    assert (stats.extra["probes"], stats.extra["rounds"]) == ((1, 1) if adaptive else (0, 2)), stats.extra
     for i, exact in ((1, p2), (2, p3)):
         counts = torch.bincount(torch.tensor([o[i] for o in out]), minlength=V).double()
         expected = exact * N
@@ -221,13 +279,15 @@ def static_steps_made(monkeypatch) -> list:
 @pytest.mark.parametrize("resume", [False, True], ids=["drafting-stops", "drafting-resumes"])
 def test_captured_verify_and_plain_steps_change_nothing(tiny_ckpts, monkeypatch, resume):
     """bf16 on the cpu backend, where the verify step (q = 1 + k), the MTP draft step that catches up on the new
-    positions (q = 1 + k), the timed plain steps and the plain steps after drafting stops are recorded and replayed:
+    positions (q = 1 + k, and 1 after the probe), and the plain decode step (the probe, the timed plain steps and
+    every step after drafting stops) are recorded and replayed:
     the tokens and both caches equal a run with nothing captured (the replays read back hidden states from one
     reused buffer, so a kept one must have been copied)."""
     import dsv3.core.speculative as spec
 
     monkeypatch.setattr(spec, "JUDGE_AFTER", 3)
     monkeypatch.setattr(spec, "QUIT_AFTER", 1000)
+    monkeypatch.setattr(spec, "_start_drafting", lambda hits: True)
     monkeypatch.setattr(spec, "CAPTURE_AFTER", 0)  # capture every step shape at once ...
     monkeypatch.setattr(spec, "_worth_capturing", lambda decided, accepted: True)  # ... even before a draft lands
     monkeypatch.setattr(spec, "_keep_drafting", lambda rate: resume)
@@ -241,7 +301,8 @@ def test_captured_verify_and_plain_steps_change_nothing(tiny_ckpts, monkeypatch,
         runs.append((out, keep))
     (eager, a), (captured, b) = runs
     captured_steps = sorted((v.what, v.buffers["tokens"].shape[1]) for v in made if v.replay is not None)
-    assert captured_steps == [("draft step", 3), ("verify step", 1), ("verify step", 3)], captured_steps
+    assert captured_steps == [("decode step", 1), ("draft step", 1), ("draft step", 3), ("verify step", 3)], \
+        captured_steps
     assert captured == eager
     assert a["length"] == b["length"]
     for name in ("cache", "mtp_cache"):
