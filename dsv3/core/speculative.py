@@ -136,7 +136,7 @@ def plain_tail(model: Transformer, kept: dict, cache: LatentCache, B: int, total
                eos: set[int], eos_t: torch.Tensor, stats: Stats, capture_s: list[float]) -> torch.Tensor:
     """Once drafting has stopped for good: the rest of the answer through generate's own decode loop on the plain
     decode step (captured where the backend can, kept in `kept`), so a run that gave up drafting decodes as fast as
-    one that never drafted (a round's host bookkeeping is ~0.3 ms, 5% of a small model's step). Rows not in
+    one that never drafted (a round's host bookkeeping costs ~0.3 ms, a plain loop's far less). Rows not in
     `active` stay frozen at their length; the others write at most the tokens they still need. Appends to `out`;
     -> the new lengths [B]."""
     decode = plain_step(model, kept, cache, B, total, graphs, capture_s)
@@ -172,8 +172,8 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
     that rarely land cost a verify and a draft per token; where that is, speculation turns itself off); None: on
     unless a `drafter` is given (substituted drafts are for tests that want every round to draft).
     `keep`, if given, receives the final caches and per-row lengths (tests check them against a plain run).
-    Once drafting has stopped for good, the rest decodes through generate's loop (`plain_tail`). `pool`: where the caches
-    and captured steps are kept for the next call of the same shape."""
+    Once drafting has stopped for good, the rest decodes through generate's loop (`plain_tail`). `pool`: where the
+    caches and captured steps are kept for the next call of the same shape."""
     if len(model.mtp) == 0 and drafter is None:
         raise DsvError("speculative decoding needs the checkpoint's MTP layer (num_nextn_predict_layers >= 1, "
                        "loaded with with_mtp=True); run without --speculative")
