@@ -58,9 +58,12 @@ class Stats:
                 f"decode: {self.decode_tokens} tokens in {self.decode_s:.3f}s ({self.decode_tps:.1f} tok/s)")
         if "acceptance" in self.extra:
             x = self.extra
-            text += (f" | mtp: {x['draft_tokens']} draft(s)/step, acceptance {x['acceptance']:.0%}, "
-                     f"{x['tokens_per_round']:.2f} tokens/step" + ("" if x["drafting_at_end"] else
-                                                                   ", drafting stopped (below break-even)"))
+            text += f" | mtp: {x['draft_tokens']} draft(s)/step, acceptance {x['acceptance']:.0%}"
+            if x.get("rounds", 1) == 0:  # the probes saw no draft land: no round was run
+                text += f", drafting stopped after {x.get('probes', 0)} probes (no draft would have landed)"
+            else:
+                text += f", {x['tokens_per_round']:.2f} tokens/step" + ("" if x["drafting_at_end"] else
+                                                                        ", drafting stopped (below break-even)")
         return text
 
 

@@ -79,6 +79,7 @@ def test_forced_acceptance_and_rejection_leave_the_caches_of_a_plain_run(engines
         assert (stats.extra["acceptance"] < 0.1) if wrong else (stats.extra["acceptance"] > 0.85), stats.extra
         if not wrong:
             assert stats.extra["tokens_per_round"] > 1.5
+            assert f"{stats.extra['tokens_per_round']:.2f} tokens/step" in stats.line(), stats.line()
         lengths = keep["length"]
         for b, p in enumerate(PROMPTS):  # every kept token but the last is in the cache; nothing else counts
             assert lengths[b] >= len(p) + len(spec[b]) - 1
@@ -143,6 +144,7 @@ def test_a_drafter_that_never_lands_is_probed_then_dropped(engines):
         assert out == plain
         assert (stats.extra["probes"], stats.extra["rounds"], stats.extra["acceptance"]) == (spec.QUIT_AFTER, 0, 0.0)
         assert not stats.extra["drafting_at_end"] and stats.steps == 23
+        assert f"drafting stopped after {spec.QUIT_AFTER} probes" in stats.line(), stats.line()
         want = [len(p) + len(o) - 1 for p, o in zip(PROMPTS, out)]
         cache, _ = replayed_caches(e.model, PROMPTS, out, want)
     for b, n in enumerate(want):
