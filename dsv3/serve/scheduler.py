@@ -336,6 +336,7 @@ class Scheduler:
                         last_beat = time.monotonic()
                     continue
                 self._prefill()
+                self._flush()  # first tokens leave now, not after the decode step below (+1 step to each TTFT)
                 self._decode()
                 self._flush()
                 last_beat = time.monotonic()

@@ -203,3 +203,23 @@ def test_recorded_server_steps_equal_eager_ones(demo_ckpt, k):
         assert all(st.replay is not None for st in s.runner.static.values())
         assert bool(s.runner.static) == graphs
     assert results[0] == results[1]
+
+
+def test_a_first_token_leaves_before_the_next_step(engine):
+    """The token a prompt's last prefill chunk samples is handed to the HTTP side before the decode step that
+    follows runs (that step would add its whole time to the time to first token)."""
+    s = Scheduler(engine, max_batch=2, eos_ids=())
+    order = []
+    deliver, forward = s.deliver, s.runner.forward
+    s.deliver = lambda batch: order.extend(("out", kind) for _, kind, _ in batch) or deliver(batch)
+    s.runner.forward = lambda kind, *a, **k: order.append(("step", kind)) or forward(kind, *a, **k)
+    done = threading.Semaphore(0)
+    s.submit(make(engine, [3, 1, 4, 1, 5], 3, done))
+    s.start()
+    try:
+        assert done.acquire(timeout=60)
+    finally:
+        s.shutdown()
+    steps = [kind for what, kind in order if what == "step"]
+    first_out, first_decode = order.index(("out", "text")), order.index(("step", steps[1]))
+    assert first_out < first_decode, order

@@ -245,3 +245,29 @@ def test_speculative_serving(demo_ckpt, engine):
         assert s.metric("dsv3_spec_draft_tokens_total") > 0
     finally:
         s.stop()
+
+
+def test_streamed_tokens_are_not_held_by_nagle():
+    """The server's listening socket gives connections that asyncio sets TCP_NODELAY on: with Nagle's algorithm on,
+    each small streamed write waited for the client's delayed ACK of the previous one (+20 ms to the first token)."""
+    import socket
+
+    from dsv3.cli.serve_cmd import listen_socket
+
+    async def accepted_nodelay() -> int:
+        seen = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                seen.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        sock = listen_socket("127.0.0.1", 0)
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname())
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
