@@ -44,6 +44,7 @@ class Metrics:
         self.e2e = Histogram(LATENCY_BUCKETS)
         self.step_batch = Histogram(BATCH_BUCKETS)
         self.draft_tokens = self.accepted_tokens = 0  # speculative decoding (--speculative)
+        self.drafting = 0  # 1 while the adaptive switch has drafting on (serve/drafting.py)
 
     def request(self, outcome: str) -> None:
         with self._lock:
@@ -57,6 +58,7 @@ class Metrics:
             elif event == "drafts":
                 self.draft_tokens += value[0]
                 self.accepted_tokens += value[1]
+                self.drafting = int(value[2])
             elif event == "first_token":
                 self.ttft.observe(value.first_token_at - value.arrived)
                 self.prompt_tokens += len(value.prompt)
@@ -81,7 +83,9 @@ class Metrics:
                     "# TYPE dsv3_spec_draft_tokens_total counter", f"dsv3_spec_draft_tokens_total {self.draft_tokens}",
                     "# HELP dsv3_spec_accepted_tokens_total Drafted tokens the main model accepted.",
                     "# TYPE dsv3_spec_accepted_tokens_total counter",
-                    f"dsv3_spec_accepted_tokens_total {self.accepted_tokens}"]
+                    f"dsv3_spec_accepted_tokens_total {self.accepted_tokens}",
+                    "# HELP dsv3_spec_drafting 1 while drafting pays (the adaptive switch), 0 while it only probes.",
+                    "# TYPE dsv3_spec_drafting gauge", f"dsv3_spec_drafting {self.drafting}"]
             for name, help_, key in (("dsv3_num_requests_running", "Requests holding a cache slot.", "running"),
                                      ("dsv3_num_requests_waiting", "Requests waiting for a slot.", "waiting"),
                                      ("dsv3_cache_slots_used", "Latent cache slots in use.", "slots_used"),

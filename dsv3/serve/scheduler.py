@@ -32,6 +32,7 @@ from ..core.errors import DsvError
 from ..core.generate import StaticStep, bucket, draw, probabilities, sample
 from ..core.model import LatentCache, Transformer
 from ..core.speculative import accept_greedy, accept_sampled
+from .drafting import DraftPolicy
 from .text import TextStream
 
 log = logging.getLogger("dsv3")
@@ -244,6 +245,7 @@ class Scheduler:
                                           model.rope_cos.device)
         self.runner = StepRunner(model, self.cache, graphs=engine.cuda_graphs)
         self.draft_tokens, self.mtp_cache = 0, None  # speculative: drafts per row and step, the MTP module's cache
+        self.policy: DraftPolicy | None = None  # ... and whether to draft now (the adaptive off-switch)
         self.drafted = self.accepted = 0
         if speculative is not None:
             if speculative != "mtp":
@@ -256,6 +258,7 @@ class Scheduler:
             if draft_tokens < 1:
                 raise DsvError(f"--draft-tokens {draft_tokens}: give at least 1")
             self.draft_tokens = draft_tokens
+            self.policy = DraftPolicy(draft_tokens)
             self.mtp_cache = LatentCache.allocate(model.cfg, 1, max_batch + 1, self.max_len, engine.dtype,
                                                   model.rope_cos.device)  # + the scratch slot, as the main cache
             self.runner.mtp_cache = self.mtp_cache
@@ -465,11 +468,16 @@ class Scheduler:
     def _decode_speculative(self, rows: list[Request]) -> None:
         """One round for every generating row: k drafts from the MTP module, one main-model step over [last, drafts]
         (q = 1 + k), each row's kept tokens emitted one by one (a stop or EOS among them ends it there), then the
-        MTP module catches up on the kept positions. Rows too near the context's end for k drafts make everyone's
-        round a plain step (k = 0) this once."""
+        MTP module catches up on the kept positions. While the policy says drafting does not pay (drafting.py) and
+        no seeded sampled request runs, or rows are too near the context's end for k drafts, the round is a probe: a plain step (k = 0) whose MTP
+        catch-up still runs, and whose would-be drafts are scored for the policy."""
         t0 = time.perf_counter()
         B, dev = len(rows), self.cache.kv.device
-        k = self.draft_tokens if all(r.length + 1 + self.draft_tokens <= self.max_len for r in rows) else 0
+        fits = all(r.length + 1 + self.draft_tokens <= self.max_len for r in rows)
+        # a seeded sampled request drafts every round: its draws (drafts, acceptances) then repeat from run to run,
+        # which a mode set by other requests and timings would not
+        seeded = any(r.params.seed is not None and r.params.temperature > 0 for r in rows)
+        k = self.draft_tokens if (self.policy.drafting or seeded) and fits else 0
         slots, starts = [r.slot for r in rows], torch.tensor([r.length for r in rows], device=dev)
         drafts = torch.zeros(B, k, dtype=torch.long, device=dev)
         p_draft: list[list[torch.Tensor]] = [[] for _ in rows]  # sampling rows: the drafter's distributions
@@ -487,6 +495,7 @@ class Scheduler:
         feed = torch.cat([torch.tensor([[r.last] for r in rows], device=dev), drafts], dim=1)  # [B, 1 + k]
         logits, hidden = self.runner.verify(slots, feed, [r.length for r in rows])  # [B, q, V], [B, q, D]
         choice = logits.argmax(dim=-1).tolist()
+        landed = 0.0 if k else self._probe(rows, dl, logits, choice)  # before the catch-up replaces dl
         kept = []
         for b, r in enumerate(rows):
             p = r.params
@@ -497,6 +506,7 @@ class Scheduler:
                                            p_draft[b] or None, r.generator))
         self.drafted += k * B
         self.accepted += sum(len(t) - 1 for t in kept)
+        landed = float(sum(len(t) - 1 for t in kept)) if k else landed
         now = time.perf_counter()
         for r, toks in zip(rows, kept):
             start = r.length
@@ -512,9 +522,26 @@ class Scheduler:
             if r.slot >= 0:  # still running: its next drafts
                 r.draft_logits, r.draft_h = dl[b], dh[b]
         self.step_time = time.perf_counter() - t0
+        self.policy.record(k > 0, bucket(B), B, landed, self.step_time)
         if self.observe:
             self.observe("step", (B, self.step_time))
-            self.observe("drafts", (k * B, sum(len(t) - 1 for t in kept)))
+            self.observe("drafts", (k * B, sum(len(t) - 1 for t in kept), self.policy.drafting))
+
+    @staticmethod
+    def _probe(rows: list[Request], dl: torch.Tensor, logits: torch.Tensor, choice: list[list[int]]) -> float:
+        """A probe's score: the rows whose first draft (from the MTP logits dl [B, V]) would have been accepted
+        after this step's logits [B, 1, V] (greedy: it is the main model's token; sampling: the probability a
+        sampled draft is kept, sum(min(p_main, p_draft)))."""
+        guess = dl.argmax(dim=-1).tolist()
+        landed = 0.0
+        for b, r in enumerate(rows):
+            p = r.params
+            if p.temperature <= 0:
+                landed += guess[b] == choice[b][0]
+            else:
+                main, draft = (probabilities(x, p.temperature, p.top_p)[0] for x in (logits[b, :1], dl[b:b + 1]))
+                landed += float(torch.minimum(main, draft).sum())
+        return landed
 
     def _sample(self, logits: torch.Tensor, rows: list[Request]) -> None:
         greedy = logits.argmax(dim=-1).tolist()

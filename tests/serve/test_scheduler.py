@@ -115,6 +115,56 @@ def test_speculative_decoding_in_the_batch_gives_each_prompt_its_own_tokens(engi
         s.shutdown()
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_drafting_switched_on_and_off_between_steps_keeps_each_prompts_tokens(engine, monkeypatch, k):
+    """The adaptive switch may change the mode between any two steps: drafting rounds and probes (plain steps that
+    keep the MTP cache up) alternate here at every step; fp32 greedy tokens still equal each prompt alone, and
+    both kinds of step ran."""
+    from dsv3.serve.drafting import DraftPolicy
+
+    modes = []
+
+    def flip(self, drafted, bucket, rows, landed, seconds):
+        modes.append(drafted)
+        self.drafting = not drafted
+    monkeypatch.setattr(DraftPolicy, "record", flip)
+    s = Scheduler(engine, max_batch=3, prefill_chunk=16, eos_ids=tuple(engine.cfg.eos_token_ids),
+                  speculative="mtp", draft_tokens=k)
+    got = serve_all(s, engine, staggered=True)
+    for p, m in zip(PROMPTS, MAX_TOKENS):
+        assert got[str(len(p))] == engine.generate([p], max_new_tokens=m)[0], f"prompt of {len(p)} tokens"
+    assert True in modes and False in modes
+
+
+def test_drafts_that_never_land_turn_drafting_off_but_seeded_sampling_drafts(engine):
+    """The demo's random MTP layer lands nothing: after a window of rounds the server only probes (the greedy
+    tokens unchanged); a seeded sampled request still drafts, so its draws repeat whatever the switch says."""
+    from dsv3.serve import drafting
+
+    s = Scheduler(engine, max_batch=2, eos_ids=(), speculative="mtp")
+    done = threading.Semaphore(0)
+    prompt = [5, 9, 2, 7]
+    greedy = make(engine, prompt, 3 * drafting.WINDOW, done)
+    s.submit(greedy)
+    s.start()
+    try:
+        assert done.acquire(timeout=120)
+        assert not s.policy.drafting and s.drafted == drafting.WINDOW, (s.policy.drafting, s.drafted)
+        assert greedy.tokens == engine.generate([prompt], max_new_tokens=3 * drafting.WINDOW)[0]
+        runs = []
+        for _ in range(2):
+            r = make(engine, prompt, 6, done)
+            r.params = Sampling(6, temperature=1.0, seed=3)
+            before = s.drafted
+            s.submit(r)
+            assert done.acquire(timeout=120)
+            runs.append(r.tokens)
+            assert s.drafted > before, "a seeded sampled request did not draft"
+        assert runs[0] == runs[1]
+    finally:
+        s.shutdown()
+
+
 def test_speculative_serving_needs_an_mtp_layer(demo_ckpt):
     import dsv3
     from dsv3.core.errors import DsvError

@@ -1,0 +1,65 @@
+"""When the server drafts (`dsv3 serve --speculative mtp`): an adaptive off-switch for the whole running batch.
+
+A drafting round verifies 1 + k tokens per request and gains the drafts it accepts; it costs `cost` plain steps
+(about 1.0-1.1 on a GPU at small batch, 1.4-2 on a CPU, where a step costs its weight bytes). Drafting pays while
+the accepted drafts per request and round exceed cost - 1. A drafter that stops landing (a fine-tuned main model
+with the original MTP layer, text unlike its training) would otherwise slow every stream.
+
+While not drafting, the server probes: each step is a plain step (q = 1) that still runs the MTP module over the
+new position (its cache must keep up for drafting to resume) and scores the draft it would have made against the
+token the main model picked. Both modes are timed per batch bucket, so `cost` is measured, not assumed. Decisions
+come at most every WINDOW steps, from moving averages, with a margin against flapping.
+"""
+
+from __future__ import annotations
+
+#: steps in a mode before the next decision; moving-average weight of the newest step; the margin (in accepted
+#: drafts per request and round) a switch must clear; the cost of a round in plain steps until both are measured
+WINDOW, ALPHA, MARGIN, DEFAULT_COST = 8, 0.25, 0.05, 1.25
+
+
+class DraftPolicy:
+    """`drafting`: whether the next step drafts. `record` each step; it switches the mode when the other pays."""
+
+    def __init__(self, draft_tokens: int):
+        self.k = draft_tokens
+        self.drafting = True
+        self.since = 0  # steps in the current mode
+        self.accepted: float | None = None  # accepted drafts per request and round (drafting)
+        self.hit: float | None = None  # share of probes whose first draft would have landed (not drafting)
+        self.seconds: dict[bool, dict[int, float]] = {True: {}, False: {}}  # mode -> batch bucket -> step time
+
+    def cost(self, bucket: int) -> float:
+        """A drafting round's time in plain (probe) steps at this batch bucket (or the nearest measured one)."""
+        both = [b for b in self.seconds[True] if b in self.seconds[False]]
+        if not both:
+            return DEFAULT_COST
+        b = min(both, key=lambda b: abs(b - bucket))
+        return self.seconds[True][b] / self.seconds[False][b]
+
+    def gain(self) -> float | None:
+        """Accepted drafts per request and round, as measured (drafting) or as the probes predict: draft i lands
+        only if the ones before it did, so with a first-draft hit rate h, h + h^2 + ... + h^k."""
+        if self.drafting:
+            return self.accepted
+        return None if self.hit is None else sum(self.hit ** i for i in range(1, self.k + 1))
+
+    def record(self, drafted: bool, bucket: int, rows: int, landed: float, seconds: float) -> None:
+        """One step of `rows` requests: drafted (a round; `landed` = drafts accepted) or a probe (`landed` = probes
+        whose draft would have landed, or their probability when sampling), its time in seconds."""
+        times = self.seconds[drafted]
+        times[bucket] = seconds if bucket not in times else (1 - ALPHA) * times[bucket] + ALPHA * seconds
+        rate = landed / max(rows, 1)
+        if drafted:
+            self.accepted = rate if self.accepted is None else (1 - ALPHA) * self.accepted + ALPHA * rate
+        else:
+            self.hit = rate if self.hit is None else (1 - ALPHA) * self.hit + ALPHA * rate
+        if drafted != self.drafting:  # a step of the other mode (a round near the context's end is a probe)
+            return
+        self.since += 1
+        gain = self.gain()
+        if self.since < WINDOW or gain is None:
+            return
+        need = self.cost(bucket) - 1
+        if (gain < need - MARGIN) if self.drafting else (gain > need + MARGIN):
+            self.drafting, self.since = not self.drafting, 0
