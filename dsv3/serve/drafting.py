@@ -5,9 +5,10 @@ A drafting round verifies 1 + k tokens per request and gains the drafts it accep
 the accepted drafts per request and round exceed cost - 1. A drafter that stops landing (a fine-tuned main model
 with the original MTP layer, text unlike its training) would otherwise slow every stream.
 
-While not drafting, the server probes: each step is a plain step (q = 1) that still runs the MTP module over the
-new position (its cache must keep up for drafting to resume) and scores the draft it would have made against the
-token the main model picked. Both modes are timed per batch bucket, so `cost` is measured, not assumed. Decisions
+While not drafting, the server probes: plain steps (q = 1), with the MTP module catching up on the positions they
+made every PROBE_EVERY steps (its cache must keep up for drafting to resume; one call over the missed positions,
+whose feed-forward runs at the last only), and the draft it then makes scored against the token the main model
+picks next. Both modes are timed per batch bucket, so `cost` is measured, not assumed. Decisions
 come at most every WINDOW steps, from moving averages, with a margin against flapping.
 """
 
@@ -16,6 +17,9 @@ from __future__ import annotations
 #: steps in a mode before the next decision; moving-average weight of the newest step; the margin (in accepted
 #: drafts per request and round) a switch must clear; the cost of a round in plain steps until both are measured
 WINDOW, ALPHA, MARGIN, DEFAULT_COST = 8, 0.25, 0.05, 1.25
+#: while not drafting, the MTP module catches up on the main model's positions every this many steps (one call);
+#: drafting resumes only on at least MIN_SCORED scored drafts since it stopped
+PROBE_EVERY, MIN_SCORED = 8, 4
 
 
 class DraftPolicy:
@@ -26,7 +30,8 @@ class DraftPolicy:
         self.drafting = True
         self.since = 0  # steps in the current mode
         self.accepted: float | None = None  # accepted drafts per request and round (drafting)
-        self.hit: float | None = None  # share of probes whose first draft would have landed (not drafting)
+        self.scored = 0.0  # drafts scored by probes since drafting stopped ...
+        self.landed = 0.0  # ... and how many would have landed
         self.seconds: dict[bool, dict[int, float]] = {True: {}, False: {}}  # mode -> batch bucket -> step time
 
     def cost(self, bucket: int) -> float:
@@ -44,16 +49,22 @@ class DraftPolicy:
             return self.accepted
         return None if self.hit is None else sum(self.hit ** i for i in range(1, self.k + 1))
 
+    @property
+    def hit(self) -> float | None:
+        """The share of scored probes whose first draft would have landed, since drafting stopped (None: too few)."""
+        return self.landed / self.scored if self.scored >= MIN_SCORED else None
+
     def record(self, drafted: bool, bucket: int, rows: int, landed: float, seconds: float) -> None:
-        """One step of `rows` requests: drafted (a round; `landed` = drafts accepted) or a probe (`landed` = probes
-        whose draft would have landed, or their probability when sampling), its time in seconds."""
+        """One step: drafted (a round of `rows` requests; `landed` = drafts accepted) or a probe (`rows` = the
+        requests whose draft was scored, maybe none; `landed` = those whose draft would have landed, or their
+        probability when sampling); its time in seconds."""
         times = self.seconds[drafted]
         times[bucket] = seconds if bucket not in times else (1 - ALPHA) * times[bucket] + ALPHA * seconds
-        rate = landed / max(rows, 1)
         if drafted:
+            rate = landed / max(rows, 1)
             self.accepted = rate if self.accepted is None else (1 - ALPHA) * self.accepted + ALPHA * rate
-        else:
-            self.hit = rate if self.hit is None else (1 - ALPHA) * self.hit + ALPHA * rate
+        else:  # a probe step scores only the rows whose drafter had caught up (maybe none)
+            self.scored, self.landed = self.scored + rows, self.landed + landed
         if drafted != self.drafting:  # a step of the other mode (a round near the context's end is a probe)
             return
         self.since += 1
@@ -63,3 +74,4 @@ class DraftPolicy:
         need = self.cost(bucket) - 1
         if (gain < need - MARGIN) if self.drafting else (gain > need + MARGIN):
             self.drafting, self.since = not self.drafting, 0
+            self.scored = self.landed = 0.0

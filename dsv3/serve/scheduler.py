@@ -32,7 +32,7 @@ from ..core.errors import DsvError
 from ..core.generate import StaticStep, bucket, draw, probabilities, sample
 from ..core.model import LatentCache, Transformer
 from ..core.speculative import accept_greedy, accept_sampled
-from .drafting import DraftPolicy
+from .drafting import PROBE_EVERY, DraftPolicy
 from .text import TextStream
 
 log = logging.getLogger("dsv3")
@@ -77,6 +77,9 @@ class Request:
     generator: torch.Generator | None = None
     draft_logits: torch.Tensor | None = None  # speculative: the MTP module's logits [V] for the token after `last`
     draft_h: torch.Tensor | None = None  # ... and its block's output there [D] (chains a further draft)
+    # probe steps' (main hidden [D], next token) pairs the MTP cache has not caught up on, from position pending_at
+    pending: list = field(default_factory=list)
+    pending_at: int = 0
 
     @property
     def prefilling(self) -> bool:
@@ -247,6 +250,7 @@ class Scheduler:
         self.draft_tokens, self.mtp_cache = 0, None  # speculative: drafts per row and step, the MTP module's cache
         self.policy: DraftPolicy | None = None  # ... and whether to draft now (the adaptive off-switch)
         self.drafted = self.accepted = 0
+        self.probe_steps = 0  # plain steps while drafting is off: every PROBE_EVERY-th catches the MTP cache up
         if speculative is not None:
             if speculative != "mtp":
                 raise DsvError(f"--speculative {speculative}: the one drafter is 'mtp' (the checkpoint's MTP layer)")
@@ -469,8 +473,8 @@ class Scheduler:
         """One round for every generating row: k drafts from the MTP module, one main-model step over [last, drafts]
         (q = 1 + k), each row's kept tokens emitted one by one (a stop or EOS among them ends it there), then the
         MTP module catches up on the kept positions. While the policy says drafting does not pay (drafting.py) and
-        no seeded sampled request runs, or rows are too near the context's end for k drafts, the round is a probe: a plain step (k = 0) whose MTP
-        catch-up still runs, and whose would-be drafts are scored for the policy."""
+        no seeded sampled request runs, or rows are too near the context's end for k drafts, the step is a probe
+        (`_probe_step`)."""
         t0 = time.perf_counter()
         B, dev = len(rows), self.cache.kv.device
         fits = all(r.length + 1 + self.draft_tokens <= self.max_len for r in rows)
@@ -478,6 +482,11 @@ class Scheduler:
         # which a mode set by other requests and timings would not
         seeded = any(r.params.seed is not None and r.params.temperature > 0 for r in rows)
         k = self.draft_tokens if (self.policy.drafting or seeded) and fits else 0
+        if k == 0:
+            return self._probe_step(rows, t0)
+        behind = [r for r in rows if r.pending]
+        if behind:  # drafting resumes: the MTP cache first catches up on the probe steps
+            self._catch_up(behind)
         slots, starts = [r.slot for r in rows], torch.tensor([r.length for r in rows], device=dev)
         drafts = torch.zeros(B, k, dtype=torch.long, device=dev)
         p_draft: list[list[torch.Tensor]] = [[] for _ in rows]  # sampling rows: the drafter's distributions
@@ -495,7 +504,6 @@ class Scheduler:
         feed = torch.cat([torch.tensor([[r.last] for r in rows], device=dev), drafts], dim=1)  # [B, 1 + k]
         logits, hidden = self.runner.verify(slots, feed, [r.length for r in rows])  # [B, q, V], [B, q, D]
         choice = logits.argmax(dim=-1).tolist()
-        landed = 0.0 if k else self._probe(rows, dl, logits, choice)  # before the catch-up replaces dl
         kept = []
         for b, r in enumerate(rows):
             p = r.params
@@ -506,7 +514,6 @@ class Scheduler:
                                            p_draft[b] or None, r.generator))
         self.drafted += k * B
         self.accepted += sum(len(t) - 1 for t in kept)
-        landed = float(sum(len(t) - 1 for t in kept)) if k else landed
         now = time.perf_counter()
         for r, toks in zip(rows, kept):
             start = r.length
@@ -522,10 +529,55 @@ class Scheduler:
             if r.slot >= 0:  # still running: its next drafts
                 r.draft_logits, r.draft_h = dl[b], dh[b]
         self.step_time = time.perf_counter() - t0
-        self.policy.record(k > 0, bucket(B), B, landed, self.step_time)
+        self.policy.record(True, bucket(B), B, float(sum(len(t) - 1 for t in kept)), self.step_time)
         if self.observe:
             self.observe("step", (B, self.step_time))
             self.observe("drafts", (k * B, sum(len(t) - 1 for t in kept), self.policy.drafting))
+
+    def _probe_step(self, rows: list[Request], t0: float) -> None:
+        """A plain step (q = 1) while drafting is off. Its (hidden, token) pairs wait in each request's `pending`;
+        the MTP module catches up on them every PROBE_EVERY steps (one call over the missed positions, whose
+        feed-forward runs at the last one only: ~1 MTP step, not one per step) and before drafting resumes. The
+        rows whose MTP logits are current score the draft they would have made, for the policy."""
+        B, dev = len(rows), self.cache.kv.device
+        fresh = [b for b, r in enumerate(rows) if not r.pending]
+        dl = torch.stack([rows[b].draft_logits for b in fresh]) if fresh else None
+        feed = torch.tensor([[r.last] for r in rows], device=dev)  # [B, 1]
+        logits, hidden = self.runner.verify([r.slot for r in rows], feed, [r.length for r in rows])  # [B, 1, V/D]
+        choice = logits.argmax(dim=-1).tolist()
+        landed = self._probe([rows[b] for b in fresh], dl, logits[fresh], [choice[b] for b in fresh]) if fresh else 0.0
+        now = time.perf_counter()
+        for b, r in enumerate(rows):
+            p = r.params
+            tok = choice[b][0] if p.temperature <= 0 else accept_sampled(
+                probabilities(logits[b], p.temperature, p.top_p), feed[b, :0], None, r.generator)[0]
+            if not r.pending:
+                r.pending_at = r.length
+            r.pending.append((hidden[b, 0].clone(), tok))  # a replayed step reuses its output buffer
+            r.length += 1
+            self._emit(r, tok, now)
+        self.probe_steps += 1
+        if self.probe_steps % PROBE_EVERY == 0:
+            self._catch_up([r for r in rows if r.slot >= 0 and r.pending])
+        self.step_time = time.perf_counter() - t0
+        self.policy.record(False, bucket(B), len(fresh), landed, self.step_time)
+        if self.observe:
+            self.observe("step", (B, self.step_time))
+            self.observe("drafts", (0, 0, self.policy.drafting))
+
+    def _catch_up(self, rows: list[Request]) -> None:
+        """The MTP cache over each request's pending pairs; rows grouped by how many they have (no padding)."""
+        dev = self.cache.kv.device
+        for n in sorted({len(r.pending) for r in rows}):
+            group = [r for r in rows if len(r.pending) == n]
+            tokens = torch.tensor([[t for _, t in r.pending] for r in group], device=dev)  # [G, n]
+            hidden = torch.stack([torch.stack([h for h, _ in r.pending]) for r in group])  # [G, n, D]
+            starts = torch.tensor([r.pending_at for r in group], device=dev)
+            take = torch.full((len(group),), n - 1, dtype=torch.long, device=dev)
+            dl, dh = self.runner.mtp([r.slot for r in group], tokens, hidden, starts, take, self.mtp_cache,
+                                     static=False)
+            for i, r in enumerate(group):
+                r.draft_logits, r.draft_h, r.pending = dl[i], dh[i], []
 
     @staticmethod
     def _probe(rows: list[Request], dl: torch.Tensor, logits: torch.Tensor, choice: list[list[int]]) -> float:

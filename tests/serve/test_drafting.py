@@ -36,14 +36,18 @@ def test_the_break_even_is_the_measured_cost_of_a_round(round_s, accepted, on):
 
 
 def test_probes_that_would_land_turn_drafting_back_on():
-    """While probing, a first-draft hit rate h predicts h + h^2 accepted drafts per round at k = 2."""
+    """While probing, a first-draft hit rate h predicts h + h^2 accepted drafts per round at k = 2; no decision on
+    fewer than MIN_SCORED scored drafts (probes score only the rows whose drafter has caught up)."""
     p = DraftPolicy(2)
     run(p, drafting.WINDOW, 0.0, 1.5, 1.0)
     assert not p.drafting
-    run(p, drafting.WINDOW, 0.5, 1.5, 1.0)
-    assert p.drafting and p.hit == pytest.approx(0.5)  # a gain of 0.75 > 1.5 - 1 + MARGIN
-    p.drafting = False
-    assert p.gain() == pytest.approx(0.75)
+    p.record(False, 4, 0, 0.0, 1.0)  # a probe that scored nothing
+    p.record(False, 4, drafting.MIN_SCORED - 1, (drafting.MIN_SCORED - 1) / 2, 1.0)
+    assert p.hit is None and p.gain() is None
+    run(p, drafting.WINDOW - 3, 0.5, 1.5, 1.0)
+    assert not p.drafting and p.gain() == pytest.approx(0.75, abs=0.1)  # 0.75 > 1.5 - 1 + MARGIN: next decision
+    run(p, 1, 0.5, 1.5, 1.0)
+    assert p.drafting and p.since == 0
 
 
 def test_the_cost_comes_from_the_nearest_measured_bucket_or_a_default():

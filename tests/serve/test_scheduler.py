@@ -115,18 +115,19 @@ def test_speculative_decoding_in_the_batch_gives_each_prompt_its_own_tokens(engi
         s.shutdown()
 
 
+@pytest.mark.parametrize("every", [2, 12], ids=["alternating", "long-probing"])
 @pytest.mark.parametrize("k", [1, 2])
-def test_drafting_switched_on_and_off_between_steps_keeps_each_prompts_tokens(engine, monkeypatch, k):
-    """The adaptive switch may change the mode between any two steps: drafting rounds and probes (plain steps that
-    keep the MTP cache up) alternate here at every step; fp32 greedy tokens still equal each prompt alone, and
-    both kinds of step ran."""
+def test_drafting_switched_on_and_off_between_steps_keeps_each_prompts_tokens(engine, monkeypatch, k, every):
+    """The adaptive switch may change the mode between any two steps: one drafting round in `every` steps, probes
+    (plain steps; the MTP cache catches up every PROBE_EVERY of them and before drafting resumes) the others; fp32
+    greedy tokens still equal each prompt alone, and both kinds of step ran."""
     from dsv3.serve.drafting import DraftPolicy
 
     modes = []
 
     def flip(self, drafted, bucket, rows, landed, seconds):
         modes.append(drafted)
-        self.drafting = not drafted
+        self.drafting = len(modes) % every == 0
     monkeypatch.setattr(DraftPolicy, "record", flip)
     s = Scheduler(engine, max_batch=3, prefill_chunk=16, eos_ids=tuple(engine.cfg.eos_token_ids),
                   speculative="mtp", draft_tokens=k)
@@ -134,6 +135,47 @@ def test_drafting_switched_on_and_off_between_steps_keeps_each_prompts_tokens(en
     for p, m in zip(PROMPTS, MAX_TOKENS):
         assert got[str(len(p))] == engine.generate([p], max_new_tokens=m)[0], f"prompt of {len(p)} tokens"
     assert True in modes and False in modes
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["probing", "drafting-resumes"])
+def test_probe_steps_leave_the_mtp_cache_of_a_plain_run(engine, monkeypatch, resume):
+    """Drafting off from the start: probe steps leave their (hidden, token) pairs pending and the MTP module
+    catches up every PROBE_EVERY steps (and, with `resume`, when drafting comes back after PROBE_EVERY + 3 steps):
+    the MTP cache's entries up to the last catch-up equal a plain forward over the request's tokens (greedy
+    tokens cannot tell: the main model verifies whatever is drafted)."""
+    from dsv3.core.model import LatentCache
+    from dsv3.serve.drafting import PROBE_EVERY, DraftPolicy
+
+    steps = []
+
+    def policy(self, drafted, bucket, rows, landed, seconds):
+        steps.append(drafted)
+        self.drafting = resume and len(steps) == PROBE_EVERY + 3
+    monkeypatch.setattr(DraftPolicy, "record", policy)
+    s = Scheduler(engine, max_batch=1, eos_ids=(), speculative="mtp")
+    s.policy.drafting = False
+    prompt, new = [5, 9, 2, 7, 11], PROBE_EVERY + 6
+    done = threading.Semaphore(0)
+    r = make(engine, prompt, new, done)
+    s.submit(r)
+    s.start()
+    try:
+        assert done.acquire(timeout=60)
+    finally:
+        s.shutdown()
+    assert r.tokens == engine.generate([prompt], max_new_tokens=new)[0]
+    written = len(prompt) + (PROBE_EVERY + 3 if resume else PROBE_EVERY)  # positions the MTP cache caught up on
+    assert (True in steps) == resume
+    m, seq = engine.model, prompt + r.tokens
+    with torch.inference_mode():
+        main = LatentCache.allocate(m.cfg, len(m.layers), 1, len(seq), torch.float32, "cpu")
+        mtp = LatentCache.allocate(m.cfg, 1, 1, len(seq), torch.float32, "cpu")
+        zero = torch.zeros(1, dtype=torch.long)
+        _, h = m.forward_step(torch.tensor([seq[:written]]), zero, main, written)
+        m.mtp_step(torch.tensor([seq[1:written + 1]]), h, zero, mtp, written, take=torch.tensor([written - 1]))
+    for got, want, what in ((s.mtp_cache.kv, mtp.kv, "kv"), (s.mtp_cache.pe, mtp.pe, "pe")):
+        err = (got[:, 0, :written] - want[:, 0, :written]).abs().max().item()
+        assert err < 1e-4, f"MTP cache {what}: entries 0..{written - 1} differ from a plain run by {err:.2e}"
 
 
 def test_drafts_that_never_land_turn_drafting_off_but_seeded_sampling_drafts(engine):
