@@ -547,13 +547,14 @@ class Scheduler:
         choice = logits.argmax(dim=-1).tolist()
         landed = self._probe([rows[b] for b in fresh], dl, logits[fresh], [choice[b] for b in fresh]) if fresh else 0.0
         now = time.perf_counter()
+        hidden = hidden[:, 0].clone()  # [B, D]: a replayed step reuses its output buffer
         for b, r in enumerate(rows):
             p = r.params
             tok = choice[b][0] if p.temperature <= 0 else accept_sampled(
                 probabilities(logits[b], p.temperature, p.top_p), feed[b, :0], None, r.generator)[0]
             if not r.pending:
                 r.pending_at = r.length
-            r.pending.append((hidden[b, 0].clone(), tok))  # a replayed step reuses its output buffer
+            r.pending.append((hidden[b], tok))
             r.length += 1
             self._emit(r, tok, now)
         self.probe_steps += 1
