@@ -11,8 +11,7 @@ request like the main cache) drafts k tokens per row, one main-model step over [
 row's accepted prefix plus the main model's next token (rows accept different counts), and the MTP
 module catches up on the kept positions (core/speculative.py explains the round).
 
-Under tensor parallel, rank 0 schedules and every rank runs the same forwards: rank 0 broadcasts
-each step's plan (slots, tokens, positions) and the other ranks follow (`follow`).
+Under tensor parallel, rank 0 schedules and every rank runs the same forwards (runner.py).
 """
 
 from __future__ import annotations
@@ -29,16 +28,15 @@ from typing import Callable
 import torch
 
 from ..core.errors import DsvError
-from ..core.generate import StaticStep, bucket, draw, probabilities, sample
-from ..core.model import LatentCache, Transformer
+from ..core.generate import bucket, draw, probabilities, sample
+from ..core.model import LatentCache
 from ..core.speculative import accept_greedy, accept_sampled
 from .drafting import PROBE_EVERY, DraftPolicy
+from .runner import DECODE, PREFILL, StepRunner
 from .text import TextStream
 
 log = logging.getLogger("dsv3")
 
-#: plan kinds broadcast to follower ranks
-_STOP, _IDLE, _PREFILL, _DECODE = 0, 1, 2, 3
 #: an idle rank 0 still broadcasts this often, so followers never hit the process group's timeout
 HEARTBEAT_S = 5.0
 
@@ -84,153 +82,6 @@ class Request:
     @property
     def prefilling(self) -> bool:
         return self.length < len(self.prompt)
-
-
-class StepRunner:
-    """The forwards of the server. On rank 0 each call first broadcasts its plan; followers replay them.
-
-    The steps of a decode round (one token per row; with drafting, the verify step and the MTP module's) run as
-    static steps, one per (kind, batch bucket, q), captured where the backend can (a graph on cuda/rocm, a recorded
-    step on the cpu) and replayed: slots, positions and tokens are staged into the step's buffers, the span is the
-    whole cache (attention reads each row's own length), and a bucket's padding rows write to a scratch slot, the
-    cache's last, which no request owns. Prefill chunks run eagerly (their q varies)."""
-
-    def __init__(self, model: Transformer, cache: LatentCache, graphs: bool = True):
-        self.model, self.cache, self.par = model, cache, model.par
-        self.mtp_cache: LatentCache | None = None  # the MTP module's, set by a scheduler that drafts
-        self.device = model.rope_cos.device
-        self.scratch = cache.kv.shape[1] - 1
-        # single rank only: a rank whose capture failed would run eagerly while the others replay (as generate())
-        self.graphs = graphs and model.kernels.can_capture() and model.par.world_size == 1
-        self.static: dict[tuple[str, int, int], StaticStep] = {}  # by (kind, batch bucket, q)
-
-    def _broadcast(self, kind: int, data: torch.Tensor | None = None) -> None:
-        if self.par.world_size == 1:
-            return
-        header = torch.tensor([kind, *(data.shape if data is not None else (0, 0))], dtype=torch.long)
-        self.par.broadcast(header.to(self.device))
-        if data is not None:
-            self.par.broadcast(data.to(self.device))
-
-    def idle(self) -> None:
-        self._broadcast(_IDLE)
-
-    def stop(self) -> None:
-        self._broadcast(_STOP)
-
-    @torch.inference_mode()
-    def forward(self, kind: int, slots: list[int], tokens: list[list[int]], positions: list[int],
-                take: list[int]) -> torch.Tensor:
-        """Rows b: tokens[b] (one length q) written to slot slots[b] from positions[b]; logits [B, V] at take[b]."""
-        plan = torch.tensor([[s, p, t, *row] for s, p, t, row in zip(slots, positions, take, tokens)], dtype=torch.long)
-        self._broadcast(kind, plan)
-        return self._run(plan.to(self.device))
-
-    def _run(self, plan: torch.Tensor) -> torch.Tensor:
-        slots, positions, take, tokens = plan[:, 0], plan[:, 1], plan[:, 2], plan[:, 3:]
-        B, q = tokens.shape
-        if q == 1 and self.graphs:
-            return self._decode_static(slots, positions, tokens)
-        span = int(plan[:, 1].max()) + q  # host ints: the plan was built on the host
-        rows = None if torch.equal(slots.cpu(), torch.arange(B)) else slots  # a prefix of slots: no gather
-        logits, _ = self.model.forward_step(tokens, positions, self.cache, span, rows=rows, take=take)
-        return logits  # [B, V]
-
-    def _decode_static(self, slots: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        logits, _ = self._staged("decode", slots, tokens=tokens, positions=positions)
-        return logits  # [B, V]
-
-    def _staged(self, kind: str, slots: torch.Tensor, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the static step of (kind, batch bucket, q) on these rows: their inputs staged into its buffers, the
-        padding rows pointed at the scratch slot (rows an earlier, larger batch left there must not write their
-        slots). Returns views of the step's outputs for the B rows, valid until its next replay."""
-        B, q = inputs["tokens"].shape
-        key = (kind, bucket(B), q)
-        step = self.static.get(key)
-        if step is None:
-            step = self.static[key] = self._static_step(kind, bucket(B), q)
-        buf = step.buffers
-        buf["rows"][:B].copy_(slots)
-        buf["rows"][B:] = self.scratch
-        buf["positions"][B:] = 0
-        for name, value in inputs.items():
-            buf[name][:B].copy_(value)
-        a, b = step()
-        return a[:B], b[:B]
-
-    def _static_step(self, kind: str, rows: int, q: int) -> StaticStep:
-        """decode: logits [Bb, V] of one token per row; verify: logits [Bb, q, V] and final hidden [Bb, q, D] of q
-        tokens per row; mtp: the MTP module's catch-up over q (hidden, next token) pairs per row, draft logits and
-        block output at `take`. The span is the whole cache: attention reads each row only to its own length."""
-        model, device = self.model, self.device
-        zeros = lambda *shape, dtype=torch.long: torch.zeros(rows, *shape, dtype=dtype, device=device)  # noqa: E731
-        buffers = dict(tokens=zeros(q), positions=zeros(),
-                       rows=torch.full((rows,), self.scratch, dtype=torch.long, device=device))
-        if kind == "decode":
-            buffers["take"] = zeros()
-            cache = self.cache
-            run = lambda tokens, positions, rows, take: model.forward_step(  # noqa: E731
-                tokens, positions, cache, cache.max_len, rows=rows, take=take)
-        elif kind == "verify":
-            cache = self.cache
-            run = lambda tokens, positions, rows: model.forward_step(  # noqa: E731
-                tokens, positions, cache, cache.max_len, rows=rows)
-        else:
-            buffers.update(take=zeros(), hidden=zeros(q, model.cfg.hidden_size, dtype=self.cache.kv.dtype))
-            cache = self.mtp_cache
-            run = lambda tokens, positions, rows, take, hidden: model.mtp_step(  # noqa: E731
-                tokens, hidden, positions, cache, cache.max_len, take=take, rows=rows)
-        return StaticStep(model, f"server {kind} step", run, buffers, graphs=True)
-
-    # ---- speculative decoding (single rank: the scheduler refuses it under tensor parallel) ----------------
-    def _slots(self, slots: list[int]) -> torch.Tensor | None:
-        return None if slots == list(range(len(slots))) else torch.tensor(slots, device=self.device)
-
-    @torch.inference_mode()
-    def forward_hidden(self, slots: list[int], tokens: list[list[int]], positions: list[int], take: list[int]
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A prefill chunk that also returns every position's final hidden [B, q, D] (what the MTP module reads)."""
-        t = torch.tensor(tokens, device=self.device)
-        return self.model.forward_step(t, torch.tensor(positions, device=self.device), self.cache,
-                                       max(positions) + t.shape[1], rows=self._slots(slots),
-                                       take=torch.tensor(take, device=self.device), all_hidden=True)
-
-    @torch.inference_mode()
-    def verify(self, slots: list[int], tokens: torch.Tensor, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [B, q] at positions.. of each slot -> logits [B, q, V] and final hidden [B, q, D] (a static step's
-        buffers where steps are captured: read them before the next verify)."""
-        at = torch.tensor(positions, device=self.device)
-        if self.graphs:
-            return self._staged("verify", torch.tensor(slots, device=self.device), tokens=tokens, positions=at)
-        return self.model.forward_step(tokens, at, self.cache, max(positions) + tokens.shape[1],
-                                       rows=self._slots(slots))
-
-    @torch.inference_mode()
-    def mtp(self, slots: list[int], tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-            take: torch.Tensor, mtp_cache: LatentCache, static: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MTP module over (hidden, next token) pairs at positions.. of each slot -> draft logits [B, V], [B, D].
-        `static`: a decode round's shape (not a prefill chunk's), run as a static step where steps are captured
-        (its outputs are that step's buffers: read or copy them before its next run)."""
-        if static and self.graphs and mtp_cache is self.mtp_cache:
-            return self._staged("mtp", torch.tensor(slots, device=self.device), tokens=tokens, hidden=hidden,
-                                positions=positions, take=take)
-        return self.model.mtp_step(tokens, hidden, positions, mtp_cache, int(positions.max()) + tokens.shape[1],
-                                   take=take, rows=self._slots(slots))
-
-    @torch.inference_mode()
-    def follow(self) -> None:
-        """Followers (rank > 0): run rank 0's plans until it stops."""
-        header = torch.zeros(3, dtype=torch.long, device=self.device)
-        while True:
-            self.par.broadcast(header)
-            kind, B, n = (int(v) for v in header.tolist())
-            if kind == _STOP:
-                return
-            if kind == _IDLE:
-                continue
-            plan = torch.zeros(B, n, dtype=torch.long, device=self.device)
-            self.par.broadcast(plan)
-            self._run(plan)
 
 
 class Scheduler:
@@ -434,7 +285,7 @@ class Scheduler:
         tokens = [t + [0] * (q - len(t)) for t in tokens]
         slots, starts = [r.slot for r in rows], [r.length for r in rows]
         if self.mtp_cache is None:
-            logits = self.runner.forward(_PREFILL, slots, tokens, starts, take)
+            logits = self.runner.forward(PREFILL, slots, tokens, starts, take)
         else:
             logits, hidden = self.runner.forward_hidden(slots, tokens, starts, take)  # hidden [B, q, D]
         for r, t in zip(rows, take):
@@ -460,7 +311,7 @@ class Scheduler:
         if self.mtp_cache is not None:
             return self._decode_speculative(rows)
         t0 = time.perf_counter()
-        logits = self.runner.forward(_DECODE, [r.slot for r in rows], [[r.last] for r in rows],
+        logits = self.runner.forward(DECODE, [r.slot for r in rows], [[r.last] for r in rows],
                                      [r.length for r in rows], [0] * len(rows))
         for r in rows:
             r.length += 1
