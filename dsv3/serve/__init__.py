@@ -1,6 +1,8 @@
 """`dsv3 serve`: an OpenAI-compatible HTTP server with continuous batching (needs the `serve` extra).
 
 scheduler.py  slots, the waiting queue and the model loop over Transformer.forward_step (no HTTP)
+runner.py     the forwards it runs: static decode/verify/MTP steps, the tensor-parallel plan broadcast
+drafting.py   when --speculative drafts: the adaptive off-switch (measured acceptance against step costs)
 text.py       incremental detokenization and stop strings
 protocol.py   OpenAI request validation, response and error bodies (no HTTP)
 metrics.py    Prometheus text exposition
