@@ -243,6 +243,7 @@ def test_speculative_serving(demo_ckpt, engine):
             return r.choices[0].model_extra["token_ids"]
         assert asyncio.run(sampled()) == asyncio.run(sampled())
         assert s.metric("dsv3_spec_draft_tokens_total") > 0
+        assert s.metric("dsv3_spec_drafting") in (0.0, 1.0)  # the adaptive switch's state
     finally:
         s.stop()
 
