@@ -9,7 +9,8 @@ prompt is read a chunk at a time while the running streams keep their pace.
 With `speculative="mtp"` the decode step verifies drafts: the MTP module (its own cache, one slot per
 request like the main cache) drafts k tokens per row, one main-model step over [last, drafts] keeps each
 row's accepted prefix plus the main model's next token (rows accept different counts), and the MTP
-module catches up on the kept positions (core/speculative.py explains the round).
+module catches up on the kept positions (core/speculative.py explains the round). While drafting does not pay
+(drafting.py) the steps are probes: plain steps whose drafts are only scored.
 
 Under tensor parallel, rank 0 schedules and every rank runs the same forwards (runner.py).
 """
