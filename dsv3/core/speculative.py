@@ -75,6 +75,30 @@ def draft_step(model: Transformer, cache: LatentCache, batch: int, q: int, span:
         tokens, hidden, positions, cache, span, take=take), buffers, graphs)
 
 
+def greedy_round(model: Transformer, cache: LatentCache, mtp_cache: LatentCache, tokens: torch.Tensor,
+                 positions: torch.Tensor, span: int) -> tuple[torch.Tensor, ...]:
+    """A whole greedy round on the device, no host read: the main model over tokens [B, q] (x_L and the drafts),
+    the drafts it accepts, and the MTP module's catch-up on the kept positions (pairs: the main model's hidden at
+    L + j and its choice after it, which for an accepted draft is that draft). -> (draft logits [B, V], choice
+    [B, q], accepted [B], draft hidden [B, D], the logits' sum: NaN/Inf shows there). One step to capture and
+    one host read per round instead of two steps and several reads (a GPU waits on each read)."""
+    logits, hidden = model.forward_step(tokens, positions, cache, span)  # [B, q, V], [B, q, D]
+    choice = logits.argmax(dim=-1)  # [B, q]: the main model's token after each fed one
+    accepted = (tokens[:, 1:] == choice[:, :-1]).long().cumprod(dim=-1).sum(dim=-1)  # [B]: the leading agreements
+    d_logits, d_hidden = model.mtp_step(choice, hidden, positions, mtp_cache, span, take=accepted)
+    return d_logits, choice, accepted, d_hidden, logits.sum()
+
+
+def round_step(model: Transformer, cache: LatentCache, mtp_cache: LatentCache, batch: int, q: int, span: int,
+               graphs: bool) -> StaticStep:
+    """greedy_round as a static step (the first output, the draft logits, is what a replay is checked by)."""
+    device = model.rope_cos.device
+    buffers = dict(tokens=torch.zeros(batch, q, dtype=torch.long, device=device),
+                   positions=torch.full((batch,), span - q, dtype=torch.long, device=device))
+    return StaticStep(model, "round step", lambda tokens, positions: greedy_round(
+        model, cache, mtp_cache, tokens, positions, span), buffers, graphs)
+
+
 def accept_greedy(choice: list[int], drafts: list[int]) -> list[int]:
     """The tokens a greedy row keeps: the drafts the main model agrees with (its choice after each fed token,
     choice [k + 1]), then its own next token."""
@@ -255,6 +279,7 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
         if (kind, q) not in static and uses[kind, q] > CAPTURE_AFTER and _worth_capturing(decided, accepted + hits):
             t = time.perf_counter()
             static[kind, q] = (verify_step(model, cache, B, q, total, graphs) if kind == "verify" else
+                               round_step(model, cache, mtp_cache, B, q, total, graphs) if kind == "round" else
                                draft_step(model, mtp_cache, B, q, total, dtype, graphs))
             captures[0] += 1
             capture_s[0] += time.perf_counter() - t
@@ -291,16 +316,25 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
             feed = torch.cat([last[:, None], drafts], dim=1)  # [B, q]: x_L and the drafts
         # ---- verify: the main model over q = 1 + k positions per row (1: a plain step)
         span = max(lens) + q
+        fused = q > 1 and greedy and mtp_cache is not None  # the round in one step (greedy_round)
         if q == 1:  # a probe or a timed plain step: its hidden feeds the MTP cache (now, or if drafting resumes)
             v_logits, v_hidden = plain_step(model, kept, cache, B, total, graphs, capture_s)(last, length, span)
             v_logits, v_hidden = v_logits[:, None], v_hidden[:, None]  # [B, 1, V], [B, 1, D]
+        elif fused:
+            step = static_step("round", q)
+            draft_logits, choice_t, accepted_t, draft_h, logits_sum = (
+                step(tokens=feed, positions=length) if step is not None else
+                greedy_round(model, cache, mtp_cache, feed, length, span))
         elif (step := static_step("verify", q)) is not None:
             v_logits, v_hidden = step(tokens=feed, positions=length)  # [B, q, V], [B, q, D]
         else:
             v_logits, v_hidden = model.forward_step(feed, length, cache, span)
         stats.steps += 1
-        sums.append(v_logits.sum())
-        if greedy:
+        sums.append(logits_sum if fused else v_logits.sum())
+        if fused:  # one host read: the choices and the accepted counts
+            host = torch.cat([choice_t, accepted_t[:, None]], dim=1).tolist()  # [B][q + 1]
+            new = [row[:row[q] + 1] for row in host]  # the accepted drafts (= the choices before them), then one
+        elif greedy:
             choice = v_logits.argmax(-1).tolist()  # [B][q]: the main model's token after each fed one
             fed = drafts.tolist() if q > 1 else [[]] * B
             new = [accept_greedy(choice[b], fed[b]) for b in range(B)]
@@ -330,9 +364,10 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
             row_rounds += len(active)
             proposed += k * len(active)
             accepted += sum(n_host[b] for b in active)
-        # ---- catch up the MTP cache: pairs (main hidden at L + j, token L + j + 1) for j = 0 .. n
-        nxt = torch.tensor([new[b][:q] + [0] * (q - len(new[b][:q])) for b in range(B)], device=device)  # [B, q]
-        if mtp_cache is not None and drafting:
+        # ---- catch up the MTP cache (a fused round did): pairs (main hidden at L + j, token L + j + 1), j = 0 .. n
+        if not fused:
+            nxt = torch.tensor([new[b][:q] + [0] * (q - len(new[b][:q])) for b in range(B)], device=device)  # [B, q]
+        if mtp_cache is not None and drafting and not fused:
             n = torch.tensor(n_host, device=device)  # [B]
             step = static_step("draft", q)
             if step is not None:

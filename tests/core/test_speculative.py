@@ -278,13 +278,15 @@ def static_steps_made(monkeypatch) -> list:
     return made
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("resume", [False, True], ids=["drafting-stops", "drafting-resumes"])
-def test_captured_verify_and_plain_steps_change_nothing(tiny_ckpts, monkeypatch, resume):
-    """bf16 on the cpu backend, where the verify step (q = 1 + k), the MTP draft step that catches up on the new
-    positions (q = 1 + k, and 1 after the probe), and the plain decode step (the probe, the timed plain steps and
-    every step after drafting stops) are recorded and replayed:
-    the tokens and both caches equal a run with nothing captured (the replays read back hidden states from one
-    reused buffer, so a kept one must have been copied)."""
+def test_captured_verify_and_plain_steps_change_nothing(tiny_ckpts, monkeypatch, resume, temperature):
+    """bf16 on the cpu backend, where the steps of a run are recorded and replayed: greedy, the whole round
+    (verify, acceptance and the MTP catch-up, q = 1 + k: greedy_round); sampled, the verify step and the MTP
+    catch-up (q = 1 + k) apart, the host drawing in between; both, the MTP catch-up after a probe (q = 1) and the
+    plain decode step (the probe, the timed plain steps and every step after drafting stops). The tokens (sampled:
+    the same seed) and both caches equal a run with nothing captured (the replays read back hidden states from
+    one reused buffer, so a kept one must have been copied)."""
     import dsv3.core.speculative as spec
 
     monkeypatch.setattr(spec, "JUDGE_AFTER", 3)
@@ -299,12 +301,12 @@ def test_captured_verify_and_plain_steps_change_nothing(tiny_ckpts, monkeypatch,
     for graphs in (False, True):
         keep = {}
         out, stats = spec.speculative_generate(e.model, PROMPTS, 24, 2, eos_ids=tuple(e.cfg.eos_token_ids), keep=keep,
-                                               graphs=graphs)
+                                               graphs=graphs, temperature=temperature, seed=5)
         runs.append((out, keep))
     (eager, a), (captured, b) = runs
     captured_steps = sorted((v.what, v.buffers["tokens"].shape[1]) for v in made if v.replay is not None)
-    assert captured_steps == [("decode step", 1), ("draft step", 1), ("draft step", 3), ("verify step", 3)], \
-        captured_steps
+    rounds = [("round step", 3)] if temperature == 0 else [("draft step", 3), ("verify step", 3)]
+    assert captured_steps == sorted([("decode step", 1), ("draft step", 1), *rounds]), captured_steps
     assert captured == eager
     assert a["length"] == b["length"]
     for name in ("cache", "mtp_cache"):
@@ -332,4 +334,4 @@ def test_kept_steps_serve_the_next_call(tiny_ckpts, monkeypatch):
         got, _ = spec.speculative_generate(e.model, prompts, 24, 1, eos_ids=eos, adaptive=False, pool=pool)
         assert got == want
     assert before == len(made), "the second call recorded its steps again"
-    assert [s.replay is not None for s in pool.shapes[next(iter(pool.shapes))]["static"].values()] == [True, True]
+    assert [s.replay is not None for s in pool.shapes[next(iter(pool.shapes))]["static"].values()] == [True]  # round
