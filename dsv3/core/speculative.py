@@ -76,16 +76,17 @@ def draft_step(model: Transformer, cache: LatentCache, batch: int, q: int, span:
 
 
 def greedy_round(model: Transformer, cache: LatentCache, mtp_cache: LatentCache, tokens: torch.Tensor,
-                 positions: torch.Tensor, span: int) -> tuple[torch.Tensor, ...]:
+                 positions: torch.Tensor, span: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """A whole greedy round on the device, no host read: the main model over tokens [B, q] (x_L and the drafts),
     the drafts it accepts, and the MTP module's catch-up on the kept positions (pairs: the main model's hidden at
     L + j and its choice after it, which for an accepted draft is that draft). -> (draft logits [B, V], choice
     [B, q], accepted [B], draft hidden [B, D], the logits' sum: NaN/Inf shows there). One step to capture and
-    one host read per round instead of two steps and several reads (a GPU waits on each read)."""
-    logits, hidden = model.forward_step(tokens, positions, cache, span)  # [B, q, V], [B, q, D]
+    one host read per round instead of two steps and several reads (a GPU waits on each read). `rows`: the
+    caches' slots (the server's), as forward_step's."""
+    logits, hidden = model.forward_step(tokens, positions, cache, span, rows=rows)  # [B, q, V], [B, q, D]
     choice = logits.argmax(dim=-1)  # [B, q]: the main model's token after each fed one
     accepted = (tokens[:, 1:] == choice[:, :-1]).long().cumprod(dim=-1).sum(dim=-1)  # [B]: the leading agreements
-    d_logits, d_hidden = model.mtp_step(choice, hidden, positions, mtp_cache, span, take=accepted)
+    d_logits, d_hidden = model.mtp_step(choice, hidden, positions, mtp_cache, span, take=accepted, rows=rows)
     return d_logits, choice, accepted, d_hidden, logits.sum()
 
 

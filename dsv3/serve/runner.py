@@ -7,6 +7,7 @@ import torch
 
 from ..core.generate import StaticStep, bucket
 from ..core.model import LatentCache, Transformer
+from ..core.speculative import greedy_round
 
 #: plan kinds broadcast to follower ranks
 STOP, IDLE, PREFILL, DECODE = 0, 1, 2, 3
@@ -66,7 +67,7 @@ class StepRunner:
         logits, _ = self._staged("decode", slots, tokens=tokens, positions=positions)
         return logits  # [B, V]
 
-    def _staged(self, kind: str, slots: torch.Tensor, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _staged(self, kind: str, slots: torch.Tensor, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Run the static step of (kind, batch bucket, q) on these rows: their inputs staged into its buffers, the
         padding rows pointed at the scratch slot (rows an earlier, larger batch left there must not write their
         slots). Returns views of the step's outputs for the B rows, valid until its next replay."""
@@ -81,8 +82,7 @@ class StepRunner:
         buf["positions"][B:] = 0
         for name, value in inputs.items():
             buf[name][:B].copy_(value)
-        a, b = step()
-        return a[:B], b[:B]
+        return tuple(t[:B] if t.dim() else t for t in step())  # a scalar (greedy_round's sum) covers the padding too
 
     def _static_step(self, kind: str, rows: int, q: int) -> StaticStep:
         """decode: logits [Bb, V] of one token per row; verify: logits [Bb, q, V] and final hidden [Bb, q, D] of q
@@ -97,6 +97,10 @@ class StepRunner:
             cache = self.cache
             run = lambda tokens, positions, rows, take: model.forward_step(  # noqa: E731
                 tokens, positions, cache, cache.max_len, rows=rows, take=take)
+        elif kind == "round":
+            cache, mtp_cache = self.cache, self.mtp_cache
+            run = lambda tokens, positions, rows: greedy_round(  # noqa: E731
+                model, cache, mtp_cache, tokens, positions, cache.max_len, rows=rows)
         elif kind == "verify":
             cache = self.cache
             run = lambda tokens, positions, rows: model.forward_step(  # noqa: E731
@@ -130,6 +134,17 @@ class StepRunner:
             return self._staged("verify", torch.tensor(slots, device=self.device), tokens=tokens, positions=at)
         return self.model.forward_step(tokens, at, self.cache, max(positions) + tokens.shape[1],
                                        rows=self._slots(slots))
+
+    @torch.inference_mode()
+    def round(self, slots: list[int], tokens: torch.Tensor, positions: list[int]) -> tuple[torch.Tensor, ...]:
+        """A greedy round (core/speculative.greedy_round): tokens [B, q] = [last, drafts] -> draft logits [B, V],
+        choices [B, q], accepted drafts [B], draft hidden [B, D], the logits' sum (a static step's buffers where
+        steps are captured: read them before the next round)."""
+        at = torch.tensor(positions, device=self.device)
+        if self.graphs:
+            return self._staged("round", torch.tensor(slots, device=self.device), tokens=tokens, positions=at)
+        return greedy_round(self.model, self.cache, self.mtp_cache, tokens, at, max(positions) + tokens.shape[1],
+                            rows=self._slots(slots))
 
     @torch.inference_mode()
     def mtp(self, slots: list[int], tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,

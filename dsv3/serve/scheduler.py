@@ -343,27 +343,32 @@ class Scheduler:
         drafts = torch.zeros(B, k, dtype=torch.long, device=dev)
         p_draft: list[list[torch.Tensor]] = [[] for _ in rows]  # sampling rows: the drafter's distributions
         dl, dh = torch.stack([r.draft_logits for r in rows]), torch.stack([r.draft_h for r in rows])
+        greedy = all(r.params.temperature <= 0 for r in rows)
         for i in range(k):
+            drafts[:, i] = dl.argmax(dim=-1)  # the greedy rows' drafts; sampled rows draw theirs below
             for b, r in enumerate(rows):
-                if r.params.temperature <= 0:
-                    drafts[b, i] = dl[b].argmax()
-                else:
+                if r.params.temperature > 0:
                     p_draft[b].append(probabilities(dl[b:b + 1], r.params.temperature, r.params.top_p)[0])
                     drafts[b, i] = draw(p_draft[b][-1][None], r.generator)[0]
             if i + 1 < k:  # chained: the module on its own output, one position further
                 dl, dh = self.runner.mtp(slots, drafts[:, i:i + 1], dh[:, None], starts + i,
                                          torch.zeros(B, dtype=torch.long, device=dev), self.mtp_cache)
         feed = torch.cat([torch.tensor([[r.last] for r in rows], device=dev), drafts], dim=1)  # [B, 1 + k]
-        logits, hidden = self.runner.verify(slots, feed, [r.length for r in rows])  # [B, q, V], [B, q, D]
-        choice = logits.argmax(dim=-1).tolist()
-        kept = []
-        for b, r in enumerate(rows):
-            p = r.params
-            if p.temperature <= 0:
-                kept.append(accept_greedy(choice[b], drafts[b].tolist()))
-            else:
-                kept.append(accept_sampled(probabilities(logits[b], p.temperature, p.top_p), drafts[b],
-                                           p_draft[b] or None, r.generator))
+        q = 1 + k
+        if greedy:  # the whole round in one step, the MTP catch-up included, and one host read
+            dl, choice_t, accepted_t, dh, _ = self.runner.round(slots, feed, [r.length for r in rows])
+            kept = [row[:row[q] + 1] for row in torch.cat([choice_t, accepted_t[:, None]], dim=1).tolist()]
+        else:
+            logits, hidden = self.runner.verify(slots, feed, [r.length for r in rows])  # [B, q, V], [B, q, D]
+            choice = logits.argmax(dim=-1).tolist()
+            kept = []
+            for b, r in enumerate(rows):
+                p = r.params
+                if p.temperature <= 0:
+                    kept.append(accept_greedy(choice[b], drafts[b].tolist()))
+                else:
+                    kept.append(accept_sampled(probabilities(logits[b], p.temperature, p.top_p), drafts[b],
+                                               p_draft[b] or None, r.generator))
         self.drafted += k * B
         self.accepted += sum(len(t) - 1 for t in kept)
         now = time.perf_counter()
@@ -373,10 +378,10 @@ class Scheduler:
                 r.length = start + j + 1  # would have them when it chose token j
                 if self._emit(r, tok, now):
                     break
-        q = 1 + k
-        nxt = torch.tensor([t[:q] + [0] * (q - len(t[:q])) for t in kept], device=dev)  # [B, q]
-        n = torch.tensor([len(t) - 1 for t in kept], device=dev)
-        dl, dh = self.runner.mtp(slots, nxt, hidden, starts, n, self.mtp_cache)
+        if not greedy:
+            nxt = torch.tensor([t[:q] + [0] * (q - len(t[:q])) for t in kept], device=dev)  # [B, q]
+            n = torch.tensor([len(t) - 1 for t in kept], device=dev)
+            dl, dh = self.runner.mtp(slots, nxt, hidden, starts, n, self.mtp_cache)
         for b, r in enumerate(rows):
             if r.slot >= 0:  # still running: its next drafts
                 r.draft_logits, r.draft_h = dl[b], dh[b]

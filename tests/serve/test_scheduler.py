@@ -62,13 +62,12 @@ def test_the_waiting_queue_is_bounded(engine):
 
 
 def _perfect_or_wrong(s, want: dict, right: bool):
-    """Patch the scheduler's MTP calls: the module still runs (its cache fills as it would), but each row's draft
-    logits are replaced by a certainty on the token the main model will choose there (right) or on another one."""
-    real = s.runner.mtp
+    """Patch the scheduler's MTP calls (the catch-up, and the greedy round that includes it): the module still runs
+    (its cache fills as it would), but each row's draft logits are replaced by a certainty on the token the main
+    model will choose there (right) or on another one."""
+    real_mtp, real_round = s.runner.mtp, s.runner.round
 
-    @torch.inference_mode()
-    def mtp(slots, tokens, hidden, positions, take, cache, static=True):
-        dl, dh = real(slots, tokens, hidden, positions, take, cache, static)
+    def force(dl, slots, positions, take):
         for b, slot in enumerate(slots):
             r = next((r for r in s.active if r.slot == slot), None)
             j = int(positions[b] + take[b]) + 2 - len(r.prompt) if r is not None else -1  # the drafted token's index
@@ -76,8 +75,19 @@ def _perfect_or_wrong(s, want: dict, right: bool):
                 tok = want[r.id][j] if right else (want[r.id][j] + 1) % dl.shape[-1]
                 dl[b] = float("-inf")
                 dl[b, tok] = 0.0
+
+    @torch.inference_mode()
+    def mtp(slots, tokens, hidden, positions, take, cache, static=True):
+        dl, dh = real_mtp(slots, tokens, hidden, positions, take, cache, static)
+        force(dl, slots, positions, take)
         return dl, dh
-    s.runner.mtp = mtp
+
+    @torch.inference_mode()
+    def round_(slots, tokens, positions):
+        dl, choice, accepted, dh, total = real_round(slots, tokens, positions)
+        force(dl, slots, positions, accepted)
+        return dl, choice, accepted, dh, total
+    s.runner.mtp, s.runner.round = mtp, round_
 
 
 @pytest.mark.parametrize("drafts", ["as trained", "perfect", "always wrong"])
@@ -254,10 +264,13 @@ def serve_all(s, engine, staggered: bool) -> dict[str, list[int]]:
 @pytest.mark.parametrize("k", [0, 1, 2], ids=["plain", "mtp-k1", "mtp-k2"])
 def test_static_decode_steps_give_each_prompt_its_own_tokens(engine, demo_ckpt, monkeypatch, k):
     """fp32 with a capture hook that behaves like a graph: the server decodes through its static steps (slots staged
-    in place, the whole cache as span, padding rows in the scratch slot; with --speculative mtp the verify step and
-    the MTP module's chained drafts and catch-up too) and each prompt gets what it gets alone."""
+    in place, the whole cache as span, padding rows in the scratch slot; with --speculative mtp, drafting held on,
+    the greedy round (verify, acceptance, MTP catch-up) and the MTP module's chained drafts too) and each prompt
+    gets what it gets alone."""
     import dsv3
+    from dsv3.serve.drafting import DraftPolicy
 
+    monkeypatch.setattr(DraftPolicy, "record", lambda self, *a: None)  # the random MTP layer would turn drafting off
     served = dsv3.load(demo_ckpt, backend="cpu", dtype="fp32")
 
     def capture(fn):
@@ -276,7 +289,7 @@ def test_static_decode_steps_give_each_prompt_its_own_tokens(engine, demo_ckpt, 
     for p, m in zip(PROMPTS, MAX_TOKENS):
         assert got[str(len(p))] == engine.generate([p], max_new_tokens=m)[0], f"prompt of {len(p)} tokens"
     kinds = {kind for kind, _, _ in s.runner.static}
-    assert kinds == ({"verify", "mtp"} if k else {"decode"}), kinds
+    assert kinds == ({"round", "mtp"} if k == 2 else {"round"} if k else {"decode"}), kinds  # k = 2 chains the MTP
     assert all(st.replay is not None for st in s.runner.static.values())
 
 
