@@ -87,7 +87,8 @@ class StepRunner:
     def _static_step(self, kind: str, rows: int, q: int) -> StaticStep:
         """decode: logits [Bb, V] of one token per row; verify: logits [Bb, q, V] and final hidden [Bb, q, D] of q
         tokens per row; mtp: the MTP module's catch-up over q (hidden, next token) pairs per row, draft logits and
-        block output at `take`. The span is the whole cache: attention reads each row only to its own length."""
+        block output at `take`; round: a greedy round (verify, acceptance, catch-up: greedy_round). The span is
+        the whole cache: attention reads each row only to its own length."""
         model, device = self.model, self.device
         zeros = lambda *shape, dtype=torch.long: torch.zeros(rows, *shape, dtype=dtype, device=device)  # noqa: E731
         buffers = dict(tokens=zeros(q), positions=zeros(),
