@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -35,9 +36,9 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))] if xs else float("nan")
 
 
-def start_server(ckpt: Path, max_batch: int, dtype: str) -> tuple[subprocess.Popen, str]:
+def start_server(ckpt: Path, max_batch: int, dtype: str, *extra: str) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "dsv3", "serve", str(ckpt), "--backend", "cpu", "--dtype", dtype, "--port", "0",
-           "--max-batch", str(max_batch), "--served-model-name", "bench"]
+           "--max-batch", str(max_batch), "--served-model-name", "bench", *extra]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
     for line in proc.stderr:
         m = re.search(r"serving .* on (http://\S+) ", line)
@@ -177,13 +178,34 @@ def main() -> None:
     finally:
         stop_server(proc)
 
+    async def speculative(url):  # the synthetic MTP layer is random: its drafts should be switched off
+        import openai
+
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600) as client:
+            await load(client, prompts, 2, 4)  # warm-up
+            out = {}
+            for c in (1, 16):
+                a, b = await load(client, prompts, c, new), await load(client, prompts, c, new)
+                out[c] = a if a["tps"] >= b["tps"] else b
+            return out
+
+    proc, url = start_server(ckpt, 16, "bf16", "--speculative", "mtp")
+    try:
+        spec = asyncio.run(speculative(url))
+        metrics = {m.group(1): float(m.group(2)) for m in re.finditer(
+            r"^(dsv3_spec_\w+) (\S+)$", urllib.request.urlopen(url + "/metrics").read().decode(), re.M)}
+    finally:
+        stop_server(proc)
+
     step = statistics.median(runs[1]["tpot"])
     rows = ["| clients | output tok/s | vs engine.generate (16 prompts, one batch) | TTFT p50 / p99 (ms) | "
             "TPOT p50 / p99 (ms) |", "|---|---|---|---|---|"]
     rows.append(f"| engine.generate | {best:.1f} | 1.00x | - | - |")
-    for c, r in runs.items():
+    for c, r in [*runs.items(), *((f"{c}, `--speculative mtp`", r) for c, r in spec.items())]:
         rows.append(f"| {c} | {r['tps']:.1f} | {r['tps'] / best:.2f}x | {1e3 * pct(r['ttft'], 50):.0f} / "
                     f"{1e3 * pct(r['ttft'], 99):.0f} | {1e3 * pct(r['tpot'], 50):.1f} / {1e3 * pct(r['tpot'], 99):.1f} |")
+    drafted, accepted = metrics.get("dsv3_spec_draft_tokens_total", 0), metrics.get("dsv3_spec_accepted_tokens_total", 0)
+    drafting = ("off (probing)" if metrics.get("dsv3_spec_drafting") == 0 else "on")
     chunked = (f"Chunked prefill: time to first token of an 8-token request while a {long_len}-token prompt is being "
                f"prefilled: median {1e3 * statistics.median(during):.0f} ms over {len(during)} tries = "
                f"{statistics.median(during) / step:.2f} batch-1 decode steps ({1e3 * step:.1f} ms); "
@@ -193,7 +215,9 @@ def main() -> None:
         chunked += (f" With 8 streams decoding (their step: {1e3 * loaded_step:.0f} ms), the same request sent during the "
                     f"long prefill: median {1e3 * statistics.median(loaded_ttft):.0f} ms = "
                     f"{statistics.median(loaded_ttft) / loaded_step:.2f} decode steps of the running batch.")
-    text = "\n".join(rows + ["", chunked, "", f"{name} model, bf16, cpu backend, {new} new tokens per request, "
+    switch = (f"`--speculative mtp` with the checkpoint's random MTP layer: {drafted:.0f} tokens drafted, "
+              f"{accepted:.0f} accepted; drafting {drafting} at the end (the adaptive switch, serve/drafting.py).")
+    text = "\n".join(rows + ["", chunked, "", switch, "", f"{name} model, bf16, cpu backend, {new} new tokens per request, "
                              f"prompts of 16-64 tokens, `--max-batch 16`, torch threads {torch.get_num_threads()}; "
                              "TTFT/TPOT measured by the client (openai async client, streaming)."])
     print(text)

@@ -78,7 +78,7 @@ def test_serve_load_benchmark_smoke():
     r = subprocess.run([sys.executable, "benchmarks/serve_load.py", "--smoke"], cwd=ROOT, capture_output=True,
                        text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
-    for row in ("| engine.generate |", "| 16 |", "Chunked prefill"):
+    for row in ("| engine.generate |", "| 16 |", "Chunked prefill", "| 16, `--speculative mtp` |", "tokens drafted"):
         assert row in r.stdout, r.stdout
 
 
