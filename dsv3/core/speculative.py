@@ -331,7 +331,7 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
         else:
             v_logits, v_hidden = model.forward_step(feed, length, cache, span)
         stats.steps += 1
-        sums.append(logits_sum if fused else v_logits.sum())
+        sums.append(logits_sum.clone() if fused else v_logits.sum())  # a replayed round rewrites its sum's buffer
         if fused:  # one host read: the choices and the accepted counts
             host = torch.cat([choice_t, accepted_t[:, None]], dim=1).tolist()  # [B][q + 1]
             new = [row[:row[q] + 1] for row in host]  # the accepted drafts (= the choices before them), then one
