@@ -128,6 +128,17 @@ def accept_sampled(p_main: torch.Tensor, drafts: torch.Tensor, p_draft: list[tor
     return kept + [int(draw(p_main[-1].unsqueeze(0), generator))]
 
 
+def first_draft_lands(draft_logits: torch.Tensor, logits: torch.Tensor, temperature: float, top_p: float
+                      ) -> torch.Tensor:
+    """A probe's score per row: would the draft from draft_logits [B, V] be accepted after the main model's logits
+    [B, V]? Greedy: 1 where its argmax is the main model's; sampling: the probability a sampled draft is kept,
+    sum(min(p_main, p_draft)). -> [B] float."""
+    if temperature <= 0:
+        return (draft_logits.argmax(dim=-1) == logits.argmax(dim=-1)).float()
+    p_main, p_draft = (probabilities(x, temperature, top_p) for x in (logits, draft_logits))
+    return torch.minimum(p_main, p_draft).sum(dim=-1)
+
+
 def _worth_capturing(decided: bool, accepted: int) -> bool:
     """While the adaptive mode still judges, capture only once a draft has landed: drafts that never land quit
     after QUIT_AFTER rounds, and captures for those few rounds would cost more than they save."""
@@ -339,16 +350,12 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
             choice = v_logits.argmax(-1).tolist()  # [B][q]: the main model's token after each fed one
             fed = drafts.tolist() if q > 1 else [[]] * B
             new = [accept_greedy(choice[b], fed[b]) for b in range(B)]
-            if probing:
-                guess = draft_logits.argmax(-1).tolist()  # [B]: the draft a round would have fed
-                hits += sum(guess[b] == choice[b][0] for b in active)
         else:
             p_main = probabilities(v_logits.reshape(B * q, -1), temperature, top_p).view(B, q, -1)
             new = [accept_sampled(p_main[b], drafts[b] if q > 1 else no_drafts, [p[b] for p in draft_p] if draft_p
                                   else None, generator) for b in range(B)]
-            if probing:  # a sampled draft is kept with probability sum(min(p_main, p_draft))
-                p_draft = probabilities(draft_logits, temperature, top_p)
-                hits += float(torch.minimum(p_main[active, 0], p_draft[active]).sum())
+        if probing:  # the draft a round would have fed, scored against the token just chosen
+            hits += float(first_draft_lands(draft_logits[active], v_logits[active, 0], temperature, top_p).sum())
         n_host = [len(kept) - 1 for kept in new]  # accepted drafts per row
         # ---- keep: n + 1 new tokens per row (cut at EOS and max_new_tokens); the cache keeps x_L and the accepted
         for b in active:

@@ -31,7 +31,7 @@ import torch
 from ..core.errors import DsvError
 from ..core.generate import bucket, draw, probabilities, sample
 from ..core.model import LatentCache
-from ..core.speculative import accept_greedy, accept_sampled
+from ..core.speculative import accept_greedy, accept_sampled, first_draft_lands
 from .drafting import PROBE_EVERY, DraftPolicy
 from .runner import DECODE, PREFILL, StepRunner
 from .text import TextStream
@@ -402,7 +402,7 @@ class Scheduler:
         feed = torch.tensor([[r.last] for r in rows], device=dev)  # [B, 1]
         logits, hidden = self.runner.verify([r.slot for r in rows], feed, [r.length for r in rows])  # [B, 1, V/D]
         choice = logits.argmax(dim=-1).tolist()
-        landed = self._probe([rows[b] for b in fresh], dl, logits[fresh], [choice[b] for b in fresh]) if fresh else 0.0
+        landed = self._probe([rows[b] for b in fresh], dl, logits[fresh]) if fresh else 0.0
         now = time.perf_counter()
         hidden = hidden[:, 0].clone()  # [B, D]: a replayed step reuses its output buffer
         for b, r in enumerate(rows):
@@ -438,20 +438,11 @@ class Scheduler:
                 r.draft_logits, r.draft_h, r.pending = dl[i], dh[i], []
 
     @staticmethod
-    def _probe(rows: list[Request], dl: torch.Tensor, logits: torch.Tensor, choice: list[list[int]]) -> float:
-        """A probe's score: the rows whose first draft (from the MTP logits dl [B, V]) would have been accepted
-        after this step's logits [B, 1, V] (greedy: it is the main model's token; sampling: the probability a
-        sampled draft is kept, sum(min(p_main, p_draft)))."""
-        guess = dl.argmax(dim=-1).tolist()
-        landed = 0.0
-        for b, r in enumerate(rows):
-            p = r.params
-            if p.temperature <= 0:
-                landed += guess[b] == choice[b][0]
-            else:
-                main, draft = (probabilities(x, p.temperature, p.top_p)[0] for x in (logits[b, :1], dl[b:b + 1]))
-                landed += float(torch.minimum(main, draft).sum())
-        return landed
+    def _probe(rows: list[Request], dl: torch.Tensor, logits: torch.Tensor) -> float:
+        """A probe's score: how many rows' first drafts (from the MTP logits dl [B, V]) would have been accepted
+        after this step's logits [B, 1, V], each at its own sampling settings (first_draft_lands)."""
+        return float(sum(first_draft_lands(dl[b:b + 1], logits[b, :1], r.params.temperature, r.params.top_p)
+                         for b, r in enumerate(rows)))
 
     def _sample(self, logits: torch.Tensor, rows: list[Request]) -> None:
         greedy = logits.argmax(dim=-1).tolist()
