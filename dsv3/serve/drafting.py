@@ -8,8 +8,9 @@ with the original MTP layer, text unlike its training) would otherwise slow ever
 While not drafting, the server probes: plain steps (q = 1), with the MTP module catching up on the positions they
 made every PROBE_EVERY steps (its cache must keep up for drafting to resume; one call over the missed positions,
 whose feed-forward runs at the last only), and the draft it then makes scored against the token the main model
-picks next. Both modes are timed per batch bucket, so `cost` is measured, not assumed. Decisions
-come at most every WINDOW steps, from moving averages, with a margin against flapping.
+picks next. Both modes are timed per batch bucket, so `cost` is measured, not assumed. Decisions come at most
+every WINDOW steps, with a margin against flapping: from a moving average of the accepted drafts while drafting,
+from the probes scored since drafting stopped (at least MIN_SCORED) while not.
 """
 
 from __future__ import annotations
