@@ -140,8 +140,9 @@ def first_draft_lands(draft_logits: torch.Tensor, logits: torch.Tensor, temperat
 
 
 def _worth_capturing(decided: bool, accepted: int) -> bool:
-    """While the adaptive mode still judges, capture only once a draft has landed: drafts that never land quit
-    after QUIT_AFTER rounds, and captures for those few rounds would cost more than they save."""
+    """While the adaptive mode still judges, capture only once a draft has landed: drafts that never land stop
+    after QUIT_AFTER probes (or rounds, for a substituted drafter), and captures for those would cost more than
+    they save."""
     return decided or accepted > 0
 
 
