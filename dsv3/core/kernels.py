@@ -40,7 +40,8 @@ class ExpertWeights:
     """The routed experts one rank holds, stacked: w1/w3 [E, I, D], w2 [E, D, I] (+ block scales).
 
     `first` is the global id of expert 0 here, so ids in [first, first + E) are computed on
-    this rank and the rest are someone else's.
+    this rank and the rest are someone else's; `total` is the model's number of routed experts
+    (0: this rank holds them all), for a backend that sizes its work by routes per expert.
     """
 
     w1: torch.Tensor
@@ -50,10 +51,16 @@ class ExpertWeights:
     s2: torch.Tensor | None = None
     s3: torch.Tensor | None = None
     first: int = 0
+    total: int = 0
 
     @property
     def count(self) -> int:
         return self.w1.shape[0]
+
+    @property
+    def routed(self) -> int:
+        """The model's number of routed experts, over every rank."""
+        return self.total or self.count
 
 
 class Kernels:

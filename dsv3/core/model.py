@@ -273,13 +273,14 @@ class Experts(nn.Module):
         super().__init__()
         n = par.split(cfg.n_routed_experts, "n_routed_experts")
         self.first = par.rank * n  # expert e lives on rank e // n, as in the official layout
+        self.total = cfg.n_routed_experts
         D, inter = cfg.hidden_size, cfg.moe_intermediate_size
         self.w1, self.w2, self.w3 = (StackedLinear(self.first, n, D, inter), StackedLinear(self.first, n, inter, D),
                                      StackedLinear(self.first, n, D, inter))
 
     def weights(self) -> ExpertWeights:
         return ExpertWeights(self.w1.weight, self.w2.weight, self.w3.weight,
-                             self.w1.scale, self.w2.scale, self.w3.scale, first=self.first)
+                             self.w1.scale, self.w2.scale, self.w3.scale, first=self.first, total=self.total)
 
 
 class MoE(nn.Module):

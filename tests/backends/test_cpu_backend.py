@@ -51,9 +51,11 @@ DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float32, i
 @pytest.mark.parametrize("native", NATIVE)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,N,K", [(1, 1, 1), (1, 200, 300), (3, 129, 1029), (15, 64, 72), (16, 40, 56),
-                                      (40, 130, 200), (17, 96, 64), (300, 160, 224), (513, 32, 96)])
+                                      (40, 130, 200), (4, 64, 96), (5, 64, 96), (12, 96, 32), (17, 96, 64),
+                                      (300, 160, 224), (513, 32, 96)])
 def test_linear_and_mlp(native, dtype, rows, N, K):
-    """(17 | 300, N, K multiples of 32): a prompt's product on AMX where the CPU has it; 513 rows: past that, torch"""
+    """(5 | 12 | 17 | 300 rows, N, K multiples of 32): on AMX where the CPU has it, 4 rows just below; 513 rows: past
+    that, torch"""
     k = cpu(native)
     x, w = rand(rows, K, dtype=dtype), rand(N, K, dtype=dtype, seed=1, scale=K ** -0.5)
     close(k.linear(x, w), REF.linear(x, w), dtype, "linear")
@@ -220,7 +222,8 @@ def kept_fp8(k: CpuKernels, w: torch.Tensor, fp8_dtype):
 
 @pytest.mark.parametrize("fp8_dtype", FP8)
 @pytest.mark.parametrize("rows,N,K", [(1, 1, 1), (1, 200, 300), (3, 129, 1029), (15, 64, 72), (16, 40, 56),
-                                      (40, 130, 200), (17, 96, 64), (300, 160, 224), (64, 288, 1024)])
+                                      (40, 130, 200), (5, 160, 96), (12, 64, 288), (17, 96, 64), (300, 160, 224),
+                                      (64, 288, 1024)])
 def test_fp8_weights_linear_and_mlp(fp8_dtype, rows, N, K):
     k = cpu(True)
     dtype = torch.bfloat16
@@ -339,15 +342,22 @@ def test_mla_latent(native, B, S, H, nope, C, R):
 
 @pytest.mark.parametrize("weights", [pytest.param(None, id="bf16"), *FP8])
 @pytest.mark.parametrize("isa", ["amx", "avx512"])
-def test_prefill_moe_experts(weights, isa):
-    """A prompt's routed experts (more routes than the one-call C kernel takes): on AMX tiles where the CPU has
-    them (rows sorted by expert, grouped GEMMs, one weighted combine), else per expert in torch; both against the
-    reference, with other ranks' experts and experts that get no rows."""
+@pytest.mark.parametrize("T", [200, 12])
+def test_prefill_moe_experts(weights, isa, T, monkeypatch):
+    """A prompt's routed experts: past the one-call C kernel's routes (200 tokens), on AMX tiles where the CPU has
+    them (rows sorted by expert, grouped GEMMs, one weighted combine), else per expert in torch; 12 tokens (36 routes
+    over 6 experts, 11 in all), on AMX tiles where the CPU has them, else in the C kernel. Against the reference, with
+    other ranks' experts and experts that get no rows."""
+    from dsv3.backends.cpu.ops import AMX_ROUTES_PER_EXPERT
+
     if isa not in native_lib.supported_isas():
         pytest.skip(f"this CPU lacks {isa}")
     k = cpu(True)
     k.native = native_lib.load(isa)
-    E, D, I, top_k, first, T = 6, 96, 64, 3, 3, 200
+    calls = []
+    real = k.native.moe_amx
+    monkeypatch.setattr(k.native, "moe_amx", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    E, D, I, top_k, first = 6, 96, 64, 3, 3
     stacks = []
     for seed, (n, m) in ((1, (I, D)), (2, (D, I)), (3, (I, D))):
         ws = [rand(n, m, dtype=torch.float32, seed=seed * 10 + e, scale=m ** -0.5) for e in range(E)]
@@ -361,9 +371,11 @@ def test_prefill_moe_experts(weights, isa):
     x = rand(T, D, dtype=torch.bfloat16)
     ids = torch.randint(0, E + first + 2, (T, top_k), generator=torch.Generator().manual_seed(6))  # incl. other ranks'
     ids[ids == first + 4] = first  # expert 4 gets no rows
-    assert T * top_k > native_lib_routes()
+    assert T * top_k > native_lib_routes() or AMX_ROUTES_PER_EXPERT * (E + first + 2) <= T * top_k <= native_lib_routes()
     w = torch.rand(T, top_k, generator=torch.Generator().manual_seed(7))
+    ew.total = E + first + 2  # the model's routed experts, over every rank
     close(k.moe_experts(x, w, ids, ew), REF.moe_experts(x, w, ids, ew), torch.bfloat16, f"prefill moe_experts ({isa})")
+    assert len(calls) == (isa == "amx"), f"{isa}: {len(calls)} AMX calls"
 
 
 def native_lib_routes() -> int:

@@ -402,6 +402,32 @@ def test_recorded_decode_step_gives_the_eager_tokens(tiny_ckpts, weights):
             assert engine.last_stats.extra["decode_step"] == "graph"
 
 
+@pytest.mark.skipif(NATIVE is None or "amx" not in native_lib.supported_isas(), reason="this CPU has no AMX tiles")
+@pytest.mark.parametrize("batch", [6, 12])
+def test_wide_decode_steps_run_on_amx_and_are_recorded(tiny_ckpts, batch):
+    """v3ish (every dim a multiple of 32), bf16, FP8 weights: a decode step of 6 prompts (bucket 8) runs its linears
+    and MLPs on AMX tiles, one of 12 (bucket 16: 32 routes over 8 experts) its routed experts too, with nothing read
+    back on the host, so the step is recorded and replayed; the replay gives the unrecorded static step's tokens."""
+    engine = dsv3.load(tiny_ckpts["v3ish"], backend="cpu", dtype="bf16", cpu_weights="fp8")
+    native = engine.model.kernels.native
+    calls = {"grouped_amx": 0, "moe_amx": 0}
+    for name in calls:
+        real = getattr(native, name)
+        setattr(native, name, lambda *a, _real=real, _name=name, **kw: calls.__setitem__(_name, calls[_name] + 1)
+                or _real(*a, **kw))
+    prompts = [[5 + 7 * i + j for j in range(3 + i % 4)] for i in range(batch)]
+    engine.cuda_graphs = False
+    engine.generate(prompts, max_new_tokens=1, static=True)  # the prompt alone: its calls are not the steps'
+    prompt = dict(calls)
+    static = engine.generate(prompts, max_new_tokens=12, static=True)
+    assert engine.last_stats.extra["decode_step"] == "static"
+    steps = {name: calls[name] - 2 * prompt[name] for name in calls}
+    assert steps["grouped_amx"] > 0 and (steps["moe_amx"] > 0) == (batch > 8), steps
+    engine.cuda_graphs = True
+    assert engine.generate(prompts, max_new_tokens=12) == static, f"{batch} prompts"
+    assert engine.last_stats.extra["decode_step"] == "graph"
+
+
 def test_tape_replays_computes_views_in_place_ops_and_filled_tensors():
     """The recorder's rules on a made-up step: computing ops rerun into their first outputs, views alias, in-place
     ops rerun, zero-filled tensors are zeroed again, and a host read refuses the recording."""
@@ -499,6 +525,41 @@ def test_grouped_amx(weights, counts, N, K, G, gather):
         gate, up = rb(prods[0]), rb(prods[1])
         ref, tol = rb(rb(gate * torch.sigmoid(gate)) * up), 6 * BF16  # a gate rounding apart moves silu and product
     check(got, ref, tol, f"grouped_amx {weights} counts={counts} N={N} K={K} G={G} gather={gather}")
+
+
+@AMX
+@pytest.mark.parametrize("weights", ["bf16", *FP8])
+@pytest.mark.parametrize("T,k,E,first,D,I", [(1, 2, 4, 0, 32, 32), (5, 3, 6, 3, 96, 64), (40, 8, 8, 0, 64, 160)])
+def test_moe_amx(weights, T, k, E, first, D, I):
+    """The routed experts in one call on AMX tiles (routes sorted by expert in C, gate/up SwiGLU, down, weighted sum)
+    against float64 with the reference's roundings: one token, other ranks' experts (ids below `first` and past its
+    experts), an expert with no rows, K not a multiple of 128."""
+    lib = native_lib.load("amx")
+    g = torch.Generator().manual_seed(T * k + E + D)
+    stacks = []
+    for n, m in ((I, D), (I, D), (D, I)):
+        if weights == "bf16":
+            w = bf16(E, n, m, g=g, scale=m ** -0.5)
+            stacks.append((w, None, w.double()))
+        else:
+            stacks.append(fp8_weight((E, n, m), weights, g))
+    (w1, s1, v1), (w3, s3, v3), (w2, s2, v2) = stacks
+    x = bf16(T, D, g=g)
+    ids = torch.randint(0, E + first + 2, (T, k), generator=g)
+    ids[ids == first + 1] = first  # expert 1 gets no rows
+    alpha = torch.rand(T, k, generator=g)
+    got = lib.moe_amx(x, ids, alpha, w1, w3, w2, s1, s3, s2, first)
+    assert got is not None and got.shape == (T, D) and got.dtype == torch.bfloat16
+    rb = lambda t: t.bfloat16().double()  # noqa: E731
+    ref = torch.zeros(T, D, dtype=torch.float64)
+    for t in range(T):
+        for j in range(k):
+            e = int(ids[t, j]) - first
+            if 0 <= e < E:
+                xt = x[t].double()
+                gate, up = rb(v1[e] @ xt), rb(v3[e] @ xt)
+                ref[t] += float(alpha[t, j]) * rb(rb(rb(gate * torch.sigmoid(gate)) * up) @ v2[e].T)
+    check(got, ref, 8 * BF16, f"moe_amx {weights} T={T} k={k} E={E} first={first} D={D} I={I}")
 
 
 @pytest.mark.parametrize("T,k,D", [(1, 1, 16), (7, 3, 100), (40, 8, 33)])

@@ -995,3 +995,39 @@ int dsv3_grouped_amx(const uint16_t *a, const int64_t *idx, const int64_t *start
     return -1;
 }
 #endif
+
+/* Routed experts on AMX tiles in one call: the routes held here (first <= id < first + E) sorted by expert, token order
+ * kept within each (a counting sort), gate and up with SwiGLU as one grouped GEMM, down as a second, then the weighted
+ * combine: the roundings of the reference (each expert's output in bf16, their weighted sum in fp32). No count comes
+ * back to the host between the steps, so a recorded decode step can hold it. y [T, D] bf16; -1 (nothing written)
+ * where dsv3_grouped_amx cannot run. */
+int dsv3_moe_amx(const uint16_t *x, int64_t T, int64_t k, const int64_t *ids, const float *alpha, int64_t first,
+                 int64_t E, const void *w1, const float *s1, const void *w3, const float *s3, const void *w2,
+                 const float *s2, float fmt, int64_t D, int64_t I, uint16_t *y, int threads) {
+    const int64_t n = T * k;
+    int64_t *starts = calloc((size_t)(E + 2), sizeof(int64_t)), *next = malloc((size_t)(E + 1) * sizeof(int64_t));
+    int64_t *tok = malloc((size_t)(n + 1) * sizeof(int64_t)), *pos = malloc((size_t)(n + 1) * sizeof(int64_t));
+    for (int64_t r = 0; r < n; r++) {
+        const int64_t e = ids[r] - first;
+        if (e >= 0 && e < E) starts[e + 1]++;
+    }
+    for (int64_t e = 0; e < E; e++) starts[e + 1] += starts[e];
+    memcpy(next, starts, (size_t)(E + 1) * sizeof(int64_t));
+    for (int64_t r = 0; r < n; r++) { /* route r's place among its expert's rows, or -1: another rank's expert */
+        const int64_t e = ids[r] - first;
+        pos[r] = e >= 0 && e < E ? next[e]++ : -1;
+        if (pos[r] >= 0) tok[pos[r]] = r / k;
+    }
+    const int64_t R = starts[E];
+    uint16_t *h = malloc((size_t)(R * I + 1) * sizeof(uint16_t)), *ys = malloc((size_t)(R * D + 1) * sizeof(uint16_t));
+    int rc = dsv3_grouped_amx(x, tok, starts, E, 2, w1, s1, w3, s3, fmt, D, I, h, threads);
+    if (rc == 0) rc = dsv3_grouped_amx(h, NULL, starts, E, 1, w2, s2, NULL, NULL, fmt, I, D, ys, threads);
+    if (rc == 0) dsv3_combine_rows(ys, pos, alpha, T, k, D, y, threads);
+    free(h);
+    free(ys);
+    free(tok);
+    free(pos);
+    free(next);
+    free(starts);
+    return rc;
+}

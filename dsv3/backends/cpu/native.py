@@ -119,6 +119,8 @@ class Native:
         lib.dsv3_count_bytes.argtypes, lib.dsv3_count_bytes.restype = [p, i64, i32, i32, i32], i64
         lib.dsv3_grouped_amx.argtypes = [p, p, p, i64, i64, p, p, p, p, f32, i64, i64, p, i32]
         lib.dsv3_grouped_amx.restype = i32
+        lib.dsv3_moe_amx.argtypes = [p, i64, i64, p, p, i64, i64, p, p, p, p, p, p, f32, i64, i64, p, i32]
+        lib.dsv3_moe_amx.restype = i32
         lib.dsv3_isa.argtypes, lib.dsv3_isa.restype = [], ctypes.c_char_p
         #: the instruction set of this build: "amx" (AVX-512 + AMX tiles), "avx512", "avx2" or "generic"
         self.isa = lib.dsv3_isa().decode()
@@ -236,15 +238,16 @@ class Native:
 
     def grouped_amx(self, a: torch.Tensor, starts: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None,
                     w2: torch.Tensor | None = None, s2: torch.Tensor | None = None, rows: torch.Tensor | None = None,
-                    out: torch.Tensor | None = None) -> torch.Tensor | None:
+                    out: torch.Tensor | None = None, total: int | None = None) -> torch.Tensor | None:
         """Grouped GEMM on AMX tiles over rows sorted by local expert (expert e's are starts[e] .. starts[e + 1];
         starts int64 [E + 1], R = starts[-1]): each expert's rows times its w [E, N, K]ᵀ -> [R, N] bf16, or with w2,
         silu(rows · wᵀ) · (rows · w2ᵀ) (an expert's SwiGLU, each result rounded to bf16 as separate bf16 ops would).
         Rows: a[rows] (rows int64 [R]; a [T, K]), or a's first R rows. bf16 or FP8 weights (+ scales); K a multiple
-        of 32, N of 16 (SwiGLU) or 32. `out`: [>= R, N] bf16 to write into.
-        None where the build or the OS gives no AMX."""
+        of 32, N of 16 (SwiGLU) or 32. `out`: [>= R, N] bf16 to write into. `total`: R, where the caller knows it
+        (else starts[-1] is read on the host, which a recorded step cannot do). None where the build or the OS gives
+        no AMX."""
         E, N, K = w.shape
-        R = int(starts[-1])
+        R = int(starts[-1]) if total is None else total
         if a.shape[1] != K or not a.is_contiguous() or a.dtype != torch.bfloat16 or (rows is None and a.shape[0] < R):
             raise ValueError(f"grouped_amx: a {a.dtype} {list(a.shape)}; expected contiguous bf16 [T, {K}] with rows, "
                              f"or [>= {R}, {K}] without")
@@ -258,6 +261,21 @@ class Native:
                                        w.data_ptr(), ptr(s), ptr(w2), ptr(s2), fmt, K, N, out.data_ptr(),
                                        torch.get_num_threads())
         return out[:R] if rc == 0 else None
+
+    def moe_amx(self, x: torch.Tensor, ids: torch.Tensor, alpha: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+                w2: torch.Tensor, s1: torch.Tensor | None = None, s3: torch.Tensor | None = None,
+                s2: torch.Tensor | None = None, first: int = 0) -> torch.Tensor | None:
+        """moe's routed experts (its arguments, no residual) on AMX tiles in one call: the routes sorted by expert in C,
+        grouped_amx's gate/up SwiGLU and down, combine_rows' weighted sum; no count is read back on the host, so a
+        recorded step can hold it. D and I multiples of 32. None where the build or the OS gives no AMX."""
+        (T, D), k, (E, I, _) = x.shape, ids.shape[1], w1.shape
+        y = torch.empty(T, D, dtype=torch.bfloat16)
+        p1, q1, fmt = self._w(w1, s1)
+        p3, q3, _ = self._w(w3, s3)
+        p2, q2, _ = self._w(w2, s2)
+        rc = self.lib.dsv3_moe_amx(x.data_ptr(), T, k, ids.data_ptr(), alpha.data_ptr(), first, E, p1, q1, p3, q3, p2,
+                                   q2, fmt, D, I, y.data_ptr(), torch.get_num_threads())
+        return y if rc == 0 else None
 
     def combine_rows(self, ys: torch.Tensor, pos: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """[T, D] bf16 = Σ_j w[t, j] · ys[pos[t, j]] in fp32, one rounding; ys [R, D] bf16, pos [T, k] int64 (-1:

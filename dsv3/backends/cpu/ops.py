@@ -1,6 +1,7 @@
 """The cpu backend: the plain-torch reference plus CPU speed rules, tested against the reference.
 
-What it adds: the C kernels of native.c for decode-sized work (fewer than UPCAST_ROWS rows), FP8
+What it adds: the C kernels of native.c for decode-sized work (fewer than UPCAST_ROWS rows; AMX tiles
+from AMX_ROWS rows where the CPU has them), FP8
 weights kept as FP8 (`weights="fp8"`, the default where the C kernels run a bf16 model: half the
 memory and half the bytes per token of bf16) or dequantized at load ("bf16"), torch's own GEMMs
 (oneDNN, AMX where the CPU has it) for prefill with FP8 weights widened per call, fp32 GEMMs for bf16
@@ -40,8 +41,19 @@ def _native_bf16() -> bool:
 UPCAST_ROWS = 16
 #: up to this many (token, expert) routes the C kernel runs the routed experts (each expert's weights read once,
 #: its rows dotted in registers); beyond, one GEMM per expert through torch. Measured on 32 experts of 256 x 1024,
-#: FP8, AVX-512/AMX: 128 tokens x top-4 take 11 ms in C vs 18-23 ms as 32 torch GEMMs; 512 tokens 61 vs 31 ms.
+#: FP8, AVX-512: 128 tokens x top-4 take 11 ms in C vs 18-23 ms as 32 torch GEMMs; 512 tokens 61 vs 31 ms.
 NATIVE_MOE_ROUTES = 512
+#: where the CPU has AMX tiles, from this many routes per routed expert on average the routed experts run on them
+#: (native.moe_amx: each weight strip widened to bf16 once and multiplied into 32 rows a tile pass) rather than in
+#: the C kernel above, whose fp32 dot products cost the same per row however many rows share a weight. Measured on a
+#: Sapphire Rapids Xeon, 2 threads, FP8, C kernel / AMX time at 2 and 3 routes per expert: 32 experts of 1024 x 256,
+#: top-4: 0.88x, 1.26x; 256 of 1024 x 320, top-8: 1.00x (2), 1.64x (4); 32 of 7168 x 2048, top-8: 0.89x, 1.06x.
+AMX_ROUTES_PER_EXPERT = 2.5
+#: from this many rows a linear or a dense MLP runs on the AMX grouped GEMM (one expert) where the CPU has it, for
+#: the same reason. Measured as above, C kernel / AMX time at 4 and 5 rows (two runs at 4): linears 1024-7168 x
+#: 1024-2048 FP8 and the 32000 x 1024 bf16 head 0.94-1.46x, 1.20-1.77x; MLPs 1024 x 256-2816 and 7168 x 2048 FP8
+#: 0.82-1.38x, 1.11-1.91x; at 6 rows 1.46-2.26x and 1.20-2.26x.
+AMX_ROWS = 5
 #: up to this many rows, a prompt's linears and dense MLPs run on the AMX grouped GEMMs (one expert) rather than
 #: through torch's oneDNN GEMM of the weight widened per call. Measured in the 280M model's prefill, FP8, 2 threads
 #: (linears + linear_add / dense and shared MLPs, ms): 512 tokens 18.4 vs 21.4 / 14.7 vs 20.4; 1024 tokens 33.7 vs
@@ -62,6 +74,7 @@ class CpuKernels(ReferenceKernels):
         self.native = native_lib.load(isa) if self.device.type == "cpu" else None
         self.use_weights(weights)
         self._routes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # (ids, alpha) per row count: see _mlp_routes
+        self._one_group: dict[int, torch.Tensor] = {}  # grouped_amx's starts of one expert, per row count
         self.model_dtype: torch.dtype | None = None  # seen at load (prepare_linear): the step is recorded for bf16
 
     @classmethod
@@ -171,18 +184,18 @@ class CpuKernels(ReferenceKernels):
 
     def _linear(self, x, weight, scale, residual):
         rows = self._decode_rows(x)
+        if self._amx_rows(x, weight) and (residual is None or residual.dtype == x.dtype):
+            T = x.numel() // x.shape[-1]
+            y = self.native.grouped_amx(x.reshape(T, -1).contiguous(), self._starts(T), weight[None],
+                                        None if scale is None else scale[None], total=T)
+            if y is not None:
+                y = y.view(*x.shape[:-1], weight.shape[0])
+                return y if residual is None else residual + y
         if rows and self._native_ok(x, weight) and (residual is None or residual.dtype == torch.bfloat16):
             # fp32 accumulation and one rounding to bf16 (residual added before it); the weight read once
             y = self.native.linear(x.reshape(rows, -1).contiguous(), weight, scale,
                                    None if residual is None else residual.reshape(rows, -1).contiguous())
             return y.view(*x.shape[:-1], weight.shape[0])
-        if not rows and self._amx_prompt(x, weight) and (residual is None or residual.dtype == x.dtype):
-            T = x.numel() // x.shape[-1]
-            y = self.native.grouped_amx(x.reshape(T, -1).contiguous(), torch.tensor([0, T]), weight[None],
-                                        None if scale is None else scale[None])
-            if y is not None:
-                y = y.view(*x.shape[:-1], weight.shape[0])
-                return y if residual is None else residual + y
         w = self._dense(weight, scale, x.dtype)
         if self.slow_bf16(x.dtype) and not rows:
             # same result (fp32 accumulation, one rounding to bf16), ~8x faster on AVX2 for prefill
@@ -193,15 +206,15 @@ class CpuKernels(ReferenceKernels):
 
     def mlp(self, x, w1, w2, w3, s1=None, s2=None, s3=None, residual=None):
         rows = self._decode_rows(x)
+        if self._amx_rows(x, w1, w2, w3) and (residual is None or residual.dtype == x.dtype):
+            y = self._mlp_amx(x, w1, w2, w3, s1, s2, s3)
+            if y is not None:
+                return y if residual is None else residual + y
         if rows and self._native_ok(x, w1, w2, w3) and (residual is None or residual.dtype == torch.bfloat16):
             ids, alpha = self._mlp_routes(rows)
             y = self.native.moe(x.reshape(rows, -1).contiguous(), ids, alpha, w1, w3, w2, s1, s3, s2,
                                 residual=None if residual is None else residual.reshape(rows, -1).contiguous())
             return y.view(x.shape)
-        if not rows and self._amx_prompt(x, w1, w2, w3) and (residual is None or residual.dtype == x.dtype):
-            y = self._mlp_amx(x, w1, w2, w3, s1, s2, s3)
-            if y is not None:
-                return y if residual is None else residual + y
         return super().mlp(x, w1, w2, w3, s1, s2, s3, residual)
 
     def _mlp_routes(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,10 +224,16 @@ class CpuKernels(ReferenceKernels):
             self._routes[rows] = (torch.zeros(rows, 1, dtype=torch.int64), torch.ones(rows, 1))
         return self._routes[rows]
 
-    def _amx_prompt(self, x, *weights) -> bool:
-        """A prompt's product [T, K] x [N, K]ᵀ goes to the AMX grouped GEMM (one expert): AMX here, bf16 activations,
-        bf16 or kept-FP8 weights, K and N multiples of 32, at most AMX_PROMPT_ROWS rows."""
-        return (self.native is not None and self.native.amx and x.numel() // x.shape[-1] <= AMX_PROMPT_ROWS
+    def _starts(self, T: int) -> torch.Tensor:
+        """grouped_amx's starts for T rows of one expert, made once per row count (a recorded step refills no factory)."""
+        if T not in self._one_group:
+            self._one_group[T] = torch.tensor([0, T])
+        return self._one_group[T]
+
+    def _amx_rows(self, x, *weights) -> bool:
+        """A product [T, K] x [N, K]ᵀ goes to the AMX grouped GEMM (one expert): AMX here, AMX_ROWS to AMX_PROMPT_ROWS
+        rows, bf16 activations, bf16 or kept-FP8 weights, K and N multiples of 32."""
+        return (self.native is not None and self.native.amx and AMX_ROWS <= x.numel() // x.shape[-1] <= AMX_PROMPT_ROWS
                 and self._native_ok(x, *weights) and x.shape[-1] % 32 == 0
                 and all(w.dim() == 2 and w.shape[0] % 32 == 0 for w in weights))
 
@@ -223,12 +242,13 @@ class CpuKernels(ReferenceKernels):
         epilogue (no [T, 2I] intermediate, no separate silu and product), FP8 weights widened inside. The reference's
         roundings. None: no AMX."""
         T = x.numel() // x.shape[-1]
-        starts = torch.tensor([0, T])
+        starts = self._starts(T)
         one = lambda s: None if s is None else s[None]  # noqa: E731  an expert stack of one
-        h = self.native.grouped_amx(x.reshape(T, -1).contiguous(), starts, w1[None], one(s1), w3[None], one(s3))
+        h = self.native.grouped_amx(x.reshape(T, -1).contiguous(), starts, w1[None], one(s1), w3[None], one(s3),
+                                    total=T)
         if h is None:
             return None
-        return self.native.grouped_amx(h, starts, w2[None], one(s2)).view(x.shape)
+        return self.native.grouped_amx(h, starts, w2[None], one(s2), total=T).view(x.shape)
 
     def rms_norm(self, x, weight, eps):
         if native_lib.rows_at_one_stride(x) and self._native_ok(x, weight):
@@ -314,11 +334,19 @@ class CpuKernels(ReferenceKernels):
                 and (not grouped or (per >= 2 and p.top_k <= p.topk_group * per)))
 
     def moe_experts(self, x, weights, ids, experts: ExpertWeights):
-        k = ids.shape[1]
-        if ids.numel() <= NATIVE_MOE_ROUTES and self._native_ok(x, experts.w1, experts.w2, experts.w3):
-            # decode and short prompts: one call, no host sync on the ids; other ranks' experts are skipped inside
-            return self.native.moe(x.contiguous(), ids.contiguous(), weights.float().contiguous(), experts.w1,
-                                   experts.w3, experts.w2, experts.s1, experts.s3, experts.s2, experts.first)
+        k, routes = ids.shape[1], ids.numel()
+        if self._native_ok(x, experts.w1, experts.w2, experts.w3):
+            if ((routes >= AMX_ROUTES_PER_EXPERT * experts.routed or routes > NATIVE_MOE_ROUTES) and self.native.amx
+                    and x.shape[1] % 32 == 0 and experts.w1.shape[1] % 32 == 0):  # the AMX tiles' K and N steps
+                # several rows per expert: on AMX tiles, routes sorted in C (the reference's roundings; no host sync)
+                y = self.native.moe_amx(x.contiguous(), ids.contiguous(), weights.float().contiguous(), experts.w1,
+                                        experts.w3, experts.w2, experts.s1, experts.s3, experts.s2, experts.first)
+                if y is not None:
+                    return y
+            if routes <= NATIVE_MOE_ROUTES:
+                # decode and short prompts: one call, no host sync on the ids; other ranks' experts are skipped inside
+                return self.native.moe(x.contiguous(), ids.contiguous(), weights.float().contiguous(), experts.w1,
+                                       experts.w3, experts.w2, experts.s1, experts.s3, experts.s2, experts.first)
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)  # [T, D]
         local = (ids - experts.first).flatten()  # [T·k]
         if local.numel() <= 16:  # decode: a handful of rows, each its own expert call without sorting
@@ -330,32 +358,4 @@ class CpuKernels(ReferenceKernels):
                     y = self.expert(rows if rows is not None else x[t:t + 1], experts, e)
                     out[t:t + 1].add_(y, alpha=w[row])  # fp32 accumulation of the bf16 expert output
             return out.to(x.dtype)
-        if (self.native is not None and self.native.amx and self._native_ok(x, experts.w1, experts.w2, experts.w3)
-                and x.shape[1] % 32 == 0 and experts.w1.shape[1] % 32 == 0):  # the AMX tiles' K and N steps
-            y = self._moe_amx(x, weights, ids, experts)
-            if y is not None:
-                return y
         return super().moe_experts(x, weights, ids, experts)
-
-    def _moe_amx(self, x, weights, ids, experts: ExpertWeights):
-        """Prefill-sized routed experts on AMX tiles: the (token, slot) rows sorted by expert once, then every
-        expert's gate, up and SwiGLU in one grouped GEMM, down in a second, one weighted combine: the reference's
-        roundings (gate, up, SwiGLU and each expert output in bf16, the weighted sum in fp32). FP8 weights are
-        widened 16 rows at a time inside the GEMM, never whole. None: no AMX here."""
-        k, E = ids.shape[1], experts.count
-        local = (ids - experts.first).flatten()  # [T·k]
-        order = local.argsort(stable=True)
-        # counts[0]: rows of experts below this rank's, counts[1 + e]: expert e's, counts[E + 1]: those above
-        counts = torch.bincount(local.clamp(-1, E) + 1, minlength=E + 2)
-        rows = order[int(counts[0]):int(counts[0]) + int(counts[1:E + 1].sum())]  # the rows held here, sorted
-        R = rows.numel()
-        starts = torch.zeros(E + 1, dtype=torch.int64)
-        starts[1:] = counts[1:E + 1].cumsum(0)
-        h = self.native.grouped_amx(x.contiguous(), starts, experts.w1, experts.s1, experts.w3, experts.s3,
-                                    rows=rows // k)  # [R, I]: SwiGLU out
-        if h is None:
-            return None
-        ys = self.native.grouped_amx(h, starts, experts.w2, experts.s2)  # [R, D]
-        pos = torch.full((local.numel(),), -1, dtype=torch.int64)  # each (token, slot) row's place in ys
-        pos[rows] = torch.arange(R)
-        return self.native.combine_rows(ys, pos.view(ids.shape), weights.float().contiguous())
