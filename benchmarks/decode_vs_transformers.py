@@ -5,13 +5,14 @@ Side by side in one run, on the ~280M-parameter config (hidden 1024, 8 layers, 3
 32000) written in the released FP8 layout: batch-1 greedy decode tokens/s (transformers' `generate` against
 dsv3's generation loop) and prefill tokens/s for a 512-token prompt. dsv3 runs three ways: FP8 weights kept
 as FP8 (`--cpu-weights fp8`, the default), dequantized to bf16 at load (`--cpu-weights bf16`), and with the
-C kernels off (DSV3_CPU_NATIVE=0: plain torch ops). Batch-1 decode reads every active weight once per
+C kernels off (DSV3_CPU_NATIVE=0: plain torch ops); then batch-16 greedy decode (16 prompts of the same length)
+and a 32-token prompt's prefill, FP8 and bf16 weights against transformers. Batch-1 decode reads every active weight once per
 token, so beside the ratios: the machine's copy bandwidth (read + write bytes per second of a 1 GiB copy),
 each mode's weight bytes per token, the tokens/s those allow, and the fraction reached. Also each mode's
 resident weight memory against the checkpoint's tensor bytes, and its logits' error against transformers
 in fp32 next to transformers' own bf16 error. Appends the tables to benchmarks/RESULTS.md with the command.
 
-    python benchmarks/decode_vs_transformers.py [--new-tokens 64] [--repeats 3] [--workdir DIR]
+    python benchmarks/decode_vs_transformers.py [--new-tokens 64] [--batch 16] [--repeats 3] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--prefill-len", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=16, help="prompts decoded together in the batched rows")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
@@ -80,6 +82,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(2, BENCH_280M["vocab_size"], (1, args.prompt_len), generator=g)
     long_prompt = torch.randint(2, BENCH_280M["vocab_size"], (1, args.prefill_len), generator=g)
+    batch = torch.randint(2, BENCH_280M["vocab_size"], (args.batch, args.prompt_len), generator=g)  # same lengths
     n_new = args.new_tokens
 
     decode_only = {}  # tok/s of the decode steps alone (the prompt's prefill left out), best interleaved run
@@ -97,14 +100,23 @@ def main() -> None:
                                   eos_token_id=None, pad_token_id=0)
         return out[0, args.prompt_len:].tolist()
 
-    def ours_prefill(engine):
-        cache = LatentCache.allocate(engine.cfg, len(engine.model.layers), 1, args.prefill_len, torch.bfloat16, "cpu")
-        with torch.inference_mode():
-            engine.model(long_prompt, 0, cache, last_only=True)
+    def ours_batch(engine):
+        out, _ = generate(engine.model, batch.tolist(), n_new, eos_ids=(), dtype=torch.bfloat16)
+        assert all(len(o) == n_new for o in out)
 
-    def theirs_prefill():
+    def theirs_batch():
         with torch.inference_mode():
-            theirs(long_prompt, use_cache=True, logits_to_keep=1)
+            theirs.generate(batch, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)
+
+    def ours_prefill(engine, ids=long_prompt):
+        cache = LatentCache.allocate(engine.cfg, len(engine.model.layers), 1, ids.shape[1], torch.bfloat16, "cpu")
+        with torch.inference_mode():
+            engine.model(ids, 0, cache, last_only=True)
+
+    def theirs_prefill(ids=long_prompt):
+        with torch.inference_mode():
+            theirs(ids, use_cache=True, logits_to_keep=1)
 
     decoders = {"fp8": lambda: ours_decode(modes["fp8"]), "bf16": lambda: ours_decode(modes["bf16"]),
                 "plain": lambda: ours_decode(plain), "theirs": theirs_decode}
@@ -133,6 +145,20 @@ def main() -> None:
         for k, fn in prefillers.items():
             prefill_s[k] = min(prefill_s[k], best(fn, 1))
     prefill = {k: args.prefill_len / t for k, t in prefill_s.items()}
+    # batched decode and a short prompt's prefill (a chat turn): FP8 and bf16 weights against transformers, interleaved
+    batched = {"fp8": lambda: ours_batch(modes["fp8"]), "bf16": lambda: ours_batch(modes["bf16"]), "theirs": theirs_batch}
+    shorts = {k: (lambda e=e: ours_prefill(e, prompt)) for k, e in modes.items()}
+    shorts["theirs"] = lambda: theirs_prefill(prompt)
+    for fn in (*batched.values(), *shorts.values()):
+        fn()
+    batch_s = {k: float("inf") for k in batched}
+    short_s = {k: float("inf") for k in shorts}
+    for _ in range(args.repeats):
+        for k in batched:
+            batch_s[k] = min(batch_s[k], best(batched[k], 1))
+            for _ in range(3):
+                short_s[k] = min(short_s[k], best(shorts[k], 1))
+    batch_tps = {k: args.batch * n_new / t for k, t in batch_s.items()}
     bandwidth = R.copy_bandwidth()
 
     rows = [
@@ -148,6 +174,12 @@ def main() -> None:
         f"| prefill, {args.prefill_len}-token prompt | {prefill['fp8']:.0f} tok/s | {prefill['bf16']:.0f} tok/s | "
         f"(bf16 path) | {prefill['theirs']:.0f} tok/s | **{prefill['fp8'] / prefill['theirs']:.2f}x** | "
         f"**{prefill['bf16'] / prefill['theirs']:.2f}x** |",
+        f"| batch-{args.batch} greedy decode, {args.prompt_len}-token prompts + {n_new} new tokens, models interleaved | "
+        f"{batch_tps['fp8']:.1f} tok/s | {batch_tps['bf16']:.1f} tok/s | (not timed) | {batch_tps['theirs']:.1f} tok/s | "
+        f"**{batch_tps['fp8'] / batch_tps['theirs']:.2f}x** | **{batch_tps['bf16'] / batch_tps['theirs']:.2f}x** |",
+        f"| prefill, {args.prompt_len}-token prompt (time to the first token's logits) | {1e3 * short_s['fp8']:.1f} ms | "
+        f"{1e3 * short_s['bf16']:.1f} ms | (not timed) | {1e3 * short_s['theirs']:.1f} ms | "
+        f"**{short_s['theirs'] / short_s['fp8']:.2f}x** | **{short_s['theirs'] / short_s['bf16']:.2f}x** |",
         "",
         "| weights | bytes per token | resident weights / the checkpoint's bytes of them | bandwidth limit | decode "
         "steps reached | fraction of the limit |",
@@ -191,7 +223,9 @@ def main() -> None:
         f"generate call (the short prompt's prefill included, for both), best of {args.repeats}, first with the four "
         "models interleaved (each run starts with its weights evicted by the others': the conservative figure, and the "
         "one judged), then each model run after run (its weights partly stay in this machine's large shared L3: a "
-        f"280M model can, DeepSeek-V3 cannot); prefill: best of {args.repeats + 2}, the three interleaved.",
+        f"280M model can, DeepSeek-V3 cannot); prefill: best of {args.repeats + 2}, the three interleaved. Batched "
+        f"decode: {args.batch} prompts of {args.prompt_len} tokens, new tokens of all rows over the whole call, best of "
+        f"{args.repeats}; the short prefill best of {3 * args.repeats}; both interleaved, speed-ups as time ratios.",
         f"Machine: {cpu_line()}; torch {torch.__version__} with {torch.get_num_threads()} threads; dsv3 C kernels "
         f"built for {modes['fp8'].kernels.native.isa}.",
     ]
