@@ -41,7 +41,7 @@ def _native_bf16() -> bool:
 UPCAST_ROWS = 16
 #: up to this many (token, expert) routes the C kernel runs the routed experts (each expert's weights read once,
 #: its rows dotted in registers); beyond, one GEMM per expert through torch. Measured on 32 experts of 256 x 1024,
-#: FP8, AVX-512: 128 tokens x top-4 take 11 ms in C vs 18-23 ms as 32 torch GEMMs; 512 tokens 61 vs 31 ms.
+#: FP8, AVX-512/AMX: 128 tokens x top-4 take 11 ms in C vs 18-23 ms as 32 torch GEMMs; 512 tokens 61 vs 31 ms.
 NATIVE_MOE_ROUTES = 512
 #: where the CPU has AMX tiles, from this many routes per routed expert on average the routed experts run on them
 #: (native.moe_amx: each weight strip widened to bf16 once and multiplied into 32 rows a tile pass) rather than in
