@@ -79,12 +79,12 @@ class Engine:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, static: bool = False, speculative: str | None = None,
-                 draft_tokens: int = 1) -> list[list[int]]:
+                 draft_tokens: int = 1, ignore_eos: bool = False) -> list[list[int]]:
         """New token ids for each prompt (EOS excluded). Greedy when temperature == 0. `static` runs the
         fixed-shape (graph-ready) decode step even where no graph is captured. `speculative="mtp"` drafts
         `draft_tokens` tokens per step with the checkpoint's MTP layer and verifies them in one main-model step:
         the same greedy tokens (the same distribution when sampling), fewer steps; last_stats.extra reports the
-        acceptance."""
+        acceptance. `ignore_eos`: run on past end-of-sequence tokens, max_new_tokens for every prompt (benchmarks)."""
         if speculative not in (None, "mtp"):
             raise DsvError(f"speculative={speculative!r}; the one drafter is 'mtp' (the checkpoint's MTP layer)")
         if speculative and not self.has_mtp:
@@ -104,6 +104,8 @@ class Engine:
         eos = self.cfg.eos_token_ids
         if self.tokenizer is not None and self.tokenizer.eos_id is not None and self.tokenizer.eos_id not in eos:
             eos = (*eos, self.tokenizer.eos_id)
+        if ignore_eos:
+            eos = ()
         if speculative:
             from .core.speculative import speculative_generate
 

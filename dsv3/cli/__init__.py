@@ -51,6 +51,7 @@ def main(ctx: click.Context, debug: bool, verbose: bool) -> None:
     Real checkpoints:
       dsv3 backends                             # what can run here, and why not
       dsv3 run /models/DeepSeek-V3 --backend auto --prompt "..."
+      dsv3 bench /models/DeepSeek-V3 --batch 1,8,32   # prefill and decode speed on this machine
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
@@ -61,12 +62,13 @@ def main(ctx: click.Context, debug: bool, verbose: bool) -> None:
 
 def _register() -> None:
     from .backends_cmd import backends
+    from .bench_cmd import bench
     from .convert_cmd import convert
     from .demo_cmd import demo
     from .run_cmd import run
     from .serve_cmd import serve
 
-    for cmd in (backends, demo, run, serve, convert):
+    for cmd in (backends, demo, run, serve, bench, convert):
         main.add_command(cmd)
 
 

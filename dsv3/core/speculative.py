@@ -430,6 +430,8 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
         cut = next((j for j, t in enumerate(row) if t in eos), len(row))
         results.append(row[:min(cut, max_new_tokens)])
     stats.decode_tokens = sum(len(r) for r in results)
+    made = [step for step in (kept.get("plain"), *static.values()) if step is not None]
+    stats.extra["decode_step"] = "graph" if any(step.captured for step in made) else "static" if made else "eager"
     stats.extra.update(speculative="mtp", draft_tokens=k, rounds=rounds, probes=probes,
                        acceptance=(accepted + hits) / max(proposed + probed, 1),
                        tokens_per_round=1 + accepted / max(row_rounds, 1), drafting_at_end=drafting)
