@@ -19,7 +19,7 @@ import click
 import torch
 
 from ..core.errors import DsvError
-from .run_cmd import CPU_WEIGHTS, _progress_bar
+from .options import load_options, progress_bar
 
 
 def _sizes(ctx, param, value: str) -> list[int]:
@@ -123,13 +123,7 @@ def table(rows: list[dict]) -> str:
 
 
 @click.command()
-@click.argument("ckpt", type=click.Path(path_type=Path))
-@click.option("--backend", default="auto", show_default=True,
-              help="auto, cpu, cuda, rocm, ascend, or a plugin's name (see `dsv3 backends`).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
-              help="Activation/weight dtype for dequantized weights.")
-@click.option("--device", default=None, help="Override the backend's device (e.g. cpu, cuda:1).")
-@CPU_WEIGHTS
+@load_options
 @click.option("--batch", "batches", default="1,8", show_default=True, callback=_sizes,
               help="Batch sizes to measure, comma-separated.")
 @click.option("--prompt-len", "prompt_lens", default="32,512", show_default=True, callback=_sizes,
@@ -175,7 +169,7 @@ def bench(ckpt: Path, backend, dtype, device, cpu_weights, batches, prompt_lens,
                        f"{f' + {room} for drafts' if room else ''} = {need} tokens exceeds --max-seq-len {max_seq_len}; "
                        "lower them or raise --max-seq-len")
     par = Parallel.from_env()
-    update, close = _progress_bar(sys.stderr.isatty() and par.is_main)
+    update, close = progress_bar(sys.stderr.isatty() and par.is_main)
     try:
         engine = load(ckpt, backend=backend, dtype=dtype, device=device, max_seq_len=max_seq_len or need,
                       parallel=par, progress=update, cuda_graphs=cuda_graphs, cpu_weights=cpu_weights)

@@ -8,27 +8,7 @@ from pathlib import Path
 import click
 
 from ..core.errors import DsvError
-
-#: `run` and `serve`: what FP8 checkpoint weights become in the cpu backend's memory
-CPU_WEIGHTS = click.option(
-    "--cpu-weights", type=click.Choice(["auto", "fp8", "bf16"]), default="auto", show_default=True,
-    help="cpu backend: keep FP8 weights as FP8 in memory (half the RAM of bf16, fewer bytes per token) or "
-         "dequantize them to bf16 at load. auto = fp8 for --dtype bf16 where the C kernels build.")
-
-
-def _progress_bar(enabled: bool):
-    if not enabled:
-        return None, lambda: None
-    from tqdm import tqdm
-
-    bar = tqdm(unit="B", unit_scale=True, desc="loading", file=sys.stderr, leave=False)
-
-    def update(n: int, total: int) -> None:
-        if bar.total != total:
-            bar.total = total
-        bar.update(n)
-
-    return update, bar.close
+from .options import load_options, progress_bar
 
 
 def _finite(lo: float, hi: float | None = None, lo_open: bool = False):
@@ -61,13 +41,7 @@ def printable(text: str) -> str:
 
 
 @click.command()
-@click.argument("ckpt", type=click.Path(path_type=Path))
-@click.option("--backend", default="auto", show_default=True,
-              help="auto, cpu, cuda, rocm, ascend, or a plugin's name (see `dsv3 backends`).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
-              help="Activation/weight dtype for dequantized weights.")
-@click.option("--device", default=None, help="Override the backend's device (e.g. cpu, cuda:1).")
-@CPU_WEIGHTS
+@load_options
 @click.option("--prompt", default=None, help="One prompt.")
 @click.option("--input-file", type=click.Path(path_type=Path), default=None,
               help="A file with one prompt per line; all are run as one batch.")
@@ -126,7 +100,7 @@ def run(ctx, ckpt: Path, backend, dtype, device, cpu_weights, prompt, input_file
     elif prompt is not None:
         prompts = [_text(prompt, "--prompt")]
 
-    update, close = _progress_bar(sys.stderr.isatty() and is_main)
+    update, close = progress_bar(sys.stderr.isatty() and is_main)
     try:
         engine = load(ckpt, backend=backend, dtype=dtype, device=device, attn_impl=attn, max_seq_len=max_seq_len,
                       parallel=par, progress=update, require_tokenizer=True, cuda_graphs=cuda_graphs,

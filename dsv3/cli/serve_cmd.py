@@ -10,15 +10,11 @@ from pathlib import Path
 import click
 
 from ..core.errors import DsvError
-from .run_cmd import CPU_WEIGHTS, _progress_bar
+from .options import load_options, progress_bar
 
 
 @click.command()
-@click.argument("ckpt", type=click.Path(path_type=Path))
-@click.option("--backend", default="auto", show_default=True, help="auto, cpu, cuda, rocm, ascend (see `dsv3 backends`).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
-@click.option("--device", default=None, help="Override the backend's device (e.g. cuda:1).")
-@CPU_WEIGHTS
+@load_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. The default answers this machine only; 0.0.0.0 exposes the server to the network.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
@@ -67,7 +63,7 @@ def serve(ctx, ckpt: Path, backend, dtype, device, cpu_weights, host, port, max_
     sock = None
     if par.is_main:  # bind before the (long) load: a taken port fails in a second, not after minutes
         sock = listen_socket(host, port)
-    update, close = _progress_bar(sys.stderr.isatty() and par.is_main)
+    update, close = progress_bar(sys.stderr.isatty() and par.is_main)
     try:
         engine = load(ckpt, backend=backend, dtype=dtype, device=device, attn_impl=attn, max_seq_len=max_seq_len,
                       parallel=par, progress=update, require_tokenizer=True, cpu_weights=cpu_weights)
