@@ -6,11 +6,8 @@ iteration runs at most one prefill forward (a chunk of every prompt still being 
 first, padded to one length) and one decode step over all rows that are generating, so a long
 prompt is read a chunk at a time while the running streams keep their pace.
 
-With `speculative="mtp"` the decode step verifies drafts: the MTP module (its own cache, one slot per
-request like the main cache) drafts k tokens per row, one main-model step over [last, drafts] keeps each
-row's accepted prefix plus the main model's next token (rows accept different counts), and the MTP
-module catches up on the kept positions (core/speculative.py explains the round). While drafting does not pay
-(drafting.py) the steps are probes: plain steps whose drafts are only scored.
+With `speculative="mtp"` the decode step verifies drafts of the MTP module instead (speculation.py).
+While drafting does not pay (drafting.py) the steps are probes: plain steps whose drafts are only scored.
 
 Under tensor parallel, rank 0 schedules and every rank runs the same forwards (runner.py).
 """
@@ -29,11 +26,10 @@ from typing import Callable
 import torch
 
 from ..core.errors import DsvError
-from ..core.generate import bucket, draw, probabilities, sample
+from ..core.generate import sample
 from ..core.model import LatentCache
-from ..core.speculative import accept_greedy, accept_sampled, first_draft_lands
-from .drafting import PROBE_EVERY, DraftPolicy
 from .runner import DECODE, PREFILL, StepRunner
+from .speculation import Drafting
 from .text import TextStream
 
 log = logging.getLogger("dsv3")
@@ -99,25 +95,10 @@ class Scheduler:
         self.cache = LatentCache.allocate(model.cfg, len(model.layers), max_batch + 1, self.max_len, engine.dtype,
                                           model.rope_cos.device)
         self.runner = StepRunner(model, self.cache, graphs=engine.cuda_graphs)
-        self.draft_tokens, self.mtp_cache = 0, None  # speculative: drafts per row and step, the MTP module's cache
-        self.policy: DraftPolicy | None = None  # ... and whether to draft now (the adaptive off-switch)
-        self.drafted = self.accepted = 0
-        self.probe_steps = 0  # plain steps while drafting is off: every PROBE_EVERY-th catches the MTP cache up
-        if speculative is not None:
-            if speculative != "mtp":
-                raise DsvError(f"--speculative {speculative}: the one drafter is 'mtp' (the checkpoint's MTP layer)")
-            if len(model.mtp) == 0:
-                raise DsvError("--speculative mtp needs the checkpoint's MTP layer (num_nextn_predict_layers >= 1); "
-                               "this one has none: serve without --speculative")
-            if model.par.world_size > 1:
-                raise DsvError("--speculative under tensor parallel is not supported yet; serve without it")
-            if draft_tokens < 1:
-                raise DsvError(f"--draft-tokens {draft_tokens}: give at least 1")
-            self.draft_tokens = draft_tokens
-            self.policy = DraftPolicy(draft_tokens)
-            self.mtp_cache = LatentCache.allocate(model.cfg, 1, max_batch + 1, self.max_len, engine.dtype,
-                                                  model.rope_cos.device)  # + the scratch slot, as the main cache
-            self.runner.mtp_cache = self.mtp_cache
+        if speculative is not None and speculative != "mtp":
+            raise DsvError(f"--speculative {speculative}: the one drafter is 'mtp' (the checkpoint's MTP layer)")
+        #: MTP drafting in the decode step (--speculative mtp: speculation.py), or None
+        self.spec = Drafting(self, draft_tokens) if speculative is not None else None
         self.free = list(range(max_batch))  # a heap: the lowest slot first, so the batch is mostly a prefix
         self.inbox: queue.Queue[Request] = queue.Queue()
         self.waiting: deque[Request] = deque()
@@ -285,7 +266,7 @@ class Scheduler:
         take = [len(t) - 1 for t in tokens]
         tokens = [t + [0] * (q - len(t)) for t in tokens]
         slots, starts = [r.slot for r in rows], [r.length for r in rows]
-        if self.mtp_cache is None:
+        if self.spec is None:
             logits = self.runner.forward(PREFILL, slots, tokens, starts, take)
         else:
             logits, hidden = self.runner.forward_hidden(slots, tokens, starts, take)  # hidden [B, q, D]
@@ -294,23 +275,16 @@ class Scheduler:
         done = [(i, r) for i, r in enumerate(rows) if not r.prefilling]
         if done:
             self._sample(logits[[i for i, _ in done]], [r for _, r in done])
-        if self.mtp_cache is not None:  # the MTP module reads the same positions: pairs (hidden at t, token t + 1)
-            nxt = [r.prompt[s + 1:s + t + 2] + ([max(r.last, 0)] if not r.prefilling else [])  # -1: ended at once
-                   for r, s, t in zip(rows, starts, take)]
-            nxt = torch.tensor([n + [0] * (q - len(n)) for n in nxt], device=hidden.device)  # [B, q]
-            dl, dh = self.runner.mtp(slots, nxt, hidden, torch.tensor(starts, device=hidden.device),
-                                     torch.tensor(take, device=hidden.device), self.mtp_cache, static=False)
-            for i, r in enumerate(rows):
-                if not r.prefilling and r.slot >= 0:  # a prompt read to its end, not finished at its first token
-                    r.draft_logits, r.draft_h = dl[i], dh[i]
+        if self.spec is not None:
+            self.spec.prefilled(rows, starts, take, hidden)
 
     def _decode(self) -> None:
         rows = [r for r in self.active if not r.prefilling and not r.cancelled and r.last >= 0]
         if not rows:
             return
         rows.sort(key=lambda r: r.slot)
-        if self.mtp_cache is not None:
-            return self._decode_speculative(rows)
+        if self.spec is not None:
+            return self.spec.decode(rows)
         t0 = time.perf_counter()
         logits = self.runner.forward(DECODE, [r.slot for r in rows], [[r.last] for r in rows],
                                      [r.length for r in rows], [0] * len(rows))
@@ -321,138 +295,15 @@ class Scheduler:
         if self.observe:
             self.observe("step", (len(rows), self.step_time))
 
-    def _decode_speculative(self, rows: list[Request]) -> None:
-        """One round for every generating row: k drafts from the MTP module, one main-model step over [last, drafts]
-        (q = 1 + k), each row's kept tokens emitted one by one (a stop or EOS among them ends it there), then the
-        MTP module catches up on the kept positions. While the policy says drafting does not pay (drafting.py) and
-        no seeded sampled request runs, or rows are too near the context's end for k drafts, the step is a probe
-        (`_probe_step`)."""
-        t0 = time.perf_counter()
-        B, dev = len(rows), self.cache.kv.device
-        fits = all(r.length + 1 + self.draft_tokens <= self.max_len for r in rows)
-        # a seeded sampled request drafts every round: its draws (drafts, acceptances) then repeat from run to run,
-        # which a mode set by other requests and timings would not
-        seeded = any(r.params.seed is not None and r.params.temperature > 0 for r in rows)
-        k = self.draft_tokens if (self.policy.drafting or seeded) and fits else 0
-        if k == 0:
-            return self._probe_step(rows, t0)
-        behind = [r for r in rows if r.pending]
-        if behind:  # drafting resumes: the MTP cache first catches up on the probe steps
-            self._catch_up(behind)
-        slots, starts = [r.slot for r in rows], torch.tensor([r.length for r in rows], device=dev)
-        drafts = torch.zeros(B, k, dtype=torch.long, device=dev)
-        p_draft: list[list[torch.Tensor]] = [[] for _ in rows]  # sampling rows: the drafter's distributions
-        dl, dh = torch.stack([r.draft_logits for r in rows]), torch.stack([r.draft_h for r in rows])
-        greedy = all(r.params.temperature <= 0 for r in rows)
-        for i in range(k):
-            drafts[:, i] = dl.argmax(dim=-1)  # the greedy rows' drafts; sampled rows draw theirs below
-            for b, r in enumerate(rows):
-                if r.params.temperature > 0:
-                    p_draft[b].append(probabilities(dl[b:b + 1], r.params.temperature, r.params.top_p)[0])
-                    drafts[b, i] = draw(p_draft[b][-1][None], r.generator)[0]
-            if i + 1 < k:  # chained: the module on its own output, one position further
-                dl, dh = self.runner.mtp(slots, drafts[:, i:i + 1], dh[:, None], starts + i,
-                                         torch.zeros(B, dtype=torch.long, device=dev), self.mtp_cache)
-        feed = torch.cat([torch.tensor([[r.last] for r in rows], device=dev), drafts], dim=1)  # [B, 1 + k]
-        q = 1 + k
-        if greedy:  # the whole round in one step, the MTP catch-up included, and one host read
-            dl, choice_t, accepted_t, dh, _ = self.runner.round(slots, feed, [r.length for r in rows])
-            kept = [row[:row[q] + 1] for row in torch.cat([choice_t, accepted_t[:, None]], dim=1).tolist()]
-        else:
-            logits, hidden = self.runner.verify(slots, feed, [r.length for r in rows])  # [B, q, V], [B, q, D]
-            choice = logits.argmax(dim=-1).tolist()
-            kept = []
-            for b, r in enumerate(rows):
-                p = r.params
-                if p.temperature <= 0:
-                    kept.append(accept_greedy(choice[b], drafts[b].tolist()))
-                else:
-                    kept.append(accept_sampled(probabilities(logits[b], p.temperature, p.top_p), drafts[b],
-                                               p_draft[b] or None, r.generator))
-        self.drafted += k * B
-        self.accepted += sum(len(t) - 1 for t in kept)
-        now = time.perf_counter()
-        for r, toks in zip(rows, kept):
-            start = r.length
-            for j, tok in enumerate(toks):  # `last` and the drafts before token j are in the cache, as plain decoding
-                r.length = start + j + 1  # would have them when it chose token j
-                if self._emit(r, tok, now):
-                    break
-        if not greedy:
-            nxt = torch.tensor([t[:q] + [0] * (q - len(t[:q])) for t in kept], device=dev)  # [B, q]
-            n = torch.tensor([len(t) - 1 for t in kept], device=dev)
-            dl, dh = self.runner.mtp(slots, nxt, hidden, starts, n, self.mtp_cache)
-        for b, r in enumerate(rows):
-            if r.slot >= 0:  # still running: its next drafts
-                r.draft_logits, r.draft_h = dl[b], dh[b]
-        self.step_time = time.perf_counter() - t0
-        self.policy.record(True, bucket(B), B, float(sum(len(t) - 1 for t in kept)), self.step_time)
-        if self.observe:
-            self.observe("step", (B, self.step_time))
-            self.observe("drafts", (k * B, sum(len(t) - 1 for t in kept), self.policy.drafting))
-
-    def _probe_step(self, rows: list[Request], t0: float) -> None:
-        """A plain step (q = 1) while drafting is off. Its (hidden, token) pairs wait in each request's `pending`;
-        the MTP module catches up on them every PROBE_EVERY steps (one call over the missed positions, whose
-        feed-forward runs at the last one only: ~1 MTP step, not one per step) and before drafting resumes. The
-        rows whose MTP logits are current score the draft they would have made, for the policy."""
-        B, dev = len(rows), self.cache.kv.device
-        fresh = [b for b, r in enumerate(rows) if not r.pending]
-        dl = torch.stack([rows[b].draft_logits for b in fresh]) if fresh else None
-        feed = torch.tensor([[r.last] for r in rows], device=dev)  # [B, 1]
-        logits, hidden = self.runner.verify([r.slot for r in rows], feed, [r.length for r in rows])  # [B, 1, V/D]
-        choice = logits.argmax(dim=-1).tolist()
-        landed = self._probe([rows[b] for b in fresh], dl, logits[fresh]) if fresh else 0.0
-        now = time.perf_counter()
-        hidden = hidden[:, 0].clone()  # [B, D]: a replayed step reuses its output buffer
-        for b, r in enumerate(rows):
-            p = r.params
-            tok = choice[b][0] if p.temperature <= 0 else accept_sampled(
-                probabilities(logits[b], p.temperature, p.top_p), feed[b, :0], None, r.generator)[0]
-            if not r.pending:
-                r.pending_at = r.length
-            r.pending.append((hidden[b], tok))
-            r.length += 1
-            self._emit(r, tok, now)
-        self.probe_steps += 1
-        if self.probe_steps % PROBE_EVERY == 0:
-            self._catch_up([r for r in rows if r.slot >= 0 and r.pending])
-        self.step_time = time.perf_counter() - t0
-        self.policy.record(False, bucket(B), len(fresh), landed, self.step_time)
-        if self.observe:
-            self.observe("step", (B, self.step_time))
-            self.observe("drafts", (0, 0, self.policy.drafting))
-
-    def _catch_up(self, rows: list[Request]) -> None:
-        """The MTP cache over each request's pending pairs; rows grouped by how many they have (no padding)."""
-        dev = self.cache.kv.device
-        for n in sorted({len(r.pending) for r in rows}):
-            group = [r for r in rows if len(r.pending) == n]
-            tokens = torch.tensor([[t for _, t in r.pending] for r in group], device=dev)  # [G, n]
-            hidden = torch.stack([torch.stack([h for h, _ in r.pending]) for r in group])  # [G, n, D]
-            starts = torch.tensor([r.pending_at for r in group], device=dev)
-            take = torch.full((len(group),), n - 1, dtype=torch.long, device=dev)
-            dl, dh = self.runner.mtp([r.slot for r in group], tokens, hidden, starts, take, self.mtp_cache,
-                                     static=False)
-            for i, r in enumerate(group):
-                r.draft_logits, r.draft_h, r.pending = dl[i], dh[i], []
-
-    @staticmethod
-    def _probe(rows: list[Request], dl: torch.Tensor, logits: torch.Tensor) -> float:
-        """A probe's score: how many rows' first drafts (from the MTP logits dl [B, V]) would have been accepted
-        after this step's logits [B, 1, V], each at its own sampling settings (first_draft_lands)."""
-        return float(sum(first_draft_lands(dl[b:b + 1], logits[b, :1], r.params.temperature, r.params.top_p)
-                         for b, r in enumerate(rows)))
-
     def _sample(self, logits: torch.Tensor, rows: list[Request]) -> None:
         greedy = logits.argmax(dim=-1).tolist()
         now = time.perf_counter()
         for i, r in enumerate(rows):
             p = r.params
             tok = greedy[i] if p.temperature <= 0 else int(sample(logits[i:i + 1], p.temperature, p.top_p, r.generator))
-            self._emit(r, tok, now)
+            self.emit(r, tok, now)
 
-    def _emit(self, r: Request, tok: int, now: float) -> bool:
+    def emit(self, r: Request, tok: int, now: float) -> bool:
         """Request r's next token: streamed, or the end of it (EOS, a stop, max_tokens, the context). True: finished."""
         p = r.params
         if r.first_token_at is None:

@@ -117,9 +117,9 @@ def test_speculative_decoding_in_the_batch_gives_each_prompt_its_own_tokens(engi
         for r in reqs:
             assert r.tokens == want[r.id], f"prompt of {len(r.prompt)} tokens, {drafts} drafts, k={k}"
         if drafts == "perfect":
-            assert s.accepted > 0.8 * s.drafted, f"{s.accepted} of {s.drafted} perfect drafts accepted"
+            assert s.spec.accepted > 0.8 * s.spec.drafted, f"{s.spec.accepted} of {s.spec.drafted} perfect drafts accepted"
         if drafts == "always wrong":
-            assert s.accepted == 0 and s.drafted > 0
+            assert s.spec.accepted == 0 and s.spec.drafted > 0
         assert s.stats() == {"running": 0, "waiting": 0, "slots_used": 0}
     finally:
         s.shutdown()
@@ -163,7 +163,7 @@ def test_probe_steps_leave_the_mtp_cache_of_a_plain_run(engine, monkeypatch, res
         self.drafting = resume and len(steps) == PROBE_EVERY + 3
     monkeypatch.setattr(DraftPolicy, "record", policy)
     s = Scheduler(engine, max_batch=1, eos_ids=(), speculative="mtp")
-    s.policy.drafting = False
+    s.spec.policy.drafting = False
     prompt, new = [5, 9, 2, 7, 11], PROBE_EVERY + 6
     done = threading.Semaphore(0)
     r = make(engine, prompt, new, done)
@@ -183,7 +183,7 @@ def test_probe_steps_leave_the_mtp_cache_of_a_plain_run(engine, monkeypatch, res
         zero = torch.zeros(1, dtype=torch.long)
         _, h = m.forward_step(torch.tensor([seq[:written]]), zero, main, written)
         m.mtp_step(torch.tensor([seq[1:written + 1]]), h, zero, mtp, written, take=torch.tensor([written - 1]))
-    for got, want, what in ((s.mtp_cache.kv, mtp.kv, "kv"), (s.mtp_cache.pe, mtp.pe, "pe")):
+    for got, want, what in ((s.spec.cache.kv, mtp.kv, "kv"), (s.spec.cache.pe, mtp.pe, "pe")):
         err = (got[:, 0, :written] - want[:, 0, :written]).abs().max().item()
         assert err < 1e-4, f"MTP cache {what}: entries 0..{written - 1} differ from a plain run by {err:.2e}"
 
@@ -201,17 +201,17 @@ def test_drafts_that_never_land_turn_drafting_off_but_seeded_sampling_drafts(eng
     s.start()
     try:
         assert done.acquire(timeout=120)
-        assert not s.policy.drafting and s.drafted == drafting.WINDOW, (s.policy.drafting, s.drafted)
+        assert not s.spec.policy.drafting and s.spec.drafted == drafting.WINDOW, (s.spec.policy.drafting, s.spec.drafted)
         assert greedy.tokens == engine.generate([prompt], max_new_tokens=3 * drafting.WINDOW)[0]
         runs = []
         for _ in range(2):
             r = make(engine, prompt, 6, done)
             r.params = Sampling(6, temperature=1.0, seed=3)
-            before = s.drafted
+            before = s.spec.drafted
             s.submit(r)
             assert done.acquire(timeout=120)
             runs.append(r.tokens)
-            assert s.drafted > before, "a seeded sampled request did not draft"
+            assert s.spec.drafted > before, "a seeded sampled request did not draft"
         assert runs[0] == runs[1]
     finally:
         s.shutdown()

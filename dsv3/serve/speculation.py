@@ -1,0 +1,186 @@
+"""MTP drafting in the server's decode step: what a Scheduler started with `speculative="mtp"` runs instead of a
+plain step (scheduler.py owns the slots and the emitted tokens; this owns the MTP module's cache, the drafts and
+the adaptive switch of drafting.py).
+
+Each round: the MTP module (its own latent cache, one slot per request like the main cache) drafts k tokens per
+row, one main-model step over [last, drafts] keeps each row's accepted prefix plus the main model's next token
+(rows accept different counts), and the MTP module catches up on the kept positions (core/speculative.py explains
+the round). While drafting does not pay, the steps are probes: plain steps whose drafts are only scored.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..core.errors import DsvError
+from ..core.generate import bucket, draw, probabilities
+from ..core.model import LatentCache
+from ..core.speculative import accept_greedy, accept_sampled, first_draft_lands
+from .drafting import PROBE_EVERY, DraftPolicy
+
+if TYPE_CHECKING:
+    from .scheduler import Request, Scheduler
+
+
+class Drafting:
+    """A scheduler's MTP drafting: k drafts per row and round, the MTP module's cache, the counts /metrics reports
+    (`drafted`, `accepted`) and the policy that switches drafting off and on."""
+
+    def __init__(self, scheduler: Scheduler, draft_tokens: int):
+        model = scheduler.model
+        if len(model.mtp) == 0:
+            raise DsvError("--speculative mtp needs the checkpoint's MTP layer (num_nextn_predict_layers >= 1); "
+                           "this one has none: serve without --speculative")
+        if model.par.world_size > 1:
+            raise DsvError("--speculative under tensor parallel is not supported yet; serve without it")
+        if draft_tokens < 1:
+            raise DsvError(f"--draft-tokens {draft_tokens}: give at least 1")
+        self.s, self.k = scheduler, draft_tokens
+        self.policy = DraftPolicy(draft_tokens)  # whether to draft now (the adaptive off-switch)
+        main = scheduler.cache
+        # one slot per request and the scratch slot, as the main cache
+        self.cache = LatentCache.allocate(model.cfg, 1, main.kv.shape[1], scheduler.max_len, main.kv.dtype,
+                                          main.kv.device)
+        scheduler.runner.mtp_cache = self.cache
+        self.drafted = self.accepted = 0
+        self.probe_steps = 0  # plain steps while drafting is off: every PROBE_EVERY-th catches the MTP cache up
+
+    def prefilled(self, rows: list[Request], starts: list[int], take: list[int], hidden: torch.Tensor) -> None:
+        """After a prefill chunk (rows read tokens from `starts`, `take` + 1 of them real; their final hidden
+        [B, q, D]): the MTP module reads the same positions, pairs (hidden at t, token t + 1); a prompt read to its
+        end gets its first drafts' logits."""
+        q = hidden.shape[1]
+        nxt = [r.prompt[s + 1:s + t + 2] + ([max(r.last, 0)] if not r.prefilling else [])  # -1: ended at once
+               for r, s, t in zip(rows, starts, take)]
+        nxt = torch.tensor([n + [0] * (q - len(n)) for n in nxt], device=hidden.device)  # [B, q]
+        dl, dh = self.s.runner.mtp([r.slot for r in rows], nxt, hidden, torch.tensor(starts, device=hidden.device),
+                                   torch.tensor(take, device=hidden.device), self.cache, static=False)
+        for i, r in enumerate(rows):
+            if not r.prefilling and r.slot >= 0:  # a prompt read to its end, not finished at its first token
+                r.draft_logits, r.draft_h = dl[i], dh[i]
+
+    def decode(self, rows: list[Request]) -> None:
+        """One round for every generating row: k drafts from the MTP module, one main-model step over [last, drafts]
+        (q = 1 + k), each row's kept tokens emitted one by one (a stop or EOS among them ends it there), then the
+        MTP module catches up on the kept positions. While the policy says drafting does not pay (drafting.py) and
+        no seeded sampled request runs, or rows are too near the context's end for k drafts, the step is a probe
+        (`_probe_step`)."""
+        t0 = time.perf_counter()
+        B, dev = len(rows), self.s.cache.kv.device
+        fits = all(r.length + 1 + self.k <= self.s.max_len for r in rows)
+        # a seeded sampled request drafts every round: its draws (drafts, acceptances) then repeat from run to run,
+        # which a mode set by other requests and timings would not
+        seeded = any(r.params.seed is not None and r.params.temperature > 0 for r in rows)
+        k = self.k if (self.policy.drafting or seeded) and fits else 0
+        if k == 0:
+            return self._probe_step(rows, t0)
+        behind = [r for r in rows if r.pending]
+        if behind:  # drafting resumes: the MTP cache first catches up on the probe steps
+            self._catch_up(behind)
+        slots, starts = [r.slot for r in rows], torch.tensor([r.length for r in rows], device=dev)
+        drafts = torch.zeros(B, k, dtype=torch.long, device=dev)
+        p_draft: list[list[torch.Tensor]] = [[] for _ in rows]  # sampling rows: the drafter's distributions
+        dl, dh = torch.stack([r.draft_logits for r in rows]), torch.stack([r.draft_h for r in rows])
+        greedy = all(r.params.temperature <= 0 for r in rows)
+        for i in range(k):
+            drafts[:, i] = dl.argmax(dim=-1)  # the greedy rows' drafts; sampled rows draw theirs below
+            for b, r in enumerate(rows):
+                if r.params.temperature > 0:
+                    p_draft[b].append(probabilities(dl[b:b + 1], r.params.temperature, r.params.top_p)[0])
+                    drafts[b, i] = draw(p_draft[b][-1][None], r.generator)[0]
+            if i + 1 < k:  # chained: the module on its own output, one position further
+                dl, dh = self.s.runner.mtp(slots, drafts[:, i:i + 1], dh[:, None], starts + i,
+                                         torch.zeros(B, dtype=torch.long, device=dev), self.cache)
+        feed = torch.cat([torch.tensor([[r.last] for r in rows], device=dev), drafts], dim=1)  # [B, 1 + k]
+        q = 1 + k
+        if greedy:  # the whole round in one step, the MTP catch-up included, and one host read
+            dl, choice_t, accepted_t, dh, _ = self.s.runner.round(slots, feed, [r.length for r in rows])
+            kept = [row[:row[q] + 1] for row in torch.cat([choice_t, accepted_t[:, None]], dim=1).tolist()]
+        else:
+            logits, hidden = self.s.runner.verify(slots, feed, [r.length for r in rows])  # [B, q, V], [B, q, D]
+            choice = logits.argmax(dim=-1).tolist()
+            kept = []
+            for b, r in enumerate(rows):
+                p = r.params
+                if p.temperature <= 0:
+                    kept.append(accept_greedy(choice[b], drafts[b].tolist()))
+                else:
+                    kept.append(accept_sampled(probabilities(logits[b], p.temperature, p.top_p), drafts[b],
+                                               p_draft[b] or None, r.generator))
+        self.drafted += k * B
+        self.accepted += sum(len(t) - 1 for t in kept)
+        now = time.perf_counter()
+        for r, toks in zip(rows, kept):
+            start = r.length
+            for j, tok in enumerate(toks):  # `last` and the drafts before token j are in the cache, as plain decoding
+                r.length = start + j + 1  # would have them when it chose token j
+                if self.s.emit(r, tok, now):
+                    break
+        if not greedy:
+            nxt = torch.tensor([t[:q] + [0] * (q - len(t[:q])) for t in kept], device=dev)  # [B, q]
+            n = torch.tensor([len(t) - 1 for t in kept], device=dev)
+            dl, dh = self.s.runner.mtp(slots, nxt, hidden, starts, n, self.cache)
+        for b, r in enumerate(rows):
+            if r.slot >= 0:  # still running: its next drafts
+                r.draft_logits, r.draft_h = dl[b], dh[b]
+        self.s.step_time = time.perf_counter() - t0
+        self.policy.record(True, bucket(B), B, float(sum(len(t) - 1 for t in kept)), self.s.step_time)
+        if self.s.observe:
+            self.s.observe("step", (B, self.s.step_time))
+            self.s.observe("drafts", (k * B, sum(len(t) - 1 for t in kept), self.policy.drafting))
+
+    def _probe_step(self, rows: list[Request], t0: float) -> None:
+        """A plain step (q = 1) while drafting is off. Its (hidden, token) pairs wait in each request's `pending`;
+        the MTP module catches up on them every PROBE_EVERY steps (one call over the missed positions, whose
+        feed-forward runs at the last one only: ~1 MTP step, not one per step) and before drafting resumes. The
+        rows whose MTP logits are current score the draft they would have made, for the policy."""
+        B, dev = len(rows), self.s.cache.kv.device
+        fresh = [b for b, r in enumerate(rows) if not r.pending]
+        dl = torch.stack([rows[b].draft_logits for b in fresh]) if fresh else None
+        feed = torch.tensor([[r.last] for r in rows], device=dev)  # [B, 1]
+        logits, hidden = self.s.runner.verify([r.slot for r in rows], feed, [r.length for r in rows])  # [B, 1, V/D]
+        choice = logits.argmax(dim=-1).tolist()
+        landed = self._probe([rows[b] for b in fresh], dl, logits[fresh]) if fresh else 0.0
+        now = time.perf_counter()
+        hidden = hidden[:, 0].clone()  # [B, D]: a replayed step reuses its output buffer
+        for b, r in enumerate(rows):
+            p = r.params
+            tok = choice[b][0] if p.temperature <= 0 else accept_sampled(
+                probabilities(logits[b], p.temperature, p.top_p), feed[b, :0], None, r.generator)[0]
+            if not r.pending:
+                r.pending_at = r.length
+            r.pending.append((hidden[b], tok))
+            r.length += 1
+            self.s.emit(r, tok, now)
+        self.probe_steps += 1
+        if self.probe_steps % PROBE_EVERY == 0:
+            self._catch_up([r for r in rows if r.slot >= 0 and r.pending])
+        self.s.step_time = time.perf_counter() - t0
+        self.policy.record(False, bucket(B), len(fresh), landed, self.s.step_time)
+        if self.s.observe:
+            self.s.observe("step", (B, self.s.step_time))
+            self.s.observe("drafts", (0, 0, self.policy.drafting))
+
+    def _catch_up(self, rows: list[Request]) -> None:
+        """The MTP cache over each request's pending pairs; rows grouped by how many they have (no padding)."""
+        dev = self.s.cache.kv.device
+        for n in sorted({len(r.pending) for r in rows}):
+            group = [r for r in rows if len(r.pending) == n]
+            tokens = torch.tensor([[t for _, t in r.pending] for r in group], device=dev)  # [G, n]
+            hidden = torch.stack([torch.stack([h for h, _ in r.pending]) for r in group])  # [G, n, D]
+            starts = torch.tensor([r.pending_at for r in group], device=dev)
+            take = torch.full((len(group),), n - 1, dtype=torch.long, device=dev)
+            dl, dh = self.s.runner.mtp([r.slot for r in group], tokens, hidden, starts, take, self.cache,
+                                     static=False)
+            for i, r in enumerate(group):
+                r.draft_logits, r.draft_h, r.pending = dl[i], dh[i], []
+
+    @staticmethod
+    def _probe(rows: list[Request], dl: torch.Tensor, logits: torch.Tensor) -> float:
+        """A probe's score: how many rows' first drafts (from the MTP logits dl [B, V]) would have been accepted
+        after this step's logits [B, 1, V], each at its own sampling settings (first_draft_lands)."""
+        return float(sum(first_draft_lands(dl[b:b + 1], logits[b, :1], r.params.temperature, r.params.top_p)
+                         for b, r in enumerate(rows)))
