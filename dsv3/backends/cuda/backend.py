@@ -231,7 +231,12 @@ class CudaKernels(ReferenceKernels):
         return self._mla(q_latent, q_pe, kv, pe, scale, mask, self.target, last, rows)
 
     def moe_experts(self, x, weights, ids, experts: ExpertWeights):
-        if experts.s1 is None or experts.w1.dtype != self.fp8_dtype:
+        fp8 = experts.s1 is not None and experts.w1.dtype == self.fp8_dtype
+        # bf16/fp16 experts (no FP8 on this chip, or a BF16 checkpoint): the same launches, no scales; the
+        # reference's per-expert loop would size its runs on the host and keep the step out of a graph
+        half = (experts.s1 is None and x.dtype in (torch.bfloat16, torch.float16)
+                and experts.w1.dtype == experts.w2.dtype == experts.w3.dtype == x.dtype)
+        if not (fp8 or half):
             return super().moe_experts(x, weights, ids, experts)
         return self._moe(x, weights, ids, experts.w1, experts.s1, experts.w3, experts.s3, experts.w2, experts.s2,
                          experts.first, self.act_max, self.target, self.act_ue8m0)

@@ -18,7 +18,7 @@ import functools
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -194,8 +194,22 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _device_limits(device: torch.device) -> tuple[int, int | None]:
+    """(SMs, shared memory a block may opt into, or None where torch does not say) of a GPU."""
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", None) or None
+
+
 def table_for(target: str, device: torch.device) -> LaunchTable:
-    return load_table(target, arch_of(device))
+    """The launch table for a device. On a GPU, its own SM count and shared memory replace the file's: a chip
+    without a file of its own (an A10 has 99 KB where the sm90 file it falls back to says 227) must size its
+    tiles by what it has (fit_smem, attn_config)."""
+    table = load_table(target, arch_of(device))
+    if device.type != "cuda":
+        return table
+    sms, smem = _device_limits(device)
+    return replace(table, sms=sms, smem_bytes=smem or table.smem_bytes)
 
 
 def sm_count(target: str, device: torch.device) -> int:
@@ -209,18 +223,37 @@ def nearest(buckets: tuple[tuple[int, GemmConfig], ...], m: int) -> GemmConfig:
     return min(buckets, key=lambda p: (abs(math.log(p[0] / m)), -p[0]))[1]
 
 
+def fit_smem(cfg: GemmConfig, smem_bytes: int, b_tiles: int = 1, elt: int = 1) -> GemmConfig:
+    """cfg with fewer pipeline stages, then narrower and shorter tiles, until its tiles fit smem_bytes (a chip
+    with less shared memory than the one the entry was measured on, or 2-byte weights in a table made for FP8);
+    cfg itself where it fits."""
+    while gemm_smem_bytes(cfg, b_tiles, elt) > smem_bytes:
+        if cfg.num_stages > 1:
+            cfg = replace(cfg, num_stages=cfg.num_stages - 1)
+        elif cfg.block_n > 16:
+            cfg = replace(cfg, block_n=cfg.block_n // 2)
+        elif cfg.block_m > 16:
+            cfg = replace(cfg, block_m=cfg.block_m // 2)
+        else:
+            break
+    return cfg
+
+
 def gemm_config(m: int, target: str, n: int | None = None, k: int | None = None,
                 device: torch.device = torch.device("cpu")) -> GemmConfig:
-    """The FP8 GEMM's launch config for an [m, k] activation times an [n, k] weight."""
-    gemm = table_for(target, device).gemm
-    return nearest(gemm.get(f"{n}x{k}", gemm["default"]), m)
+    """The FP8 GEMM's launch config for an [m, k] activation times an [n, k] weight (fitted for two weight tiles, as
+    the SwiGLU linear reads them and as check_config admits entries)."""
+    table = table_for(target, device)
+    return fit_smem(nearest(table.gemm.get(f"{n}x{k}", table.gemm["default"]), m), table.smem_bytes, b_tiles=2)
 
 
 def moe_config(rows_per_expert: float, target: str, n: int | None = None, k: int | None = None,
-               device: torch.device = torch.device("cpu")) -> GemmConfig:
-    """Grouped GEMM tiles: rows of one expert share a tile, so the tile height follows their mean count."""
-    moe = table_for(target, device).moe
-    return nearest(moe.get(f"{n}x{k}", moe["default"]), int(rows_per_expert))
+               device: torch.device = torch.device("cpu"), elt: int = 1) -> GemmConfig:
+    """Grouped GEMM tiles: rows of one expert share a tile, so the tile height follows their mean count. `elt`:
+    the weights' bytes per element (2: bf16 experts, whose tiles take twice the shared memory)."""
+    table = table_for(target, device)
+    cfg = nearest(table.moe.get(f"{n}x{k}", table.moe["default"]), int(rows_per_expert))
+    return fit_smem(cfg, table.smem_bytes, b_tiles=2, elt=elt)
 
 
 def split_k(cfg: GemmConfig, tiles: int, n_kb: int, target: str, device: torch.device) -> tuple[int, int]:
@@ -234,10 +267,10 @@ def split_k(cfg: GemmConfig, tiles: int, n_kb: int, target: str, device: torch.d
     return -(-n_kb // per), per
 
 
-def gemm_smem_bytes(cfg: GemmConfig, b_tiles: int = 1) -> int:
-    """Shared memory the software pipeline of an FP8 GEMM needs: num_stages copies of the A and B tiles
-    (BLOCK_K = 128, one byte each); b_tiles = 2 for gate and up read in one pass."""
-    return cfg.num_stages * 128 * (cfg.block_m + b_tiles * cfg.block_n)
+def gemm_smem_bytes(cfg: GemmConfig, b_tiles: int = 1, elt: int = 1) -> int:
+    """Shared memory the software pipeline of a GEMM needs: num_stages copies of the A and B tiles (BLOCK_K = 128,
+    `elt` bytes each: 1 for FP8); b_tiles = 2 for gate and up read in one pass."""
+    return cfg.num_stages * 128 * (cfg.block_m + b_tiles * cfg.block_n) * elt
 
 
 def attn_smem_bytes(cfg: AttnConfig, block_t: int, c: int, r: int, elt: int) -> int:

@@ -1,4 +1,4 @@
-"""Fused MoE over FP8 experts: tokens sorted by expert, one grouped GEMM launch per projection.
+"""Fused MoE over FP8 (or bf16) experts: tokens sorted by expert, one grouped GEMM launch per projection.
 
 1. routing (torch, no host sync): the T·k (token, slot) rows are sorted by local expert and laid
    out in tiles of BLOCK_M rows that each belong to one expert (padded with a sentinel row);
@@ -6,6 +6,9 @@
 3. act_quant of that intermediate, then down: one launch, rows scaled by their routing weight
    (at decode sizes both GEMMs quantize their activation tiles themselves: no act_quant launches);
 4. the k rows of each token are summed (one launch), skipping rows routed to another rank's experts.
+
+bf16/fp16 experts (a GPU without FP8, or a BF16 checkpoint) take the same launches with the activations as
+they are (no scales, no act_quant): the MoE then stays free of host syncs, so the decode step can be a graph.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import triton.language as tl
 from ...core.fp8 import FP8_EMIN
 from .act_quant import act_quant
 from .fp8_gemm import split_k_args
-from .jit import quantize_tile, split_k_gather
-from .launch import FUSED_QUANT_ROWS, GemmConfig, check_target, moe_config
+from .jit import dot, quantize_tile, split_k_gather
+from .launch import FUSED_QUANT_ROWS, GemmConfig, check_target, interpreted, moe_config
 
 BLOCK_K = 128
 
@@ -29,10 +32,13 @@ def _moe_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, b2_ptr, b2s_ptr, c_ptr, rows_
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SWIGLU: tl.constexpr, WEIGHTED: tl.constexpr, QUANT_A: tl.constexpr = False,
                      FP8_MAX: tl.constexpr = 1.0, EMIN: tl.constexpr = 0, UE8M0: tl.constexpr = False,
-                     ws_ptr=None, count_ptr=None, kb_per_split=0, SPLIT_K: tl.constexpr = 1):
+                     ws_ptr=None, count_ptr=None, kb_per_split=0, SPLIT_K: tl.constexpr = 1,
+                     W_FP8: tl.constexpr = True, UPCAST: tl.constexpr = False):
     """QUANT_A: a_ptr holds the bf16/fp32 activation and each K step quantizes its tile as act_quant would
     (as in fp8_gemm.py): the decode-sized MoE needs no act_quant launches. SPLIT_K > 1: the K blocks of a
-    tile over several programs (axis 2), as in fp8_gemm.py, so that a few tokens' experts fill the GPU."""
+    tile over several programs (axis 2), as in fp8_gemm.py, so that a few tokens' experts fill the GPU.
+    W_FP8 False: bf16/fp16 weights and activations of the same dtype, multiplied as they are (no scales read;
+    UPCAST under the interpreter, see jit.dot)."""
     pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     e = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
     if e < 0:  # the grid is sized for the worst case without reading the counts back
@@ -54,19 +60,25 @@ def _moe_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, b2_ptr, b2s_ptr, c_ptr, rows_
     for kb in range(kb_lo, kb_hi):
         in_k = rk < K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=valid[:, None] & in_k[None, :], other=0.0)
-        if QUANT_A:
-            qa, qs = quantize_tile(a.to(tl.float32), FP8_MAX, EMIN, UE8M0)
-            a = qa.to(b_ptr.dtype.element_ty)
-            sa = qs[:, None]
-        else:
-            sa = tl.load(as_ptrs + kb, mask=valid, other=0.0)[:, None]
         b = tl.load(b_ptr + b_off, mask=in_k[:, None] & in_n[None, :], other=0.0)
-        sb = tl.load(bs_ptr + bs_off + kb, mask=in_n, other=0.0)[None, :]
-        acc += tl.dot(a, b) * sa * sb
+        if W_FP8:
+            if QUANT_A:
+                qa, qs = quantize_tile(a.to(tl.float32), FP8_MAX, EMIN, UE8M0)
+                a = qa.to(b_ptr.dtype.element_ty)
+                sa = qs[:, None]
+            else:
+                sa = tl.load(as_ptrs + kb, mask=valid, other=0.0)[:, None]
+            sb = tl.load(bs_ptr + bs_off + kb, mask=in_n, other=0.0)[None, :]
+            acc += tl.dot(a, b) * sa * sb
+        else:
+            acc = dot(a, b, acc, UPCAST)
         if SWIGLU:
             b2 = tl.load(b2_ptr + b_off, mask=in_k[:, None] & in_n[None, :], other=0.0)
-            sb2 = tl.load(b2s_ptr + bs_off + kb, mask=in_n, other=0.0)[None, :]
-            acc2 += tl.dot(a, b2) * sa * sb2
+            if W_FP8:
+                sb2 = tl.load(b2s_ptr + bs_off + kb, mask=in_n, other=0.0)[None, :]
+                acc2 += tl.dot(a, b2) * sa * sb2
+            else:
+                acc2 = dot(a, b2, acc2, UPCAST)
         a_ptrs += BLOCK_K
         b_off += BLOCK_K
     out = valid[:, None] & in_n[None, :]
@@ -160,13 +172,14 @@ def route_torch(ids: torch.Tensor, first: int, n_experts: int, block_m: int) -> 
 
 
 def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-              w1: torch.Tensor, s1: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor,
-              w2: torch.Tensor, s2: torch.Tensor, first: int, fp8_max: float, target: str = "nvidia",
+              w1: torch.Tensor, s1: torch.Tensor | None, w3: torch.Tensor, s3: torch.Tensor | None,
+              w2: torch.Tensor, s2: torch.Tensor | None, first: int, fp8_max: float, target: str = "nvidia",
               ue8m0: bool = False, config: GemmConfig | None = None) -> torch.Tensor:
     """Σ_k weights[t, k] · expert_{ids[t, k]}(x[t]) over the experts held here (global ids first .. first + E - 1).
     `ue8m0`: activation scales rounded up to powers of two (V3.1), for both quantized activations.
 
-    x [T, D] bf16/fp32; w1/w3 [E, I, D] and w2 [E, D, I] FP8 with block scales [E, ceil(·/128), ceil(·/128)].
+    x [T, D] bf16/fp32; w1/w3 [E, I, D] and w2 [E, D, I] FP8 with block scales [E, ceil(·/128), ceil(·/128)],
+    or (scales None) bf16/fp16 weights of x's dtype: fp32 accumulation, SwiGLU in fp32, h rounded once.
     """
     check_target(target)
     e, inter, dim = w1.shape
@@ -175,26 +188,35 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                          f"do not fit [T, D], [E, I, D], [E, I, D], [E, D, I]")
     if ids.shape != weights.shape or ids.dim() != 2 or ids.shape[0] != x.shape[0]:
         raise ValueError(f"fused_moe: ids {list(ids.shape)} and weights {list(weights.shape)} must both be [T={x.shape[0]}, k]")
+    w_fp8 = s1 is not None
     for w, s in ((w1, s1), (w3, s3), (w2, s2)):
+        if not w_fp8:
+            if s is not None or w.dtype != x.dtype or x.dtype not in (torch.bfloat16, torch.float16):
+                raise ValueError(f"fused_moe: unscaled weight {w.dtype} for x {x.dtype}; expected bf16 or fp16 "
+                                 "weights of x's dtype, or FP8 weights with scales for all three")
+            continue
         want = (e, triton.cdiv(w.shape[1], 128), triton.cdiv(w.shape[2], 128))
-        if tuple(s.shape) != want or w.dtype != w1.dtype or w.element_size() != 1:
-            raise ValueError(f"fused_moe: weight {w.dtype} {list(w.shape)} with scale {list(s.shape)}; "
-                             f"expected FP8 {w1.dtype} and scale {list(want)}")
+        if s is None or tuple(s.shape) != want or w.dtype != w1.dtype or w.element_size() != 1:
+            raise ValueError(f"fused_moe: weight {w.dtype} {list(w.shape)} with scale "
+                             f"{None if s is None else list(s.shape)}; expected FP8 {w1.dtype} and scale {list(want)}")
     t, k = ids.shape
     if t == 0:
         return torch.zeros_like(x)
     fp8 = w1.dtype
-    cfg = config or moe_config(t * k / e, target, inter, dim, x.device)
+    cfg = config or moe_config(t * k / e, target, inter, dim, x.device, elt=w1.element_size())
     rows, tile_expert = route(ids, first, e, cfg.block_m)
     n_rows = t * k
     launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
     # decode-sized: each GEMM quantizes its own activation tiles (no act_quant launches); larger: quantize once
-    fused = n_rows <= FUSED_QUANT_ROWS
-    if fused:
+    fused = n_rows <= FUSED_QUANT_ROWS or not w_fp8
+    if not w_fp8:  # bf16/fp16 weights: activations as they are; scale slots below are unread
+        launch.update(W_FP8=False, UPCAST=interpreted(x.device))
+        s1 = s3 = s2 = w1
+    elif fused:
         launch.update(QUANT_A=True, FP8_MAX=float(fp8_max), EMIN=FP8_EMIN[fp8], UE8M0=ue8m0)
 
-    def quantized(a):  # (A, its scales) as the GEMM reads them; with QUANT_A the scale slot is unread
+    def quantized(a):  # (A, its scales) as the GEMM reads them; with QUANT_A (or bf16 weights) the slot is unread
         return (a, a) if fused else act_quant(a, fp8, fp8_max, ue8m0)
 
     # rows of other ranks (and of no tile) are never written nor read below: no zero fill
@@ -240,9 +262,10 @@ def _combine_kernel(y_ptr, ids_ptr, out_ptr, first, E, D, K_SLOTS: tl.constexpr,
 
 
 @torch.library.custom_op("dsv3::fused_moe", mutates_args=())
-def fused_moe_op(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor,
-                 w3: torch.Tensor, s3: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, first: int, fp8_max: float,
-                 target: str, ue8m0: bool = False) -> torch.Tensor:
+def fused_moe_op(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor,
+                 s1: torch.Tensor | None, w3: torch.Tensor, s3: torch.Tensor | None, w2: torch.Tensor,
+                 s2: torch.Tensor | None, first: int, fp8_max: float, target: str,
+                 ue8m0: bool = False) -> torch.Tensor:
     return fused_moe(x, weights, ids, w1, s1, w3, s3, w2, s2, first, fp8_max, target, ue8m0)  # the table's config
 
 

@@ -139,3 +139,36 @@ def test_the_config_files_ship_with_the_package():
 
     pyproject = tomllib.loads((Path(__file__).parents[3] / "pyproject.toml").read_text())
     assert "configs/*.json" in pyproject["tool"]["setuptools"]["package-data"]["dsv3.backends.cuda"]
+
+
+def test_fit_smem_drops_stages_then_narrows_tiles():
+    cfg = L.GemmConfig(block_m=64, block_n=128, num_warps=4, num_stages=4)
+    assert L.fit_smem(cfg, 10**9) == cfg  # it fits: unchanged
+    need = L.gemm_smem_bytes(cfg, b_tiles=2, elt=2)  # 4 stages x 128 x (64 + 256) x 2 bytes
+    assert need == 4 * 128 * 320 * 2
+    got = L.fit_smem(cfg, need // 2, b_tiles=2, elt=2)
+    assert (got.num_stages, got.block_n, got.block_m) == (2, 128, 64), got  # stages go first
+    got = L.fit_smem(cfg, 60 * 1024, b_tiles=2, elt=2)
+    assert got.num_stages == 1 and got.block_n < 128 and L.gemm_smem_bytes(got, 2, 2) <= 60 * 1024, got
+
+
+@pytest.mark.parametrize("arch,sms,smem", [("sm86", 84, 101376), ("sm80", 108, 166912), ("sm120", 170, 101376)])
+def test_a_gpu_without_a_file_of_its_own_sizes_tiles_by_its_own_shared_memory(monkeypatch, arch, sms, smem):
+    """An A10 (sm86), A100 (sm80) or RTX 5090 (sm120) falls back to the sm90 file's defaults, measured with 227 KB of
+    shared memory: its own SM count and shared memory take over, and every launch the kernels would ask for fits
+    it (FP8 GEMMs and SwiGLU, the fused MoE with FP8 or bf16 experts, MLA decode over bf16 and fp32 caches)."""
+    import torch
+
+    gpu = torch.device("cuda", 0)  # never touched: the device's facts are patched in
+    monkeypatch.setattr(L, "arch_of", lambda device: arch)
+    monkeypatch.setattr(L, "_device_limits", lambda device: (sms, smem))
+    table = L.table_for("nvidia", gpu)
+    assert (table.sms, table.smem_bytes) == (sms, smem)
+    for m in M_BUCKETS:
+        assert L.gemm_smem_bytes(L.gemm_config(m, "nvidia", 7168, 2048, gpu), b_tiles=2) <= smem
+        for elt in (1, 2):
+            cfg = L.moe_config(m / 8, "nvidia", 2048, 7168, gpu, elt=elt)
+            assert L.gemm_smem_bytes(cfg, b_tiles=2, elt=elt) <= smem, (m, elt, cfg)
+    for elt in (2, 4):
+        cfg = L.attn_config("nvidia", 512, 64, elt, gpu)
+        assert L.attn_smem_bytes(cfg, cfg.block_t, 512, 64, elt) <= smem, (elt, cfg)

@@ -183,6 +183,59 @@ def moe_sensitivity(ref, args) -> float:
     return max(errs) / max(ref.abs().max().item(), 1e-30)
 
 
+@pytest.mark.parametrize("tokens,dim,inter,experts,k,first,split", [
+    (1, 256, 128, 8, 2, 0, 0),  # a decode step (split-K as the table says)
+    (3, 200, 56, 12, 3, 0, 1),  # nothing a multiple of 128
+    (3, 200, 56 * 3, 8, 2, 0, 3),  # K over 3 programs, the last split short
+    (70, 320, 130, 16, 4, 0, 1),  # more rows than the FP8 path quantizes inside the GEMM, partial edge blocks
+    (9, 200, 56, 8, 3, 8, 1),  # expert parallel: this rank holds 8..15 of 16
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fused_moe_half_weights(vendor, tokens, dim, inter, experts, k, first, split, dtype):
+    """bf16/fp16 experts (a GPU without FP8, a BF16 checkpoint) through the same launches, no scales: against
+    float64 with the kernel's one rounding of the SwiGLU output; other ranks' experts contribute nothing."""
+    from dsv3.backends.cuda.launch import moe_config
+    from dsv3.backends.cuda.moe import fused_moe
+
+    dev = device_for(vendor)
+    g = gen(tokens + dim + inter)
+    x = torch.randn(tokens, dim, generator=g).to(dtype)
+    total = experts if first == 0 else 2 * experts
+    ids = torch.stack([torch.randperm(total, generator=g)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=g)
+    w1, w3 = ((torch.randn(experts, inter, dim, generator=g) * dim ** -0.5).to(dtype) for _ in range(2))
+    w2 = (torch.randn(experts, dim, inter, generator=g) * inter ** -0.5).to(dtype)
+    cfg = moe_config(tokens * k / experts, vendor, inter, dim, torch.device(dev), elt=2)
+    if split:
+        cfg = type(cfg)(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.group_m, split)
+    on = [t.to(dev) for t in (x, weights, ids, w1, None, w3, None, w2, None) if t is not None]
+    got = fused_moe(on[0], on[1], on[2], on[3], None, on[4], None, on[5], None, first, 448.0, vendor,
+                    config=cfg).cpu()
+    assert got.dtype == dtype
+    ref = torch.zeros(tokens, dim, dtype=torch.float64)
+    for i in range(tokens):
+        for j in range(k):
+            e = int(ids[i, j]) - first
+            if 0 <= e < experts:
+                xi = x[i].double()
+                gate, up = xi @ w1[e].double().T, xi @ w3[e].double().T
+                h = (gate * torch.sigmoid(gate) * up).to(dtype).double()  # stored once in x's dtype
+                ref[i] += float(weights[i, j]) * (h @ w2[e].double().T)
+    check(got, ref, 1e-2, f"fused_moe {dtype} T={tokens} D={dim} I={inter} E={experts} k={k} first={first} "
+          f"split={split}")
+
+
+def test_fused_moe_refuses_mixed_weights(vendor):
+    from dsv3.backends.cuda.moe import fused_moe
+
+    dev = device_for(vendor)
+    x, w = torch.zeros(2, 64, dtype=torch.bfloat16, device=dev), torch.zeros(4, 32, 64, dtype=torch.float16, device=dev)
+    w2 = torch.zeros(4, 64, 32, dtype=torch.float16, device=dev)
+    ids, weights = torch.zeros(2, 1, dtype=torch.long, device=dev), torch.ones(2, 1, device=dev)
+    with pytest.raises(ValueError, match="expected bf16 or fp16 weights of x's dtype"):
+        fused_moe(x, weights, ids, w, None, w, None, w2, None, 0, 448.0, vendor)
+
+
 @pytest.mark.parametrize("splits", [2, 3])
 def test_fused_moe_split_k(target, splits):
     """Both grouped GEMMs with their K blocks over several programs (K = 200 and 56: the last split is short)
