@@ -45,8 +45,8 @@ UPCAST_ROWS = 16
 NATIVE_MOE_ROUTES = 512
 #: where the CPU has AMX tiles, from this many routes per routed expert on average the routed experts run on them
 #: (native.moe_amx: each weight strip widened to bf16 once and multiplied into 32 rows a tile pass) rather than in
-#: the C kernel above, whose fp32 dot products cost the same per row however many rows share a weight. Measured on a
-#: Sapphire Rapids Xeon, 2 threads, FP8, C kernel / AMX time at 2 and 3 routes per expert: 32 experts of 1024 x 256,
+#: the C kernel above, whose fp32 dot products cost the same per row however many rows share a weight. Measured on an
+#: AMX Xeon, 2 threads, FP8, C kernel / AMX time at 2 and 3 routes per expert: 32 experts of 1024 x 256,
 #: top-4: 0.88x, 1.26x; 256 of 1024 x 320, top-8: 1.00x (2), 1.64x (4); 32 of 7168 x 2048, top-8: 0.89x, 1.06x.
 AMX_ROUTES_PER_EXPERT = 2.5
 #: from this many rows a linear or a dense MLP runs on the AMX grouped GEMM (one expert) where the CPU has it, for
