@@ -402,14 +402,19 @@ def test_recorded_decode_step_gives_the_eager_tokens(tiny_ckpts, weights):
             assert engine.last_stats.extra["decode_step"] == "graph"
 
 
-@pytest.mark.skipif(NATIVE is None or "amx" not in native_lib.supported_isas(), reason="this CPU has no AMX tiles")
+@pytest.mark.parametrize("isa", ["amx", "avx512"])
 @pytest.mark.parametrize("batch", [6, 12])
-def test_wide_decode_steps_run_on_amx_and_are_recorded(tiny_ckpts, batch):
-    """v3ish (every dim a multiple of 32), bf16, FP8 weights: a decode step of 6 prompts (bucket 8) runs its linears
-    and MLPs on AMX tiles, one of 12 (bucket 16: 32 routes over 8 experts) its routed experts too, with nothing read
-    back on the host, so the step is recorded and replayed; the replay gives the unrecorded static step's tokens."""
+def test_wide_decode_steps_are_recorded(tiny_ckpts, batch, isa, monkeypatch):
+    """v3ish (every dim a multiple of 32), bf16, FP8 weights: on AMX a decode step of 6 prompts (bucket 8) runs its
+    linears and MLPs on AMX tiles, one of 12 (bucket 16: 32 routes over 8 experts) its routed experts too; without
+    AMX, the C kernels and torch's GEMMs. Either way nothing is read back on the host, so the step is recorded and
+    replayed, and the replay gives the unrecorded static step's tokens."""
+    if NATIVE is None or isa not in native_lib.supported_isas():
+        pytest.skip(f"this CPU lacks {isa}")
+    monkeypatch.setenv("DSV3_CPU_ISA", isa)
     engine = dsv3.load(tiny_ckpts["v3ish"], backend="cpu", dtype="bf16", cpu_weights="fp8")
     native = engine.model.kernels.native
+    assert native.isa == isa
     calls = {"grouped_amx": 0, "moe_amx": 0}
     for name in calls:
         real = getattr(native, name)
@@ -422,7 +427,10 @@ def test_wide_decode_steps_run_on_amx_and_are_recorded(tiny_ckpts, batch):
     static = engine.generate(prompts, max_new_tokens=12, static=True)
     assert engine.last_stats.extra["decode_step"] == "static"
     steps = {name: calls[name] - 2 * prompt[name] for name in calls}
-    assert steps["grouped_amx"] > 0 and (steps["moe_amx"] > 0) == (batch > 8), steps
+    if isa == "amx":
+        assert steps["grouped_amx"] > 0 and (steps["moe_amx"] > 0) == (batch > 8), steps
+    else:
+        assert steps == {"grouped_amx": 0, "moe_amx": 0}, steps
     engine.cuda_graphs = True
     assert engine.generate(prompts, max_new_tokens=12) == static, f"{batch} prompts"
     assert engine.last_stats.extra["decode_step"] == "graph"
