@@ -168,6 +168,8 @@ def bench(ckpt: Path, backend, dtype, device, cpu_weights, batches, prompt_lens,
         raise DsvError(f"--prompt-len {max(prompt_lens)} + --new-tokens {new_tokens}"
                        f"{f' + {room} for drafts' if room else ''} = {need} tokens exceeds --max-seq-len {max_seq_len}; "
                        "lower them or raise --max-seq-len")
+    if json_out is not None and str(json_out) != "-" and not json_out.parent.is_dir():  # before minutes of runs
+        raise DsvError(f"--json {json_out}: there is no directory {json_out.parent}; create it or pick another path")
     par = Parallel.from_env()
     update, close = progress_bar(sys.stderr.isatty() and par.is_main)
     try:

@@ -95,6 +95,7 @@ def test_measure_alternates_the_modes_and_table_shows_the_ratio():
     (["--prompt-len", "8,x"], "positive integers"),
     (["--new-tokens", "1"], "1 is not in the range"),
     (["--prompt-len", "60", "--new-tokens", "10", "--max-seq-len", "64"], "exceeds --max-seq-len 64"),
+    (["--json", "/nonexistent-dir/bench.json"], "there is no directory /nonexistent-dir"),
 ])
 def test_bad_input_is_one_line(demo_ckpt, args, message):
     r = dsv3_cli("bench", demo_ckpt, *args)
