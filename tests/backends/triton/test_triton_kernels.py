@@ -208,9 +208,8 @@ def test_fused_moe_half_weights(vendor, tokens, dim, inter, experts, k, first, s
     cfg = moe_config(tokens * k / experts, vendor, inter, dim, torch.device(dev), elt=2)
     if split:
         cfg = type(cfg)(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.group_m, split)
-    on = [t.to(dev) for t in (x, weights, ids, w1, None, w3, None, w2, None) if t is not None]
-    got = fused_moe(on[0], on[1], on[2], on[3], None, on[4], None, on[5], None, first, 448.0, vendor,
-                    config=cfg).cpu()
+    xd, wd, idd, w1d, w3d, w2d = (t.to(dev) for t in (x, weights, ids, w1, w3, w2))
+    got = fused_moe(xd, wd, idd, w1d, None, w3d, None, w2d, None, first, 448.0, vendor, config=cfg).cpu()
     assert got.dtype == dtype
     ref = torch.zeros(tokens, dim, dtype=torch.float64)
     for i in range(tokens):
