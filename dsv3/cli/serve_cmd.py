@@ -95,6 +95,9 @@ def serve(ctx, ckpt: Path, backend, dtype, device, cpu_weights, host, port, max_
     scheduler.running = True  # /health is ok from the first request the backlog holds
     http.start()
     signal.signal(signal.SIGTERM, lambda *_: scheduler.shutdown())
+    # Ctrl-C (SIGINT) stops the server however it was started: a job a non-interactive shell puts in the background
+    # (a CI step, `cmd &` in a script) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         scheduler.run()
     except KeyboardInterrupt:

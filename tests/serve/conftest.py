@@ -24,9 +24,12 @@ API_KEY = "test-key"
 
 
 class Server:
-    def __init__(self, cmd: list[str], env=None, timeout: float = 180):
+    def __init__(self, cmd: list[str], env=None, timeout: float = 180, sigint_ignored: bool = False):
+        """sigint_ignored: start the server as a non-interactive shell starts a background job (SIGINT ignored)."""
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=(lambda: signal.signal(
+                                         signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None)
+        self.killed = False  # True when stop() had to SIGKILL it
         self.log: list[str] = []
         deadline, self.url = time.monotonic() + timeout, None
         while time.monotonic() < deadline:
@@ -71,6 +74,7 @@ class Server:
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
+                self.killed = True
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 

@@ -272,3 +272,19 @@ def test_streamed_tokens_are_not_held_by_nagle():
             server.close()
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+def test_ctrl_c_stops_a_server_started_in_the_background(demo_ckpt):
+    """A job a non-interactive shell puts in the background (a CI step, `dsv3 serve ... &` in a script) starts with
+    SIGINT ignored; Ctrl-C / `kill -INT` must still stop the server at once, not leave it to a SIGKILL."""
+    import time
+
+    from conftest import Server, serve_cmd
+
+    s = Server(serve_cmd(demo_ckpt), sigint_ignored=True)
+    assert s.request("GET", "/health")[0] == 200
+    t0 = time.monotonic()
+    s.stop()
+    assert not s.killed and time.monotonic() - t0 < 15, "".join(s.log)[-2000:]
+    assert "dsv3: stopping" in "".join(s.log)
+
