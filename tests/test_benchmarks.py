@@ -44,6 +44,38 @@ def test_gpu_e2e_benchmark_smoke():
     assert "| nan" not in r.stdout.replace("| nan |", "")  # peak memory is nan without a GPU; nothing else
 
 
+def test_gpu_compile_every_launch_for_an_h100_without_one(tmp_path):
+    """benchmarks/gpu_compile.py --smoke: every kernel launch of the demo model on the cuda backend, compiled by
+    Triton's own compiler for sm90 (ptxas from the triton wheel, no GPU), fits the chip's shared memory. Then the
+    check must be able to fail: a tile too big for the chip and a kernel the compiler rejects are both reported."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "benchmarks/gpu_compile.py", "--smoke", "--chips", "sm90", "--no-write",
+                        "--workdir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+                       check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "No failures." in r.stdout and "| sm90 (H100/H200) |" in r.stdout, r.stdout
+    for kernel in ("_fp8_gemm_kernel", "_moe_gemm_kernel", "_mla_decode_kernel", "_latent_kernel", "_gate_select_kernel"):
+        assert kernel in r.stdout, kernel
+    launches = json.loads((tmp_path / "sm90-launches.json").read_text())
+    mla = next(e for e in launches if e["kernel"] == "_mla_decode_kernel")
+    norm = next(e for e in launches if e["kernel"] == "_rms_norm_kernel")
+    too_big = json.loads(json.dumps(mla))
+    for name in ("ql_ptr", "qp_ptr", "kv_ptr", "pe_ptr"):
+        too_big["args"][name]["tensor"] = "float32"
+    too_big["args"].update(BLOCK_T=128, BLOCK_C=512, BLOCK_R=64)  # 128 keys x 576 x 4 bytes, twice: > 227 KB
+    rejected = {**norm, "args": {**norm["args"], "BLOCK_D": 100}}  # tl.arange needs a power of two
+    (tmp_path / "crafted.json").write_text(json.dumps([norm, too_big, rejected]))
+    r = subprocess.run([sys.executable, "benchmarks/gpu_compile.py", "--compile", "sm90", str(tmp_path / "crafted.json"),
+                        str(tmp_path / "crafted-out.json")], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ok, big, bad = json.loads((tmp_path / "crafted-out.json").read_text())
+    assert ok["ok"] and not big["ok"] and not bad["ok"], (ok, big, bad)
+    assert "bytes of shared memory; sm90 has 232448" in big["error"], big
+    assert "power of 2" in bad["error"] or "CompilationError" in bad["error"], bad
+
+
 @pytest.mark.parametrize("name", ["demo", "v3ish", "noqlora", "blocks"])
 def test_decode_step_launch_budget(name):
     """Kernels one cuda decode step launches (Triton + aten, dtype conversions included), per layer, batch 1 and

@@ -22,7 +22,7 @@ from ...core.errors import BackendError
 from ...core.fp8 import FP8_MAX, to_format
 from ...core.kernels import ExpertWeights, GateParams
 from ..reference import ReferenceKernels
-from .launch import FUSED_QUANT_ROWS, interpreted
+from .launch import FUSED_QUANT_ROWS, attn_config, interpreted
 
 log = logging.getLogger("dsv3")
 _said: set[str] = set()
@@ -223,6 +223,10 @@ class CudaKernels(ReferenceKernels):
         return o.transpose(1, 2)  # [B, S, H, Dv]
 
     def mla_attention(self, q_latent, q_pe, kv, pe, scale, mask, rows=None):
+        if attn_config(self.target, kv.shape[-1], pe.shape[-1], kv.element_size(), kv.device) is None:
+            say_once(f"{self.name}: a {kv.dtype} latent cache of width {kv.shape[-1]} does not fit this GPU's shared "
+                     "memory in the MLA decode kernel; attention runs the reference ops (a bf16 cache fits)")
+            return super().mla_attention(q_latent, q_pe, kv, pe, scale, mask, rows)
         step = self.current_step
         # a position step's mask is each query's prefix: its write positions (no extra launch) let the kernel stop
         # there instead of reading a mask (and keys) over the whole span

@@ -34,6 +34,10 @@ FUSED_QUANT_ROWS = 64
 #: with more tiles than this runs unsplit
 MAX_SPLIT_TILES = 1 << 14
 MAX_SPLIT_K = 16
+#: shared memory a GEMM takes past its pipelined tiles (scales, barriers), kept free when tiles are fitted to a chip:
+#: Triton's NVIDIA compiler used up to 512 bytes more than the tiles in every launch benchmarks/gpu_compile.py
+#: measured; AMD's at most 2/3 of the tiles' bytes
+SMEM_RESERVE = {"nvidia": 2048, "amd": 0}
 
 # DeepSeek-V3's FP8 linears as (N, K) and which of them tensor parallelism divides: 0 = N (column
 # parallel), 1 = K (row parallel), None = replicated. Routed experts are placed whole (expert parallel).
@@ -223,11 +227,12 @@ def nearest(buckets: tuple[tuple[int, GemmConfig], ...], m: int) -> GemmConfig:
     return min(buckets, key=lambda p: (abs(math.log(p[0] / m)), -p[0]))[1]
 
 
-def fit_smem(cfg: GemmConfig, smem_bytes: int, b_tiles: int = 1, elt: int = 1) -> GemmConfig:
-    """cfg with fewer pipeline stages, then narrower and shorter tiles, until its tiles fit smem_bytes (a chip
-    with less shared memory than the one the entry was measured on, or 2-byte weights in a table made for FP8);
-    cfg itself where it fits."""
-    while gemm_smem_bytes(cfg, b_tiles, elt) > smem_bytes:
+def fit_smem(cfg: GemmConfig, smem_bytes: int, b_tiles: int = 1, elt: int = 1, a_elt: int | None = None,
+             reserve: int = 0) -> GemmConfig:
+    """cfg with fewer pipeline stages, then narrower and shorter tiles, until its tiles and `reserve` bytes fit
+    smem_bytes (a chip with less shared memory than the one the entry was measured on, 2-byte weights in a table
+    made for FP8, or a bf16/fp32 activation the GEMM quantizes itself); cfg itself where it fits."""
+    while gemm_smem_bytes(cfg, b_tiles, elt, a_elt) + reserve > smem_bytes:
         if cfg.num_stages > 1:
             cfg = replace(cfg, num_stages=cfg.num_stages - 1)
         elif cfg.block_n > 16:
@@ -240,20 +245,23 @@ def fit_smem(cfg: GemmConfig, smem_bytes: int, b_tiles: int = 1, elt: int = 1) -
 
 
 def gemm_config(m: int, target: str, n: int | None = None, k: int | None = None,
-                device: torch.device = torch.device("cpu")) -> GemmConfig:
+                device: torch.device = torch.device("cpu"), a_elt: int = 1) -> GemmConfig:
     """The FP8 GEMM's launch config for an [m, k] activation times an [n, k] weight (fitted for two weight tiles, as
-    the SwiGLU linear reads them and as check_config admits entries)."""
+    the SwiGLU linear reads them and as check_config admits entries). a_elt: bytes per activation element as the
+    GEMM reads it (1: quantized already; 2 or 4: quantized inside)."""
     table = table_for(target, device)
-    return fit_smem(nearest(table.gemm.get(f"{n}x{k}", table.gemm["default"]), m), table.smem_bytes, b_tiles=2)
+    return fit_smem(nearest(table.gemm.get(f"{n}x{k}", table.gemm["default"]), m), table.smem_bytes, b_tiles=2,
+                    a_elt=a_elt, reserve=SMEM_RESERVE[target])
 
 
 def moe_config(rows_per_expert: float, target: str, n: int | None = None, k: int | None = None,
-               device: torch.device = torch.device("cpu"), elt: int = 1) -> GemmConfig:
+               device: torch.device = torch.device("cpu"), elt: int = 1, a_elt: int | None = None) -> GemmConfig:
     """Grouped GEMM tiles: rows of one expert share a tile, so the tile height follows their mean count. `elt`:
-    the weights' bytes per element (2: bf16 experts, whose tiles take twice the shared memory)."""
+    the weights' bytes per element (2: bf16 experts, whose tiles take twice the shared memory); `a_elt`: the
+    activation's as the GEMM reads it (default elt; 2 or 4 where it quantizes a bf16/fp32 activation itself)."""
     table = table_for(target, device)
     cfg = nearest(table.moe.get(f"{n}x{k}", table.moe["default"]), int(rows_per_expert))
-    return fit_smem(cfg, table.smem_bytes, b_tiles=2, elt=elt)
+    return fit_smem(cfg, table.smem_bytes, b_tiles=2, elt=elt, a_elt=a_elt, reserve=SMEM_RESERVE[target])
 
 
 def split_k(cfg: GemmConfig, tiles: int, n_kb: int, target: str, device: torch.device) -> tuple[int, int]:
@@ -267,29 +275,43 @@ def split_k(cfg: GemmConfig, tiles: int, n_kb: int, target: str, device: torch.d
     return -(-n_kb // per), per
 
 
-def gemm_smem_bytes(cfg: GemmConfig, b_tiles: int = 1, elt: int = 1) -> int:
-    """Shared memory the software pipeline of a GEMM needs: num_stages copies of the A and B tiles (BLOCK_K = 128,
-    `elt` bytes each: 1 for FP8); b_tiles = 2 for gate and up read in one pass."""
-    return cfg.num_stages * 128 * (cfg.block_m + b_tiles * cfg.block_n) * elt
+def gemm_smem_bytes(cfg: GemmConfig, b_tiles: int = 1, elt: int = 1, a_elt: int | None = None) -> int:
+    """Shared memory the software pipeline of a GEMM needs: num_stages copies of the A and B tiles (BLOCK_K = 128;
+    `elt` bytes per weight element, 1 for FP8; `a_elt` per activation element, default elt: 2 or 4 where the GEMM
+    quantizes a bf16/fp32 activation itself); b_tiles = 2 for gate and up read in one pass."""
+    a_elt = elt if a_elt is None else a_elt
+    return cfg.num_stages * 128 * (cfg.block_m * a_elt + b_tiles * cfg.block_n * elt)
 
 
-def attn_smem_bytes(cfg: AttnConfig, block_t: int, c: int, r: int, elt: int) -> int:
-    """num_stages copies (at least one) of a [BLOCK_T, C + R] tile of the latent cache, padded as the kernel pads."""
+def attn_smem_bytes(cfg: AttnConfig, block_t: int, c: int, r: int, elt: int, target: str = "nvidia") -> int:
+    """Shared memory (LDS) of the MLA decode kernel's tiles as each vendor's Triton compiler lays them out
+    (benchmarks/gpu_compile.py checks this against the compilers): per pipeline stage a [BLOCK_T, C + R] tile of
+    the latent cache. On NVIDIA its C part twice for 4-byte elements (the second product reads it transposed, which
+    32-bit types cannot do in place), plus the query tile [BLOCK_H, C + R] and the probabilities [BLOCK_H, BLOCK_T];
+    AMD's compiler keeps only the key tile there. Widths padded as the kernel pads."""
     cp, rp = max(16, 1 << (c - 1).bit_length()), max(16, 1 << (r - 1).bit_length())
-    return max(1, cfg.num_stages) * block_t * (cp + rp) * elt
+    stages = max(1, cfg.num_stages)
+    if target == "amd":
+        return elt * stages * block_t * (cp + rp)
+    copies = 2 if elt >= 4 else 1
+    return elt * (stages * block_t * (copies * cp + rp) + cfg.block_h * (cp + rp + block_t))
 
 
 def attn_config(target: str, c: int = 512, r: int = 64, elt: int = 2,
-                device: torch.device = torch.device("cpu")) -> AttnConfig:
+                device: torch.device = torch.device("cpu")) -> AttnConfig | None:
     """The MLA decode tiles for latent width c, rope width r and element size elt: the table's key
-    block, halved until the pipelined tiles fit the chip's shared memory (an fp32 cache at C = 512
-    needs half the keys per step of a bf16 one)."""
+    block, halved until the tiles fit the chip's shared memory (an fp32 cache at C = 512 needs a
+    quarter of the keys per step of a bf16 one), then one pipeline stage; None when even that does
+    not fit (an fp32 cache at C = 512 on a 99 KB chip): the caller runs the reference attention."""
     table = table_for(target, device)
     cfg = table.attention
     block_t = cfg.block_t
-    while block_t > 16 and attn_smem_bytes(cfg, block_t, c, r, elt) > table.smem_bytes:
+    while block_t > 16 and attn_smem_bytes(cfg, block_t, c, r, elt, target) > table.smem_bytes:
         block_t //= 2
-    return AttnConfig(cfg.block_h, block_t, cfg.num_warps, cfg.num_stages)
+    cfg = AttnConfig(cfg.block_h, block_t, cfg.num_warps, cfg.num_stages)
+    if attn_smem_bytes(cfg, block_t, c, r, elt, target) > table.smem_bytes:
+        cfg = replace(cfg, num_stages=1)
+    return cfg if attn_smem_bytes(cfg, block_t, c, r, elt, target) <= table.smem_bytes else None
 
 
 def interpreted(device: torch.device) -> bool:

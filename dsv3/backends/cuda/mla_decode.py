@@ -107,7 +107,10 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe:
         raise ValueError(f"mla_decode: mask {list(mask.shape)}; expected [{B}, {S}, {T}] with unit stride in T")
     if any(t.stride(-1) != 1 for t in (q_latent, q_pe, kv, pe)):
         raise ValueError("mla_decode: the last dim of q_latent, q_pe, kv and pe must be contiguous")
-    cfg = attn_config(target, C, R, kv.element_size(), kv.device)  # fp32 caches take half the keys per step
+    cfg = attn_config(target, C, R, kv.element_size(), kv.device)  # fp32 caches take fewer keys per step
+    if cfg is None:
+        raise ValueError(f"mla_decode: a {kv.dtype} cache at C={C}, R={R} does not fit this GPU's shared memory even "
+                         "16 keys at a time; use a bf16 cache (--dtype bf16)")
     n_h = triton.cdiv(H, cfg.block_h)
     n_splits = _splits(B * S * n_h, T, cfg.block_t, target, kv.device)
     split_len = triton.cdiv(triton.cdiv(T, n_splits), cfg.block_t) * cfg.block_t

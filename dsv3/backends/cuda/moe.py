@@ -203,13 +203,14 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     if t == 0:
         return torch.zeros_like(x)
     fp8 = w1.dtype
-    cfg = config or moe_config(t * k / e, target, inter, dim, x.device, elt=w1.element_size())
-    rows, tile_expert = route(ids, first, e, cfg.block_m)
     n_rows = t * k
+    fused = n_rows <= FUSED_QUANT_ROWS or not w_fp8  # the GEMMs read x (and h) as they are, not as FP8
+    cfg = config or moe_config(t * k / e, target, inter, dim, x.device, elt=w1.element_size(),
+                               a_elt=x.element_size() if fused else 1)
+    rows, tile_expert = route(ids, first, e, cfg.block_m)
     launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
     # decode-sized: each GEMM quantizes its own activation tiles (no act_quant launches); larger: quantize once
-    fused = n_rows <= FUSED_QUANT_ROWS or not w_fp8
     if not w_fp8:  # bf16/fp16 weights: activations as they are; scale slots below are unread
         launch.update(W_FP8=False, UPCAST=interpreted(x.device))
         s1 = s3 = s2 = w1

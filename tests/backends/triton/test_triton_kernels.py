@@ -116,6 +116,25 @@ def test_weight_dequant(target, shape, dtype):
     check(got, ref, {torch.float32: 0.0, torch.bfloat16: 2 ** -7}[dtype], f"weight_dequant {shape} {dtype}")
 
 
+@pytest.mark.parametrize("fp8_dtype", [torch.float8_e4m3fn, torch.float8_e4m3fnuz])
+def test_weight_dequant_decodes_every_byte(vendor, fp8_dtype):
+    """The kernel decodes the bytes itself (a chip without FP8 cannot load an FP8 tensor): all 256 patterns of each
+    e4m3 flavour, subnormals, -0 and NaN included, equal torch's own conversion times the block scale, exactly."""
+    from dsv3.backends.cuda.weight_dequant import weight_dequant
+
+    dev = device_for(vendor)
+    w = torch.arange(256, dtype=torch.uint8).repeat(130, 1)[:, :200].contiguous().view(fp8_dtype)  # [130, 200]
+    w[:, 100:] = w[:, :100].clone()  # every byte in both K blocks too
+    s = torch.tensor([[0.5, 3.0], [2.0 ** -10, 7.0]])
+    got = weight_dequant(w.to(dev), s.to(dev), torch.float32).cpu()
+    ref = w.float() * s.repeat_interleave(128, 0)[:130].repeat_interleave(128, 1)[:, :200]
+    assert torch.equal(got.isnan(), ref.isnan()), "NaN bytes decode differently"
+    bad = (got != ref) & ~ref.isnan()
+    assert not bad.any(), f"{int(bad.sum())} bytes decode wrong, e.g. byte {int(w.view(torch.uint8)[bad][0])}: " \
+                          f"{got[bad][0].item()} != {ref[bad][0].item()}"
+    assert torch.equal(torch.signbit(got[~ref.isnan()]), torch.signbit(ref[~ref.isnan()])), "the sign of zero differs"
+
+
 # ---- fused MoE ---------------------------------------------------------------------------------------
 def stored_bf16(h: torch.Tensor, device: str) -> torch.Tensor:
     """What a kernel's bf16 store keeps: round to nearest even on a GPU; Triton's CPU interpreter
