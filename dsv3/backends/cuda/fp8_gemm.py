@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ...core.fp8 import FP8_EMIN, FP8_MAX
 from .jit import quantize_tile, split_k_gather
-from .launch import MAX_SPLIT_TILES, GemmConfig, check_target, gemm_config, split_k
+from .launch import MAX_SPLIT_TILES, GemmConfig, check_target, fit_registers, gemm_config, split_k
 
 BLOCK_K = 128
 
@@ -162,7 +162,8 @@ def _quant_a_launch(x, b, b_scale, fp8_max, ue8m0, out_dtype, target, config=Non
     c = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return c
-    cfg = config or gemm_config(m, target, n, k, x.device, a_elt=x.element_size())  # x's tiles, not FP8 ones
+    cfg = config or fit_registers(gemm_config(m, target, n, k, x.device, a_elt=x.element_size()),  # x's tiles
+                                  accumulators=2 if "b2_ptr" in extra else 1, quant_a=True)
     grid, split = _grid(cfg, m, n, triton.cdiv(k, BLOCK_K), target, x.device, swiglu="b2_ptr" in extra)
     extra.update(split)
     _fp8_gemm_kernel[grid](x, b_scale, b, b_scale, c, m, n, k, triton.cdiv(k, BLOCK_K), BLOCK_M=cfg.block_m,

@@ -244,6 +244,29 @@ def fit_smem(cfg: GemmConfig, smem_bytes: int, b_tiles: int = 1, elt: int = 1, a
     return cfg
 
 
+#: fp32 values a GEMM thread may hold in its accumulators and activation tile before ptxas spills to local memory
+#: (255 registers; benchmarks/gpu_compile.py found SwiGLU and in-GEMM quantization variants of the table's entries
+#: spilling up to 1.5 KB a thread on sm90 at 128 and 192 values)
+THREAD_VALUES = 96
+
+
+def fit_registers(cfg: GemmConfig, accumulators: int, quant_a: bool) -> GemmConfig:
+    """cfg with more warps (up to 8), then narrower tiles, until each thread holds at most THREAD_VALUES fp32 values:
+    its share of the accumulators (2: gate and up) and, where the GEMM quantizes its activation itself, of the
+    [BLOCK_M, 128] activation tile. The tables' entries were measured as plain FP8 GEMMs; these variants were not."""
+    def values(c):
+        return (c.block_m * c.block_n * accumulators + (c.block_m * 128 if quant_a else 0)) / (32 * c.num_warps)
+
+    while values(cfg) > THREAD_VALUES:
+        if cfg.num_warps < 8:
+            cfg = replace(cfg, num_warps=cfg.num_warps * 2)
+        elif cfg.block_n > 32:
+            cfg = replace(cfg, block_n=cfg.block_n // 2)
+        else:
+            break
+    return cfg
+
+
 def gemm_config(m: int, target: str, n: int | None = None, k: int | None = None,
                 device: torch.device = torch.device("cpu"), a_elt: int = 1) -> GemmConfig:
     """The FP8 GEMM's launch config for an [m, k] activation times an [n, k] weight (fitted for two weight tiles, as

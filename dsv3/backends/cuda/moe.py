@@ -21,7 +21,7 @@ from ...core.fp8 import FP8_EMIN
 from .act_quant import act_quant
 from .fp8_gemm import split_k_args
 from .jit import dot, quantize_tile, split_k_gather
-from .launch import FUSED_QUANT_ROWS, GemmConfig, check_target, interpreted, moe_config
+from .launch import FUSED_QUANT_ROWS, GemmConfig, check_target, fit_registers, interpreted, moe_config
 
 BLOCK_K = 128
 
@@ -96,29 +96,47 @@ def _moe_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, b2_ptr, b2s_ptr, c_ptr, rows_
 
 
 @triton.jit
-def _route_kernel(ids_ptr, rows_ptr, tile_expert_ptr, n_rows, first, E, max_tiles, BLOCK_M: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr):
-    """route() in one program, for decode-sized batches: every row compared with every expert and with
-    every other row ([R, E] and [R, R] in registers) instead of a sort and a dozen small launches."""
-    r = tl.arange(0, BLOCK_R)
+def _route_keys(ids_ptr, r, n_rows, first, E):
+    """The local expert of rows r (E: another rank's expert, or past the end)."""
     local = tl.load(ids_ptr + r, mask=r < n_rows, other=-1).to(tl.int32) - first
-    key = tl.where((local >= 0) & (local < E) & (r < n_rows), local, E)  # E: not here (or padding)
+    return tl.where((local >= 0) & (local < E) & (r < n_rows), local, E)
+
+
+@triton.jit
+def _route_kernel(ids_ptr, rows_ptr, tile_expert_ptr, n_rows, first, E, max_tiles, BLOCK_M: tl.constexpr,
+                  BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, BLOCK_F: tl.constexpr):
+    """route() in one program, for decode-sized batches: rows compared with every expert and with every earlier
+    row instead of a sort and a dozen small launches. CHUNK rows (tiles) at a time, so the [rows, experts] and
+    [rows, rows] comparisons stay [CHUNK, BLOCK_E] and [CHUNK, CHUNK] in registers: a batch-32 step of V3 routes
+    256 rows over 257 experts, whose whole [256, 512] comparison spilled 16 KB a thread to local memory on sm90."""
+    c = tl.arange(0, CHUNK)
     ee = tl.arange(0, BLOCK_E)
-    hit = key[:, None] == ee[None, :]  # [R, E]
-    counts = tl.where(ee < E, tl.sum(hit.to(tl.int32), 0), 0)
+    counts = tl.zeros((BLOCK_E,), tl.int32)
+    for r0 in range(0, n_rows, CHUNK):
+        key = _route_keys(ids_ptr, r0 + c, n_rows, first, E)
+        counts += tl.sum((key[:, None] == ee[None, :]).to(tl.int32), 0)
+    counts = tl.where(ee < E, counts, 0)
     tiles_per = (counts + BLOCK_M - 1) // BLOCK_M
     tile_end = tl.cumsum(tiles_per, 0)
     tile_start = tile_end - tiles_per
-    rank = tl.sum(((key[:, None] == key[None, :]) & (r[None, :] < r[:, None])).to(tl.int32), 1)  # stable order
-    dest = tl.sum(tl.where(hit, tile_start[None, :], 0), 1) * BLOCK_M + rank
     for off in range(0, max_tiles * BLOCK_M, BLOCK_F):  # every slot starts as the sentinel n_rows
         f = off + tl.arange(0, BLOCK_F)
         tl.store(rows_ptr + f, tl.full((BLOCK_F,), 0, tl.int32) + n_rows, mask=f < max_tiles * BLOCK_M)
     tl.debug_barrier()
-    tl.store(rows_ptr + dest, r, mask=key < E)
-    t = tl.arange(0, BLOCK_T)
-    te = tl.sum(((tile_end[None, :] <= t[:, None]) & (ee[None, :] < E)).to(tl.int32), 1)  # searchsorted, right
-    tl.store(tile_expert_ptr + t, tl.where(te < E, te, -1), mask=t < max_tiles)
+    for r0 in range(0, n_rows, CHUNK):
+        r = r0 + c
+        key = _route_keys(ids_ptr, r, n_rows, first, E)
+        rank = tl.zeros((CHUNK,), tl.int32)  # earlier rows of the same expert: a stable order
+        for j0 in range(0, r0 + CHUNK, CHUNK):
+            j = j0 + c
+            kj = _route_keys(ids_ptr, j, n_rows, first, E)
+            rank += tl.sum(((kj[None, :] == key[:, None]) & (j[None, :] < r[:, None])).to(tl.int32), 1)
+        start = tl.sum(tl.where(key[:, None] == ee[None, :], tile_start[None, :], 0), 1)
+        tl.store(rows_ptr + start * BLOCK_M + rank, r, mask=key < E)
+    for t0 in range(0, max_tiles, CHUNK):
+        t = t0 + c
+        te = tl.sum(((tile_end[None, :] <= t[:, None]) & (ee[None, :] < E)).to(tl.int32), 1)  # searchsorted, right
+        tl.store(tile_expert_ptr + t, tl.where(te < E, te, -1), mask=t < max_tiles)
 
 
 #: route() takes the one-program kernel up to this many (token, slot) rows: decode and small batches
@@ -137,10 +155,10 @@ def route(ids: torch.Tensor, first: int, n_experts: int, block_m: int) -> tuple[
     if n_rows <= ROUTE_KERNEL_ROWS and n_experts < 1024:
         rows = torch.empty(max_tiles * block_m, dtype=torch.int32, device=ids.device)
         tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=ids.device)
+        block_e = max(16, triton.next_power_of_2(n_experts + 1))
+        chunk = max(8, min(64, 4096 // block_e, triton.next_power_of_2(n_rows)))  # <= 4096 comparisons at once
         _route_kernel[(1,)](ids.contiguous(), rows, tile_expert, n_rows, first, n_experts, max_tiles, BLOCK_M=block_m,
-                            BLOCK_R=max(16, triton.next_power_of_2(n_rows)),
-                            BLOCK_E=max(16, triton.next_power_of_2(n_experts + 1)),
-                            BLOCK_T=max(16, triton.next_power_of_2(max_tiles)), BLOCK_F=256)
+                            BLOCK_E=block_e, CHUNK=chunk, BLOCK_F=256)
         return rows, tile_expert
     return route_torch(ids, first, n_experts, block_m)
 
@@ -208,8 +226,10 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     cfg = config or moe_config(t * k / e, target, inter, dim, x.device, elt=w1.element_size(),
                                a_elt=x.element_size() if fused else 1)
     rows, tile_expert = route(ids, first, e, cfg.block_m)
-    launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
+    launch = dict(BLOCK_K=BLOCK_K, num_stages=cfg.num_stages)
+    # gate/up hold two accumulators, down one; both keep block_m (the routing's tiles), warps and width may differ
+    up = cfg if config else fit_registers(cfg, accumulators=2, quant_a=fused and w_fp8)
+    down = cfg if config else fit_registers(cfg, accumulators=1, quant_a=fused and w_fp8)
     # decode-sized: each GEMM quantizes its own activation tiles (no act_quant launches); larger: quantize once
     if not w_fp8:  # bf16/fp16 weights: activations as they are; scale slots below are unread
         launch.update(W_FP8=False, UPCAST=interpreted(x.device))
@@ -222,16 +242,17 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
 
     # rows of other ranks (and of no tile) are never written nor read below: no zero fill
     h = torch.empty(n_rows, inter, dtype=x.dtype, device=x.device)
-    grid, split = _grid(cfg, tile_expert.numel(), inter, dim, target, x.device, swiglu=True)
+    grid, split = _grid(up, tile_expert.numel(), inter, dim, target, x.device, swiglu=True)
     # rw_ptr (routing weights) is unread without WEIGHTED: any tensor fills the slot
     _moe_gemm_kernel[grid](*quantized(x.contiguous()), w1, s1, w3, s3, h, rows, tile_expert, rows, inter, dim, n_rows,
                            triton.cdiv(dim, BLOCK_K), triton.cdiv(inter, 128), A_DIV=k, SWIGLU=True, WEIGHTED=False,
-                           **launch, **split)
+                           BLOCK_M=up.block_m, BLOCK_N=up.block_n, num_warps=up.num_warps, **launch, **split)
     y = torch.empty(n_rows, dim, dtype=torch.float32, device=x.device)  # rows of other ranks: skipped by the sum
-    grid, split = _grid(cfg, tile_expert.numel(), dim, inter, target, x.device, swiglu=False)
+    grid, split = _grid(down, tile_expert.numel(), dim, inter, target, x.device, swiglu=False)
     _moe_gemm_kernel[grid](*quantized(h), w2, s2, w2, s2, y, rows, tile_expert, weights.float().contiguous(), dim, inter,
                            n_rows, triton.cdiv(inter, BLOCK_K), triton.cdiv(dim, 128), A_DIV=1, SWIGLU=False,
-                           WEIGHTED=True, **launch, **split)
+                           WEIGHTED=True, BLOCK_M=down.block_m, BLOCK_N=down.block_n, num_warps=down.num_warps,
+                           **launch, **split)
     out = torch.empty(t, dim, dtype=x.dtype, device=x.device)
     block_d = min(1024, triton.next_power_of_2(dim))
     _combine_kernel[(t, triton.cdiv(dim, block_d))](y, ids, out, first, e, dim, K_SLOTS=k,

@@ -57,7 +57,8 @@ def weight_dequant(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = to
     e = w.shape[0] if w.dim() == 3 else 1
     if y.numel():
         _dequant_kernel[(e, want[-2], want[-1])](w.view(torch.uint8), scale, y, n, k, want[-2], want[-1],
-                                                 BIAS=BIAS[w.dtype], FNUZ=w.dtype == torch.float8_e4m3fnuz, BLOCK=BLOCK)
+                                                 BIAS=BIAS[w.dtype], FNUZ=w.dtype == torch.float8_e4m3fnuz, BLOCK=BLOCK,
+                                                 num_warps=8)  # 4 warps spilled the decode's temporaries (sm90 ptxas)
     return y
 
 

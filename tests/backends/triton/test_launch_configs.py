@@ -233,3 +233,21 @@ def test_a_gpu_without_a_file_of_its_own_sizes_tiles_by_its_own_shared_memory(mo
             assert elt == 4 and smem < 110000
             continue
         assert L.attn_smem_bytes(cfg, cfg.block_t, 512, 64, elt) <= smem, (elt, cfg)
+
+
+#: launches sm90's ptxas spilled to local memory (benchmarks/gpu_compile.py): (block_m, block_n, warps, accumulators,
+#: quantizes its activation) -> bytes spilled a thread. Table entries measured as plain FP8 GEMMs, reused for SwiGLU
+#: (two accumulators) and in-GEMM quantization.
+SPILLED_ON_SM90 = {(64, 128, 4, 2, True): 1492, (128, 64, 4, 1, True): 848, (128, 128, 8, 2, False): 900,
+                   (64, 128, 4, 2, False): 172}
+
+
+@pytest.mark.parametrize("case", sorted(SPILLED_ON_SM90))
+def test_gemm_variants_that_spilled_get_more_warps_or_narrower_tiles(case):
+    bm, bn, warps, accs, quant = case
+    cfg = L.GemmConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=3)
+    got = L.fit_registers(cfg, accs, quant)
+    held = (got.block_m * got.block_n * accs + (got.block_m * 128 if quant else 0)) / (32 * got.num_warps)
+    assert held <= L.THREAD_VALUES and got.block_m == bm and got.num_warps <= 8, got  # block_m: the routing's tiles
+    plain = L.GemmConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
+    assert L.fit_registers(plain, 1, False) == plain  # a measured plain entry is left as it is

@@ -415,10 +415,11 @@ def test_gate_select(vendor, t, e, n_group, topk_group, top_k, scoring, group_sc
 
 
 @pytest.mark.parametrize("tokens,k,experts,first,block_m", [(1, 8, 256, 0, 16), (3, 2, 8, 0, 16), (4, 3, 5, 2, 16),
-                                                            (32, 8, 32, 8, 32), (64, 8, 256, 0, 64)])
+                                                            (32, 8, 32, 8, 32), (64, 8, 256, 0, 64), (13, 5, 40, 3, 16),
+                                                            (32, 8, 256, 0, 16)])
 def test_route_kernel_equals_the_torch_routing(vendor, tokens, k, experts, first, block_m):
     """The one-program routing kernel (decode sizes) places rows exactly as the sort-based torch routing,
-    ids of other ranks included."""
+    ids of other ranks included, over several chunks of rows (65 rows in chunks of 64; 256 in chunks of 8)."""
     from dsv3.backends.cuda.moe import route, route_torch
 
     dev = device_for(vendor)
