@@ -12,8 +12,8 @@ session spends its minutes on it:
    each op at DeepSeek-V3's own shapes (tensor parallel 1/8/16, M from 1 to 4096, recorded without running).
 2. compile (a subprocess without the interpreter): each launch through Triton's compiler for the chip's
    target (ptxas for NVIDIA, the AMDGPU backend for AMD, both bundled with the triton wheel), and its shared
-   memory checked against the chip's limit, as the driver would at launch; on NVIDIA, ptxas' registers per
-   thread and bytes spilled to local memory (a spilling kernel is slow however well its tiles fit).
+   memory checked against the chip's limit, as the driver would at launch; registers per thread and spills to
+   local memory (ptxas' on NVIDIA, the AMDGPU metadata on AMD): a spilling kernel is slow however well it fits.
 
     python benchmarks/gpu_compile.py [--chips sm90,sm89,sm80,gfx942,gfx950,gfx90a] [--no-write]
     python benchmarks/gpu_compile.py --smoke --chips sm90     # the demo model only (what the test suite runs)
@@ -272,9 +272,18 @@ def _registers(ptx: str, capability: int) -> tuple[int, int]:
     return int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else 0
 
 
+def _amd_registers(amdgcn: str) -> tuple[int, int]:
+    """(vector registers per lane, vector registers spilled) from the AMDGPU assembly's kernel metadata."""
+    import re
+
+    regs = re.search(r"\.vgpr_count:\s+(\d+)", amdgcn)
+    spills = re.search(r"\.vgpr_spill_count:\s+(\d+)", amdgcn)
+    return int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else 0
+
+
 def compile_all(chip: Chip, launches: list[dict], registers: bool = True) -> list[dict]:
-    """Each launch compiled for the chip: kernel, ok, shared bytes, error (and on NVIDIA, with `registers`, ptxas'
-    registers and spills: a second ptxas run per launch)."""
+    """Each launch compiled for the chip: kernel, ok, shared bytes, error, registers and spills (on NVIDIA only with
+    `registers`: a second ptxas run per launch)."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
 
@@ -293,6 +302,8 @@ def compile_all(chip: Chip, launches: list[dict], registers: bool = True) -> lis
             row["shared"] = compiled.metadata.shared
             if chip.backend == "cuda" and registers:
                 row["registers"], row["spills"] = _registers(compiled.asm["ptx"], chip.target[1])
+            elif chip.backend == "rocm":  # the AMDGPU backend writes them into the kernel's metadata
+                row["registers"], row["spills"] = _amd_registers(compiled.asm["amdgcn"])
             if compiled.metadata.shared > chip.smem:
                 row["error"] = f"needs {compiled.metadata.shared} bytes of shared memory; {chip.name} has {chip.smem}"
             else:
@@ -325,7 +336,8 @@ def summarize(chip: Chip, rows: list[dict]) -> tuple[str, list[str]]:
         regs = ""
         if any("registers" in r for r in rs):
             spills = sum(1 for r in rs if r.get("spills"))
-            regs = f", <= {max(r.get('registers', 0) for r in rs)} registers" + (f", {spills} spilling" if spills else "")
+            regs = f", <= {max(r.get('registers', 0) for r in rs)} registers"
+            regs += f", {spills} spilling" if spills else ""
         cells.append(f"{name} {sum(r['ok'] for r in rs)}/{len(rs)} (max {shared / 1024:.0f} KB{regs})")
     failures = sorted({f"- {chip.name} `{r['kernel']}` {r['constexprs']} {r['options']}: {r['error']}"
                        for r in rows if not r["ok"]})
@@ -367,7 +379,8 @@ def main() -> None:
         failures += fails
         print(f"{name}: {line}  [{time.perf_counter() - t0:.0f} s]", flush=True)
     text = "\n".join(["| chip | shared memory | launches compiled | most shared memory used | per kernel: compiled "
-                      "(most shared memory; NVIDIA: most registers a thread, launches spilling) |",
+                      "(most shared memory; most registers a thread (AMD: vector registers a lane), launches "
+                      "spilling) |",
                       "| --- | --- | --- | --- | --- |", *lines, "",
                       "Every distinct launch of the cuda/rocm backends (the demo model end to end"
                       + ("" if args.smoke else "; each op at DeepSeek-V3's shapes, TP 1/8/16, M 1..4096")

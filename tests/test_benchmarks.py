@@ -55,7 +55,8 @@ def test_gpu_compile_every_launch_for_an_h100_without_one(tmp_path):
                        check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "No failures." in r.stdout and "| sm90 (H100/H200) |" in r.stdout, r.stdout
-    for kernel in ("_fp8_gemm_kernel", "_moe_gemm_kernel", "_mla_decode_kernel", "_latent_kernel", "_gate_select_kernel"):
+    for kernel in ("_fp8_gemm_kernel", "_moe_gemm_kernel", "_mla_decode_kernel", "_latent_kernel",
+                   "_gate_select_kernel"):
         assert kernel in r.stdout, kernel
     launches = json.loads((tmp_path / "sm90-launches.json").read_text())
     mla = next(e for e in launches if e["kernel"] == "_mla_decode_kernel")
@@ -66,9 +67,9 @@ def test_gpu_compile_every_launch_for_an_h100_without_one(tmp_path):
     too_big["args"].update(BLOCK_T=128, BLOCK_C=512, BLOCK_R=64)  # 128 keys x 576 x 4 bytes, twice: > 227 KB
     rejected = {**norm, "args": {**norm["args"], "BLOCK_D": 100}}  # tl.arange needs a power of two
     (tmp_path / "crafted.json").write_text(json.dumps([norm, too_big, rejected]))
-    r = subprocess.run([sys.executable, "benchmarks/gpu_compile.py", "--compile", "sm90", str(tmp_path / "crafted.json"),
-                        str(tmp_path / "crafted-out.json")], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600, check=False)
+    r = subprocess.run([sys.executable, "benchmarks/gpu_compile.py", "--compile", "sm90",
+                        str(tmp_path / "crafted.json"), str(tmp_path / "crafted-out.json")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     ok, big, bad = json.loads((tmp_path / "crafted-out.json").read_text())
     assert ok["ok"] and not big["ok"] and not bad["ok"], (ok, big, bad)

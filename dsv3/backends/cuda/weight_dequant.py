@@ -18,7 +18,8 @@ BIAS = {torch.float8_e4m3fn: 7, torch.float8_e4m3fnuz: 8}
 
 @triton.jit
 def decode_e4m3(b, BIAS: tl.constexpr, FNUZ: tl.constexpr):
-    """int32 bytes -> their e4m3 values in fp32, exactly: (8 + m) · 2^(e - BIAS - 3), subnormals (e = 0) m · 2^(-BIAS - 2).
+    """int32 bytes -> their e4m3 values in fp32, exactly: (8 + m) · 2^(e - BIAS - 3), subnormals (e = 0)
+    m · 2^(-BIAS - 2).
     The power of two is built from its bits (tl.exp2 may approximate)."""
     e = (b >> 3) & 15
     m = (b & 7).to(tl.float32)

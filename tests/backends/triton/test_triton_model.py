@@ -69,7 +69,9 @@ def test_generation_path_matches_full_forward(target, demo_ckpt, monkeypatch):
     assert_generation_path(load(demo_ckpt, target, monkeypatch, attn_impl="absorb"))
 
 
-UE8M0_TARGETS = [t for t in MODEL_TARGETS if t.id in ("cuda-sm90-e4m3fn", "rocm-gfx942-e4m3fnuz")]
+#: the power-of-two scales are one constexpr of the same quantization code on every target, and the kernel tests
+#: (act_quant, fp8_linear) run them in each FP8 flavour; the whole model once (~25 s under the interpreter)
+UE8M0_TARGETS = [t for t in MODEL_TARGETS if t.id == "cuda-sm90-e4m3fn"]
 
 
 @pytest.mark.parametrize("target", UE8M0_TARGETS, ids=ids(UE8M0_TARGETS))
