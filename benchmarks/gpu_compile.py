@@ -26,6 +26,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -257,8 +258,6 @@ def _argument(v):
 def _registers(ptx: str, capability: int) -> tuple[int, int]:
     """(registers per thread, bytes of spill stores) as ptxas reports them for one kernel (Triton discards its log):
     a kernel that spills to local memory on the GPU is slow however well its tiles fit."""
-    import re
-
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -274,8 +273,6 @@ def _registers(ptx: str, capability: int) -> tuple[int, int]:
 
 def _amd_registers(amdgcn: str) -> tuple[int, int]:
     """(vector registers per lane, vector registers spilled) from the AMDGPU assembly's kernel metadata."""
-    import re
-
     regs = re.search(r"\.vgpr_count:\s+(\d+)", amdgcn)
     spills = re.search(r"\.vgpr_spill_count:\s+(\d+)", amdgcn)
     return int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else 0

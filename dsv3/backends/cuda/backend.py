@@ -52,6 +52,7 @@ class CudaKernels(ReferenceKernels):
     def __init__(self, device=None):
         super().__init__(device)
         self.graphs_ok = True  # False after --no-cuda-graphs or a failed capture
+        self._mla_fits: dict[tuple, bool] = {}  # (cache dtype, C, R) -> the MLA decode kernel's tiles fit this GPU
         self._graph_pool = None
         self.fp8_dtype, self.mode = self.select_mode()
         self.act_max = self.activation_max()
@@ -223,7 +224,10 @@ class CudaKernels(ReferenceKernels):
         return o.transpose(1, 2)  # [B, S, H, Dv]
 
     def mla_attention(self, q_latent, q_pe, kv, pe, scale, mask, rows=None):
-        if attn_config(self.target, kv.shape[-1], pe.shape[-1], kv.element_size(), kv.device) is None:
+        key = (kv.dtype, kv.shape[-1], pe.shape[-1])  # decided once, not per layer and step
+        if key not in self._mla_fits:
+            self._mla_fits[key] = attn_config(self.target, key[1], key[2], kv.element_size(), kv.device) is not None
+        if not self._mla_fits[key]:
             say_once(f"{self.name}: a {kv.dtype} latent cache of width {kv.shape[-1]} does not fit this GPU's shared "
                      "memory in the MLA decode kernel; attention runs the reference ops (a bf16 cache fits)")
             return super().mla_attention(q_latent, q_pe, kv, pe, scale, mask, rows)

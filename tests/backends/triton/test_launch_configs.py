@@ -184,7 +184,7 @@ def test_an_fp32_cache_that_fits_nowhere_takes_the_reference_attention(monkeypat
     called = []
     monkeypatch.setattr(ReferenceKernels, "mla_attention", lambda self, *a: called.append(a) or "reference")
     k = CudaKernels.__new__(CudaKernels)  # no device needed: only the dispatch is under test
-    k.target, k.name = "nvidia", "cuda"
+    k.target, k.name, k._mla_fits = "nvidia", "cuda", {}
     assert k.mla_attention(q, None, kv, torch.zeros(1, 8, 64), 0.1, None) == "reference" and called
 
 
