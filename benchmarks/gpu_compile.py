@@ -313,12 +313,12 @@ def compile_all(chip: Chip, launches: list[dict], registers: bool = True) -> lis
 
 
 # ---- driver -----------------------------------------------------------------------------------------------
-def _subprocess(args: list[str], interpret: bool, env_extra: dict) -> None:
+def _subprocess(args: list[str], interpret: bool, env_extra: dict, python: str = sys.executable) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(env_extra, PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}")
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    r = subprocess.run([sys.executable, __file__, *args], env=env, cwd=ROOT, check=False)
+    r = subprocess.run([python, __file__, *args], env=env, cwd=ROOT, check=False)
     if r.returncode:
         raise SystemExit(f"gpu_compile: {' '.join(args[:2])} failed (exit {r.returncode}); see above")
 
@@ -351,6 +351,9 @@ def main() -> None:
                     "fp32), one per kernel, dtypes and constexprs")
     ap.add_argument("--no-write", action="store_true", help="print only; do not touch RESULTS.md")
     ap.add_argument("--workdir", type=Path, default=None, help="where the demo checkpoint and launch lists go")
+    ap.add_argument("--compile-with", metavar="PYTHON", default=sys.executable,
+                    help="the Python whose Triton compiles (e.g. a venv with the Triton version of your GPU image: "
+                    "launches are recorded with this one's interpreter, compiled with that one's compilers)")
     ap.add_argument("--record", nargs=2, metavar=("CHIP", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--compile", nargs=3, metavar=("CHIP", "IN", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -364,13 +367,16 @@ def main() -> None:
         raise SystemExit(f"gpu_compile: unknown chip(s) {', '.join(unknown)}; use {', '.join(CHIPS)}")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="dsv3-gpu-compile-"))
     work.mkdir(parents=True, exist_ok=True)
+    version = subprocess.run([args.compile_with, "-c", "import triton; print(triton.__version__)"],
+                             capture_output=True, text=True, check=True).stdout.strip()
     lines, failures = [], []
     for name in chips:
         chip, t0 = CHIPS[name], time.perf_counter()
         recorded, compiled = work / f"{name}-launches.json", work / f"{name}-compiled.json"
         flags = ["--workdir", str(work)] + (["--smoke"] if args.smoke else [])
         _subprocess(["--record", name, str(recorded), *flags], interpret=True, env_extra=chip.env)
-        _subprocess(["--compile", name, str(recorded), str(compiled), *flags], interpret=False, env_extra={})
+        _subprocess(["--compile", name, str(recorded), str(compiled), *flags], interpret=False, env_extra={},
+                    python=args.compile_with)
         line, fails = summarize(chip, json.loads(compiled.read_text()))
         lines.append(line)
         failures += fails
@@ -381,11 +387,14 @@ def main() -> None:
                       "| --- | --- | --- | --- | --- |", *lines, "",
                       "Every distinct launch of the cuda/rocm backends (the demo model end to end"
                       + ("" if args.smoke else "; each op at DeepSeek-V3's shapes, TP 1/8/16, M 1..4096")
-                      + ") compiled by Triton for the chip, without a GPU; shared memory as the compiler reports it."])
+                      + f") compiled by Triton {version} for the chip, without a GPU; shared memory as the compiler "
+                      "reports it."])
     text += "\n\n" + ("Failures:\n" + "\n".join(failures) if failures else "No failures.")
     print(text)
     if not args.no_write and not args.smoke:
-        append_section("Triton kernels compiled for each GPU (no GPU needed)", "python benchmarks/gpu_compile.py", text)
+        command = "python benchmarks/gpu_compile.py" + (f" --compile-with {args.compile_with}"
+                                                         if args.compile_with != sys.executable else "")
+        append_section(f"Triton kernels compiled for each GPU (no GPU needed), Triton {version}", command, text)
     if failures:
         raise SystemExit(1)
 

@@ -320,16 +320,31 @@ def attn_smem_bytes(cfg: AttnConfig, block_t: int, c: int, r: int, elt: int, tar
     return elt * (stages * block_t * (copies * cp + rp) + cfg.block_h * (cp + rp + block_t))
 
 
+#: AMD's compiler keeps the MLA decode's key tile [BLOCK_T, C + R] in vector registers, not LDS. Compiled for
+#: gfx942/gfx950/gfx90a (benchmarks/gpu_compile.py, Triton 3.6 and 3.9, 16 heads, 4 warps): 16 fp32 keys at C = 512
+#: take 419-493 of a lane's 512 registers, 32 bf16 keys 224-264; 32 fp32 keys spill 79-267 registers a lane
+#: (gfx950 has the LDS for them, so only this bound stops it).
+AMD_KEY_TILE_BYTES = 16 * 576 * 4
+
+
 def attn_config(target: str, c: int = 512, r: int = 64, elt: int = 2,
                 device: torch.device = torch.device("cpu")) -> AttnConfig | None:
     """The MLA decode tiles for latent width c, rope width r and element size elt: the table's key
     block, halved until the tiles fit the chip's shared memory (an fp32 cache at C = 512 needs a
-    quarter of the keys per step of a bf16 one), then one pipeline stage; None when even that does
-    not fit (an fp32 cache at C = 512 on a 99 KB chip): the caller runs the reference attention."""
+    quarter of the keys per step of a bf16 one) and, on AMD, its registers; then one pipeline stage;
+    None when even that does not fit (an fp32 cache at C = 512 on a 99 KB chip): the caller runs the
+    reference attention."""
     table = table_for(target, device)
     cfg = table.attention
+
+    def too_big(block_t: int) -> bool:
+        if attn_smem_bytes(cfg, block_t, c, r, elt, target) > table.smem_bytes:
+            return True
+        one_stage = replace(cfg, num_stages=1)
+        return target == "amd" and attn_smem_bytes(one_stage, block_t, c, r, elt, "amd") > AMD_KEY_TILE_BYTES
+
     block_t = cfg.block_t
-    while block_t > 16 and attn_smem_bytes(cfg, block_t, c, r, elt, target) > table.smem_bytes:
+    while block_t > 16 and too_big(block_t):
         block_t //= 2
     cfg = AttnConfig(cfg.block_h, block_t, cfg.num_warps, cfg.num_stages)
     if attn_smem_bytes(cfg, block_t, c, r, elt, target) > table.smem_bytes:

@@ -251,3 +251,23 @@ def test_gemm_variants_that_spilled_get_more_warps_or_narrower_tiles(case):
     assert held <= L.THREAD_VALUES and got.block_m == bm and got.num_warps <= 8, got  # block_m: the routing's tiles
     plain = L.GemmConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
     assert L.fit_registers(plain, 1, False) == plain  # a measured plain entry is left as it is
+
+
+#: vector registers a lane the AMDGPU backend gave the MLA decode kernel at C = 512, R = 64, 16 heads, 4 warps
+#: (benchmarks/gpu_compile.py): (chip, bytes per element, keys per step) -> (registers, registers spilled), Triton 3.9.
+#: gfx950's 160 KB of LDS admits 32 fp32 keys, which spill: the key tile lives in registers on AMD.
+COMPILED_MLA_VGPRS = {("gfx950", 4, 32): (512, 267), ("gfx942", 4, 32): (512, 79), ("gfx950", 4, 16): (493, 0),
+                      ("gfx942", 4, 16): (419, 0), ("gfx90a", 4, 16): (445, 0)}
+
+
+@pytest.mark.parametrize("smem", [65536, 163840])  # gfx942/gfx90a, gfx950
+def test_amd_latent_tiles_stay_in_registers(monkeypatch, smem):
+    """fp32 caches at C = 512 take 16 keys per step on every AMD chip (32 spill, COMPILED_MLA_VGPRS), whatever its
+    LDS; bf16 keeps the table's 32."""
+    monkeypatch.setattr(L, "table_for", lambda target, device: L.replace(L.load_table(target), smem_bytes=smem))
+    fp32, bf16 = L.attn_config("amd", 512, 64, 4), L.attn_config("amd", 512, 64, 2)
+    assert fp32.block_t == 16 and not COMPILED_MLA_VGPRS[("gfx942", 4, 16)][1], fp32
+    assert bf16.block_t == L.load_table("amd").attention.block_t == 32, bf16
+    for (chip, elt, keys), (_, spilled) in COMPILED_MLA_VGPRS.items():
+        tile = L.attn_smem_bytes(L.AttnConfig(16, keys, 4, 1), keys, 512, 64, elt, "amd")
+        assert (tile > L.AMD_KEY_TILE_BYTES) == (spilled > 0), (chip, elt, keys)
