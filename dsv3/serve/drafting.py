@@ -6,9 +6,12 @@ the accepted drafts per request and round exceed cost - 1. A drafter that stops 
 with the original MTP layer, text unlike its training) would otherwise slow every stream.
 
 While not drafting, the server probes: plain steps (q = 1), with the MTP module catching up on the positions they
-made every PROBE_EVERY steps (its cache must keep up for drafting to resume; one call over the missed positions,
+made every `probe_every` steps (its cache must keep up for drafting to resume; one call over the missed positions,
 whose feed-forward runs at the last only), and the draft it then makes scored against the token the main model
-picks next. Both modes are timed per batch bucket, so `cost` is measured, not assumed. Decisions come at most
+picks next. A catch-up costs about half a plain step, so while the probes keep saying drafting would not pay, they
+come half as often each time (PROBE_EVERY, 2x, ... PROBE_MAX steps apart: ~6% of the plain steps' time, then under
+1%); a probe that says it might pay brings the interval back. Both modes are timed per batch bucket, so `cost` is
+measured, not assumed. Decisions come at most
 every WINDOW steps, with a margin against flapping: from a moving average of the accepted drafts while drafting,
 from the probes scored since drafting stopped (at least MIN_SCORED) while not.
 """
@@ -18,9 +21,10 @@ from __future__ import annotations
 #: steps in a mode before the next decision; moving-average weight of the newest step; the margin (in accepted
 #: drafts per request and round) a switch must clear; the cost of a round in plain steps until both are measured
 WINDOW, ALPHA, MARGIN, DEFAULT_COST = 8, 0.25, 0.05, 1.25
-#: while not drafting, the MTP module catches up on the main model's positions every this many steps (one call);
-#: drafting resumes only on at least MIN_SCORED scored drafts since it stopped
-PROBE_EVERY, MIN_SCORED = 8, 4
+#: while not drafting, the MTP module catches up on the main model's positions every this many steps (one call), up
+#: to PROBE_MAX apart while the probes say drafting would not pay; drafting resumes only on at least MIN_SCORED scored
+#: drafts since it stopped
+PROBE_EVERY, PROBE_MAX, MIN_SCORED = 8, 64, 4
 
 
 class DraftPolicy:
@@ -33,6 +37,7 @@ class DraftPolicy:
         self.accepted: float | None = None  # accepted drafts per request and round (drafting)
         self.scored = 0.0  # drafts scored by probes since drafting stopped ...
         self.landed = 0.0  # ... and how many would have landed
+        self.probe_every = PROBE_EVERY  # plain steps between the MTP module's catch-ups while not drafting
         self.seconds: dict[bool, dict[int, float]] = {True: {}, False: {}}  # mode -> batch bucket -> step time
 
     def cost(self, bucket: int) -> float:
@@ -66,6 +71,10 @@ class DraftPolicy:
             self.accepted = rate if self.accepted is None else (1 - ALPHA) * self.accepted + ALPHA * rate
         else:  # a probe step scores only the rows whose drafter had caught up (maybe none)
             self.scored, self.landed = self.scored + rows, self.landed + landed
+            if rows:  # the step after a catch-up: the next one comes later while drafting would not pay
+                rate = landed / rows
+                pays = sum(rate ** i for i in range(1, self.k + 1)) > self.cost(bucket) - 1 - MARGIN
+                self.probe_every = PROBE_EVERY if pays else min(2 * self.probe_every, PROBE_MAX)
         if drafted != self.drafting:  # a step of the other mode (a round near the context's end is a probe)
             return
         self.since += 1
@@ -76,3 +85,4 @@ class DraftPolicy:
         if (gain < need - MARGIN) if self.drafting else (gain > need + MARGIN):
             self.drafting, self.since = not self.drafting, 0
             self.scored = self.landed = 0.0
+            self.probe_every = PROBE_EVERY

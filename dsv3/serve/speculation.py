@@ -19,7 +19,7 @@ from ..core.errors import DsvError
 from ..core.generate import bucket, draw, probabilities
 from ..core.model import LatentCache
 from ..core.speculative import accept_greedy, accept_sampled, first_draft_lands
-from .drafting import PROBE_EVERY, DraftPolicy
+from .drafting import DraftPolicy
 
 if TYPE_CHECKING:
     from .scheduler import Request, Scheduler
@@ -46,7 +46,7 @@ class Drafting:
                                           main.kv.device)
         scheduler.runner.mtp_cache = self.cache
         self.drafted = self.accepted = 0
-        self.probe_steps = 0  # plain steps while drafting is off: every PROBE_EVERY-th catches the MTP cache up
+        self.probe_steps = 0  # plain steps since the MTP cache last caught up (policy.probe_every apart)
 
     def prefilled(self, rows: list[Request], starts: list[int], take: list[int], hidden: torch.Tensor) -> None:
         """After a prefill chunk (rows read tokens from `starts`, `take` + 1 of them real; their final hidden
@@ -134,7 +134,7 @@ class Drafting:
 
     def _probe_step(self, rows: list[Request], t0: float) -> None:
         """A plain step (q = 1) while drafting is off. Its (hidden, token) pairs wait in each request's `pending`;
-        the MTP module catches up on them every PROBE_EVERY steps (one call over the missed positions, whose
+        the MTP module catches up on them every `policy.probe_every` steps (one call over the missed positions, whose
         feed-forward runs at the last one only: ~1 MTP step, not one per step) and before drafting resumes. The
         rows whose MTP logits are current score the draft they would have made, for the policy."""
         B, dev = len(rows), self.s.cache.kv.device
@@ -156,7 +156,8 @@ class Drafting:
             r.length += 1
             self.s.emit(r, tok, now)
         self.probe_steps += 1
-        if self.probe_steps % PROBE_EVERY == 0:
+        if self.probe_steps >= self.policy.probe_every:
+            self.probe_steps = 0
             self._catch_up([r for r in rows if r.slot >= 0 and r.pending])
         self.s.step_time = time.perf_counter() - t0
         self.policy.record(False, bucket(B), len(fresh), landed, self.s.step_time)

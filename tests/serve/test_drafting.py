@@ -55,3 +55,26 @@ def test_the_cost_comes_from_the_nearest_measured_bucket_or_a_default():
     assert p.cost(8) == drafting.DEFAULT_COST
     p.seconds = {True: {1: 1.2, 16: 3.0}, False: {1: 1.0, 16: 2.0}}
     assert p.cost(2) == pytest.approx(1.2) and p.cost(12) == pytest.approx(1.5)
+
+
+def test_probes_that_keep_missing_come_less_often_and_one_that_lands_brings_them_back():
+    """A catch-up costs about half a plain step: while the probes say drafting would not pay, the interval between
+    them doubles up to PROBE_MAX; a probe that says it would pay, or a switch of mode, sets it back."""
+    p = DraftPolicy(1)
+    run(p, drafting.WINDOW, 0.0, 1.5, 1.0)  # drafting off: a round costs 1.5 plain steps, so h > 0.5 pays
+    assert not p.drafting and p.probe_every == drafting.PROBE_EVERY
+    p.record(False, 4, 0, 0.0, 1.0)  # a probe step that scored nothing (no catch-up before it) changes nothing
+    assert p.probe_every == drafting.PROBE_EVERY
+    seen = []
+    for _ in range(6):
+        p.record(False, 4, 4, 0.0, 1.0)  # four rows scored, none landed
+        seen.append(p.probe_every)
+    assert seen == [16, 32, 64, 64, 64, 64] and drafting.PROBE_MAX == 64, seen
+    p.record(False, 4, 4, 1.0, 1.0)  # h = 0.25 < 0.5: still not worth it
+    assert p.probe_every == drafting.PROBE_MAX
+    p.record(False, 4, 4, 3.0, 1.0)  # h = 0.75: it might pay, look again soon
+    assert p.probe_every == drafting.PROBE_EVERY
+    p.record(False, 4, 4, 0.0, 1.0)
+    p.drafting, p.since = True, 0
+    run(p, drafting.WINDOW, 0.0, 1.5, 1.0)  # drafting on, then off again: probes start at the short interval
+    assert not p.drafting and p.probe_every == drafting.PROBE_EVERY

@@ -202,6 +202,7 @@ def test_drafts_that_never_land_turn_drafting_off_but_seeded_sampling_drafts(eng
     try:
         assert done.acquire(timeout=120)
         assert not s.spec.policy.drafting and s.spec.drafted == drafting.WINDOW, (s.spec.policy.drafting, s.spec.drafted)
+        assert s.spec.policy.probe_every > drafting.PROBE_EVERY  # the probes missed: they come less often
         assert greedy.tokens == engine.generate([prompt], max_new_tokens=3 * drafting.WINDOW)[0]
         runs = []
         for _ in range(2):
