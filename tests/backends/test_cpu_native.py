@@ -100,17 +100,21 @@ def test_linear_fp8(lib, fp8, M, N, K):
 
 
 @pytest.mark.parametrize("fp8", FP8)
-@pytest.mark.parametrize("col", [0, 21, 35])  # in the vector loop (first lane, a later one) and in the scalar tail
-def test_fp8_every_byte_value(lib, fp8, col):
+# K = 100: the vector loops (first lane, later ones: 0..95 in 32s, or a whole 64 and a masked 36 with AVX512-BF16)
+# and the scalar tail (96..99)
+@pytest.mark.parametrize("col", [0, 21, 35, 70, 99])
+@pytest.mark.parametrize("rows", [1, 3])  # one row (dot_fp8); several (dot_rows, or AVX512-BF16's masked tails)
+def test_fp8_every_byte_value(lib, fp8, col, rows):
     """Each of the 256 byte values (NaN codes aside), alone in its row against a one-hot x: exactly its value."""
     table = torch.arange(256, dtype=torch.uint8).view(fp8).float()
     codes = torch.nonzero(~table.isnan()).flatten()
-    raw = torch.zeros(len(codes), 36, dtype=torch.uint8)
+    raw = torch.zeros(len(codes), 100, dtype=torch.uint8)
     raw[:, col] = codes.to(torch.uint8)
-    x = torch.zeros(1, 36, dtype=torch.bfloat16)
-    x[0, col] = 1.0
-    got = lib.linear(x, raw.view(fp8), torch.ones(scale_shape(raw.shape))).float()[0]
-    assert torch.equal(got, table[codes]), f"FP8 bytes widen to wrong values: {got[got != table[codes]][:4]}"
+    x = torch.zeros(rows, 100, dtype=torch.bfloat16)
+    x[:, col] = 1.0
+    got = lib.linear(x, raw.view(fp8), torch.ones(scale_shape(raw.shape))).float()
+    for r in range(rows):
+        assert torch.equal(got[r], table[codes]), f"FP8 bytes widen to wrong values: {got[r][got[r] != table[codes]][:4]}"
 
 
 def swiglu64(x, w1, w3, w2):
@@ -402,7 +406,7 @@ def test_recorded_decode_step_gives_the_eager_tokens(tiny_ckpts, weights):
             assert engine.last_stats.extra["decode_step"] == "graph"
 
 
-@pytest.mark.parametrize("isa", ["amx", "avx512"])
+@pytest.mark.parametrize("isa", ["amx", "avx512bf16", "avx512"])
 @pytest.mark.parametrize("batch", [6, 12])
 def test_wide_decode_steps_are_recorded(tiny_ckpts, batch, isa, monkeypatch):
     """v3ish (every dim a multiple of 32), bf16, FP8 weights: on AMX a decode step of 6 prompts (bucket 8) runs its

@@ -13,9 +13,12 @@
  *
  * ISA: compiled with -mavx512f -mavx512bw -mavx512vl (DSV3_AVX512), with -mavx2 -mfma -mf16c (DSV3_AVX2),
  * or with neither (plain C, any CPU); native.py picks the widest this CPU runs and tests run every one the
- * CPU can, so the AVX2 path is tested on AVX-512 machines too. The AVX-512 build with AMX and AVX512-BF16 on
- * top (DSV3_AMX) adds the grouped expert GEMMs of a prompt (dsv3_grouped_amx): there the weights of an expert
- * serve dozens of rows, so the products, not the bytes, are the cost, and AMX tiles do them.
+ * CPU can, so the AVX2 path is tested on AVX-512 machines too. With AVX512-BF16 on top (DSV3_BF16DOT: the
+ * "avx512bf16" build for AMD Zen 4/5, and the "amx" one) linears and experts multiply on its pair dot
+ * products: a weight vector serving several rows (a batch, a draft verification) makes them compute-bound.
+ * The AVX-512 build with AMX and AVX512-BF16 on top (DSV3_AMX) adds the grouped expert GEMMs of a prompt
+ * (dsv3_grouped_amx): there the weights of an expert serve dozens of rows, so the products, not the bytes,
+ * are the cost, and AMX tiles do them.
  *
  * FP8 widening: a byte s.eeee.mmm moved into an fp16 as s.0eeee.mmm0000000 is the byte's value divided by
  * 2^8 (e4m3fn, exponent bias 7 vs fp16's 15) or 2^7 (e4m3fnuz, bias 8), subnormals included; the hardware
@@ -37,6 +40,9 @@
 #include <immintrin.h>
 #define DSV3_AVX2 1
 #endif
+#if defined(DSV3_AVX512) && defined(__AVX512BF16__)
+#define DSV3_BF16DOT 1 /* linears and experts on AVX512-BF16 pair dot products (dot_rows_bf16) */
+#endif
 #if defined(DSV3_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define DSV3_AMX 1 /* prefill's routed experts on AMX tiles: dsv3_grouped_amx */
 #endif
@@ -51,6 +57,8 @@
 const char *dsv3_isa(void) {
 #if defined(DSV3_AMX)
     return "amx";
+#elif defined(DSV3_BF16DOT)
+    return "avx512bf16";
 #elif defined(DSV3_AVX512)
     return "avx512";
 #elif defined(DSV3_AVX2)
@@ -359,8 +367,104 @@ static void dot_rows(const Mat *m, int64_t r, const float *const *xs, int mr, fl
     }
 }
 
-/* out[j] = row r of m . rows[j] for j < n, four rows per pass over the weight row (one pass up to four tokens) */
-static void dot_many(const Mat *m, int64_t r, const float *const *rows, int64_t n, float *out) {
+#if defined(DSV3_BF16DOT)
+/* Row r of m against MR (1..8) bf16 rows xb[i] at once, on AVX512-BF16 pair dot products: 32 products of a row an
+ * instruction where the fp32 path above does 16 with twice the loads, and each weight vector widened once for 8
+ * rows, not 4. Several rows make a GEMV compute-bound (a weight vector in registers serves them all), so this is
+ * where the instruction pays (1.2-2x a dense MLP of 2-8 rows, up to 5x a linear of 16); one row is bound by its
+ * bytes either way, and takes this path too so that each row's sums do not depend on its company.
+ * Exact as far as the fp32 path: an FP8 weight (widened through fp16 as above: |v| in [2^-17, 1.75]) and a bf16
+ * weight are bf16 values, a product of two bf16 is exact in fp32, and the sums are fp32. The instruction treats
+ * bf16 subnormals (|v| < 2^-126) as zero: none among FP8 weights, and negligible in activations. K tails go
+ * through masked loads (zeros contribute nothing), so there is no scalar loop. */
+static inline __mmask32 lanes32(int64_t n) { return n >= 32 ? 0xFFFFFFFFu : n <= 0 ? 0u : (1u << n) - 1u; }
+
+/* 32 FP8 bytes as bf16 pairs (through fp16 and fp32, exactly: see the top of this file) */
+static inline __m512bh fp8_bf16x32(__m256i bytes) {
+    __m512i h = _mm512_cvtepi8_epi16(bytes);
+    h = _mm512_and_si512(_mm512_slli_epi16(h, 7), _mm512_set1_epi16((short)0xBFFF));
+    return _mm512_cvtne2ps_pbh(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)),
+                               _mm512_cvtph_ps(_mm512_castsi512_si256(h)));
+}
+
+/* 32 weights of a row (FP8 bytes or bf16) from k on as bf16 pairs; the lanes past `live` zero */
+static inline __m512bh weights_bf16(const uint8_t *w8, const uint16_t *w16, int64_t k, __mmask32 live,
+                                    const int FP8) {
+    if (live == 0xFFFFFFFFu)
+        return FP8 ? fp8_bf16x32(_mm256_loadu_si256((const __m256i *)(w8 + k))) : (__m512bh)_mm512_loadu_si512(w16 + k);
+    return FP8 ? fp8_bf16x32(_mm256_maskz_loadu_epi8(live, w8 + k)) : (__m512bh)_mm512_maskz_loadu_epi16(live, w16 + k);
+}
+
+static inline __attribute__((always_inline)) void dot_rows_bf16_k(const Mat *m, int64_t r,
+                                                                  const uint16_t *const *xb, const int FP8,
+                                                                  const int MR, float *out) {
+    const int64_t K = m->K, kb = (K + QB - 1) / QB;
+    const uint8_t *w8 = (const uint8_t *)m->w + r * K;
+    const uint16_t *w16 = (const uint16_t *)m->w + r * K;
+    const float *s = FP8 ? m->s + (r / QB) * kb : NULL;
+    __m512 tot[8], a[8], b[8]; /* two accumulators per row: with one, a row's products wait on each other */
+    for (int i = 0; i < MR; i++) tot[i] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += QB) {
+        const int64_t len = K - k0 < QB ? K - k0 : QB;
+        if (FP8) {
+            PREFETCH(w8 + k0 + PF_AHEAD);
+            PREFETCH(w8 + k0 + PF_AHEAD + 64);
+        } else {
+            for (int l = 0; l < 4; l++) PREFETCH(w16 + k0 + PF_AHEAD + 32 * l);
+        }
+        for (int i = 0; i < MR; i++) a[i] = b[i] = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k + 64 <= len; k += 64) { /* whole steps: plain loads */
+            const __m512bh w0 = weights_bf16(w8, w16, k0 + k, 0xFFFFFFFFu, FP8);
+            const __m512bh w1 = weights_bf16(w8, w16, k0 + k + 32, 0xFFFFFFFFu, FP8);
+            for (int i = 0; i < MR; i++) {
+                a[i] = _mm512_dpbf16_ps(a[i], w0, (__m512bh)_mm512_loadu_si512(xb[i] + k0 + k));
+                b[i] = _mm512_dpbf16_ps(b[i], w1, (__m512bh)_mm512_loadu_si512(xb[i] + k0 + k + 32));
+            }
+        }
+        if (k < len) { /* the block's tail (K not a multiple of 64): masked loads, the lanes past K zero */
+            const __mmask32 lo = lanes32(len - k), hi = lanes32(len - k - 32);
+            const __m512bh w0 = weights_bf16(w8, w16, k0 + k, lo, FP8);
+            const __m512bh w1 = weights_bf16(w8, w16, k0 + k + 32, hi, FP8);
+            for (int i = 0; i < MR; i++) {
+                a[i] = _mm512_dpbf16_ps(a[i], w0, (__m512bh)_mm512_maskz_loadu_epi16(lo, xb[i] + k0 + k));
+                b[i] = _mm512_dpbf16_ps(b[i], w1, (__m512bh)_mm512_maskz_loadu_epi16(hi, xb[i] + k0 + k + 32));
+            }
+        }
+        const __m512 sc = _mm512_set1_ps(FP8 ? s[k0 / QB] : 1.0f);
+        for (int i = 0; i < MR; i++) tot[i] = _mm512_fmadd_ps(_mm512_add_ps(a[i], b[i]), sc, tot[i]);
+    }
+    for (int i = 0; i < MR; i++) out[i] = _mm512_reduce_add_ps(tot[i]) * (FP8 ? m->fmt : 1.0f);
+}
+
+static void dot_rows_bf16(const Mat *m, int64_t r, const uint16_t *const *xb, int mr, float *out) {
+#define DSV3_ROWS_CASE(n)                                                                                           \
+    case n:                                                                                                         \
+        if (m->s != NULL) dot_rows_bf16_k(m, r, xb, 1, n, out);                                                     \
+        else dot_rows_bf16_k(m, r, xb, 0, n, out);                                                                  \
+        break;
+    switch (mr) {
+        DSV3_ROWS_CASE(1) DSV3_ROWS_CASE(2) DSV3_ROWS_CASE(3) DSV3_ROWS_CASE(4)
+        DSV3_ROWS_CASE(5) DSV3_ROWS_CASE(6) DSV3_ROWS_CASE(7) default : DSV3_ROWS_CASE(8)
+    }
+#undef DSV3_ROWS_CASE
+}
+#endif
+
+/* out[j] = row r of m . rows[j] for j < n. Where this build has AVX512-BF16 and the rows' bf16 copies are given
+ * (brows), eight rows a pass on dot_rows_bf16, one row too: a row's result must not depend on how many rows share
+ * its weights (a batch gives each prompt's tokens alone, a replayed step the eager one's, padding rows or not).
+ * Else one row on dot_fp8/dot_bf16 and four a pass on dot_rows, which sum in the same order. */
+static void dot_many(const Mat *m, int64_t r, const float *const *rows, const uint16_t *const *brows, int64_t n,
+                     float *out) {
+#if defined(DSV3_BF16DOT)
+    if (brows != NULL) {
+        for (int64_t j = 0; j < n; j += 8) dot_rows_bf16(m, r, brows + j, n - j < 8 ? (int)(n - j) : 8, out + j);
+        return;
+    }
+#else
+    (void)brows;
+#endif
     if (n == 1) {
         out[0] = row_dot(m, r, rows[0]);
         return;
@@ -375,19 +479,24 @@ void dsv3_linear(const uint16_t *x, int64_t M, int64_t K, const void *w, const f
     const Mat m = {w, s, K, fmt};
     float *xf = malloc((size_t)(M * K) * sizeof(float));
     const float **rows = malloc((size_t)M * sizeof(float *));
+    const uint16_t **brows = malloc((size_t)M * sizeof(uint16_t *));
     widen(x, xf, M * K);
-    for (int64_t i = 0; i < M; i++) rows[i] = xf + i * K;
+    for (int64_t i = 0; i < M; i++) {
+        rows[i] = xf + i * K;
+        brows[i] = x + i * K;
+    }
 #pragma omp parallel num_threads(threads)
     {
         float *v = malloc((size_t)M * sizeof(float));
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
-            dot_many(&m, n, rows, M, v);
+            dot_many(&m, n, rows, brows, M, v);
             for (int64_t i = 0; i < M; i++)
                 y[i * N + n] = to_bf16(v[i] + (residual ? bf16_scalar(residual[i * N + n]) : 0.0f));
         }
         free(v);
     }
+    free(brows);
     free(rows);
     free(xf);
 }
@@ -419,9 +528,18 @@ void dsv3_moe(const uint16_t *x, int64_t T, int64_t k, const int64_t *ids, const
     }
     ustart[nu] = p;
     const float **xrow = malloc((size_t)(2 * p + 1) * sizeof(float *)), **hrow = xrow + p;
+    const uint16_t **xbrow = malloc((size_t)(2 * p + 1) * sizeof(uint16_t *)), **hbrow = NULL;
+    uint16_t *hb = NULL;
+#if defined(DSV3_BF16DOT)
+    /* the down projection dots bf16 copies of h (the rounding a bf16 model makes there anyway) */
+    hb = malloc((size_t)(p * I + 1) * sizeof(uint16_t));
+    hbrow = xbrow + p;
+#endif
     for (int64_t j = 0; j < p; j++) { /* the rows of each expert's run, as dot_many takes them */
         xrow[j] = xf + (order[j] / k) * D;
+        xbrow[j] = x + (order[j] / k) * D;
         hrow[j] = h + j * I;
+        if (hbrow != NULL) hbrow[j] = hb + j * I;
     }
 #pragma omp parallel num_threads(threads)
     {
@@ -430,21 +548,27 @@ void dsv3_moe(const uint16_t *x, int64_t T, int64_t k, const int64_t *ids, const
         for (int64_t q = 0; q < nu * I; q++) { /* gate and up: every (expert, hidden unit) */
             const int64_t u = q / I, i = q % I, n = ustart[u + 1] - ustart[u];
             const Mat a = expert(w1, s1, uexp[u], I, D, fmt), c = expert(w3, s3, uexp[u], I, D, fmt);
-            dot_many(&a, i, xrow + ustart[u], n, g);
-            dot_many(&c, i, xrow + ustart[u], n, v);
-            for (int64_t j = 0; j < n; j++) h[(ustart[u] + j) * I + i] = g[j] / (1.0f + expf(-g[j])) * v[j];
+            dot_many(&a, i, xrow + ustart[u], xbrow + ustart[u], n, g);
+            dot_many(&c, i, xrow + ustart[u], xbrow + ustart[u], n, v);
+            for (int64_t j = 0; j < n; j++) {
+                const float hv = g[j] / (1.0f + expf(-g[j])) * v[j];
+                h[(ustart[u] + j) * I + i] = hv;
+                if (hb != NULL) hb[(ustart[u] + j) * I + i] = to_bf16(hv);
+            }
         }
 #pragma omp for schedule(static)
         for (int64_t d = 0; d < D; d++) /* down, accumulated per output unit: no two threads share one */
             for (int64_t u = 0; u < nu; u++) {
                 const int64_t n = ustart[u + 1] - ustart[u];
                 const Mat b = expert(w2, s2, uexp[u], D, I, fmt);
-                dot_many(&b, d, hrow + ustart[u], n, g);
+                dot_many(&b, d, hrow + ustart[u], hbrow == NULL ? NULL : hbrow + ustart[u], n, g);
                 for (int64_t j = 0; j < n; j++) acc[(order[ustart[u] + j] / k) * D + d] += alpha[order[ustart[u] + j]] * g[j];
             }
         free(g);
     }
     free(xrow);
+    free(xbrow);
+    free(hb);
     for (int64_t i = 0; i < T * D; i++) y[i] = to_bf16(acc[i]);
     free(scratch);
     free(slots);

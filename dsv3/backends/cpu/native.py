@@ -35,6 +35,10 @@ ISAS = {
     "amx": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c", "-mavx512bf16", "-mamx-tile",
              "-mamx-bf16"], {"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c", "avx512_bf16", "amx_tile",
                              "amx_bf16"}),
+    # AVX-512 plus AVX512-BF16 without AMX (AMD Zen 4/5, Cooper Lake): a weight row against several rows at once
+    # (batched decode, draft verification) on bf16 pair dot products
+    "avx512bf16": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c", "-mavx512bf16"],
+                   {"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c", "avx512_bf16"}),
     "avx512": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
                {"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c"}),
     "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
@@ -122,7 +126,7 @@ class Native:
         lib.dsv3_moe_amx.argtypes = [p, i64, i64, p, p, i64, i64, p, p, p, p, p, p, f32, i64, i64, p, i32]
         lib.dsv3_moe_amx.restype = i32
         lib.dsv3_isa.argtypes, lib.dsv3_isa.restype = [], ctypes.c_char_p
-        #: the instruction set of this build: "amx" (AVX-512 + AMX tiles), "avx512", "avx2" or "generic"
+        #: the instruction set of this build: "amx" (AVX-512 + AMX tiles), "avx512bf16", "avx512", "avx2" or "generic"
         self.isa = lib.dsv3_isa().decode()
 
     @staticmethod
@@ -230,6 +234,11 @@ class Native:
         self.lib.dsv3_dequant_fp8(weight.data_ptr(), lut.data_ptr(), scale.data_ptr(), N, K, BLOCK,
                                   int(dtype == torch.bfloat16), y.data_ptr(), torch.get_num_threads())
         return y
+
+    @property
+    def bf16dot(self) -> bool:
+        """This build multiplies linears and experts on AVX512-BF16 pair dot products (dot_rows_bf16)."""
+        return self.isa in ("amx", "avx512bf16")
 
     @property
     def amx(self) -> bool:
@@ -347,8 +356,11 @@ def load(isa: str | None = None) -> Native | None:
                     ", ".join(isas), isas[0])
         want = isas[0]
     lib = _load(want)
-    if lib is None and isa is None and want == "amx" and len(isas) > 1:
-        return _load(isas[1])  # a compiler without AMX intrinsics (gcc < 11): the AVX-512 build
+    rest = isas[isas.index(want) + 1:]
+    while lib is None and isa is None and want in ("amx", "avx512bf16") and rest:
+        # a compiler without AMX (gcc < 11) or AVX512-BF16 (gcc < 9) intrinsics: the next build down
+        want, rest = rest[0], rest[1:]
+        lib = _load(want)
     return lib
 
 
