@@ -17,7 +17,6 @@ in fp32 next to transformers' own bf16 error. Appends the tables to benchmarks/R
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import warnings
@@ -36,15 +35,6 @@ def best(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
-
-
-def cpu_line() -> str:
-    from dsv3.backends.cpu import native
-
-    flags = set(native._cpu_flags().split(":", 1)[-1].split())
-    shown = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_tile",
-                         "amx_bf16") if f in flags]
-    return f"{native.cpu_name()}, {os.cpu_count()} cores visible ({', '.join(shown) or 'no x86 vector flags'})"
 
 
 def main() -> None:
@@ -226,7 +216,7 @@ def main() -> None:
         f"280M model can, DeepSeek-V3 cannot); prefill: best of {args.repeats + 2}, the three interleaved. Batched "
         f"decode: {args.batch} prompts of {args.prompt_len} tokens, new tokens of all rows over the whole call, best of "
         f"{args.repeats}; the short prefill best of {3 * args.repeats}; both interleaved, speed-ups as time ratios.",
-        f"Machine: {cpu_line()}; torch {torch.__version__} with {torch.get_num_threads()} threads; dsv3 C kernels "
+        f"Machine: {R.cpu_line()}; torch {torch.__version__} with {torch.get_num_threads()} threads; dsv3 C kernels "
         f"built for {modes['fp8'].kernels.native.isa}.",
     ]
     text = "\n".join(rows + [""] + notes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import datetime
+import os
 import re
 import shutil
 import tempfile
@@ -152,3 +153,13 @@ def checkpoint_tensor_bytes(path) -> tuple[int, int]:
         held += n if N.demo_to_model(weight, layers) is not None else 0
     ckpt.close()
     return total, held
+
+
+def cpu_line() -> str:
+    """The CPU and the vector extensions that decide torch's and our kernels' speed (machines differ: say which)."""
+    from dsv3.backends.cpu import native
+
+    flags = set(native._cpu_flags().split(":", 1)[-1].split())
+    shown = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_tile",
+                         "amx_bf16") if f in flags]
+    return f"{native.cpu_name()}, {os.cpu_count()} cores visible ({', '.join(shown) or 'no x86 vector flags'})"

@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import append_section, parser  # noqa: E402
+from results import append_section, cpu_line, parser  # noqa: E402
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -218,6 +218,7 @@ def main() -> None:
               f"{accepted:.0f} accepted; drafting {drafting} at the end (the adaptive switch, serve/drafting.py).")
     text = "\n".join(rows + ["", chunked, "", switch, "", f"{name} model, bf16, cpu backend, {new} new tokens per request, "
                              f"prompts of 16-64 tokens, `--max-batch 16`, torch threads {torch.get_num_threads()}; "
+                             f"{cpu_line()}; "
                              "TTFT/TPOT measured by the client (openai async client, streaming)."])
     print(text)
     if not args.no_write and not args.smoke:

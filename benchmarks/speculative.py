@@ -136,7 +136,7 @@ def main() -> None:
         del engine
     text = "\n".join(rows + ["", f"cpu backend, bf16, batch 1, 32-token prompt, {args.new_tokens} new tokens, k = 1, "
                              f"best of {args.repeats}, the three modes interleaved; torch threads "
-                             f"{torch.get_num_threads()}. "
+                             f"{torch.get_num_threads()}; {R.cpu_line()}. "
                              "Tokens/s over the whole call include the prompt's prefill (the same for all three); over "
                              "the decode steps, the new tokens after the first over the decode loop's time: what the "
                              "bound compares. The bytes bound a step only where reading weights is all it does: a "
