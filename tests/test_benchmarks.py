@@ -55,6 +55,7 @@ def test_gpu_compile_every_launch_for_an_h100_without_one(tmp_path):
                        check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "No failures." in r.stdout and "| sm90 (H100/H200) |" in r.stdout, r.stdout
+    assert "TRITON_DEFAULT_FP_FUSION" not in r.stderr, "a launch left FP fusion to Triton's default"
     for kernel in ("_fp8_gemm_kernel", "_moe_gemm_kernel", "_mla_decode_kernel", "_latent_kernel",
                    "_gate_select_kernel"):
         assert kernel in r.stdout, kernel

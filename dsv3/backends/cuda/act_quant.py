@@ -12,7 +12,7 @@ import triton.language as tl
 
 from ...core.fp8 import FP8_EMIN, FP8_MAX
 from .jit import quantize_tile
-from .launch import interpreted
+from .launch import FP_FUSION, interpreted
 
 BLOCK = 128
 
@@ -52,7 +52,8 @@ def act_quant(x: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float, ue8m0: bo
         rows = 1 if m == 1 else 128 if interpreted(x.device) else 16
         _act_quant_kernel[(triton.cdiv(m, rows), n_blocks)](x2, y, s, m, k, x2.stride(0), n_blocks,
                                                             FP8_MAX=float(fp8_max), EMIN=FP8_EMIN[fp8_dtype],
-                                                            UE8M0=ue8m0, BLOCK_M=rows, BLOCK=BLOCK)
+                                                            UE8M0=ue8m0, BLOCK_M=rows, BLOCK=BLOCK,
+                                                            enable_fp_fusion=FP_FUSION)
     return y, s
 
 

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ...core.fp8 import FP8_EMIN, FP8_MAX
 from .jit import quantize_tile, split_k_gather
-from .launch import MAX_SPLIT_TILES, GemmConfig, check_target, fit_registers, gemm_config, split_k
+from .launch import FP_FUSION, MAX_SPLIT_TILES, GemmConfig, check_target, fit_registers, gemm_config, split_k
 
 BLOCK_K = 128
 
@@ -110,7 +110,7 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     grid, extra = _grid(cfg, m, n, n_kb, target, a.device, swiglu=False)
     _fp8_gemm_kernel[grid](a, a_scale, b, b_scale, c, m, n, k, n_kb, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                            BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                           **extra)
+                           **extra, enable_fp_fusion=FP_FUSION)
     return c
 
 
@@ -169,7 +169,7 @@ def _quant_a_launch(x, b, b_scale, fp8_max, ue8m0, out_dtype, target, config=Non
     _fp8_gemm_kernel[grid](x, b_scale, b, b_scale, c, m, n, k, triton.cdiv(k, BLOCK_K), BLOCK_M=cfg.block_m,
                            BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m, QUANT_A=True,
                            FP8_MAX=float(fp8_max), EMIN=FP8_EMIN[b.dtype], UE8M0=ue8m0, num_warps=cfg.num_warps,
-                           num_stages=cfg.num_stages, **extra)
+                           num_stages=cfg.num_stages, **extra, enable_fp_fusion=FP_FUSION)
     return c
 
 

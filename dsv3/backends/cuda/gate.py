@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import FP_FUSION
+
 
 @triton.jit
 def _gate_select_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, E, EG, N_GROUP, route_scale,
@@ -93,7 +95,7 @@ def gate_select(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_g
                                   SIGMOID=scoring_func == "sigmoid", GROUP=GROUP_SCORES[group_score] if grouped else 0,
                                   HAS_BIAS=bias is not None, NORM=norm_topk_prob and top_k > 1,
                                   BLOCK_G=triton.next_power_of_2(groups), BLOCK_EG=triton.next_power_of_2(E // groups),
-                                  BLOCK_K=triton.next_power_of_2(top_k))
+                                  BLOCK_K=triton.next_power_of_2(top_k), enable_fp_fusion=FP_FUSION)
     return weights, ids
 
 

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .jit import rms_row
+from .launch import FP_FUSION
 
 
 @triton.jit
@@ -82,7 +83,7 @@ def mla_latent(q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, weight:
                                  k_pe.stride(0), k_pe.stride(1), kv_cache.stride(0), kv_cache.stride(1),
                                  pe_cache.stride(0), pe_cache.stride(1), HALF=R // 2,
                                  BLOCK_C=triton.next_power_of_2(C), BLOCK_H=triton.next_power_of_2(H),
-                                 BLOCK_P=triton.next_power_of_2(R // 2))
+                                 BLOCK_P=triton.next_power_of_2(R // 2), enable_fp_fusion=FP_FUSION)
     return out
 
 

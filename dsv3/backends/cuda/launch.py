@@ -38,6 +38,9 @@ MAX_SPLIT_K = 16
 #: Triton's NVIDIA compiler used up to 512 bytes more than the tiles in every launch benchmarks/gpu_compile.py
 #: measured; AMD's at most 2/3 of the tiles' bytes
 SMEM_RESERVE = {"nvidia": 2048, "amd": 0}
+#: every launch asks for FP fusion (a * b + c as one FMA) itself: the default of Triton up to 3.9, under which the
+#: kernels were measured and their tolerances set, which 3.10 turns off (3.9 warns at each compile until asked)
+FP_FUSION = True
 
 # DeepSeek-V3's FP8 linears as (N, K) and which of them tensor parallelism divides: 0 = N (column
 # parallel), 1 = K (row parallel), None = replicated. Routed experts are placed whole (expert parallel).

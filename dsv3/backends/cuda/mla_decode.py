@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .jit import dot
-from .launch import attn_config, check_target, interpreted, sm_count
+from .launch import FP_FUSION, attn_config, check_target, interpreted, sm_count
 
 
 @triton.jit
@@ -127,12 +127,12 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe:
         kv.stride(0), kv.stride(1), pe.stride(0), pe.stride(1), *sm,
         HAS_MASK=mask is not None, HAS_LAST=last is not None, HAS_ROWS=rows is not None, BLOCK_H=cfg.block_h, BLOCK_T=cfg.block_t, BLOCK_C=max(16, triton.next_power_of_2(C)),
         BLOCK_R=max(16, triton.next_power_of_2(R)), UPCAST=interpreted(kv.device) and kv.dtype != torch.float32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION)
     if n_splits == 1:
         return o.view(B, S, H, C)
     out = torch.empty(B, S, H, C, dtype=q_latent.dtype, device=kv.device)
     _merge_kernel[(B * S, H)](o, lse, out, H, C, n_splits, BLOCK_S=triton.next_power_of_2(n_splits),
-                              BLOCK_C=max(16, triton.next_power_of_2(C)))
+                              BLOCK_C=max(16, triton.next_power_of_2(C)), enable_fp_fusion=FP_FUSION)
     return out
 
 

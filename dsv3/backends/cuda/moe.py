@@ -21,7 +21,7 @@ from ...core.fp8 import FP8_EMIN
 from .act_quant import act_quant
 from .fp8_gemm import split_k_args
 from .jit import dot, quantize_tile, split_k_gather
-from .launch import FUSED_QUANT_ROWS, GemmConfig, check_target, fit_registers, interpreted, moe_config
+from .launch import FP_FUSION, FUSED_QUANT_ROWS, GemmConfig, check_target, fit_registers, interpreted, moe_config
 
 BLOCK_K = 128
 
@@ -158,7 +158,7 @@ def route(ids: torch.Tensor, first: int, n_experts: int, block_m: int) -> tuple[
         block_e = max(16, triton.next_power_of_2(n_experts + 1))
         chunk = max(8, min(64, 4096 // block_e, triton.next_power_of_2(n_rows)))  # <= 4096 comparisons at once
         _route_kernel[(1,)](ids.contiguous(), rows, tile_expert, n_rows, first, n_experts, max_tiles, BLOCK_M=block_m,
-                            BLOCK_E=block_e, CHUNK=chunk, BLOCK_F=256)
+                            BLOCK_E=block_e, CHUNK=chunk, BLOCK_F=256, enable_fp_fusion=FP_FUSION)
         return rows, tile_expert
     return route_torch(ids, first, n_experts, block_m)
 
@@ -246,17 +246,19 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     # rw_ptr (routing weights) is unread without WEIGHTED: any tensor fills the slot
     _moe_gemm_kernel[grid](*quantized(x.contiguous()), w1, s1, w3, s3, h, rows, tile_expert, rows, inter, dim, n_rows,
                            triton.cdiv(dim, BLOCK_K), triton.cdiv(inter, 128), A_DIV=k, SWIGLU=True, WEIGHTED=False,
-                           BLOCK_M=up.block_m, BLOCK_N=up.block_n, num_warps=up.num_warps, **launch, **split)
+                           BLOCK_M=up.block_m, BLOCK_N=up.block_n, num_warps=up.num_warps, **launch, **split,
+                           enable_fp_fusion=FP_FUSION)
     y = torch.empty(n_rows, dim, dtype=torch.float32, device=x.device)  # rows of other ranks: skipped by the sum
     grid, split = _grid(down, tile_expert.numel(), dim, inter, target, x.device, swiglu=False)
     _moe_gemm_kernel[grid](*quantized(h), w2, s2, w2, s2, y, rows, tile_expert, weights.float().contiguous(), dim, inter,
                            n_rows, triton.cdiv(inter, BLOCK_K), triton.cdiv(dim, 128), A_DIV=1, SWIGLU=False,
                            WEIGHTED=True, BLOCK_M=down.block_m, BLOCK_N=down.block_n, num_warps=down.num_warps,
-                           **launch, **split)
+                           **launch, **split, enable_fp_fusion=FP_FUSION)
     out = torch.empty(t, dim, dtype=x.dtype, device=x.device)
     block_d = min(1024, triton.next_power_of_2(dim))
     _combine_kernel[(t, triton.cdiv(dim, block_d))](y, ids, out, first, e, dim, K_SLOTS=k,
-                                                    BLOCK_K=triton.next_power_of_2(k), BLOCK_D=block_d)
+                                                    BLOCK_K=triton.next_power_of_2(k), BLOCK_D=block_d,
+                                                    enable_fp_fusion=FP_FUSION)
     return out
 
 

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .jit import rms_row
+from .launch import FP_FUSION
 
 
 @triton.jit
@@ -35,7 +36,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if rows and D:
         _rms_norm_kernel[(rows,)](flat, weight.contiguous(), y, D, flat.stride(0), float(eps),
-                                  BLOCK_D=triton.next_power_of_2(D))
+                                  BLOCK_D=triton.next_power_of_2(D), enable_fp_fusion=FP_FUSION)
     return y
 
 

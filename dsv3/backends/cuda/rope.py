@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import FP_FUSION
+
 
 @triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, H, stride_row, stride_h, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -43,7 +45,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     y = torch.empty(B, S, H, D, dtype=x.dtype, device=x.device)
     if y.numel():
         _rope_kernel[(B * S,)](x, cos, sin, y, H, x.stride(1), x.stride(2), HALF=D // 2,
-                               BLOCK_H=triton.next_power_of_2(H), BLOCK_P=triton.next_power_of_2(D // 2))
+                               BLOCK_H=triton.next_power_of_2(H), BLOCK_P=triton.next_power_of_2(D // 2),
+                               enable_fp_fusion=FP_FUSION)
     return y
 
 

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import FP_FUSION
+
 BLOCK = 128
 #: exponent bias of the e4m3 flavours: OCP e4m3fn (NaN = S.1111.111) and e4m3fnuz (NaN = 0x80, no -0)
 BIAS = {torch.float8_e4m3fn: 7, torch.float8_e4m3fnuz: 8}
@@ -59,7 +61,8 @@ def weight_dequant(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = to
     if y.numel():
         _dequant_kernel[(e, want[-2], want[-1])](w.view(torch.uint8), scale, y, n, k, want[-2], want[-1],
                                                  BIAS=BIAS[w.dtype], FNUZ=w.dtype == torch.float8_e4m3fnuz, BLOCK=BLOCK,
-                                                 num_warps=8)  # 4 warps spilled the decode's temporaries (sm90 ptxas)
+                                                 # 4 warps spilled the decode's temporaries (sm90 ptxas)
+                                                 num_warps=8, enable_fp_fusion=FP_FUSION)
     return y
 
 

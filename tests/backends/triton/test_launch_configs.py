@@ -271,3 +271,20 @@ def test_amd_latent_tiles_stay_in_registers(monkeypatch, smem):
     for (chip, elt, keys), (_, spilled) in COMPILED_MLA_VGPRS.items():
         tile = L.attn_smem_bytes(L.AttnConfig(16, keys, 4, 1), keys, 512, 64, elt, "amd")
         assert (tile > L.AMD_KEY_TILE_BYTES) == (spilled > 0), (chip, elt, keys)
+
+
+def test_every_launch_asks_for_fp_fusion():
+    """Triton 3.10 turns FP fusion off by default (3.9 warns at each compile): each launch of the cuda/rocm kernels
+    asks for it, so the arithmetic stays the one the kernels were measured and toleranced with."""
+    import ast
+    from pathlib import Path
+
+    launches = []
+    for path in sorted((Path(L.__file__).parent).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id.endswith("_kernel")):
+                launches.append((path.name, node.lineno, {k.arg for k in node.keywords}))
+    assert len(launches) >= 14, launches
+    missing = [(name, line) for name, line, kws in launches if "enable_fp_fusion" not in kws]
+    assert not missing, f"launches without enable_fp_fusion: {missing}"
