@@ -11,9 +11,9 @@ whose feed-forward runs at the last only), and the draft it then makes scored ag
 picks next. A catch-up costs about half a plain step, so while the probes keep saying drafting would not pay, they
 come half as often each time (PROBE_EVERY, 2x, ... PROBE_MAX steps apart: ~6% of the plain steps' time, then under
 1%); a probe that says it might pay brings the interval back. Both modes are timed per batch bucket, so `cost` is
-measured, not assumed. Decisions come at most
-every WINDOW steps, with a margin against flapping: from a moving average of the accepted drafts while drafting,
-from the probes scored since drafting stopped (at least MIN_SCORED) while not.
+measured, not assumed. Decisions come at most every WINDOW steps, with a margin against flapping: from a moving
+average of the accepted drafts while drafting, from the probes scored since drafting stopped (at least MIN_SCORED)
+while not.
 """
 
 from __future__ import annotations
@@ -49,11 +49,15 @@ class DraftPolicy:
         return self.seconds[True][b] / self.seconds[False][b]
 
     def gain(self) -> float | None:
-        """Accepted drafts per request and round, as measured (drafting) or as the probes predict: draft i lands
-        only if the ones before it did, so with a first-draft hit rate h, h + h^2 + ... + h^k."""
+        """Accepted drafts per request and round, as measured (drafting) or as the probes predict (predicted)."""
         if self.drafting:
             return self.accepted
-        return None if self.hit is None else sum(self.hit ** i for i in range(1, self.k + 1))
+        return None if self.hit is None else self.predicted(self.hit)
+
+    def predicted(self, hit: float) -> float:
+        """Accepted drafts per request and round at a first-draft hit rate: draft i lands only if the ones before it
+        did, so h + h^2 + ... + h^k."""
+        return sum(hit ** i for i in range(1, self.k + 1))
 
     @property
     def hit(self) -> float | None:
@@ -72,8 +76,7 @@ class DraftPolicy:
         else:  # a probe step scores only the rows whose drafter had caught up (maybe none)
             self.scored, self.landed = self.scored + rows, self.landed + landed
             if rows:  # the step after a catch-up: the next one comes later while drafting would not pay
-                rate = landed / rows
-                pays = sum(rate ** i for i in range(1, self.k + 1)) > self.cost(bucket) - 1 - MARGIN
+                pays = self.predicted(landed / rows) > self.cost(bucket) - 1 - MARGIN
                 self.probe_every = PROBE_EVERY if pays else min(2 * self.probe_every, PROBE_MAX)
         if drafted != self.drafting:  # a step of the other mode (a round near the context's end is a probe)
             return
