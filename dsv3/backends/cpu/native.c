@@ -42,6 +42,9 @@
 #endif
 #if defined(DSV3_AVX512) && defined(__AVX512BF16__)
 #define DSV3_BF16DOT 1 /* linears and experts on AVX512-BF16 pair dot products (dot_rows_bf16) */
+#define BF16_ROWS 1    /* dot_many reads the activations as bf16 rows, never fp32 copies */
+#else
+#define BF16_ROWS 0
 #endif
 #if defined(DSV3_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define DSV3_AMX 1 /* prefill's routed experts on AMX tiles: dsv3_grouped_amx */
@@ -262,8 +265,8 @@ static Mat expert(const void *w, const float *s, int64_t e, int64_t rows, int64_
     return m;
 }
 
-/* row r of m against fp32 x */
-static float row_dot(const Mat *m, int64_t r, const float *x) {
+/* row r of m against fp32 x (unused where BF16_ROWS) */
+static __attribute__((unused)) float row_dot(const Mat *m, int64_t r, const float *x) {
     if (m->s == NULL) return dot_bf16((const uint16_t *)m->w + r * m->K, x, m->K);
     const int64_t kb = (m->K + QB - 1) / QB;
     return m->fmt * dot_fp8((const uint8_t *)m->w + r * m->K, x, m->s + (r / QB) * kb, m->K);
@@ -353,7 +356,7 @@ static inline __attribute__((always_inline)) void dot_rows_k(const Mat *m, int64
 }
 
 /* dot_rows_k with its constants resolved: one specialized loop per (weight kind, number of rows) */
-static void dot_rows(const Mat *m, int64_t r, const float *const *xs, int mr, float *out) {
+static __attribute__((unused)) void dot_rows(const Mat *m, int64_t r, const float *const *xs, int mr, float *out) {
     if (m->s != NULL) {
         if (mr == 1) dot_rows_k(m, r, xs, 1, 1, out);
         else if (mr == 2) dot_rows_k(m, r, xs, 1, 2, out);
@@ -451,25 +454,24 @@ static void dot_rows_bf16(const Mat *m, int64_t r, const uint16_t *const *xb, in
 }
 #endif
 
-/* out[j] = row r of m . rows[j] for j < n. Where this build has AVX512-BF16 and the rows' bf16 copies are given
- * (brows), eight rows a pass on dot_rows_bf16, one row too: a row's result must not depend on how many rows share
- * its weights (a batch gives each prompt's tokens alone, a replayed step the eager one's, padding rows or not).
- * Else one row on dot_fp8/dot_bf16 and four a pass on dot_rows, which sum in the same order. */
+/* out[j] = row r of m . row j for j < n. With AVX512-BF16 (BF16_ROWS) the bf16 rows brows, eight a pass on
+ * dot_rows_bf16, a lone row too: a row's result must not depend on how many rows share its weights (a batch gives
+ * each prompt its tokens alone, a replayed step the eager one's, padding rows or not). Else the fp32 rows: one on
+ * dot_fp8/dot_bf16, four a pass on dot_rows, which sum in the same order. Callers pass the kind the build reads
+ * (the other may be NULL). */
 static void dot_many(const Mat *m, int64_t r, const float *const *rows, const uint16_t *const *brows, int64_t n,
                      float *out) {
-#if defined(DSV3_BF16DOT)
-    if (brows != NULL) {
-        for (int64_t j = 0; j < n; j += 8) dot_rows_bf16(m, r, brows + j, n - j < 8 ? (int)(n - j) : 8, out + j);
-        return;
-    }
+#if BF16_ROWS
+    (void)rows;
+    for (int64_t j = 0; j < n; j += 8) dot_rows_bf16(m, r, brows + j, n - j < 8 ? (int)(n - j) : 8, out + j);
 #else
     (void)brows;
-#endif
     if (n == 1) {
         out[0] = row_dot(m, r, rows[0]);
         return;
     }
     for (int64_t j = 0; j < n; j += 4) dot_rows(m, r, rows + j, n - j < 4 ? (int)(n - j) : 4, out + j);
+#endif
 }
 
 /* y [M, N] bf16 = x [M, K] @ W [N, K]^T (+ residual [M, N] bf16, added before the one rounding); W bf16 (s NULL)
@@ -477,12 +479,12 @@ static void dot_many(const Mat *m, int64_t r, const float *const *rows, const ui
 void dsv3_linear(const uint16_t *x, int64_t M, int64_t K, const void *w, const float *s, float fmt, int64_t N,
                  const uint16_t *residual, uint16_t *y, int threads) {
     const Mat m = {w, s, K, fmt};
-    float *xf = malloc((size_t)(M * K) * sizeof(float));
+    float *xf = BF16_ROWS ? NULL : malloc((size_t)(M * K) * sizeof(float)); /* fp32 rows, where read */
     const float **rows = malloc((size_t)M * sizeof(float *));
     const uint16_t **brows = malloc((size_t)M * sizeof(uint16_t *));
-    widen(x, xf, M * K);
+    if (xf != NULL) widen(x, xf, M * K);
     for (int64_t i = 0; i < M; i++) {
-        rows[i] = xf + i * K;
+        rows[i] = xf != NULL ? xf + i * K : NULL;
         brows[i] = x + i * K;
     }
 #pragma omp parallel num_threads(threads)
@@ -514,7 +516,7 @@ void dsv3_moe(const uint16_t *x, int64_t T, int64_t k, const int64_t *ids, const
     float *xf = scratch, *acc = scratch + T * D, *h = scratch + 2 * T * D;
     int64_t *order = slots, *uexp = slots + T * k, *ustart = slots + 2 * T * k; /* rows grouped by expert */
     int64_t nu = 0, p = 0;
-    widen(x, xf, T * D);
+    if (!BF16_ROWS) widen(x, xf, T * D);
     for (int64_t i = 0; i < T * D; i++) acc[i] = residual ? bf16_scalar(residual[i]) : 0.0f;
     for (int64_t r0 = 0; r0 < T * k; r0++) {
         int64_t e = ids[r0] - first, seen = 0;
@@ -528,18 +530,14 @@ void dsv3_moe(const uint16_t *x, int64_t T, int64_t k, const int64_t *ids, const
     }
     ustart[nu] = p;
     const float **xrow = malloc((size_t)(2 * p + 1) * sizeof(float *)), **hrow = xrow + p;
-    const uint16_t **xbrow = malloc((size_t)(2 * p + 1) * sizeof(uint16_t *)), **hbrow = NULL;
-    uint16_t *hb = NULL;
-#if defined(DSV3_BF16DOT)
-    /* the down projection dots bf16 copies of h (the rounding a bf16 model makes there anyway) */
-    hb = malloc((size_t)(p * I + 1) * sizeof(uint16_t));
-    hbrow = xbrow + p;
-#endif
-    for (int64_t j = 0; j < p; j++) { /* the rows of each expert's run, as dot_many takes them */
+    const uint16_t **xbrow = malloc((size_t)(2 * p + 1) * sizeof(uint16_t *)), **hbrow = xbrow + p;
+    /* with bf16 rows the down projection dots h rounded to bf16 (the rounding a bf16 model makes there anyway) */
+    uint16_t *hb = BF16_ROWS ? malloc((size_t)(p * I + 1) * sizeof(uint16_t)) : NULL;
+    for (int64_t j = 0; j < p; j++) { /* the rows of each expert's run, in both kinds dot_many takes */
         xrow[j] = xf + (order[j] / k) * D;
         xbrow[j] = x + (order[j] / k) * D;
         hrow[j] = h + j * I;
-        if (hbrow != NULL) hbrow[j] = hb + j * I;
+        hbrow[j] = hb != NULL ? hb + j * I : NULL;
     }
 #pragma omp parallel num_threads(threads)
     {
@@ -552,8 +550,8 @@ void dsv3_moe(const uint16_t *x, int64_t T, int64_t k, const int64_t *ids, const
             dot_many(&c, i, xrow + ustart[u], xbrow + ustart[u], n, v);
             for (int64_t j = 0; j < n; j++) {
                 const float hv = g[j] / (1.0f + expf(-g[j])) * v[j];
-                h[(ustart[u] + j) * I + i] = hv;
                 if (hb != NULL) hb[(ustart[u] + j) * I + i] = to_bf16(hv);
+                else h[(ustart[u] + j) * I + i] = hv;
             }
         }
 #pragma omp for schedule(static)
@@ -561,7 +559,7 @@ void dsv3_moe(const uint16_t *x, int64_t T, int64_t k, const int64_t *ids, const
             for (int64_t u = 0; u < nu; u++) {
                 const int64_t n = ustart[u + 1] - ustart[u];
                 const Mat b = expert(w2, s2, uexp[u], D, I, fmt);
-                dot_many(&b, d, hrow + ustart[u], hbrow == NULL ? NULL : hbrow + ustart[u], n, g);
+                dot_many(&b, d, hrow + ustart[u], hbrow + ustart[u], n, g);
                 for (int64_t j = 0; j < n; j++) acc[(order[ustart[u] + j] / k) * D + d] += alpha[order[ustart[u] + j]] * g[j];
             }
         free(g);
