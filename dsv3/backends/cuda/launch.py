@@ -318,9 +318,14 @@ def attn_smem_bytes(cfg: AttnConfig, block_t: int, c: int, r: int, elt: int, tar
     cp, rp = max(16, 1 << (c - 1).bit_length()), max(16, 1 << (r - 1).bit_length())
     stages = max(1, cfg.num_stages)
     if target == "amd":
-        return elt * stages * block_t * (cp + rp)
+        return stages * key_tile_bytes(block_t, c, r, elt)
     copies = 2 if elt >= 4 else 1
     return elt * (stages * block_t * (copies * cp + rp) + cfg.block_h * (cp + rp + block_t))
+
+
+def key_tile_bytes(block_t: int, c: int, r: int, elt: int) -> int:
+    """One [BLOCK_T, C + R] tile of the latent cache, widths padded as the MLA decode kernel pads them."""
+    return elt * block_t * (max(16, 1 << (c - 1).bit_length()) + max(16, 1 << (r - 1).bit_length()))
 
 
 #: AMD's compiler keeps the MLA decode's key tile [BLOCK_T, C + R] in vector registers, not LDS. Compiled for
@@ -341,10 +346,8 @@ def attn_config(target: str, c: int = 512, r: int = 64, elt: int = 2,
     cfg = table.attention
 
     def too_big(block_t: int) -> bool:
-        if attn_smem_bytes(cfg, block_t, c, r, elt, target) > table.smem_bytes:
-            return True
-        one_stage = replace(cfg, num_stages=1)
-        return target == "amd" and attn_smem_bytes(one_stage, block_t, c, r, elt, "amd") > AMD_KEY_TILE_BYTES
+        return (attn_smem_bytes(cfg, block_t, c, r, elt, target) > table.smem_bytes
+                or target == "amd" and key_tile_bytes(block_t, c, r, elt) > AMD_KEY_TILE_BYTES)
 
     block_t = cfg.block_t
     while block_t > 16 and too_big(block_t):

@@ -269,8 +269,7 @@ def test_amd_latent_tiles_stay_in_registers(monkeypatch, smem):
     assert fp32.block_t == 16 and not COMPILED_MLA_VGPRS[("gfx942", 4, 16)][1], fp32
     assert bf16.block_t == L.load_table("amd").attention.block_t == 32, bf16
     for (chip, elt, keys), (_, spilled) in COMPILED_MLA_VGPRS.items():
-        tile = L.attn_smem_bytes(L.AttnConfig(16, keys, 4, 1), keys, 512, 64, elt, "amd")
-        assert (tile > L.AMD_KEY_TILE_BYTES) == (spilled > 0), (chip, elt, keys)
+        assert (L.key_tile_bytes(keys, 512, 64, elt) > L.AMD_KEY_TILE_BYTES) == (spilled > 0), (chip, elt, keys)
 
 
 def test_every_launch_asks_for_fp_fusion():
