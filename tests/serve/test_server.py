@@ -287,4 +287,3 @@ def test_ctrl_c_stops_a_server_started_in_the_background(demo_ckpt):
     s.stop()
     assert not s.killed and time.monotonic() - t0 < 15, "".join(s.log)[-2000:]
     assert "dsv3: stopping" in "".join(s.log)
-
