@@ -367,8 +367,12 @@ def main() -> None:
         raise SystemExit(f"gpu_compile: unknown chip(s) {', '.join(unknown)}; use {', '.join(CHIPS)}")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="dsv3-gpu-compile-"))
     work.mkdir(parents=True, exist_ok=True)
-    version = subprocess.run([args.compile_with, "-c", "import triton; print(triton.__version__)"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        version = subprocess.run([args.compile_with, "-c", "import triton; print(triton.__version__)"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"gpu_compile: --compile-with {args.compile_with} cannot import triton ({e}); give a Python "
+                         "with triton installed (e.g. a venv's bin/python)") from None
     lines, failures = [], []
     for name in chips:
         chip, t0 = CHIPS[name], time.perf_counter()
