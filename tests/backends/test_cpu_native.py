@@ -340,6 +340,22 @@ def test_instruction_set_choice(monkeypatch, caplog):
         native_lib.load("sse9")
 
 
+def test_optional_flags_follow_the_cpu(monkeypatch):
+    """AVX512-VBMI (the FP8 table) joins the bf16 builds only, and only where the CPU has it; a build made here
+    reports the table exactly when this CPU has VBMI, so the tests above ran the path this CPU takes."""
+    base = native_lib.ISAS["avx512bf16"][0]
+    monkeypatch.setattr(native_lib, "_cpu_flags", lambda: "flags : avx512f avx512vbmi")
+    assert native_lib._flags("avx512bf16") == base + ["-mavx512vbmi"]
+    assert native_lib._flags("avx512") == native_lib.ISAS["avx512"][0]
+    monkeypatch.setattr(native_lib, "_cpu_flags", lambda: "flags : avx512f")
+    assert native_lib._flags("avx512bf16") == base
+    monkeypatch.undo()
+    vbmi = "avx512vbmi" in native_lib._cpu_flags().split()
+    for isa in native_lib.supported_isas():
+        built = native_lib.load(isa)
+        assert built.fp8_table == (vbmi and built.bf16dot), f"{isa}: fp8_table={built.fp8_table}, vbmi={vbmi}"
+
+
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("N,K", [(1, 1), (7, 5), (128, 128), (576, 384), (528, 200), (100, 448), (257, 1029)])

@@ -23,7 +23,8 @@
  * FP8 widening: a byte s.eeee.mmm moved into an fp16 as s.0eeee.mmm0000000 is the byte's value divided by
  * 2^8 (e4m3fn, exponent bias 7 vs fp16's 15) or 2^7 (e4m3fnuz, bias 8), subnormals included; the hardware
  * fp16 -> fp32 conversion (F16C / AVX-512F) then widens 8 or 16 at once. `fmt` is that power of two (the
- * caller derives it from torch's own cast, so this file knows no format). NaN bytes are refused at load
+ * caller derives it from torch's own cast, so this file knows no format); with AVX512-VBMI, a table of the same
+ * values widens 64 bytes to bf16 at once (fp8_bf16x64). NaN bytes are refused at load
  * (ops.py keeps such a weight dequantized), so the widening never meets one.
  */
 #define _GNU_SOURCE /* syscall(), for the AMX permission (dsv3_grouped_amx) */
@@ -68,6 +69,15 @@ const char *dsv3_isa(void) {
     return "avx2";
 #else
     return "generic";
+#endif
+}
+
+/* 1 where FP8 weights widen to bf16 by table (AVX512-VBMI: fp8_bf16x64) */
+int dsv3_fp8_table(void) {
+#if defined(__AVX512VBMI__) && defined(__AVX512BF16__)
+    return 1;
+#else
+    return 0;
 #endif
 }
 
@@ -398,6 +408,54 @@ static inline __m512bh weights_bf16(const uint8_t *w8, const uint16_t *w16, int6
     return FP8 ? fp8_bf16x32(_mm256_maskz_loadu_epi8(live, w8 + k)) : (__m512bh)_mm512_maskz_loadu_epi16(live, w16 + k);
 }
 
+#if defined(__AVX512VBMI__)
+/* With AVX512-VBMI, 64 FP8 bytes become 64 bf16 by table lookup: a byte's low 7 bits index a 128-entry table of
+ * the bf16 bits (split into low and high bytes: one byte shuffle each) and its sign goes to the high byte as is.
+ * 6 instructions per 64 weights where the conversion above takes ~14, which is most of the work when a weight
+ * vector serves few rows. Measured on a Zen 4, 2 threads, FP8 linears 2048-18432 x 2048-7168 read from memory:
+ * 1.13-1.22x at 1 row, 1.07-1.18x at 2, 1.0-1.25x at 4. From 5 rows the dot products are the work and the four
+ * table registers crowd the accumulators (8 rows: 0.8x at K = 7168), so there the conversion above stays.
+ * The tables are the exact values above (fp8_half), so the two paths agree bit for bit. */
+#define LUT_ROWS 4
+static uint8_t FP8_BF16_LO[128], FP8_BF16_HI[128];
+
+__attribute__((constructor)) static void fp8_bf16_tables(void) {
+    for (int b = 0; b < 128; b++) {
+        const uint16_t h = to_bf16(fp8_half((uint8_t)b));
+        FP8_BF16_LO[b] = (uint8_t)(h & 0xFF);
+        FP8_BF16_HI[b] = (uint8_t)(h >> 8);
+    }
+}
+
+/* 64 FP8 bytes -> w0 (weights 0..31) and w1 (32..63) as bf16 pairs. The byte shuffles and the interleave of low
+ * and high bytes work within 128-bit lanes, so the 8-byte groups are first placed where the interleave brings them
+ * back into memory order: lane j of w0 takes bytes 8j.. and lane j of w1 bytes 32 + 8j.. */
+static inline void fp8_bf16x64(__m512i bytes, __m512bh *w0, __m512bh *w1) {
+    const __m512i z = _mm512_permutexvar_epi64(_mm512_set_epi64(7, 3, 6, 2, 5, 1, 4, 0), bytes);
+    const __m512i lo = _mm512_permutex2var_epi8(_mm512_loadu_si512(FP8_BF16_LO), z,
+                                                _mm512_loadu_si512(FP8_BF16_LO + 64));
+    __m512i hi = _mm512_permutex2var_epi8(_mm512_loadu_si512(FP8_BF16_HI), z, _mm512_loadu_si512(FP8_BF16_HI + 64));
+    hi = _mm512_ternarylogic_epi32(hi, z, _mm512_set1_epi8((char)0x80), 0xF8); /* hi | (z & 0x80): the sign */
+    *w0 = (__m512bh)_mm512_unpacklo_epi8(lo, hi);
+    *w1 = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
+}
+#endif
+
+/* 64 weights of a row (FP8 bytes or bf16) from k on as two vectors of bf16 pairs; the lanes past `live` zero */
+static inline void weights_bf16x64(const uint8_t *w8, const uint16_t *w16, int64_t k, __mmask64 live, __m512bh *w0,
+                                   __m512bh *w1, const int FP8, const int MR) {
+    const __mmask32 lo = (__mmask32)live, hi = (__mmask32)(live >> 32);
+    (void)MR;
+#if defined(__AVX512VBMI__)
+    if (FP8 && MR <= LUT_ROWS) {
+        fp8_bf16x64(live == ~0ULL ? _mm512_loadu_si512(w8 + k) : _mm512_maskz_loadu_epi8(live, w8 + k), w0, w1);
+        return;
+    }
+#endif
+    *w0 = weights_bf16(w8, w16, k, lo, FP8);
+    *w1 = weights_bf16(w8, w16, k + 32, hi, FP8);
+}
+
 static inline __attribute__((always_inline)) void dot_rows_bf16_k(const Mat *m, int64_t r,
                                                                   const uint16_t *const *xb, const int FP8,
                                                                   const int MR, float *out) {
@@ -418,8 +476,8 @@ static inline __attribute__((always_inline)) void dot_rows_bf16_k(const Mat *m, 
         for (int i = 0; i < MR; i++) a[i] = b[i] = _mm512_setzero_ps();
         int64_t k = 0;
         for (; k + 64 <= len; k += 64) { /* whole steps: plain loads */
-            const __m512bh w0 = weights_bf16(w8, w16, k0 + k, 0xFFFFFFFFu, FP8);
-            const __m512bh w1 = weights_bf16(w8, w16, k0 + k + 32, 0xFFFFFFFFu, FP8);
+            __m512bh w0, w1;
+            weights_bf16x64(w8, w16, k0 + k, ~0ULL, &w0, &w1, FP8, MR);
             for (int i = 0; i < MR; i++) {
                 a[i] = _mm512_dpbf16_ps(a[i], w0, (__m512bh)_mm512_loadu_si512(xb[i] + k0 + k));
                 b[i] = _mm512_dpbf16_ps(b[i], w1, (__m512bh)_mm512_loadu_si512(xb[i] + k0 + k + 32));
@@ -427,8 +485,8 @@ static inline __attribute__((always_inline)) void dot_rows_bf16_k(const Mat *m, 
         }
         if (k < len) { /* the block's tail (K not a multiple of 64): masked loads, the lanes past K zero */
             const __mmask32 lo = lanes32(len - k), hi = lanes32(len - k - 32);
-            const __m512bh w0 = weights_bf16(w8, w16, k0 + k, lo, FP8);
-            const __m512bh w1 = weights_bf16(w8, w16, k0 + k + 32, hi, FP8);
+            __m512bh w0, w1;
+            weights_bf16x64(w8, w16, k0 + k, (__mmask64)lo | (__mmask64)hi << 32, &w0, &w1, FP8, MR);
             for (int i = 0; i < MR; i++) {
                 a[i] = _mm512_dpbf16_ps(a[i], w0, (__m512bh)_mm512_maskz_loadu_epi16(lo, xb[i] + k0 + k));
                 b[i] = _mm512_dpbf16_ps(b[i], w1, (__m512bh)_mm512_maskz_loadu_epi16(hi, xb[i] + k0 + k + 32));

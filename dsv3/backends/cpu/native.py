@@ -46,6 +46,18 @@ ISAS = {
 }
 
 
+#: flags added to a build where the CPU has the instruction set: (compiler flag, /proc/cpuinfo flag, only in builds
+#: with this flag). AVX512-VBMI's byte shuffles widen FP8 to bf16 by table (native.c fp8_bf16x64): Zen 4/5 and
+#: every AMX Xeon have it, Cooper Lake (AVX512-BF16 without it) keeps the conversion through fp16.
+OPTIONAL = [("-mavx512vbmi", "avx512vbmi", "-mavx512bf16")]
+
+
+def _flags(isa: str) -> list[str]:
+    """The compiler flags of the `isa` build on this CPU: ISAS' and the OPTIONAL ones it runs."""
+    flags, have = ISAS[isa][0], set(_cpu_flags().split(":", 1)[-1].split())
+    return flags + [flag for flag, need, with_ in OPTIONAL if with_ in flags and need in have]
+
+
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -80,7 +92,7 @@ def _cache_dir() -> Path:
 
 def _build(cc: str, isa: str) -> Path:
     src = SOURCE.read_bytes()
-    flags = FLAGS + ISAS[isa][0]
+    flags = FLAGS + _flags(isa)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(b"\0".join([src, version.encode(), _cpu_flags().encode(), " ".join(flags).encode()])).hexdigest()
     lib = _cache_dir() / f"native-{platform.machine()}-{isa}-{key[:16]}.so"
@@ -128,6 +140,9 @@ class Native:
         lib.dsv3_isa.argtypes, lib.dsv3_isa.restype = [], ctypes.c_char_p
         #: the instruction set of this build: "amx" (AVX-512 + AMX tiles), "avx512bf16", "avx512", "avx2" or "generic"
         self.isa = lib.dsv3_isa().decode()
+        lib.dsv3_fp8_table.argtypes, lib.dsv3_fp8_table.restype = [], ctypes.c_int
+        #: FP8 weights widen to bf16 by table (AVX512-VBMI on top of a bf16 build: OPTIONAL)
+        self.fp8_table = bool(lib.dsv3_fp8_table())
 
     @staticmethod
     def _w(weight: torch.Tensor, scale: torch.Tensor | None) -> tuple[int, int | None, float]:

@@ -94,7 +94,8 @@ class CpuKernels(ReferenceKernels):
 
     def describe(self) -> str:
         fp8 = str(self.fp8_dtype).replace("torch.", "") if self.fp8_dtype else "none (dequantized at load)"
-        isa = f"C kernels: {self.native.isa}" if self.native is not None else "no C kernels"
+        isa = "no C kernels" if self.native is None else (
+            f"C kernels: {self.native.isa}{' + vbmi' if self.native.fp8_table else ''}")
         return f"{self.name} on {self.device}, fp8 weights: {fp8}, {isa}"
 
     # ---- the recorded decode step ------------------------------------------------------------
