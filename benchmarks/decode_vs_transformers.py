@@ -195,6 +195,7 @@ def main() -> None:
         peer = theirs(ids).logits.float()
     err = {k: ((e.logits(ids).float() - want).norm() / want.norm()).item() for k, e in modes.items()}
     e_peer = ((peer - want).norm() / want.norm()).item()
+    native = modes["fp8"].kernels.native
     notes = [
         f"Resident weights: every tensor the model holds (FP8 weights, their scales, bf16 embedding/head/norms, the "
         f"fp32 gate, the absorbed attention projections made at the first decode step) against the checkpoint's bytes "
@@ -217,7 +218,7 @@ def main() -> None:
         f"decode: {args.batch} prompts of {args.prompt_len} tokens, new tokens of all rows over the whole call, best of "
         f"{args.repeats}; the short prefill best of {3 * args.repeats}; both interleaved, speed-ups as time ratios.",
         f"Machine: {R.cpu_line()}; torch {torch.__version__} with {torch.get_num_threads()} threads; dsv3 C kernels "
-        f"built for {modes['fp8'].kernels.native.isa}.",
+        f"built for {native.isa}{' + vbmi (FP8 widened by table)' if native.fp8_table else ''}.",
     ]
     text = "\n".join(rows + [""] + notes)
     print(text)

@@ -160,6 +160,6 @@ def cpu_line() -> str:
     from dsv3.backends.cpu import native
 
     flags = set(native._cpu_flags().split(":", 1)[-1].split())
-    shown = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_tile",
-                         "amx_bf16") if f in flags]
+    shown = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vbmi", "avx512_bf16", "avx512_vnni",
+                         "amx_tile", "amx_bf16") if f in flags]
     return f"{native.cpu_name()}, {os.cpu_count()} cores visible ({', '.join(shown) or 'no x86 vector flags'})"

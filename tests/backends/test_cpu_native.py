@@ -101,21 +101,23 @@ def test_linear_fp8(lib, fp8, M, N, K):
 
 @pytest.mark.parametrize("fp8", FP8)
 # K = 100: the vector loops (first lane, later ones: 0..95 in 32s, or a whole 64 and a masked 36 with AVX512-BF16)
-# and the scalar tail (96..99)
-@pytest.mark.parametrize("col", [0, 21, 35, 70, 99])
-@pytest.mark.parametrize("rows", [1, 3])  # one row (dot_fp8); several (dot_rows, or AVX512-BF16's masked tails)
-def test_fp8_every_byte_value(lib, fp8, col, rows):
+# and the scalar tail (96..99); col -1 is the last column
+@pytest.mark.parametrize("col", [0, 21, 35, 70, 99, -1])
+# one row (dot_fp8); several (dot_rows, or AVX512-BF16's masked tails); with AVX512-VBMI, 1-4 rows widen by table
+# and 6 through fp16 (a long K too: blocks past the first, a masked tail of 56)
+@pytest.mark.parametrize("rows,K", [(1, 100), (3, 100), (6, 100), (6, 3000)])
+def test_fp8_every_byte_value(lib, fp8, col, rows, K):
     """Each of the 256 byte values (NaN codes aside), alone in its row against a one-hot x: exactly its value."""
     table = torch.arange(256, dtype=torch.uint8).view(fp8).float()
     codes = torch.nonzero(~table.isnan()).flatten()
-    raw = torch.zeros(len(codes), 100, dtype=torch.uint8)
+    raw = torch.zeros(len(codes), K, dtype=torch.uint8)
     raw[:, col] = codes.to(torch.uint8)
-    x = torch.zeros(rows, 100, dtype=torch.bfloat16)
+    x = torch.zeros(rows, K, dtype=torch.bfloat16)
     x[:, col] = 1.0
     got = lib.linear(x, raw.view(fp8), torch.ones(scale_shape(raw.shape))).float()
     for r in range(rows):
         wrong = got[r] != table[codes]
-        assert not wrong.any(), f"FP8 bytes widen to wrong values in row {r}: {got[r][wrong][:4]}"
+        assert not wrong.any(), f"FP8 bytes widen to wrong values in row {r} of {rows}, K = {K}: {got[r][wrong][:4]}"
 
 
 def swiglu64(x, w1, w3, w2):
