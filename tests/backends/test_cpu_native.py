@@ -1,4 +1,4 @@
-"""The cpu backend's native kernels (native.c) against float64 formulas, the plain-torch ops, and in the model.
+"""The cpu backend's native kernels (csrc/) against float64 formulas, the plain-torch ops, and in the model.
 
 Shapes include batch 1, dims that are not multiples of 8, 32 or 128 (the vector loops' tails and FP8 scale
 blocks) and long caches. Every kernel runs on each instruction-set build this CPU can run (avx512, avx2,
@@ -285,7 +285,7 @@ def decode_logits(engine, tokens: torch.Tensor, prefill: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("weights", ["fp8", "bf16"])
 def test_bf16_decode_no_worse_than_plain_torch(tiny_ckpts, weights):
-    """Every decode op of the model through native.c (batch 1 and 4), judged against fp32 like the plain path;
+    """Every decode op of the model through the C kernels (batch 1 and 4), judged against fp32 like the plain path;
     with the FP8 weights kept as FP8 (widened in the kernels) or dequantized to bf16 at load.
 
     Pooled over the three configs and both batches: on tiny random models a bf16 difference in one
@@ -325,7 +325,7 @@ def test_fallbacks(tmp_path, monkeypatch, caplog):
     plain = CpuKernels()
     plain.native = None
     x, w = torch.randn(1, 40).bfloat16(), torch.randn(24, 40).bfloat16()
-    assert torch.equal(plain.linear(x, w), F.linear(x, w))  # without native.c, the plain-torch op
+    assert torch.equal(plain.linear(x, w), F.linear(x, w))  # without the C kernels, the plain-torch op
 
 
 def test_instruction_set_choice(monkeypatch, caplog):

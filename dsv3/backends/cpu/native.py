@@ -1,4 +1,4 @@
-"""native.c, built at first use and called through ctypes: the cpu backend's decode kernels.
+"""csrc/ (C), built at first use into one library and called through ctypes: the cpu backend's decode kernels.
 
 The library is compiled once per (source, compiler, instruction set, CPU) into the cache directory
 ($DSV3_CACHE_DIR, else ~/.cache/dsv3) with the system C compiler, for the widest instruction set this CPU
@@ -27,9 +27,10 @@ from ...core import fp8 as F8
 from ...core.fp8 import BLOCK, is_fp8, scale_shape
 
 log = logging.getLogger("dsv3")
-SOURCE = Path(__file__).with_name("native.c")
+#: the C sources: every .c is compiled into one library; the headers are shared (csrc/common.h describes the files)
+CSRC = Path(__file__).with_name("csrc")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-#: instruction sets native.c is built for, widest first: compiler flags and the /proc/cpuinfo flags they need
+#: instruction sets the C kernels are built for, widest first: compiler flags and the /proc/cpuinfo flags they need
 ISAS = {
     # AVX-512 plus AMX tiles (prefill's routed experts, dsv3_grouped_amx) and AVX512-BF16 (to round weights into them)
     "amx": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c", "-mavx512bf16", "-mamx-tile",
@@ -47,7 +48,7 @@ ISAS = {
 
 
 #: flags added to a build where the CPU has the instruction set: (compiler flag, /proc/cpuinfo flag, only in builds
-#: with this flag). AVX512-VBMI's byte shuffles widen FP8 to bf16 by table (native.c fp8_bf16x64): Zen 4/5 and
+#: with this flag). AVX512-VBMI's byte shuffles widen FP8 to bf16 by table (csrc/dot.h fp8_bf16x64): Zen 4/5 and
 #: every AMX Xeon have it, Cooper Lake (AVX512-BF16 without it) keeps the conversion through fp16.
 OPTIONAL = [("-mavx512vbmi", "avx512vbmi", "-mavx512bf16")]
 
@@ -90,8 +91,14 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("DSV3_CACHE_DIR") or Path.home() / ".cache" / "dsv3")
 
 
+def _sources() -> tuple[list[Path], bytes]:
+    """The .c files to compile, and every source file's name and bytes (what a build's cache key hashes)."""
+    files = sorted(p for p in CSRC.iterdir() if p.suffix in (".c", ".h"))
+    return [p for p in files if p.suffix == ".c"], b"\0".join(p.name.encode() + b"\0" + p.read_bytes() for p in files)
+
+
 def _build(cc: str, isa: str) -> Path:
-    src = SOURCE.read_bytes()
+    units, src = _sources()
     flags = FLAGS + _flags(isa)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(b"\0".join([src, version.encode(), _cpu_flags().encode(), " ".join(flags).encode()])).hexdigest()
@@ -101,7 +108,8 @@ def _build(cc: str, isa: str) -> Path:
     lib.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # build aside, then rename: concurrent ranks are safe
         out = Path(tmp) / lib.name
-        run = subprocess.run([cc, *flags, "-o", str(out), str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300)
+        run = subprocess.run([cc, *flags, f"-I{CSRC}", "-o", str(out), *map(str, units), "-lm"], capture_output=True,
+                             text=True, timeout=300)
         if run.returncode != 0:
             raise RuntimeError(f"{cc} failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}")
         os.replace(out, lib)
@@ -343,7 +351,7 @@ def _byte_values(fp8_dtype: torch.dtype) -> torch.Tensor:
 
 @lru_cache(maxsize=4)
 def fp8_unit(fp8_dtype: torch.dtype) -> float:
-    """native.c's fmt for an FP8 format: the value of one unit of a byte's bits placed in an fp16 (2^8 for
+    """The C kernels' fmt for an FP8 format: the value of one unit of a byte's bits placed in an fp16 (2^8 for
     e4m3fn, 2^7 for e4m3fnuz). Byte 0x38 (exponent field 7, mantissa 0) is 2^-8 there."""
     return float(_byte_values(fp8_dtype)[0x38]) * 2.0 ** 8
 

@@ -1,6 +1,6 @@
 """The cpu backend: the plain-torch reference plus CPU speed rules, tested against the reference.
 
-What it adds: the C kernels of native.c for decode-sized work (fewer than UPCAST_ROWS rows; AMX tiles
+What it adds: the C kernels of csrc/ for decode-sized work (fewer than UPCAST_ROWS rows; AMX tiles
 from AMX_ROWS rows where the CPU has them), FP8
 weights kept as FP8 (`weights="fp8"`, the default where the C kernels run a bf16 model: half the
 memory and half the bytes per token of bf16) or dequantized at load ("bf16"), torch's own GEMMs

@@ -6,7 +6,7 @@ have evicted the interpreter's own data. The step's shapes are static (DESIGN.md
 buffers stay allocated, so, as a CUDA graph does, it can be recorded once and replayed: `record(fn)` runs
 fn() once and keeps, in program order,
 
-- every call into native.c, with its arguments (pointers into tensors that stay allocated);
+- every call into the C kernels (csrc/), with its arguments (pointers into tensors that stay allocated);
 - every torch op that computes (a gather, an add, the embedding lookup, a dtype conversion), to be rerun
   into the very tensor it produced the first time; in-place ops rerun as they are;
 - nothing for views, shape queries or allocations: views alias the replayed buffers, and every tensor the

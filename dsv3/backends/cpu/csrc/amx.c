@@ -1,0 +1,311 @@
+/* Prefill's grouped expert GEMMs on AMX tiles, and the weighted combination of expert rows. */
+#include "common.h"
+#include "dot.h"
+
+/* out [T, D] bf16 = sum_j w[t, j] * ys[pos[t, j]] over a token's k expert rows (pos -1: another rank's expert), in
+ * fp32, one rounding: the weighted sum of expert outputs computed row by row elsewhere (dsv3_grouped_amx) */
+void dsv3_combine_rows(const uint16_t *ys, const int64_t *pos, const float *w, int64_t T, int64_t k, int64_t D,
+                       uint16_t *out, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        float *acc = malloc((size_t)D * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
+            for (int64_t j = 0; j < k; j++) {
+                const int64_t p = pos[t * k + j];
+                if (p < 0) continue;
+                const float a = w[t * k + j];
+                const uint16_t *y = ys + p * D;
+                for (int64_t d = 0; d < D; d++) acc[d] += a * bf16_scalar(y[d]);
+            }
+            for (int64_t d = 0; d < D; d++) out[t * D + d] = to_bf16(acc[d]);
+        }
+        free(acc);
+    }
+}
+
+/* ---- prefill: grouped expert GEMMs on AMX tiles ---------------------------------------------------------------
+ * Rows sorted by local expert (expert e's rows are starts[e] .. starts[e+1]) times each expert's weights W [E, N, K]
+ * (bf16 or FP8 with block scales), fp32 accumulation: a prompt's routed experts in two calls (gate and up with
+ * their SwiGLU, then down). AMX tiles: A = 16 rows of activations as they lie (K contiguous), B = 16 weight rows
+ * widened to bf16 and laid out in K pairs ("VNNI": row r of a B tile holds (W[n][2r], W[n][2r+1]) for n = 0..15),
+ * made strip by strip as the work goes, never for the whole weight; each strip serves all of its expert's rows.
+ * Returns 0, or -1 where this build or the OS gives no AMX or the shapes do not fit (the caller then runs torch). */
+#if defined(DSV3_AMX)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+static void amx_config(void) { /* every tile 16 rows of 64 bytes: C 16x16 fp32, A 16x32 bf16, B 16 K-pairs x 16 */
+    TileConfig c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.rows[t] = 16;
+        c.colsb[t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* r[i][j] <- r[j][i] for 16 vectors of 16 32-bit lanes (pairs, 128-bit quarters, then halves) */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    }
+}
+
+/* K slice k (32 columns) of weight rows n0 .. n0+15 of m as an A tile: wa[n][32] bf16 (the FP8 bytes widened,
+ * times their block's scale, rounded to bf16 once: the reference's dequantized weight). Row-major like the weight
+ * itself, so no transpose: the weights are the A operand and the activations, transposed once per call, the B
+ * operand. */
+static void amx_weight_slice(const Mat *m, int64_t n0, int64_t k, uint16_t *wa) {
+    const int64_t K = m->K, kb = (K + QB - 1) / QB;
+    const __m512 sc = _mm512_set1_ps(m->s[(n0 / QB) * kb + k / QB] * m->fmt); /* 16 rows: one 128-row block */
+    for (int64_t n = 0; n < 16; n++) {
+        __m512 lo, hi;
+        fp8x32((const uint8_t *)m->w + (n0 + n) * K + k, &lo, &hi);
+        _mm512_storeu_si512((void *)(wa + n * 32), (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, sc), _mm512_mul_ps(lo, sc)));
+    }
+}
+
+/* 16 rows (row(i), i < n; zeros past n) of K bf16 as B tiles: xt[ks][r][i] = the pair (2r, 2r + 1) of K slice ks of
+ * row i (a uint32) */
+static void amx_act_rows(const uint16_t *a, const int64_t *idx, int64_t first, int64_t n, int64_t K, uint32_t *xt) {
+    __m512i v[16];
+    for (int64_t k = 0; k < K; k += 32) {
+        for (int64_t i = 0; i < 16; i++)
+            v[i] = i < n ? _mm512_loadu_si512((const void *)(a + (idx ? idx[first + i] : first + i) * K + k))
+                         : _mm512_setzero_si512();
+        transpose16(v);
+        for (int r = 0; r < 16; r++) _mm512_storeu_si512((void *)(xt + (k / 32) * 256 + r * 16), v[r]);
+    }
+}
+
+/* e^x in fp32, relative error ~2e-7 (Cephes' expf: n = round(x log2 e), x - n ln 2 in two parts, a degree-6
+ * polynomial, times 2^n); inputs clamped to the range where e^x is finite */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365447505531f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m256i bf16x16_of(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); } /* round to nearest even */
+
+static inline __m512 round_bf16x16(__m512 v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16x16_of(v)), 16));
+}
+
+/* a C tile [16 weight rows][16 token rows] fp32, transposed: token row i's 16 values rounded to bf16 at o + i * ld */
+static void amx_store_t(const float *c, uint16_t *o, int64_t ld, int64_t live) {
+    __m512i v[16];
+    for (int n = 0; n < 16; n++) v[n] = _mm512_loadu_si512((const void *)(c + n * 16));
+    transpose16(v);
+    for (int64_t i = 0; i < live; i++) _mm256_storeu_si256((__m256i *)(o + i * ld), bf16x16_of((__m512)v[i]));
+}
+
+/* G = 1: out [R, N] = a . W0^T per expert. G = 2: out [R, N] = silu(a . W0^T) * (a . W1^T), gate and up with the
+ * roundings of separate bf16 linears and torch's bf16 silu and product (each result rounded to bf16). With idx
+ * (int64 [R]), row r of a is row idx[r] of a [T, K]; without, row r of a [R, K]. The weights are the A operand (16
+ * weight rows per tile, read as they are stored: bf16 in place, FP8 widened) and the activations the B operand,
+ * transposed into pairs once per call and padded to 32 rows per expert; C tiles come out [weight row][token row] and
+ * are transposed in the epilogue. (The other way round, every 16 x 32 weight slice needed a transpose: most of the
+ * kernel's time at DeepSeek's 64-row experts.) Work: 16 rows of W0 and W1 (G = 2), or 32 rows of W0 (G = 1), of one
+ * expert per item; tiles: C 0-3 (two weight strips x two 16-row chunks), A 4-5, B 6-7. */
+int dsv3_grouped_amx(const uint16_t *a, const int64_t *idx, const int64_t *starts, int64_t E, int64_t G,
+                     const void *w0, const float *s0, const void *w1, const float *s1, float fmt, int64_t K, int64_t N,
+                     uint16_t *out, int threads) {
+    static int allowed = -1; /* Linux hands out AMX state only on request, once per process */
+    if (allowed < 0) allowed = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    if (!allowed || K % 32 || N % (G == 2 ? 16 : 32) || G < 1 || G > 2) return -1;
+    const int64_t width = G == 2 ? 16 : 32, items = N / width, KS = K / 32;
+    int64_t *chunk0 = malloc((size_t)(E + 1) * sizeof(int64_t)); /* expert e's first 16-row chunk; 2 per 32 rows */
+    chunk0[0] = 0;
+    for (int64_t e = 0; e < E; e++) chunk0[e + 1] = chunk0[e] + 2 * ((starts[e + 1] - starts[e] + 31) / 32);
+    const int64_t chunks = chunk0[E];
+    uint32_t *xt = malloc((size_t)((chunks ? chunks : 1) * KS * 256) * sizeof(uint32_t));
+    /* items split into one contiguous run per thread, of about equal work (a strip's widening plus its 32-row
+     * passes): each thread then streams its weights in order, and the next item's are known, so they are fetched
+     * during this one's products (measured: gate/up -20%, down -35% against items handed out one at a time) */
+    int64_t *work = malloc((size_t)(E * items + 1) * sizeof(int64_t));
+    work[0] = 0;
+    for (int64_t q = 0; q < E * items; q++) {
+        const int64_t rows = starts[q / items + 1] - starts[q / items];
+        work[q + 1] = work[q] + (rows ? 1 + (rows + 31) / 32 : 0);
+    }
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t c = 0; c < chunks; c++) { /* the activations as B tiles, once */
+            int64_t e = 0;
+            while (chunk0[e + 1] <= c) e++;
+            const int64_t row = starts[e] + (c - chunk0[e]) * 16, left = starts[e + 1] - row;
+            amx_act_rows(a, idx, row, left < 0 ? 0 : left < 16 ? left : 16, K, xt + c * KS * 256);
+        }
+        amx_config();
+        uint16_t *wa = malloc((size_t)(2 * K * 16) * sizeof(uint16_t)); /* two FP8 weight strips, widened */
+        float *c = malloc(4 * 256 * sizeof(float));
+#pragma omp for schedule(static, 1)
+        for (int64_t t = 0; t < threads; t++) { /* run t: the items whose work starts in [t, t + 1) / threads of it */
+            int64_t q = 0, end = 0;
+            while (q < E * items && work[q] * threads < work[E * items] * t) q++;
+            end = q;
+            while (end < E * items && work[end] * threads < work[E * items] * (t + 1)) end++;
+            for (; q < end; q++) {
+                const int64_t e = q / items, n0 = (q % items) * width, rows = starts[e + 1] - starts[e];
+                if (rows == 0) continue;
+                const Mat m0 = expert(w0, s0, e, N, K, fmt), m1 = G == 2 ? expert(w1, s1, e, N, K, fmt) : m0;
+                const int64_t n1 = G == 2 ? n0 : n0 + 16; /* the second strip: W1's rows n0.., or W0's next 16 */
+                const uint8_t *pf0 = NULL, *pf1 = NULL; /* the next item's FP8 strips, fetched towards L2 meanwhile */
+                if (s0 != NULL && q + 1 < end) {
+                    const int64_t e2 = (q + 1) / items, m2 = ((q + 1) % items) * width;
+                    pf0 = (const uint8_t *)w0 + (e2 * N + m2) * K;
+                    pf1 = G == 2 ? (const uint8_t *)w1 + (e2 * N + m2) * K : pf0 + 16 * K;
+                }
+                const int64_t lines = 16 * K / 64, per = (lines + KS - 1) / KS;
+                const uint16_t *a0, *a1; /* A tiles of slice ks at a0 + ks * step, rows `stride` bytes apart */
+                int64_t step, stride;
+                if (m0.s == NULL) { /* bf16: the weight's own rows */
+                    a0 = (const uint16_t *)m0.w + n0 * K;
+                    a1 = (const uint16_t *)m1.w + n1 * K;
+                    step = 32, stride = K * 2;
+                } else { /* widened slice by slice during the first 32 rows' products (the loads overlap the tiles' work) */
+                    a0 = wa, a1 = wa + K * 16, step = 512, stride = 64;
+                }
+                for (int64_t t0 = 0; t0 < rows; t0 += 32) { /* C 0/1: strip 0 x chunks 0/1, C 2/3: strip 1 x chunks 0/1 */
+                    const uint32_t *b = xt + (chunk0[e] + t0 / 16) * KS * 256;
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    _tile_zero(2);
+                    _tile_zero(3);
+                    for (int64_t ks = 0; ks < KS; ks++) {
+                        if (pf0 != NULL && t0 == 0)
+                            for (int64_t l = ks * per; l < (ks + 1) * per && l < lines; l++) {
+                                _mm_prefetch((const char *)pf0 + l * 64, _MM_HINT_T1);
+                                _mm_prefetch((const char *)pf1 + l * 64, _MM_HINT_T1);
+                            }
+                        if (m0.s != NULL && t0 == 0) {
+                            amx_weight_slice(&m0, n0, ks * 32, wa + ks * 512);
+                            amx_weight_slice(&m1, n1, ks * 32, wa + K * 16 + ks * 512);
+                        }
+                        _tile_loadd(4, a0 + ks * step, stride);
+                        _tile_loadd(5, a1 + ks * step, stride);
+                        _tile_loadd(6, b + ks * 256, 64);
+                        _tile_loadd(7, b + (KS + ks) * 256, 64);
+                        _tile_dpbf16ps(0, 4, 6);
+                        _tile_dpbf16ps(1, 4, 7);
+                        _tile_dpbf16ps(2, 5, 6);
+                        _tile_dpbf16ps(3, 5, 7);
+                    }
+                    _tile_stored(0, c, 64);
+                    _tile_stored(1, c + 256, 64);
+                    _tile_stored(2, c + 512, 64);
+                    _tile_stored(3, c + 768, 64);
+                    for (int j = 0; j < 2 && t0 + 16 * j < rows; j++) { /* chunk j: C [weight row n][token row i] */
+                        float *c0 = c + j * 256, *c1 = c + 512 + j * 256;
+                        const int64_t live = rows - t0 - 16 * j < 16 ? rows - t0 - 16 * j : 16;
+                        uint16_t *o = out + (starts[e] + t0 + 16 * j) * N;
+                        if (G == 1) {
+                            amx_store_t(c0, o + n0, N, live);
+                            amx_store_t(c1, o + n1, N, live);
+                        } else {
+                            for (int n = 0; n < 16; n++) { /* elementwise, so in the transposed layout */
+                                const __m512 g = round_bf16x16(_mm512_loadu_ps(c0 + n * 16));
+                                const __m512 u = round_bf16x16(_mm512_loadu_ps(c1 + n * 16));
+                                const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+                                const __m512 act = round_bf16x16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+                                _mm512_storeu_ps(c0 + n * 16, _mm512_mul_ps(act, u));
+                            }
+                            amx_store_t(c0, o + n0, N, live);
+                        }
+                    }
+                }
+            }
+        }
+        free(wa);
+        free(c);
+        _tile_release();
+    }
+    free(work);
+    free(xt);
+    free(chunk0);
+    return 0;
+}
+#else
+int dsv3_grouped_amx(const uint16_t *a, const int64_t *idx, const int64_t *starts, int64_t E, int64_t G,
+                     const void *w0, const float *s0, const void *w1, const float *s1, float fmt, int64_t K, int64_t N,
+                     uint16_t *out, int threads) {
+    (void)a, (void)idx, (void)starts, (void)E, (void)G, (void)w0, (void)s0, (void)w1, (void)s1, (void)fmt, (void)K;
+    (void)N, (void)out, (void)threads;
+    return -1;
+}
+#endif
+
+/* Routed experts on AMX tiles in one call: the routes held here (first <= id < first + E) sorted by expert, token order
+ * kept within each (a counting sort), gate and up with SwiGLU as one grouped GEMM, down as a second, then the weighted
+ * combine: the roundings of the reference (each expert's output in bf16, their weighted sum in fp32). No count comes
+ * back to the host between the steps, so a recorded decode step can hold it. y [T, D] bf16; -1 (nothing written)
+ * where dsv3_grouped_amx cannot run. */
+int dsv3_moe_amx(const uint16_t *x, int64_t T, int64_t k, const int64_t *ids, const float *alpha, int64_t first,
+                 int64_t E, const void *w1, const float *s1, const void *w3, const float *s3, const void *w2,
+                 const float *s2, float fmt, int64_t D, int64_t I, uint16_t *y, int threads) {
+    const int64_t n = T * k;
+    int64_t *starts = calloc((size_t)(E + 2), sizeof(int64_t)), *next = malloc((size_t)(E + 1) * sizeof(int64_t));
+    int64_t *tok = malloc((size_t)(n + 1) * sizeof(int64_t)), *pos = malloc((size_t)(n + 1) * sizeof(int64_t));
+    for (int64_t r = 0; r < n; r++) {
+        const int64_t e = ids[r] - first;
+        if (e >= 0 && e < E) starts[e + 1]++;
+    }
+    for (int64_t e = 0; e < E; e++) starts[e + 1] += starts[e];
+    memcpy(next, starts, (size_t)(E + 1) * sizeof(int64_t));
+    for (int64_t r = 0; r < n; r++) { /* route r's place among its expert's rows, or -1: another rank's expert */
+        const int64_t e = ids[r] - first;
+        pos[r] = e >= 0 && e < E ? next[e]++ : -1;
+        if (pos[r] >= 0) tok[pos[r]] = r / k;
+    }
+    const int64_t R = starts[E];
+    uint16_t *h = malloc((size_t)(R * I + 1) * sizeof(uint16_t)), *ys = malloc((size_t)(R * D + 1) * sizeof(uint16_t));
+    int rc = dsv3_grouped_amx(x, tok, starts, E, 2, w1, s1, w3, s3, fmt, D, I, h, threads);
+    if (rc == 0) rc = dsv3_grouped_amx(h, NULL, starts, E, 1, w2, s2, NULL, NULL, fmt, I, D, ys, threads);
+    if (rc == 0) dsv3_combine_rows(ys, pos, alpha, T, k, D, y, threads);
+    free(h);
+    free(ys);
+    free(tok);
+    free(pos);
+    free(next);
+    free(starts);
+    return rc;
+}

@@ -1,0 +1,244 @@
+/* CPU kernels for decode (fewer than 16 rows) and the FP8 weights the cpu backend keeps: linear layers,
+ * the SwiGLU experts of a few tokens, RMSNorm, interleaved rope, the group-limited gate and the absorbed
+ * MLA of one query, each in one call with fp32 accumulation and one rounding to bf16. Weights are bf16 or
+ * block-scaled FP8 (e4m3fn/fnuz bytes with one fp32 scale per 128x128 block), widened in registers. Built
+ * at first use by native.py into one library, once per instruction set (see ISA below), and called through
+ * ctypes; ops.py holds the plain-torch twins the tests compare against.
+ *
+ * Files: this header (what every file shares: the ISA macros, bf16/FP8 scalars, fp32 dot products and
+ * widening), dot.h (a weight row against several activation rows: what linears and experts are made of),
+ * linear.c (linears, SwiGLU experts, the build's ISA queries), norm_rope.c, gate.c, attention.c, convert.c
+ * (FP8 widened in bulk) and amx.c (prefill's grouped expert GEMMs on AMX tiles).
+ *
+ * Why: at batch 1 a decode step reads every active weight once, so its speed is bytes over read bandwidth,
+ * plus the cost of each op call. Measured on a 2-core AVX-512/AMX Xeon: a GEMV over weights that are not in
+ * cache reads ~16-19 GB/s whichever vector width does the arithmetic (AVX2, AVX-512, or AVX512-BF16's dot
+ * products), so what matters is reading each byte once, as few bytes as possible (FP8 weights stay FP8:
+ * half the bytes of bf16) and few calls per step.
+ *
+ * ISA: compiled with -mavx512f -mavx512bw -mavx512vl (DSV3_AVX512), with -mavx2 -mfma -mf16c (DSV3_AVX2),
+ * or with neither (plain C, any CPU); native.py picks the widest this CPU runs and tests run every one the
+ * CPU can, so the AVX2 path is tested on AVX-512 machines too. With AVX512-BF16 on top (DSV3_BF16DOT: the
+ * "avx512bf16" build for AMD Zen 4/5, and the "amx" one) linears and experts multiply on its pair dot
+ * products: a weight vector serving several rows (a batch, a draft verification) makes them compute-bound.
+ * The AVX-512 build with AMX and AVX512-BF16 on top (DSV3_AMX) adds the grouped expert GEMMs of a prompt
+ * (dsv3_grouped_amx): there the weights of an expert serve dozens of rows, so the products, not the bytes,
+ * are the cost, and AMX tiles do them.
+ *
+ * FP8 widening: a byte s.eeee.mmm moved into an fp16 as s.0eeee.mmm0000000 is the byte's value divided by
+ * 2^8 (e4m3fn, exponent bias 7 vs fp16's 15) or 2^7 (e4m3fnuz, bias 8), subnormals included; the hardware
+ * fp16 -> fp32 conversion (F16C / AVX-512F) then widens 8 or 16 at once. `fmt` is that power of two (the
+ * caller derives it from torch's own cast, so these files know no format); with AVX512-VBMI, a table of the same
+ * values widens 64 bytes to bf16 at once (fp8_bf16x64). NaN bytes are refused at load
+ * (ops.py keeps such a weight dequantized), so the widening never meets one.
+ */
+#ifndef DSV3_COMMON_H
+#define DSV3_COMMON_H
+#define _GNU_SOURCE /* syscall(), for the AMX permission (dsv3_grouped_amx) */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define DSV3_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define DSV3_AVX2 1
+#endif
+#if defined(DSV3_AVX512) && defined(__AVX512BF16__)
+#define DSV3_BF16DOT 1 /* linears and experts on AVX512-BF16 pair dot products (dot_rows_bf16) */
+#define BF16_ROWS 1    /* dot_many reads the activations as bf16 rows, never fp32 copies */
+#else
+#define BF16_ROWS 0
+#endif
+#if defined(DSV3_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define DSV3_AMX 1 /* prefill's routed experts on AMX tiles: dsv3_grouped_amx */
+#endif
+
+#define QB 128 /* FP8 scale block, both dims */
+/* Weight rows are streamed from memory once per step. The hardware prefetcher alone keeps too few lines in
+ * flight for the FP8 loops (more arithmetic per byte): a GEMV over FP8 weights not in cache read 6 GB/s
+ * without, 12 GB/s with a prefetch this far ahead (the next rows: a thread's rows are contiguous). */
+#define PF_AHEAD 2048
+#define PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 3)
+/* a helper of these headers that some files do not call (no unused-function warning there) */
+#define SHARED __attribute__((unused))
+
+SHARED static float bf16_scalar(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+SHARED static uint16_t to_bf16(float f) { /* round to nearest even, as torch's fp32 -> bf16 */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0; /* NaN stays NaN */
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* an FP8 byte's value in units of fmt: its bits placed in an fp16 as described above, decoded */
+SHARED static float fp8_half(uint8_t b) {
+    int e = (b >> 3) & 0xF, m = b & 7;
+    float v = e ? ldexpf((float)(8 + m), e - 18) : ldexpf((float)m, -17);
+    return (b & 0x80) ? -v : v;
+}
+
+#if defined(DSV3_AVX512)
+static inline __m512 bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline __m512 fp8x16(const uint8_t *p) {
+    __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p)); /* sign copied into bits 8..15 */
+    h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16((short)0xBFFF));
+    return _mm512_cvtph_ps(h);
+}
+/* 32 bytes at once: one sign extension, shift and mask for both halves (~11% more GEMV rate in cache than two
+ * fp8x16, measured at 1 row) */
+static inline void fp8x32(const uint8_t *p, __m512 *lo, __m512 *hi) {
+    __m512i h = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
+    h = _mm512_and_si512(_mm512_slli_epi16(h, 7), _mm512_set1_epi16((short)0xBFFF));
+    *lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+    *hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+}
+#elif defined(DSV3_AVX2)
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline __m256 bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline __m256i fp8_halves(const uint8_t *p) { /* 16 bytes -> 16 fp16 */
+    __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16((short)0xBFFF));
+}
+#endif
+
+/* sum_k a[k] * b[k] with a fp32 or bf16 (a_bf16, a constant where it is inlined), b fp32: four FMA chains (one
+ * would stall on the FMA latency); bf16 rows stream from memory, so they are prefetched ahead */
+static inline __attribute__((always_inline)) float dot_any(const void *a, int a_bf16, const float *b, int64_t n) {
+    const float *af = (const float *)a;
+    const uint16_t *ah = (const uint16_t *)a;
+    int64_t k = 0;
+    float s = 0.0f;
+#if defined(DSV3_AVX512)
+#define LOAD_A(i) (a_bf16 ? bf16x16(ah + (i)) : _mm512_loadu_ps(af + (i)))
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; k + 64 <= n; k += 64) {
+        if (a_bf16) {
+            PREFETCH(ah + k + PF_AHEAD);
+            PREFETCH(ah + k + PF_AHEAD + 32);
+        }
+        a0 = _mm512_fmadd_ps(LOAD_A(k), _mm512_loadu_ps(b + k), a0);
+        a1 = _mm512_fmadd_ps(LOAD_A(k + 16), _mm512_loadu_ps(b + k + 16), a1);
+        a2 = _mm512_fmadd_ps(LOAD_A(k + 32), _mm512_loadu_ps(b + k + 32), a2);
+        a3 = _mm512_fmadd_ps(LOAD_A(k + 48), _mm512_loadu_ps(b + k + 48), a3);
+    }
+    for (; k + 16 <= n; k += 16) a0 = _mm512_fmadd_ps(LOAD_A(k), _mm512_loadu_ps(b + k), a0);
+    s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#undef LOAD_A
+#elif defined(DSV3_AVX2)
+#define LOAD_A(i) (a_bf16 ? bf16x8(ah + (i)) : _mm256_loadu_ps(af + (i)))
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (; k + 32 <= n; k += 32) {
+        if (a_bf16) PREFETCH(ah + k + PF_AHEAD);
+        a0 = _mm256_fmadd_ps(LOAD_A(k), _mm256_loadu_ps(b + k), a0);
+        a1 = _mm256_fmadd_ps(LOAD_A(k + 8), _mm256_loadu_ps(b + k + 8), a1);
+        a2 = _mm256_fmadd_ps(LOAD_A(k + 16), _mm256_loadu_ps(b + k + 16), a2);
+        a3 = _mm256_fmadd_ps(LOAD_A(k + 24), _mm256_loadu_ps(b + k + 24), a3);
+    }
+    for (; k + 8 <= n; k += 8) a0 = _mm256_fmadd_ps(LOAD_A(k), _mm256_loadu_ps(b + k), a0);
+    s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#undef LOAD_A
+#endif
+    for (; k < n; k++) s += (a_bf16 ? bf16_scalar(ah[k]) : af[k]) * b[k];
+    return s;
+}
+
+SHARED static float dot_f32(const float *a, const float *b, int64_t n) { return dot_any(a, 0, b, n); }
+
+SHARED static float dot_bf16(const uint16_t *w, const float *x, int64_t n) { return dot_any(w, 1, x, n); }
+
+/* sum_k fp8_half(w[k]) * s[k / 128] * x[k]: one FP8 weight row against fp32 x, in units of fmt. The block's
+ * sum is scaled once, in a vector register. */
+SHARED static float dot_fp8(const uint8_t *w, const float *x, const float *s, int64_t K) {
+    float tail = 0.0f;
+#if defined(DSV3_AVX512)
+    __m512 tot = _mm512_setzero_ps();
+#elif defined(DSV3_AVX2)
+    __m256 tot = _mm256_setzero_ps();
+#endif
+    for (int64_t k0 = 0; k0 < K; k0 += QB) {
+        const int64_t len = K - k0 < QB ? K - k0 : QB;
+        const uint8_t *wb = w + k0;
+        const float *xb = x + k0;
+        int64_t k = 0;
+        PREFETCH(wb + PF_AHEAD);
+        PREFETCH(wb + PF_AHEAD + 64);
+#if defined(DSV3_AVX512)
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (; k + 32 <= len; k += 32) {
+            __m512 w0, w1;
+            fp8x32(wb + k, &w0, &w1);
+            a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb + k), a0);
+            a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + k + 16), a1);
+        }
+        for (; k + 16 <= len; k += 16) a0 = _mm512_fmadd_ps(fp8x16(wb + k), _mm512_loadu_ps(xb + k), a0);
+        tot = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(s[k0 / QB]), tot);
+#elif defined(DSV3_AVX2)
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (; k + 16 <= len; k += 16) {
+            __m256i h = fp8_halves(wb + k);
+            a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_loadu_ps(xb + k), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), _mm256_loadu_ps(xb + k + 8), a1);
+        }
+        tot = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(s[k0 / QB]), tot);
+#endif
+        float t = 0.0f;
+        for (; k < len; k++) t += fp8_half(wb[k]) * xb[k];
+        tail += t * s[k0 / QB];
+    }
+#if defined(DSV3_AVX512)
+    return _mm512_reduce_add_ps(tot) + tail;
+#elif defined(DSV3_AVX2)
+    return hsum(tot) + tail;
+#else
+    return tail;
+#endif
+}
+
+/* out[k] = the weight's value (fp32) for one FP8 row: fp8_half(w[k]) * fmt * s[k / 128] */
+SHARED static void widen_fp8(const uint8_t *w, const float *s, float fmt, int64_t K, float *out) {
+    for (int64_t k0 = 0; k0 < K; k0 += QB) {
+        const int64_t len = K - k0 < QB ? K - k0 : QB;
+        const float sc = s[k0 / QB] * fmt;
+        int64_t k = 0;
+        PREFETCH(w + k0 + PF_AHEAD);
+        PREFETCH(w + k0 + PF_AHEAD + 64);
+#if defined(DSV3_AVX512)
+        for (; k + 16 <= len; k += 16)
+            _mm512_storeu_ps(out + k0 + k, _mm512_mul_ps(fp8x16(w + k0 + k), _mm512_set1_ps(sc)));
+#elif defined(DSV3_AVX2)
+        for (; k + 16 <= len; k += 16) {
+            __m256i h = fp8_halves(w + k0 + k);
+            _mm256_storeu_ps(out + k0 + k, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_set1_ps(sc)));
+            _mm256_storeu_ps(out + k0 + k + 8,
+                             _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), _mm256_set1_ps(sc)));
+        }
+#endif
+        for (; k < len; k++) out[k0 + k] = fp8_half(w[k0 + k]) * sc;
+    }
+}
+
+SHARED static void widen(const uint16_t *x, float *xf, int64_t n) {
+    for (int64_t k = 0; k < n; k++) xf[k] = bf16_scalar(x[k]);
+}
+
+#endif
