@@ -161,9 +161,10 @@ static inline __m512bh weights_bf16(const uint8_t *w8, const uint16_t *w16, int6
 /* With AVX512-VBMI, 64 FP8 bytes become 64 bf16 by table lookup: a byte's low 7 bits index a 128-entry table of
  * the bf16 bits (split into low and high bytes: one byte shuffle each) and its sign goes to the high byte as is.
  * 6 instructions per 64 weights where the conversion above takes ~14, which is most of the work when a weight
- * vector serves few rows. Measured on a Zen 4, 2 threads, FP8 linears 2048-18432 x 2048-7168 read from memory:
- * 1.13-1.22x at 1 row, 1.07-1.18x at 2, 1.0-1.25x at 4. From 5 rows the dot products are the work and the four
- * table registers crowd the accumulators (8 rows: 0.8x at K = 7168), so there the conversion above stays.
+ * vector serves few rows. Measured on an AMD EPYC (Zen 5), 2 threads, FP8 linears 2048-18432 x 2048-7168 read
+ * from memory: 1.13-1.22x at 1 row, 1.07-1.18x at 2, 1.0-1.25x at 4. From 5 rows the dot products are the work
+ * and the four table registers crowd the accumulators (8 rows at K = 7168: 0.8-0.9x; at K <= 2048 it gains
+ * 5-20% in a linear alone, nothing measurable in a decode step), so there the conversion above stays.
  * The tables are the exact values above (fp8_half), so the two paths agree bit for bit. */
 #define LUT_ROWS 4
 static uint8_t FP8_BF16_LO[128], FP8_BF16_HI[128];
