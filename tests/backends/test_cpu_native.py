@@ -8,6 +8,7 @@ generic), so an AVX-512 machine tests the AVX2 path too; bf16 and FP8 (e4m3fn an
 from __future__ import annotations
 
 import logging
+import shutil
 
 import pytest
 import torch
@@ -356,6 +357,23 @@ def test_optional_flags_follow_the_cpu(monkeypatch):
     for isa in native_lib.supported_isas():
         built = native_lib.load(isa)
         assert built.fp8_table == (vbmi and built.bf16dot), f"{isa}: fp8_table={built.fp8_table}, vbmi={vbmi}"
+
+
+def test_a_compiler_without_an_optional_flag_keeps_the_build(tmp_path, monkeypatch):
+    """A compiler that refuses -mavx512vbmi still gives the AVX512-BF16 build, without the FP8 table."""
+    if "avx512bf16" not in native_lib.supported_isas():
+        pytest.skip("this CPU lacks avx512bf16")
+    real = native_lib._cpu_flags
+    monkeypatch.setattr(native_lib, "_cpu_flags", lambda: real() + " avx512vbmi")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    fussy = tmp_path / "fussy-cc"
+    fussy.write_text(f'#!/bin/sh\ncase " $* " in *" -mavx512vbmi "*) echo "unknown flag" >&2; exit 1;; esac\n'
+                     f'exec {cc} "$@"\n')
+    fussy.chmod(0o755)
+    monkeypatch.setenv("CC", str(fussy))
+    monkeypatch.setenv("DSV3_CACHE_DIR", str(tmp_path / "cache"))
+    built = native_lib._load.__wrapped__("avx512bf16")
+    assert built is not None and built.isa == "avx512bf16" and built.bf16dot and not built.fp8_table
 
 
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz])

@@ -53,10 +53,10 @@ ISAS = {
 OPTIONAL = [("-mavx512vbmi", "avx512vbmi", "-mavx512bf16")]
 
 
-def _flags(isa: str) -> list[str]:
-    """The compiler flags of the `isa` build on this CPU: ISAS' and the OPTIONAL ones it runs."""
+def _flags(isa: str, optional: bool = True) -> list[str]:
+    """The compiler flags of the `isa` build on this CPU: ISAS' and (`optional`) the OPTIONAL ones it runs."""
     flags, have = ISAS[isa][0], set(_cpu_flags().split(":", 1)[-1].split())
-    return flags + [flag for flag, need, with_ in OPTIONAL if with_ in flags and need in have]
+    return flags + [flag for flag, need, with_ in OPTIONAL if optional and with_ in flags and need in have]
 
 
 def _cpu_flags() -> str:
@@ -97,9 +97,9 @@ def _sources() -> tuple[list[Path], bytes]:
     return [p for p in files if p.suffix == ".c"], b"\0".join(p.name.encode() + b"\0" + p.read_bytes() for p in files)
 
 
-def _build(cc: str, isa: str) -> Path:
+def _build(cc: str, isa: str, optional: bool = True) -> Path:
     units, src = _sources()
-    flags = FLAGS + _flags(isa)
+    flags = FLAGS + _flags(isa, optional)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(b"\0".join([src, version.encode(), _cpu_flags().encode(), " ".join(flags).encode()])).hexdigest()
     lib = _cache_dir() / f"native-{platform.machine()}-{isa}-{key[:16]}.so"
@@ -394,7 +394,12 @@ def _load(isa: str) -> Native | None:
         log.info("cpu backend: no C compiler found; decode runs on plain torch (slower)")
         return None
     try:
-        path = _build(cc, isa)
+        try:
+            path = _build(cc, isa)
+        except RuntimeError:
+            if _flags(isa) == _flags(isa, optional=False):
+                raise
+            path = _build(cc, isa, optional=False)  # a compiler without an OPTIONAL flag keeps the build's own
         return Native(ctypes.CDLL(str(path)), path)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("cpu backend: native kernels unavailable (%s); decode runs on plain torch (slower)", e)
