@@ -155,6 +155,15 @@ def checkpoint_tensor_bytes(path) -> tuple[int, int]:
     return total, held
 
 
+def l3_size() -> str:
+    """This CPU's last-level cache as the kernel reports it ("32 MiB"), or "its" where it does not say."""
+    try:
+        kib = int(Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip().rstrip("K"))
+        return f"{kib // 1024} MiB" if kib >= 1024 else f"{kib} KiB"
+    except (OSError, ValueError):
+        return "its"
+
+
 def cpu_line() -> str:
     """The CPU and the vector extensions that decide torch's and our kernels' speed (machines differ: say which)."""
     from dsv3.backends.cpu import native

@@ -11,8 +11,8 @@ run), and the output head, and a draft reads the MTP layer and the head again.
 
 Models: BENCH_280M (its head is ~40% of a step's bytes) and V3_SHAPED (DeepSeek-V3's proportions: routed
 experts about half of a step's bytes, a small head, and V3's 256 experts, top-8: two tokens rarely share one, and
-the experts (1.3 GB) do not fit in a CPU's last-level cache any more than V3's do; with 64 they fitted in this
-machine's 480 MiB L3, where a step is bound by arithmetic, not bytes, and the bound below does not apply).
+the experts (1.3 GB) do not fit in a CPU's last-level cache any more than V3's do; with 64 they fitted in the
+480 MiB L3 of an earlier machine, where a step is bound by arithmetic, not bytes, and the bound does not apply).
 
 Two rates per run: over the whole call (the prompt's prefill included, the same work for all three) and over the
 decode steps alone (what the bound compares). Each mode keeps its captured steps from one repeat to the next
@@ -142,9 +142,12 @@ def main() -> None:
                              "bound compares. The bytes bound a step only where reading weights is all it does: a "
                              "plain step also pays fixed costs (~100 C calls, their threads' start and join, a few "
                              "torch ops) that a verify step shares between two tokens, so a model with few bytes per "
-                             "step (BENCH_280M, whose weights partly stay in this machine's 480 MiB L3) can pass it. "
-                             "The synthetic MTP layers are random: their acceptance is what an untrained drafter "
-                             "gives."])
+                             f"step (BENCH_280M, whose weights partly stay in this machine's {R.l3_size()} L3) can "
+                             "pass it. The other way, the weights every plain step re-reads (attention, dense and "
+                             "shared experts, head: about half of V3_SHAPED's) partly stay in that L3 between steps, "
+                             "while a round streams more bytes and keeps less: where the L3 holds a good part of them "
+                             "the ratio reads a few percent low. The synthetic MTP layers are random: their acceptance "
+                             "is what an untrained drafter gives."])
     print(text)
     if not args.no_write:
         R.append_section("MTP speculative decoding, cpu (issue 15)", "python benchmarks/speculative.py", text)
