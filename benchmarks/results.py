@@ -156,12 +156,15 @@ def checkpoint_tensor_bytes(path) -> tuple[int, int]:
 
 
 def l3_size() -> str:
-    """This CPU's last-level cache as the kernel reports it ("32 MiB"), or "its" where it does not say."""
-    try:
-        kib = int(Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip().rstrip("K"))
-        return f"{kib // 1024} MiB" if kib >= 1024 else f"{kib} KiB"
-    except (OSError, ValueError):
-        return "its"
+    """This CPU's level-3 cache as the kernel reports it ("32 MiB"), or "its" where it does not say."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "3":
+                kib = int((index / "size").read_text().strip().rstrip("K"))
+                return f"{kib // 1024} MiB" if kib >= 1024 else f"{kib} KiB"
+        except (OSError, ValueError):
+            pass
+    return "its"
 
 
 def cpu_line() -> str:

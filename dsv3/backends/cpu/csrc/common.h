@@ -51,6 +51,9 @@
 #if defined(DSV3_AVX512) && defined(__AVX512BF16__)
 #define DSV3_BF16DOT 1 /* linears and experts on AVX512-BF16 pair dot products (dot_rows_bf16) */
 #define BF16_ROWS 1    /* dot_many reads the activations as bf16 rows, never fp32 copies */
+#if defined(__AVX512VBMI__)
+#define DSV3_FP8_TABLE 1 /* FP8 weights of 1-4 rows widen to bf16 by byte-shuffle table (dot.h fp8_bf16x64) */
+#endif
 #else
 #define BF16_ROWS 0
 #endif

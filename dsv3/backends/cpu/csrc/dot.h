@@ -157,7 +157,7 @@ static inline __m512bh weights_bf16(const uint8_t *w8, const uint16_t *w16, int6
     return FP8 ? fp8_bf16x32(_mm256_maskz_loadu_epi8(live, w8 + k)) : (__m512bh)_mm512_maskz_loadu_epi16(live, w16 + k);
 }
 
-#if defined(__AVX512VBMI__)
+#if defined(DSV3_FP8_TABLE)
 /* With AVX512-VBMI, 64 FP8 bytes become 64 bf16 by table lookup: a byte's low 7 bits index a 128-entry table of
  * the bf16 bits (split into low and high bytes: one byte shuffle each) and its sign goes to the high byte as is.
  * 6 instructions per 64 weights where the conversion above takes ~14, which is most of the work when a weight
@@ -196,7 +196,7 @@ static inline void weights_bf16x64(const uint8_t *w8, const uint16_t *w16, int64
                                    __m512bh *w1, const int FP8, const int MR) {
     const __mmask32 lo = (__mmask32)live, hi = (__mmask32)(live >> 32);
     (void)MR;
-#if defined(__AVX512VBMI__)
+#if defined(DSV3_FP8_TABLE)
     if (FP8 && MR <= LUT_ROWS) {
         fp8_bf16x64(live == ~0ULL ? _mm512_loadu_si512(w8 + k) : _mm512_maskz_loadu_epi8(live, w8 + k), w0, w1);
         return;

@@ -16,9 +16,9 @@ const char *dsv3_isa(void) {
 #endif
 }
 
-/* 1 where FP8 weights widen to bf16 by table (AVX512-VBMI: fp8_bf16x64) */
+/* 1 where FP8 weights widen to bf16 by table (DSV3_FP8_TABLE) */
 int dsv3_fp8_table(void) {
-#if defined(__AVX512VBMI__) && defined(__AVX512BF16__)
+#if defined(DSV3_FP8_TABLE)
     return 1;
 #else
     return 0;
