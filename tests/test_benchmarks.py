@@ -126,6 +126,18 @@ def test_speculative_benchmark_smoke(tmp_path):
     assert "| DEMO |" in r.stdout and "2.00 tokens/step" in r.stdout, r.stdout
 
 
+def test_cpu_attention_benchmark_smoke():
+    """benchmarks/cpu_attention.py on small shapes: the C kernel and plain torch side by side, a figure for each."""
+    from dsv3.backends.cpu import native
+
+    if native.load() is None:
+        pytest.skip("no C kernels here")
+    r = subprocess.run([sys.executable, "benchmarks/cpu_attention.py", "--smoke"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| 2 | 1500 |" in r.stdout and "x** |" in r.stdout and "nan" not in r.stdout.lower(), r.stdout
+
+
 def test_gpu_session_script_is_ready():
     """The one script a GPU session runs: valid bash, and every benchmark it calls exists and takes its flags."""
     import re

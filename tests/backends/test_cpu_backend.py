@@ -119,13 +119,15 @@ def test_mla_absorbed(native, dtype, B, S, H, N, C, R, V, T):
 
 @pytest.mark.parametrize("native", NATIVE)
 @pytest.mark.parametrize("S", [1, 2])
-def test_mla_absorbed_reads_slots_in_place(native, S):
+@pytest.mark.parametrize("T", [29, 1100])
+def test_mla_absorbed_reads_slots_in_place(native, S, T):
     """A server step: rows in slots 3, 0, 4 of a 6-slot cache (the whole cache passed, with the rows), each at its own
-    length; the same as the reference on the gathered rows. The other slots hold NaN: read by no one."""
+    length; the same as the reference on the gathered rows. The other slots hold NaN: read by no one. At T = 1100 the
+    long rows' keys come in two chunks, the short row's second chunk is empty."""
     from dsv3.core.model import Step
 
     k = cpu(native)
-    dtype, B, H, N, C, R, V, T = torch.bfloat16, 3, 3, 24, 72, 8, 40, 29
+    dtype, B, H, N, C, R, V = torch.bfloat16, 3, 3, 24, 72, 8, 40
     rows = torch.tensor([3, 0, 4])
     q_nope, q_pe = rand(B, S, H, N, dtype=dtype), rand(B, S, H, R, dtype=dtype, seed=1)
     kv, pe = torch.full((6, T, C), float("nan"), dtype=dtype), torch.full((6, T, R), float("nan"), dtype=dtype)

@@ -255,7 +255,11 @@ def test_moe_gate_matches_the_plain_torch_gate(lib, E, n_group, topk_group, top_
 
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,H,N,C,R,V,T", [(1, 1, 5, 20, 4, 7, 1), (1, 8, 64, 256, 64, 128, 37), (2, 3, 24, 72, 8, 40, 1000),
-                                           (1, 2, 128, 512, 64, 128, 300)])
+                                           (1, 2, 128, 512, 64, 128, 300),
+                                           # long contexts: chunks of keys merged (1025: a chunk of one key), head
+                                           # groups not a multiple of 4, V3's dims
+                                           (2, 7, 24, 72, 8, 40, 1025), (1, 5, 16, 72, 8, 40, 2500),
+                                           (1, 16, 128, 512, 64, 128, 3000)])
 def test_mla_absorbed_decode(lib, wdtype, B, H, N, C, R, V, T):
     g = torch.Generator().manual_seed(T + C)
     q = bf16(B, 1, H, N + R, g=g)
@@ -274,6 +278,35 @@ def test_mla_absorbed_decode(lib, wdtype, B, H, N, C, R, V, T):
     got = k.mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, pe, scale, None)
     assert got.shape == (B, 1, H, V) and got.dtype == torch.bfloat16
     check(got, ref, 4 * BF16, f"mla_absorbed B={B} H={H} T={T}")
+
+
+def test_softmax_exp_is_accurate(lib):
+    """The attention's e^x (a polynomial with AVX-512, expf elsewhere) within 2.5e-7 relative of float64 over the
+    scores less their maximum it meets (x in [-87, 0]): about 2 fp32 ulps."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.linspace(-87, 0, 200001), -torch.rand(100000, generator=g) * 20,
+                   torch.tensor([0.0, -1e-30, -1e-7, -0.34657359, -0.34657360, -86.99])])
+    want = x.double().exp()
+    rel = ((lib.softmax_exp(x).double() - want).abs() / want).max().item()
+    assert rel <= 2.5e-7, f"e^x: max relative error {rel:.3e} > 2.5e-7"
+
+
+def test_mla_absorbed_rows_do_not_depend_on_their_batch(lib):
+    """Heads are grouped by how many items keep the threads busy (fewer per group for a lone row), and a long
+    context is split into chunks: a row's result is bit for bit the same alone or in a batch, at every length."""
+    g = torch.Generator().manual_seed(5)
+    B, H, N, C, R, V, T = 3, 12, 32, 128, 16, 32, 2100
+    q = bf16(B, 1, H, N + R, g=g)
+    q_nope, q_pe = q[..., :N], q[..., N:].contiguous()
+    w_uk = (torch.randn(H, N, C, generator=g) * N ** -0.5).bfloat16()
+    w_uv = (torch.randn(H, C, V, generator=g) * C ** -0.5).bfloat16()
+    kv, pe = bf16(B, T, C, g=g), bf16(B, T, R, g=g)
+    for lens in (None, torch.tensor([[2100], [1024], [7]])):
+        together = lib.mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, pe, 0.3, lens)
+        for b in range(B):
+            alone = lib.mla_absorbed(q_nope[b:b + 1], q_pe[b:b + 1], w_uk, w_uv, kv[b:b + 1], pe[b:b + 1], 0.3,
+                                     None if lens is None else lens[b:b + 1].contiguous())
+            assert torch.equal(alone, together[b:b + 1]), f"row {b} (lens {lens}) differs alone and in the batch"
 
 
 def decode_logits(engine, tokens: torch.Tensor, prefill: int) -> torch.Tensor:

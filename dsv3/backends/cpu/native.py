@@ -136,6 +136,7 @@ class Native:
             "dsv3_dequant_fp8": [p, p, p, i64, i64, i64, i32, p, i32],
             "dsv3_fp8_to_bf16": [p, p, f32, i64, i64, p, i32],
             "dsv3_combine_rows": [p, p, p, i64, i64, i64, p, i32],
+            "dsv3_softmax_exp": [p, p, i64],
         }
         for name, args in sigs.items():
             fn = getattr(lib, name)
@@ -228,6 +229,13 @@ class Native:
                                int(sigmoid), group_score, int(norm), route_scale, w.data_ptr(), ids.data_ptr(),
                                torch.get_num_threads())
         return w, ids
+
+    def softmax_exp(self, x: torch.Tensor) -> torch.Tensor:
+        """e^x of fp32 values x <= 0 as dsv3_mla_absorbed's softmax computes it (for the tests' accuracy check)."""
+        x = x.float().contiguous()
+        y = torch.empty_like(x)
+        self.lib.dsv3_softmax_exp(x.data_ptr(), y.data_ptr(), x.numel())
+        return y
 
     def mla_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor,
                      kv: torch.Tensor, pe: torch.Tensor, scale: float, lens: torch.Tensor | None = None,
