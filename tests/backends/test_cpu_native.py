@@ -254,13 +254,14 @@ def test_moe_gate_matches_the_plain_torch_gate(lib, E, n_group, topk_group, top_
 
 
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [0.3, 40.0])  # 40: scores hundreds apart, e^x overflows unless the max is right
 @pytest.mark.parametrize("B,H,N,C,R,V,T", [(1, 1, 5, 20, 4, 7, 1), (1, 8, 64, 256, 64, 128, 37), (2, 3, 24, 72, 8, 40, 1000),
                                            (1, 2, 128, 512, 64, 128, 300),
                                            # long contexts: chunks of keys merged (1025: a chunk of one key), head
                                            # groups not a multiple of 4, V3's dims
                                            (2, 7, 24, 72, 8, 40, 1025), (1, 5, 16, 72, 8, 40, 2500),
                                            (1, 16, 128, 512, 64, 128, 3000)])
-def test_mla_absorbed_decode(lib, wdtype, B, H, N, C, R, V, T):
+def test_mla_absorbed_decode(lib, wdtype, scale, B, H, N, C, R, V, T):
     g = torch.Generator().manual_seed(T + C)
     q = bf16(B, 1, H, N + R, g=g)
     q_nope, q_pe = q[..., :N], q[..., N:].contiguous()
@@ -268,7 +269,6 @@ def test_mla_absorbed_decode(lib, wdtype, B, H, N, C, R, V, T):
     w_uk, w_uv = w_uk.to(wdtype), w_uv.to(wdtype)  # the absorbed projections: fp32 on CPUs slow in bf16, else bf16
     kv_cache, pe_cache = bf16(B, T + 9, C, g=g), bf16(B, T + 9, R, g=g)  # read in place: batch stride > T rows
     kv, pe = kv_cache[:, :T], pe_cache[:, :T]
-    scale = 0.3
     ql = torch.einsum("bshn,hnc->bshc", q_nope.double(), w_uk.double())
     s = (torch.einsum("bshc,btc->bsht", ql, kv.double()) + torch.einsum("bshr,btr->bsht", q_pe.double(), pe.double())) * scale
     o = torch.einsum("bsht,btc->bshc", s.softmax(-1), kv.double())

@@ -1,39 +1,124 @@
 /* The absorbed MLA attention of a few queries per sequence over the latent cache (dsv3_mla_absorbed, at the end). */
 #include "common.h"
 
-#if defined(DSV3_AVX512)
+#if defined(DSV3_AVX512) || defined(DSV3_AVX2)
+#define GROUPED 1
 /* The heads of a sequence's query share its keys: with 128 heads (DeepSeek-V3) a kernel that takes one head at a time
  * reads every key 128 times over (from L3 at best) and does one FMA per key element loaded. Here a group of heads
  * takes a tile of keys together, as two small GEMMs: scores [heads, keys] = q_lat . kv (+ q_pe . pe), then
- * o [heads, C] += p [heads, keys] . kv, on register blocks of NH heads x 4 keys (scores) and NH heads x 64 latent
- * units (o), each key vector widened once for all NH heads. Every (head, key) sum runs in the same order whatever
- * the group, so a head's result does not depend on its company. Measured on an AMD EPYC (Zen 5), 2 threads, V3's
- * dims (128 heads, C = 512, R = 64), one query, against one head at a time with a two-pass softmax: 1024 keys
- * 3.4 -> 1.7 ms, 4096 keys 10.1 -> 3.9 ms, 32768 keys 128 -> 30 ms (there the keys no longer fit in L3, and a
- * group reads them from memory once, not twice per head). */
+ * o [heads, C] += p [heads, keys] . kv, on register blocks of 4 heads x KB keys (scores) and 4 heads x VB vectors
+ * of latent units (o), each key vector widened once for all 4 heads. Every (head, key) sum runs in the same order
+ * whatever the group, so a head's result does not depend on its company. Measured on an AMD EPYC (Zen 5), 2
+ * threads, V3's dims (128 heads, C = 512, R = 64), one query, AVX-512, against one head at a time with a two-pass
+ * softmax: 1024 keys 3.4 -> 1.4 ms, 4096 keys 10.1 -> 3.5 ms, 32768 keys 128 -> 24 ms (there the keys no longer fit
+ * in L3, and a group reads them from memory once, not twice per head); the AVX2 build 3.5 -> 2.2 and 13.2 -> 7.0 ms
+ * at 1024 and 4096 keys. */
 #define KEY_TILE 64      /* keys a group takes at once: 64 latent rows of C = 512 bf16 are 64 KB, in L2 */
 #define GROUP_HEADS 64   /* at most; their o [64, C = 512] fp32 is 128 KB, in L2 */
 #define KEY_CHUNK 1024   /* keys an item takes: a long context is split into chunks, merged after */
 
+/* The vector operations the blocks below are written in: 16 fp32 lanes with AVX-512, 8 with AVX2 (whose 16
+ * registers hold smaller blocks: KB keys a score block, VB vectors a value block). Loads and stores take a count
+ * of lanes (the rest read as zero, not written; none when <= 0). */
+#if defined(DSV3_AVX512)
+#define VL 16
+#define KB 4
+#define VB 4
+typedef __m512 vf;
 static inline __mmask16 lanes16(int64_t n) { return n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1u); }
+static inline vf v_load(const float *p, int64_t n) { /* (whole vectors unmasked: ~8% faster at V3's dims) */
+    return __builtin_expect(n >= 16, 1) ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(lanes16(n), p);
+}
+static inline void v_store(float *p, vf v, int64_t n) { _mm512_mask_storeu_ps(p, lanes16(n), v); }
+static inline vf v_bf16(const uint16_t *p, int64_t n) {
+    if (__builtin_expect(n >= 16, 1)) return bf16x16(p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes16(n), p)), 16));
+}
+static inline vf v_set1(float x) { return _mm512_set1_ps(x); }
+static inline vf v_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf v_sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf v_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf v_max(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf v_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf v_fnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); } /* c - a b */
+static inline float v_sum(vf v) { return _mm512_reduce_add_ps(v); }
+static inline float v_top(vf v) { return _mm512_reduce_max_ps(v); }
+static inline vf v_round(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf v_pow2(vf p, vf n) { return _mm512_scalef_ps(p, n); } /* p 2^n */
+static inline vf v_zero_below(vf e, vf x, float lo) {                    /* e, 0 where x < lo */
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(lo), _CMP_GE_OQ), e);
+}
+#else
+#define VL 8
+#define KB 2
+#define VB 2
+typedef __m256 vf;
+static inline __m256i lanes8(int64_t n) {
+    const int k = n <= 0 ? 0 : n >= 8 ? 8 : (int)n;
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+/* (the tails are rare: every dimension of the real models is a multiple of 8) */
+static inline vf v_load(const float *p, int64_t n) {
+    return __builtin_expect(n >= 8, 1) ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lanes8(n));
+}
+static inline void v_store(float *p, vf v, int64_t n) {
+    if (__builtin_expect(n >= 8, 1)) _mm256_storeu_ps(p, v);
+    else _mm256_maskstore_ps(p, lanes8(n), v);
+}
+static inline vf v_bf16(const uint16_t *p, int64_t n) { /* no 16-bit masked load in AVX2: a tail is copied */
+    if (__builtin_expect(n >= 8, 1)) return bf16x8(p);
+    uint16_t tail[8] = {0};
+    for (int64_t i = 0; i < n; i++) tail[i] = p[i];
+    return bf16x8(tail);
+}
+static inline vf v_set1(float x) { return _mm256_set1_ps(x); }
+static inline vf v_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf v_sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf v_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf v_max(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline vf v_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf v_fnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
+static inline float v_sum(vf v) { return hsum(v); }
+static inline float v_top(vf v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+static inline vf v_round(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf v_pow2(vf p, vf n) { /* n in [-126, 127]: the exponent bits */
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                                                   _mm256_set1_epi32(127)), 23)));
+}
+static inline vf v_zero_below(vf e, vf x, float lo) { return _mm256_and_ps(e, _mm256_cmp_ps(x, _mm256_set1_ps(lo), _CMP_GE_OQ)); }
+#endif
 
-static inline __m512 bf16x16_masked(const uint16_t *p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+/* e^x, VL at once, to ~2 ulp (expf took most of a long context's time, one key at a time): x = n ln 2 + r with
+ * |r| <= ln 2 / 2, e^r as 1 + r + r^2 P(r) with Cephes' degree-5 P, times 2^n. Below -87 (e^-87 ~ 1.6e-38): 0, so
+ * the -inf that pads a tile of scores adds nothing; x is never above 0 here (the scores less their maximum). */
+static inline vf v_exp(vf x) {
+    const vf xc = v_max(x, v_set1(-87.0f));
+    const vf n = v_round(v_mul(xc, v_set1(1.44269504088896341f)));
+    vf r = v_fnma(n, v_set1(0.693359375f), xc);
+    r = v_fnma(n, v_set1(-2.12194440e-4f), r);
+    vf p = v_set1(1.9875691500e-4f);
+    p = v_fma(p, r, v_set1(1.3981999507e-3f));
+    p = v_fma(p, r, v_set1(8.3334519073e-3f));
+    p = v_fma(p, r, v_set1(4.1665795894e-2f));
+    p = v_fma(p, r, v_set1(1.6666665459e-1f));
+    p = v_fma(p, r, v_set1(5.0000001201e-1f));
+    p = v_fma(p, v_mul(r, r), v_add(r, v_set1(1.0f)));
+    return v_zero_below(v_pow2(p, n), x, -87.0f);
 }
 
-/* acc[h * 4 + j] += q[h] . k[j] over n elements (q fp32 rows, k bf16 rows), h < NH */
-static inline __attribute__((always_inline)) void dots_4keys(const float *q, int64_t qstride, const uint16_t *const *k,
-                                                               int64_t n, __m512 *acc, const int NH) {
-    for (int64_t c = 0; c < n; c += 16) {
-        const __mmask16 m = lanes16(n - c);
-        const __m512 k0 = bf16x16_masked(k[0] + c, m), k1 = bf16x16_masked(k[1] + c, m),
-                     k2 = bf16x16_masked(k[2] + c, m), k3 = bf16x16_masked(k[3] + c, m);
+/* acc[h * KB + j] += q[h] . k[j] over n elements (q fp32 rows, k bf16 rows), h < NH */
+static inline __attribute__((always_inline)) void dots_keys(const float *q, int64_t qstride, const uint16_t *const *k,
+                                                              int64_t n, vf *acc, const int NH) {
+    for (int64_t c = 0; c < n; c += VL) {
+        vf kv[KB];
+        for (int j = 0; j < KB; j++) kv[j] = v_bf16(k[j] + c, n - c);
         for (int h = 0; h < NH; h++) {
-            const __m512 qv = _mm512_maskz_loadu_ps(m, q + h * qstride + c);
-            acc[h * 4 + 0] = _mm512_fmadd_ps(qv, k0, acc[h * 4 + 0]);
-            acc[h * 4 + 1] = _mm512_fmadd_ps(qv, k1, acc[h * 4 + 1]);
-            acc[h * 4 + 2] = _mm512_fmadd_ps(qv, k2, acc[h * 4 + 2]);
-            acc[h * 4 + 3] = _mm512_fmadd_ps(qv, k3, acc[h * 4 + 3]);
+            const vf qv = v_load(q + h * qstride + c, n - c);
+            for (int j = 0; j < KB; j++) acc[h * KB + j] = v_fma(qv, kv[j], acc[h * KB + j]);
         }
     }
 }
@@ -43,66 +128,41 @@ static inline __attribute__((always_inline)) void scores_block(const float *ql, 
                                                                  const uint16_t *pe, int64_t C, int64_t R, int64_t t0,
                                                                  int64_t t1, float scale, float *s, int64_t ld,
                                                                  const int NH) {
-    for (int64_t t = t0; t < t1; t += 4) {
-        const uint16_t *k[4], *p[4];
-        for (int j = 0; j < 4; j++) { /* past the last key: the last again, its sums dropped */
+    for (int64_t t = t0; t < t1; t += KB) {
+        const uint16_t *k[KB], *p[KB];
+        for (int j = 0; j < KB; j++) { /* past the last key: the last again, its sums dropped */
             const int64_t tj = t + j < t1 ? t + j : t1 - 1;
             k[j] = kv + tj * C;
             p[j] = pe + tj * R;
         }
-        __m512 acc[16];
-        for (int i = 0; i < 4 * NH; i++) acc[i] = _mm512_setzero_ps();
-        dots_4keys(ql, C, k, C, acc, NH);
-        dots_4keys(qp, R, p, R, acc, NH);
+        vf acc[4 * KB];
+        for (int i = 0; i < NH * KB; i++) acc[i] = v_set1(0.0f);
+        dots_keys(ql, C, k, C, acc, NH);
+        dots_keys(qp, R, p, R, acc, NH);
         for (int h = 0; h < NH; h++)
-            for (int j = 0; j < 4 && t + j < t1; j++) s[h * ld + t + j - t0] = _mm512_reduce_add_ps(acc[h * 4 + j]) * scale;
+            for (int j = 0; j < KB && t + j < t1; j++) s[h * ld + t + j - t0] = v_sum(acc[h * KB + j]) * scale;
     }
 }
 
-/* o[h] += sum_t p[h * ld + t - t0] kv[t] for NH heads and keys t0 <= t < t1, 64 latent units a pass */
+/* o[h] += sum_t p[h * ld + t - t0] kv[t] for NH heads and keys t0 <= t < t1, VB vectors of latent units a pass */
 static inline __attribute__((always_inline)) void values_block(const float *pr, int64_t ld, const uint16_t *kv,
                                                                  int64_t C, int64_t t0, int64_t t1, float *o,
                                                                  const int NH) {
-    for (int64_t c = 0; c < C; c += 64) {
-        __mmask16 m[4];
-        __m512 acc[16];
-        for (int l = 0; l < 4; l++) m[l] = lanes16(C - c - 16 * l);
+    for (int64_t c = 0; c < C; c += VB * VL) {
+        vf acc[4 * VB];
         for (int h = 0; h < NH; h++)
-            for (int l = 0; l < 4; l++) acc[h * 4 + l] = _mm512_maskz_loadu_ps(m[l], o + h * C + c + 16 * l);
+            for (int l = 0; l < VB; l++) acc[h * VB + l] = v_load(o + h * C + c + VL * l, C - c - VL * l);
         for (int64_t t = t0; t < t1; t++) {
-            const uint16_t *kt = kv + t * C + c;
-            const __m512 k0 = bf16x16_masked(kt, m[0]), k1 = bf16x16_masked(kt + 16, m[1]),
-                         k2 = bf16x16_masked(kt + 32, m[2]), k3 = bf16x16_masked(kt + 48, m[3]);
+            vf k[VB];
+            for (int l = 0; l < VB; l++) k[l] = v_bf16(kv + t * C + c + VL * l, C - c - VL * l);
             for (int h = 0; h < NH; h++) {
-                const __m512 pv = _mm512_set1_ps(pr[h * ld + t - t0]);
-                acc[h * 4 + 0] = _mm512_fmadd_ps(pv, k0, acc[h * 4 + 0]);
-                acc[h * 4 + 1] = _mm512_fmadd_ps(pv, k1, acc[h * 4 + 1]);
-                acc[h * 4 + 2] = _mm512_fmadd_ps(pv, k2, acc[h * 4 + 2]);
-                acc[h * 4 + 3] = _mm512_fmadd_ps(pv, k3, acc[h * 4 + 3]);
+                const vf pv = v_set1(pr[h * ld + t - t0]);
+                for (int l = 0; l < VB; l++) acc[h * VB + l] = v_fma(pv, k[l], acc[h * VB + l]);
             }
         }
         for (int h = 0; h < NH; h++)
-            for (int l = 0; l < 4; l++) _mm512_mask_storeu_ps(o + h * C + c + 16 * l, m[l], acc[h * 4 + l]);
+            for (int l = 0; l < VB; l++) v_store(o + h * C + c + VL * l, acc[h * VB + l], C - c - VL * l);
     }
-}
-
-/* e^x, 16 at once, to ~1 ulp (expf took most of a long context's time, one key at a time): x = n ln 2 + r with
- * |r| <= ln 2 / 2, e^r as 1 + r + r^2 P(r) with Cephes' degree-5 P, times 2^n (scalef). x below -87 gives ~0 (e^-87 ~ 1.6e-38:
- * nothing a softmax sum notices); x is never above 0 here (the scores less their maximum). */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
 }
 
 /* A group of g heads of one query over keys t0 <= t < t1 (a chunk), with the softmax taken online, tile by tile
@@ -125,24 +185,22 @@ static void group_attention(const float *ql, const float *qp, int g, const uint1
         }
         for (int h = 0; h < g; h++) { /* e^(s - m) with m the largest score so far; what came before rescaled */
             float *sh = s + h * KEY_TILE;
-            __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
-            for (int64_t t = 0; t < n; t += 16)
-                mx = _mm512_mask_max_ps(mx, lanes16(n - t), mx, _mm512_maskz_loadu_ps(lanes16(n - t), sh + t));
-            const float top = _mm512_reduce_max_ps(mx), m1 = top > m[h] ? top : m[h];
+            for (int64_t t = n; t % VL; t++) sh[t] = -INFINITY; /* the last vector's lanes past the tile */
+            vf mx = v_set1(-INFINITY), sum = v_set1(0.0f);
+            for (int64_t t = 0; t < n; t += VL) mx = v_max(mx, v_load(sh + t, VL));
+            const float top = v_top(mx), m1 = top > m[h] ? top : m[h];
             if (m1 > m[h] && l[h] > 0.0f) {
                 const float alpha = expf(m[h] - m1);
                 l[h] *= alpha;
                 for (int64_t c = 0; c < C; c++) o[h * C + c] *= alpha;
             }
             m[h] = m1;
-            const __m512 mv = _mm512_set1_ps(m1);
-            for (int64_t t = 0; t < n; t += 16) {
-                const __mmask16 k = lanes16(n - t);
-                const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sh + t), mv));
-                _mm512_mask_storeu_ps(sh + t, k, e);
-                sum = _mm512_mask_add_ps(sum, k, sum, e);
+            for (int64_t t = 0; t < n; t += VL) {
+                const vf e = v_exp(v_sub(v_load(sh + t, VL), v_set1(m1)));
+                v_store(sh + t, e, VL);
+                sum = v_add(sum, e);
             }
-            l[h] += _mm512_reduce_add_ps(sum);
+            l[h] += v_sum(sum);
         }
         for (int h = 0; h < g; h += 4) {
             const float *ph = s + h * KEY_TILE;
@@ -155,7 +213,6 @@ static void group_attention(const float *ql, const float *qp, int g, const uint1
     }
 }
 #endif
-
 
 /* q_lat = q_nope @ w_uk[h] (fp32 [C]) for one head */
 static void absorb(const uint16_t *qn, const void *w_uk, int w_bf16, int64_t h, int64_t N, int64_t C, float *ql) {
@@ -172,7 +229,7 @@ static void absorb(const uint16_t *qn, const void *w_uk, int w_bf16, int64_t h, 
     }
 }
 
-#if defined(DSV3_AVX512)
+#if defined(GROUPED)
 /* query qh = (b, i, h) of q_nope/q_pe in the latent space: ql [Q * H, C] (through w_uk) and qp [Q * H, R], fp32 */
 static void latent_query(const uint16_t *q_nope, int64_t qs, int64_t qss, int64_t hs, const uint16_t *q_pe, int64_t ps,
                          int64_t pss, int64_t phs, const void *w_uk, int w_bf16, int64_t qh, int64_t S, int64_t H,
@@ -202,8 +259,8 @@ static void project(const float *o, const void *w_uv, int w_bf16, int64_t h, int
     }
 }
 
-#if !defined(DSV3_AVX512)
-/* one head over Tb keys (builds without AVX-512): o [C] fp32, normalized; s [Tb] scratch */
+#if !defined(GROUPED)
+/* one head over Tb keys (builds without AVX-512 or AVX2): o [C] fp32, normalized; s [Tb] scratch */
 static void head_attention(const float *ql, const uint16_t *qp, const uint16_t *k0, const uint16_t *p0, int64_t Tb,
                            int64_t C, int64_t R, float scale, float *s, float *o) {
     float mx = -INFINITY, sum = 0.0f, qpf[256];
@@ -233,10 +290,10 @@ static void head_attention(const float *ql, const uint16_t *qp, const uint16_t *
  * q_pe are bf16 with sequence strides qs/ps, query strides qss/pss and head strides hs/phs. rows (optional, [B]):
  * kv and pe are a whole slot cache and sequence b reads its slot rows[b] in place (the server's batches are any set
  * of slots; gathering them would copy every key of every row per layer).
- * With AVX-512 an item is a group of heads of one query over a chunk of its keys (KEY_CHUNK; the chunks of a long
- * context merged after): the group shares each key tile, and a key is read from memory once per group. The chunks
- * depend on the context only and each head's sums run in the same order whatever its group, so a row's result
- * does not depend on its batch. Without AVX-512 an item is one head over all its keys. */
+ * With AVX-512 or AVX2 an item is a group of heads of one query over a chunk of its keys (KEY_CHUNK; the chunks of
+ * a long context merged after): the group shares each key tile, and a key is read from memory once per group. The
+ * chunks depend on the context only and each head's sums run in the same order whatever its group, so a row's
+ * result does not depend on its batch. Other builds take one head over all its keys an item. */
 void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t qss, int64_t hs, const uint16_t *q_pe, int64_t ps,
                        int64_t pss, int64_t phs, const void *w_uk, const void *w_uv, int w_bf16, const uint16_t *kv,
                        const uint16_t *pe, uint16_t *y, int64_t B, int64_t S, int64_t H, int64_t N, int64_t T, int64_t C,
@@ -245,7 +302,7 @@ void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t qss, int64_t 
     int64_t longest = lens ? 0 : T; /* the scratch a query needs: its keys' scores, at most the longest prefix */
     for (int64_t j = 0; lens && j < B * S; j++)
         if (lens[j] > longest) longest = lens[j];
-#if defined(DSV3_AVX512)
+#if defined(GROUPED)
     const int64_t Q = B * S, chunks = longest > KEY_CHUNK ? (longest + KEY_CHUNK - 1) / KEY_CHUNK : 1;
     int64_t G = GROUP_HEADS < H ? GROUP_HEADS : H; /* heads an item takes: fewer where items would leave threads idle */
     while (G > 4 && Q * ((H + G - 1) / G) * chunks < threads) G = (G + 1) / 2;
@@ -327,12 +384,11 @@ void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t qss, int64_t 
 #endif
 }
 
-/* y = e^x for n values x <= 0, as the attention's softmax takes them (exp16 with AVX-512, else expf): the tests
- * check its accuracy against float64 */
+/* y = e^x for n values x <= 0, as the attention's softmax takes them (v_exp with AVX-512 or AVX2, else expf): the
+ * tests check its accuracy against float64 */
 void dsv3_softmax_exp(const float *x, float *y, int64_t n) {
-#if defined(DSV3_AVX512)
-    for (int64_t i = 0; i < n; i += 16)
-        _mm512_mask_storeu_ps(y + i, lanes16(n - i), exp16(_mm512_maskz_loadu_ps(lanes16(n - i), x + i)));
+#if defined(GROUPED)
+    for (int64_t i = 0; i < n; i += VL) v_store(y + i, v_exp(v_load(x + i, n - i)), n - i);
 #else
     for (int64_t i = 0; i < n; i++) y[i] = expf(x[i]);
 #endif
