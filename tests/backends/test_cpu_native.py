@@ -7,6 +7,7 @@ generic), so an AVX-512 machine tests the AVX2 path too; bf16 and FP8 (e4m3fn an
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import shutil
 
@@ -307,6 +308,14 @@ def test_mla_absorbed_rows_do_not_depend_on_their_batch(lib):
             alone = lib.mla_absorbed(q_nope[b:b + 1], q_pe[b:b + 1], w_uk, w_uv, kv[b:b + 1], pe[b:b + 1], 0.3,
                                      None if lens is None else lens[b:b + 1].contiguous())
             assert torch.equal(alone, together[b:b + 1]), f"row {b} (lens {lens}) differs alone and in the batch"
+        # a big batch at a long context goes in passes of a few rows (here one: the limit below one row's sums)
+        limit = ctypes.c_int64.in_dll(lib.lib, "dsv3_mla_part_floats")
+        saved, limit.value = limit.value, 1000
+        try:
+            passes = lib.mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, pe, 0.3, lens)
+        finally:
+            limit.value = saved
+        assert torch.equal(passes, together), f"lens {lens}: a batch in passes differs from the batch in one"
 
 
 def decode_logits(engine, tokens: torch.Tensor, prefill: int) -> torch.Tensor:

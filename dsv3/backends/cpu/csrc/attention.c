@@ -1,6 +1,10 @@
 /* The absorbed MLA attention of a few queries per sequence over the latent cache (dsv3_mla_absorbed, at the end). */
 #include "common.h"
 
+/* The grouped kernel's (below) partial sums of the chunks held at once (32 MB): a big batch at a long context goes
+ * in passes of a few queries (64 x 32K tokens x 128 heads would hold 540 MB). A variable: the tests run passes. */
+int64_t dsv3_mla_part_floats = 8 << 20;
+
 #if defined(DSV3_AVX512) || defined(DSV3_AVX2)
 #define GROUPED 1
 /* The heads of a sequence's query share its keys: with 128 heads (DeepSeek-V3) a kernel that takes one head at a time
@@ -89,7 +93,9 @@ static inline vf v_pow2(vf p, vf n) { /* n in [-126, 127]: the exponent bits */
     return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
                                                                                    _mm256_set1_epi32(127)), 23)));
 }
-static inline vf v_zero_below(vf e, vf x, float lo) { return _mm256_and_ps(e, _mm256_cmp_ps(x, _mm256_set1_ps(lo), _CMP_GE_OQ)); }
+static inline vf v_zero_below(vf e, vf x, float lo) {
+    return _mm256_and_ps(e, _mm256_cmp_ps(x, _mm256_set1_ps(lo), _CMP_GE_OQ));
+}
 #endif
 
 /* e^x, VL at once, to ~2 ulp (expf took most of a long context's time, one key at a time): x = n ln 2 + r with
@@ -306,9 +312,10 @@ void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t qss, int64_t 
     const int64_t Q = B * S, chunks = longest > KEY_CHUNK ? (longest + KEY_CHUNK - 1) / KEY_CHUNK : 1;
     int64_t G = GROUP_HEADS < H ? GROUP_HEADS : H; /* heads an item takes: fewer where items would leave threads idle */
     while (G > 4 && Q * ((H + G - 1) / G) * chunks < threads) G = (G + 1) / 2;
-    const int64_t groups = (H + G - 1) / G, items = Q * groups * chunks;
+    const int64_t groups = (H + G - 1) / G, per_query = groups * chunks * G * (C + 2); /* floats of partial sums */
+    const int64_t QS = dsv3_mla_part_floats / per_query > 1 ? dsv3_mla_part_floats / per_query : 1; /* a pass */
     float *ql = malloc((size_t)(Q * H * (C + R)) * sizeof(float)), *qp = ql + Q * H * C;
-    float *part = malloc((size_t)(items * G * (C + 2)) * sizeof(float)); /* each item's o [G, C], m [G], l [G] */
+    float *part = malloc((size_t)((QS < Q ? QS : Q) * per_query) * sizeof(float)); /* per item: o [G, C], m, l [G] */
 #pragma omp parallel num_threads(threads)
     {
         float *sc = malloc((size_t)(G * KEY_TILE) * sizeof(float)), merged[512];
@@ -317,49 +324,52 @@ void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t qss, int64_t 
             for (int64_t qh = 0; qh < Q * H; qh++) latent_query(q_nope, qs, qss, hs, q_pe, ps, pss, phs, w_uk, w_bf16,
                                                                 qh, S, H, N, C, R, ql, qp);
         }
+        for (int64_t q0 = 0; q0 < Q; q0 += QS) { /* every thread takes every pass; the items of one are shared */
+            const int64_t nq = Q - q0 < QS ? Q - q0 : QS;
 #pragma omp for schedule(static)
-        for (int64_t it = 0; it < items; it++) { /* item (query, group, chunk) */
-            const int64_t q = it / (groups * chunks), h0 = it / chunks % groups * G, ch = it % chunks, b = q / S;
-            const int64_t g = H - h0 < G ? H - h0 : G, Tb = lens ? lens[q] : T;
-            const int64_t slot = rows ? rows[b] : b; /* a slot of the whole cache, read in place (no gathered copy) */
-            const int64_t t0 = ch * KEY_CHUNK, t1 = chunks == 1 ? Tb : (t0 + KEY_CHUNK < Tb ? t0 + KEY_CHUNK : Tb);
-            float *o = part + it * G * (C + 2), *m = o + G * C, *l = m + G;
-            if (t0 >= t1) { /* a chunk past this query's keys: nothing */
-                for (int h = 0; h < g; h++) m[h] = -INFINITY, l[h] = 0.0f;
-                continue;
-            }
-            if (chunks == 1) /* the item is the query's heads h0.. whole: no other needs them, no merge follows */
-                for (int64_t h = h0; h < h0 + g; h++)
-                    latent_query(q_nope, qs, qss, hs, q_pe, ps, pss, phs, w_uk, w_bf16, q * H + h, S, H, N, C, R, ql, qp);
-            group_attention(ql + (q * H + h0) * C, qp + (q * H + h0) * R, (int)g, kv + slot * kvs, pe + slot * pes,
-                            t0, t1, C, R, scale, sc, o, m, l);
-            if (chunks == 1)
-                for (int64_t j = 0; j < g; j++) {
-                    for (int64_t c = 0; c < C; c++) o[j * C + c] /= l[j];
-                    project(o + j * C, w_uv, w_bf16, h0 + j, C, V, y + (q * H + h0 + j) * V);
+            for (int64_t it = 0; it < nq * groups * chunks; it++) { /* item (query, group, chunk) */
+                const int64_t q = q0 + it / (groups * chunks), h0 = it / chunks % groups * G, ch = it % chunks;
+                const int64_t g = H - h0 < G ? H - h0 : G, Tb = lens ? lens[q] : T, b = q / S;
+                const int64_t slot = rows ? rows[b] : b; /* a slot of the whole cache, read in place (not gathered) */
+                const int64_t t0 = ch * KEY_CHUNK, t1 = chunks == 1 ? Tb : (t0 + KEY_CHUNK < Tb ? t0 + KEY_CHUNK : Tb);
+                float *o = part + it * G * (C + 2), *m = o + G * C, *l = m + G;
+                if (t0 >= t1) { /* a chunk past this query's keys: nothing */
+                    for (int h = 0; h < g; h++) m[h] = -INFINITY, l[h] = 0.0f;
+                    continue;
                 }
-        }
-        if (chunks > 1) {
+                if (chunks == 1) /* the item is the query's heads h0.. whole: no other needs them, no merge follows */
+                    for (int64_t h = h0; h < h0 + g; h++)
+                        latent_query(q_nope, qs, qss, hs, q_pe, ps, pss, phs, w_uk, w_bf16, q * H + h, S, H, N, C, R,
+                                     ql, qp);
+                group_attention(ql + (q * H + h0) * C, qp + (q * H + h0) * R, (int)g, kv + slot * kvs, pe + slot * pes,
+                                t0, t1, C, R, scale, sc, o, m, l);
+                if (chunks == 1)
+                    for (int64_t j = 0; j < g; j++) {
+                        for (int64_t c = 0; c < C; c++) o[j * C + c] /= l[j];
+                        project(o + j * C, w_uv, w_bf16, h0 + j, C, V, y + (q * H + h0 + j) * V);
+                    }
+            }
+            if (chunks == 1) continue;
 #pragma omp for schedule(static)
-        for (int64_t qh = 0; qh < Q * H; qh++) { /* the chunks merged, normalized, and projected to the value dims */
-            const int64_t q = qh / H, h = qh % H, it0 = (q * groups + h / G) * chunks, j = h % G;
-            float top = -INFINITY, total = 0.0f, *o = C <= 512 ? merged : malloc((size_t)C * sizeof(float));
-            for (int64_t ch = 0; ch < chunks; ch++) {
-                const float mc = part[(it0 + ch) * G * (C + 2) + G * C + j];
-                top = mc > top ? mc : top;
+            for (int64_t qh = 0; qh < nq * H; qh++) { /* the chunks merged, normalized, projected to the value dims */
+                const int64_t h = qh % H, it0 = (qh / H * groups + h / G) * chunks, j = h % G;
+                float top = -INFINITY, total = 0.0f, *o = C <= 512 ? merged : malloc((size_t)C * sizeof(float));
+                for (int64_t ch = 0; ch < chunks; ch++) {
+                    const float mc = part[(it0 + ch) * G * (C + 2) + G * C + j];
+                    top = mc > top ? mc : top;
+                }
+                for (int64_t c = 0; c < C; c++) o[c] = 0.0f;
+                for (int64_t ch = 0; ch < chunks; ch++) {
+                    const float *oc = part + (it0 + ch) * G * (C + 2), mc = oc[G * C + j], lc = oc[G * C + G + j];
+                    if (lc == 0.0f) continue;
+                    const float w = expf(mc - top);
+                    total += lc * w;
+                    for (int64_t c = 0; c < C; c++) o[c] += w * oc[j * C + c];
+                }
+                for (int64_t c = 0; c < C; c++) o[c] /= total;
+                project(o, w_uv, w_bf16, h, C, V, y + (q0 * H + qh) * V);
+                if (o != merged) free(o);
             }
-            for (int64_t c = 0; c < C; c++) o[c] = 0.0f;
-            for (int64_t ch = 0; ch < chunks; ch++) {
-                const float *oc = part + (it0 + ch) * G * (C + 2), mc = oc[G * C + j], lc = oc[G * C + G + j];
-                if (lc == 0.0f) continue;
-                const float w = expf(mc - top);
-                total += lc * w;
-                for (int64_t c = 0; c < C; c++) o[c] += w * oc[j * C + c];
-            }
-            for (int64_t c = 0; c < C; c++) o[c] /= total;
-            project(o, w_uv, w_bf16, h, C, V, y + qh * V);
-            if (o != merged) free(o);
-        }
         }
         free(sc);
     }
