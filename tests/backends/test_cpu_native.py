@@ -282,14 +282,18 @@ def test_mla_absorbed_decode(lib, wdtype, scale, B, H, N, C, R, V, T):
 
 
 def test_softmax_exp_is_accurate(lib):
-    """The attention's e^x (a polynomial with AVX-512, expf elsewhere) within 2.5e-7 relative of float64 over the
-    scores less their maximum it meets (x in [-87, 0]): about 2 fp32 ulps."""
+    """The kernels' e^x (common.h v_exp with AVX-512 or AVX2: the attention's softmax, the AMX SiLU; expf elsewhere)
+    within 2.5e-7 relative of float64 (about 2 fp32 ulps) over [-87, 88]; below -87 the vector one gives 0, so
+    the -inf padding of a score tile adds nothing."""
     g = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.linspace(-87, 0, 200001), -torch.rand(100000, generator=g) * 20,
-                   torch.tensor([0.0, -1e-30, -1e-7, -0.34657359, -0.34657360, -86.99])])
+    x = torch.cat([torch.linspace(-87, 88, 350001), -torch.rand(100000, generator=g) * 20,
+                   torch.tensor([0.0, -1e-30, -1e-7, 1e-7, -0.34657359, -0.34657360, 0.34657360, -86.99, 88.3])])
     want = x.double().exp()
     rel = ((lib.softmax_exp(x).double() - want).abs() / want).max().item()
     assert rel <= 2.5e-7, f"e^x: max relative error {rel:.3e} > 2.5e-7"
+    if lib.isa != "generic":
+        low = lib.softmax_exp(torch.tensor([-87.01, -100.0, -float("inf")]))
+        assert low.tolist() == [0.0, 0.0, 0.0], f"e^x below -87: {low.tolist()}, want 0"
 
 
 def test_mla_absorbed_rows_do_not_depend_on_their_batch(lib):

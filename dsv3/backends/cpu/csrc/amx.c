@@ -105,24 +105,6 @@ static void amx_act_rows(const uint16_t *a, const int64_t *idx, int64_t first, i
     }
 }
 
-/* e^x in fp32, relative error ~2e-7 (Cephes' expf: n = round(x log2 e), x - n ln 2 in two parts, a degree-6
- * polynomial, times 2^n); inputs clamped to the range where e^x is finite */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365447505531f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
 static inline __m256i bf16x16_of(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); } /* round to nearest even */
 
 static inline __m512 round_bf16x16(__m512 v) {
@@ -245,7 +227,7 @@ int dsv3_grouped_amx(const uint16_t *a, const int64_t *idx, const int64_t *start
                             for (int n = 0; n < 16; n++) { /* elementwise, so in the transposed layout */
                                 const __m512 g = round_bf16x16(_mm512_loadu_ps(c0 + n * 16));
                                 const __m512 u = round_bf16x16(_mm512_loadu_ps(c1 + n * 16));
-                                const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+                                const __m512 e = v_exp(_mm512_sub_ps(_mm512_setzero_ps(), g));
                                 const __m512 act = round_bf16x16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
                                 _mm512_storeu_ps(c0 + n * 16, _mm512_mul_ps(act, u));
                             }

@@ -6,9 +6,10 @@
  * ctypes; ops.py holds the plain-torch twins the tests compare against.
  *
  * Files: this header (what every file shares: the ISA macros, bf16/FP8 scalars, fp32 dot products and
- * widening), dot.h (a weight row against several activation rows: what linears and experts are made of),
- * linear.c (linears, SwiGLU experts, the build's ISA queries), norm_rope.c, gate.c, attention.c, convert.c
- * (FP8 widened in bulk) and amx.c (prefill's grouped expert GEMMs on AMX tiles).
+ * widening, fp32 vectors of the build's width and e^x), dot.h (a weight row against several activation rows:
+ * what linears and experts are made of), linear.c (linears, SwiGLU experts, the build's ISA queries),
+ * norm_rope.c, gate.c, attention.c, convert.c (FP8 widened in bulk) and amx.c (prefill's grouped expert GEMMs on
+ * AMX tiles).
  *
  * Why: at batch 1 a decode step reads every active weight once, so its speed is bytes over read bandwidth,
  * plus the cost of each op call. Measured on a 2-core AVX-512/AMX Xeon: a GEMV over weights that are not in
@@ -243,5 +244,100 @@ SHARED static void widen_fp8(const uint8_t *w, const float *s, float fmt, int64_
 SHARED static void widen(const uint16_t *x, float *xf, int64_t n) {
     for (int64_t k = 0; k < n; k++) xf[k] = bf16_scalar(x[k]);
 }
+
+#if defined(DSV3_AVX512) || defined(DSV3_AVX2)
+/* fp32 vectors of the build's width (16 lanes with AVX-512, 8 with AVX2), for code written once for both
+ * (attention.c's blocks, e^x). Loads and stores take a count of lanes: the rest read as zero and are not written
+ * (none when <= 0). */
+#if defined(DSV3_AVX512)
+#define VL 16
+typedef __m512 vf;
+static inline __mmask16 lanes16(int64_t n) { return n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1u); }
+static inline vf v_load(const float *p, int64_t n) { /* (whole vectors unmasked: ~8% faster at V3's dims) */
+    return __builtin_expect(n >= 16, 1) ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(lanes16(n), p);
+}
+static inline void v_store(float *p, vf v, int64_t n) { _mm512_mask_storeu_ps(p, lanes16(n), v); }
+static inline vf v_bf16(const uint16_t *p, int64_t n) {
+    if (__builtin_expect(n >= 16, 1)) return bf16x16(p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes16(n), p)), 16));
+}
+static inline vf v_set1(float x) { return _mm512_set1_ps(x); }
+static inline vf v_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf v_sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf v_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf v_max(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf v_min(vf a, vf b) { return _mm512_min_ps(a, b); }
+static inline vf v_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf v_fnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); } /* c - a b */
+static inline float v_sum(vf v) { return _mm512_reduce_add_ps(v); }
+static inline float v_top(vf v) { return _mm512_reduce_max_ps(v); }
+static inline vf v_round(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf v_pow2(vf p, vf n) { return _mm512_scalef_ps(p, n); } /* p 2^n */
+static inline vf v_zero_below(vf e, vf x, float lo) { /* e, 0 where x < lo */
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(lo), _CMP_GE_OQ), e);
+}
+#else /* AVX2 */
+#define VL 8
+typedef __m256 vf;
+static inline __m256i lanes8(int64_t n) {
+    const int k = n <= 0 ? 0 : n >= 8 ? 8 : (int)n;
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+/* (the tails are rare: every dimension of the real models is a multiple of 8) */
+static inline vf v_load(const float *p, int64_t n) {
+    return __builtin_expect(n >= 8, 1) ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lanes8(n));
+}
+static inline void v_store(float *p, vf v, int64_t n) {
+    if (__builtin_expect(n >= 8, 1)) _mm256_storeu_ps(p, v);
+    else _mm256_maskstore_ps(p, lanes8(n), v);
+}
+static inline vf v_bf16(const uint16_t *p, int64_t n) { /* no 16-bit masked load in AVX2: a tail is copied */
+    if (__builtin_expect(n >= 8, 1)) return bf16x8(p);
+    uint16_t tail[8] = {0};
+    for (int64_t i = 0; i < n; i++) tail[i] = p[i];
+    return bf16x8(tail);
+}
+static inline vf v_set1(float x) { return _mm256_set1_ps(x); }
+static inline vf v_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf v_sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf v_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf v_max(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline vf v_min(vf a, vf b) { return _mm256_min_ps(a, b); }
+static inline vf v_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf v_fnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
+static inline float v_sum(vf v) { return hsum(v); }
+static inline float v_top(vf v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+static inline vf v_round(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf v_pow2(vf p, vf n) { /* n in [-126, 127]: the exponent bits */
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                                                   _mm256_set1_epi32(127)), 23)));
+}
+static inline vf v_zero_below(vf e, vf x, float lo) {
+    return _mm256_and_ps(e, _mm256_cmp_ps(x, _mm256_set1_ps(lo), _CMP_GE_OQ));
+}
+#endif
+
+/* e^x, VL at once, to ~2 ulp (Cephes' expf: x = n ln 2 + r with |r| <= ln 2 / 2, e^r as 1 + r + r^2 P(r) with a
+ * degree-5 P, times 2^n). Above 88.38 clamped (finite); below -87 (e^-87 ~ 1.6e-38) exactly 0: the -inf padding a
+ * tile of attention scores adds nothing to the softmax sums, and SiLU's e^-x of a large x is 0. */
+static inline vf v_exp(vf x) {
+    const vf xc = v_max(v_min(x, v_set1(88.3762626647949f)), v_set1(-87.0f));
+    const vf n = v_round(v_mul(xc, v_set1(1.44269504088896341f)));
+    vf r = v_fnma(n, v_set1(0.693359375f), xc);
+    r = v_fnma(n, v_set1(-2.12194440e-4f), r);
+    vf p = v_set1(1.9875691500e-4f);
+    p = v_fma(p, r, v_set1(1.3981999507e-3f));
+    p = v_fma(p, r, v_set1(8.3334519073e-3f));
+    p = v_fma(p, r, v_set1(4.1665795894e-2f));
+    p = v_fma(p, r, v_set1(1.6666665459e-1f));
+    p = v_fma(p, r, v_set1(5.0000001201e-1f));
+    p = v_fma(p, v_mul(r, r), v_add(r, v_set1(1.0f)));
+    return v_zero_below(v_pow2(p, n), x, -87.0f);
+}
+#endif
 
 #endif
