@@ -30,7 +30,8 @@ from .options import load_options, progress_bar
               help="Require 'Authorization: Bearer KEY' on /v1/* (also from $DSV3_API_KEY).")
 @click.option("--served-model-name", default=None, help="The model id clients send (default: the checkpoint's directory name).")
 @click.option("--attn", type=click.Choice(["auto", "naive", "absorb"]), default="auto", show_default=True,
-              help="MLA form: auto = naive for prefill, absorbed for decode.")
+              help="MLA form: auto = naive for prefill, absorbed for decode (and, where the backend finds it "
+                   "cheaper, for prefill chunks: cpu in bf16, up to ~125 queries at V3's dims).")
 @click.option("--speculative", type=click.Choice(["mtp"]), default=None,
               help="Draft with the checkpoint's MTP layer and verify the drafts in each decode step: the same greedy "
                    "tokens (the same distribution when sampling) in fewer steps. /metrics counts drafted and "

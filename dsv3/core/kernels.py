@@ -21,6 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+#: `Kernels.absorb_max_queries`' default: a decode step, 1 + k drafts absorbed; a prefill naive
+ABSORB_MAX_QUERIES = 8
+
 
 @dataclass(frozen=True)
 class GateParams:
@@ -148,6 +151,14 @@ class Kernels:
         """The dtype of the absorbed attention's per-head projections (q_nope -> latent, latent -> v) and
         hence of the q_latent passed to `mla_attention`. The model's dtype unless the device is slow in it."""
         return dtype
+
+    def absorb_max_queries(self, positioned: bool, dtype: torch.dtype, latent: int, nope: int, rope: int,
+                           v_dim: int) -> int:
+        """"auto" attention: up to this many queries per row in a step take the absorbed form; more take the naive
+        one, which re-expands the cached latent through wkv_b (the whole prefix once, whatever the queries) and then
+        costs less per query. `positioned`: a position step (a server's prefill chunk, a decode, a verification);
+        else a prompt from a start position. A backend whose absorbed kernel is fast may take more."""
+        return ABSORB_MAX_QUERIES
 
     # ---- ops ----------------------------------------------------------------------------
     def linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -22,9 +22,6 @@ from .kernels import ExpertWeights, GateParams, Kernels
 from .parallel import Parallel
 
 ATTN_IMPLS = ("auto", "naive", "absorb")
-#: "auto" attention: up to this many queries per row (a decode step, 1 + k drafts) use the absorbed form; more
-#: (a prefill) re-expand the cache through wkv_b, which costs the whole cache once but no per-query work
-ABSORB_MAX_QUERIES = 8
 
 
 # ---- building blocks: linear layers and norms -------------------------------------------
@@ -191,8 +188,10 @@ class MLA(nn.Module):
             pe_cache[:B, step.start_pos:end] = k_pe
             kv, k_pe = kv_cache[:B, :end], pe_cache[:B, :end]  # [B, T, C], [B, T, R]
         impl = self.attn_impl
-        if impl == "auto":  # prefill is compute-bound (naive); decode and draft verification memory-bound (absorbed)
-            impl = "naive" if S > ABSORB_MAX_QUERIES else "absorb"
+        if impl == "auto":  # decode and draft verification absorbed; a prefill as the backend finds cheaper
+            most = self.kernels.absorb_max_queries(step.write_pos is not None, x.dtype, self.latent, self.nope,
+                                                   self.rope_dim, self.v_dim)
+            impl = "naive" if S > most else "absorb"
         slots = None  # the absorbed form of a step over slots anywhere in the cache reads the whole cache by slot
         if kv_cache is not None and step.write_pos is not None:  # a position step: normed kv and roped k_pe
             q_pe = self.kernels.mla_latent(q_pe, kv, k_pe, self.kv_norm.weight, self.kv_norm.eps, step.cos, step.sin,

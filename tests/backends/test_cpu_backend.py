@@ -144,10 +144,10 @@ def test_mla_absorbed_reads_slots_in_place(native, S, T):
 
 
 @pytest.mark.parametrize("native", NATIVE)
-@pytest.mark.parametrize("B,S,T", [(1, 2, 9), (3, 3, 40), (2, 5, 17)])
+@pytest.mark.parametrize("B,S,T", [(1, 2, 9), (3, 3, 40), (2, 5, 17), (2, 40, 100)])
 def test_mla_absorbed_in_a_position_step(native, B, S, T):
-    """A verification of drafts: S queries per row at the row's own positions (rows at different lengths), each
-    seeing its own prefix of the cache, all queries in one call."""
+    """A verification of drafts (or, S = 40, a prefill chunk): S queries per row at the row's own positions (rows at
+    different lengths), each seeing its own prefix of the cache, all queries in one call."""
     from dsv3.core.model import Step
 
     k = cpu(native)

@@ -357,6 +357,42 @@ def test_bf16_decode_no_worse_than_plain_torch(tiny_ckpts, weights):
     assert_no_worse(*pooled, f"native decode ({weights} weights), 3 configs x batch 1 and 4")
 
 
+def test_prefill_chunks_take_the_absorbed_kernel_where_cheaper(tiny_ckpts, monkeypatch):
+    """A bf16 position step of more than 8 queries (a server's prefill chunk) runs the absorbed form in the C kernel
+    up to the backend's crossing (absorb_max_queries; 40 at these dims), and its logits are no worse than the naive
+    form's against fp32; a prompt's plain prefill (not a position step) keeps the naive form."""
+    ours = dsv3.load(tiny_ckpts["v3ish"], backend="cpu", dtype="bf16")
+    naive = dsv3.load(tiny_ckpts["v3ish"], backend="cpu", dtype="bf16", attn_impl="naive")
+    ref = dsv3.load(tiny_ckpts["v3ish"], backend="cpu", dtype="fp32")
+    cfg, lib = ours.cfg, ours.kernels.native
+    dims = (cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim)
+    most = ours.kernels.absorb_max_queries(True, torch.bfloat16, *dims)
+    assert 8 < most < 100, most
+    # not a position step, fp32 (no C kernel for it): the default
+    assert ours.kernels.absorb_max_queries(False, torch.bfloat16, *dims) == 8
+    assert ours.kernels.absorb_max_queries(True, torch.float32, *dims) == 8
+    chunk, seen = min(most, 32), []
+    call = lib.mla_absorbed
+    monkeypatch.setattr(lib, "mla_absorbed",
+                        lambda q_nope, *a, **k: seen.append(q_nope.shape[1]) or call(q_nope, *a, **k))
+    tokens = torch.randint(0, cfg.vocab_size, (2, 5 * chunk), generator=torch.Generator().manual_seed(4))
+    logits = []
+    for engine in (ours, naive, ref):
+        m = engine.model
+        cache = LatentCache.allocate(m.cfg, len(m.layers), 2, tokens.shape[1], engine.dtype, "cpu")
+        with torch.inference_mode():
+            logits.append(torch.cat([m.forward_step(tokens[:, s:s + chunk], torch.tensor([s, s]), cache, s + chunk)[0]
+                                     for s in range(0, tokens.shape[1], chunk)], dim=1).flatten(0, 1).float())
+        if engine is ours:
+            assert seen and set(seen) == {chunk}, f"the chunks of {chunk} queries reached the C kernel as {set(seen)}"
+            seen.clear()
+            with torch.inference_mode():
+                m(tokens[:, :chunk], 0, LatentCache.allocate(m.cfg, len(m.layers), 2, chunk, engine.dtype, "cpu"))
+            assert not seen, "a plain prefill took the absorbed form"
+    assert not seen, "the naive engine took the absorbed form"
+    assert_no_worse(*logits, f"prefill in chunks of {chunk}, absorbed in C vs naive")
+
+
 def test_fallbacks(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("DSV3_CPU_NATIVE", "0")
     assert native_lib.load() is None

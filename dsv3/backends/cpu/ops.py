@@ -65,6 +65,10 @@ AMX_ROWS = 5
 #: (linears + linear_add / dense and shared MLPs, ms): 512 tokens 18.4 vs 21.4 / 14.7 vs 20.4; 1024 tokens 33.7 vs
 #: 28.6 / 27.7 vs 32.7; 2048 tokens 72.5 vs 42.6 / 61.8 vs 47.7.
 AMX_PROMPT_ROWS = 512
+#: the C attention kernel's cost per multiply-add over torch's GEMMs in the naive form (absorb_max_queries). Fitted
+#: on an AMD EPYC (Zen 5, avx512bf16 build), 2 threads, prefill chunks over 2048 cached tokens, naive / absorbed time
+#: of a chunk: V3's attention dims 64 queries 1.5x, 128 queries 1.14x; the 280M model (8 heads) at 64 about 1.0x.
+ABSORB_COST = 1.25
 
 
 class CpuKernels(ReferenceKernels):
@@ -156,6 +160,18 @@ class CpuKernels(ReferenceKernels):
     def slow_bf16(self, dtype: torch.dtype) -> bool:
         """bf16 matmuls here run row by row (a CPU without bf16 instructions): fp32 is faster."""
         return dtype == torch.bfloat16 and self.device.type == "cpu" and not self.native_bf16
+
+    def absorb_max_queries(self, positioned, dtype, latent, nope, rope, v_dim):
+        # A position step in bf16 runs the absorbed form in one C call (mla_absorbed) for any number of queries. Per
+        # cached key the naive form expands the latent (latent * (nope + v) MACs a head) then costs nope + rope + v
+        # a query; the absorbed form costs 2 latent + rope a query, at ABSORB_COST times torch's cost per MAC. So
+        # below the crossing a prefill chunk is cheaper absorbed (V3's dims: ~125 queries; at 64, 1.5x on a chunk
+        # over 2048 cached tokens, measured).
+        most = super().absorb_max_queries(positioned, dtype, latent, nope, rope, v_dim)
+        if not positioned or dtype != torch.bfloat16 or self.native is None or self.native.isa == "amx":
+            return most  # (AMX: torch's GEMMs run on tiles there, the naive form is cheaper: unmeasured, kept)
+        per_query = ABSORB_COST * (2 * latent + rope) - (nope + rope + v_dim)
+        return max(most, int(latent * (nope + v_dim) / per_query)) if per_query > 0 else most
 
     def absorb_dtype(self, dtype):
         # a bf16 bmm of one query row per head runs ~9x slower than fp32 on such CPUs (the C kernel takes both)
@@ -308,7 +324,7 @@ class CpuKernels(ReferenceKernels):
         B, S, H, N = q_nope.shape
         step = self.current_step
         positioned = step is not None and mask is not None and mask is step.mask and step.write_pos is not None
-        if ((S == 1 and (mask is None or positioned) or 1 < S <= 8 and positioned) and self._native_ok(q_nope)
+        if ((S == 1 and (mask is None or positioned) or 1 < S and positioned) and self._native_ok(q_nope)
                 and q_pe.dtype == kv.dtype == pe.dtype == torch.bfloat16
                 and w_uk.dtype == w_uv.dtype and w_uk.dtype in (torch.float32, torch.bfloat16)
                 and w_uk.is_contiguous() and w_uv.is_contiguous()
