@@ -83,17 +83,17 @@ def serve(ctx, ckpt: Path, backend, dtype, device, cpu_weights, host, port, max_
     name = served_model_name or ckpt.resolve().name
     app = create_app(scheduler, engine.tokenizer, name, api_key)
     bound = sock.getsockname()
-    http, loop = http_stack()
+    parser, event_loop = http_stack()
     click.echo(f"dsv3: serving {name!r} on http://{host if ':' not in host else f'[{host}]'}:{bound[1]} "
-               f"({engine.kernels.describe()}; max batch {max_batch}, context {engine.max_seq_len}; HTTP on {http} + "
-               f"{loop}); Ctrl-C stops", err=True)
+               f"({engine.kernels.describe()}; max batch {max_batch}, context {engine.max_seq_len}; "
+               f"HTTP on {parser} + {event_loop}); Ctrl-C stops", err=True)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo("dsv3: warning: listening beyond this machine without --api-key", err=True)
-    if (http, loop) != ("httptools", "uvloop") and sys.platform != "win32":
+    if (parser, event_loop) != ("httptools", "uvloop") and sys.platform != "win32":
         click.echo("dsv3: note: HTTP on pure-Python h11/asyncio; pip install 'dsv3[serve]' adds httptools and uvloop "
                    "(each decode step hands its tokens to the HTTP side faster: lower time per output token)", err=True)
-    config = uvicorn.Config(app, http=http, loop=loop, log_level="debug" if ctx.obj.get("verbose") else "warning",
-                            access_log=False, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, http=parser, loop=event_loop, access_log=False, timeout_graceful_shutdown=5,
+                            log_level="debug" if ctx.obj.get("verbose") else "warning")
     server = uvicorn.Server(config)
     # HTTP in a thread, the model in this (main) thread: torch runs its OpenMP regions fastest from here
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="dsv3-http", daemon=True)

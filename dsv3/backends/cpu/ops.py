@@ -324,7 +324,7 @@ class CpuKernels(ReferenceKernels):
         B, S, H, N = q_nope.shape
         step = self.current_step
         positioned = step is not None and mask is not None and mask is step.mask and step.write_pos is not None
-        if ((S == 1 and (mask is None or positioned) or 1 < S and positioned) and self._native_ok(q_nope)
+        if ((positioned or S == 1 and mask is None) and self._native_ok(q_nope)
                 and q_pe.dtype == kv.dtype == pe.dtype == torch.bfloat16
                 and w_uk.dtype == w_uv.dtype and w_uk.dtype in (torch.float32, torch.bfloat16)
                 and w_uk.is_contiguous() and w_uv.is_contiguous()
@@ -332,7 +332,7 @@ class CpuKernels(ReferenceKernels):
                 and kv.stride(1) == kv.shape[2] and pe.stride(1) == pe.shape[2]
                 and (rows is None or rows.dtype == torch.int64)):
             # a position step's mask is a per-row prefix: query s of row b reads keys 0 .. write_pos[b, s] only
-            # (S > 1: a verification of drafts, every query in the one call)
+            # (S > 1: a verification of drafts or a prefill chunk, every query in the one call)
             lens = step.query_lens if positioned else None  # [B, S]
             if rows is not None:  # the slots read in place
                 rows = rows.contiguous()

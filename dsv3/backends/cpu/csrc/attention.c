@@ -232,7 +232,7 @@ void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t qss, int64_t 
     float *part = malloc((size_t)((QS < Q ? QS : Q) * per_query) * sizeof(float)); /* per item: o [G, C], m, l [G] */
 #pragma omp parallel num_threads(threads)
     {
-        float *sc = malloc((size_t)(G * KEY_TILE) * sizeof(float)), merged[512];
+        float *sc = malloc((size_t)(G * KEY_TILE + C) * sizeof(float)), *merged = sc + G * KEY_TILE;
         if (chunks > 1) { /* several items share a query's heads: its latent queries first */
 #pragma omp for schedule(static)
             for (int64_t qh = 0; qh < Q * H; qh++) latent_query(q_nope, qs, qss, hs, q_pe, ps, pss, phs, w_uk, w_bf16,
@@ -267,7 +267,7 @@ void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t qss, int64_t 
 #pragma omp for schedule(static)
             for (int64_t qh = 0; qh < nq * H; qh++) { /* the chunks merged, normalized, projected to the value dims */
                 const int64_t h = qh % H, it0 = (qh / H * groups + h / G) * chunks, j = h % G;
-                float top = -INFINITY, total = 0.0f, *o = C <= 512 ? merged : malloc((size_t)C * sizeof(float));
+                float top = -INFINITY, total = 0.0f, *o = merged;
                 for (int64_t ch = 0; ch < chunks; ch++) {
                     const float mc = part[(it0 + ch) * G * (C + 2) + G * C + j];
                     top = mc > top ? mc : top;
@@ -282,7 +282,6 @@ void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t qss, int64_t 
                 }
                 for (int64_t c = 0; c < C; c++) o[c] /= total;
                 project(o, w_uv, w_bf16, h, C, V, y + (q0 * H + qh) * V);
-                if (o != merged) free(o);
             }
         }
         free(sc);

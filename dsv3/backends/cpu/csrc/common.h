@@ -125,126 +125,6 @@ static inline __m256i fp8_halves(const uint8_t *p) { /* 16 bytes -> 16 fp16 */
 }
 #endif
 
-/* sum_k a[k] * b[k] with a fp32 or bf16 (a_bf16, a constant where it is inlined), b fp32: four FMA chains (one
- * would stall on the FMA latency); bf16 rows stream from memory, so they are prefetched ahead */
-static inline __attribute__((always_inline)) float dot_any(const void *a, int a_bf16, const float *b, int64_t n) {
-    const float *af = (const float *)a;
-    const uint16_t *ah = (const uint16_t *)a;
-    int64_t k = 0;
-    float s = 0.0f;
-#if defined(DSV3_AVX512)
-#define LOAD_A(i) (a_bf16 ? bf16x16(ah + (i)) : _mm512_loadu_ps(af + (i)))
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (; k + 64 <= n; k += 64) {
-        if (a_bf16) {
-            PREFETCH(ah + k + PF_AHEAD);
-            PREFETCH(ah + k + PF_AHEAD + 32);
-        }
-        a0 = _mm512_fmadd_ps(LOAD_A(k), _mm512_loadu_ps(b + k), a0);
-        a1 = _mm512_fmadd_ps(LOAD_A(k + 16), _mm512_loadu_ps(b + k + 16), a1);
-        a2 = _mm512_fmadd_ps(LOAD_A(k + 32), _mm512_loadu_ps(b + k + 32), a2);
-        a3 = _mm512_fmadd_ps(LOAD_A(k + 48), _mm512_loadu_ps(b + k + 48), a3);
-    }
-    for (; k + 16 <= n; k += 16) a0 = _mm512_fmadd_ps(LOAD_A(k), _mm512_loadu_ps(b + k), a0);
-    s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#undef LOAD_A
-#elif defined(DSV3_AVX2)
-#define LOAD_A(i) (a_bf16 ? bf16x8(ah + (i)) : _mm256_loadu_ps(af + (i)))
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (; k + 32 <= n; k += 32) {
-        if (a_bf16) PREFETCH(ah + k + PF_AHEAD);
-        a0 = _mm256_fmadd_ps(LOAD_A(k), _mm256_loadu_ps(b + k), a0);
-        a1 = _mm256_fmadd_ps(LOAD_A(k + 8), _mm256_loadu_ps(b + k + 8), a1);
-        a2 = _mm256_fmadd_ps(LOAD_A(k + 16), _mm256_loadu_ps(b + k + 16), a2);
-        a3 = _mm256_fmadd_ps(LOAD_A(k + 24), _mm256_loadu_ps(b + k + 24), a3);
-    }
-    for (; k + 8 <= n; k += 8) a0 = _mm256_fmadd_ps(LOAD_A(k), _mm256_loadu_ps(b + k), a0);
-    s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#undef LOAD_A
-#endif
-    for (; k < n; k++) s += (a_bf16 ? bf16_scalar(ah[k]) : af[k]) * b[k];
-    return s;
-}
-
-SHARED static float dot_f32(const float *a, const float *b, int64_t n) { return dot_any(a, 0, b, n); }
-
-SHARED static float dot_bf16(const uint16_t *w, const float *x, int64_t n) { return dot_any(w, 1, x, n); }
-
-/* sum_k fp8_half(w[k]) * s[k / 128] * x[k]: one FP8 weight row against fp32 x, in units of fmt. The block's
- * sum is scaled once, in a vector register. */
-SHARED static float dot_fp8(const uint8_t *w, const float *x, const float *s, int64_t K) {
-    float tail = 0.0f;
-#if defined(DSV3_AVX512)
-    __m512 tot = _mm512_setzero_ps();
-#elif defined(DSV3_AVX2)
-    __m256 tot = _mm256_setzero_ps();
-#endif
-    for (int64_t k0 = 0; k0 < K; k0 += QB) {
-        const int64_t len = K - k0 < QB ? K - k0 : QB;
-        const uint8_t *wb = w + k0;
-        const float *xb = x + k0;
-        int64_t k = 0;
-        PREFETCH(wb + PF_AHEAD);
-        PREFETCH(wb + PF_AHEAD + 64);
-#if defined(DSV3_AVX512)
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        for (; k + 32 <= len; k += 32) {
-            __m512 w0, w1;
-            fp8x32(wb + k, &w0, &w1);
-            a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb + k), a0);
-            a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + k + 16), a1);
-        }
-        for (; k + 16 <= len; k += 16) a0 = _mm512_fmadd_ps(fp8x16(wb + k), _mm512_loadu_ps(xb + k), a0);
-        tot = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(s[k0 / QB]), tot);
-#elif defined(DSV3_AVX2)
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        for (; k + 16 <= len; k += 16) {
-            __m256i h = fp8_halves(wb + k);
-            a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_loadu_ps(xb + k), a0);
-            a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), _mm256_loadu_ps(xb + k + 8), a1);
-        }
-        tot = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(s[k0 / QB]), tot);
-#endif
-        float t = 0.0f;
-        for (; k < len; k++) t += fp8_half(wb[k]) * xb[k];
-        tail += t * s[k0 / QB];
-    }
-#if defined(DSV3_AVX512)
-    return _mm512_reduce_add_ps(tot) + tail;
-#elif defined(DSV3_AVX2)
-    return hsum(tot) + tail;
-#else
-    return tail;
-#endif
-}
-
-/* out[k] = the weight's value (fp32) for one FP8 row: fp8_half(w[k]) * fmt * s[k / 128] */
-SHARED static void widen_fp8(const uint8_t *w, const float *s, float fmt, int64_t K, float *out) {
-    for (int64_t k0 = 0; k0 < K; k0 += QB) {
-        const int64_t len = K - k0 < QB ? K - k0 : QB;
-        const float sc = s[k0 / QB] * fmt;
-        int64_t k = 0;
-        PREFETCH(w + k0 + PF_AHEAD);
-        PREFETCH(w + k0 + PF_AHEAD + 64);
-#if defined(DSV3_AVX512)
-        for (; k + 16 <= len; k += 16)
-            _mm512_storeu_ps(out + k0 + k, _mm512_mul_ps(fp8x16(w + k0 + k), _mm512_set1_ps(sc)));
-#elif defined(DSV3_AVX2)
-        for (; k + 16 <= len; k += 16) {
-            __m256i h = fp8_halves(w + k0 + k);
-            _mm256_storeu_ps(out + k0 + k, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_set1_ps(sc)));
-            _mm256_storeu_ps(out + k0 + k + 8,
-                             _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), _mm256_set1_ps(sc)));
-        }
-#endif
-        for (; k < len; k++) out[k0 + k] = fp8_half(w[k0 + k]) * sc;
-    }
-}
-
-SHARED static void widen(const uint16_t *x, float *xf, int64_t n) {
-    for (int64_t k = 0; k < n; k++) xf[k] = bf16_scalar(x[k]);
-}
-
 #if defined(DSV3_AVX512) || defined(DSV3_AVX2)
 /* fp32 vectors of the build's width (16 lanes with AVX-512, 8 with AVX2), for code written once for both
  * (attention.c's blocks, e^x). Loads and stores take a count of lanes: the rest read as zero and are not written
@@ -339,5 +219,109 @@ static inline vf v_exp(vf x) {
     return v_zero_below(v_pow2(p, n), x, -87.0f);
 }
 #endif
+
+/* sum_k a[k] * b[k] with a fp32 or bf16 (a_bf16, a constant where it is inlined), b fp32: four FMA chains (one
+ * would stall on the FMA latency); bf16 rows stream from memory, so they are prefetched ahead (a line a 32) */
+static inline __attribute__((always_inline)) float dot_any(const void *a, int a_bf16, const float *b, int64_t n) {
+    const float *af = (const float *)a;
+    const uint16_t *ah = (const uint16_t *)a;
+    int64_t k = 0;
+    float s = 0.0f;
+#if defined(DSV3_AVX512) || defined(DSV3_AVX2)
+#define LOAD_A(i) (a_bf16 ? v_bf16(ah + (i), VL) : v_load(af + (i), VL))
+    vf a0 = v_set1(0.0f), a1 = v_set1(0.0f), a2 = v_set1(0.0f), a3 = v_set1(0.0f);
+    for (; k + 4 * VL <= n; k += 4 * VL) {
+        for (int l = 0; a_bf16 && l < 4 * VL; l += 32) PREFETCH(ah + k + PF_AHEAD + l);
+        a0 = v_fma(LOAD_A(k), v_load(b + k, VL), a0);
+        a1 = v_fma(LOAD_A(k + VL), v_load(b + k + VL, VL), a1);
+        a2 = v_fma(LOAD_A(k + 2 * VL), v_load(b + k + 2 * VL, VL), a2);
+        a3 = v_fma(LOAD_A(k + 3 * VL), v_load(b + k + 3 * VL, VL), a3);
+    }
+    for (; k + VL <= n; k += VL) a0 = v_fma(LOAD_A(k), v_load(b + k, VL), a0);
+    s = v_sum(v_add(v_add(a0, a1), v_add(a2, a3)));
+#undef LOAD_A
+#endif
+    for (; k < n; k++) s += (a_bf16 ? bf16_scalar(ah[k]) : af[k]) * b[k];
+    return s;
+}
+
+SHARED static float dot_f32(const float *a, const float *b, int64_t n) { return dot_any(a, 0, b, n); }
+
+SHARED static float dot_bf16(const uint16_t *w, const float *x, int64_t n) { return dot_any(w, 1, x, n); }
+
+/* sum_k fp8_half(w[k]) * s[k / 128] * x[k]: one FP8 weight row against fp32 x, in units of fmt. The block's
+ * sum is scaled once, in a vector register. */
+SHARED static float dot_fp8(const uint8_t *w, const float *x, const float *s, int64_t K) {
+    float tail = 0.0f;
+#if defined(DSV3_AVX512)
+    __m512 tot = _mm512_setzero_ps();
+#elif defined(DSV3_AVX2)
+    __m256 tot = _mm256_setzero_ps();
+#endif
+    for (int64_t k0 = 0; k0 < K; k0 += QB) {
+        const int64_t len = K - k0 < QB ? K - k0 : QB;
+        const uint8_t *wb = w + k0;
+        const float *xb = x + k0;
+        int64_t k = 0;
+        PREFETCH(wb + PF_AHEAD);
+        PREFETCH(wb + PF_AHEAD + 64);
+#if defined(DSV3_AVX512)
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (; k + 32 <= len; k += 32) {
+            __m512 w0, w1;
+            fp8x32(wb + k, &w0, &w1);
+            a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb + k), a0);
+            a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + k + 16), a1);
+        }
+        for (; k + 16 <= len; k += 16) a0 = _mm512_fmadd_ps(fp8x16(wb + k), _mm512_loadu_ps(xb + k), a0);
+        tot = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(s[k0 / QB]), tot);
+#elif defined(DSV3_AVX2)
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (; k + 16 <= len; k += 16) {
+            __m256i h = fp8_halves(wb + k);
+            a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_loadu_ps(xb + k), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), _mm256_loadu_ps(xb + k + 8), a1);
+        }
+        tot = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(s[k0 / QB]), tot);
+#endif
+        float t = 0.0f;
+        for (; k < len; k++) t += fp8_half(wb[k]) * xb[k];
+        tail += t * s[k0 / QB];
+    }
+#if defined(DSV3_AVX512)
+    return _mm512_reduce_add_ps(tot) + tail;
+#elif defined(DSV3_AVX2)
+    return hsum(tot) + tail;
+#else
+    return tail;
+#endif
+}
+
+/* out[k] = the weight's value (fp32) for one FP8 row: fp8_half(w[k]) * fmt * s[k / 128] */
+SHARED static void widen_fp8(const uint8_t *w, const float *s, float fmt, int64_t K, float *out) {
+    for (int64_t k0 = 0; k0 < K; k0 += QB) {
+        const int64_t len = K - k0 < QB ? K - k0 : QB;
+        const float sc = s[k0 / QB] * fmt;
+        int64_t k = 0;
+        PREFETCH(w + k0 + PF_AHEAD);
+        PREFETCH(w + k0 + PF_AHEAD + 64);
+#if defined(DSV3_AVX512)
+        for (; k + 16 <= len; k += 16)
+            _mm512_storeu_ps(out + k0 + k, _mm512_mul_ps(fp8x16(w + k0 + k), _mm512_set1_ps(sc)));
+#elif defined(DSV3_AVX2)
+        for (; k + 16 <= len; k += 16) {
+            __m256i h = fp8_halves(w + k0 + k);
+            _mm256_storeu_ps(out + k0 + k, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_set1_ps(sc)));
+            _mm256_storeu_ps(out + k0 + k + 8,
+                             _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), _mm256_set1_ps(sc)));
+        }
+#endif
+        for (; k < len; k++) out[k0 + k] = fp8_half(w[k0 + k]) * sc;
+    }
+}
+
+SHARED static void widen(const uint16_t *x, float *xf, int64_t n) {
+    for (int64_t k = 0; k < n; k++) xf[k] = bf16_scalar(x[k]);
+}
 
 #endif
