@@ -46,7 +46,7 @@ def main(ctx: click.Context, debug: bool, verbose: bool) -> None:
     \b
     Start here (no weights needed):
       dsv3 demo /tmp/dsv3-demo                  # a tiny random checkpoint in the released FP8 layout
-      dsv3 run /tmp/dsv3-demo --prompt "Hello"  # convert-free: FP8 is dequantized at load on cpu
+      dsv3 run /tmp/dsv3-demo --prompt "Hello"  # convert-free: the FP8 files load as they are
     \b
     Real checkpoints:
       dsv3 backends                             # what can run here, and why not

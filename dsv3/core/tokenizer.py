@@ -19,6 +19,17 @@ def _token_text(v) -> str | None:
     return v
 
 
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): each byte is a printable character, itself where it is one."""
+    shown = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars, extra = {chr(b): b for b in shown}, 0
+    for b in range(256):
+        if b not in shown:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
 class Tokenizer:
     def __init__(self, path: str | Path):
         from tokenizers import Tokenizer as _Tok
@@ -60,6 +71,17 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token: int) -> bytes:
+        """A token's own bytes. A byte-level BPE token may hold part of a UTF-8 character, which its decoded text
+        shows as U+FFFD; its vocabulary entry spells the bytes. Special tokens and other tokenizers: the text's."""
+        if not hasattr(self, "_byte_chars"):
+            decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+            self._byte_chars = _byte_level_chars() if "ByteLevel" in json.dumps(decoder) else None
+        entry = self._tok.id_to_token(token)
+        if self._byte_chars is not None and entry and all(c in self._byte_chars for c in entry):
+            return bytes(self._byte_chars[c] for c in entry)
+        return self.decode([token], skip_special_tokens=False).encode("utf-8")
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for a conversation; without a template, the last user message as is."""

@@ -8,6 +8,7 @@ server-sent events. A client that goes away cancels its request, which frees its
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -19,9 +20,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route
 
 from .metrics import Metrics
-from .protocol import ApiError, chunk, complete, new_id, now, parse, usage
-from .scheduler import QueueFull, Request, Scheduler
-from .text import TextStream
+from .protocol import ApiError, chunk, complete, join_logprobs, logprobs_body, new_id, now, parse, usage
+from .scheduler import LOGPROBS_WITH_DRAFTS, QueueFull, Request, Scheduler
+from .text import TextStream, offsets
 
 log = logging.getLogger("dsv3")
 MAX_BODY = 16 << 20  # bytes: a prompt far beyond any context still fits
@@ -49,6 +50,15 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
 
     scheduler.deliver = deliver
     context, vocab = scheduler.max_len, scheduler.model.cfg.vocab_size
+
+    @functools.lru_cache(maxsize=1 << 16)
+    def piece(token: int) -> tuple[str, bytes]:
+        """A token's name in logprobs and its bytes: its text, or where it holds part of a UTF-8 character (which
+        text shows as U+FFFD), OpenAI's spelling of the bytes, "bytes:\\xe2\\x96"."""
+        text, raw = tokenizer.decode([token], skip_special_tokens=False), tokenizer.token_bytes(token)
+        if "\ufffd" in text and raw.decode("utf-8", "replace") != raw.decode("utf-8", "ignore"):
+            text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return text, raw
 
     def authorized(request: HttpRequest) -> bool:
         if not api_key:
@@ -80,9 +90,17 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
         if not scheduler.alive:
             return _error(ApiError(503, "the model loop is not running; see the server log", None, "unavailable",
                                    "server_error"))
+        want_lp = parsed.params.logprobs is not None
+        if want_lp and scheduler.spec is not None:
+            metrics.request("rejected")
+            return _error(ApiError(400, LOGPROBS_WITH_DRAFTS, "logprobs", "unsupported_value"))
+        prompt_text = ""
+        if parsed.echo or (want_lp and not chat):  # the echoed text; completions' text_offset counts from its end
+            prompt_text = parsed.prompt_text if parsed.prompt_text is not None else tokenizer.decode(parsed.prompt)
         events = asyncio.Queue()
         rid, created = new_id(chat), now()
-        req = Request(rid, parsed.prompt, parsed.params, lambda kind, data: events.put_nowait((kind, data)), TextStream(tokenizer.decode, parsed.params.stop))
+        req = Request(rid, parsed.prompt, parsed.params, lambda kind, data: events.put_nowait((kind, data)),
+                      TextStream(tokenizer.decode, parsed.params.stop))
         try:
             scheduler.submit(req)
         except QueueFull as e:
@@ -90,15 +108,25 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
             return _error(ApiError(429, f"the server is busy: {e}; retry later", None, "queue_full",
                                    "rate_limit_exceeded"))
         ids = [] if parsed.return_token_ids else None
+        prompt_lps, lps, lp_at = [], [], []  # lp_at: where each answer token's text starts (completions)
+
+        def prompt_offsets() -> list[int]:
+            return offsets(tokenizer.decode, req.prompt)
+
         if not parsed.stream:
-            text, finish = [], None
+            text, finish, emitted = [], None, 0
             try:
                 while finish is None:
                     kind, data = await events.get()
                     if kind == "text":
+                        lp_at.extend([len(prompt_text) + emitted] * len(data[2] or []))
+                        emitted += len(data[0])
                         text.append(data[0])
                         if ids is not None:
                             ids.extend(data[1])
+                        lps.extend(data[2] or [])
+                    elif kind == "prompt":
+                        prompt_lps.extend(data)
                     elif kind == "done":
                         finish = data
                     else:
@@ -109,21 +137,40 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
                     scheduler.cancel(req)
                     metrics.request("cancelled")
             metrics.request(finish)
-            return JSONResponse(complete(rid, model_name, created, chat, "".join(text), finish,
-                                         usage(len(req.prompt), req.generated), ids))
+            body_lp = None
+            if want_lp:
+                body_lp = logprobs_body(chat, lps, piece, lp_at)
+                if prompt_lps:
+                    body_lp = join_logprobs(logprobs_body(chat, prompt_lps, piece, prompt_offsets()), body_lp)
+            text = (prompt_text if parsed.echo else "") + "".join(text)
+            return JSONResponse(complete(rid, model_name, created, chat, text, finish,
+                                         usage(len(req.prompt), req.generated), ids, body_lp))
 
         async def stream():
-            finish = None
+            finish, echo, emitted = None, parsed.echo, len(prompt_text)
             try:
                 if chat:
                     yield _sse(chunk(rid, model_name, created, True, "", None, [] if ids is not None else None, True))
                 while finish is None:
                     kind, data = await events.get()
+                    if kind == "prompt":
+                        prompt_lps.extend(data)
+                        continue
+                    if echo and kind in ("text", "done"):  # the prompt first, its logprobs complete by now
+                        echo = False
+                        yield _sse(chunk(rid, model_name, created, chat, prompt_text, None,
+                                         [] if ids is not None else None,
+                                         logprobs=logprobs_body(chat, prompt_lps, piece, prompt_offsets())
+                                         if want_lp else None))
                     if kind == "text":
-                        if not data[0] and ids is None:
+                        if not data[0] and ids is None and not data[2]:
                             continue  # a token whose text is still incomplete (or held for a stop string)
+                        body_lp = None
+                        if want_lp:
+                            body_lp = logprobs_body(chat, data[2], piece, [emitted] * len(data[2]))
+                        emitted += len(data[0])
                         yield _sse(chunk(rid, model_name, created, chat, data[0], None,
-                                         data[1] if ids is not None else None))
+                                         data[1] if ids is not None else None, logprobs=body_lp))
                     elif kind == "done":
                         finish = data
                         yield _sse(chunk(rid, model_name, created, chat, None, finish))

@@ -15,6 +15,8 @@ from .scheduler import Sampling
 
 #: at most this many stop sequences (OpenAI allows 4; a few more cost nothing here)
 MAX_STOPS = 16
+#: at most this many alternatives per token in logprobs (OpenAI: 20 for chat, 5 for completions)
+MAX_TOP_LOGPROBS = 20
 
 
 class ApiError(Exception):
@@ -37,6 +39,8 @@ class Parsed:
     include_usage: bool
     return_token_ids: bool
     chat: bool
+    echo: bool = False  # completions: the answer's text starts with the prompt's (and its logprobs, where asked)
+    prompt_text: str | None = None  # the prompt as given, where it was a string
 
 
 def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
@@ -82,6 +86,31 @@ def _stops(body: dict) -> tuple[tuple[str, ...], frozenset[int]]:
     return tuple(strings), frozenset(ids)
 
 
+def _flag(body: dict, name: str) -> bool:
+    v = body.get(name, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise ApiError(400, f"{name} must be true or false, got {v!r}", name, "invalid_type")
+    return v
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives each token's logprobs list, or None for no logprobs. Chat: `logprobs` true/false and
+    `top_logprobs`; completions: `logprobs` is the count itself."""
+    name = "top_logprobs" if chat else "logprobs"
+    top = _integer(body, name)
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"{name}={top} is outside [0, {MAX_TOP_LOGPROBS}]", name, "invalid_value")
+    if not chat:
+        return top
+    if not _flag(body, "logprobs"):
+        if top is not None:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
+        return None
+    return top or 0
+
+
 def _content(message: dict, i: int) -> str:
     content = message.get("content")
     if content is None:
@@ -113,6 +142,7 @@ def parse(body, chat: bool, tokenizer, model_name: str, context: int, vocab: int
     n = _integer(body, "n")
     if n not in (None, 1):
         raise ApiError(400, f"n={n}: this server returns one choice per request (n=1)", "n", "unsupported_value")
+    raw = None
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -172,8 +202,29 @@ def parse(body, chat: bool, tokenizer, model_name: str, context: int, vocab: int
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise ApiError(400, "stream_options must be an object", "stream_options", "invalid_type")
-    return Parsed(prompt, Sampling(max_tokens, temperature, top_p, seed, stop, stop_ids), stream,
-                  bool(opts.get("include_usage")), bool(body.get("return_token_ids")), chat)
+    logprobs = _logprobs(body, chat)
+    echo = not chat and _flag(body, "echo")
+    params = Sampling(max_tokens, temperature, top_p, seed, stop, stop_ids, logprobs,
+                      prompt_logprobs=echo and logprobs is not None)
+    return Parsed(prompt, params, stream, bool(opts.get("include_usage")), bool(body.get("return_token_ids")), chat,
+                  echo, raw if isinstance(raw, str) else None)
+
+
+def logprobs_body(chat: bool, entries: list[tuple], piece, offsets: list[int] | None = None) -> dict:
+    """OpenAI's logprobs object for the scheduler's entries [(token id, logprob or None, [(id, logprob)])];
+    piece(id) is a token's (text, bytes). Chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions:
+    {tokens, token_logprobs, top_logprobs, text_offset}, `offsets` the character index where each token's text
+    starts (in the prompt followed by the answer)."""
+    if chat:
+        def one(t, lp):
+            text, raw = piece(t)
+            return {"token": text, "logprob": lp, "bytes": list(raw)}
+
+        content = [{**one(t, lp), "top_logprobs": [one(a, alp) for a, alp in alts]} for t, lp, alts in entries]
+        return {"content": content, "refusal": None}
+    return {"tokens": [piece(t)[0] for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [None if alts is None else {piece(a)[0]: alp for a, alp in alts} for _, _, alts in entries],
+            "text_offset": list(offsets or [])}
 
 
 def new_id(chat: bool) -> str:
@@ -184,14 +235,19 @@ def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def join_logprobs(a: dict, b: dict) -> dict:
+    """Two logprobs objects of logprobs_body's kind (the prompt's, then the answer's) as one."""
+    return {k: (a[k] + b[k]) if isinstance(a[k], list) else a[k] for k in a}
+
+
 def chunk(rid: str, model: str, created: int, chat: bool, text: str | None, finish: str | None,
-          token_ids: list[int] | None = None, first: bool = False) -> dict:
+          token_ids: list[int] | None = None, first: bool = False, logprobs: dict | None = None) -> dict:
     """One server-sent event's body in OpenAI's chunk format."""
     if chat:
         delta = {"role": "assistant", "content": text or ""} if first else {} if text is None else {"content": text}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
     if token_ids is not None:
         choice["token_ids"] = token_ids
     return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
@@ -199,13 +255,13 @@ def chunk(rid: str, model: str, created: int, chat: bool, text: str | None, fini
 
 
 def complete(rid: str, model: str, created: int, chat: bool, text: str, finish: str, use: dict,
-             token_ids: list[int] | None = None) -> dict:
+             token_ids: list[int] | None = None, logprobs: dict | None = None) -> dict:
     """A whole (non-streamed) answer."""
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                   "finish_reason": finish}
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
     if token_ids is not None:
         choice["token_ids"] = token_ids
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,

@@ -9,8 +9,8 @@ from ..core.generate import StaticStep, bucket
 from ..core.model import LatentCache, Transformer
 from ..core.speculative import greedy_round
 
-#: plan kinds broadcast to follower ranks
-STOP, IDLE, PREFILL, DECODE = 0, 1, 2, 3
+#: plan kinds broadcast to follower ranks (PREFILL_ALL: a prefill chunk whose logits are wanted at every position)
+STOP, IDLE, PREFILL, DECODE, PREFILL_ALL = 0, 1, 2, 3, 4
 
 
 class StepRunner:
@@ -48,20 +48,22 @@ class StepRunner:
     @torch.inference_mode()
     def forward(self, kind: int, slots: list[int], tokens: list[list[int]], positions: list[int],
                 take: list[int]) -> torch.Tensor:
-        """Rows b: tokens[b] (one length q) written to slot slots[b] from positions[b]; logits [B, V] at take[b]."""
+        """Rows b: tokens[b] (one length q) written to slot slots[b] from positions[b]; logits [B, V] at take[b]
+        (PREFILL_ALL: at every position, [B, q, V], for a prompt's logprobs)."""
         plan = torch.tensor([[s, p, t, *row] for s, p, t, row in zip(slots, positions, take, tokens)], dtype=torch.long)
         self._broadcast(kind, plan)
-        return self._run(plan.to(self.device))
+        return self._run(plan.to(self.device), every=kind == PREFILL_ALL)
 
-    def _run(self, plan: torch.Tensor) -> torch.Tensor:
+    def _run(self, plan: torch.Tensor, every: bool = False) -> torch.Tensor:
         slots, positions, take, tokens = plan[:, 0], plan[:, 1], plan[:, 2], plan[:, 3:]
         B, q = tokens.shape
-        if q == 1 and self.graphs:
+        if q == 1 and self.graphs and not every:
             return self._decode_static(slots, positions, tokens)
         span = int(plan[:, 1].max()) + q  # host ints: the plan was built on the host
         rows = None if torch.equal(slots.cpu(), torch.arange(B)) else slots  # a prefix of slots: no gather
-        logits, _ = self.model.forward_step(tokens, positions, self.cache, span, rows=rows, take=take)
-        return logits  # [B, V]
+        logits, _ = self.model.forward_step(tokens, positions, self.cache, span, rows=rows,
+                                            take=None if every else take)
+        return logits  # [B, V], or [B, q, V] for every position
 
     def _decode_static(self, slots: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         logits, _ = self._staged("decode", slots, tokens=tokens, positions=positions)
@@ -172,4 +174,4 @@ class StepRunner:
                 continue
             plan = torch.zeros(B, n, dtype=torch.long, device=self.device)
             self.par.broadcast(plan)
-            self._run(plan)
+            self._run(plan, every=kind == PREFILL_ALL)

@@ -28,7 +28,7 @@ import torch
 from ..core.errors import DsvError
 from ..core.generate import sample
 from ..core.model import LatentCache
-from .runner import DECODE, PREFILL, StepRunner
+from .runner import DECODE, PREFILL, PREFILL_ALL, StepRunner
 from .speculation import Drafting
 from .text import TextStream
 
@@ -36,6 +36,23 @@ log = logging.getLogger("dsv3")
 
 #: an idle rank 0 still broadcasts this often, so followers never hit the process group's timeout
 HEARTBEAT_S = 5.0
+
+
+def logprob_entries(logits: torch.Tensor, tokens: list[int], top: int) -> list[tuple]:
+    """logits [n, V] and the token chosen at each of the n positions -> [(token, its log-probability, [(id,
+    log-probability)] of the `top` most likely)] under the model's distribution (fp32 log-softmax)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device).view(-1, 1))[:, 0].tolist()
+    alts = [[] for _ in tokens]
+    if top > 0:
+        v, i = lp.topk(top, dim=-1)
+        alts = [list(zip(ids, vals)) for ids, vals in zip(i.tolist(), v.tolist())]
+    return [(t, c, a) for t, c, a in zip(tokens, chosen, alts)]
+
+
+#: why a drafting server refuses logprobs: a verify round's accepted tokens are chosen inside one captured step
+LOGPROBS_WITH_DRAFTS = ("logprobs are not available from a server drafting with --speculative mtp; "
+                        "start it without --speculative to get them")
 
 
 class QueueFull(Exception):
@@ -50,12 +67,18 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None  # each new token's log-probability and this many alternatives (None: none)
+    prompt_logprobs: bool = False  # also every prompt token's (the completions API's `echo` with `logprobs`)
 
 
 @dataclass
 class Request:
-    """One generation. `emit(kind, data)` receives ("text", (text, token_ids)) events, then ("done", finish_reason)
-    or ("error", message), through the scheduler's `deliver` (by default: called from the model thread)."""
+    """One generation. `emit(kind, data)` receives ("text", (text, token_ids, logprobs)) events, then ("done",
+    finish_reason) or ("error", message), through the scheduler's `deliver` (by default: called from the model
+    thread). With `params.logprobs`, each token's entry in `logprobs` is (token id, log-probability, [(id,
+    log-probability)] of the most likely tokens), else it is None; with `params.prompt_logprobs`, ("prompt",
+    entries) events come first, one per prefill chunk, the prompt's first token's entry (id, None, None).
+    Log-probabilities are the model's (log-softmax of its logits), whatever the sampling temperature."""
 
     id: str
     prompt: list[int]
@@ -118,6 +141,8 @@ class Scheduler:
 
     # ---- the caller's side (any thread) ------------------------------------------------------
     def submit(self, req: Request) -> None:
+        if self.spec is not None and req.params.logprobs is not None:
+            raise DsvError(LOGPROBS_WITH_DRAFTS)
         if self.error is not None:  # the model loop has died: nothing would ever take the request
             raise DsvError(f"the model loop failed ({type(self.error).__name__}: {self.error}); restart the server")
         with self._lock:
@@ -243,7 +268,7 @@ class Scheduler:
         if reason is not None:
             rest = r.text.finish()
             if rest:
-                self._send(r, "text", (rest, []))
+                self._send(r, "text", (rest, [], [] if r.params.logprobs is not None else None))
             self._send(r, "done", reason)
             if self.observe:
                 self.observe("finished", r)
@@ -266,7 +291,11 @@ class Scheduler:
         take = [len(t) - 1 for t in tokens]
         tokens = [t + [0] * (q - len(t)) for t in tokens]
         slots, starts = [r.slot for r in rows], [r.length for r in rows]
-        if self.spec is None:
+        if self.spec is None and any(r.params.prompt_logprobs for r in rows):
+            every = self.runner.forward(PREFILL_ALL, slots, tokens, starts, take)  # [B, q, V]
+            self._prompt_logprobs(rows, starts, take, every)
+            logits = every[torch.arange(len(rows)), take]
+        elif self.spec is None:
             logits = self.runner.forward(PREFILL, slots, tokens, starts, take)
         else:
             logits, hidden = self.runner.forward_hidden(slots, tokens, starts, take)  # hidden [B, q, D]
@@ -277,6 +306,17 @@ class Scheduler:
             self._sample(logits[[i for i, _ in done]], [r for _, r in done])
         if self.spec is not None:
             self.spec.prefilled(rows, starts, take, hidden)
+
+    def _prompt_logprobs(self, rows: list[Request], starts: list[int], take: list[int], every: torch.Tensor) -> None:
+        """("prompt", entries) for the rows that asked: position j of a chunk scores the prompt's token j + 1."""
+        for i, (r, start, t) in enumerate(zip(rows, starts, take)):
+            if not r.params.prompt_logprobs:
+                continue
+            n = min(t + 1, len(r.prompt) - 1 - start)  # the chunk's last position scores a new token, not the prompt's
+            entries = [(r.prompt[0], None, None)] if start == 0 else []
+            if n > 0:
+                entries += logprob_entries(every[i, :n], r.prompt[start + 1:start + 1 + n], r.params.logprobs or 0)
+            self._send(r, "prompt", entries)
 
     def _decode(self) -> None:
         rows = [r for r in self.active if not r.prefilling and not r.cancelled and r.last >= 0]
@@ -301,23 +341,27 @@ class Scheduler:
         for i, r in enumerate(rows):
             p = r.params
             tok = greedy[i] if p.temperature <= 0 else int(sample(logits[i:i + 1], p.temperature, p.top_p, r.generator))
-            self.emit(r, tok, now)
+            lp = logprob_entries(logits[i:i + 1], [tok], p.logprobs)[0] if p.logprobs is not None else None
+            self.emit(r, tok, now, lp)
 
-    def emit(self, r: Request, tok: int, now: float) -> bool:
-        """Request r's next token: streamed, or the end of it (EOS, a stop, max_tokens, the context). True: finished."""
+    def emit(self, r: Request, tok: int, now: float, logprob: tuple | None = None) -> bool:
+        """Request r's next token (and its logprob entry, where asked): streamed, or the end of it (EOS, a stop,
+        max_tokens, the context). True: finished."""
         p = r.params
         if r.first_token_at is None:
             r.first_token_at = now
             if self.observe:
                 self.observe("first_token", r)
         if tok in self.eos_ids or tok in p.stop_ids:
+            if p.logprobs is not None:  # its logprob still counts (a scorer reads one entry per token it caused)
+                self._send(r, "text", ("", [], [logprob]))
             self._finish(r, "stop")
             return True
         r.generated += 1
         r.last = tok
         text, stopped = r.text.add(tok)
         if text or not stopped:
-            self._send(r, "text", (text, [tok]))
+            self._send(r, "text", (text, [tok], None if p.logprobs is None else [logprob]))
         if stopped:
             self._finish(r, "stop")
         elif r.generated >= p.max_tokens or r.length + 1 > self.max_len:

@@ -70,3 +70,13 @@ class TextStream:
         upto = max(upto, self.sent)
         out, self.sent = self.text[self.sent:upto], upto
         return out
+
+
+def offsets(decode, ids: list[int]) -> list[int]:
+    """Where each token's text starts in decode(ids), found incrementally (a token that ends in the middle of a
+    UTF-8 character adds its text with the next one)."""
+    stream, out, at = TextStream(decode), [], 0
+    for t in ids:
+        out.append(at)
+        at += len(stream.add(t)[0])
+    return out

@@ -213,8 +213,9 @@ def concurrent_greedy(server, prompts: list[list[int]], max_tokens: int) -> list
     return [r.choices[0].model_extra["token_ids"] for r in asyncio.run(main())]
 
 
-def test_tensor_parallel_under_torchrun(demo_ckpt, engine):
-    """Two ranks (gloo): rank 0 serves HTTP and schedules, both run every step; the answer is one process's."""
+def test_tensor_parallel_under_torchrun(demo_ckpt, engine, server):
+    """Two ranks (gloo): rank 0 serves HTTP and schedules, both run every step; the answer is one process's, a
+    prompt's logprobs too (its chunks computed on both ranks: the output head gathers)."""
     import sys
 
     from conftest import Server, serve_cmd
@@ -225,6 +226,14 @@ def test_tensor_parallel_under_torchrun(demo_ckpt, engine):
         prompts = [[3, 14, 15, 92, 65], [2, 71, 82], list(range(1, 30))]
         for p, ids in zip(prompts, concurrent_greedy(s, prompts, 10)):
             assert ids == engine.generate([p], max_new_tokens=10)[0]
+        scored = {"model": "demo", "prompt": list(range(1, 150)), "max_tokens": 2, "temperature": 0, "echo": True,
+                  "logprobs": 2}
+        (got, tp), (_, one) = s.request("POST", "/v1/completions", scored), server.request("POST", "/v1/completions",
+                                                                                          scored)
+        assert got == 200, tp
+        tp, one = tp["choices"][0]["logprobs"], one["choices"][0]["logprobs"]
+        assert tp["tokens"] == one["tokens"] and len(tp["tokens"]) == 151
+        assert tp["token_logprobs"][1:] == pytest.approx(one["token_logprobs"][1:], abs=1e-4)
         assert s.request("GET", "/health")[0] == 200
     finally:
         s.stop()
@@ -249,6 +258,8 @@ def test_speculative_serving(demo_ckpt, engine):
                                            extra_body={"return_token_ids": True})
             return r.choices[0].model_extra["token_ids"]
         assert asyncio.run(sampled()) == asyncio.run(sampled())
+        got, answer = s.request("POST", "/v1/completions", {"model": "demo", "prompt": [5, 6], "logprobs": 1})
+        assert got == 400 and "--speculative" in answer["error"]["message"], answer
         assert s.metric("dsv3_spec_draft_tokens_total") > 0
         assert s.metric("dsv3_spec_drafting") in (0.0, 1.0)  # the adaptive switch's state
     finally:
