@@ -52,6 +52,7 @@ def _train(dst: Path, config: dict, seed: int, shards: int, bf16: bool, steps: i
     from ..synthetic.train_mtp import train_mtp
 
     engine = load(dst, backend="cpu", dtype="fp32")
+    click.echo("training data: the main model's greedy continuations of 1024 random prompts", err=True)
     bar = tqdm(total=steps, desc="training the MTP layer", file=sys.stderr, disable=not sys.stderr.isatty())
 
     def progress(i, n, loss):

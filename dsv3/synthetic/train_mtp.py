@@ -3,6 +3,12 @@
 A random checkpoint's MTP layer drafts noise, so speculative decoding on it shows nothing. This fits the MTP
 layer to what it is for: from the main model's final hidden state at t and the embedding of token t+1,
 predict token t+2 of the main model's own greedy continuations. CPU, fp32, a few hundred Adam steps.
+
+The target is the main model's whole distribution over token t+2 (the KL divergence from it), not only its
+greedy token: a random model's next-token distribution is nearly flat, so its greedy choice hangs on small
+logit gaps that one token per position teaches poorly. Measured on the demo model, 800 steps, acceptance of
+the main model's greedy token on unseen prompts: greedy-token cross-entropy on 64 sequences 5%, on 1024 7%;
+the distribution on 1024 sequences 10-11%.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ def _data(engine, n_seq: int, length: int, seed: int) -> torch.Tensor:
     return torch.tensor(seqs)
 
 
-def train_mtp(engine, steps: int = 300, n_seq: int = 64, length: int = 48, lr: float = 3e-3, seed: int = 0,
+def train_mtp(engine, steps: int = 300, n_seq: int = 1024, length: int = 48, lr: float = 3e-3, seed: int = 0,
               progress=None) -> dict[str, torch.Tensor]:
     """Train engine's MTP layer in place; returns {HF checkpoint name: fp32 tensor} for the layer's tensors."""
     model = engine.model
@@ -59,7 +65,10 @@ def train_mtp(engine, steps: int = 300, n_seq: int = 64, length: int = 48, lr: f
         step = model.step(len(rows), ids.shape[1] - 1, 0, None)
         x = mtp.eh_proj(torch.cat([mtp.enorm(model.embed(x_ids[:, 1:])), mtp.hnorm(h[:, :-1])], dim=-1))
         logits = model.logits(mtp.head_norm(mtp.block(x, step)))  # [n, S-1, V]: position t drafts token t+2
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), x_ids[:, 2:].flatten())
+        with torch.no_grad():
+            target = F.log_softmax(model.logits(h[:, 1:]), dim=-1)  # [n, S-1, V]: the main model's, at t+1
+        loss = F.kl_div(F.log_softmax(logits, dim=-1).flatten(0, 1), target.flatten(0, 1), log_target=True,
+                        reduction="batchmean")
         opt.zero_grad()
         loss.backward()
         opt.step()
