@@ -182,13 +182,17 @@ def parse(body, chat: bool, tokenizer, model_name: str, context: int, vocab: int
     if len(prompt) >= context:
         raise ApiError(400, f"the prompt has {len(prompt)} tokens; this model's context is {context} tokens "
                        "(prompt + at least 1 new token)", "messages" if chat else "prompt", "context_length_exceeded")
+    echo = not chat and _flag(body, "echo")
     name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _integer(body, name)
     room = context - len(prompt)
     if max_tokens is None:
         max_tokens = room
+    elif max_tokens == 0 and echo:
+        pass  # only the prompt back (scored, with logprobs): nothing is generated
     elif max_tokens < 1:
-        raise ApiError(400, f"{name}={max_tokens} must be at least 1", name, "invalid_value")
+        raise ApiError(400, f"{name}={max_tokens} must be at least 1 (0 only with echo: the prompt scored)", name,
+                       "invalid_value")
     elif max_tokens > room:
         raise ApiError(400, f"{name}={max_tokens} + the prompt's {len(prompt)} tokens exceeds the context of {context} "
                        f"tokens; ask for at most {room}", name, "context_length_exceeded")
@@ -203,7 +207,6 @@ def parse(body, chat: bool, tokenizer, model_name: str, context: int, vocab: int
     if not isinstance(opts, dict):
         raise ApiError(400, "stream_options must be an object", "stream_options", "invalid_type")
     logprobs = _logprobs(body, chat)
-    echo = not chat and _flag(body, "echo")
     params = Sampling(max_tokens, temperature, top_p, seed, stop, stop_ids, logprobs,
                       prompt_logprobs=echo and logprobs is not None)
     return Parsed(prompt, params, stream, bool(opts.get("include_usage")), bool(body.get("return_token_ids")), chat,

@@ -301,11 +301,14 @@ class Scheduler:
             logits, hidden = self.runner.forward_hidden(slots, tokens, starts, take)  # hidden [B, q, D]
         for r, t in zip(rows, take):
             r.length += t + 1
-        done = [(i, r) for i, r in enumerate(rows) if not r.prefilling]
+        done = [(i, r) for i, r in enumerate(rows) if not r.prefilling and r.params.max_tokens > 0]
         if done:
             self._sample(logits[[i for i, _ in done]], [r for _, r in done])
         if self.spec is not None:
             self.spec.prefilled(rows, starts, take, hidden)
+        for r in rows:
+            if not r.prefilling and r.params.max_tokens == 0:  # echo of a prompt being scored: nothing to generate
+                self._finish(r, "length")
 
     def _prompt_logprobs(self, rows: list[Request], starts: list[int], take: list[int], every: torch.Tensor) -> None:
         """("prompt", entries) for the rows that asked: position j of a chunk scores the prompt's token j + 1."""

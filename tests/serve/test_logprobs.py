@@ -155,6 +155,19 @@ def test_bad_logprobs_requests(server, path, body, code):
     assert got == 400 and answer["error"]["code"] == code, answer
 
 
+def test_scoring_only_the_prompt(server, hf):
+    """max_tokens 0 with echo (the older harnesses' request): the prompt back, scored, nothing generated."""
+    prompt = [3, 30, 300, 31, 301, 32]
+    got, answer = server.request("POST", "/v1/completions", {"model": "demo", "prompt": prompt, "max_tokens": 0,
+                                                              "echo": True, "logprobs": 1})
+    assert got == 200, answer
+    choice, ref = answer["choices"][0], reference(hf, prompt)
+    assert choice["finish_reason"] == "length" and answer["usage"]["completion_tokens"] == 0
+    check_completion_logprobs(choice["logprobs"], prompt, [], 1, ref, echo=True)
+    got, answer = server.request("POST", "/v1/completions", {"model": "demo", "prompt": prompt, "max_tokens": 0})
+    assert got == 400 and "echo" in answer["error"]["message"], answer  # without echo there is nothing to return
+
+
 def test_echo_without_logprobs(server):
     got, answer = server.request("POST", "/v1/completions", {"model": "demo", "prompt": "say it", "max_tokens": 2,
                                                               "echo": True, "temperature": 0})
