@@ -49,10 +49,10 @@ def _train(dst: Path, config: dict, seed: int, shards: int, bf16: bool, steps: i
     from .. import load
     from ..core.speculative import speculative_generate
     from ..synthetic import write_checkpoint
-    from ..synthetic.train_mtp import train_mtp
+    from ..synthetic.train_mtp import N_SEQ, train_mtp
 
     engine = load(dst, backend="cpu", dtype="fp32")
-    click.echo("training data: the main model's greedy continuations of 1024 random prompts", err=True)
+    click.echo(f"training data: the main model's greedy continuations of {N_SEQ} random prompts", err=True)
     bar = tqdm(total=steps, desc="training the MTP layer", file=sys.stderr, disable=not sys.stderr.isatty())
 
     def progress(i, n, loss):

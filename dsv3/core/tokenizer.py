@@ -6,6 +6,7 @@ the chat template from tokenizer_config.json.
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -75,13 +76,17 @@ class Tokenizer:
     def token_bytes(self, token: int) -> bytes:
         """A token's own bytes. A byte-level BPE token may hold part of a UTF-8 character, which its decoded text
         shows as U+FFFD; its vocabulary entry spells the bytes. Special tokens and other tokenizers: the text's."""
-        if not hasattr(self, "_byte_chars"):
-            decoder = json.loads(self._tok.to_str()).get("decoder") or {}
-            self._byte_chars = _byte_level_chars() if "ByteLevel" in json.dumps(decoder) else None
+        chars = self._byte_chars
         entry = self._tok.id_to_token(token)
-        if self._byte_chars is not None and entry and all(c in self._byte_chars for c in entry):
-            return bytes(self._byte_chars[c] for c in entry)
+        if chars is not None and entry and all(c in chars for c in entry):
+            return bytes(chars[c] for c in entry)
         return self.decode([token], skip_special_tokens=False).encode("utf-8")
+
+    @functools.cached_property
+    def _byte_chars(self) -> dict[str, int] | None:
+        """The byte-level alphabet where the tokenizer decodes byte-level (read once: tokenizer.json is MBs)."""
+        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+        return _byte_level_chars() if "ByteLevel" in json.dumps(decoder) else None
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for a conversation; without a template, the last user message as is."""

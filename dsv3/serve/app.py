@@ -56,8 +56,11 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
         """A token's name in logprobs and its bytes: its text, or where it holds part of a UTF-8 character (which
         text shows as U+FFFD), OpenAI's spelling of the bytes, "bytes:\\xe2\\x96"."""
         text, raw = tokenizer.decode([token], skip_special_tokens=False), tokenizer.token_bytes(token)
-        if "\ufffd" in text and raw.decode("utf-8", "replace") != raw.decode("utf-8", "ignore"):
-            text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        if "\ufffd" in text:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
         return text, raw
 
     def authorized(request: HttpRequest) -> bool:
@@ -114,12 +117,12 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
             return offsets(tokenizer.decode, req.prompt)
 
         if not parsed.stream:
-            text, finish, emitted = [], None, 0
+            text, finish, emitted = [], None, len(prompt_text)
             try:
                 while finish is None:
                     kind, data = await events.get()
                     if kind == "text":
-                        lp_at.extend([len(prompt_text) + emitted] * len(data[2] or []))
+                        lp_at.extend([emitted] * len(data[2] or []))
                         emitted += len(data[0])
                         text.append(data[0])
                         if ids is not None:

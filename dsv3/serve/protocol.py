@@ -200,9 +200,7 @@ def parse(body, chat: bool, tokenizer, model_name: str, context: int, vocab: int
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     seed = _integer(body, "seed")
     stop, stop_ids = _stops(body)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, f"stream must be true or false, got {stream!r}", "stream", "invalid_type")
+    stream = _flag(body, "stream")
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise ApiError(400, "stream_options must be an object", "stream_options", "invalid_type")

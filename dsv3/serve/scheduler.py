@@ -341,11 +341,17 @@ class Scheduler:
     def _sample(self, logits: torch.Tensor, rows: list[Request]) -> None:
         greedy = logits.argmax(dim=-1).tolist()
         now = time.perf_counter()
+        toks = [greedy[i] if r.params.temperature <= 0 else
+                int(sample(logits[i:i + 1], r.params.temperature, r.params.top_p, r.generator))
+                for i, r in enumerate(rows)]
+        asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        lps = {}
+        if asked:  # one log-softmax for every row that asked, the most alternatives any asked, each row's kept
+            top = max(rows[i].params.logprobs for i in asked)
+            entries = logprob_entries(logits[asked], [toks[i] for i in asked], top)
+            lps = {i: (t, c, a[:rows[i].params.logprobs]) for i, (t, c, a) in zip(asked, entries)}
         for i, r in enumerate(rows):
-            p = r.params
-            tok = greedy[i] if p.temperature <= 0 else int(sample(logits[i:i + 1], p.temperature, p.top_p, r.generator))
-            lp = logprob_entries(logits[i:i + 1], [tok], p.logprobs)[0] if p.logprobs is not None else None
-            self.emit(r, tok, now, lp)
+            self.emit(r, toks[i], now, lps.get(i))
 
     def emit(self, r: Request, tok: int, now: float, logprob: tuple | None = None) -> bool:
         """Request r's next token (and its logprob entry, where asked): streamed, or the end of it (EOS, a stop,

@@ -198,3 +198,27 @@ def test_lm_eval_loglikelihood_request(server, hf):
         scored = lp["token_logprobs"][len(context):-1]
         assert sum(scored) == pytest.approx(want, abs=len(continuation) * TOL)
         assert all(t == max(top.values()) for t, top in zip(scored, lp["top_logprobs"][len(context):-1])) == greedy
+
+
+def test_rows_of_one_step_ask_different_logprobs(server, hf):
+    """Concurrent requests share decode steps, whose log-softmax runs once for the rows that ask: each still gets
+    its own count of alternatives and its own tokens' values (and one that asks none gets none)."""
+    prompts = {0: [21, 22, 23], 2: [40, 41, 42, 43, 44], 5: [60, 61], None: [70, 71, 72, 73]}
+
+    async def one(c, top, prompt):
+        extra = {} if top is None else {"logprobs": top}
+        return await c.completions.create(model="demo", prompt=prompt, max_tokens=8, temperature=0,
+                                          extra_body={"return_token_ids": True, **extra})
+
+    async def main():
+        c = client(server)
+        return await asyncio.gather(*(one(c, top, p) for top, p in prompts.items()))
+
+    for (top, prompt), answer in zip(prompts.items(), asyncio.run(main())):
+        choice = answer.choices[0]
+        if top is None:
+            assert choice.logprobs is None
+            continue
+        new = choice.model_extra["token_ids"]
+        check_completion_logprobs(choice.logprobs.model_dump(), prompt, new, top, reference(hf, prompt + new),
+                                  echo=False)
