@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route
 
 from .metrics import Metrics
-from .protocol import ApiError, chunk, complete, join_logprobs, logprobs_body, new_id, now, parse, usage
+from .protocol import ApiError, choice, chunk, complete, join_logprobs, logprobs_body, new_id, now, parse, usage
 from .scheduler import LOGPROBS_WITH_DRAFTS, QueueFull, Request, Scheduler
 from .text import TextStream, offsets
 
@@ -34,6 +34,60 @@ def _error(e: ApiError) -> JSONResponse:
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class _Answer:
+    """One choice of a request (protocol.Choice, its scheduler Request) while its events arrive: the text, token
+    ids and logprobs gathered so far, and how to write them as an entry of the answer's `choices`."""
+
+    def __init__(self, index: int, spec, req: Request, parsed, want_lp: bool, decode):
+        self.index, self.spec, self.req, self.decode = index, spec, req, decode
+        self.chat, self.want_lp = parsed.chat, want_lp
+        self.prompt_text = ""  # echoed; completions' text_offset counts from its end
+        if parsed.echo or (want_lp and not parsed.chat):
+            self.prompt_text = spec.prompt_text if spec.prompt_text is not None else decode(spec.prompt)
+        self.echo = self.echo_due = parsed.echo  # echo_due: a stream has yet to send the prompt
+        self.ids = [] if parsed.return_token_ids else None
+        self.text, self.lps, self.lp_at, self.prompt_lps = [], [], [], []  # lp_at: where each token's text starts
+        self.emitted = len(self.prompt_text)
+        self.finish: str | None = None
+
+    def take(self, kind: str, data, keep: bool = True) -> None:
+        """A scheduler event ("text", "prompt" or "done"); keep: gather the answer (else only count where it is)."""
+        if kind == "text":
+            if keep:
+                self.lp_at.extend([self.emitted] * len(data[2] or []))
+                self.text.append(data[0])
+                self.lps.extend(data[2] or [])
+                if self.ids is not None:
+                    self.ids.extend(data[1])
+            self.emitted += len(data[0])
+        elif kind == "prompt":
+            self.prompt_lps.extend(data)
+        elif kind == "done":
+            self.finish = data
+
+    def prompt_logprobs(self, piece) -> dict:
+        return logprobs_body(self.chat, self.prompt_lps, piece, offsets(self.decode, self.req.prompt))
+
+    def whole(self, piece) -> dict:
+        body_lp = None
+        if self.want_lp:
+            body_lp = logprobs_body(self.chat, self.lps, piece, self.lp_at)
+            if self.prompt_lps:
+                body_lp = join_logprobs(self.prompt_logprobs(piece), body_lp)
+        text = (self.prompt_text if self.echo else "") + "".join(self.text)
+        return choice(self.index, self.chat, text, self.finish, self.ids, body_lp)
+
+    def delta(self, text: str | None, ids=(), logprobs: dict | None = None, first: bool = False,
+              finish: str | None = None) -> dict:
+        """A stream chunk's entry in `choices` (`ids`: its token ids, sent where asked)."""
+        return choice(self.index, self.chat, text, finish, None if self.ids is None else list(ids), logprobs,
+                      stream=True, first=first)
+
+    def echo_piece(self, piece) -> dict:
+        return choice(self.index, self.chat, self.prompt_text, None, None if self.ids is None else [],
+                      self.prompt_logprobs(piece) if self.want_lp else None, stream=True)
 
 
 def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | None = None,
@@ -93,103 +147,87 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
         if not scheduler.alive:
             return _error(ApiError(503, "the model loop is not running; see the server log", None, "unavailable",
                                    "server_error"))
-        want_lp = parsed.params.logprobs is not None
+        want_lp = parsed.choices[0].params.logprobs is not None
+        refusal = None
         if want_lp and scheduler.spec is not None:
+            refusal = ApiError(400, LOGPROBS_WITH_DRAFTS, "logprobs", "unsupported_value")
+        elif len(parsed.choices) > scheduler.max_waiting:
+            refusal = ApiError(400, f"this request asks for {len(parsed.choices)} answers (prompts x n); this server "
+                               f"queues at most {scheduler.max_waiting} (--max-waiting)", "n", "invalid_value")
+        if refusal is not None:
             metrics.request("rejected")
-            return _error(ApiError(400, LOGPROBS_WITH_DRAFTS, "logprobs", "unsupported_value"))
-        prompt_text = ""
-        if parsed.echo or (want_lp and not chat):  # the echoed text; completions' text_offset counts from its end
-            prompt_text = parsed.prompt_text if parsed.prompt_text is not None else tokenizer.decode(parsed.prompt)
-        events = asyncio.Queue()
+            return _error(refusal)
+        events = asyncio.Queue()  # (choice index, kind, data) of every answer, as the model thread delivers them
         rid, created = new_id(chat), now()
-        req = Request(rid, parsed.prompt, parsed.params, lambda kind, data: events.put_nowait((kind, data)),
-                      TextStream(tokenizer.decode, parsed.params.stop))
+        answers = [_Answer(i, ch, Request(rid if len(parsed.choices) == 1 else f"{rid}-{i}", ch.prompt, ch.params,
+                                          lambda kind, data, i=i: events.put_nowait((i, kind, data)),
+                                          TextStream(tokenizer.decode, ch.params.stop)),
+                           parsed, want_lp, tokenizer.decode)
+                   for i, ch in enumerate(parsed.choices)]
         try:
-            scheduler.submit(req)
+            scheduler.submit(*(a.req for a in answers))
         except QueueFull as e:
             metrics.request("rejected")
             return _error(ApiError(429, f"the server is busy: {e}; retry later", None, "queue_full",
                                    "rate_limit_exceeded"))
-        ids = [] if parsed.return_token_ids else None
-        prompt_lps, lps, lp_at = [], [], []  # lp_at: where each answer token's text starts (completions)
 
-        def prompt_offsets() -> list[int]:
-            return offsets(tokenizer.decode, req.prompt)
+        def use() -> dict:  # each prompt counts once, however many answers it has (OpenAI's n)
+            prompts = {a.spec.prompt_index: len(a.req.prompt) for a in answers}
+            return usage(sum(prompts.values()), sum(a.req.generated for a in answers))
+
+        def cancel_open():
+            for a in answers:
+                if a.finish is None:  # the client went away (or another answer failed): free the slot now
+                    scheduler.cancel(a.req)
+                    metrics.request("cancelled")
 
         if not parsed.stream:
-            text, finish, emitted = [], None, len(prompt_text)
             try:
-                while finish is None:
-                    kind, data = await events.get()
-                    if kind == "text":
-                        lp_at.extend([emitted] * len(data[2] or []))
-                        emitted += len(data[0])
-                        text.append(data[0])
-                        if ids is not None:
-                            ids.extend(data[1])
-                        lps.extend(data[2] or [])
-                    elif kind == "prompt":
-                        prompt_lps.extend(data)
-                    elif kind == "done":
-                        finish = data
-                    else:
+                while any(a.finish is None for a in answers):
+                    i, kind, data = await events.get()
+                    a = answers[i]
+                    if kind == "error":
                         metrics.request("error")
                         return _error(ApiError(500, data, None, "model_error", "server_error"))
+                    a.take(kind, data)
+                    if kind == "done":
+                        metrics.request(data)
             finally:
-                if finish is None:  # the client went away while waiting
-                    scheduler.cancel(req)
-                    metrics.request("cancelled")
-            metrics.request(finish)
-            body_lp = None
-            if want_lp:
-                body_lp = logprobs_body(chat, lps, piece, lp_at)
-                if prompt_lps:
-                    body_lp = join_logprobs(logprobs_body(chat, prompt_lps, piece, prompt_offsets()), body_lp)
-            text = (prompt_text if parsed.echo else "") + "".join(text)
-            return JSONResponse(complete(rid, model_name, created, chat, text, finish,
-                                         usage(len(req.prompt), req.generated), ids, body_lp))
+                cancel_open()
+            return JSONResponse(complete(rid, model_name, created, chat, [a.whole(piece) for a in answers], use()))
 
         async def stream():
-            finish, echo, emitted = None, parsed.echo, len(prompt_text)
             try:
                 if chat:
-                    yield _sse(chunk(rid, model_name, created, True, "", None, [] if ids is not None else None, True))
-                while finish is None:
-                    kind, data = await events.get()
-                    if kind == "prompt":
-                        prompt_lps.extend(data)
-                        continue
-                    if echo and kind in ("text", "done"):  # the prompt first, its logprobs complete by now
-                        echo = False
-                        yield _sse(chunk(rid, model_name, created, chat, prompt_text, None,
-                                         [] if ids is not None else None,
-                                         logprobs=logprobs_body(chat, prompt_lps, piece, prompt_offsets())
-                                         if want_lp else None))
+                    for a in answers:
+                        yield _sse(chunk(rid, model_name, created, True, [a.delta("", first=True)]))
+                while any(a.finish is None for a in answers):
+                    i, kind, data = await events.get()
+                    a = answers[i]
+                    if kind == "error":
+                        yield _sse(ApiError(500, data, None, "model_error", "server_error").body())
+                        metrics.request("error")
+                        break
+                    if a.echo_due and kind in ("text", "done"):  # the prompt first, its logprobs complete by now
+                        a.echo_due = False
+                        yield _sse(chunk(rid, model_name, created, chat, [a.echo_piece(piece)]))
+                    a.take(kind, data, keep=False)
                     if kind == "text":
-                        if not data[0] and ids is None and not data[2]:
+                        if not data[0] and a.ids is None and not data[2]:
                             continue  # a token whose text is still incomplete (or held for a stop string)
                         body_lp = None
                         if want_lp:
-                            body_lp = logprobs_body(chat, data[2], piece, [emitted] * len(data[2]))
-                        emitted += len(data[0])
-                        yield _sse(chunk(rid, model_name, created, chat, data[0], None,
-                                         data[1] if ids is not None else None, logprobs=body_lp))
+                            body_lp = logprobs_body(chat, data[2], piece, [a.emitted - len(data[0])] * len(data[2]))
+                        yield _sse(chunk(rid, model_name, created, chat, [a.delta(data[0], data[1], body_lp)]))
                     elif kind == "done":
-                        finish = data
-                        yield _sse(chunk(rid, model_name, created, chat, None, finish))
-                        if parsed.include_usage:
-                            yield _sse({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                                        "created": created, "model": model_name, "choices": [],
-                                        "usage": usage(len(req.prompt), req.generated)})
-                    else:
-                        finish = "error"
-                        yield _sse(ApiError(500, data, None, "model_error", "server_error").body())
+                        metrics.request(data)
+                        yield _sse(chunk(rid, model_name, created, chat, [a.delta(None, finish=data)]))
+                else:
+                    if parsed.include_usage:
+                        yield _sse(chunk(rid, model_name, created, chat, [], use()))
                 yield "data: [DONE]\n\n"
-                metrics.request(finish)
             finally:
-                if finish is None:  # disconnected mid-stream: free the slot now, not at max_tokens
-                    scheduler.cancel(req)
-                    metrics.request("cancelled")
+                cancel_open()
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Request-Id": rid})

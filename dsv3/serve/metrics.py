@@ -62,6 +62,8 @@ class Metrics:
             elif event == "first_token":
                 self.ttft.observe(value.first_token_at - value.arrived)
                 self.prompt_tokens += len(value.prompt)
+            elif event == "cancelled":
+                self.generation_tokens += value.generated
             elif event == "finished":
                 self.generation_tokens += value.generated
                 if value.first_token_at is not None:

@@ -17,6 +17,8 @@ from .scheduler import Sampling
 MAX_STOPS = 16
 #: at most this many alternatives per token in logprobs (OpenAI: 20 for chat, 5 for completions)
 MAX_TOP_LOGPROBS = 20
+#: at most this many answers per request (prompts x n; OpenAI's bound on n)
+MAX_CHOICES = 128
 
 
 class ApiError(Exception):
@@ -30,17 +32,26 @@ class ApiError(Exception):
 
 
 @dataclass
-class Parsed:
-    """A validated request: prompt token ids, sampling, and how to answer."""
+class Choice:
+    """One answer a request asks for: its prompt's token ids and its sampling. A request with several prompts
+    (completions) or `n` > 1 has several, in OpenAI's index order: prompt by prompt, n answers each."""
 
     prompt: list[int]
     params: Sampling
+    prompt_index: int  # which of the request's prompts (usage counts each prompt once, whatever n)
+    prompt_text: str | None = None  # the prompt as given, where it was a string
+
+
+@dataclass
+class Parsed:
+    """A validated request: its choices, and how to answer."""
+
+    choices: list[Choice]
     stream: bool
     include_usage: bool
     return_token_ids: bool
     chat: bool
     echo: bool = False  # completions: the answer's text starts with the prompt's (and its logprobs, where asked)
-    prompt_text: str | None = None  # the prompt as given, where it was a string
 
 
 def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
@@ -140,61 +151,40 @@ def parse(body, chat: bool, tokenizer, model_name: str, context: int, vocab: int
         raise ApiError(404, f"the model {model!r} does not exist; this server serves {model_name!r}", "model",
                        "model_not_found")
     n = _integer(body, "n")
-    if n not in (None, 1):
-        raise ApiError(400, f"n={n}: this server returns one choice per request (n=1)", "n", "unsupported_value")
-    raw = None
+    n = 1 if n is None else n
+    if not 1 <= n <= MAX_CHOICES:
+        raise ApiError(400, f"n={n} is outside [1, {MAX_CHOICES}]", "n", "invalid_value")
     if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "messages is required: a non-empty list of {role, content}", "messages",
-                           "missing_messages")
-        clean = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool", "developer"):
-                raise ApiError(400, f"messages[{i}] needs a role of system, user, assistant or tool",
-                               f"messages[{i}].role", "invalid_role")
-            clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": _content(m, i)})
-        try:
-            prompt = tokenizer.encode_chat(clean)
-        except Exception as e:  # a template that refuses this conversation
-            raise ApiError(400, f"the chat template cannot render these messages: {e}", "messages",
-                           "invalid_messages") from None
+        prompts = [(_chat_prompt(body, tokenizer), None)]
     else:
-        raw = body.get("prompt")
-        if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], (str, list)):
-            raw = raw[0]  # a batch of one
-        if isinstance(raw, str):
-            prompt = tokenizer.encode(raw)
-        elif isinstance(raw, list) and raw and all(isinstance(t, int) and not isinstance(t, bool) for t in raw):
-            bad = [t for t in raw if not 0 <= t < vocab]
-            if bad:
-                raise ApiError(400, f"prompt token {bad[0]} is outside the vocabulary [0, {vocab})", "prompt",
-                               "invalid_value")
-            prompt = list(raw)
-        elif raw is None:
-            raise ApiError(400, "prompt is required: a string or a list of token ids", "prompt", "missing_prompt")
-        else:
-            raise ApiError(400, "prompt must be one string or one list of token ids (one prompt per request)",
-                           "prompt", "invalid_type")
-    if not prompt:
-        raise ApiError(400, "the prompt is empty after tokenization", "prompt" if not chat else "messages",
-                       "empty_prompt")
-    if len(prompt) >= context:
-        raise ApiError(400, f"the prompt has {len(prompt)} tokens; this model's context is {context} tokens "
-                       "(prompt + at least 1 new token)", "messages" if chat else "prompt", "context_length_exceeded")
+        prompts = _completion_prompts(body.get("prompt"), tokenizer, vocab)
+    if len(prompts) * n > MAX_CHOICES:
+        raise ApiError(400, f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} answers; at most "
+                       f"{MAX_CHOICES} per request", "n", "invalid_value")
+    where = "messages" if chat else "prompt"
+    for i, (prompt, _) in enumerate(prompts):
+        at = f"{where}[{i}]" if len(prompts) > 1 else where
+        if not prompt:
+            raise ApiError(400, f"{'the prompt' if len(prompts) == 1 else at} is empty after tokenization", where,
+                           "empty_prompt")
+        if len(prompt) >= context:
+            raise ApiError(400, f"{'the prompt' if len(prompts) == 1 else at} has {len(prompt)} tokens; this model's "
+                           f"context is {context} tokens (prompt + at least 1 new token)", where,
+                           "context_length_exceeded")
     echo = not chat and _flag(body, "echo")
     name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _integer(body, name)
-    room = context - len(prompt)
+    longest = max(len(p) for p, _ in prompts)
+    room = context - longest
     if max_tokens is None:
-        max_tokens = room
+        pass  # each prompt up to the context
     elif max_tokens == 0 and echo:
         pass  # only the prompt back (scored, with logprobs): nothing is generated
     elif max_tokens < 1:
         raise ApiError(400, f"{name}={max_tokens} must be at least 1 (0 only with echo: the prompt scored)", name,
                        "invalid_value")
     elif max_tokens > room:
-        raise ApiError(400, f"{name}={max_tokens} + the prompt's {len(prompt)} tokens exceeds the context of {context} "
+        raise ApiError(400, f"{name}={max_tokens} + the {'longest ' if len(prompts) > 1 else ''}prompt's {longest} tokens exceeds the context of {context} "
                        f"tokens; ask for at most {room}", name, "context_length_exceeded")
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)  # OpenAI's default: sampling
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
@@ -205,10 +195,65 @@ def parse(body, chat: bool, tokenizer, model_name: str, context: int, vocab: int
     if not isinstance(opts, dict):
         raise ApiError(400, "stream_options must be an object", "stream_options", "invalid_type")
     logprobs = _logprobs(body, chat)
-    params = Sampling(max_tokens, temperature, top_p, seed, stop, stop_ids, logprobs,
-                      prompt_logprobs=echo and logprobs is not None)
-    return Parsed(prompt, params, stream, bool(opts.get("include_usage")), bool(body.get("return_token_ids")), chat,
-                  echo, raw if isinstance(raw, str) else None)
+    choices = []
+    for i, (prompt, text) in enumerate(prompts):
+        for j in range(n):
+            # answer j of a seeded request draws from seed + j: n different answers, and answer 0 is the n=1 one
+            params = Sampling(context - len(prompt) if max_tokens is None else max_tokens, temperature, top_p,
+                              None if seed is None else seed + j, stop, stop_ids, logprobs,
+                              prompt_logprobs=echo and logprobs is not None)
+            choices.append(Choice(prompt, params, i, text))
+    return Parsed(choices, stream, bool(opts.get("include_usage")), bool(body.get("return_token_ids")), chat, echo)
+
+
+def _chat_prompt(body: dict, tokenizer) -> list[int]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages is required: a non-empty list of {role, content}", "messages",
+                       "missing_messages")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool", "developer"):
+            raise ApiError(400, f"messages[{i}] needs a role of system, user, assistant or tool",
+                           f"messages[{i}].role", "invalid_role")
+        clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": _content(m, i)})
+    try:
+        return tokenizer.encode_chat(clean)
+    except Exception as e:  # a template that refuses this conversation
+        raise ApiError(400, f"the chat template cannot render these messages: {e}", "messages",
+                       "invalid_messages") from None
+
+
+def _token_ids(raw) -> bool:
+    return isinstance(raw, list) and bool(raw) and all(isinstance(t, int) and not isinstance(t, bool) for t in raw)
+
+
+def _completion_prompts(raw, tokenizer, vocab: int) -> list[tuple[list[int], str | None]]:
+    """`prompt`: a string, a list of token ids, or a list of either (several prompts) -> [(token ids, the text
+    where given as a string)]."""
+    if raw is None:
+        raise ApiError(400, "prompt is required: a string or a list of token ids (or a list of those)", "prompt",
+                       "missing_prompt")
+    if isinstance(raw, str) or _token_ids(raw):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        raise ApiError(400, "prompt must be a string, a list of token ids, or a non-empty list of those", "prompt",
+                       "invalid_type")
+    out = []
+    for i, p in enumerate(raw):
+        at = f"prompt[{i}]" if len(raw) > 1 else "prompt"
+        if isinstance(p, str):
+            out.append((tokenizer.encode(p), p))
+        elif _token_ids(p):
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise ApiError(400, f"{at}: token {bad[0]} is outside the vocabulary [0, {vocab})", "prompt",
+                               "invalid_value")
+            out.append((list(p), None))
+        else:
+            raise ApiError(400, f"{at} must be a string or a non-empty list of token ids, got {type(p).__name__}",
+                           "prompt", "invalid_type")
+    return out
 
 
 def logprobs_body(chat: bool, entries: list[tuple], piece, offsets: list[int] | None = None) -> dict:
@@ -241,32 +286,36 @@ def join_logprobs(a: dict, b: dict) -> dict:
     return {k: (a[k] + b[k]) if isinstance(a[k], list) else a[k] for k in a}
 
 
-def chunk(rid: str, model: str, created: int, chat: bool, text: str | None, finish: str | None,
-          token_ids: list[int] | None = None, first: bool = False, logprobs: dict | None = None) -> dict:
-    """One server-sent event's body in OpenAI's chunk format."""
-    if chat:
+def choice(index: int, chat: bool, text: str | None, finish: str | None, token_ids: list[int] | None = None,
+           logprobs: dict | None = None, stream: bool = False, first: bool = False) -> dict:
+    """One entry of `choices`: a whole answer, or (stream) one chunk's piece of it."""
+    if not chat:
+        out = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+    elif stream:
         delta = {"role": "assistant", "content": text or ""} if first else {} if text is None else {"content": text}
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        out = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+        out = {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+               "finish_reason": finish}
     if token_ids is not None:
-        choice["token_ids"] = token_ids
-    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-            "model": model, "choices": [choice]}
+        out["token_ids"] = token_ids
+    return out
 
 
-def complete(rid: str, model: str, created: int, chat: bool, text: str, finish: str, use: dict,
-             token_ids: list[int] | None = None, logprobs: dict | None = None) -> dict:
+def chunk(rid: str, model: str, created: int, chat: bool, choices: list[dict], use: dict | None = None) -> dict:
+    """One server-sent event's body in OpenAI's chunk format (`choices` of `choice(..., stream=True)`; the final
+    usage chunk has none)."""
+    out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+           "model": model, "choices": choices}
+    if use is not None:
+        out["usage"] = use
+    return out
+
+
+def complete(rid: str, model: str, created: int, chat: bool, choices: list[dict], use: dict) -> dict:
     """A whole (non-streamed) answer."""
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                  "finish_reason": finish}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-    if token_ids is not None:
-        choice["token_ids"] = token_ids
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": model, "choices": [choice], "usage": use}
+            "model": model, "choices": choices, "usage": use}
 
 
 def now() -> int:

@@ -140,18 +140,22 @@ class Scheduler:
         self.step_time = 0.0  # the last decode step, seconds
 
     # ---- the caller's side (any thread) ------------------------------------------------------
-    def submit(self, req: Request) -> None:
-        if self.spec is not None and req.params.logprobs is not None:
+    def submit(self, *reqs: Request) -> None:
+        """Queue requests, all or none (the answers of one HTTP request: QueueFull when they do not all fit)."""
+        if self.spec is not None and any(r.params.logprobs is not None for r in reqs):
             raise DsvError(LOGPROBS_WITH_DRAFTS)
         if self.error is not None:  # the model loop has died: nothing would ever take the request
             raise DsvError(f"the model loop failed ({type(self.error).__name__}: {self.error}); restart the server")
         with self._lock:
-            if self.pending >= self.max_waiting:
-                raise QueueFull(f"{self.pending} requests are waiting (the bound is --max-waiting {self.max_waiting})")
-            self.pending += 1
-        if req.params.seed is not None:
-            req.generator = torch.Generator().manual_seed(req.params.seed)
-        self.inbox.put(req)
+            if self.pending + len(reqs) > self.max_waiting:
+                more = f" and {len(reqs)} more asked" if len(reqs) > 1 else ""
+                raise QueueFull(f"{self.pending} requests are waiting{more} (the bound is --max-waiting "
+                                f"{self.max_waiting})")
+            self.pending += len(reqs)
+        for req in reqs:
+            if req.params.seed is not None:
+                req.generator = torch.Generator().manual_seed(req.params.seed)
+            self.inbox.put(req)
         self._wake.set()
 
     def cancel(self, req: Request) -> None:
@@ -270,8 +274,8 @@ class Scheduler:
             if rest:
                 self._send(r, "text", (rest, [], [] if r.params.logprobs is not None else None))
             self._send(r, "done", reason)
-            if self.observe:
-                self.observe("finished", r)
+        if self.observe:  # a cancelled request's tokens were generated too (its latency is no answer's)
+            self.observe("finished" if reason is not None else "cancelled", r)
 
     def _prefill(self) -> None:
         todo = sorted((r for r in self.active if r.prefilling and not r.cancelled),

@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -97,3 +98,27 @@ def engine(demo_ckpt):
     import dsv3
 
     return dsv3.load(demo_ckpt, backend="cpu", dtype="fp32")
+
+
+#: fp32 on both sides, different kernels and summation orders: log-probabilities agree to ~1e-5
+TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def hf(demo_ckpt, tmp_path_factory):
+    from reference import hf_model, write_hf_reference
+
+    return hf_model(write_hf_reference(demo_ckpt, tmp_path_factory.mktemp("demo_ref")), torch.float32)
+
+
+def reference(hf, ids: list[int]) -> torch.Tensor:
+    """[len(ids), V] log-probabilities: row j is the distribution of token j + 1 (transformers, fp32)."""
+    with torch.inference_mode():
+        return torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), dim=-1)
+
+
+def client(server, **kw):
+    """The real `openai` client on the server's /v1."""
+    import openai
+
+    return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120, **kw)

@@ -7,30 +7,9 @@ from __future__ import annotations
 
 import asyncio
 
-import openai
 import pytest
 import torch
-from conftest import API_KEY
-
-#: fp32 on both sides, different kernels and summation orders: log-probabilities agree to ~1e-5
-TOL = 1e-3
-
-
-@pytest.fixture(scope="module")
-def hf(demo_ckpt, tmp_path_factory):
-    from reference import hf_model, write_hf_reference
-
-    return hf_model(write_hf_reference(demo_ckpt, tmp_path_factory.mktemp("demo_ref")), torch.float32)
-
-
-def reference(hf, ids: list[int]) -> torch.Tensor:
-    """[len(ids), V] log-probabilities: row j is the distribution of token j + 1 (transformers, fp32)."""
-    with torch.inference_mode():
-        return torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), dim=-1)
-
-
-def client(server):
-    return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+from conftest import TOL, client, reference
 
 
 def check_completion_logprobs(lp, prompt: list[int], new: list[int], top: int, ref: torch.Tensor, echo: bool) -> None:

@@ -61,6 +61,17 @@ def test_the_waiting_queue_is_bounded(engine):
         raise AssertionError("a third request was queued past --max-waiting 2")
 
 
+def test_requests_submitted_together_queue_all_or_none(engine):
+    s = Scheduler(engine, max_batch=1, max_waiting=3)  # not started: nothing leaves the queue
+    reqs = [Request(str(i), [1, 2], Sampling(4), lambda *a: None, TextStream(engine.tokenizer.decode)) for i in range(4)]
+    s.submit(reqs[0])
+    with pytest.raises(QueueFull, match="3 more asked"):
+        s.submit(*reqs[1:])
+    assert s.stats()["waiting"] == 1 and s.inbox.qsize() == 1  # none of the three was queued
+    s.submit(*reqs[1:3])
+    assert s.stats()["waiting"] == 3
+
+
 def _perfect_or_wrong(s, want: dict, right: bool):
     """Patch the scheduler's MTP calls (the catch-up, and the greedy round that includes it): the module still runs
     (its cache fills as it would), but each row's draft logits are replaced by a certainty on the token the main

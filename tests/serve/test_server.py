@@ -9,11 +9,7 @@ import time
 import openai
 import psutil
 import pytest
-from conftest import API_KEY
-
-
-def client(server, **kw):
-    return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120, **kw)
+from conftest import client
 
 
 def test_models_and_health(server):
@@ -131,7 +127,12 @@ BAD = [
     ("top_p 0", {"model": "demo", "prompt": "x", "top_p": 0}, None, 400, "invalid_value"),
     ("max_tokens a string", {"model": "demo", "prompt": "x", "max_tokens": "8"}, None, 400, "invalid_type"),
     ("token outside the vocabulary", {"model": "demo", "prompt": [10**6]}, None, 400, "invalid_value"),
-    ("n 2", {"model": "demo", "prompt": "x", "n": 2}, None, 400, "unsupported_value"),
+    ("n 0", {"model": "demo", "prompt": "x", "n": 0}, None, 400, "invalid_value"),
+    ("prompts x n beyond 128", {"model": "demo", "prompt": ["x", "y"], "n": 65}, None, 400, "invalid_value"),
+    ("an empty prompt list", {"model": "demo", "prompt": []}, None, 400, "invalid_type"),
+    ("a bad prompt in a list", {"model": "demo", "prompt": ["x", [1, "y"]]}, None, 400, "invalid_type"),
+    ("a token outside the vocabulary in a list", {"model": "demo", "prompt": [[1], [10**6]]}, None, 400,
+     "invalid_value"),
     ("a JSON list", [1, 2], None, 400, "invalid_body"),
 ]
 
