@@ -9,8 +9,9 @@ from ..core.generate import StaticStep, bucket
 from ..core.model import LatentCache, Transformer
 from ..core.speculative import greedy_round
 
-#: plan kinds broadcast to follower ranks (PREFILL_ALL: a prefill chunk whose logits are wanted at every position)
-STOP, IDLE, PREFILL, DECODE, PREFILL_ALL = 0, 1, 2, 3, 4
+#: plan kinds broadcast to follower ranks (PREFILL_SCORED: a prefill chunk some of whose rows, a prompt being scored
+#: for its logprobs, also want logits at every position)
+STOP, IDLE, PREFILL, DECODE, PREFILL_SCORED = 0, 1, 2, 3, 4
 
 
 class StepRunner:
@@ -47,23 +48,28 @@ class StepRunner:
 
     @torch.inference_mode()
     def forward(self, kind: int, slots: list[int], tokens: list[list[int]], positions: list[int],
-                take: list[int]) -> torch.Tensor:
-        """Rows b: tokens[b] (one length q) written to slot slots[b] from positions[b]; logits [B, V] at take[b]
-        (PREFILL_ALL: at every position, [B, q, V], for a prompt's logprobs)."""
-        plan = torch.tensor([[s, p, t, *row] for s, p, t, row in zip(slots, positions, take, tokens)], dtype=torch.long)
+                take: list[int], score: list[bool] | None = None):
+        """Rows b: tokens[b] (one length q) written to slot slots[b] from positions[b]; logits [B, V] at take[b].
+        PREFILL_SCORED: (those logits, and [b, q, V] at every position of the b rows whose `score` is set, in row
+        order), for a prompt's logprobs: the output head runs at every position of those rows only."""
+        score = score or [False] * len(slots)
+        plan = torch.tensor([[s, p, t, int(sc), *row] for s, p, t, sc, row in zip(slots, positions, take, score, tokens)],
+                            dtype=torch.long)
         self._broadcast(kind, plan)
-        return self._run(plan.to(self.device), every=kind == PREFILL_ALL)
+        return self._run(plan.to(self.device), scored=kind == PREFILL_SCORED)
 
-    def _run(self, plan: torch.Tensor, every: bool = False) -> torch.Tensor:
-        slots, positions, take, tokens = plan[:, 0], plan[:, 1], plan[:, 2], plan[:, 3:]
+    def _run(self, plan: torch.Tensor, scored: bool = False):
+        slots, positions, take, score, tokens = plan[:, 0], plan[:, 1], plan[:, 2], plan[:, 3], plan[:, 4:]
         B, q = tokens.shape
-        if q == 1 and self.graphs and not every:
+        if q == 1 and self.graphs and not scored:
             return self._decode_static(slots, positions, tokens)
         span = int(plan[:, 1].max()) + q  # host ints: the plan was built on the host
         rows = None if torch.equal(slots.cpu(), torch.arange(B)) else slots  # a prefix of slots: no gather
-        logits, _ = self.model.forward_step(tokens, positions, self.cache, span, rows=rows,
-                                            take=None if every else take)
-        return logits  # [B, V], or [B, q, V] for every position
+        logits, h = self.model.forward_step(tokens, positions, self.cache, span, rows=rows, take=take,
+                                            all_hidden=scored)
+        if not scored:
+            return logits  # [B, V]
+        return logits, self.model.logits(h[score.bool()])  # [B, V], [b, q, V] (h: normed, [B, q, D])
 
     def _decode_static(self, slots: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         logits, _ = self._staged("decode", slots, tokens=tokens, positions=positions)
@@ -174,4 +180,4 @@ class StepRunner:
                 continue
             plan = torch.zeros(B, n, dtype=torch.long, device=self.device)
             self.par.broadcast(plan)
-            self._run(plan, every=kind == PREFILL_ALL)
+            self._run(plan, scored=kind == PREFILL_SCORED)

@@ -28,7 +28,7 @@ import torch
 from ..core.errors import DsvError
 from ..core.generate import sample
 from ..core.model import LatentCache
-from .runner import DECODE, PREFILL, PREFILL_ALL, StepRunner
+from .runner import DECODE, PREFILL, PREFILL_SCORED, StepRunner
 from .speculation import Drafting
 from .text import TextStream
 
@@ -295,10 +295,10 @@ class Scheduler:
         take = [len(t) - 1 for t in tokens]
         tokens = [t + [0] * (q - len(t)) for t in tokens]
         slots, starts = [r.slot for r in rows], [r.length for r in rows]
-        if self.spec is None and any(r.params.prompt_logprobs for r in rows):
-            every = self.runner.forward(PREFILL_ALL, slots, tokens, starts, take)  # [B, q, V]
-            self._prompt_logprobs(rows, starts, take, every)
-            logits = every[torch.arange(len(rows)), take]
+        score = [r.params.prompt_logprobs for r in rows]
+        if self.spec is None and any(score):
+            logits, every = self.runner.forward(PREFILL_SCORED, slots, tokens, starts, take, score)  # every [b, q, V]
+            self._prompt_logprobs([(r, at, t) for r, at, t, sc in zip(rows, starts, take, score) if sc], every)
         elif self.spec is None:
             logits = self.runner.forward(PREFILL, slots, tokens, starts, take)
         else:
@@ -314,11 +314,10 @@ class Scheduler:
             if not r.prefilling and r.params.max_tokens == 0:  # echo of a prompt being scored: nothing to generate
                 self._finish(r, "length")
 
-    def _prompt_logprobs(self, rows: list[Request], starts: list[int], take: list[int], every: torch.Tensor) -> None:
-        """("prompt", entries) for the rows that asked: position j of a chunk scores the prompt's token j + 1."""
-        for i, (r, start, t) in enumerate(zip(rows, starts, take)):
-            if not r.params.prompt_logprobs:
-                continue
+    def _prompt_logprobs(self, scored: list[tuple[Request, int, int]], every: torch.Tensor) -> None:
+        """("prompt", entries) for the rows that asked, (request, chunk start, take) each, every [b, q, V] their
+        logits at each position of the chunk: position j of a chunk scores the prompt's token j + 1."""
+        for i, (r, start, t) in enumerate(scored):
             n = min(t + 1, len(r.prompt) - 1 - start)  # the chunk's last position scores a new token, not the prompt's
             entries = [(r.prompt[0], None, None)] if start == 0 else []
             if n > 0:

@@ -340,3 +340,36 @@ def test_a_first_token_leaves_before_the_next_step(engine):
     steps = [kind for what, kind in order if what == "step"]
     first_out, first_decode = order.index(("out", "text")), order.index(("step", steps[1]))
     assert first_out < first_decode, order
+
+
+def test_a_scored_prompt_runs_the_output_head_on_its_own_rows_only(engine):
+    """Two prompts prefilled in one forward, one scored for its logprobs (echo): the output head runs at every
+    position of that row only (not B x q x V), the scored row gets one entry per prompt token, equal to a float64
+    log-softmax of the model's own logits over the whole prompt, and the other row's tokens are its own."""
+    s = Scheduler(engine, max_batch=2, prefill_chunk=8, eos_ids=())
+    heads, logits = [], s.model.logits
+    s.model.logits = lambda h: heads.append(tuple(h.shape)) or logits(h)
+    done = threading.Semaphore(0)
+    scored_prompt, plain_prompt = [5, 80, 81, 82, 300, 17, 44, 45, 46, 47, 9], [3, 1, 4, 1, 5, 9, 2]
+    entries = []
+    a = make(engine, scored_prompt, 2, done)
+    a.params = Sampling(2, logprobs=0, prompt_logprobs=True)
+    emit = a.emit
+    a.emit = lambda kind, data: entries.extend(data) if kind == "prompt" else emit(kind, data)
+    b = make(engine, plain_prompt, 4, done)
+    s.submit(a, b)
+    s.start()
+    try:
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    finally:
+        s.shutdown()
+    every = [shape for shape in heads if len(shape) == 3]
+    assert every and all(shape[0] == 1 for shape in every), heads  # [1, q, D]: the scored row alone
+    assert [t for t, _, _ in entries] == scored_prompt and entries[0][1] is None
+    with torch.inference_mode():
+        full = engine.model(torch.tensor([scored_prompt]))[0].double().log_softmax(-1)  # [S, V]
+    want = [float(full[j - 1, t]) for j, t in enumerate(scored_prompt) if j > 0]
+    got = [lp for _, lp, _ in entries[1:]]
+    err = max(abs(g - w) for g, w in zip(got, want))
+    assert err < 1e-4, f"prompt logprobs differ from the model's own by up to {err:.2e}"
+    assert b.tokens == engine.generate([plain_prompt], max_new_tokens=4)[0]
