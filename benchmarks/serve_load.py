@@ -4,8 +4,9 @@ The ~280M-parameter model (bf16, cpu backend), written with a tokenizer. First `
 the 16 prompts as one batch in this process (the ceiling: no HTTP, no scheduling); then a real server
 subprocess is loaded with the `openai` async client at 1, 4 and 16 concurrent clients (client i sends
 prompt i), and reports output tok/s, time to first token and time per output token (p50/p99, measured
-by the client). Last, chunked prefill: the time to first token of a short request sent while a
-2048-token prompt is being prefilled, in units of a batch-1 decode step. Writes the table to
+by the client); `n` = 8 answers of one 1024-token prompt in one request vs 8 requests. Last, chunked
+prefill: the time to first token of a short request sent while a 2048-token prompt is being prefilled, in
+units of a batch-1 decode step. Writes the table to
 benchmarks/RESULTS.md.
 
     python benchmarks/serve_load.py [--new-tokens 64] [--workdir DIR]
@@ -82,6 +83,18 @@ async def best_of_two(client, prompts: list[list[int]], clients: int, max_tokens
     """load() twice, the faster run (like engine.generate's best-of in this script)."""
     a, b = await load(client, prompts, clients, max_tokens), await load(client, prompts, clients, max_tokens)
     return a if a["tps"] >= b["tps"] else b
+
+
+async def shared_prompt(client, prompt: list[int], n: int, max_tokens: int) -> tuple[float, float]:
+    """Seconds for n sampled answers of one prompt: one request with `n` (the prompt read once, its cache entries
+    copied) vs n requests at once (read n times). Seeds seed + j in both: the same n answers, the same decode work."""
+    t0 = time.perf_counter()
+    await client.completions.create(model="bench", prompt=prompt, n=n, max_tokens=max_tokens, temperature=1.0, seed=1)
+    together = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens,
+                                                     temperature=1.0, seed=1 + j) for j in range(n)))
+    return together, time.perf_counter() - t0
 
 
 async def prefill_interference(client, long_prompt: list[int], short: list[int], tries: int) -> tuple[list, list]:
@@ -173,11 +186,14 @@ def main() -> None:
             await load(client, prompts, 2, 4)  # warm-up
             loaded = await under_load(client, prompts[1:9], long_prompt, prompts[0][:8], 2 if args.smoke else 5)
             runs = {c: await best_of_two(client, prompts, c, new) for c in (1, 4, 16)}
-            return runs, await prefill_interference(client, long_prompt, prompts[0][:8], 2 if args.smoke else 5), loaded
+            shared = await shared_prompt(client, long_prompt[:shared_len], 8, new)
+            return runs, await prefill_interference(client, long_prompt, prompts[0][:8], 2 if args.smoke else 5), \
+                loaded, shared
 
+    shared_len = 1024 if not args.smoke else 200
     proc, url = start_server(ckpt, 16, "bf16")
     try:
-        runs, (alone, during), (loaded_ttft, loaded_step) = asyncio.run(against(url))
+        runs, (alone, during), (loaded_ttft, loaded_step), shared = asyncio.run(against(url))
     finally:
         stop_server(proc)
 
@@ -214,9 +230,13 @@ def main() -> None:
         chunked += (f" With 8 streams decoding (their step: {1e3 * loaded_step:.0f} ms), the same request sent during the "
                     f"long prefill: median {1e3 * statistics.median(loaded_ttft):.0f} ms = "
                     f"{statistics.median(loaded_ttft) / loaded_step:.2f} decode steps of the running batch.")
+    fork = (f"`n` answers of one prompt: 8 sampled answers ({new} tokens) of a {shared_len}-token prompt in one request "
+            f"with `n: 8` (the prompt read once, its cache entries copied to the other 7 slots): {shared[0]:.2f} s; as 8 "
+            f"requests at once (read 8 times; the same seeds, so the same answers): {shared[1]:.2f} s = "
+            f"{shared[1] / shared[0]:.2f}x as long.")
     switch = (f"`--speculative mtp` with the checkpoint's random MTP layer: {drafted:.0f} tokens drafted, "
               f"{accepted:.0f} accepted; drafting {drafting} at the end (the adaptive switch, serve/drafting.py).")
-    text = "\n".join(rows + ["", chunked, "", switch, "", f"{name} model, bf16, cpu backend, {new} new tokens per request, "
+    text = "\n".join(rows + ["", chunked, "", fork, "", switch, "", f"{name} model, bf16, cpu backend, {new} new tokens per request, "
                              f"prompts of 16-64 tokens, `--max-batch 16`, torch threads {torch.get_num_threads()}; "
                              f"{cpu_line()}; "
                              "TTFT/TPOT measured by the client (openai async client, streaming)."])

@@ -113,7 +113,8 @@ def test_serve_load_benchmark_smoke(tmp_path):
                        capture_output=True,
                        text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
-    for row in ("| engine.generate |", "| 16 |", "Chunked prefill", "| 16, `--speculative mtp` |", "tokens drafted"):
+    for row in ("| engine.generate |", "| 16 |", "Chunked prefill", "| 16, `--speculative mtp` |", "tokens drafted",
+                "answers of one prompt"):
         assert row in r.stdout, r.stdout
 
 

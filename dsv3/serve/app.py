@@ -164,6 +164,11 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
                                           TextStream(tokenizer.decode, ch.params.stop)),
                            parsed, want_lp, tokenizer.decode)
                    for i, ch in enumerate(parsed.choices)]
+        first = {}  # the first answer of each prompt reads it; the prompt's other answers take a copy (n > 1)
+        for a in answers:
+            a.req.leader = first.setdefault(a.spec.prompt_index, a.req)
+            if a.req.leader is a.req:
+                a.req.leader = None
         try:
             scheduler.submit(*(a.req for a in answers))
         except QueueFull as e:

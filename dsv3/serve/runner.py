@@ -11,7 +11,8 @@ from ..core.speculative import greedy_round
 
 #: plan kinds broadcast to follower ranks (PREFILL_SCORED: a prefill chunk some of whose rows, a prompt being scored
 #: for its logprobs, also want logits at every position)
-STOP, IDLE, PREFILL, DECODE, PREFILL_SCORED = 0, 1, 2, 3, 4
+#: (COPY: cache entries copied from one slot to others, the prompt a request shares with its siblings, OpenAI's n)
+STOP, IDLE, PREFILL, DECODE, PREFILL_SCORED, COPY = 0, 1, 2, 3, 4, 5
 
 
 class StepRunner:
@@ -57,6 +58,18 @@ class StepRunner:
                             dtype=torch.long)
         self._broadcast(kind, plan)
         return self._run(plan.to(self.device), scored=kind == PREFILL_SCORED)
+
+    @torch.inference_mode()
+    def copy(self, src: int, dsts: list[int], length: int) -> None:
+        """Entries [0, length) of slot src into slots dsts, every layer (a prompt prefilled once for n answers)."""
+        plan = torch.tensor([[src, d, length] for d in dsts], dtype=torch.long)
+        self._broadcast(COPY, plan)
+        self._copy(plan)
+
+    def _copy(self, plan: torch.Tensor) -> None:
+        for src, dst, length in plan.tolist():
+            self.cache.kv[:, dst, :length] = self.cache.kv[:, src, :length]  # [L, length, C]
+            self.cache.pe[:, dst, :length] = self.cache.pe[:, src, :length]  # [L, length, R]
 
     def _run(self, plan: torch.Tensor, scored: bool = False):
         slots, positions, take, score, tokens = plan[:, 0], plan[:, 1], plan[:, 2], plan[:, 3], plan[:, 4:]
@@ -180,4 +193,7 @@ class StepRunner:
                 continue
             plan = torch.zeros(B, n, dtype=torch.long, device=self.device)
             self.par.broadcast(plan)
-            self._run(plan, scored=kind == PREFILL_SCORED)
+            if kind == COPY:
+                self._copy(plan)
+            else:
+                self._run(plan, scored=kind == PREFILL_SCORED)

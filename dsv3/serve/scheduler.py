@@ -6,6 +6,9 @@ iteration runs at most one prefill forward (a chunk of every prompt still being 
 first, padded to one length) and one decode step over all rows that are generating, so a long
 prompt is read a chunk at a time while the running streams keep their pace.
 
+Answers of one prompt (OpenAI's `n`) share it: the first reads it, the others take a copy of its cache entries
+and sample from its logits there (`Request.leader`).
+
 With `speculative="mtp"` the decode step verifies drafts of the MTP module instead (speculation.py).
 While drafting does not pay (drafting.py) the steps are probes: plain steps whose drafts are only scored.
 
@@ -98,6 +101,11 @@ class Request:
     # probe steps' (main hidden [D], next token) pairs the MTP cache has not caught up on, from position pending_at
     pending: list = field(default_factory=list)
     pending_at: int = 0
+    #: a request with the same prompt, submitted before this one (another of OpenAI's n answers): its prompt is read
+    #: once, and this request takes a copy of its cache entries and samples from its logits after the prompt
+    leader: "Request | None" = None
+    shared: bool = False  # some request names this one its leader: keep prefix_logits
+    prefix_logits: torch.Tensor | None = None  # [V]: after the prompt, while forks may still take it
 
     @property
     def prefilling(self) -> bool:
@@ -153,6 +161,11 @@ class Scheduler:
                                 f"{self.max_waiting})")
             self.pending += len(reqs)
         for req in reqs:
+            if req.leader is not None and (self.spec is not None or req.params.prompt_logprobs
+                                           or req.leader.prompt != req.prompt):
+                req.leader = None  # the MTP cache, or the prompt's own logprobs, would need a prefill of its own
+            if req.leader is not None:
+                req.leader.shared = True
             if req.params.seed is not None:
                 req.generator = torch.Generator().manual_seed(req.params.seed)
             self.inbox.put(req)
@@ -269,6 +282,7 @@ class Scheduler:
         self.active.remove(r)
         heapq.heappush(self.free, r.slot)
         r.slot = -1
+        r.prefix_logits = r.leader = None
         if reason is not None:
             rest = r.text.finish()
             if rest:
@@ -277,8 +291,33 @@ class Scheduler:
         if self.observe:  # a cancelled request's tokens were generated too (its latency is no answer's)
             self.observe("finished" if reason is not None else "cancelled", r)
 
+    def _waits(self, r: Request) -> bool:
+        """A fork whose leader is still reading the shared prompt (a leader that left: the fork reads it itself)."""
+        lead = r.leader
+        return lead is not None and r.length == 0 and lead.slot >= 0 and not lead.cancelled and lead.prefilling
+
+    def _fork(self) -> None:
+        """Forks whose leader has read the prompt take its cache entries (one copy per slot, on every rank) and
+        sample their first token from its logits there, each with its own generator."""
+        forks = [r for r in self.active if r.leader is not None and r.length == 0 and not r.cancelled
+                 and r.leader.prefix_logits is not None]
+        if not forks:
+            return
+        for lead in {id(f.leader): f.leader for f in forks}.values():
+            self.runner.copy(lead.slot, [f.slot for f in forks if f.leader is lead], len(lead.prompt))
+        logits = torch.stack([f.leader.prefix_logits for f in forks])  # [n, V]
+        for f in forks:
+            f.length, f.leader = len(f.prompt), None
+        go = [i for i, f in enumerate(forks) if f.params.max_tokens > 0]
+        if go:
+            self._sample(logits[go], [forks[i] for i in go])
+        for f in forks:
+            if f.params.max_tokens == 0:
+                self._finish(f, "length")
+
     def _prefill(self) -> None:
-        todo = sorted((r for r in self.active if r.prefilling and not r.cancelled),
+        self._fork()  # forks admitted after their leader read the prompt
+        todo = sorted((r for r in self.active if r.prefilling and not r.cancelled and not self._waits(r)),
                       key=lambda r: len(r.prompt) - r.length)  # shortest remaining first: short prompts are not stuck
         if not todo:
             return
@@ -305,6 +344,10 @@ class Scheduler:
             logits, hidden = self.runner.forward_hidden(slots, tokens, starts, take)  # hidden [B, q, D]
         for r, t in zip(rows, take):
             r.length += t + 1
+        for i, r in enumerate(rows):
+            if r.shared and not r.prefilling:
+                r.prefix_logits = logits[i].clone()
+        self._fork()  # before the leaders sample: one that ends at its first token frees its slot
         done = [(i, r) for i, r in enumerate(rows) if not r.prefilling and r.params.max_tokens > 0]
         if done:
             self._sample(logits[[i for i, _ in done]], [r for _, r in done])

@@ -373,3 +373,53 @@ def test_a_scored_prompt_runs_the_output_head_on_its_own_rows_only(engine):
     err = max(abs(g - w) for g, w in zip(got, want))
     assert err < 1e-4, f"prompt logprobs differ from the model's own by up to {err:.2e}"
     assert b.tokens == engine.generate([plain_prompt], max_new_tokens=4)[0]
+
+
+def _prefill_rows(s):
+    """Record each forward the runner runs as (kind, rows, q), and each cache copy as ("copy", src, dsts)."""
+    seen, forward, copy = [], s.runner.forward, s.runner.copy
+    s.runner.forward = lambda kind, slots, tokens, *a, **k: (seen.append((kind, len(slots), len(tokens[0])))
+                                                             or forward(kind, slots, tokens, *a, **k))
+    s.runner.copy = lambda src, dsts, n: seen.append(("copy", src, tuple(dsts))) or copy(src, dsts, n)
+    return seen
+
+
+@pytest.mark.parametrize("case", ["together", "leader ends at its first token", "a fork admitted later",
+                                  "leader cancelled mid-prompt"])
+def test_answers_of_one_prompt_read_it_once(engine, case):
+    """OpenAI's n: the prompt's first request (the leader) reads it; the others (forks) take a copy of its cache
+    entries and sample from its logits there. Every answer's greedy tokens equal the prompt run alone, whether the
+    forks are admitted with the leader or after it has read the prompt (a slot freed), whether the leader ends at
+    its first token, or leaves before the prompt is read (the forks then read it themselves)."""
+    prompt = [(5 * i) % 300 + 2 for i in range(40)]  # 5 chunks of 8
+    news = {"together": [6, 6, 6], "leader ends at its first token": [1, 6, 6],
+            "a fork admitted later": [20, 1, 6], "leader cancelled mid-prompt": [6, 6, 6]}[case]
+    s = Scheduler(engine, max_batch=2 if case == "a fork admitted later" else 4, prefill_chunk=8, eos_ids=())
+    seen = _prefill_rows(s)
+    done = threading.Semaphore(0)
+    reqs = [make(engine, prompt, n, done) for n in news]
+    for r in reqs[1:]:
+        r.leader = reqs[0]
+    if case == "leader cancelled mid-prompt":
+        forward = s.runner.forward
+        s.runner.forward = lambda *a, **k: (s.cancel(reqs[0]) if reqs[0].length >= 16 else None) or forward(*a, **k)
+    s.submit(*reqs)
+    s.start()
+    try:
+        for _ in reqs[1:] if case == "leader cancelled mid-prompt" else reqs:  # a cancelled request sends nothing
+            assert done.acquire(timeout=60)
+    finally:
+        s.shutdown()
+    want = engine.generate([prompt], max_new_tokens=max(news))[0]
+    for r, n in zip(reqs, news):
+        if r is reqs[0] and case == "leader cancelled mid-prompt":
+            continue
+        assert r.tokens == want[:n], (case, r.id, r.tokens, want[:n])
+    prompt_rows = sum(rows * q for kind, rows, q in seen if kind != "copy" and q > 1)
+    copies = [e for e in seen if e[0] == "copy"]
+    if case == "leader cancelled mid-prompt":
+        assert not copies and prompt_rows >= 16 + 2 * len(prompt), seen  # the forks read it themselves
+    else:
+        assert prompt_rows == len(prompt), f"the prompt was read {prompt_rows / len(prompt):.1f} times: {seen}"
+        assert sum(len(c[2]) for c in copies) == 2, seen
+    assert s.stats() == {"running": 0, "waiting": 0, "slots_used": 0}

@@ -216,7 +216,8 @@ def concurrent_greedy(server, prompts: list[list[int]], max_tokens: int) -> list
 
 def test_tensor_parallel_under_torchrun(demo_ckpt, engine, server):
     """Two ranks (gloo): rank 0 serves HTTP and schedules, both run every step; the answer is one process's, a
-    prompt's logprobs too (its chunks computed on both ranks: the output head gathers)."""
+    prompt's logprobs too (its chunks computed on both ranks: the output head gathers), and n answers of one
+    prompt (its cache entries copied on both ranks)."""
     import sys
 
     from conftest import Server, serve_cmd
@@ -235,6 +236,12 @@ def test_tensor_parallel_under_torchrun(demo_ckpt, engine, server):
         tp, one = tp["choices"][0]["logprobs"], one["choices"][0]["logprobs"]
         assert tp["tokens"] == one["tokens"] and len(tp["tokens"]) == 151
         assert tp["token_logprobs"][1:] == pytest.approx(one["token_logprobs"][1:], abs=1e-4)
+        # n = 3: the prompt read once, its cache entries copied to the other answers' slots on both ranks
+        got, answer = s.request("POST", "/v1/completions", {"model": "demo", "prompt": prompts[2], "max_tokens": 10,
+                                                             "temperature": 0, "n": 3, "return_token_ids": True})
+        assert got == 200, answer
+        want = engine.generate([prompts[2]], max_new_tokens=10)[0]
+        assert [c["token_ids"] for c in answer["choices"]] == [want] * 3
         assert s.request("GET", "/health")[0] == 200
     finally:
         s.stop()
