@@ -19,6 +19,8 @@ MAX_STOPS = 16
 MAX_TOP_LOGPROBS = 20
 #: at most this many answers per request (prompts x n; OpenAI's bound on n)
 MAX_CHOICES = 128
+#: at most this many entries in logit_bias (OpenAI allows 300 or more; each costs a scatter per step)
+MAX_LOGIT_BIAS = 1024
 
 
 class ApiError(Exception):
@@ -195,15 +197,68 @@ def parse(body, chat: bool, tokenizer, model_name: str, context: int, vocab: int
     if not isinstance(opts, dict):
         raise ApiError(400, "stream_options must be an object", "stream_options", "invalid_type")
     logprobs = _logprobs(body, chat)
+    _unsupported(body, chat, n)
+    shaping = _shaping(body, vocab, max_tokens)
     choices = []
     for i, (prompt, text) in enumerate(prompts):
         for j in range(n):
             # answer j of a seeded request draws from seed + j: n different answers, and answer 0 is the n=1 one
             params = Sampling(context - len(prompt) if max_tokens is None else max_tokens, temperature, top_p,
                               None if seed is None else seed + j, stop, stop_ids, logprobs,
-                              prompt_logprobs=echo and logprobs is not None)
+                              prompt_logprobs=echo and logprobs is not None, **shaping)
             choices.append(Choice(prompt, params, i, text))
     return Parsed(choices, stream, bool(opts.get("include_usage")), bool(body.get("return_token_ids")), chat, echo)
+
+
+def _unsupported(body: dict, chat: bool, n: int) -> None:
+    """Fields that would change the answer and that this server does not do: refused, never silently ignored."""
+    if body.get("tools") or body.get("functions"):
+        name = "tools" if body.get("tools") else "functions"
+        raise ApiError(400, f"{name}: this server does not call tools (no tool-call parser for DeepSeek-V3's format)",
+                       name, "unsupported_value")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type", "text") != "text"):
+        raise ApiError(400, "response_format: only {\"type\": \"text\"}; this server does not constrain output to "
+                       "JSON", "response_format", "unsupported_value")
+    best_of = _integer(body, "best_of")
+    if not chat and best_of is not None and best_of != n:
+        raise ApiError(400, f"best_of={best_of}: this server returns every answer it generates (best_of = n)",
+                       "best_of", "unsupported_value")
+    if not chat and body.get("suffix"):
+        raise ApiError(400, "suffix: this server does not fill in the middle", "suffix", "unsupported_value")
+
+
+def _shaping(body: dict, vocab: int, max_tokens: int | None) -> dict:
+    """What changes the logits before sampling, or when an answer may end: logit_bias, presence_penalty,
+    frequency_penalty (OpenAI's), min_tokens and ignore_eos (vLLM's, which load testers send)."""
+    out = {"presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
+           "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+           "ignore_eos": _flag(body, "ignore_eos")}
+    bias = body.get("logit_bias")
+    if bias:
+        if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+            raise ApiError(400, f"logit_bias must be an object of at most {MAX_LOGIT_BIAS} token ids -> bias",
+                           "logit_bias", "invalid_type")
+        clean = {}
+        for k, v in bias.items():
+            try:
+                t = int(k)
+            except ValueError:
+                t = -1
+            if not 0 <= t < vocab:
+                raise ApiError(400, f"logit_bias: {k!r} is not a token id in [0, {vocab})", "logit_bias",
+                               "invalid_value")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+                raise ApiError(400, f"logit_bias[{k!r}]={v!r}: a bias is a number in [-100, 100]", "logit_bias",
+                               "invalid_value")
+            clean[t] = float(v)
+        out["logit_bias"] = clean
+    min_tokens = _integer(body, "min_tokens")
+    if min_tokens is not None:
+        if min_tokens < 0 or (max_tokens is not None and min_tokens > max_tokens):
+            raise ApiError(400, f"min_tokens={min_tokens} must be in [0, max_tokens]", "min_tokens", "invalid_value")
+        out["min_tokens"] = min_tokens
+    return out
 
 
 def _chat_prompt(body: dict, tokenizer) -> list[int]:

@@ -56,6 +56,9 @@ def logprob_entries(logits: torch.Tensor, tokens: list[int], top: int) -> list[t
 #: why a drafting server refuses logprobs: a verify round's accepted tokens are chosen inside one captured step
 LOGPROBS_WITH_DRAFTS = ("logprobs are not available from a server drafting with --speculative mtp; "
                         "start it without --speculative to get them")
+#: ... and logit_bias, penalties and min_tokens: the round accepts drafts against the model's own distribution
+SHAPING_WITH_DRAFTS = ("logit_bias, presence_penalty, frequency_penalty and min_tokens are not available from a server "
+                       "drafting with --speculative mtp; start it without --speculative to use them")
 
 
 class QueueFull(Exception):
@@ -72,6 +75,17 @@ class Sampling:
     stop_ids: frozenset[int] = frozenset()
     logprobs: int | None = None  # each new token's log-probability and this many alternatives (None: none)
     prompt_logprobs: bool = False  # also every prompt token's (the completions API's `echo` with `logprobs`)
+    logit_bias: dict[int, float] | None = None  # added to those tokens' logits before sampling
+    presence_penalty: float = 0.0  # subtracted once from the logit of each token already in the answer
+    frequency_penalty: float = 0.0  # subtracted from a token's logit per time it is already in the answer
+    min_tokens: int = 0  # EOS and the stop ids cannot end the answer before it has this many tokens
+    ignore_eos: bool = False  # EOS does not end the answer (fixed-length runs of load testers)
+
+    @property
+    def shapes(self) -> bool:
+        """The logits are changed before sampling (logprobs still report the model's own)."""
+        return bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty) \
+            or self.min_tokens > 0
 
 
 @dataclass
@@ -106,6 +120,7 @@ class Request:
     leader: "Request | None" = None
     shared: bool = False  # some request names this one its leader: keep prefix_logits
     prefix_logits: torch.Tensor | None = None  # [V]: after the prompt, while forks may still take it
+    counts: torch.Tensor | None = None  # [V]: each token's count in the answer so far (presence/frequency penalties)
 
     @property
     def prefilling(self) -> bool:
@@ -152,6 +167,8 @@ class Scheduler:
         """Queue requests, all or none (the answers of one HTTP request: QueueFull when they do not all fit)."""
         if self.spec is not None and any(r.params.logprobs is not None for r in reqs):
             raise DsvError(LOGPROBS_WITH_DRAFTS)
+        if self.spec is not None and any(r.params.shapes for r in reqs):
+            raise DsvError(SHAPING_WITH_DRAFTS)
         if self.error is not None:  # the model loop has died: nothing would ever take the request
             raise DsvError(f"the model loop failed ({type(self.error).__name__}: {self.error}); restart the server")
         with self._lock:
@@ -384,11 +401,32 @@ class Scheduler:
         if self.observe:
             self.observe("step", (len(rows), self.step_time))
 
+    def _shaped(self, logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:
+        """logits [n, V] as the rows' requests sample from them: their logit_bias added, presence and frequency
+        penalties subtracted (OpenAI's formula, over the answer's tokens so far), EOS and stop ids masked before
+        min_tokens. The model's own logits where no row asks (no copy)."""
+        asked = [i for i, r in enumerate(rows) if r.params.shapes]
+        if not asked:
+            return logits
+        out = logits.float().clone()
+        for i in asked:
+            r, p, row = rows[i], rows[i].params, out[i]  # row [V]
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), device=row.device)
+                row.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), device=row.device))
+            if r.counts is not None:
+                row -= p.frequency_penalty * r.counts + p.presence_penalty * (r.counts > 0).float()
+            if r.generated < p.min_tokens:
+                ends = sorted(p.stop_ids | (frozenset() if p.ignore_eos else self.eos_ids))
+                row[torch.tensor(ends, dtype=torch.long, device=row.device)] = float("-inf")
+        return out
+
     def _sample(self, logits: torch.Tensor, rows: list[Request]) -> None:
-        greedy = logits.argmax(dim=-1).tolist()
+        shaped = self._shaped(logits, rows)
+        greedy = shaped.argmax(dim=-1).tolist()
         now = time.perf_counter()
         toks = [greedy[i] if r.params.temperature <= 0 else
-                int(sample(logits[i:i + 1], r.params.temperature, r.params.top_p, r.generator))
+                int(sample(shaped[i:i + 1], r.params.temperature, r.params.top_p, r.generator))
                 for i, r in enumerate(rows)]
         asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         lps = {}
@@ -407,13 +445,17 @@ class Scheduler:
             r.first_token_at = now
             if self.observe:
                 self.observe("first_token", r)
-        if tok in self.eos_ids or tok in p.stop_ids:
+        if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_ids:
             if p.logprobs is not None:  # its logprob still counts (a scorer reads one entry per token it caused)
                 self._send(r, "text", ("", [], [logprob]))
             self._finish(r, "stop")
             return True
         r.generated += 1
         r.last = tok
+        if p.presence_penalty or p.frequency_penalty:  # how often each token is in the answer so far
+            if r.counts is None:
+                r.counts = torch.zeros(self.model.cfg.vocab_size, device=self.model.rope_cos.device)
+            r.counts[tok] += 1
         text, stopped = r.text.add(tok)
         if text or not stopped:
             self._send(r, "text", (text, [tok], None if p.logprobs is None else [logprob]))

@@ -268,6 +268,12 @@ def test_speculative_serving(demo_ckpt, engine):
         assert asyncio.run(sampled()) == asyncio.run(sampled())
         got, answer = s.request("POST", "/v1/completions", {"model": "demo", "prompt": [5, 6], "logprobs": 1})
         assert got == 400 and "--speculative" in answer["error"]["message"], answer
+        for shaping in ({"logit_bias": {"5": 3}}, {"frequency_penalty": 1}, {"min_tokens": 2}):
+            got, answer = s.request("POST", "/v1/completions", {"model": "demo", "prompt": [5, 6], **shaping})
+            assert got == 400 and "--speculative" in answer["error"]["message"], (shaping, answer)
+        got, answer = s.request("POST", "/v1/completions", {"model": "demo", "prompt": [5, 6], "max_tokens": 5,
+                                                             "ignore_eos": True, "temperature": 0})
+        assert got == 200 and answer["usage"]["completion_tokens"] == 5, answer  # EOS handling works with drafts
         assert s.metric("dsv3_spec_draft_tokens_total") > 0
         assert s.metric("dsv3_spec_drafting") in (0.0, 1.0)  # the adaptive switch's state
     finally:
