@@ -4,7 +4,8 @@ The ~280M-parameter model (bf16, cpu backend), written with a tokenizer. First `
 the 16 prompts as one batch in this process (the ceiling: no HTTP, no scheduling); then a real server
 subprocess is loaded with the `openai` async client at 1, 4 and 16 concurrent clients (client i sends
 prompt i), and reports output tok/s, time to first token and time per output token (p50/p99, measured
-by the client); `n` = 8 answers of one 1024-token prompt in one request vs 8 requests. Last, chunked
+by the client); `n` = 8 answers of one 1024-token prompt in one request vs 8 requests; the next turn of a
+1024-token conversation (the prefix cache). Last, chunked
 prefill: the time to first token of a short request sent while a 2048-token prompt is being prefilled, in
 units of a batch-1 decode step. Writes the table to
 benchmarks/RESULTS.md.
@@ -85,16 +86,29 @@ async def best_of_two(client, prompts: list[list[int]], clients: int, max_tokens
     return a if a["tps"] >= b["tps"] else b
 
 
-async def shared_prompt(client, prompt: list[int], n: int, max_tokens: int) -> tuple[float, float]:
-    """Seconds for n sampled answers of one prompt: one request with `n` (the prompt read once, its cache entries
-    copied) vs n requests at once (read n times). Seeds seed + j in both: the same n answers, the same decode work."""
+async def shared_prompt(client, prompts: tuple[list[int], list[int]], n: int, max_tokens: int) -> tuple[float, float]:
+    """Seconds for n sampled answers of a prompt: one request with `n` (the prompt read once, its cache entries
+    copied) vs n requests at once (read n times). Two fresh prompts of one length, none of it cached (the prefix
+    cache would find the first's entries for the second)."""
     t0 = time.perf_counter()
-    await client.completions.create(model="bench", prompt=prompt, n=n, max_tokens=max_tokens, temperature=1.0, seed=1)
+    await client.completions.create(model="bench", prompt=prompts[0], n=n, max_tokens=max_tokens, temperature=1.0,
+                                    seed=1, extra_body={"ignore_eos": True})
     together = time.perf_counter() - t0
     t0 = time.perf_counter()
-    await asyncio.gather(*(client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens,
-                                                     temperature=1.0, seed=1 + j) for j in range(n)))
+    await asyncio.gather(*(client.completions.create(model="bench", prompt=prompts[1], max_tokens=max_tokens,
+                                                     temperature=1.0, seed=1 + j, extra_body={"ignore_eos": True})
+                           for j in range(n)))
     return together, time.perf_counter() - t0
+
+
+async def next_turn(client, history: list[int], new: list[int]) -> tuple[float, float]:
+    """Time to first token of a conversation's first turn (a fresh history, read whole) and of its next turn (history,
+    the answer, new tokens: the prefix cache finds the first turn's entries and reads only the answer and the new)."""
+    first = await one(client, history, 16)
+    answer = await client.completions.create(model="bench", prompt=history, max_tokens=16, temperature=0,
+                                             extra_body={"return_token_ids": True})
+    follow = await one(client, history + answer.choices[0].model_extra["token_ids"] + new, 16)
+    return first["ttft"], follow["ttft"]
 
 
 async def prefill_interference(client, long_prompt: list[int], short: list[int], tries: int) -> tuple[list, list]:
@@ -186,14 +200,30 @@ def main() -> None:
             await load(client, prompts, 2, 4)  # warm-up
             loaded = await under_load(client, prompts[1:9], long_prompt, prompts[0][:8], 2 if args.smoke else 5)
             runs = {c: await best_of_two(client, prompts, c, new) for c in (1, 4, 16)}
-            shared = await shared_prompt(client, long_prompt[:shared_len], 8, new)
+            shared = await shared_prompt(client, (fresh(), fresh()), 8, new)
             return runs, await prefill_interference(client, long_prompt, prompts[0][:8], 2 if args.smoke else 5), \
                 loaded, shared
 
     shared_len = 1024 if not args.smoke else 200
-    proc, url = start_server(ckpt, 16, "bf16")
+    fresh = lambda: [rng.randrange(1, vocab) for _ in range(shared_len)]  # noqa: E731  (no cache entry starts it)
+    # every prompt read whole, as engine.generate reads it (the prefix cache would find the repeated prompts)
+    proc, url = start_server(ckpt, 16, "bf16", "--no-prefix-cache")
     try:
         runs, (alone, during), (loaded_ttft, loaded_step), shared = asyncio.run(against(url))
+    finally:
+        stop_server(proc)
+
+    async def conversation(url):
+        import openai
+
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600) as client:
+            await load(client, prompts, 2, 4)  # warm-up
+            tries = [await next_turn(client, fresh(), prompts[1][:16]) for _ in range(3)]
+            return min(t[0] for t in tries), min(t[1] for t in tries)
+
+    proc, url = start_server(ckpt, 16, "bf16")
+    try:
+        turns = asyncio.run(conversation(url))
     finally:
         stop_server(proc)
 
@@ -232,8 +262,11 @@ def main() -> None:
                     f"{statistics.median(loaded_ttft) / loaded_step:.2f} decode steps of the running batch.")
     fork = (f"`n` answers of one prompt: 8 sampled answers ({new} tokens) of a {shared_len}-token prompt in one request "
             f"with `n: 8` (the prompt read once, its cache entries copied to the other 7 slots): {shared[0]:.2f} s; as 8 "
-            f"requests at once (read 8 times; the same seeds, so the same answers): {shared[1]:.2f} s = "
+            f"requests at once (read 8 times): {shared[1]:.2f} s = "
             f"{shared[1] / shared[0]:.2f}x as long.")
+    fork += (f" The next turn of a conversation (the prefix cache): time to first token of a {shared_len}-token first "
+             f"turn {1e3 * turns[0]:.0f} ms; of the next turn (that history, a 16-token answer and 16 new tokens) "
+             f"{1e3 * turns[1]:.0f} ms ({turns[0] / turns[1]:.1f}x sooner: only the answer and the new tokens are read).")
     switch = (f"`--speculative mtp` with the checkpoint's random MTP layer: {drafted:.0f} tokens drafted, "
               f"{accepted:.0f} accepted; drafting {drafting} at the end (the adaptive switch, serve/drafting.py).")
     text = "\n".join(rows + ["", chunked, "", fork, "", switch, "", f"{name} model, bf16, cpu backend, {new} new tokens per request, "

@@ -38,9 +38,13 @@ from .options import load_options, progress_bar
                    "accepted tokens.")
 @click.option("--draft-tokens", type=click.IntRange(1, 8), default=1, show_default=True,
               help="Drafts per request and step with --speculative (1 is the MTP layer's design).")
+@click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
+              help="A freed slot keeps its cache entries; a prompt that starts with them (the next turn of a chat, a "
+                   "shared few-shot context) reads only the rest. Off: every prompt is read whole (bitwise-repeatable "
+                   "answers in bf16). Not with --speculative.")
 @click.pass_context
 def serve(ctx, ckpt: Path, backend, dtype, device, cpu_weights, host, port, max_batch, max_waiting, max_seq_len, prefill_chunk,
-          api_key, served_model_name, attn, speculative, draft_tokens) -> None:
+          api_key, served_model_name, attn, speculative, draft_tokens, prefix_cache) -> None:
     """Serve a checkpoint over OpenAI's HTTP API, with continuous batching.
 
     \b
@@ -72,7 +76,7 @@ def serve(ctx, ckpt: Path, backend, dtype, device, cpu_weights, host, port, max_
         close()
     eos = tuple(engine.cfg.eos_token_ids) + ((engine.tokenizer.eos_id,) if engine.tokenizer.eos_id is not None else ())
     scheduler = Scheduler(engine, max_batch=max_batch, max_waiting=max_waiting, prefill_chunk=prefill_chunk, eos_ids=eos,
-                          speculative=speculative, draft_tokens=draft_tokens)
+                          speculative=speculative, draft_tokens=draft_tokens, prefix_cache=prefix_cache)
     if not par.is_main:
         scheduler.runner.follow()  # every rank runs rank 0's steps until it stops
         return

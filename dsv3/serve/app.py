@@ -179,8 +179,11 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
                                    "rate_limit_exceeded"))
 
         def use() -> dict:  # each prompt counts once, however many answers it has (OpenAI's n)
-            prompts = {a.spec.prompt_index: len(a.req.prompt) for a in answers}
-            return usage(sum(prompts.values()), sum(a.req.generated for a in answers))
+            prompts = {}  # each prompt's first answer: the one that read it (the others copied its entries)
+            for a in answers:
+                prompts.setdefault(a.spec.prompt_index, a.req)
+            return usage(sum(len(r.prompt) for r in prompts.values()), sum(a.req.generated for a in answers),
+                         sum(r.reused for r in prompts.values()))
 
         def cancel_open():
             for a in answers:

@@ -45,6 +45,7 @@ class Metrics:
         self.step_batch = Histogram(BATCH_BUCKETS)
         self.draft_tokens = self.accepted_tokens = 0  # speculative decoding (--speculative)
         self.drafting = 0  # 1 while the adaptive switch has drafting on (serve/drafting.py)
+        self.reused_tokens = 0  # prompt tokens found in a free slot's cache entries (prefix cache)
 
     def request(self, outcome: str) -> None:
         with self._lock:
@@ -62,6 +63,8 @@ class Metrics:
             elif event == "first_token":
                 self.ttft.observe(value.first_token_at - value.arrived)
                 self.prompt_tokens += len(value.prompt)
+            elif event == "reused":
+                self.reused_tokens += value
             elif event == "cancelled":
                 self.generation_tokens += value.generated
             elif event == "finished":
@@ -79,6 +82,9 @@ class Metrics:
             out += [f'dsv3_requests_total{{outcome="{k}"}} {v}' for k, v in sorted(self.requests.items())]
             out += ["# HELP dsv3_prompt_tokens_total Prompt tokens prefilled.", "# TYPE dsv3_prompt_tokens_total counter",
                     f"dsv3_prompt_tokens_total {self.prompt_tokens}",
+                    "# HELP dsv3_prefix_cache_hit_tokens_total Prompt tokens found in a free slot's cache entries "
+                    "(not read again).", "# TYPE dsv3_prefix_cache_hit_tokens_total counter",
+                    f"dsv3_prefix_cache_hit_tokens_total {self.reused_tokens}",
                     "# HELP dsv3_generation_tokens_total Tokens generated.",
                     "# TYPE dsv3_generation_tokens_total counter", f"dsv3_generation_tokens_total {self.generation_tokens}",
                     "# HELP dsv3_spec_draft_tokens_total Tokens drafted by the MTP module (--speculative).",

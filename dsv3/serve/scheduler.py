@@ -6,6 +6,9 @@ iteration runs at most one prefill forward (a chunk of every prompt still being 
 first, padded to one length) and one decode step over all rows that are generating, so a long
 prompt is read a chunk at a time while the running streams keep their pace.
 
+A freed slot keeps its cache entries: a request whose prompt starts with the tokens a free slot holds (the next
+turn of a conversation, the same few-shot context) takes that slot and reads only the rest (`prefix_cache`).
+
 Answers of one prompt (OpenAI's `n`) share it: the first reads it, the others take a copy of its cache entries
 and sample from its logits there (`Request.leader`).
 
@@ -59,6 +62,18 @@ LOGPROBS_WITH_DRAFTS = ("logprobs are not available from a server drafting with 
 #: ... and logit_bias, penalties and min_tokens: the round accepts drafts against the model's own distribution
 SHAPING_WITH_DRAFTS = ("logit_bias, presence_penalty, frequency_penalty and min_tokens are not available from a server "
                        "drafting with --speculative mtp; start it without --speculative to use them")
+
+
+def _common_prefix(a, b, limit: int) -> int:
+    """How many leading tokens a and b share, at most `limit` (a binary search on slice equality, which runs in C)."""
+    lo, hi = 0, min(len(a), len(b), limit)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class QueueFull(Exception):
@@ -121,6 +136,8 @@ class Request:
     shared: bool = False  # some request names this one its leader: keep prefix_logits
     prefix_logits: torch.Tensor | None = None  # [V]: after the prompt, while forks may still take it
     counts: torch.Tensor | None = None  # [V]: each token's count in the answer so far (presence/frequency penalties)
+    out: list[int] = field(default_factory=list)  # the answer's tokens so far (what its slot holds after the prompt)
+    reused: int = 0  # prompt tokens found in its slot's cache entries at admission (not read again)
 
     @property
     def prefilling(self) -> bool:
@@ -131,7 +148,8 @@ class Scheduler:
     """Slots, the waiting queue and the model loop (a thread, `start`)."""
 
     def __init__(self, engine, max_batch: int = 8, max_waiting: int = 64, prefill_chunk: int = 128,
-                 eos_ids: tuple[int, ...] = (), speculative: str | None = None, draft_tokens: int = 1):
+                 eos_ids: tuple[int, ...] = (), speculative: str | None = None, draft_tokens: int = 1,
+                 prefix_cache: bool = True):
         self.engine, self.model = engine, engine.model
         self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
         self.max_len = self.model.max_seq_len
@@ -146,6 +164,9 @@ class Scheduler:
         #: MTP drafting in the decode step (--speculative mtp: speculation.py), or None
         self.spec = Drafting(self, draft_tokens) if speculative is not None else None
         self.free = list(range(max_batch))  # a heap: the lowest slot first, so the batch is mostly a prefix
+        # free slot -> the tokens its cache entries [0, n) hold (prefix_cache; not with drafting: the MTP cache's
+        # entries follow their own schedule)
+        self.held: dict[int, list[int]] | None = {} if prefix_cache and speculative is None else None
         self.inbox: queue.Queue[Request] = queue.Queue()
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
@@ -291,12 +312,43 @@ class Scheduler:
                 self.pending -= 1
             if r.cancelled:
                 continue
-            r.slot = heapq.heappop(self.free)
+            r.slot = self._slot_for(r)
             self.active.append(r)
 
+    def _slot_for(self, r: Request) -> int:
+        """A free slot for r: the one whose cache entries hold the longest start of its prompt (all but the prompt's
+        last token at most: its logits are needed; where that slot holds more, a copy of the shared part in another
+        free slot), else the lowest."""
+        held, best, hit = self.held, None, 0
+        if held and r.leader is None and not r.params.prompt_logprobs:  # forks copy; a scored prompt reads it all
+            for slot in self.free:
+                n = _common_prefix(held.get(slot, []), r.prompt, len(r.prompt) - 1)
+                if n > hit:
+                    best, hit = slot, n
+        if best is None:
+            slot = heapq.heappop(self.free)
+        else:
+            slot = best
+            if hit < len(held[best]) and len(self.free) > 1:
+                # the slot holds more than r shares (another branch of a conversation, a longer few-shot prompt):
+                # keep it for a later request and copy the shared entries to the free slot holding the least
+                slot = min((f for f in self.free if f != best), key=lambda f: len(held.get(f, [])))
+                self.runner.copy(best, [slot], hit)
+            self.free.remove(slot)
+            heapq.heapify(self.free)
+            r.length = r.reused = hit
+            if self.observe:
+                self.observe("reused", hit)
+        if held is not None:
+            held.pop(slot, None)  # its entries are r's from now on
+        return slot
+
     def _finish(self, r: Request, reason: str | None) -> None:
-        """Free the slot (entries past a slot's length are never read, so nothing is erased)."""
+        """Free the slot (entries past a slot's length are never read, so nothing is erased: with prefix_cache a
+        later request may start from them)."""
         self.active.remove(r)
+        if self.held is not None:
+            self.held[r.slot] = (r.prompt + r.out)[:r.length]  # what [0, length) holds: each token fed so far
         heapq.heappush(self.free, r.slot)
         r.slot = -1
         r.prefix_logits = r.leader = None
@@ -452,6 +504,7 @@ class Scheduler:
             return True
         r.generated += 1
         r.last = tok
+        r.out.append(tok)
         if p.presence_penalty or p.frequency_penalty:  # how often each token is in the answer so far
             if r.counts is None:
                 r.counts = torch.zeros(self.model.cfg.vocab_size, device=self.model.rope_cos.device)

@@ -62,7 +62,8 @@ def test_echo_logprobs_score_a_prompt_as_lm_eval_does(server, hf, engine):
     lp = choice.logprobs.model_dump()
     check_completion_logprobs(lp, prompt, new, 3, ref, echo=True)
     assert new == [int(ref[len(prompt) - 1 + j].argmax()) for j in range(3)]  # greedy, as the reference ranks them
-    assert streamed["token_logprobs"][1:] == pytest.approx(lp["token_logprobs"][1:], abs=1e-6)
+    # the second request may start from the first's cache entries (the prefix cache): other chunks, fp32 rounding
+    assert streamed["token_logprobs"][1:] == pytest.approx(lp["token_logprobs"][1:], abs=1e-5)
     assert streamed["tokens"] == lp["tokens"] and streamed_text == choice.text
     assert choice.text.startswith(engine.tokenizer.decode(prompt)) and lp["text_offset"][0] == 0
     assert lp["text_offset"] == sorted(lp["text_offset"])
@@ -116,7 +117,7 @@ def test_chat_logprobs(server, hf, engine):
         except UnicodeDecodeError:  # part of a character: named by its bytes
             assert e.token == "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
         assert e.top_logprobs[0].logprob == pytest.approx(e.logprob, abs=1e-6)  # greedy: the chosen is the best
-    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-6)
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-5)  # (prefix cache)
 
 
 @pytest.mark.parametrize("path,body,code", [

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from dsv3.serve.runner import PREFILL, PREFILL_SCORED
 from dsv3.serve.scheduler import QueueFull, Request, Sampling, Scheduler
 from dsv3.serve.text import TextStream
 
@@ -423,3 +424,52 @@ def test_answers_of_one_prompt_read_it_once(engine, case):
         assert prompt_rows == len(prompt), f"the prompt was read {prompt_rows / len(prompt):.1f} times: {seen}"
         assert sum(len(c[2]) for c in copies) == 2, seen
     assert s.stats() == {"running": 0, "waiting": 0, "slots_used": 0}
+
+
+def test_a_prompt_starting_with_what_a_free_slot_holds_reads_only_the_rest(engine):
+    """The prefix cache: a finished request's slot keeps its cache entries (prompt + the answer's tokens fed); a
+    later prompt that starts with them takes that slot and reads only the rest, and its greedy tokens are what the
+    whole prompt gives alone. A prompt that diverges reuses up to there; an equal one all but its last token; a
+    scored prompt (echo logprobs) and a scheduler without the cache read everything."""
+    def run(s, *reqs):
+        done = threading.Semaphore(0)
+        for r in reqs:
+            r.emit = (lambda emit: lambda kind, data: emit(kind, data) or (kind == "done" and done.release()))(r.emit)
+        s.submit(*reqs)
+        for _ in reqs:
+            assert done.acquire(timeout=60)
+
+    base = [(3 * i) % 200 + 7 for i in range(30)]
+    s = Scheduler(engine, max_batch=3, prefill_chunk=8, eos_ids=())
+    seen = _prefill_rows(s)
+    s.start()
+    try:
+        first = make(engine, base, 6, threading.Semaphore(0))
+        other = make(engine, [9, 8, 7, 6, 5], 4, threading.Semaphore(0))
+        run(s, first, other)
+        follow_up = base + first.tokens + [11, 12]  # the next turn: the whole answer (its last token never fed), more
+        diverging = base[:10] + [250, 251, 252]
+        cases = [(follow_up, len(base) + 5), (diverging, 10), (base, len(base) - 1)]
+        for prompt, reused in cases:
+            seen.clear()
+            r = make(engine, prompt, 5, threading.Semaphore(0))
+            run(s, r)
+            read = sum(rows * q for kind, rows, q in seen if kind in (PREFILL, PREFILL_SCORED))
+            assert (r.reused, read) == (reused, len(prompt) - reused), (prompt, r.reused, seen)
+            want = engine.generate([prompt], max_new_tokens=5)[0]  # which stops at EOS; this scheduler does not
+            assert r.tokens[:len(want)] == want, prompt
+        scored = make(engine, base, 2, threading.Semaphore(0))
+        scored.params = Sampling(2, logprobs=0, prompt_logprobs=True)
+        run(s, scored)
+        assert scored.reused == 0
+    finally:
+        s.shutdown()
+    s = Scheduler(engine, max_batch=2, prefill_chunk=8, eos_ids=(), prefix_cache=False)
+    s.start()
+    try:
+        a, b = make(engine, base, 3, threading.Semaphore(0)), make(engine, base, 3, threading.Semaphore(0))
+        run(s, a)
+        run(s, b)
+        assert b.reused == 0 and b.tokens == a.tokens
+    finally:
+        s.shutdown()

@@ -319,3 +319,24 @@ def test_ctrl_c_stops_a_server_started_in_the_background(demo_ckpt):
     s.stop()
     assert not s.killed and time.monotonic() - t0 < 15, "".join(s.log)[-2000:]
     assert "dsv3: stopping" in "".join(s.log)
+
+
+def test_the_next_turn_of_a_chat_reads_only_what_is_new(server, engine):
+    """The prefix cache over HTTP: a chat's second turn (the first turn and its answer, then a new message) finds
+    the first turn's cache entries: usage reports them as cached, /metrics counts them, and the answer is the whole
+    conversation's greedy answer."""
+    async def turn(messages):
+        return await client(server).chat.completions.create(model="demo", messages=messages, max_tokens=8,
+                                                             temperature=0, extra_body={"return_token_ids": True})
+
+    messages = [{"role": "user", "content": "Tell me a story about a lighthouse keeper and a storm."}]
+    first = asyncio.run(turn(messages))
+    before = server.metric("dsv3_prefix_cache_hit_tokens_total")
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And then?"}]
+    second = asyncio.run(turn(messages))
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens, (first.usage, second.usage)
+    assert server.metric("dsv3_prefix_cache_hit_tokens_total") - before == cached
+    prompt = engine.tokenizer.encode_chat(messages)
+    assert second.choices[0].model_extra["token_ids"] == engine.generate([prompt], max_new_tokens=8)[0][:8]
