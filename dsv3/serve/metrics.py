@@ -62,7 +62,7 @@ class Metrics:
                 self.drafting = int(value[2])
             elif event == "first_token":
                 self.ttft.observe(value.first_token_at - value.arrived)
-                self.prompt_tokens += len(value.prompt)
+                self.prompt_tokens += len(value.prompt) - value.reused  # what was read (not found in the cache)
             elif event == "reused":
                 self.reused_tokens += value
             elif event == "cancelled":
@@ -80,7 +80,7 @@ class Metrics:
         with self._lock:
             out = ["# HELP dsv3_requests_total Finished requests by outcome.", "# TYPE dsv3_requests_total counter"]
             out += [f'dsv3_requests_total{{outcome="{k}"}} {v}' for k, v in sorted(self.requests.items())]
-            out += ["# HELP dsv3_prompt_tokens_total Prompt tokens prefilled.", "# TYPE dsv3_prompt_tokens_total counter",
+            out += ["# HELP dsv3_prompt_tokens_total Prompt tokens read (not found in the prefix cache or copied).", "# TYPE dsv3_prompt_tokens_total counter",
                     f"dsv3_prompt_tokens_total {self.prompt_tokens}",
                     "# HELP dsv3_prefix_cache_hit_tokens_total Prompt tokens found in a free slot's cache entries "
                     "(not read again).", "# TYPE dsv3_prefix_cache_hit_tokens_total counter",

@@ -377,6 +377,7 @@ class Scheduler:
         logits = torch.stack([f.leader.prefix_logits for f in forks])  # [n, V]
         for f in forks:
             f.length, f.leader = len(f.prompt), None
+            f.reused = f.length  # none of it read (usage counts the prompt once, from its leader)
         go = [i for i, f in enumerate(forks) if f.params.max_tokens > 0]
         if go:
             self._sample(logits[go], [forks[i] for i in go])
