@@ -318,14 +318,18 @@ class Scheduler:
     def _slot_for(self, r: Request) -> int:
         """A free slot for r: the one whose cache entries hold the longest start of its prompt (all but the prompt's
         last token at most: its logits are needed; where that slot holds more, a copy of the shared part in another
-        free slot), else the lowest."""
+        free slot), else the free slot holding the least (the lowest of the empty ones)."""
         held, best, hit = self.held, None, 0
         if held and r.leader is None and not r.params.prompt_logprobs:  # forks copy; a scored prompt reads it all
             for slot in self.free:
                 n = _common_prefix(held.get(slot, []), r.prompt, len(r.prompt) - 1)
                 if n > hit:
                     best, hit = slot, n
-        if best is None:
+        if best is None and held:  # a slot holding nothing (the lowest), else the least: keep histories for their turns
+            slot = min(self.free, key=lambda f: (len(held.get(f, [])), f))
+            self.free.remove(slot)
+            heapq.heapify(self.free)
+        elif best is None:
             slot = heapq.heappop(self.free)
         else:
             slot = best

@@ -447,6 +447,8 @@ def test_a_prompt_starting_with_what_a_free_slot_holds_reads_only_the_rest(engin
         first = make(engine, base, 6, threading.Semaphore(0))
         other = make(engine, [9, 8, 7, 6, 5], 4, threading.Semaphore(0))
         run(s, first, other)
+        unrelated = make(engine, [400, 401, 402], 2, threading.Semaphore(0))
+        run(s, unrelated)  # takes the empty slot, not the slot holding `first`'s history
         follow_up = base + first.tokens + [11, 12]  # the next turn: the whole answer (its last token never fed), more
         diverging = base[:10] + [250, 251, 252]
         cases = [(follow_up, len(base) + 5), (diverging, 10), (base, len(base) - 1)]
