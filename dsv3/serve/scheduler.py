@@ -93,7 +93,7 @@ class Sampling:
     logit_bias: dict[int, float] | None = None  # added to those tokens' logits before sampling
     presence_penalty: float = 0.0  # subtracted once from the logit of each token already in the answer
     frequency_penalty: float = 0.0  # subtracted from a token's logit per time it is already in the answer
-    min_tokens: int = 0  # EOS and the stop ids cannot end the answer before it has this many tokens
+    min_tokens: int = 0  # EOS, stop ids and stop strings cannot end the answer before it has this many tokens
     ignore_eos: bool = False  # EOS does not end the answer (fixed-length runs of load testers)
 
     @property
@@ -514,7 +514,7 @@ class Scheduler:
             if r.counts is None:
                 r.counts = torch.zeros(self.model.cfg.vocab_size, device=self.model.rope_cos.device)
             r.counts[tok] += 1
-        text, stopped = r.text.add(tok)
+        text, stopped = r.text.add(tok, may_stop=r.generated >= p.min_tokens)
         if text or not stopped:
             self._send(r, "text", (text, [tok], None if p.logprobs is None else [logprob]))
         if stopped:

@@ -3,7 +3,8 @@
 A token's text is known only in context (byte-level BPE splits a UTF-8 character over tokens; a
 tokenizer may merge spaces), so the text so far is the decode of every generated token, and what a
 new token adds is the difference. Text that may still become a stop string is held back, so a stream
-never shows any part of the stop text.
+never shows any part of the stop text. Before an answer's `min_tokens` (vLLM's), stop strings are not looked
+for and nothing is held; after, a stop counts in the text not yet sent (sent text is never taken back).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class TextStream:
         self.text = ""  # the final text so far (stop text cut off)
         self.raw = ""  # the decode of every token (up to a stop)
         self.sent = 0  # characters of self.text already returned
+        self.floor = 0  # a stop string begins at or after this (the text sent while stops could not end it)
         self._base = 0  # tokens[:_base] are decoded into _base_text and never change
         self._base_text = ""
 
@@ -35,14 +37,20 @@ class TextStream:
                 tail = tail[len(settled):]
         return self._base_text + tail
 
-    def add(self, token: int) -> tuple[str, bool]:
-        """Append a generated token: (text to send now, stopped). After a stop, the text is final."""
+    def add(self, token: int, may_stop: bool = True) -> tuple[str, bool]:
+        """Append a generated token: (text to send now, stopped). After a stop, the text is final. With may_stop
+        False (the answer is still short of its min_tokens) no stop string ends it and no text is held."""
         self.tokens.append(token)
         text = self.raw = self._decoded()
         if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
             text = text[:-1]
+        if not may_stop:
+            self.text = text
+            piece = self._take(len(text))
+            self.floor = self.sent
+            return piece, False
         # search from just before what was already final: a stop may straddle the old and new text
-        start = max(0, self.sent - max((len(s) for s in self.stops), default=0))
+        start = max(self.floor, self.sent - max((len(s) for s in self.stops), default=0))
         cut = min((i for i in (text.find(s, start) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
             self.text = self.raw = text[:cut]

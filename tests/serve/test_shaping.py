@@ -1,5 +1,6 @@
 """What changes the logits before sampling, or when an answer may end, over the real server (fp32, cpu):
-logit_bias, presence_penalty, frequency_penalty (OpenAI's), min_tokens and ignore_eos (vLLM's).
+logit_bias, presence_penalty, frequency_penalty (OpenAI's), min_tokens (over EOS, stop ids and stop strings) and
+ignore_eos (vLLM's).
 
 The reference applies OpenAI's formula to transformers' logits on the same weights, recomputed over the whole
 sequence at every step (no cache): logit[t] + bias[t] - count[t] * frequency - (count[t] > 0) * presence."""
@@ -70,6 +71,20 @@ def test_ignore_eos_and_min_tokens(server, engine):
                   logit_bias={str(stop_id): 100})
     assert floor["finish_reason"] == "stop" and floor["token_ids"] == [t for t in floor["token_ids"] if t != stop_id]
     assert len(floor["token_ids"]) == 3  # the stop id masked for 3 tokens, then certain
+
+
+
+def test_min_tokens_holds_stop_strings_too(server, engine):
+    """A stop string in the answer's first min_tokens - 1 tokens does not end it (vLLM's rule); the first one
+    after does. The bias makes every token the same, so the stop text comes at every token."""
+    tok = next(t for t in range(60, 200) if t not in engine.cfg.eos_token_ids
+               and engine.tokenizer.decode([t]).isalpha())
+    piece = engine.tokenizer.decode([tok])
+    body = dict(prompt=[3, 14, 15], max_tokens=8, logit_bias={str(tok): 100}, stop=[piece])
+    at_once = _post(server, **body)
+    assert (at_once["text"], at_once["finish_reason"]) == ("", "stop")
+    floor = _post(server, **body, min_tokens=3)
+    assert (floor["text"], floor["finish_reason"]) == (piece * 2, "stop"), floor
 
 
 BAD = [
