@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from .metrics import Metrics
 from .protocol import ApiError, choice, chunk, complete, join_logprobs, logprobs_body, new_id, now, parse, usage
-from .scheduler import LOGPROBS_WITH_DRAFTS, SHAPING_WITH_DRAFTS, QueueFull, Request, Scheduler
+from .scheduler import QueueFull, Request, Scheduler
 from .text import TextStream, offsets
 
 log = logging.getLogger("dsv3")
@@ -149,11 +149,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
                                    "server_error"))
         want_lp = parsed.choices[0].params.logprobs is not None
         refusal = None
-        if want_lp and scheduler.spec is not None:
-            refusal = ApiError(400, LOGPROBS_WITH_DRAFTS, "logprobs", "unsupported_value")
-        elif parsed.choices[0].params.shapes and scheduler.spec is not None:
-            refusal = ApiError(400, SHAPING_WITH_DRAFTS, None, "unsupported_value")
-        elif len(parsed.choices) > scheduler.max_waiting:
+        if len(parsed.choices) > scheduler.max_waiting:
             refusal = ApiError(400, f"this request asks for {len(parsed.choices)} answers (prompts x n); this server "
                                f"queues at most {scheduler.max_waiting} (--max-waiting)", "n", "invalid_value")
         if refusal is not None:

@@ -148,6 +148,11 @@ class StepRunner:
                                        take=torch.tensor(take, device=self.device), all_hidden=True)
 
     @torch.inference_mode()
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output head on final hidden states [..., D] (forward_hidden's) -> logits [..., V]."""
+        return self.model.logits(hidden)
+
+    @torch.inference_mode()
     def verify(self, slots: list[int], tokens: torch.Tensor, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, q] at positions.. of each slot -> logits [B, q, V] and final hidden [B, q, D] (a static step's
         buffers where steps are captured: read them before the next verify)."""

@@ -34,6 +34,7 @@ import torch
 from ..core.errors import DsvError
 from ..core.generate import sample
 from ..core.model import LatentCache
+from .logprobs import entries, logprob_entries
 from .runner import DECODE, PREFILL, PREFILL_SCORED, StepRunner
 from .speculation import Drafting
 from .text import TextStream
@@ -42,26 +43,6 @@ log = logging.getLogger("dsv3")
 
 #: an idle rank 0 still broadcasts this often, so followers never hit the process group's timeout
 HEARTBEAT_S = 5.0
-
-
-def logprob_entries(logits: torch.Tensor, tokens: list[int], top: int) -> list[tuple]:
-    """logits [n, V] and the token chosen at each of the n positions -> [(token, its log-probability, [(id,
-    log-probability)] of the `top` most likely)] under the model's distribution (fp32 log-softmax)."""
-    lp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
-    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device).view(-1, 1))[:, 0].tolist()
-    alts = [[] for _ in tokens]
-    if top > 0:
-        v, i = lp.topk(top, dim=-1)
-        alts = [list(zip(ids, vals)) for ids, vals in zip(i.tolist(), v.tolist())]
-    return [(t, c, a) for t, c, a in zip(tokens, chosen, alts)]
-
-
-#: why a drafting server refuses logprobs: a verify round's accepted tokens are chosen inside one captured step
-LOGPROBS_WITH_DRAFTS = ("logprobs are not available from a server drafting with --speculative mtp; "
-                        "start it without --speculative to get them")
-#: ... and logit_bias, penalties and min_tokens: the round accepts drafts against the model's own distribution
-SHAPING_WITH_DRAFTS = ("logit_bias, presence_penalty, frequency_penalty and min_tokens are not available from a server "
-                       "drafting with --speculative mtp; start it without --speculative to use them")
 
 
 def _common_prefix(a, b, limit: int) -> int:
@@ -186,10 +167,6 @@ class Scheduler:
     # ---- the caller's side (any thread) ------------------------------------------------------
     def submit(self, *reqs: Request) -> None:
         """Queue requests, all or none (the answers of one HTTP request: QueueFull when they do not all fit)."""
-        if self.spec is not None and any(r.params.logprobs is not None for r in reqs):
-            raise DsvError(LOGPROBS_WITH_DRAFTS)
-        if self.spec is not None and any(r.params.shapes for r in reqs):
-            raise DsvError(SHAPING_WITH_DRAFTS)
         if self.error is not None:  # the model loop has died: nothing would ever take the request
             raise DsvError(f"the model loop failed ({type(self.error).__name__}: {self.error}); restart the server")
         with self._lock:
@@ -416,6 +393,9 @@ class Scheduler:
             logits = self.runner.forward(PREFILL, slots, tokens, starts, take)
         else:
             logits, hidden = self.runner.forward_hidden(slots, tokens, starts, take)  # hidden [B, q, D]
+            if any(score):  # single rank (drafting is refused under tensor parallel): the head on the scored rows
+                every = self.runner.head(hidden[torch.tensor(score, device=hidden.device)])  # [b, q, V]
+                self._prompt_logprobs([(r, at, t) for r, at, t, sc in zip(rows, starts, take, score) if sc], every)
         for r, t in zip(rows, take):
             r.length += t + 1
         for i, r in enumerate(rows):
@@ -436,10 +416,10 @@ class Scheduler:
         logits at each position of the chunk: position j of a chunk scores the prompt's token j + 1."""
         for i, (r, start, t) in enumerate(scored):
             n = min(t + 1, len(r.prompt) - 1 - start)  # the chunk's last position scores a new token, not the prompt's
-            entries = [(r.prompt[0], None, None)] if start == 0 else []
+            out = [(r.prompt[0], None, None)] if start == 0 else []
             if n > 0:
-                entries += logprob_entries(every[i, :n], r.prompt[start + 1:start + 1 + n], r.params.logprobs or 0)
-            self._send(r, "prompt", entries)
+                out += logprob_entries(every[i, :n], r.prompt[start + 1:start + 1 + n], r.params.logprobs or 0)
+            self._send(r, "prompt", out)
 
     def _decode(self) -> None:
         rows = [r for r in self.active if not r.prefilling and not r.cancelled and r.last >= 0]
@@ -458,39 +438,51 @@ class Scheduler:
         if self.observe:
             self.observe("step", (len(rows), self.step_time))
 
+    def shape(self, r: Request, row: torch.Tensor, ahead: list[int] | tuple = ()) -> torch.Tensor:
+        """Request r's logits row [V] (fp32, changed in place) as it samples its next token after its answer so far
+        and `ahead` (drafts taken as accepted): its logit_bias added, presence and frequency penalties subtracted
+        (OpenAI's formula over the answer's tokens), EOS and stop ids masked before min_tokens."""
+        p = r.params
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=row.device)
+            row.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), device=row.device))
+        if p.presence_penalty or p.frequency_penalty:
+            counts = r.counts
+            if ahead:
+                counts = counts.clone() if counts is not None else torch.zeros_like(row)
+                counts.index_add_(0, torch.tensor(list(ahead), device=row.device), torch.ones(len(ahead), device=row.device))
+            if counts is not None:
+                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        if r.generated + len(ahead) < p.min_tokens:
+            ends = sorted(p.stop_ids | (frozenset() if p.ignore_eos else self.eos_ids))
+            row[torch.tensor(ends, dtype=torch.long, device=row.device)] = float("-inf")
+        return row
+
     def _shaped(self, logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:
-        """logits [n, V] as the rows' requests sample from them: their logit_bias added, presence and frequency
-        penalties subtracted (OpenAI's formula, over the answer's tokens so far), EOS and stop ids masked before
-        min_tokens. The model's own logits where no row asks (no copy)."""
+        """logits [n, V] as the rows' requests sample from them (`shape`); the model's own where no row asks (no
+        copy)."""
         asked = [i for i, r in enumerate(rows) if r.params.shapes]
         if not asked:
             return logits
         out = logits.float().clone()
         for i in asked:
-            r, p, row = rows[i], rows[i].params, out[i]  # row [V]
-            if p.logit_bias:
-                ids = torch.tensor(list(p.logit_bias), device=row.device)
-                row.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), device=row.device))
-            if r.counts is not None:
-                row -= p.frequency_penalty * r.counts + p.presence_penalty * (r.counts > 0).float()
-            if r.generated < p.min_tokens:
-                ends = sorted(p.stop_ids | (frozenset() if p.ignore_eos else self.eos_ids))
-                row[torch.tensor(ends, dtype=torch.long, device=row.device)] = float("-inf")
+            self.shape(rows[i], out[i])
         return out
 
-    def _sample(self, logits: torch.Tensor, rows: list[Request]) -> None:
+    def choose(self, logits: torch.Tensor, rows: list[Request]) -> tuple[list[int], dict[int, tuple]]:
+        """The rows' next tokens from logits [n, V] (shaped, at each row's temperature and top_p, from its
+        generator) and the logprob entries of the rows that asked ({row index: entry})."""
         shaped = self._shaped(logits, rows)
         greedy = shaped.argmax(dim=-1).tolist()
-        now = time.perf_counter()
         toks = [greedy[i] if r.params.temperature <= 0 else
                 int(sample(shaped[i:i + 1], r.params.temperature, r.params.top_p, r.generator))
                 for i, r in enumerate(rows)]
-        asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        lps = {}
-        if asked:  # one log-softmax for every row that asked, the most alternatives any asked, each row's kept
-            top = max(rows[i].params.logprobs for i in asked)
-            entries = logprob_entries(logits[asked], [toks[i] for i in asked], top)
-            lps = {i: (t, c, a[:rows[i].params.logprobs]) for i, (t, c, a) in zip(asked, entries)}
+        return toks, entries(logits, [(i, i, toks[i], r.params.logprobs) for i, r in enumerate(rows)
+                                      if r.params.logprobs is not None])
+
+    def _sample(self, logits: torch.Tensor, rows: list[Request]) -> None:
+        toks, lps = self.choose(logits, rows)
+        now = time.perf_counter()
         for i, r in enumerate(rows):
             self.emit(r, toks[i], now, lps.get(i))
 

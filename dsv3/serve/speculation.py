@@ -6,6 +6,12 @@ Each round: the MTP module (its own latent cache, one slot per request like the 
 row, one main-model step over [last, drafts] keeps each row's accepted prefix plus the main model's next token
 (rows accept different counts), and the MTP module catches up on the kept positions (core/speculative.py explains
 the round). While drafting does not pay, the steps are probes: plain steps whose drafts are only scored.
+
+A round of greedy rows runs fused (verify, acceptance and catch-up in one step: `greedy_round`). Where a row
+samples, shapes its logits (logit_bias, penalties, min_tokens) or asks for logprobs, the round verifies and
+accepts on the host: position j of a row's verify logits is shaped as if drafts [0, j) were accepted (a kept
+draft was), its drafts are drawn from the MTP logits shaped the same way, and the rejection sampler's target is
+the shaped distribution, so the tokens are those the row's own plain decoding would give.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from ..core.generate import bucket, draw, probabilities
 from ..core.model import LatentCache
 from ..core.speculative import accept_greedy, accept_sampled, first_draft_lands
 from .drafting import DraftPolicy
+from .logprobs import entries
 
 if TYPE_CHECKING:
     from .scheduler import Request, Scheduler
@@ -84,8 +91,14 @@ class Drafting:
         drafts = torch.zeros(B, k, dtype=torch.long, device=dev)
         p_draft: list[list[torch.Tensor]] = [[] for _ in rows]  # sampling rows: the drafter's distributions
         dl, dh = torch.stack([r.draft_logits for r in rows]), torch.stack([r.draft_h for r in rows])
-        greedy = all(r.params.temperature <= 0 for r in rows)
+        shaped = [b for b, r in enumerate(rows) if r.params.shapes]
+        # the fused greedy round chooses inside one step: rows that shape their logits or ask for logprobs need them
+        fused = all(r.params.temperature <= 0 and not r.params.shapes and r.params.logprobs is None for r in rows)
         for i in range(k):
+            if shaped:  # drafted as the row samples: its bias, penalties and min_tokens (with the drafts before)
+                dl = dl.float().clone()
+                for b in shaped:
+                    self.s.shape(rows[b], dl[b], drafts[b, :i].tolist())
             drafts[:, i] = dl.argmax(dim=-1)  # the greedy rows' drafts; sampled rows draw theirs below
             for b, r in enumerate(rows):
                 if r.params.temperature > 0:
@@ -96,7 +109,8 @@ class Drafting:
                                          torch.zeros(B, dtype=torch.long, device=dev), self.cache)
         feed = torch.cat([torch.tensor([[r.last] for r in rows], device=dev), drafts], dim=1)  # [B, 1 + k]
         q = 1 + k
-        if greedy:  # the whole round in one step, the MTP catch-up included, and one host read
+        lps: dict[tuple[int, int], tuple] = {}
+        if fused:  # the whole round in one step, the MTP catch-up included, and one host read
             dl, choice_t, accepted_t, dh, _ = self.s.runner.round(slots, feed, [r.length for r in rows])
             kept = [row[:row[q] + 1] for row in torch.cat([choice_t, accepted_t[:, None]], dim=1).tolist()]
         else:
@@ -104,22 +118,30 @@ class Drafting:
             choice = logits.argmax(dim=-1).tolist()
             kept = []
             for b, r in enumerate(rows):
-                p = r.params
+                p, target = r.params, logits[b]  # [q, V]: position j chooses the token after drafts[:j]
+                if p.shapes:
+                    target = torch.stack([self.s.shape(r, logits[b, j].float().clone(), drafts[b, :j].tolist())
+                                          for j in range(q)])
                 if p.temperature <= 0:
-                    kept.append(accept_greedy(choice[b], drafts[b].tolist()))
+                    kept.append(accept_greedy(target.argmax(dim=-1).tolist() if p.shapes else choice[b],
+                                              drafts[b].tolist()))
                 else:
-                    kept.append(accept_sampled(probabilities(logits[b], p.temperature, p.top_p), drafts[b],
+                    kept.append(accept_sampled(probabilities(target, p.temperature, p.top_p), drafts[b],
                                                p_draft[b] or None, r.generator))
+            # the model's own log-probabilities of each kept token (position j's logits chose token j)
+            lps = entries(logits.flatten(0, 1), [((b, j), b * q + j, tok, r.params.logprobs)
+                                                 for b, r in enumerate(rows) if r.params.logprobs is not None
+                                                 for j, tok in enumerate(kept[b])])
         self.drafted += k * B
         self.accepted += sum(len(t) - 1 for t in kept)
         now = time.perf_counter()
-        for r, toks in zip(rows, kept):
+        for b, (r, toks) in enumerate(zip(rows, kept)):
             start = r.length
             for j, tok in enumerate(toks):  # `last` and the drafts before token j are in the cache, as plain decoding
                 r.length = start + j + 1  # would have them when it chose token j
-                if self.s.emit(r, tok, now):
+                if self.s.emit(r, tok, now, lps.get((b, j))):
                     break
-        if not greedy:
+        if not fused:
             nxt = torch.tensor([t[:q] + [0] * (q - len(t[:q])) for t in kept], device=dev)  # [B, q]
             n = torch.tensor([len(t) - 1 for t in kept], device=dev)
             dl, dh = self.s.runner.mtp(slots, nxt, hidden, starts, n, self.cache)
@@ -142,19 +164,16 @@ class Drafting:
         dl = torch.stack([rows[b].draft_logits for b in fresh]) if fresh else None
         feed = torch.tensor([[r.last] for r in rows], device=dev)  # [B, 1]
         logits, hidden = self.s.runner.verify([r.slot for r in rows], feed, [r.length for r in rows])  # [B, 1, V/D]
-        choice = logits.argmax(dim=-1).tolist()
         landed = self._probe([rows[b] for b in fresh], dl, logits[fresh]) if fresh else 0.0
+        toks, lps = self.s.choose(logits[:, 0], rows)  # as a plain step: shaped, sampled, logprobs
         now = time.perf_counter()
         hidden = hidden[:, 0].clone()  # [B, D]: a replayed step reuses its output buffer
         for b, r in enumerate(rows):
-            p = r.params
-            tok = choice[b][0] if p.temperature <= 0 else accept_sampled(
-                probabilities(logits[b], p.temperature, p.top_p), feed[b, :0], None, r.generator)[0]
             if not r.pending:
                 r.pending_at = r.length
-            r.pending.append((hidden[b], tok))
+            r.pending.append((hidden[b], toks[b]))
             r.length += 1
-            self.s.emit(r, tok, now)
+            self.s.emit(r, toks[b], now, lps.get(b))
         self.probe_steps += 1
         if self.probe_steps >= self.policy.probe_every:
             self.probe_steps = 0

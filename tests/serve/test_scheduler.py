@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from conftest import force_drafts
 
 from dsv3.serve.runner import PREFILL, PREFILL_SCORED
 from dsv3.serve.scheduler import QueueFull, Request, Sampling, Scheduler
@@ -73,35 +74,6 @@ def test_requests_submitted_together_queue_all_or_none(engine):
     assert s.stats()["waiting"] == 3
 
 
-def _perfect_or_wrong(s, want: dict, right: bool):
-    """Patch the scheduler's MTP calls (the catch-up, and the greedy round that includes it): the module still runs
-    (its cache fills as it would), but each row's draft logits are replaced by a certainty on the token the main
-    model will choose there (right) or on another one."""
-    real_mtp, real_round = s.runner.mtp, s.runner.round
-
-    def force(dl, slots, positions, take):
-        for b, slot in enumerate(slots):
-            r = next((r for r in s.active if r.slot == slot), None)
-            j = int(positions[b] + take[b]) + 2 - len(r.prompt) if r is not None else -1  # the drafted token's index
-            if 0 <= j < len(want[r.id]):
-                tok = want[r.id][j] if right else (want[r.id][j] + 1) % dl.shape[-1]
-                dl[b] = float("-inf")
-                dl[b, tok] = 0.0
-
-    @torch.inference_mode()
-    def mtp(slots, tokens, hidden, positions, take, cache, static=True):
-        dl, dh = real_mtp(slots, tokens, hidden, positions, take, cache, static)
-        force(dl, slots, positions, take)
-        return dl, dh
-
-    @torch.inference_mode()
-    def round_(slots, tokens, positions):
-        dl, choice, accepted, dh, total = real_round(slots, tokens, positions)
-        force(dl, slots, positions, accepted)
-        return dl, choice, accepted, dh, total
-    s.runner.mtp, s.runner.round = mtp, round_
-
-
 @pytest.mark.parametrize("drafts", ["as trained", "perfect", "always wrong"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_speculative_decoding_in_the_batch_gives_each_prompt_its_own_tokens(engine, drafts, k):
@@ -114,7 +86,7 @@ def test_speculative_decoding_in_the_batch_gives_each_prompt_its_own_tokens(engi
     s = Scheduler(engine, max_batch=3, prefill_chunk=16, eos_ids=tuple(engine.cfg.eos_token_ids),
                   speculative="mtp", draft_tokens=k)
     if drafts != "as trained":
-        _perfect_or_wrong(s, want, drafts == "perfect")
+        force_drafts(s, want, drafts == "perfect")
     s.start()
     try:
         done = threading.Semaphore(0)

@@ -9,6 +9,7 @@ import time
 import openai
 import psutil
 import pytest
+import torch
 from conftest import client
 
 
@@ -248,9 +249,10 @@ def test_tensor_parallel_under_torchrun(demo_ckpt, engine, server):
     assert s.proc.returncode is not None
 
 
-def test_speculative_serving(demo_ckpt, engine):
+def test_speculative_serving(demo_ckpt, engine, server):
     """`dsv3 serve --speculative mtp --draft-tokens 2`: concurrent greedy requests get each prompt's own tokens, a
-    seeded sampled request repeats itself, and /metrics counts the drafts."""
+    seeded sampled request repeats itself, logprobs and shaping are the plain server's, and /metrics counts the
+    drafts."""
     from conftest import Server, serve_cmd
 
     s = Server(serve_cmd(demo_ckpt, "--max-batch", "4", "--served-model-name", "demo", "--speculative", "mtp",
@@ -266,11 +268,17 @@ def test_speculative_serving(demo_ckpt, engine):
                                            extra_body={"return_token_ids": True})
             return r.choices[0].model_extra["token_ids"]
         assert asyncio.run(sampled()) == asyncio.run(sampled())
-        got, answer = s.request("POST", "/v1/completions", {"model": "demo", "prompt": [5, 6], "logprobs": 1})
-        assert got == 400 and "--speculative" in answer["error"]["message"], answer
-        for shaping in ({"logit_bias": {"5": 3}}, {"frequency_penalty": 1}, {"min_tokens": 2}):
-            got, answer = s.request("POST", "/v1/completions", {"model": "demo", "prompt": [5, 6], **shaping})
-            assert got == 400 and "--speculative" in answer["error"]["message"], (shaping, answer)
+        # logprobs (echo included) and shaping as the plain server gives them (tests/serve/test_speculation.py
+        # checks them in depth against a plain scheduler)
+        body = {"model": "demo", "prompt": [5, 6, 9, 13], "max_tokens": 6, "temperature": 0, "logprobs": 2,
+                "echo": True, "frequency_penalty": 1.0, "logit_bias": {"5": 3}, "return_token_ids": True}
+        (got, answer), (_, want) = s.request("POST", "/v1/completions", body), server.request("POST", "/v1/completions",
+                                                                                           body)
+        assert got == 200, answer
+        a, w = answer["choices"][0], want["choices"][0]
+        assert a["token_ids"] == w["token_ids"] and a["logprobs"]["tokens"] == w["logprobs"]["tokens"]
+        assert torch.allclose(torch.tensor(a["logprobs"]["token_logprobs"][1:]),
+                              torch.tensor(w["logprobs"]["token_logprobs"][1:]), atol=1e-4)
         got, answer = s.request("POST", "/v1/completions", {"model": "demo", "prompt": [5, 6], "max_tokens": 5,
                                                              "ignore_eos": True, "temperature": 0})
         assert got == 200 and answer["usage"]["completion_tokens"] == 5, answer  # EOS handling works with drafts

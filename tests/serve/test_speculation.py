@@ -1,0 +1,153 @@
+"""A drafting scheduler's rows that want more than greedy tokens: logprobs, logit shaping (logit_bias, penalties,
+min_tokens), sampling. Each must get what the same request gets from a plain scheduler (whose tokens and
+log-probabilities tests/serve/test_shaping.py and test_logprobs.py check against transformers), whether the drafts
+all land, never land, or drafting is off (probe steps)."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+from conftest import force_drafts
+
+from dsv3.serve.drafting import DraftPolicy
+from dsv3.serve.scheduler import Request, Sampling, Scheduler
+from dsv3.serve.text import TextStream
+
+
+def requests(engine) -> list[tuple[str, list[int], Sampling]]:
+    eos = engine.cfg.eos_token_ids[0]
+    return [
+        ("logprobs", [5, 9, 2], Sampling(10, logprobs=3)),
+        ("penalties", [(3 * i) % 400 + 1 for i in range(37)],
+         Sampling(12, frequency_penalty=1.5, presence_penalty=-0.5, logprobs=0)),
+        ("bias", [7] * 12, Sampling(8, logit_bias={11: 4.0, 12: -3.0, 300: 2.5})),
+        # EOS made certain: the answer is held to min_tokens, then ends (its EOS keeps a logprob entry)
+        ("min_tokens", [1, 2, 3, 4], Sampling(9, min_tokens=6, logit_bias={eos: 100.0}, logprobs=2)),
+        ("plain", [44, 45], Sampling(7)),
+    ]
+
+
+def run(s: Scheduler, engine, reqs) -> dict[str, tuple[list[int], list]]:
+    """Every request submitted before the loop starts (the same batches every run); (token ids, logprob entries)
+    by request id."""
+    done, got = threading.Semaphore(0), {}
+
+    def make(rid, prompt, params):
+        tokens, lps = [], []
+
+        def emit(kind, data):
+            if kind == "text":
+                tokens.extend(data[1])
+                lps.extend(data[2] or [])
+            elif kind in ("done", "error"):
+                done.release()
+        got[rid] = (tokens, lps)
+        return Request(rid, prompt, params, emit, TextStream(engine.tokenizer.decode))
+
+    for rid, prompt, params in reqs:
+        s.submit(make(rid, prompt, params))
+    s.start()
+    try:
+        for _ in reqs:
+            assert done.acquire(timeout=120), f"a request never finished (the model loop: {s.error!r})"
+        assert s.error is None, s.error
+    finally:
+        s.shutdown()
+    return got
+
+
+def same_entries(a: list, b: list, what: str) -> None:
+    """Logprob entries of the same tokens: log-probabilities within fp32 noise of steps of different shapes, the
+    alternatives the same where their values are not within that noise of each other."""
+    assert [e[0] for e in a] == [e[0] for e in b], what
+    for j, ((_, lp_a, alt_a), (_, lp_b, alt_b)) in enumerate(zip(a, b)):
+        assert math.isclose(lp_a, lp_b, abs_tol=1e-4), f"{what}, token {j}: {lp_a} vs {lp_b}"
+        assert len(alt_a) == len(alt_b), what
+        for (ia, va), (ib, vb) in zip(alt_a, alt_b):
+            assert math.isclose(va, vb, abs_tol=1e-4), f"{what}, token {j}: alternatives {alt_a} vs {alt_b}"
+            tie = any(abs(va - v) < 1e-4 for i, v in alt_b if i != ib)
+            assert ia == ib or tie, f"{what}, token {j}: alternatives {alt_a} vs {alt_b}"
+
+
+@pytest.fixture(scope="module")
+def plain(engine):
+    s = Scheduler(engine, max_batch=3, prefill_chunk=16, eos_ids=tuple(engine.cfg.eos_token_ids))
+    return run(s, engine, requests(engine))
+
+
+@pytest.mark.parametrize("drafts", ["perfect", "always wrong", "probes"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_logprobs_and_shaping_with_drafts_equal_plain_decoding(engine, plain, monkeypatch, drafts, k):
+    # the policy held: drafting on (every round verifies k drafts) or off after the first round (probe steps)
+    monkeypatch.setattr(DraftPolicy, "record", lambda self, *a: setattr(self, "drafting", drafts != "probes"))
+    s = Scheduler(engine, max_batch=3, prefill_chunk=16, eos_ids=tuple(engine.cfg.eos_token_ids),
+                  speculative="mtp", draft_tokens=k)
+    if drafts != "probes":
+        want = {rid: tokens for rid, (tokens, _) in plain.items()}
+        want["min_tokens"] = want["min_tokens"] + [engine.cfg.eos_token_ids[0]]  # its last draft is forced too
+        force_drafts(s, want, drafts == "perfect")
+    got = run(s, engine, requests(engine))
+    for rid, (tokens, lps) in plain.items():
+        assert got[rid][0] == tokens, f"{rid}: {drafts} drafts, k={k}"
+        same_entries(got[rid][1], lps, f"{rid}: {drafts} drafts, k={k}")
+    assert len(plain["min_tokens"][0]) == 6 and len(plain["min_tokens"][1]) == 7  # 6 tokens, then the EOS's entry
+    assert plain["bias"][0] != engine.generate([[7] * 12], max_new_tokens=8)[0], "the bias changes nothing"
+    if drafts == "perfect":
+        assert s.spec.accepted > 0.6 * s.spec.drafted, f"{s.spec.accepted} of {s.spec.drafted} drafts accepted"
+    elif drafts == "always wrong":
+        assert s.spec.accepted == 0 and s.spec.drafted > 0
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_sampled_rows_shape_their_target_and_their_drafts(engine, monkeypatch, k):
+    """Sampled rows verified on the host: a bias of +100 makes one token certain in the main model's distribution
+    (every kept token is it) and, shaped the same way, in the drafter's (every draft lands); a bias of -100 bans
+    one; each logprob entry names the emitted token."""
+    monkeypatch.setattr(DraftPolicy, "record", lambda self, *a: setattr(self, "drafting", True))
+    s = Scheduler(engine, max_batch=3, prefill_chunk=16, eos_ids=tuple(engine.cfg.eos_token_ids),
+                  speculative="mtp", draft_tokens=k)
+    forced = run(s, engine, [("forced", [5, 6, 7], Sampling(12, temperature=1.0, seed=3, logit_bias={42: 100.0}))])
+    assert forced["forced"][0] == [42] * 12
+    assert s.spec.accepted >= 0.9 * s.spec.drafted > 0, f"{s.spec.accepted} of {s.spec.drafted} shaped drafts landed"
+    s = Scheduler(engine, max_batch=3, prefill_chunk=16, eos_ids=tuple(engine.cfg.eos_token_ids),
+                  speculative="mtp", draft_tokens=k)
+    banned = engine.generate([[5, 6, 7]], max_new_tokens=1)[0][0]
+    got = run(s, engine, [
+        ("banned", [5, 6, 7], Sampling(12, temperature=0.7, seed=4, logit_bias={banned: -100.0}, logprobs=1)),
+        ("plain", [5, 6, 7], Sampling(12, temperature=0.7, seed=4)),
+    ])
+    tokens, lps = got["banned"]
+    assert banned not in tokens and [e[0] for e in lps] == tokens
+    assert all(e[1] <= 0 and len(e[2]) == 1 for e in lps)
+
+
+def test_a_drafting_server_scores_a_prompt(engine):
+    """echo + logprobs on a drafting scheduler: the prompt's entries from the head on the prefill's hidden states
+    equal a plain scheduler's (the prompt read in chunks of 16)."""
+    prompt = [(7 * i) % 300 + 2 for i in range(40)]
+
+    def scored(spec):
+        s = Scheduler(engine, max_batch=2, prefill_chunk=16, eos_ids=tuple(engine.cfg.eos_token_ids), **spec)
+        done, entries = threading.Semaphore(0), []
+
+        def emit(kind, data):
+            if kind == "prompt":
+                entries.extend(data)
+            elif kind in ("done", "error"):
+                done.release()
+        s.submit(Request("p", prompt, Sampling(0, logprobs=2, prompt_logprobs=True), emit,
+                         TextStream(engine.tokenizer.decode)))
+        s.start()
+        try:
+            assert done.acquire(timeout=120), s.error
+        finally:
+            s.shutdown()
+        return entries
+
+    plain, drafting = scored({}), scored({"speculative": "mtp"})
+    assert len(plain) == len(prompt) and plain[0] == (prompt[0], None, None) == drafting[0]
+    same_entries(drafting[1:], plain[1:], "scored prompt")
+    assert torch.tensor([e[1] for e in plain[1:]]).isfinite().all()
