@@ -41,7 +41,7 @@ from .options import load_options, progress_bar
 @click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
               help="A freed slot keeps its cache entries; a prompt that starts with them (the next turn of a chat, a "
                    "shared few-shot context) reads only the rest. Off: every prompt is read whole (bitwise-repeatable "
-                   "answers in bf16). Not with --speculative.")
+                   "answers in bf16).")
 @click.pass_context
 def serve(ctx, ckpt: Path, backend, dtype, device, cpu_weights, host, port, max_batch, max_waiting, max_seq_len, prefill_chunk,
           api_key, served_model_name, attn, speculative, draft_tokens, prefix_cache) -> None:

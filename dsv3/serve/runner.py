@@ -61,15 +61,17 @@ class StepRunner:
 
     @torch.inference_mode()
     def copy(self, src: int, dsts: list[int], length: int) -> None:
-        """Entries [0, length) of slot src into slots dsts, every layer (a prompt prefilled once for n answers)."""
+        """Entries [0, length) of slot src into slots dsts, every layer, the MTP module's cache too where it drafts
+        (a prompt prefilled once for n answers; a prefix one request leaves and another starts with)."""
         plan = torch.tensor([[src, d, length] for d in dsts], dtype=torch.long)
         self._broadcast(COPY, plan)
         self._copy(plan)
 
     def _copy(self, plan: torch.Tensor) -> None:
         for src, dst, length in plan.tolist():
-            self.cache.kv[:, dst, :length] = self.cache.kv[:, src, :length]  # [L, length, C]
-            self.cache.pe[:, dst, :length] = self.cache.pe[:, src, :length]  # [L, length, R]
+            for cache in (self.cache, self.mtp_cache) if self.mtp_cache is not None else (self.cache,):
+                cache.kv[:, dst, :length] = cache.kv[:, src, :length]  # [L, length, C]
+                cache.pe[:, dst, :length] = cache.pe[:, src, :length]  # [L, length, R]
 
     def _run(self, plan: torch.Tensor, scored: bool = False):
         slots, positions, take, score, tokens = plan[:, 0], plan[:, 1], plan[:, 2], plan[:, 3], plan[:, 4:]

@@ -116,6 +116,7 @@ class Request:
     leader: "Request | None" = None
     shared: bool = False  # some request names this one its leader: keep prefix_logits
     prefix_logits: torch.Tensor | None = None  # [V]: after the prompt, while forks may still take it
+    prefix_hidden: torch.Tensor | None = None  # [D]: the final hidden there (drafting: each fork's MTP entry)
     counts: torch.Tensor | None = None  # [V]: each token's count in the answer so far (presence/frequency penalties)
     out: list[int] = field(default_factory=list)  # the answer's tokens so far (what its slot holds after the prompt)
     reused: int = 0  # prompt tokens found in its slot's cache entries at admission (not read again)
@@ -145,9 +146,9 @@ class Scheduler:
         #: MTP drafting in the decode step (--speculative mtp: speculation.py), or None
         self.spec = Drafting(self, draft_tokens) if speculative is not None else None
         self.free = list(range(max_batch))  # a heap: the lowest slot first, so the batch is mostly a prefix
-        # free slot -> the tokens its cache entries [0, n) hold (prefix_cache; not with drafting: the MTP cache's
-        # entries follow their own schedule)
-        self.held: dict[int, list[int]] | None = {} if prefix_cache and speculative is None else None
+        # free slot -> the tokens its cache entries [0, n) hold (prefix_cache; with drafting, the MTP cache's
+        # entries [0, n) too: each pairs the main model's hidden at t with token t + 1)
+        self.held: dict[int, list[int]] | None = {} if prefix_cache else None
         self.inbox: queue.Queue[Request] = queue.Queue()
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
@@ -176,9 +177,8 @@ class Scheduler:
                                 f"{self.max_waiting})")
             self.pending += len(reqs)
         for req in reqs:
-            if req.leader is not None and (self.spec is not None or req.params.prompt_logprobs
-                                           or req.leader.prompt != req.prompt):
-                req.leader = None  # the MTP cache, or the prompt's own logprobs, would need a prefill of its own
+            if req.leader is not None and (req.params.prompt_logprobs or req.leader.prompt != req.prompt):
+                req.leader = None  # the prompt's own logprobs would need a prefill of its own
             if req.leader is not None:
                 req.leader.shared = True
             if req.params.seed is not None:
@@ -296,12 +296,17 @@ class Scheduler:
         """A free slot for r: the one whose cache entries hold the longest start of its prompt (all but the prompt's
         last token at most: its logits are needed; where that slot holds more, a copy of the shared part in another
         free slot), else the free slot holding the least (the lowest of the empty ones)."""
-        held, best, hit = self.held, None, 0
+        held, best, shared = self.held, None, 0
         if held and r.leader is None and not r.params.prompt_logprobs:  # forks copy; a scored prompt reads it all
             for slot in self.free:
                 n = _common_prefix(held.get(slot, []), r.prompt, len(r.prompt) - 1)
-                if n > hit:
-                    best, hit = slot, n
+                if n > shared:
+                    best, shared = slot, n
+        # drafting: the MTP cache's entry n - 1 pairs the hidden at n - 1 with token n, which r may not share: that
+        # position is read again (it rewrites the main entry with the same values)
+        hit = shared - 1 if self.spec is not None else shared
+        if hit <= 0:
+            best = None
         if best is None and held:  # a slot holding nothing (the lowest), else the least: keep histories for their turns
             slot = min(self.free, key=lambda f: (len(held.get(f, [])), f))
             self.free.remove(slot)
@@ -310,7 +315,7 @@ class Scheduler:
             slot = heapq.heappop(self.free)
         else:
             slot = best
-            if hit < len(held[best]) and len(self.free) > 1:
+            if shared < len(held[best]) and len(self.free) > 1:
                 # the slot holds more than r shares (another branch of a conversation, a longer few-shot prompt):
                 # keep it for a later request and copy the shared entries to the free slot holding the least
                 slot = min((f for f in self.free if f != best), key=lambda f: len(held.get(f, [])))
@@ -328,11 +333,11 @@ class Scheduler:
         """Free the slot (entries past a slot's length are never read, so nothing is erased: with prefix_cache a
         later request may start from them)."""
         self.active.remove(r)
-        if self.held is not None:
-            self.held[r.slot] = (r.prompt + r.out)[:r.length]  # what [0, length) holds: each token fed so far
+        if self.held is not None:  # what [0, length) holds: each token fed so far (the MTP cache: to pending_at)
+            self.held[r.slot] = (r.prompt + r.out)[:r.pending_at if r.pending else r.length]
         heapq.heappush(self.free, r.slot)
         r.slot = -1
-        r.prefix_logits = r.leader = None
+        r.prefix_logits = r.prefix_hidden = r.leader = None
         if reason is not None:
             rest = r.text.finish()
             if rest:
@@ -356,6 +361,7 @@ class Scheduler:
         for lead in {id(f.leader): f.leader for f in forks}.values():
             self.runner.copy(lead.slot, [f.slot for f in forks if f.leader is lead], len(lead.prompt))
         logits = torch.stack([f.leader.prefix_logits for f in forks])  # [n, V]
+        hidden = [f.leader.prefix_hidden for f in forks]
         for f in forks:
             f.length, f.leader = len(f.prompt), None
             f.reused = f.length  # none of it read (usage counts the prompt once, from its leader)
@@ -365,6 +371,10 @@ class Scheduler:
         for f in forks:
             if f.params.max_tokens == 0:
                 self._finish(f, "length")
+        if self.spec is not None:  # each fork's MTP entry at the prompt's last position: its own first token
+            alive = [i for i, f in enumerate(forks) if f.slot >= 0]
+            if alive:
+                self.spec.forked([forks[i] for i in alive], torch.stack([hidden[i] for i in alive]))
 
     def _prefill(self) -> None:
         self._fork()  # forks admitted after their leader read the prompt
@@ -401,7 +411,10 @@ class Scheduler:
         for i, r in enumerate(rows):
             if r.shared and not r.prefilling:
                 r.prefix_logits = logits[i].clone()
-        self._fork()  # before the leaders sample: one that ends at its first token frees its slot
+                if self.spec is not None:
+                    r.prefix_hidden = hidden[i, take[i]].clone()
+        if self.spec is None:  # before the leaders sample: one that ends at its first token frees its slot (drafting:
+            self._fork()  # at the next iteration's start, after the MTP module has read the leaders' prompts)
         done = [(i, r) for i, r in enumerate(rows) if not r.prefilling and r.params.max_tokens > 0]
         if done:
             self._sample(logits[[i for i, _ in done]], [r for _, r in done])

@@ -69,6 +69,18 @@ class Drafting:
             if not r.prefilling and r.slot >= 0:  # a prompt read to its end, not finished at its first token
                 r.draft_logits, r.draft_h = dl[i], dh[i]
 
+    def forked(self, rows: list[Request], hidden: torch.Tensor) -> None:
+        """Forks (OpenAI's n answers) that took their leader's cache entries and sampled their first token: the MTP
+        module's entry at the prompt's last position pairs the leader's final hidden there (hidden [n, D]) with each
+        fork's own token; their first drafts' logits."""
+        dev = hidden.device
+        at = torch.tensor([len(r.prompt) - 1 for r in rows], device=dev)
+        dl, dh = self.s.runner.mtp([r.slot for r in rows], torch.tensor([[r.last] for r in rows], device=dev),
+                                   hidden[:, None], at, torch.zeros(len(rows), dtype=torch.long, device=dev),
+                                   self.cache, static=False)
+        for i, r in enumerate(rows):
+            r.draft_logits, r.draft_h = dl[i], dh[i]
+
     def decode(self, rows: list[Request]) -> None:
         """One round for every generating row: k drafts from the MTP module, one main-model step over [last, drafts]
         (q = 1 + k), each row's kept tokens emitted one by one (a stop or EOS among them ends it there), then the

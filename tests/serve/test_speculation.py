@@ -151,3 +151,109 @@ def test_a_drafting_server_scores_a_prompt(engine):
     assert len(plain) == len(prompt) and plain[0] == (prompt[0], None, None) == drafting[0]
     same_entries(drafting[1:], plain[1:], "scored prompt")
     assert torch.tensor([e[1] for e in plain[1:]]).isfinite().all()
+
+
+@pytest.mark.parametrize("drafts", ["as trained", "probes"])
+def test_the_prefix_cache_keeps_the_mtp_cache_in_step(engine, monkeypatch, drafts):
+    """With drafting, a prompt that starts with what a free slot holds reads the rest and one more position (the MTP
+    cache's entry there paired it with the old next token); the slot is held only as far as the MTP cache caught up
+    (probe steps leave pairs pending). Each answer is the whole prompt's alone, and at each request's end both
+    caches' entries equal those of a scheduler that read every prompt whole."""
+    monkeypatch.setattr(DraftPolicy, "record", lambda self, *a: setattr(self, "drafting", drafts != "probes"))
+    base = [(3 * i) % 200 + 7 for i in range(30)]
+
+    def session(prefix_cache: bool):
+        s = Scheduler(engine, max_batch=3, prefill_chunk=8, eos_ids=(), speculative="mtp", draft_tokens=2,
+                      prefix_cache=prefix_cache)
+        ends, finish = [], s._finish
+
+        def record(r, reason):  # both caches' entries of the request's slot as it ends
+            n = r.pending_at if r.pending else r.length
+            ends.append((r.tokens, r.reused, [c[:, r.slot, :r.length].clone() for c in (s.cache.kv, s.cache.pe)],
+                         [c[:, r.slot, :n].clone() for c in (s.spec.cache.kv, s.spec.cache.pe)]))
+            finish(r, reason)
+        s._finish = record
+        s.start()
+        try:
+            first = one(s, engine, base, 6)
+            for prompt in (base + first[:5] + [11, 12],  # the answer but its last token, then other tokens
+                           base + first + [13],  # the whole answer, then more
+                           base[:10] + [250, 251, 252]):  # diverges early: the shared part copied to another slot
+                want = engine.generate([prompt], max_new_tokens=5)[0]
+                assert one(s, engine, prompt, 5)[:len(want)] == want, prompt
+        finally:
+            s.shutdown()
+        return ends
+
+    cached, whole = session(True), session(False)
+    assert [e[1] for e in whole] == [0, 0, 0, 0]
+    if drafts == "as trained":  # nothing pending: the slot holds its whole history
+        assert [e[1] for e in cached] == [0, 34, 34, 9]
+    assert all(e[1] > 0 for e in cached[1:])
+    for i, (c, w) in enumerate(zip(cached, whole)):
+        for got, want in zip(c[2] + c[3], w[2] + w[3]):
+            assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4), \
+                f"request {i}: max error {(got - want).abs().max():.2e}"
+
+
+def one(s: Scheduler, engine, prompt: list[int], max_tokens: int) -> list[int]:
+    """A greedy request through a running scheduler, waited for: its tokens (also left on the request)."""
+    done, tokens = threading.Semaphore(0), []
+
+    def emit(kind, data):
+        if kind == "text":
+            tokens.extend(data[1])
+        elif kind in ("done", "error"):
+            done.release()
+    r = Request(str(len(prompt)), prompt, Sampling(max_tokens), emit, TextStream(engine.tokenizer.decode))
+    r.tokens = tokens
+    s.submit(r)
+    assert done.acquire(timeout=120), f"a request never finished (the model loop: {s.error!r})"
+    return tokens
+
+
+def test_answers_of_one_prompt_read_it_once_with_drafting(engine, monkeypatch):
+    """OpenAI's n with drafting: forks copy the leader's entries of both caches, and each fork's MTP entry at the
+    prompt's last position pairs the leader's final hidden there with the fork's own first token (forced apart by
+    a bias here). Both caches' prompt entries equal those of each request run alone, and its tokens too."""
+    monkeypatch.setattr(DraftPolicy, "record", lambda self, *a: setattr(self, "drafting", True))
+    prompt = [(5 * i) % 300 + 2 for i in range(40)]  # 5 chunks of 8
+    params = [Sampling(4), Sampling(4, logit_bias={61: 100.0}), Sampling(4, logit_bias={62: 100.0})]
+
+    def session(linked: bool):
+        s = Scheduler(engine, max_batch=4, prefill_chunk=8, eos_ids=(), speculative="mtp", draft_tokens=2,
+                      prefix_cache=False)
+        ends, finish, done = {}, s._finish, threading.Semaphore(0)
+
+        def record(r, reason):
+            ends[r.id] = (r.reused, [c[:, r.slot, :len(prompt)].clone() for c in
+                                     (s.cache.kv, s.cache.pe, s.spec.cache.kv, s.spec.cache.pe)])
+            finish(r, reason)
+        s._finish = record
+        reqs, tokens = [], {}
+        for i, p in enumerate(params):
+            tokens[str(i)] = []
+            reqs.append(Request(str(i), prompt, p, lambda kind, data, i=i: tokens[str(i)].extend(data[1])
+                                if kind == "text" else kind == "done" and done.release(),
+                                TextStream(engine.tokenizer.decode)))
+            if linked and i:
+                reqs[-1].leader = reqs[0]
+        s.start()
+        try:
+            for r in reqs if linked else ():
+                s.submit(r)
+            for r in reqs if not linked else ():  # one at a time: each reads the prompt
+                s.submit(r)
+                assert done.acquire(timeout=120), s.error
+            for _ in reqs if linked else ():
+                assert done.acquire(timeout=120), s.error
+        finally:
+            s.shutdown()
+        return ends, tokens
+
+    (forked, got), (alone, want) = session(True), session(False)
+    assert got == want and want["1"] == [61] * 4 and want["2"] == [62] * 4
+    assert [forked[i][0] for i in "012"] == [0, len(prompt), len(prompt)]  # the forks read none of it
+    for i in "012":
+        for j, (a, b) in enumerate(zip(forked[i][1], alone[i][1])):
+            assert torch.allclose(a, b, atol=1e-4), f"request {i}, cache {j}: max error {(a - b).abs().max():.2e}"
