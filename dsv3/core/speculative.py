@@ -216,9 +216,12 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
                        "loaded with with_mtp=True); run without --speculative")
     if draft_tokens < 1:
         raise DsvError(f"draft_tokens={draft_tokens}; give at least 1")
-    if model.par.world_size > 1:
-        raise DsvError("speculative decoding under tensor parallel is not supported yet; run without --speculative")
-    device, k = model.rope_cos.device, draft_tokens
+    device, k, par = model.rope_cos.device, draft_tokens, model.par
+
+    def agreed(flag: bool) -> bool:
+        """Under tensor parallel every rank runs this loop; what it decides on the host (timings, draws) is rank
+        0's, so the ranks run the same steps."""
+        return bool(par.broadcast(torch.tensor([int(flag)], device=device))) if par.world_size > 1 else flag
     stats = Stats()
     B = len(prompts)
     lengths = [len(p) for p in prompts]
@@ -249,7 +252,7 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
     logits, hidden = model.forward_step(tokens, zero, cache, L, take=length - 1, all_hidden=True)  # hidden [B, L, D]
     if not bool(all_finite(logits)):
         raise NonFiniteLogits(NAN_PROMPT)
-    last = sample(logits, temperature, top_p, generator)  # [B] x_L: chosen, not yet in the cache
+    last = par.broadcast(sample(logits, temperature, top_p, generator))  # [B] x_L: chosen, not yet in the cache
     out: list[list[int]] = [[int(t)] for t in last.tolist()]
     rows = torch.arange(B, device=device)
     draft_h, draft_logits = None, None
@@ -322,6 +325,8 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
                         p_draft = probabilities(d_logits, temperature, top_p)
                         draft_p.append(p_draft)
                         d = draw(p_draft, generator)
+                        if par.world_size > 1:  # drawn on each rank: rank 0's is chained and fed
+                            d = par.broadcast(d.contiguous())
                     drafts[:, i] = d
                     if i + 1 < k:  # chain: the module on its own output hidden, one position further
                         d_logits, x_h = model.mtp_step(d[:, None], x_h[:, None], length + i, mtp_cache,
@@ -357,6 +362,9 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
                                   else None, generator) for b in range(B)]
         if probing:  # the draft a round would have fed, scored against the token just chosen
             hits += float(first_draft_lands(draft_logits[active], v_logits[active, 0], temperature, top_p).sum())
+        if par.world_size > 1:  # rank 0's acceptance (its draws; the greedy choices agree anyway)
+            box = torch.tensor([row + [-1] * (q - len(row) + 1) for row in new], device=device)  # [B, q + 1]
+            new = [[t for t in row if t >= 0] for row in par.broadcast(box).tolist()]
         n_host = [len(kept) - 1 for kept in new]  # accepted drafts per row
         # ---- keep: n + 1 new tokens per row (cut at EOS and max_new_tokens); the cache keeps x_L and the accepted
         for b in active:
@@ -390,7 +398,7 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
         if decided:
             continue
         if probing:
-            if _start_drafting(hits):
+            if agreed(_start_drafting(hits)):
                 probing = False
             elif probes >= QUIT_AFTER:
                 decided, drafting = True, False
@@ -399,7 +407,7 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
         if captures[0] == made:
             timing[drafting][0] += time.perf_counter() - round_t0
             timing[drafting][1] += sum(len(out[b]) for b in active) - before
-        if drafting and rounds >= QUIT_AFTER and accepted + hits == 0:  # drafts that never land cannot win: no trial
+        if drafting and rounds >= QUIT_AFTER and agreed(accepted + hits == 0):  # drafts that never land cannot win: no trial
             decided, drafting = True, False
             log.info("speculative decoding: no draft accepted in %d rounds; drafting stops", rounds)
         elif drafting and rounds >= JUDGE_AFTER:
@@ -409,7 +417,7 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
             if len(plain_trial) == JUDGE_AFTER:
                 decided = True
                 rate = {mode: t[1] / max(t[0], 1e-9) for mode, t in timing.items()}
-                drafting = _keep_drafting(rate)
+                drafting = agreed(_keep_drafting(rate))
                 log.info("speculative decoding: %.1f tok/s drafting (acceptance %.0f%%) vs %.1f tok/s plain; %s",
                          rate[True], 100 * (accepted + hits) / max(proposed + probed, 1), rate[False],
                          "drafting goes on" if drafting else "drafting stops")

@@ -118,3 +118,22 @@ def test_cli_under_torchrun_reports_memory_per_rank(demo_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank 0/2" in r.stderr and "rank 1/2" in r.stderr and "resident weights" in r.stderr
     assert r.stderr.count("prefill:") == 1  # only rank 0 prints
+
+
+def test_speculative_decoding_under_tensor_parallel(tp_ckpt, tmp_path):
+    """MTP drafting on 2 ranks: greedy tokens are plain decoding's (drafting held on, drafts as the random MTP layer
+    makes them, or perfect, k = 1 and 2, and adaptive), and a sampled run's draws and acceptances are rank 0's: with
+    rank 0 seeded as one process and the other rank seeded otherwise, every rank gives that process's tokens."""
+    worker = str(Path(__file__).parent / "tp_spec_worker.py")
+    r = subprocess.run([sys.executable, worker, str(tp_ckpt), str(tmp_path / "one")], capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun("--standalone", "--nproc-per-node", 2, worker, tp_ckpt, tmp_path / "tp")
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, ranks = torch.load(tmp_path / "one.0"), [torch.load(tmp_path / f"tp.{i}") for i in (0, 1)]
+    assert ranks[0]["world"] == 2 and ranks[0] == {**ranks[1], "world": 2}
+    for got in (one, ranks[0]):
+        for key in ("greedy-k1", "greedy-k2", "adaptive", "perfect"):
+            assert got[key] == got["plain"], key
+        assert got["perfect-accepted"] > 0.8
+    assert ranks[0]["sampled"] == one["sampled"] and ranks[0]["plain"] == one["plain"]
