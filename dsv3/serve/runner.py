@@ -12,7 +12,8 @@ from ..core.speculative import greedy_round
 #: plan kinds broadcast to follower ranks (PREFILL_SCORED: a prefill chunk some of whose rows, a prompt being scored
 #: for its logprobs, also want logits at every position)
 #: (COPY: cache entries copied from one slot to others, the prompt a request shares with its siblings, OpenAI's n)
-STOP, IDLE, PREFILL, DECODE, PREFILL_SCORED, COPY = 0, 1, 2, 3, 4, 5
+#: (HIDDEN, VERIFY, ROUND, MTP: the steps of MTP drafting, speculation.py)
+STOP, IDLE, PREFILL, DECODE, PREFILL_SCORED, COPY, HIDDEN, VERIFY, ROUND, MTP = range(10)
 
 
 class StepRunner:
@@ -136,28 +137,43 @@ class StepRunner:
                 tokens, hidden, positions, cache, cache.max_len, take=take, rows=rows)
         return StaticStep(model, f"server {kind} step", run, buffers, graphs=True)
 
-    # ---- speculative decoding (single rank: the scheduler refuses it under tensor parallel) ----------------
+    # ---- speculative decoding: on rank 0 each call broadcasts its plan (the MTP module's, its hidden states too);
+    # followers run the same steps eagerly (graphs are single-rank) ---------------------------------------------
     def _slots(self, slots: list[int]) -> torch.Tensor | None:
         return None if slots == list(range(len(slots))) else torch.tensor(slots, device=self.device)
 
-    @torch.inference_mode()
-    def forward_hidden(self, slots: list[int], tokens: list[list[int]], positions: list[int], take: list[int]
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A prefill chunk that also returns every position's final hidden [B, q, D] (what the MTP module reads)."""
-        t = torch.tensor(tokens, device=self.device)
-        return self.model.forward_step(t, torch.tensor(positions, device=self.device), self.cache,
-                                       max(positions) + t.shape[1], rows=self._slots(slots),
-                                       take=torch.tensor(take, device=self.device), all_hidden=True)
+    def _plan(self, kind: int, slots, positions, take, flags, tokens: torch.Tensor) -> None:
+        """Broadcast a plan [slot, position, take, flag, *tokens] per row (tokens [B, q], on the device: built
+        there, no host read) to the followers."""
+        if self.par.world_size == 1:
+            return
+        cols = [torch.as_tensor(c, device=self.device).long().view(-1, 1) for c in (slots, positions, take, flags)]
+        self._broadcast(kind, torch.cat([*cols, tokens.long()], dim=1))
 
     @torch.inference_mode()
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The output head on final hidden states [..., D] (forward_hidden's) -> logits [..., V]."""
-        return self.model.logits(hidden)
+    def forward_hidden(self, slots: list[int], tokens: list[list[int]], positions: list[int], take: list[int],
+                       score: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A prefill chunk that also returns every position's final hidden [B, q, D] (what the MTP module reads), and
+        for the rows whose `score` is set their logits at every position [b, q, V] (a prompt's logprobs), else
+        None."""
+        score = score or [False] * len(slots)
+        t = torch.tensor(tokens, device=self.device)
+        self._plan(HIDDEN, slots, positions, take, [int(x) for x in score], t)
+        return self._hidden(slots, t, positions, take, score)
+
+    def _hidden(self, slots: list[int], tokens: torch.Tensor, positions: list[int], take: list[int],
+                score: list[bool]):
+        logits, hidden = self.model.forward_step(tokens, torch.tensor(positions, device=self.device), self.cache,
+                                                 max(positions) + tokens.shape[1], rows=self._slots(slots),
+                                                 take=torch.tensor(take, device=self.device), all_hidden=True)
+        every = self.model.logits(hidden[torch.tensor(score, device=self.device)]) if any(score) else None
+        return logits, hidden, every
 
     @torch.inference_mode()
     def verify(self, slots: list[int], tokens: torch.Tensor, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, q] at positions.. of each slot -> logits [B, q, V] and final hidden [B, q, D] (a static step's
         buffers where steps are captured: read them before the next verify)."""
+        self._plan(VERIFY, slots, positions, [0] * len(slots), [0] * len(slots), tokens)
         at = torch.tensor(positions, device=self.device)
         if self.graphs:
             return self._staged("verify", torch.tensor(slots, device=self.device), tokens=tokens, positions=at)
@@ -168,7 +184,8 @@ class StepRunner:
     def round(self, slots: list[int], tokens: torch.Tensor, positions: list[int]) -> tuple[torch.Tensor, ...]:
         """A greedy round (core/speculative.greedy_round): tokens [B, q] = [last, drafts] -> draft logits [B, V],
         choices [B, q], accepted drafts [B], draft hidden [B, D], the logits' sum (a static step's buffers where
-        steps are captured: read them before the next round)."""
+        steps are captured: read them before the next round). Every rank chooses from the same gathered logits."""
+        self._plan(ROUND, slots, positions, [0] * len(slots), [0] * len(slots), tokens)
         at = torch.tensor(positions, device=self.device)
         if self.graphs:
             return self._staged("round", torch.tensor(slots, device=self.device), tokens=tokens, positions=at)
@@ -180,12 +197,35 @@ class StepRunner:
             take: torch.Tensor, mtp_cache: LatentCache, static: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The MTP module over (hidden, next token) pairs at positions.. of each slot -> draft logits [B, V], [B, D].
         `static`: a decode round's shape (not a prefill chunk's), run as a static step where steps are captured
-        (its outputs are that step's buffers: read or copy them before its next run)."""
+        (its outputs are that step's buffers: read or copy them before its next run). Under tensor parallel the
+        hidden states [B, q, D] go to the followers with the plan (rank 0's: the host chose which)."""
+        if self.par.world_size > 1:
+            self._plan(MTP, slots, positions, take, [int(static)] * len(slots), tokens)
+            hidden = self.par.broadcast(hidden.to(self.cache.kv.dtype).contiguous())
         if static and self.graphs and mtp_cache is self.mtp_cache:
             return self._staged("mtp", torch.tensor(slots, device=self.device), tokens=tokens, hidden=hidden,
                                 positions=positions, take=take)
         return self.model.mtp_step(tokens, hidden, positions, mtp_cache, int(positions.max()) + tokens.shape[1],
                                    take=take, rows=self._slots(slots))
+
+    def _follow_drafting(self, kind: int, plan: torch.Tensor) -> None:
+        """A follower's side of the calls above, from rank 0's plan."""
+        slots, positions, take, flags = (plan[:, i].tolist() for i in range(4))
+        tokens = plan[:, 4:]
+        if kind == HIDDEN:
+            self._hidden(slots, tokens, positions, take, [bool(f) for f in flags])
+        elif kind == VERIFY:
+            self.model.forward_step(tokens, plan[:, 1], self.cache, max(positions) + tokens.shape[1],
+                                    rows=self._slots(slots))
+        elif kind == ROUND:
+            greedy_round(self.model, self.cache, self.mtp_cache, tokens, plan[:, 1], max(positions) + tokens.shape[1],
+                         rows=self._slots(slots))
+        else:  # MTP
+            hidden = torch.empty(*tokens.shape, self.model.cfg.hidden_size, dtype=self.cache.kv.dtype,
+                                 device=self.device)
+            self.par.broadcast(hidden)
+            self.model.mtp_step(tokens, hidden, plan[:, 1], self.mtp_cache, max(positions) + tokens.shape[1],
+                                take=plan[:, 2], rows=self._slots(slots))
 
     @torch.inference_mode()
     def follow(self) -> None:
@@ -202,5 +242,7 @@ class StepRunner:
             self.par.broadcast(plan)
             if kind == COPY:
                 self._copy(plan)
+            elif kind in (HIDDEN, VERIFY, ROUND, MTP):
+                self._follow_drafting(kind, plan)
             else:
                 self._run(plan, scored=kind == PREFILL_SCORED)

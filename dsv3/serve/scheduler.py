@@ -402,9 +402,8 @@ class Scheduler:
         elif self.spec is None:
             logits = self.runner.forward(PREFILL, slots, tokens, starts, take)
         else:
-            logits, hidden = self.runner.forward_hidden(slots, tokens, starts, take)  # hidden [B, q, D]
-            if any(score):  # single rank (drafting is refused under tensor parallel): the head on the scored rows
-                every = self.runner.head(hidden[torch.tensor(score, device=hidden.device)])  # [b, q, V]
+            logits, hidden, every = self.runner.forward_hidden(slots, tokens, starts, take, score)  # [B, q, D]
+            if every is not None:  # [b, q, V]: the head on the scored rows
                 self._prompt_logprobs([(r, at, t) for r, at, t, sc in zip(rows, starts, take, score) if sc], every)
         for r, t in zip(rows, take):
             r.length += t + 1

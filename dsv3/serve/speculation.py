@@ -41,8 +41,6 @@ class Drafting:
         if len(model.mtp) == 0:
             raise DsvError("--speculative mtp needs the checkpoint's MTP layer (num_nextn_predict_layers >= 1); "
                            "this one has none: serve without --speculative")
-        if model.par.world_size > 1:
-            raise DsvError("--speculative under tensor parallel is not supported yet; serve without it")
         if draft_tokens < 1:
             raise DsvError(f"--draft-tokens {draft_tokens}: give at least 1")
         self.s, self.k = scheduler, draft_tokens

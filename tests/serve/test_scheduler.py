@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import force_drafts
+from forced import force_drafts
 
 from dsv3.serve.runner import PREFILL, PREFILL_SCORED
 from dsv3.serve.scheduler import QueueFull, Request, Sampling, Scheduler

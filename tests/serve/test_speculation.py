@@ -10,7 +10,7 @@ import threading
 
 import pytest
 import torch
-from conftest import force_drafts
+from forced import force_drafts
 
 from dsv3.serve.drafting import DraftPolicy
 from dsv3.serve.scheduler import Request, Sampling, Scheduler
@@ -257,3 +257,33 @@ def test_answers_of_one_prompt_read_it_once_with_drafting(engine, monkeypatch):
     for i in "012":
         for j, (a, b) in enumerate(zip(forked[i][1], alone[i][1])):
             assert torch.allclose(a, b, atol=1e-4), f"request {i}, cache {j}: max error {(a - b).abs().max():.2e}"
+
+
+def test_drafting_under_tensor_parallel(demo_ckpt, tmp_path):
+    """Two ranks (gloo), drafting held on with the greedy rows' drafts right: rank 0 schedules, drafts and accepts,
+    the follower runs its plans (the MTP module's with rank 0's hidden states). Every request gets what one process
+    gets, and the greedy ones plain decoding's tokens: rounds, a sampled row with a penalty, logprobs, a scored
+    prompt, the next turn from the prefix cache, n answers of one prompt."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = str(Path(__file__).parent / "tp_spec_worker.py")
+    runs = {}
+    for name, launcher in (("one", []), ("tp", ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])):
+        out = tmp_path / f"{name}.pt"
+        r = subprocess.run([sys.executable, *launcher, worker, str(demo_ckpt), str(out)], capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = torch.load(out)
+    one, tp = runs["one"]["got"], runs["tp"]["got"]
+    assert (one["world"], tp["world"]) == (1, 2)
+    for rid, want in runs["one"]["want"].items():
+        assert one[rid]["tokens"] == want and tp[rid]["tokens"] == want, rid
+    drafted, accepted = tp["drafts"]
+    assert accepted > 0.5 * drafted > 0, tp["drafts"]
+    for rid in one:
+        if isinstance(one[rid], dict):
+            assert tp[rid]["tokens"] == one[rid]["tokens"] and tp[rid]["end"] == one[rid]["end"], rid
+            assert tp[rid]["logprobs"] == pytest.approx(one[rid]["logprobs"], abs=1e-4), rid
+    assert len(one["scored"]["logprobs"]) == 38 + 2 and len(one["b"]["logprobs"]) == 10  # prompt entries, new tokens
