@@ -2,7 +2,9 @@
 
 scheduler.py  slots, the waiting queue and the model loop over Transformer.forward_step (no HTTP)
 runner.py     the forwards it runs: static decode/verify/MTP steps, the tensor-parallel plan broadcast
+speculation.py  --speculative mtp in the decode step: drafts, verification, acceptance, the MTP module's cache
 drafting.py   when --speculative drafts: the adaptive off-switch (measured acceptance against step costs)
+logprobs.py   log-probability entries (the model's own distribution) as the API reports them
 text.py       incremental detokenization and stop strings
 protocol.py   OpenAI request validation, response and error bodies (no HTTP)
 metrics.py    Prometheus text exposition

@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dsv3.serve.scheduler import Request, Sampling
+from dsv3.serve.text import TextStream
+
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 pytest.importorskip("openai")
@@ -122,3 +125,17 @@ def client(server, **kw):
     import openai
 
     return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120, **kw)
+
+
+def make(engine, prompt, max_tokens, done):
+    """A request whose emitted token ids collect in .tokens; done is released when it ends."""
+    tokens = []
+
+    def emit(kind, data):
+        if kind == "text":
+            tokens.extend(data[1])
+        elif kind in ("done", "error"):
+            done.release()
+    r = Request(str(len(prompt)), prompt, Sampling(max_tokens), emit, TextStream(engine.tokenizer.decode))
+    r.tokens = tokens
+    return r

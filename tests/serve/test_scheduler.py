@@ -7,25 +7,12 @@ import time
 
 import pytest
 import torch
+from conftest import make
 from forced import force_drafts
 
 from dsv3.serve.runner import PREFILL, PREFILL_SCORED
 from dsv3.serve.scheduler import QueueFull, Request, Sampling, Scheduler
 from dsv3.serve.text import TextStream
-
-
-def make(engine, prompt, max_tokens, done):
-    """A request whose emitted token ids collect in .tokens; done is released when it ends."""
-    tokens = []
-
-    def emit(kind, data):
-        if kind == "text":
-            tokens.extend(data[1])
-        elif kind in ("done", "error"):
-            done.release()
-    r = Request(str(len(prompt)), prompt, Sampling(max_tokens), emit, TextStream(engine.tokenizer.decode))
-    r.tokens = tokens
-    return r
 
 
 def test_a_short_prompt_is_not_stuck_behind_a_long_one(engine):

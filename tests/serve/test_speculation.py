@@ -10,6 +10,7 @@ import threading
 
 import pytest
 import torch
+from conftest import make
 from forced import force_drafts
 
 from dsv3.serve.drafting import DraftPolicy
@@ -197,19 +198,12 @@ def test_the_prefix_cache_keeps_the_mtp_cache_in_step(engine, monkeypatch, draft
 
 
 def one(s: Scheduler, engine, prompt: list[int], max_tokens: int) -> list[int]:
-    """A greedy request through a running scheduler, waited for: its tokens (also left on the request)."""
-    done, tokens = threading.Semaphore(0), []
-
-    def emit(kind, data):
-        if kind == "text":
-            tokens.extend(data[1])
-        elif kind in ("done", "error"):
-            done.release()
-    r = Request(str(len(prompt)), prompt, Sampling(max_tokens), emit, TextStream(engine.tokenizer.decode))
-    r.tokens = tokens
+    """A greedy request through a running scheduler, waited for: its tokens."""
+    done = threading.Semaphore(0)
+    r = make(engine, prompt, max_tokens, done)
     s.submit(r)
     assert done.acquire(timeout=120), f"a request never finished (the model loop: {s.error!r})"
-    return tokens
+    return r.tokens
 
 
 def test_answers_of_one_prompt_read_it_once_with_drafting(engine, monkeypatch):

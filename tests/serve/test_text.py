@@ -14,10 +14,11 @@ def decode(ids):
     return b"".join(BYTES[i] for i in ids).decode("utf-8", errors="replace")
 
 
-def run(tokens, stops):
+def run(tokens, stops, min_tokens=0):
+    """The stream's pieces joined, whether it stopped, and the pieces; stops count from token min_tokens on."""
     s, out, stopped = TextStream(decode, stops), [], False
-    for t in tokens:
-        piece, stopped = s.add(t)
+    for n, t in enumerate(tokens, 1):
+        piece, stopped = s.add(t, may_stop=n >= min_tokens)
         out.append(piece)
         if stopped:
             break
@@ -58,29 +59,16 @@ def test_random_streams_equal_the_whole_decode_cut_at_the_first_stop():
         assert text == want, (tokens, stops)
 
 
-def run_with_floor(tokens, stops, min_tokens):
-    """As run, with stops allowed from token min_tokens on (vLLM's min_tokens)."""
-    s, out, stopped = TextStream(decode, stops), [], False
-    for n, t in enumerate(tokens, 1):
-        piece, stopped = s.add(t, may_stop=n >= min_tokens)
-        out.append(piece)
-        if stopped:
-            break
-    if not stopped:
-        out.append(s.finish())
-    return "".join(out), stopped, out
-
-
 def test_stops_before_min_tokens_do_not_end_the_answer():
     # "c" is the stop; it comes at token 3 and token 6; min_tokens 4 lets only the second one end it
-    text, stopped, pieces = run_with_floor([0, 1, 2, 3, 4, 2, 5], ("c",), 4)
+    text, stopped, pieces = run([0, 1, 2, 3, 4, 2, 5], ("c",), 4)
     assert (text, stopped) == ("abcde", True)
     assert pieces[:3] == ["a", "b", "c"]  # nothing held while no stop can end the answer
 
 
 def test_a_stop_straddling_the_min_tokens_boundary_does_not_take_back_sent_text():
     # "bc" begins in token 2 (sent before stops counted) and ends in token 3: it does not end the answer
-    text, stopped, _ = run_with_floor([0, 1, 2, 3], ("bc",), 3)
+    text, stopped, _ = run([0, 1, 2, 3], ("bc",), 3)
     assert (text, stopped) == ("abcd", False)
 
 
@@ -95,7 +83,7 @@ def test_random_streams_with_min_tokens_cut_at_the_first_stop_after_the_floor():
         m = rng.randrange(0, len(tokens) + 2)
         floor_text = decode(tokens[:max(m - 1, 0)])
         floor = len(floor_text) - floor_text.endswith("\ufffd")
-        text, stopped, _ = run_with_floor(tokens, stops, m)
+        text, stopped, _ = run(tokens, stops, m)
         cuts = [whole.find(s, floor) for s in stops if s and whole.find(s, floor) >= 0]
         want = whole[:min(cuts)] if cuts else whole
         if "\ufffd" in want or any("\ufffd" in s for s in stops):
