@@ -148,13 +148,11 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
             return _error(ApiError(503, "the model loop is not running; see the server log", None, "unavailable",
                                    "server_error"))
         want_lp = parsed.choices[0].params.logprobs is not None
-        refusal = None
         if len(parsed.choices) > scheduler.max_waiting:
-            refusal = ApiError(400, f"this request asks for {len(parsed.choices)} answers (prompts x n); this server "
-                               f"queues at most {scheduler.max_waiting} (--max-waiting)", "n", "invalid_value")
-        if refusal is not None:
             metrics.request("rejected")
-            return _error(refusal)
+            return _error(ApiError(400, f"this request asks for {len(parsed.choices)} answers (prompts x n); this "
+                                   f"server queues at most {scheduler.max_waiting} (--max-waiting)", "n",
+                                   "invalid_value"))
         events = asyncio.Queue()  # (choice index, kind, data) of every answer, as the model thread delivers them
         rid, created = new_id(chat), now()
         answers = [_Answer(i, ch, Request(rid if len(parsed.choices) == 1 else f"{rid}-{i}", ch.prompt, ch.params,

@@ -395,16 +395,15 @@ class Scheduler:
         take = [len(t) - 1 for t in tokens]
         tokens = [t + [0] * (q - len(t)) for t in tokens]
         slots, starts = [r.slot for r in rows], [r.length for r in rows]
-        score = [r.params.prompt_logprobs for r in rows]
+        score, every = [r.params.prompt_logprobs for r in rows], None  # every [b, q, V]: the scored rows' logits
         if self.spec is None and any(score):
-            logits, every = self.runner.forward(PREFILL_SCORED, slots, tokens, starts, take, score)  # every [b, q, V]
-            self._prompt_logprobs([(r, at, t) for r, at, t, sc in zip(rows, starts, take, score) if sc], every)
+            logits, every = self.runner.forward(PREFILL_SCORED, slots, tokens, starts, take, score)
         elif self.spec is None:
             logits = self.runner.forward(PREFILL, slots, tokens, starts, take)
         else:
-            logits, hidden, every = self.runner.forward_hidden(slots, tokens, starts, take, score)  # [B, q, D]
-            if every is not None:  # [b, q, V]: the head on the scored rows
-                self._prompt_logprobs([(r, at, t) for r, at, t, sc in zip(rows, starts, take, score) if sc], every)
+            logits, hidden, every = self.runner.forward_hidden(slots, tokens, starts, take, score)  # hidden [B, q, D]
+        if every is not None:
+            self._prompt_logprobs([(r, at, t) for r, at, t, sc in zip(rows, starts, take, score) if sc], every)
         for r, t in zip(rows, take):
             r.length += t + 1
         for i, r in enumerate(rows):
