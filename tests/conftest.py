@@ -14,6 +14,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# pytest-xdist runs the suite in one process per core (pyproject's addopts): each gets its share of the cores, since
+# torch's and the C kernels' OpenMP threads on a core another worker is busy on spin and wait (several times slower).
+# The processes the tests start (servers, torchrun ranks) take theirs from OMP_NUM_THREADS.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_configs import CONFIGS
