@@ -139,6 +139,18 @@ def test_cpu_attention_benchmark_smoke():
     assert "| 2 | 1500 |" in r.stdout and "x** |" in r.stdout and "nan" not in r.stdout.lower(), r.stdout
 
 
+def test_cpu_linear_benchmark_smoke():
+    """benchmarks/cpu_linear.py on small shapes (K not a multiple of 64 or 128): FP8 and bf16 rates and the read rate."""
+    from dsv3.backends.cpu import native
+
+    if native.load() is None:
+        pytest.skip("no C kernels here")
+    r = subprocess.run([sys.executable, "benchmarks/cpu_linear.py", "--smoke"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| tail (129 x 1029) | 2 |" in r.stdout and "nan" not in r.stdout.lower(), r.stdout
+
+
 def test_gpu_session_script_is_ready():
     """The one script a GPU session runs: valid bash, and every benchmark it calls exists and takes its flags."""
     import re
