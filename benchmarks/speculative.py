@@ -18,7 +18,7 @@ Two rates per run: over the whole call (the prompt's prefill included, the same 
 decode steps alone (what the bound compares). Each mode keeps its captured steps from one repeat to the next
 (`Engine.steps`), as repeated `engine.generate` calls do.
 
-    python benchmarks/speculative.py [--new-tokens 64] [--repeats 5] [--workdir DIR] [--no-write]
+    python benchmarks/speculative.py [--new-tokens 64] [--repeats 9] [--workdir DIR] [--no-write]
     python benchmarks/speculative.py --smoke     # the demo model, a few tokens (the test suite runs this)
 """
 
@@ -103,7 +103,7 @@ def measure(engine, prompt, new: int, repeats: int):
 def main() -> None:
     ap = R.parser(__doc__)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)  # this VM swings ±10% from run to run: more samples, steadier best
     ap.add_argument("--smoke", action="store_true", help="tiny models, a few tokens: checks the script runs")
     args = ap.parse_args()
     import dsv3
@@ -146,7 +146,10 @@ def main() -> None:
                              "pass it. The other way, the weights every plain step re-reads (attention, dense and "
                              "shared experts, head: about half of V3_SHAPED's) partly stay in that L3 between steps, "
                              "while a round streams more bytes and keeps less: where the L3 holds a good part of them "
-                             "the ratio reads a few percent low. The synthetic MTP layers are random: their acceptance "
+                             "the ratio reads a few percent low. And where FP8 linears run below the memory's read "
+                             "rate, slower per byte at 2 rows than at 1 (benchmarks/cpu_linear.py: on an Intel Xeon "
+                             "57-70% of it at 2 rows, 71-82% at 1), a verify step's extra experts cost more than their "
+                             "bytes, and the ratio reads low again. The synthetic MTP layers are random: their acceptance "
                              "is what an untrained drafter gives."])
     print(text)
     if not args.no_write:
