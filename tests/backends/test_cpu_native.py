@@ -27,6 +27,7 @@ NATIVE = native_lib.load()
 pytestmark = pytest.mark.skipif(NATIVE is None, reason="no C compiler here: the cpu backend runs plain torch")
 BF16 = 2.0 ** -8  # one rounding to bf16, relative
 FP8 = [pytest.param(torch.float8_e4m3fn, id="e4m3fn"), pytest.param(torch.float8_e4m3fnuz, id="e4m3fnuz")]
+WEIGHTS = [pytest.param("bf16", id="bf16"), *FP8]
 
 
 def _isa_params():
@@ -127,6 +128,28 @@ def test_fp8_every_byte_value(lib, fp8, col, rows, K):
         assert not wrong.any(), f"FP8 bytes widen to wrong values in row {r} of {rows}, K = {K}: {got[r][wrong][:4]}"
 
 
+@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("K", [100, 1029])
+def test_a_rows_sums_do_not_depend_on_its_company(lib, weights, K):
+    """Row 0's linear and experts give the same bits alone and among 2-9 rows, or a prompt's tokens would depend on
+    its batch: with AVX512-BF16 the table widens FP8 for 1-4 rows and the conversion through fp16 for 5-8 (9 = 8 + 1);
+    without, rows go four a pass, a lone row too (its own loop summed bf16 weights in another order)."""
+    g = torch.Generator().manual_seed(K)
+    N, I, E = 70, 130, 4
+    x = bf16(9, K, g=g)
+    if weights == "bf16":
+        w, s = bf16(N, K, g=g), None
+    else:
+        w, s, _ = fp8_weight((N, K), weights, g)
+    w1, w3, w2, s1, s3, s2, *_ = experts(E, I, K, g, weights)
+    ids, alpha = torch.tensor([[1, 3]] * 9), torch.rand(9, 2, generator=g)
+    alone = lib.linear(x[:1], w, s), lib.moe(x[:1], ids[:1], alpha[:1], w1, w3, w2, s1, s3, s2)
+    for M in range(2, 10):
+        among = lib.linear(x[:M], w, s)[:1], lib.moe(x[:M], ids[:M], alpha[:M], w1, w3, w2, s1, s3, s2)[:1]
+        for what, a, b in zip(("linear", "experts"), alone, among):
+            assert torch.equal(a, b), f"{what}: row 0 among {M} rows differs from row 0 alone by {(a - b).abs().max()}"
+
+
 def swiglu64(x, w1, w3, w2):
     h = x @ w1.T
     return (h * torch.sigmoid(h) * (x @ w3.T)) @ w2.T
@@ -140,9 +163,6 @@ def experts(E, I, D, g, weights):
         return w1, w3, w2, None, None, None, w1.double(), w3.double(), w2.double()
     (w1, s1, v1), (w3, s3, v3), (w2, s2, v2) = (fp8_weight(sh, weights, g) for sh in ((E, I, D), (E, I, D), (E, D, I)))
     return w1, w3, w2, s1, s3, s2, v1, v3, v2
-
-
-WEIGHTS = [pytest.param("bf16", id="bf16"), *FP8]
 
 
 @pytest.mark.parametrize("weights", WEIGHTS)

@@ -249,54 +249,6 @@ SHARED static float dot_f32(const float *a, const float *b, int64_t n) { return 
 
 SHARED static float dot_bf16(const uint16_t *w, const float *x, int64_t n) { return dot_any(w, 1, x, n); }
 
-/* sum_k fp8_half(w[k]) * s[k / 128] * x[k]: one FP8 weight row against fp32 x, in units of fmt. The block's
- * sum is scaled once, in a vector register. */
-SHARED static float dot_fp8(const uint8_t *w, const float *x, const float *s, int64_t K) {
-    float tail = 0.0f;
-#if defined(DSV3_AVX512)
-    __m512 tot = _mm512_setzero_ps();
-#elif defined(DSV3_AVX2)
-    __m256 tot = _mm256_setzero_ps();
-#endif
-    for (int64_t k0 = 0; k0 < K; k0 += QB) {
-        const int64_t len = K - k0 < QB ? K - k0 : QB;
-        const uint8_t *wb = w + k0;
-        const float *xb = x + k0;
-        int64_t k = 0;
-        PREFETCH(wb + PF_AHEAD);
-        PREFETCH(wb + PF_AHEAD + 64);
-#if defined(DSV3_AVX512)
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        for (; k + 32 <= len; k += 32) {
-            __m512 w0, w1;
-            fp8x32(wb + k, &w0, &w1);
-            a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb + k), a0);
-            a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + k + 16), a1);
-        }
-        for (; k + 16 <= len; k += 16) a0 = _mm512_fmadd_ps(fp8x16(wb + k), _mm512_loadu_ps(xb + k), a0);
-        tot = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(s[k0 / QB]), tot);
-#elif defined(DSV3_AVX2)
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        for (; k + 16 <= len; k += 16) {
-            __m256i h = fp8_halves(wb + k);
-            a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_loadu_ps(xb + k), a0);
-            a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), _mm256_loadu_ps(xb + k + 8), a1);
-        }
-        tot = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(s[k0 / QB]), tot);
-#endif
-        float t = 0.0f;
-        for (; k < len; k++) t += fp8_half(wb[k]) * xb[k];
-        tail += t * s[k0 / QB];
-    }
-#if defined(DSV3_AVX512)
-    return _mm512_reduce_add_ps(tot) + tail;
-#elif defined(DSV3_AVX2)
-    return hsum(tot) + tail;
-#else
-    return tail;
-#endif
-}
-
 /* out[k] = the weight's value (fp32) for one FP8 row: fp8_half(w[k]) * fmt * s[k / 128] */
 SHARED static void widen_fp8(const uint8_t *w, const float *s, float fmt, int64_t K, float *out) {
     for (int64_t k0 = 0; k0 < K; k0 += QB) {

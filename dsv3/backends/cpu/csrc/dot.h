@@ -24,17 +24,10 @@ SHARED static Mat expert(const void *w, const float *s, int64_t e, int64_t rows,
     return m;
 }
 
-/* row r of m against fp32 x (unused where BF16_ROWS) */
-static __attribute__((unused)) float row_dot(const Mat *m, int64_t r, const float *x) {
-    if (m->s == NULL) return dot_bf16((const uint16_t *)m->w + r * m->K, x, m->K);
-    const int64_t kb = (m->K + QB - 1) / QB;
-    return m->fmt * dot_fp8((const uint8_t *)m->w + r * m->K, x, m->s + (r / QB) * kb, m->K);
-}
-
 /* Row r of m against MR (1..4) rows of fp32 activations at once: out[i] = row . xs[i]. Each weight vector is
  * loaded and widened once and multiplied into every row's accumulator, so a step of a few tokens (a draft
  * verification, a small batch) reads and converts each weight once; the FP8 block scale multiplies each 128-wide
- * partial sum, as in dot_fp8. FP8 and MR are constants where this is inlined (see dot_rows). */
+ * partial sum. FP8 and MR are constants where this is inlined (see dot_rows). */
 static inline __attribute__((always_inline)) void dot_rows_k(const Mat *m, int64_t r, const float *const *xs,
                                                              const int FP8, const int MR, float *out) {
     const int64_t K = m->K, kb = (K + QB - 1) / QB;
@@ -264,8 +257,8 @@ static void dot_rows_bf16(const Mat *m, int64_t r, const uint16_t *const *xb, in
 
 /* out[j] = row r of m . row j for j < n. With AVX512-BF16 (BF16_ROWS) the bf16 rows brows, eight a pass on
  * dot_rows_bf16, a lone row too: a row's result must not depend on how many rows share its weights (a batch gives
- * each prompt its tokens alone, a replayed step the eager one's, padding rows or not). Else the fp32 rows: one on
- * dot_fp8/dot_bf16, four a pass on dot_rows, which sum in the same order. Callers pass the kind the build reads
+ * each prompt its tokens alone, a replayed step the eager one's, padding rows or not). Else the fp32 rows, four a
+ * pass on dot_rows, a lone row too (for the same reason: dot_bf16 sums in another order). Callers pass the kind the build reads
  * (the other may be NULL). */
 SHARED static void dot_many(const Mat *m, int64_t r, const float *const *rows, const uint16_t *const *brows, int64_t n,
                      float *out) {
@@ -274,10 +267,6 @@ SHARED static void dot_many(const Mat *m, int64_t r, const float *const *rows, c
     for (int64_t j = 0; j < n; j += 8) dot_rows_bf16(m, r, brows + j, n - j < 8 ? (int)(n - j) : 8, out + j);
 #else
     (void)brows;
-    if (n == 1) {
-        out[0] = row_dot(m, r, rows[0]);
-        return;
-    }
     for (int64_t j = 0; j < n; j += 4) dot_rows(m, r, rows + j, n - j < 4 ? (int)(n - j) : 4, out + j);
 #endif
 }
