@@ -194,18 +194,19 @@ class StepRunner:
 
     @torch.inference_mode()
     def mtp(self, slots: list[int], tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-            take: torch.Tensor, mtp_cache: LatentCache, static: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MTP module over (hidden, next token) pairs at positions.. of each slot -> draft logits [B, V], [B, D].
+            take: torch.Tensor, static: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP module over (hidden, next token) pairs at positions.. of each slot, in the MTP cache (mtp_cache)
+        -> draft logits [B, V], [B, D].
         `static`: a decode round's shape (not a prefill chunk's), run as a static step where steps are captured
         (its outputs are that step's buffers: read or copy them before its next run). Under tensor parallel the
         hidden states [B, q, D] go to the followers with the plan (rank 0's: the host chose which)."""
         if self.par.world_size > 1:
-            self._plan(MTP, slots, positions, take, [int(static)] * len(slots), tokens)
+            self._plan(MTP, slots, positions, take, [0] * len(slots), tokens)  # followers run it eagerly
             hidden = self.par.broadcast(hidden.to(self.cache.kv.dtype).contiguous())
-        if static and self.graphs and mtp_cache is self.mtp_cache:
+        if static and self.graphs:
             return self._staged("mtp", torch.tensor(slots, device=self.device), tokens=tokens, hidden=hidden,
                                 positions=positions, take=take)
-        return self.model.mtp_step(tokens, hidden, positions, mtp_cache, int(positions.max()) + tokens.shape[1],
+        return self.model.mtp_step(tokens, hidden, positions, self.mtp_cache, int(positions.max()) + tokens.shape[1],
                                    take=take, rows=self._slots(slots))
 
     def _follow_drafting(self, kind: int, plan: torch.Tensor) -> None:

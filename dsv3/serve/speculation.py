@@ -62,7 +62,7 @@ class Drafting:
                for r, s, t in zip(rows, starts, take)]
         nxt = torch.tensor([n + [0] * (q - len(n)) for n in nxt], device=hidden.device)  # [B, q]
         dl, dh = self.s.runner.mtp([r.slot for r in rows], nxt, hidden, torch.tensor(starts, device=hidden.device),
-                                   torch.tensor(take, device=hidden.device), self.cache, static=False)
+                                   torch.tensor(take, device=hidden.device), static=False)
         for i, r in enumerate(rows):
             if not r.prefilling and r.slot >= 0:  # a prompt read to its end, not finished at its first token
                 r.draft_logits, r.draft_h = dl[i], dh[i]
@@ -75,7 +75,7 @@ class Drafting:
         at = torch.tensor([len(r.prompt) - 1 for r in rows], device=dev)
         dl, dh = self.s.runner.mtp([r.slot for r in rows], torch.tensor([[r.last] for r in rows], device=dev),
                                    hidden[:, None], at, torch.zeros(len(rows), dtype=torch.long, device=dev),
-                                   self.cache, static=False)
+                                   static=False)
         for i, r in enumerate(rows):
             r.draft_logits, r.draft_h = dl[i], dh[i]
 
@@ -116,7 +116,7 @@ class Drafting:
                     drafts[b, i] = draw(p_draft[b][-1][None], r.generator)[0]
             if i + 1 < k:  # chained: the module on its own output, one position further
                 dl, dh = self.s.runner.mtp(slots, drafts[:, i:i + 1], dh[:, None], starts + i,
-                                         torch.zeros(B, dtype=torch.long, device=dev), self.cache)
+                                         torch.zeros(B, dtype=torch.long, device=dev))
         feed = torch.cat([torch.tensor([[r.last] for r in rows], device=dev), drafts], dim=1)  # [B, 1 + k]
         q = 1 + k
         lps: dict[tuple[int, int], tuple] = {}
@@ -154,7 +154,7 @@ class Drafting:
         if not fused:
             nxt = torch.tensor([t[:q] + [0] * (q - len(t[:q])) for t in kept], device=dev)  # [B, q]
             n = torch.tensor([len(t) - 1 for t in kept], device=dev)
-            dl, dh = self.s.runner.mtp(slots, nxt, hidden, starts, n, self.cache)
+            dl, dh = self.s.runner.mtp(slots, nxt, hidden, starts, n)
         for b, r in enumerate(rows):
             if r.slot >= 0:  # still running: its next drafts
                 r.draft_logits, r.draft_h = dl[b], dh[b]
@@ -203,8 +203,7 @@ class Drafting:
             hidden = torch.stack([torch.stack([h for h, _ in r.pending]) for r in group])  # [G, n, D]
             starts = torch.tensor([r.pending_at for r in group], device=dev)
             take = torch.full((len(group),), n - 1, dtype=torch.long, device=dev)
-            dl, dh = self.s.runner.mtp([r.slot for r in group], tokens, hidden, starts, take, self.cache,
-                                     static=False)
+            dl, dh = self.s.runner.mtp([r.slot for r in group], tokens, hidden, starts, take, static=False)
             for i, r in enumerate(group):
                 r.draft_logits, r.draft_h, r.pending = dl[i], dh[i], []
 

@@ -21,8 +21,8 @@ def force_drafts(s, want: dict, right: bool):
                 dl[b, tok] = 0.0
 
     @torch.inference_mode()
-    def mtp(slots, tokens, hidden, positions, take, cache, static=True):
-        dl, dh = real_mtp(slots, tokens, hidden, positions, take, cache, static)
+    def mtp(slots, tokens, hidden, positions, take, static=True):
+        dl, dh = real_mtp(slots, tokens, hidden, positions, take, static)
         force(dl, slots, positions, take)
         return dl, dh
 
