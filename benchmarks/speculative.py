@@ -103,7 +103,8 @@ def measure(engine, prompt, new: int, repeats: int):
 def main() -> None:
     ap = R.parser(__doc__)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=9)  # this VM swings ±10% from run to run: more samples, steadier best
+    # a shared VM swings ±10% from run to run: more samples, a steadier best
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--smoke", action="store_true", help="tiny models, a few tokens: checks the script runs")
     args = ap.parse_args()
     import dsv3
@@ -149,8 +150,8 @@ def main() -> None:
                              "the ratio reads a few percent low. And where FP8 linears run below the memory's read "
                              "rate, slower per byte at 2 rows than at 1 (benchmarks/cpu_linear.py: on an Intel Xeon "
                              "57-70% of it at 2 rows, 71-82% at 1), a verify step's extra experts cost more than their "
-                             "bytes, and the ratio reads low again. The synthetic MTP layers are random: their acceptance "
-                             "is what an untrained drafter gives."])
+                             "bytes, and the ratio reads low again. The synthetic MTP layers are random: their "
+                             "acceptance is what an untrained drafter gives."])
     print(text)
     if not args.no_write:
         R.append_section("MTP speculative decoding, cpu (issue 15)", "python benchmarks/speculative.py", text)

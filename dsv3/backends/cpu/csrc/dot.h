@@ -258,8 +258,8 @@ static void dot_rows_bf16(const Mat *m, int64_t r, const uint16_t *const *xb, in
 /* out[j] = row r of m . row j for j < n. With AVX512-BF16 (BF16_ROWS) the bf16 rows brows, eight a pass on
  * dot_rows_bf16, a lone row too: a row's result must not depend on how many rows share its weights (a batch gives
  * each prompt its tokens alone, a replayed step the eager one's, padding rows or not). Else the fp32 rows, four a
- * pass on dot_rows, a lone row too (for the same reason: dot_bf16 sums in another order). Callers pass the kind the build reads
- * (the other may be NULL). */
+ * pass on dot_rows, a lone row too (for the same reason: dot_bf16 sums in another order). Callers pass the kind
+ * the build reads (the other may be NULL). */
 SHARED static void dot_many(const Mat *m, int64_t r, const float *const *rows, const uint16_t *const *brows, int64_t n,
                      float *out) {
 #if BF16_ROWS
