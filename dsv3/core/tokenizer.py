@@ -73,6 +73,11 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        """The special tokens' ids (BOS, EOS, the chat roles...): markup, never text."""
+        return frozenset(t for t, tok in self._tok.get_added_tokens_decoder().items() if tok.special)
+
     def token_bytes(self, token: int) -> bytes:
         """A token's own bytes. A byte-level BPE token may hold part of a UTF-8 character, which its decoded text
         shows as U+FFFD; its vocabulary entry spells the bytes. Special tokens and other tokenizers: the text's."""

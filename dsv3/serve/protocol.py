@@ -199,6 +199,7 @@ def parse(body, chat: bool, tokenizer, model_name: str, context: int, vocab: int
     logprobs = _logprobs(body, chat)
     _unsupported(body, chat, n)
     shaping = _shaping(body, vocab, max_tokens)
+    shaping["json"] = _json_mode(body, tokenizer, shaping)
     choices = []
     for i, (prompt, text) in enumerate(prompts):
         for j in range(n):
@@ -216,10 +217,6 @@ def _unsupported(body: dict, chat: bool, n: int) -> None:
         name = "tools" if body.get("tools") else "functions"
         raise ApiError(400, f"{name}: this server does not call tools (no tool-call parser for DeepSeek-V3's format)",
                        name, "unsupported_value")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type", "text") != "text"):
-        raise ApiError(400, "response_format: only {\"type\": \"text\"}; this server does not constrain output to "
-                       "JSON", "response_format", "unsupported_value")
     best_of = _integer(body, "best_of")
     if not chat and best_of is not None and best_of != n:
         raise ApiError(400, f"best_of={best_of}: this server returns every answer it generates (best_of = n)",
@@ -259,6 +256,30 @@ def _shaping(body: dict, vocab: int, max_tokens: int | None) -> dict:
             raise ApiError(400, f"min_tokens={min_tokens} must be in [0, max_tokens]", "min_tokens", "invalid_value")
         out["min_tokens"] = min_tokens
     return out
+
+
+def _json_mode(body: dict, tokenizer, shaping: dict) -> bool:
+    """`response_format`: {"type": "text"} (the default) or {"type": "json_object"}: the answer is one JSON
+    object, enforced token by token (json_mode.py). A JSON schema is not enforced: refused, not ignored."""
+    fmt = body.get("response_format")
+    kind = fmt.get("type", "text") if isinstance(fmt, dict) else None
+    if fmt is None or kind == "text":
+        return False
+    if kind == "json_schema":
+        raise ApiError(400, "response_format json_schema: this server enforces any JSON object (json_object), not a "
+                       "schema; ask for {\"type\": \"json_object\"} and describe the fields in the prompt",
+                       "response_format", "unsupported_value")
+    if kind != "json_object":
+        raise ApiError(400, f"response_format must be {{\"type\": \"text\"}} or {{\"type\": \"json_object\"}}, got "
+                       f"{fmt!r}", "response_format", "invalid_value")
+    if tokenizer is None:
+        raise ApiError(400, "response_format json_object needs the checkpoint's tokenizer.json (to know each token's "
+                       "text); this server has none", "response_format", "unsupported_value")
+    for name in ("ignore_eos", "min_tokens"):
+        if shaping.get(name):
+            raise ApiError(400, f"{name} cannot be combined with response_format json_object: the answer ends where "
+                           "the object does", name, "invalid_value")
+    return True
 
 
 def _chat_prompt(body: dict, tokenizer) -> list[int]:

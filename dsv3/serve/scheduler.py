@@ -34,6 +34,7 @@ import torch
 from ..core.errors import DsvError
 from ..core.generate import sample
 from ..core.model import LatentCache
+from . import json_mode
 from .logprobs import entries, logprob_entries
 from .runner import DECODE, PREFILL, PREFILL_SCORED, StepRunner
 from .speculation import Drafting
@@ -76,12 +77,13 @@ class Sampling:
     frequency_penalty: float = 0.0  # subtracted from a token's logit per time it is already in the answer
     min_tokens: int = 0  # EOS, stop ids and stop strings cannot end the answer before it has this many tokens
     ignore_eos: bool = False  # EOS does not end the answer (fixed-length runs of load testers)
+    json: bool = False  # the answer is one JSON object (response_format json_object: json_mode.py)
 
     @property
     def shapes(self) -> bool:
         """The logits are changed before sampling (logprobs still report the model's own)."""
         return bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty) \
-            or self.min_tokens > 0
+            or self.min_tokens > 0 or self.json
 
 
 @dataclass
@@ -120,6 +122,7 @@ class Request:
     counts: torch.Tensor | None = None  # [V]: each token's count in the answer so far (presence/frequency penalties)
     out: list[int] = field(default_factory=list)  # the answer's tokens so far (what its slot holds after the prompt)
     reused: int = 0  # prompt tokens found in its slot's cache entries at admission (not read again)
+    json_state: tuple | None = json_mode.START  # params.json: where the answer so far stands in JSON's grammar
 
     @property
     def prefilling(self) -> bool:
@@ -164,6 +167,16 @@ class Scheduler:
         #: deliver(list of (request, kind, data)): how events leave the model thread (the app posts them to its loop)
         self.deliver = self.deliver_here
         self.step_time = 0.0  # the last decode step, seconds
+        self._json_vocab: json_mode.JsonVocab | None = None
+
+    @property
+    def json_vocab(self) -> json_mode.JsonVocab:
+        """The vocabulary as JSON mode masks it (built at the first request that asks: a pass over every token)."""
+        if self._json_vocab is None:
+            if self.engine.tokenizer is None:
+                raise DsvError("JSON mode needs the checkpoint's tokenizer (tokenizer.json) to know each token's text")
+            self._json_vocab = json_mode.JsonVocab.of(self.engine.tokenizer, self.eos_ids, self.model.cfg.vocab_size)
+        return self._json_vocab
 
     # ---- the caller's side (any thread) ------------------------------------------------------
     def submit(self, *reqs: Request) -> None:
@@ -467,6 +480,12 @@ class Scheduler:
         if r.generated + len(ahead) < p.min_tokens:
             ends = sorted(p.stop_ids | (frozenset() if p.ignore_eos else self.eos_ids))
             row[torch.tensor(ends, dtype=torch.long, device=row.device)] = float("-inf")
+        if p.json:
+            vocab, state = self.json_vocab, r.json_state
+            for t in ahead:
+                state = json_mode.advance(state, vocab.bytes[t])
+            if state is not None:  # None: a draft before this position broke the grammar, so this one is never used
+                row.masked_fill_(~vocab.allowed(state).to(row.device), float("-inf"))
         return row
 
     def _shaped(self, logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:
@@ -513,6 +532,8 @@ class Scheduler:
         r.generated += 1
         r.last = tok
         r.out.append(tok)
+        if p.json:
+            r.json_state = json_mode.advance(r.json_state, self.json_vocab.bytes[tok])
         if p.presence_penalty or p.frequency_penalty:  # how often each token is in the answer so far
             if r.counts is None:
                 r.counts = torch.zeros(self.model.cfg.vocab_size, device=self.model.rope_cos.device)

@@ -97,7 +97,11 @@ BAD = [
     ("min_tokens beyond max_tokens", {"min_tokens": 9, "max_tokens": 4}, "invalid_value"),
     ("ignore_eos a string", {"ignore_eos": "yes"}, "invalid_type"),
     ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "unsupported_value"),
-    ("response_format json", {"response_format": {"type": "json_object"}}, "unsupported_value"),
+    ("response_format json_schema", {"response_format": {"type": "json_schema", "json_schema": {}}},
+     "unsupported_value"),
+    ("response_format yaml", {"response_format": {"type": "yaml"}}, "invalid_value"),
+    ("json_object with min_tokens", {"response_format": {"type": "json_object"}, "min_tokens": 2}, "invalid_value"),
+    ("json_object with ignore_eos", {"response_format": {"type": "json_object"}, "ignore_eos": True}, "invalid_value"),
     ("best_of 3", {"best_of": 3}, "unsupported_value"),
     ("suffix", {"suffix": "end"}, "unsupported_value"),
 ]
@@ -107,7 +111,8 @@ BAD = [
 def test_bad_shaping_requests(server, what, extra, code):
     got, answer = server.request("POST", "/v1/completions", {"model": "demo", "prompt": "x", **extra})
     assert got == 400 and answer["error"]["code"] == code, answer
-    for ok in ({"response_format": {"type": "text"}}, {"best_of": 1}, {"tools": []}, {"presence_penalty": 0}):
+    for ok in ({"response_format": {"type": "text"}}, {"response_format": {"type": "json_object"}}, {"best_of": 1},
+               {"tools": []}, {"presence_penalty": 0}):
         got, answer = server.request("POST", "/v1/completions", {"model": "demo", "prompt": "x", "max_tokens": 1,
                                                                   **ok})
         assert got == 200, (ok, answer)

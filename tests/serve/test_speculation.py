@@ -1,5 +1,5 @@
 """A drafting scheduler's rows that want more than greedy tokens: logprobs, logit shaping (logit_bias, penalties,
-min_tokens), sampling. Each must get what the same request gets from a plain scheduler (whose tokens and
+min_tokens, JSON mode), sampling. Each must get what the same request gets from a plain scheduler (whose tokens and
 log-probabilities tests/serve/test_shaping.py and test_logprobs.py check against transformers), whether the drafts
 all land, never land, or drafting is off (probe steps)."""
 
@@ -28,6 +28,8 @@ def requests(engine) -> list[tuple[str, list[int], Sampling]]:
         # EOS made certain: the answer is held to min_tokens, then ends (its EOS keeps a logprob entry)
         ("min_tokens", [1, 2, 3, 4], Sampling(9, min_tokens=6, logit_bias={eos: 100.0}, logprobs=2)),
         ("plain", [44, 45], Sampling(7)),
+        # the grammar masks each position as if the drafts before it were accepted (json_mode.py)
+        ("json", [5, 9, 2, 17], Sampling(14, json=True, logprobs=1)),
     ]
 
 
