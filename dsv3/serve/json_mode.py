@@ -168,10 +168,11 @@ class JsonVocab:
     """A vocabulary's tokens as JSON mode sees them: `allowed(state)` is the mask of tokens that may come next.
 
     token_bytes: each token's bytes (None for special tokens: never inside the answer); eos_ids: the tokens that
-    end it, allowed once the object is closed."""
+    end it, allowed once the object is closed; device: where the masks are used (each is copied there once, when
+    its state is first met, not at every step)."""
 
-    def __init__(self, token_bytes: list[bytes | None], eos_ids):
-        self.vocab = len(token_bytes)
+    def __init__(self, token_bytes: list[bytes | None], eos_ids, device: torch.device | str = "cpu"):
+        self.vocab, self.device = len(token_bytes), device
         self.bytes = [b or b"" for b in token_bytes]  # what a token adds to the answer's bytes
         self.eos = sorted(t for t in eos_ids if 0 <= t < self.vocab)
         usable = [(b, t) for t, b in enumerate(token_bytes) if b]
@@ -182,11 +183,11 @@ class JsonVocab:
         self.others = _Trie([(b, t) for b, t in usable if not _plain(b)])  # what plain strings do not cover
 
     @classmethod
-    def of(cls, tokenizer, eos_ids, vocab: int) -> JsonVocab:
+    def of(cls, tokenizer, eos_ids, vocab: int, device: torch.device | str = "cpu") -> JsonVocab:
         """From the checkpoint's tokenizer; ids past its vocabulary (the model's padding rows) are never allowed."""
         n = min(vocab, tokenizer.vocab_size)
-        return cls([None if t in tokenizer.special_ids else tokenizer.token_bytes(t) for t in range(n)] + [None] * (vocab - n),
-                   eos_ids)
+        pieces = [None if t in tokenizer.special_ids else tokenizer.token_bytes(t) for t in range(n)]
+        return cls(pieces + [None] * (vocab - n), eos_ids, device)
 
     @functools.lru_cache(maxsize=256)
     def allowed(self, st: State) -> torch.Tensor:
@@ -203,4 +204,4 @@ class JsonVocab:
         if not ids and not mask.any():  # a vocabulary without the bytes to go on: let the answer end
             ids = list(self.eos)
         mask[ids] = True
-        return mask
+        return mask.to(self.device)

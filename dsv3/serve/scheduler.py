@@ -175,7 +175,8 @@ class Scheduler:
         if self._json_vocab is None:
             if self.engine.tokenizer is None:
                 raise DsvError("JSON mode needs the checkpoint's tokenizer (tokenizer.json) to know each token's text")
-            self._json_vocab = json_mode.JsonVocab.of(self.engine.tokenizer, self.eos_ids, self.model.cfg.vocab_size)
+            self._json_vocab = json_mode.JsonVocab.of(self.engine.tokenizer, self.eos_ids, self.model.cfg.vocab_size,
+                                                      self.model.rope_cos.device)
         return self._json_vocab
 
     # ---- the caller's side (any thread) ------------------------------------------------------
@@ -485,7 +486,7 @@ class Scheduler:
             for t in ahead:
                 state = json_mode.advance(state, vocab.bytes[t])
             if state is not None:  # None: a draft before this position broke the grammar, so this one is never used
-                row.masked_fill_(~vocab.allowed(state).to(row.device), float("-inf"))
+                row.masked_fill_(~vocab.allowed(state), float("-inf"))
         return row
 
     def _shaped(self, logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:

@@ -142,7 +142,8 @@ def test_masks_are_the_tokens_that_continue_the_state():
             states.add(st)
     states |= {("{", "s", 1), ("{", "S", 3), ("{[", "N", 0), ("{", "N", 5), ("{", "Lrue", 0)}
     for st in states:
-        want = {t for t, b in enumerate(vocab) if b and advance(st, b) is not None} | (set(eos) if complete(st) else set())
+        want = {t for t, b in enumerate(vocab) if b and advance(st, b) is not None}
+        want |= set(eos) if complete(st) else set()
         got = set(jv.allowed(st).nonzero().flatten().tolist())
         assert got == want, f"{st}: extra {sorted(got - want)[:5]}, missing {sorted(want - got)[:5]}"
     assert 0 not in set().union(*(set(jv.allowed(st).nonzero().flatten().tolist()) for st in states))
