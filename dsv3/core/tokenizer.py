@@ -73,6 +73,10 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_id(self, text: str) -> int | None:
+        """The id of the token spelled `text` (a special token's name), or None where there is none."""
+        return self._tok.token_to_id(text)
+
     @functools.cached_property
     def special_ids(self) -> frozenset[int]:
         """The special tokens' ids (BOS, EOS, the chat roles...): markup, never text."""

@@ -19,6 +19,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
+from . import protocol
 from .metrics import Metrics
 from .protocol import ApiError, choice, chunk, complete, join_logprobs, logprobs_body, new_id, now, parse, usage
 from .scheduler import QueueFull, Request, Scheduler
@@ -51,6 +52,7 @@ class _Answer:
         self.text, self.lps, self.lp_at, self.prompt_lps = [], [], [], []  # lp_at: where each token's text starts
         self.emitted = len(self.prompt_text)
         self.finish: str | None = None
+        self.calls: list[dict] | None = None  # the tools the answer called (OpenAI's tool_calls entries)
 
     def take(self, kind: str, data, keep: bool = True) -> None:
         """A scheduler event ("text", "prompt" or "done"); keep: gather the answer (else only count where it is)."""
@@ -64,6 +66,8 @@ class _Answer:
             self.emitted += len(data[0])
         elif kind == "prompt":
             self.prompt_lps.extend(data)
+        elif kind == "tools":
+            self.calls = protocol.tool_calls(data)
         elif kind == "done":
             self.finish = data
 
@@ -77,7 +81,7 @@ class _Answer:
             if self.prompt_lps:
                 body_lp = join_logprobs(self.prompt_logprobs(piece), body_lp)
         text = (self.prompt_text if self.echo else "") + "".join(self.text)
-        return choice(self.index, self.chat, text, self.finish, self.ids, body_lp)
+        return choice(self.index, self.chat, text, self.finish, self.ids, body_lp, tool_calls=self.calls)
 
     def delta(self, text: str | None, ids=(), logprobs: dict | None = None, first: bool = False,
               finish: str | None = None) -> dict:
@@ -223,6 +227,10 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
                         if want_lp:
                             body_lp = logprobs_body(chat, data[2], piece, [a.emitted - len(data[0])] * len(data[2]))
                         yield _sse(chunk(rid, model_name, created, chat, [a.delta(data[0], data[1], body_lp)]))
+                    elif kind == "tools" and a.calls:  # each call whole, in one chunk
+                        entries = [{"index": j, **c} for j, c in enumerate(a.calls)]
+                        yield _sse(chunk(rid, model_name, created, chat, [choice(a.index, chat, None, None,
+                                                                                 stream=True, tool_calls=entries)]))
                     elif kind == "done":
                         metrics.request(data)
                         yield _sse(chunk(rid, model_name, created, chat, [a.delta(None, finish=data)]))

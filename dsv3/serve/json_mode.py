@@ -1,11 +1,9 @@
 """response_format {"type": "json_object"}: the answer is one JSON object (RFC 8259), token by token.
 
 A byte-level automaton tracks where the answer stands in the grammar (`State`); before each token is sampled,
-the tokens whose bytes cannot continue a JSON object from there are masked (`JsonVocab.allowed`), and EOS is
-allowed only once the object is closed. The mask is computed by walking the vocabulary as a trie (the tokens
-sorted by their bytes: a prefix that breaks the grammar rules out every token that starts with it), so a state
-costs its viable prefixes, not the vocabulary; inside a string, where any token without a quote, backslash or
-control byte is fine, those tokens come as one precomputed mask. Masks are cached by state.
+the tokens whose bytes cannot continue a JSON object from there are masked and EOS waits for the object to
+close (masks.py computes the masks for any grammar of this kind; tools.py's tool calls embed this one for their
+arguments).
 
 Insignificant whitespace is bounded (MAX_WS bytes in a row): a model that keeps emitting newlines would
 otherwise run to max_tokens inside a valid document. Bytes of 0x80 and up inside strings are taken as they
@@ -13,11 +11,6 @@ are (UTF-8 is the tokenizer's business; an invalid sequence decodes to U+FFFD, s
 """
 
 from __future__ import annotations
-
-import functools
-from bisect import bisect_left
-
-import torch
 
 #: at most this many whitespace bytes in a row between tokens of the grammar
 MAX_WS = 64
@@ -134,74 +127,31 @@ def complete(st: State | None) -> bool:
     return st is not None and st[1] == "E"
 
 
-def _plain(data: bytes) -> bool:
-    """Inside a string, these bytes leave it as it was whatever they are: no quote, backslash or control byte."""
-    return all(c >= 0x20 and c not in (0x22, 0x5C) for c in data)
+class JsonObject:
+    """The grammar of masks.py for one JSON object: bytes by `step`, no special token inside, EOS once closed."""
+
+    start = START
+
+    def step(self, st: State, c: int) -> State | None:
+        return step(st, c)
+
+    def special(self, st: State, token: int) -> State | None:
+        return None
+
+    def ends(self, st: State) -> bool:
+        return complete(st)
+
+    def free(self, st: State) -> bool:
+        return False
+
+    def in_string(self, st: State) -> bool:
+        return in_string(st)
 
 
-class _Trie:
-    """Tokens sorted by their bytes: a node is a range of them sharing a prefix (no objects per node)."""
-
-    def __init__(self, items: list[tuple[bytes, int]]):
-        items.sort()
-        self.keys = [b for b, _ in items]
-        self.ids = [t for _, t in items]
-
-    def walk(self, st: State, out: list[int]) -> None:
-        """Append every token whose bytes continue st (depth first; a breaking prefix prunes its subtree)."""
-        keys, todo = self.keys, [(0, len(self.keys), 0, st)]
-        while todo:
-            lo, hi, depth, s = todo.pop()
-            while lo < hi and len(keys[lo]) == depth:  # tokens that end here (they sort first)
-                out.append(self.ids[lo])
-                lo += 1
-            while lo < hi:
-                c = keys[lo][depth]
-                end = hi if c == 255 else bisect_left(keys, keys[lo][:depth] + bytes((c + 1,)), lo, hi)
-                nxt = step(s, c)
-                if nxt is not None:
-                    todo.append((lo, end, depth + 1, nxt))
-                lo = end
+def in_string(st: State) -> bool:
+    """Inside a string, past any escape: a byte other than a quote, backslash or control byte leaves st as it is."""
+    return st[1] in ("s", "S") and st[2] == 0
 
 
-class JsonVocab:
-    """A vocabulary's tokens as JSON mode sees them: `allowed(state)` is the mask of tokens that may come next.
-
-    token_bytes: each token's bytes (None for special tokens: never inside the answer); eos_ids: the tokens that
-    end it, allowed once the object is closed; device: where the masks are used (each is copied there once, when
-    its state is first met, not at every step)."""
-
-    def __init__(self, token_bytes: list[bytes | None], eos_ids, device: torch.device | str = "cpu"):
-        self.vocab, self.device = len(token_bytes), device
-        self.bytes = [b or b"" for b in token_bytes]  # what a token adds to the answer's bytes
-        self.eos = sorted(t for t in eos_ids if 0 <= t < self.vocab)
-        usable = [(b, t) for t, b in enumerate(token_bytes) if b]
-        plain = [t for b, t in usable if _plain(b)]
-        self.plain = torch.zeros(self.vocab, dtype=torch.bool)
-        self.plain[plain] = True
-        self.everything = _Trie(usable)
-        self.others = _Trie([(b, t) for b, t in usable if not _plain(b)])  # what plain strings do not cover
-
-    @classmethod
-    def of(cls, tokenizer, eos_ids, vocab: int, device: torch.device | str = "cpu") -> JsonVocab:
-        """From the checkpoint's tokenizer; ids past its vocabulary (the model's padding rows) are never allowed."""
-        n = min(vocab, tokenizer.vocab_size)
-        pieces = [None if t in tokenizer.special_ids else tokenizer.token_bytes(t) for t in range(n)]
-        return cls(pieces + [None] * (vocab - n), eos_ids, device)
-
-    @functools.lru_cache(maxsize=256)
-    def allowed(self, st: State) -> torch.Tensor:
-        """[V] bool: the tokens that may follow state st (read-only: shared between callers)."""
-        ids: list[int] = []
-        if st[1] in ("s", "S") and st[2] == 0:
-            mask = self.plain.clone()
-            self.others.walk(st, ids)
-        else:
-            mask = torch.zeros(self.vocab, dtype=torch.bool)
-            self.everything.walk(st, ids)
-        if complete(st):
-            ids += self.eos
-        if not ids and not mask.any():  # a vocabulary without the bytes to go on: let the answer end
-            ids = list(self.eos)
-        mask[ids] = True
-        return mask.to(self.device)
+#: the json_object grammar (stateless: one for every request)
+JSON_OBJECT = JsonObject()

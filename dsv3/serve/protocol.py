@@ -11,6 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from . import json_mode, tools
 from .scheduler import Sampling
 
 #: at most this many stop sequences (OpenAI allows 4; a few more cost nothing here)
@@ -156,8 +157,9 @@ def parse(body, chat: bool, tokenizer, model_name: str, context: int, vocab: int
     n = 1 if n is None else n
     if not 1 <= n <= MAX_CHOICES:
         raise ApiError(400, f"n={n} is outside [1, {MAX_CHOICES}]", "n", "invalid_value")
+    declared, grammar = _tools(body, chat, tokenizer)
     if chat:
-        prompts = [(_chat_prompt(body, tokenizer), None)]
+        prompts = [(_chat_prompt(body, tokenizer, declared), None)]
     else:
         prompts = _completion_prompts(body.get("prompt"), tokenizer, vocab)
     if len(prompts) * n > MAX_CHOICES:
@@ -199,7 +201,17 @@ def parse(body, chat: bool, tokenizer, model_name: str, context: int, vocab: int
     logprobs = _logprobs(body, chat)
     _unsupported(body, chat, n)
     shaping = _shaping(body, vocab, max_tokens)
-    shaping["json"] = _json_mode(body, tokenizer, shaping)
+    json_object = _json_mode(body, tokenizer)
+    if json_object and grammar is not None:
+        raise ApiError(400, "response_format json_object and tools cannot be combined: a tool call's arguments are "
+                       "JSON already", "response_format", "invalid_value")
+    grammar = json_mode.JSON_OBJECT if json_object else grammar
+    for name in ("ignore_eos", "min_tokens"):
+        if grammar is not None and shaping.get(name):
+            what = "response_format json_object" if json_object else "tools"
+            raise ApiError(400, f"{name} cannot be combined with {what}: the answer ends where its grammar does", name,
+                           "invalid_value")
+    shaping["grammar"] = grammar
     choices = []
     for i, (prompt, text) in enumerate(prompts):
         for j in range(n):
@@ -213,10 +225,10 @@ def parse(body, chat: bool, tokenizer, model_name: str, context: int, vocab: int
 
 def _unsupported(body: dict, chat: bool, n: int) -> None:
     """Fields that would change the answer and that this server does not do: refused, never silently ignored."""
-    if body.get("tools") or body.get("functions"):
-        name = "tools" if body.get("tools") else "functions"
-        raise ApiError(400, f"{name}: this server does not call tools (no tool-call parser for DeepSeek-V3's format)",
-                       name, "unsupported_value")
+    if body.get("functions") or body.get("function_call"):
+        name = "functions" if body.get("functions") else "function_call"
+        raise ApiError(400, f"{name}: the deprecated form; send tools: [{{\"type\": \"function\", \"function\": "
+                       "{...}}] (and tool_choice)", name, "unsupported_value")
     best_of = _integer(body, "best_of")
     if not chat and best_of is not None and best_of != n:
         raise ApiError(400, f"best_of={best_of}: this server returns every answer it generates (best_of = n)",
@@ -258,7 +270,7 @@ def _shaping(body: dict, vocab: int, max_tokens: int | None) -> dict:
     return out
 
 
-def _json_mode(body: dict, tokenizer, shaping: dict) -> bool:
+def _json_mode(body: dict, tokenizer) -> bool:
     """`response_format`: {"type": "text"} (the default) or {"type": "json_object"}: the answer is one JSON
     object, enforced token by token (json_mode.py). A JSON schema is not enforced: refused, not ignored."""
     fmt = body.get("response_format")
@@ -275,14 +287,70 @@ def _json_mode(body: dict, tokenizer, shaping: dict) -> bool:
     if tokenizer is None:
         raise ApiError(400, "response_format json_object needs the checkpoint's tokenizer.json (to know each token's "
                        "text); this server has none", "response_format", "unsupported_value")
-    for name in ("ignore_eos", "min_tokens"):
-        if shaping.get(name):
-            raise ApiError(400, f"{name} cannot be combined with response_format json_object: the answer ends where "
-                           "the object does", name, "invalid_value")
     return True
 
 
-def _chat_prompt(body: dict, tokenizer) -> list[int]:
+def _tools(body: dict, chat: bool, tokenizer) -> tuple[list[dict] | None, tools.ToolGrammar | None]:
+    """`tools` (functions the model may call), `tool_choice` ("auto", "none", "required" or {"type": "function",
+    "function": {"name": ...}}) and `parallel_tool_calls` -> (the tools as declared, the grammar of the answer)."""
+    declared, choice = body.get("tools"), body.get("tool_choice")
+    if not declared:
+        if choice not in (None, "none", "auto"):
+            raise ApiError(400, f"tool_choice={choice!r} needs tools", "tool_choice", "invalid_value")
+        return None, None
+    if not chat:
+        raise ApiError(400, "tools: only /v1/chat/completions calls tools", "tools", "unsupported_value")
+    if not isinstance(declared, list):
+        raise ApiError(400, "tools must be a list of {\"type\": \"function\", \"function\": {name, description, "
+                       "parameters}}", "tools", "invalid_type")
+    names = []
+    for i, tool in enumerate(declared):
+        f = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not tools.NAME.fullmatch(f["name"]):
+            raise ApiError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}} "
+                           "with a name of 1-64 letters, digits, '_' or '-'", f"tools[{i}]", "invalid_value")
+        if f["name"] in names:
+            raise ApiError(400, f"tools[{i}]: the function {f['name']!r} is declared twice", f"tools[{i}]",
+                           "invalid_value")
+        if not isinstance(f.get("parameters", {}), dict) or not isinstance(f.get("description", ""), str):
+            raise ApiError(400, f"tools[{i}].function: parameters must be a JSON schema object, description a string",
+                           f"tools[{i}]", "invalid_type")
+        names.append(f["name"])
+    ids = tools.marker_ids(tokenizer) if tokenizer is not None else None
+    if ids is None:
+        raise ApiError(400, f"tools: this checkpoint's tokenizer has no tool-call tokens ({tools.CALLS_BEGIN} ...), so "
+                       "its model cannot call tools", "tools", "unsupported_value")
+    if choice is None or choice in ("auto", "none", "required"):
+        choice = choice or "auto"
+    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict) \
+            and choice["function"].get("name") in names:
+        choice = choice["function"]["name"]
+    else:
+        raise ApiError(400, f"tool_choice must be \"auto\", \"none\", \"required\" or {{\"type\": \"function\", "
+                       f"\"function\": {{\"name\": one of {names}}}}}, got {choice!r}", "tool_choice", "invalid_value")
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise ApiError(400, f"parallel_tool_calls must be true or false, got {parallel!r}", "parallel_tool_calls",
+                       "invalid_type")
+    return declared, tools.ToolGrammar(tuple(names), choice, parallel, tuple(sorted(ids.items())))
+
+
+def _tool_calls(m: dict, i: int) -> list[dict]:
+    """An assistant message's earlier `tool_calls`, as the chat template renders them."""
+    raw, out = m.get("tool_calls"), []
+    if not isinstance(raw, list):
+        raise ApiError(400, f"messages[{i}].tool_calls must be a list", f"messages[{i}].tool_calls", "invalid_type")
+    for j, call in enumerate(raw):
+        f = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(f.get("arguments"), str):
+            raise ApiError(400, f"messages[{i}].tool_calls[{j}] needs function: {{name, arguments (a JSON string)}}",
+                           f"messages[{i}].tool_calls", "invalid_value")
+        out.append({"id": call.get("id"), "type": call.get("type", "function"),
+                    "function": {"name": f["name"], "arguments": f["arguments"]}})
+    return out
+
+
+def _chat_prompt(body: dict, tokenizer, declared: list[dict] | None = None) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages is required: a non-empty list of {role, content}", "messages",
@@ -292,7 +360,18 @@ def _chat_prompt(body: dict, tokenizer) -> list[int]:
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool", "developer"):
             raise ApiError(400, f"messages[{i}] needs a role of system, user, assistant or tool",
                            f"messages[{i}].role", "invalid_role")
-        clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": _content(m, i)})
+        msg = {"role": "system" if m["role"] == "developer" else m["role"], "content": _content(m, i)}
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            msg["tool_calls"] = _tool_calls(m, i)
+            msg["content"] = msg["content"] or None  # the template tells a message of calls alone by None
+        if m["role"] == "tool":
+            msg["tool_call_id"] = m.get("tool_call_id")
+        clean.append(msg)
+    if declared:  # the template has no place for the tools: the system prompt describes them
+        if clean[0]["role"] == "system":
+            clean[0] = {**clean[0], "content": clean[0]["content"] + "\n\n" + tools.describe(declared)}
+        else:
+            clean.insert(0, {"role": "system", "content": tools.describe(declared)})
     try:
         return tokenizer.encode_chat(clean)
     except Exception as e:  # a template that refuses this conversation
@@ -353,6 +432,11 @@ def new_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
 
 
+def tool_calls(found: list[dict]) -> list[dict]:
+    """The scheduler's calls ({name, arguments}) as OpenAI's tool_calls entries, each with a fresh id."""
+    return [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": dict(c)} for c in found]
+
+
 def usage(prompt: int, completion: int, cached: int = 0) -> dict:
     """OpenAI's usage; `cached`: prompt tokens not read again (found in the cache: prompt_tokens_details)."""
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
@@ -365,16 +449,22 @@ def join_logprobs(a: dict, b: dict) -> dict:
 
 
 def choice(index: int, chat: bool, text: str | None, finish: str | None, token_ids: list[int] | None = None,
-           logprobs: dict | None = None, stream: bool = False, first: bool = False) -> dict:
-    """One entry of `choices`: a whole answer, or (stream) one chunk's piece of it."""
+           logprobs: dict | None = None, stream: bool = False, first: bool = False,
+           tool_calls: list[dict] | None = None) -> dict:
+    """One entry of `choices`: a whole answer, or (stream) one chunk's piece of it. tool_calls: OpenAI's entries
+    ({id, type, function: {name, arguments}}; in a stream chunk each with its `index`)."""
     if not chat:
         out = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
     elif stream:
         delta = {"role": "assistant", "content": text or ""} if first else {} if text is None else {"content": text}
+        if tool_calls:
+            delta["tool_calls"] = tool_calls
         out = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     else:
-        out = {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-               "finish_reason": finish}
+        message = {"role": "assistant", "content": text}
+        if tool_calls:
+            message = {"role": "assistant", "content": text or None, "tool_calls": tool_calls}
+        out = {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
     if token_ids is not None:
         out["token_ids"] = token_ids
     return out

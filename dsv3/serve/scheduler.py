@@ -34,7 +34,7 @@ import torch
 from ..core.errors import DsvError
 from ..core.generate import sample
 from ..core.model import LatentCache
-from . import json_mode
+from . import masks, tools
 from .logprobs import entries, logprob_entries
 from .runner import DECODE, PREFILL, PREFILL_SCORED, StepRunner
 from .speculation import Drafting
@@ -77,13 +77,15 @@ class Sampling:
     frequency_penalty: float = 0.0  # subtracted from a token's logit per time it is already in the answer
     min_tokens: int = 0  # EOS, stop ids and stop strings cannot end the answer before it has this many tokens
     ignore_eos: bool = False  # EOS does not end the answer (fixed-length runs of load testers)
-    json: bool = False  # the answer is one JSON object (response_format json_object: json_mode.py)
+    #: what the answer's tokens must spell: json_mode.JSON_OBJECT (response_format json_object), a
+    #: tools.ToolGrammar (tools), or None; masks.py masks the rest before sampling
+    grammar: object | None = None
 
     @property
     def shapes(self) -> bool:
         """The logits are changed before sampling (logprobs still report the model's own)."""
         return bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty) \
-            or self.min_tokens > 0 or self.json
+            or self.min_tokens > 0 or self.grammar is not None
 
 
 @dataclass
@@ -122,7 +124,12 @@ class Request:
     counts: torch.Tensor | None = None  # [V]: each token's count in the answer so far (presence/frequency penalties)
     out: list[int] = field(default_factory=list)  # the answer's tokens so far (what its slot holds after the prompt)
     reused: int = 0  # prompt tokens found in its slot's cache entries at admission (not read again)
-    json_state: tuple | None = json_mode.START  # params.json: where the answer so far stands in JSON's grammar
+    grammar_state: tuple | None = None  # params.grammar: where the answer so far stands in it (None: broken)
+    calls_at: int = -1  # tools: where in `out` the tool calls begin (their tokens are markup, not text)
+
+    def __post_init__(self):
+        if self.params.grammar is not None:
+            self.grammar_state = self.params.grammar.start
 
     @property
     def prefilling(self) -> bool:
@@ -167,17 +174,20 @@ class Scheduler:
         #: deliver(list of (request, kind, data)): how events leave the model thread (the app posts them to its loop)
         self.deliver = self.deliver_here
         self.step_time = 0.0  # the last decode step, seconds
-        self._json_vocab: json_mode.JsonVocab | None = None
+        self._vocab: masks.Vocab | None = None
+        #: the tokenizer's tool-call markers (tools.marker_ids), or None where it has none
+        self.tool_ids = tools.marker_ids(engine.tokenizer) if engine.tokenizer is not None else None
 
     @property
-    def json_vocab(self) -> json_mode.JsonVocab:
-        """The vocabulary as JSON mode masks it (built at the first request that asks: a pass over every token)."""
-        if self._json_vocab is None:
+    def vocab(self) -> masks.Vocab:
+        """The vocabulary as grammars mask it (built at the first request that asks: a pass over every token)."""
+        if self._vocab is None:
             if self.engine.tokenizer is None:
-                raise DsvError("JSON mode needs the checkpoint's tokenizer (tokenizer.json) to know each token's text")
-            self._json_vocab = json_mode.JsonVocab.of(self.engine.tokenizer, self.eos_ids, self.model.cfg.vocab_size,
-                                                      self.model.rope_cos.device)
-        return self._json_vocab
+                raise DsvError("JSON mode and tools need the checkpoint's tokenizer (tokenizer.json) to know each "
+                               "token's text")
+            self._vocab = masks.Vocab.of(self.engine.tokenizer, self.eos_ids, self.model.cfg.vocab_size,
+                                         self.model.rope_cos.device, (self.tool_ids or {}).values())
+        return self._vocab
 
     # ---- the caller's side (any thread) ------------------------------------------------------
     def submit(self, *reqs: Request) -> None:
@@ -481,12 +491,12 @@ class Scheduler:
         if r.generated + len(ahead) < p.min_tokens:
             ends = sorted(p.stop_ids | (frozenset() if p.ignore_eos else self.eos_ids))
             row[torch.tensor(ends, dtype=torch.long, device=row.device)] = float("-inf")
-        if p.json:
-            vocab, state = self.json_vocab, r.json_state
+        if p.grammar is not None:
+            vocab, state = self.vocab, r.grammar_state
             for t in ahead:
-                state = json_mode.advance(state, vocab.bytes[t])
+                state = vocab.advance(p.grammar, state, t)
             if state is not None:  # None: a draft before this position broke the grammar, so this one is never used
-                row.masked_fill_(~vocab.allowed(state), float("-inf"))
+                row.masked_fill_(~vocab.allowed(p.grammar, state), float("-inf"))
         return row
 
     def _shaped(self, logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:
@@ -528,13 +538,22 @@ class Scheduler:
         if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_ids:
             if p.logprobs is not None:  # its logprob still counts (a scorer reads one entry per token it caused)
                 self._send(r, "text", ("", [], [logprob]))
-            self._finish(r, "stop")
+            self._end(r, "stop")
             return True
         r.generated += 1
         r.last = tok
         r.out.append(tok)
-        if p.json:
-            r.json_state = json_mode.advance(r.json_state, self.json_vocab.bytes[tok])
+        if p.grammar is not None and r.grammar_state is not None:
+            r.grammar_state = self.vocab.advance(p.grammar, r.grammar_state, tok)
+            if r.calls_at < 0 and isinstance(p.grammar, tools.ToolGrammar) and r.grammar_state is not None \
+                    and not p.grammar.free(r.grammar_state):
+                r.calls_at = len(r.out) - 1
+        if r.calls_at >= 0:  # tool-call markup: read back at the end (tools.calls), never text nor a stop string
+            self._send(r, "text", ("", [tok], None if p.logprobs is None else [logprob]))
+            if r.generated >= p.max_tokens or r.length + 1 > self.max_len:
+                self._end(r, "length")
+                return True
+            return False
         if p.presence_penalty or p.frequency_penalty:  # how often each token is in the answer so far
             if r.counts is None:
                 r.counts = torch.zeros(self.model.cfg.vocab_size, device=self.model.rope_cos.device)
@@ -549,3 +568,12 @@ class Scheduler:
         else:
             return False
         return True
+
+    def _end(self, r: Request, reason: str) -> None:
+        """Finish r; an answer that called tools first sends ("tools", [{name, arguments}]) and ends with
+        "tool_calls" (or "length" where max_tokens cut it: its complete calls still come)."""
+        if r.calls_at >= 0:
+            found = tools.calls(r.out[r.calls_at:], self.vocab.bytes, self.tool_ids)
+            self._send(r, "tools", found)
+            reason = "tool_calls" if reason == "stop" and found else reason
+        self._finish(r, reason)

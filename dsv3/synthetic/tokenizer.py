@@ -16,17 +16,40 @@ SPECIAL_TOKENS = [
     "<｜Assistant｜>",
     "<think>",
     "</think>",
+    # tool calls and their results, as DeepSeek-V3 writes them (dsv3/serve/tools.py)
+    "<｜tool▁calls▁begin｜>",
+    "<｜tool▁calls▁end｜>",
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁call▁end｜>",
+    "<｜tool▁sep｜>",
+    "<｜tool▁outputs▁begin｜>",
+    "<｜tool▁outputs▁end｜>",
+    "<｜tool▁output▁begin｜>",
+    "<｜tool▁output▁end｜>",
 ]
 BOS, EOS = SPECIAL_TOKENS[0], SPECIAL_TOKENS[1]
 
+# An assistant turn that called tools writes the calls as DeepSeek-V3 does; consecutive tool results sit in one
+# outputs block, closed before the next turn.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for m in messages %}"
+    "{% set after_tool = loop.index0 > 0 and messages[loop.index0 - 1]['role'] == 'tool' %}"
+    "{% if after_tool and m['role'] != 'tool' %}<｜tool▁outputs▁end｜>{% endif %}"
     "{% if m['role'] == 'system' %}{{ m['content'] }}"
     "{% elif m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' and m.get('tool_calls') %}<｜Assistant｜>{{ m['content'] or '' }}"
+    "<｜tool▁calls▁begin｜>"
+    "{% for c in m['tool_calls'] %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "<｜tool▁call▁begin｜>{{ c['type'] }}<｜tool▁sep｜>{{ c['function']['name'] }}"
+    "{{ '\\n```json\\n' }}{{ c['function']['arguments'] }}{{ '\\n```' }}<｜tool▁call▁end｜>{% endfor %}"
+    "<｜tool▁calls▁end｜><｜end▁of▁sentence｜>"
     "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>"
+    "{% elif m['role'] == 'tool' %}{% if not after_tool %}<｜tool▁outputs▁begin｜>{% endif %}"
+    "<｜tool▁output▁begin｜>{{ m['content'] }}<｜tool▁output▁end｜>"
     "{% else %}{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
     "{% endfor %}"
+    "{% if messages[-1]['role'] == 'tool' %}<｜tool▁outputs▁end｜>{% endif %}"
     "{% if add_generation_prompt %}<｜Assistant｜>{% endif %}"
 )
 

@@ -1,5 +1,5 @@
 """response_format json_object: the grammar automaton against Python's json module, the vocabulary masks
-against a token-by-token check, and answers of the real scheduler and server (json_mode.py)."""
+against a token-by-token check, and answers of the real scheduler and server (json_mode.py, masks.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 from conftest import reference
 
 from dsv3.serve import json_mode
-from dsv3.serve.json_mode import MAX_DEPTH, MAX_WS, START, JsonVocab, advance, complete
+from dsv3.serve.json_mode import JSON_OBJECT, MAX_DEPTH, MAX_WS, START, advance, complete
+from dsv3.serve.masks import Vocab
 from dsv3.serve.scheduler import Request, Sampling, Scheduler
 from dsv3.serve.text import TextStream
 
@@ -50,7 +51,8 @@ def loads_object(text: str) -> bool:
         doc = json.loads(text, parse_constant=lambda c: 1 / 0)  # NaN/Infinity: Python's extension, not JSON
     except (ValueError, ZeroDivisionError, RecursionError):
         return False
-    return isinstance(doc, dict) and not re.search(f"[ \t\n\r]{{{MAX_WS + 1}}}", text) and depth(text) <= MAX_DEPTH
+    spaces = re.search(f"[ \t\n\r]{{{MAX_WS + 1}}}", text)
+    return isinstance(doc, dict) and not spaces and depth(text) <= MAX_DEPTH
 
 
 def depth(text: str) -> int:
@@ -133,7 +135,7 @@ def test_masks_are_the_tokens_that_continue_the_state():
     rng = random.Random(2)
     vocab = tokens_of(rng)
     eos = [1]
-    jv = JsonVocab(vocab, eos)
+    jv = Vocab(vocab, eos)
     states = {START}
     for _ in range(30):
         st = START
@@ -144,9 +146,9 @@ def test_masks_are_the_tokens_that_continue_the_state():
     for st in states:
         want = {t for t, b in enumerate(vocab) if b and advance(st, b) is not None}
         want |= set(eos) if complete(st) else set()
-        got = set(jv.allowed(st).nonzero().flatten().tolist())
+        got = set(jv.allowed(JSON_OBJECT, st).nonzero().flatten().tolist())
         assert got == want, f"{st}: extra {sorted(got - want)[:5]}, missing {sorted(want - got)[:5]}"
-    assert 0 not in set().union(*(set(jv.allowed(st).nonzero().flatten().tolist()) for st in states))
+    assert 0 not in set().union(*(set(jv.allowed(JSON_OBJECT, st).nonzero().flatten().tolist()) for st in states))
 
 
 def run(s: Scheduler, engine, reqs) -> dict[str, tuple[list[int], str]]:
@@ -181,7 +183,7 @@ def test_greedy_json_is_the_masked_argmax_of_transformers(engine, hf):
     vocab = [None if t in tok.special_ids else tok.token_bytes(t) for t in range(tok.vocab_size)]
     prompt = tok.encode("A JSON object:")
     s = Scheduler(engine, max_batch=2, eos_ids=tuple(eos))
-    got, finish = run(s, engine, [("json", prompt, Sampling(20, json=True))])["json"]
+    got, finish = run(s, engine, [("json", prompt, Sampling(20, grammar=JSON_OBJECT))])["json"]
     want, st = [], START
     for _ in range(20):
         logits = reference(hf, prompt + want)[-1].clone()
@@ -203,11 +205,11 @@ def test_sampled_answers_are_json_objects_or_their_beginnings(engine):
     """Random weights, sampled: an answer that ends is one JSON object; one cut by max_tokens is a prefix of one."""
     s = Scheduler(engine, max_batch=4, eos_ids=tuple(engine.cfg.eos_token_ids))
     prompt = engine.tokenizer.encode("Reply in JSON.")
-    got = run(s, engine, [(f"s{i}", prompt, Sampling(300, temperature=1.0, seed=i, json=True)) for i in range(8)])
+    got = run(s, engine, [(f"s{i}", prompt, Sampling(300, temperature=1.0, seed=i, grammar=JSON_OBJECT)) for i in range(8)])
     ended = 0
     for rid, (tokens, finish) in got.items():
         text = engine.tokenizer.decode(tokens)
-        data = b"".join(s.json_vocab.bytes[t] for t in tokens)
+        data = b"".join(s.vocab.bytes[t] for t in tokens)
         if finish == "stop":
             ended += 1
             assert loads_object(text), f"{rid}: {text!r}"

@@ -13,9 +13,12 @@ import torch
 from conftest import make
 from forced import force_drafts
 
+from dsv3.serve import tools
 from dsv3.serve.drafting import DraftPolicy
+from dsv3.serve.json_mode import JSON_OBJECT
 from dsv3.serve.scheduler import Request, Sampling, Scheduler
 from dsv3.serve.text import TextStream
+from dsv3.serve.tools import ToolGrammar, marker_ids
 
 
 def requests(engine) -> list[tuple[str, list[int], Sampling]]:
@@ -29,7 +32,11 @@ def requests(engine) -> list[tuple[str, list[int], Sampling]]:
         ("min_tokens", [1, 2, 3, 4], Sampling(9, min_tokens=6, logit_bias={eos: 100.0}, logprobs=2)),
         ("plain", [44, 45], Sampling(7)),
         # the grammar masks each position as if the drafts before it were accepted (json_mode.py)
-        ("json", [5, 9, 2, 17], Sampling(14, json=True, logprobs=1)),
+        ("json", [5, 9, 2, 17], Sampling(14, grammar=JSON_OBJECT, logprobs=1)),
+        # a call required, its arguments soon closed (the bias on '}'), then EOS: the calls read back as plain's
+        ("tools", [8, 9, 10], Sampling(40, logprobs=0, logit_bias={engine.tokenizer.token_id("}"): 8.0},
+                                       grammar=ToolGrammar(("get_weather", "get"), "required", True,
+                                                           tuple(sorted(marker_ids(engine.tokenizer).items()))))),
     ]
 
 
@@ -89,14 +96,16 @@ def test_logprobs_and_shaping_with_drafts_equal_plain_decoding(engine, plain, mo
     s = Scheduler(engine, max_batch=3, prefill_chunk=16, eos_ids=tuple(engine.cfg.eos_token_ids),
                   speculative="mtp", draft_tokens=k)
     if drafts != "probes":
-        want = {rid: tokens for rid, (tokens, _) in plain.items()}
-        want["min_tokens"] = want["min_tokens"] + [engine.cfg.eos_token_ids[0]]  # its last draft is forced too
+        # a row that ended on EOS (its EOS keeps a logprob entry) has that last draft forced too
+        want = {rid: tokens + [engine.cfg.eos_token_ids[0]] * (len(lps) > len(tokens))
+                for rid, (tokens, lps) in plain.items()}
         force_drafts(s, want, drafts == "perfect")
     got = run(s, engine, requests(engine))
     for rid, (tokens, lps) in plain.items():
         assert got[rid][0] == tokens, f"{rid}: {drafts} drafts, k={k}"
         same_entries(got[rid][1], lps, f"{rid}: {drafts} drafts, k={k}")
     assert len(plain["min_tokens"][0]) == 6 and len(plain["min_tokens"][1]) == 7  # 6 tokens, then the EOS's entry
+    assert marker_ids(engine.tokenizer)[tools.CALLS_END] in plain["tools"][0]  # the calls closed within max_tokens
     assert plain["bias"][0] != engine.generate([[7] * 12], max_new_tokens=8)[0], "the bias changes nothing"
     if drafts == "perfect":
         assert s.spec.accepted > 0.6 * s.spec.drafted, f"{s.spec.accepted} of {s.spec.drafted} drafts accepted"

@@ -1,0 +1,112 @@
+"""Token masks for grammar-constrained sampling (json_mode.py's JSON objects, tools.py's tool calls).
+
+A grammar is a byte automaton with a few special tokens: `start`, `step(state, byte)`, `special(state, token)`
+(None: not allowed there), `ends(state)` (EOS allowed), `free(state)` (any text token goes and leaves the state
+as it is: a tool-calling answer's prose) and `in_string(state)` (inside a JSON string: a token without a quote,
+backslash or control byte leaves the state as it is). States are hashable tuples; a grammar is hashable too.
+
+A mask is computed by walking the vocabulary as a trie (the tokens sorted by their bytes: a prefix that breaks
+the grammar rules out every token that starts with it), so a state costs its viable prefixes, not the vocabulary;
+the free and in-string cases start from a precomputed mask. Masks are cached by (grammar, state) on the model's
+device.
+"""
+
+from __future__ import annotations
+
+import functools
+from bisect import bisect_left
+
+import torch
+
+
+def _plain(data: bytes) -> bool:
+    """Inside a string, these bytes leave it as it was whatever they are: no quote, backslash or control byte."""
+    return all(c >= 0x20 and c not in (0x22, 0x5C) for c in data)
+
+
+class _Trie:
+    """Tokens sorted by their bytes: a node is a range of them sharing a prefix (no objects per node)."""
+
+    def __init__(self, items: list[tuple[bytes, int]]):
+        items.sort()
+        self.keys = [b for b, _ in items]
+        self.ids = [t for _, t in items]
+
+    def walk(self, step, st, out: list[int]) -> None:
+        """Append every token whose bytes continue st under step(state, byte) (depth first; a breaking prefix
+        prunes its subtree)."""
+        keys, todo = self.keys, [(0, len(self.keys), 0, st)]
+        while todo:
+            lo, hi, depth, s = todo.pop()
+            while lo < hi and len(keys[lo]) == depth:  # tokens that end here (they sort first)
+                out.append(self.ids[lo])
+                lo += 1
+            while lo < hi:
+                c = keys[lo][depth]
+                end = hi if c == 255 else bisect_left(keys, keys[lo][:depth] + bytes((c + 1,)), lo, hi)
+                nxt = step(s, c)
+                if nxt is not None:
+                    todo.append((lo, end, depth + 1, nxt))
+                lo = end
+
+
+class Vocab:
+    """A vocabulary as grammars see it. token_bytes: each token's bytes, None for special tokens (markup: a
+    grammar's `special` decides them); eos_ids: the tokens that end an answer (a grammar's `ends`); device: where
+    masks are used (each is copied there once, when its state is first met)."""
+
+    def __init__(self, token_bytes: list[bytes | None], eos_ids, device: torch.device | str = "cpu"):
+        self.vocab, self.device = len(token_bytes), device
+        self.bytes = [b or b"" for b in token_bytes]  # what a token adds to the answer's bytes
+        self.eos = frozenset(t for t in eos_ids if 0 <= t < self.vocab)
+        self.specials = [t for t, b in enumerate(token_bytes) if b is None and t not in self.eos]
+        usable = [(b, t) for t, b in enumerate(token_bytes) if b]
+        self.text = torch.zeros(self.vocab, dtype=torch.bool)
+        self.text[[t for _, t in usable]] = True
+        self.plain = torch.zeros(self.vocab, dtype=torch.bool)
+        self.plain[[t for b, t in usable if _plain(b)]] = True
+        self.everything = _Trie(usable)
+        self.others = _Trie([(b, t) for b, t in usable if not _plain(b)])  # what plain strings do not cover
+
+    @classmethod
+    def of(cls, tokenizer, eos_ids, vocab: int, device: torch.device | str = "cpu", markup=()) -> Vocab:
+        """From the checkpoint's tokenizer: its special tokens and `markup` (tokens a grammar places itself, such as
+        the tool-call markers, whether or not the tokenizer flags them special) are markup, not text; ids past its
+        vocabulary (the model's padding rows) are never allowed."""
+        n, markup = min(vocab, tokenizer.vocab_size), tokenizer.special_ids | set(markup)
+        pieces = [None if t in markup else tokenizer.token_bytes(t) for t in range(n)]
+        return cls(pieces + [None] * (vocab - n), eos_ids, device)
+
+    def advance(self, grammar, st, token: int):
+        """The state after `token` (None: the grammar does not allow it there)."""
+        if st is None:
+            return None
+        if token in self.eos:
+            return st if grammar.ends(st) else None
+        if not self.bytes[token]:
+            return grammar.special(st, token)
+        if grammar.free(st):
+            return st
+        for c in self.bytes[token]:
+            st = grammar.step(st, c)
+            if st is None:
+                return None
+        return st
+
+    @functools.lru_cache(maxsize=512)
+    def allowed(self, grammar, st) -> torch.Tensor:
+        """[V] bool: the tokens that may follow state st (read-only: shared between callers)."""
+        ids: list[int] = []
+        if grammar.free(st):
+            mask = self.text.clone()
+        elif grammar.in_string(st):
+            mask = self.plain.clone()
+            self.others.walk(grammar.step, st, ids)
+        else:
+            mask = torch.zeros(self.vocab, dtype=torch.bool)
+            self.everything.walk(grammar.step, st, ids)
+        ids += [t for t in self.specials if grammar.special(st, t) is not None]
+        if grammar.ends(st) or (not ids and not mask.any()):  # nothing else to go on with: let the answer end
+            ids += self.eos
+        mask[ids] = True
+        return mask.to(self.device)
