@@ -13,11 +13,12 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 
-from dsv3.serve.scheduler import Request, Sampling
+from dsv3.serve.scheduler import Request, Sampling, Scheduler
 from dsv3.serve.text import TextStream
 
 pytest.importorskip("starlette")
@@ -139,3 +140,38 @@ def make(engine, prompt, max_tokens, done):
     r = Request(str(len(prompt)), prompt, Sampling(max_tokens), emit, TextStream(engine.tokenizer.decode))
     r.tokens = tokens
     return r
+
+
+class Answer(NamedTuple):
+    tokens: list[int]  # the answer's token ids
+    lps: list  # its logprob entries (a request that asked)
+    finish: str | None  # its finish_reason ("stop", "length", "tool_calls"), or the error's message
+
+
+def run_all(s: Scheduler, engine, reqs) -> dict[str, Answer]:
+    """Every (id, prompt, Sampling) submitted before the loop starts (the same batches every run), run to the end:
+    each request's Answer by id."""
+    done, got = threading.Semaphore(0), {}
+
+    def make(rid, prompt, params):
+        a = got[rid] = Answer([], [], [])
+
+        def emit(kind, data):
+            if kind == "text":
+                a.tokens.extend(data[1])
+                a.lps.extend(data[2] or [])
+            elif kind in ("done", "error"):
+                a.finish.append(data)
+                done.release()
+        return Request(rid, prompt, params, emit, TextStream(engine.tokenizer.decode))
+
+    for rid, prompt, params in reqs:
+        s.submit(make(rid, prompt, params))
+    s.start()
+    try:
+        for _ in reqs:
+            assert done.acquire(timeout=300), f"a request never finished (the model loop: {s.error!r})"
+        assert s.error is None, s.error
+    finally:
+        s.shutdown()
+    return {rid: a._replace(finish=a.finish[0]) for rid, a in got.items()}

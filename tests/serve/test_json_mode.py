@@ -6,17 +6,15 @@ from __future__ import annotations
 import json
 import random
 import re
-import threading
 
 import pytest
 import torch
-from conftest import reference
+from conftest import reference, run_all
 
 from dsv3.serve import json_mode
 from dsv3.serve.json_mode import JSON_OBJECT, MAX_DEPTH, MAX_WS, START, advance, complete
 from dsv3.serve.masks import Vocab
-from dsv3.serve.scheduler import Request, Sampling, Scheduler
-from dsv3.serve.text import TextStream
+from dsv3.serve.scheduler import Sampling, Scheduler
 
 ALPHABET = '{}[]:,"\\ \n\t0123456789.-+eEtrufalsn abcxyz\u00e9\u4e2d/\x01'
 
@@ -152,28 +150,8 @@ def test_masks_are_the_tokens_that_continue_the_state():
 
 
 def run(s: Scheduler, engine, reqs) -> dict[str, tuple[list[int], str]]:
-    done, got = threading.Semaphore(0), {}
-
-    def make(rid, prompt, params):
-        tokens, finish = [], []
-
-        def emit(kind, data):
-            if kind == "text":
-                tokens.extend(data[1])
-            elif kind in ("done", "error"):
-                finish.append(data)
-                done.release()
-        got[rid] = (tokens, finish)
-        return Request(rid, prompt, params, emit, TextStream(engine.tokenizer.decode))
-
-    s.submit(*[make(*r) for r in reqs])
-    s.start()
-    try:
-        for _ in reqs:
-            assert done.acquire(timeout=300), f"a request never finished ({s.error!r})"
-    finally:
-        s.shutdown()
-    return {rid: (tokens, finish[0]) for rid, (tokens, finish) in got.items()}
+    """(token ids, finish_reason) by request id (conftest.run_all)."""
+    return {rid: (a.tokens, a.finish) for rid, a in run_all(s, engine, reqs).items()}
 
 
 def test_greedy_json_is_the_masked_argmax_of_transformers(engine, hf):

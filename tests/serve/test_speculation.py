@@ -10,7 +10,7 @@ import threading
 
 import pytest
 import torch
-from conftest import make
+from conftest import make, run_all
 from forced import force_drafts
 
 from dsv3.serve import tools
@@ -41,32 +41,8 @@ def requests(engine) -> list[tuple[str, list[int], Sampling]]:
 
 
 def run(s: Scheduler, engine, reqs) -> dict[str, tuple[list[int], list]]:
-    """Every request submitted before the loop starts (the same batches every run); (token ids, logprob entries)
-    by request id."""
-    done, got = threading.Semaphore(0), {}
-
-    def make(rid, prompt, params):
-        tokens, lps = [], []
-
-        def emit(kind, data):
-            if kind == "text":
-                tokens.extend(data[1])
-                lps.extend(data[2] or [])
-            elif kind in ("done", "error"):
-                done.release()
-        got[rid] = (tokens, lps)
-        return Request(rid, prompt, params, emit, TextStream(engine.tokenizer.decode))
-
-    for rid, prompt, params in reqs:
-        s.submit(make(rid, prompt, params))
-    s.start()
-    try:
-        for _ in reqs:
-            assert done.acquire(timeout=120), f"a request never finished (the model loop: {s.error!r})"
-        assert s.error is None, s.error
-    finally:
-        s.shutdown()
-    return got
+    """(token ids, logprob entries) by request id (conftest.run_all)."""
+    return {rid: (a.tokens, a.lps) for rid, a in run_all(s, engine, reqs).items()}
 
 
 def same_entries(a: list, b: list, what: str) -> None:
