@@ -42,6 +42,7 @@ class Engine:
         self.last_stats: Stats | None = None
         #: the last calls' captured steps and caches, replayed by a next call of the same shape (see release())
         self.steps = StepPool()
+        self._vocab = None  # json=True: the vocabulary as grammars mask it (serve/masks.py), built once
 
     @property
     def max_seq_len(self) -> int:
@@ -79,12 +80,14 @@ class Engine:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, static: bool = False, speculative: str | None = None,
-                 draft_tokens: int = 1, ignore_eos: bool = False) -> list[list[int]]:
+                 draft_tokens: int = 1, ignore_eos: bool = False, json: bool = False) -> list[list[int]]:
         """New token ids for each prompt (EOS excluded). Greedy when temperature == 0. `static` runs the
         fixed-shape (graph-ready) decode step even where no graph is captured. `speculative="mtp"` drafts
         `draft_tokens` tokens per step with the checkpoint's MTP layer and verifies them in one main-model step:
         the same greedy tokens (the same distribution when sampling), fewer steps; last_stats.extra reports the
-        acceptance. `ignore_eos`: run on past end-of-sequence tokens, max_new_tokens for every prompt (benchmarks)."""
+        acceptance. `ignore_eos`: run on past end-of-sequence tokens, max_new_tokens for every prompt (benchmarks).
+        `json`: each answer is one JSON object (every token masked to what continues one, EOS once it is closed;
+        an answer cut by max_new_tokens is the beginning of one), as the server's response_format json_object."""
         if speculative not in (None, "mtp"):
             raise DsvError(f"speculative={speculative!r}; the one drafter is 'mtp' (the checkpoint's MTP layer)")
         if speculative and not self.has_mtp:
@@ -106,6 +109,12 @@ class Engine:
             eos = (*eos, self.tokenizer.eos_id)
         if ignore_eos:
             eos = ()
+        constrain = None
+        if json:
+            if speculative or ignore_eos:
+                raise DsvError("json=True decodes one token a step and ends where the object does: run it without "
+                               f"{'speculative decoding' if speculative else 'ignore_eos'}")
+            constrain = self._json_masks(len(prompts), eos)
         if speculative:
             from .core.speculative import speculative_generate
 
@@ -118,8 +127,33 @@ class Engine:
                                                         pool=self.steps)
             return out
         out, self.last_stats = generate(self.model, prompts, max_new_tokens, temperature, top_p, eos, seed, self.dtype,
-                                        graphs=self.cuda_graphs, static=static, pool=self.steps)
+                                        graphs=self.cuda_graphs, static=static, pool=self.steps, constrain=constrain)
         return out
+
+    def _json_masks(self, rows: int, eos: tuple[int, ...]):
+        """decode_tokens' `constrain` for `rows` answers that are each one JSON object (serve/json_mode.py)."""
+        from .serve.json_mode import JSON_OBJECT
+        from .serve.masks import Vocab
+
+        if self.tokenizer is None:
+            raise DsvError(f"{self.path}: json=True needs the checkpoint's tokenizer (tokenizer.json) to know each "
+                           "token's text")
+        if self._vocab is None or self._vocab.eos != frozenset(eos):
+            self._vocab = Vocab.of(self.tokenizer, eos, self.cfg.vocab_size, self.model.rope_cos.device)
+        vocab, states, ended = self._vocab, [JSON_OBJECT.start] * rows, [False] * rows
+
+        def constrain(logits: torch.Tensor, so_far: torch.Tensor) -> torch.Tensor:
+            if so_far.shape[1]:
+                for b, t in enumerate(so_far[:, -1].tolist()):
+                    ended[b] = ended[b] or t in vocab.eos
+                    if not ended[b]:
+                        states[b] = vocab.advance(JSON_OBJECT, states[b], t)
+            logits = logits.float().clone()
+            for b, st in enumerate(states):
+                if not ended[b] and st is not None:  # an ended row runs on to be trimmed: anything goes
+                    logits[b].masked_fill_(~vocab.allowed(JSON_OBJECT, st), float("-inf"))
+            return logits
+        return constrain
 
 
 def load(path: str | Path, backend: str = "auto", dtype: str | torch.dtype = "bf16", device=None,

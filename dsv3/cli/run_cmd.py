@@ -65,9 +65,12 @@ def printable(text: str) -> str:
                    "tokens (the same distribution when sampling) in fewer steps. Stats report the acceptance.")
 @click.option("--draft-tokens", type=click.IntRange(1, 8), default=1, show_default=True,
               help="Drafts per step with --speculative (1 is the MTP layer's design; more chain it on itself).")
+@click.option("--json", "json_object", is_flag=True,
+              help="Answer with one JSON object: each token is masked to what continues one, and the answer ends "
+                   "where the object closes (one cut by --max-new-tokens is its beginning). Not with --speculative.")
 @click.pass_context
 def run(ctx, ckpt: Path, backend, dtype, device, cpu_weights, prompt, input_file, interactive, max_new_tokens, temperature,
-        top_p, seed, max_seq_len, attn, raw, cuda_graphs, speculative, draft_tokens) -> None:
+        top_p, seed, max_seq_len, attn, raw, cuda_graphs, speculative, draft_tokens, json_object) -> None:
     """Generate text from a checkpoint: released FP8, BF16 HF layout, or model-parallel rank files.
 
     \b
@@ -75,6 +78,7 @@ def run(ctx, ckpt: Path, backend, dtype, device, cpu_weights, prompt, input_file
       dsv3 run CKPT --prompt "Explain MLA in one sentence."
       dsv3 run CKPT --input-file prompts.txt --max-new-tokens 128   # one batch
       dsv3 run CKPT --interactive --temperature 0.6 --top-p 0.95
+      dsv3 run CKPT --prompt "Three primes as a JSON object." --json
     Prints the completions, then prefill and decode tokens/s on stderr.
     """
     from .. import load
@@ -124,7 +128,7 @@ def run(ctx, ckpt: Path, backend, dtype, device, cpu_weights, prompt, input_file
 
     def complete(batch: list[list[int]]) -> list[str]:
         out = engine.generate(batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                              speculative=speculative, draft_tokens=draft_tokens)
+                              speculative=speculative, draft_tokens=draft_tokens, json=json_object)
         return [tok.decode(ids) for ids in out]
 
     if not interactive:

@@ -215,18 +215,21 @@ class DecodeStep(StaticStep):
 def decode_tokens(model: Transformer, decode: DecodeStep, logits: torch.Tensor, pos: torch.Tensor, top: int,
                   count: int, temperature: float, top_p: float, generator: torch.Generator | None,
                   eos: torch.Tensor, done: torch.Tensor, stats: Stats,
-                  cap: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  cap: torch.Tensor | None = None, constrain=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The decode loop: up to `count` tokens per row, the first sampled from logits [B, V], each fed back through
     `decode` at pos [B] (advanced in place, never past `cap` [B] if given: a row that needs fewer tokens than the
     others then rewrites one entry past its answer instead of running off its cache; `top` = the largest position,
     known on the host). Stops early once every row has an EOS (`eos` ids; `done` [B] the rows finished already),
-    checked every EOS_CHECK_EVERY tokens.
+    checked every EOS_CHECK_EVERY tokens. `constrain(logits [B, V], tokens so far [B, i]) -> logits` masks what
+    each row may sample next (a grammar: it reads the tokens on the host, one sync a token).
     -> tokens [B, n] (rows run on past their EOS: the caller trims) and a device bool: every logit was finite."""
     B = logits.shape[0]
     out = torch.empty(B, count, dtype=torch.long, device=logits.device)
     finite = torch.ones((), dtype=torch.bool, device=logits.device)
     n = 0
     for i in range(count):
+        if constrain is not None:
+            logits = constrain(logits, out[:, :i])
         nxt = model.par.broadcast(sample(logits, temperature, top_p, generator))  # [B]
         out[:, i] = nxt
         done |= torch.isin(nxt, eos)
@@ -246,10 +249,11 @@ def decode_tokens(model: Transformer, decode: DecodeStep, logits: torch.Tensor, 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_ids: tuple[int, ...] = (), seed: int | None = None,
              dtype: torch.dtype | None = None, pad_id: int = 0, graphs: bool = True,
-             static: bool = False, pool: StepPool | None = None) -> tuple[list[list[int]], Stats]:
+             static: bool = False, pool: StepPool | None = None, constrain=None) -> tuple[list[list[int]], Stats]:
     """New tokens for each prompt (EOS excluded), and timings. `graphs`: capture the decode step where the
     backend can; `static`: run the capturable (fixed-span) step even where nothing is captured (tests);
-    `pool`: where a static step and its cache are kept for the next call of the same shape."""
+    `pool`: where a static step and its cache are kept for the next call of the same shape; `constrain`: a
+    grammar's masks (decode_tokens)."""
     par, device = model.par, model.rope_cos.device
     stats = Stats()
     B = len(prompts)
@@ -298,7 +302,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
     t0 = time.perf_counter()
     out, finite = decode_tokens(model, decode, logits, length.clone(), L, max_new_tokens, temperature, top_p,
-                                generator, eos, torch.zeros(B, dtype=torch.bool, device=device), stats)
+                                generator, eos, torch.zeros(B, dtype=torch.bool, device=device), stats,
+                                constrain=constrain)
     stats.decode_s = time.perf_counter() - t0
     stats.extra["decode_step"] = "graph" if decode.captured else "static" if fixed else "eager"  # after a fallback too
     if not bool(finite):

@@ -160,3 +160,18 @@ def test_real_process_exit_code_and_debug(demo_ckpt, tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "dsv3", "--debug", *cmd[3:]], capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_run_json_answers_one_object(demo_ckpt):
+    from dsv3.serve.json_mode import START, advance
+
+    r = dsv3("run", demo_ckpt, "--prompt", "JSON please", "--json", "--max-new-tokens", "200", "--temperature", "1",
+             "--seed", "1")
+    assert r.exit_code == 0, r.output
+    text = r.stdout.rstrip("\n")
+    try:
+        assert isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        assert advance(START, text.encode()) is not None, text  # cut by --max-new-tokens: the beginning of one
+    bad = dsv3("run", demo_ckpt, "--prompt", "x", "--json", "--speculative", "mtp")
+    assert bad.exit_code != 0 and "without speculative decoding" in bad.output, bad.output

@@ -207,3 +207,16 @@ def test_the_server_answers_json_object(server):
         text = choice["message"]["content"]
         ok = loads_object(text) if choice["finish_reason"] == "stop" else advance(START, text.encode()) is not None
         assert ok, (choice["finish_reason"], text)
+
+
+def test_engine_json_answers_are_the_schedulers(engine):
+    """engine.generate(json=True) (the static decode step with a mask a token) against the scheduler's JSON mode,
+    which the test above holds to transformers: the same greedy tokens, for a batch of two prompt lengths."""
+    prompts = [engine.tokenizer.encode("A JSON object:"), engine.tokenizer.encode("Give me data as JSON, please.")]
+    got = engine.generate(prompts, max_new_tokens=24, json=True)
+    s = Scheduler(engine, max_batch=2, eos_ids=tuple(engine.cfg.eos_token_ids))
+    want = run(s, engine, [(str(i), p, Sampling(24, grammar=JSON_OBJECT)) for i, p in enumerate(prompts)])
+    assert got == [want[str(i)][0] for i in range(2)]
+    assert got != engine.generate(prompts, max_new_tokens=24), "the grammar changes nothing here"
+    with pytest.raises(Exception, match="without speculative decoding"):
+        engine.generate(prompts, max_new_tokens=4, json=True, speculative="mtp")
