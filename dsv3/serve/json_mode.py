@@ -23,7 +23,7 @@ _ESCAPES = frozenset(b'"\\/bfnrt')
 _DIGIT = frozenset(b"0123456789")
 # a number's progress: 0 after '-', 1 a leading 0, 2 integer digits, 3 after '.', 4 fraction digits, 5 after
 # 'e', 6 after the exponent's sign, 7 exponent digits; it may end (the next byte belongs to what follows) in 1/2/4/7
-_NUMBER_ENDS = frozenset((1, 2, 4, 7))
+NUMBER_ENDS = frozenset((1, 2, 4, 7))
 _LITERALS = {ord("t"): "Lrue", ord("f"): "Lalse", ord("n"): "Lull"}
 
 #: (open containers as a string of '{' and '[', mode, aux). Modes: 'B' before the object, 'K' after '{' (a key or
@@ -36,7 +36,7 @@ State = tuple
 START: State = ("", "B", 0)
 
 
-def _number(aux: int, c: int) -> int | None:
+def number_step(aux: int, c: int) -> int | None:
     """A number's progress after byte c (None: c does not continue it)."""
     if c in _DIGIT:
         return (1 if c == 0x30 else 2, None, 2, 4, 4, 7, 7, 7)[aux]  # no digit after a leading 0
@@ -82,10 +82,10 @@ def step(st: State, c: int) -> State | None:
             return (stack, mode, 0) if c in _ESCAPES else (stack, mode, 5) if c == 0x75 else None
         return (stack, mode, 0 if aux == 2 else aux - 1) if c in _HEX else None
     if mode == "N":
-        nxt = _number(aux, c)
+        nxt = number_step(aux, c)
         if nxt is not None:
             return (stack, "N", nxt)
-        if aux not in _NUMBER_ENDS:
+        if aux not in NUMBER_ENDS:
             return None
         mode, aux = "A", 0  # the number ended: c is what follows it
     elif mode[0] == "L":

@@ -11,7 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from . import json_mode, tools
+from . import json_mode, schema, tools
 from .scheduler import Sampling
 
 #: at most this many stop sequences (OpenAI allows 4; a few more cost nothing here)
@@ -201,14 +201,14 @@ def parse(body, chat: bool, tokenizer, model_name: str, context: int, vocab: int
     logprobs = _logprobs(body, chat)
     _unsupported(body, chat, n)
     shaping = _shaping(body, vocab, max_tokens)
-    json_object = _json_mode(body, tokenizer)
-    if json_object and grammar is not None:
-        raise ApiError(400, "response_format json_object and tools cannot be combined: a tool call's arguments are "
-                       "JSON already", "response_format", "invalid_value")
-    grammar = json_mode.JSON_OBJECT if json_object else grammar
+    answer_format = _response_format(body, tokenizer)
+    if answer_format is not None and grammar is not None:
+        raise ApiError(400, "a JSON response_format and tools cannot be combined: a tool call's arguments are JSON "
+                       "already", "response_format", "invalid_value")
+    grammar = answer_format or grammar
     for name in ("ignore_eos", "min_tokens"):
         if grammar is not None and shaping.get(name):
-            what = "response_format json_object" if json_object else "tools"
+            what = "tools" if answer_format is None else "a JSON response_format"
             raise ApiError(400, f"{name} cannot be combined with {what}: the answer ends where its grammar does", name,
                            "invalid_value")
     shaping["grammar"] = grammar
@@ -270,24 +270,31 @@ def _shaping(body: dict, vocab: int, max_tokens: int | None) -> dict:
     return out
 
 
-def _json_mode(body: dict, tokenizer) -> bool:
-    """`response_format`: {"type": "text"} (the default) or {"type": "json_object"}: the answer is one JSON
-    object, enforced token by token (json_mode.py). A JSON schema is not enforced: refused, not ignored."""
+def _response_format(body: dict, tokenizer):
+    """`response_format`: {"type": "text"} (the default: None), {"type": "json_object"} (one JSON object:
+    json_mode.py) or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}} (JSON the schema
+    accepts: schema.py) -> the answer's grammar. A schema the grammar cannot enforce is refused, not ignored."""
     fmt = body.get("response_format")
     kind = fmt.get("type", "text") if isinstance(fmt, dict) else None
     if fmt is None or kind == "text":
-        return False
-    if kind == "json_schema":
-        raise ApiError(400, "response_format json_schema: this server enforces any JSON object (json_object), not a "
-                       "schema; ask for {\"type\": \"json_object\"} and describe the fields in the prompt",
-                       "response_format", "unsupported_value")
-    if kind != "json_object":
-        raise ApiError(400, f"response_format must be {{\"type\": \"text\"}} or {{\"type\": \"json_object\"}}, got "
-                       f"{fmt!r}", "response_format", "invalid_value")
+        return None
+    if kind not in ("json_object", "json_schema"):
+        raise ApiError(400, "response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                       f"{{\"type\": \"json_schema\", \"json_schema\": {{\"schema\": ...}}}}, got {fmt!r}",
+                       "response_format", "invalid_value")
     if tokenizer is None:
-        raise ApiError(400, "response_format json_object needs the checkpoint's tokenizer.json (to know each token's "
+        raise ApiError(400, f"response_format {kind} needs the checkpoint's tokenizer.json (to know each token's "
                        "text); this server has none", "response_format", "unsupported_value")
-    return True
+    if kind == "json_object":
+        return json_mode.JSON_OBJECT
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or "schema" not in spec:
+        raise ApiError(400, "response_format json_schema needs json_schema: {\"name\": ..., \"schema\": {...}}",
+                       "response_format", "invalid_value")
+    try:
+        return schema.compile_schema(spec["schema"])
+    except schema.SchemaError as e:
+        raise ApiError(400, f"response_format json_schema: {e}", "response_format", "unsupported_value") from None
 
 
 def _tools(body: dict, chat: bool, tokenizer) -> tuple[list[dict] | None, tools.ToolGrammar | None]:

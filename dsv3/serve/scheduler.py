@@ -78,7 +78,7 @@ class Sampling:
     min_tokens: int = 0  # EOS, stop ids and stop strings cannot end the answer before it has this many tokens
     ignore_eos: bool = False  # EOS does not end the answer (fixed-length runs of load testers)
     #: what the answer's tokens must spell: json_mode.JSON_OBJECT (response_format json_object), a
-    #: tools.ToolGrammar (tools), or None; masks.py masks the rest before sampling
+    #: schema.JsonSchema (json_schema), a tools.ToolGrammar (tools), or None; masks.py masks the rest before sampling
     grammar: object | None = None
 
     @property

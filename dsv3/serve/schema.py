@@ -1,0 +1,247 @@
+"""response_format {"type": "json_schema"}: the answer is JSON that a schema accepts, token by token.
+
+`compile_schema` turns a JSON schema into a grammar of masks.py: a byte automaton whose state knows, at each
+point, which schema the value being written must meet. Every answer it lets through is valid against the
+schema; it writes a subset of the valid ones: an object's declared properties in their declared order (each at
+most once, the required ones present), nothing beyond the declared properties. An object schema without
+`properties`, an array without `items` and a schema with no `type` take any JSON value there.
+
+Supported: `type` (one or a list), `properties`, `required`, `additionalProperties` (any: only declared ones are
+written), `items`, `minItems`, `maxItems`, `enum` and `const` of strings, numbers, booleans and null, and the
+annotations `title`, `description`, `default`, `examples`, `$schema`, `$comment`. Anything else (`pattern`,
+`format`, `minimum`, `anyOf`, `$ref`...) would be a promise the grammar cannot keep: `SchemaError` names it, and
+the server answers 400.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from . import json_mode
+
+ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$comment"))
+KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
+                      "enum", "const")) | ANNOTATIONS
+TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+_FIRST = {"object": b"{", "array": b"[", "string": b'"', "number": b"-0123456789", "integer": b"-0123456789",
+          "boolean": b"tf", "null": b"n"}
+_WS = frozenset(b" \t\n\r")
+# a JSON value of any kind, written by json_mode's automaton inside a container it never closes: the value is
+# done when that automaton stands after it at the container's level
+_ANY = ("[", "V", 0)
+
+
+class SchemaError(ValueError):
+    """The schema uses what the grammar cannot enforce, or is not a schema."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """One schema, compiled. kinds: the types it takes (empty: any JSON value); props: (key's JSON bytes, node,
+    required) in declared order (None: any object); items: the arrays' node (None: any values); enum: the JSON
+    bytes of each allowed value (None: any of the types)."""
+
+    kinds: frozenset
+    props: tuple | None = None
+    items: int | None = None
+    min_items: int = 0
+    max_items: int | None = None
+    enum: tuple | None = None
+
+
+def compile_schema(schema) -> JsonSchema:
+    nodes: list[Node] = []
+
+    def node(s, where: str, depth: int) -> int:
+        if depth > json_mode.MAX_DEPTH:
+            raise SchemaError(f"{where}: nested deeper than {json_mode.MAX_DEPTH} levels")
+        if s is True or s == {}:
+            nodes.append(Node(frozenset()))
+            return len(nodes) - 1
+        if not isinstance(s, dict):
+            raise SchemaError(f"{where}: a schema is an object, got {s!r}")
+        other = sorted(set(s) - KEYWORDS)
+        if other:
+            raise SchemaError(f"{where}: {other[0]!r} is not enforced here (supported: {', '.join(sorted(KEYWORDS))})")
+        kinds = s.get("type", [])
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        if not isinstance(kinds, list) or any(k not in TYPES for k in kinds) or len(set(kinds)) != len(kinds):
+            raise SchemaError(f"{where}.type: one of {', '.join(TYPES)} or a list of them, got {s.get('type')!r}")
+        enum = None
+        if "enum" in s or "const" in s:
+            values = s["enum"] if "enum" in s else [s["const"]]
+            if not isinstance(values, list) or not values or any(isinstance(v, (dict, list)) for v in values):
+                raise SchemaError(f"{where}: enum/const values must be strings, numbers, booleans or null")
+            enum = tuple(dict.fromkeys(json.dumps(v, ensure_ascii=False).encode() for v in values))
+        at = len(nodes)
+        nodes.append(Node(frozenset()))  # its place first: children come after it
+        props = items = None
+        if "properties" in s:
+            if not isinstance(s["properties"], dict):
+                raise SchemaError(f"{where}.properties must be an object")
+            required = s.get("required", [])
+            if not isinstance(required, list) or any(r not in s["properties"] for r in required):
+                raise SchemaError(f"{where}.required must list names of properties")
+            props = tuple((json.dumps(k, ensure_ascii=False).encode(), node(v, f"{where}.properties.{k}", depth + 1),
+                           k in required) for k, v in s["properties"].items())
+        elif "required" in s and s["required"]:
+            raise SchemaError(f"{where}.required without properties")
+        if "items" in s:
+            items = node(s["items"], f"{where}.items", depth + 1)
+        lo, hi = s.get("minItems", 0), s.get("maxItems")
+        if not isinstance(lo, int) or lo < 0 or (hi is not None and (not isinstance(hi, int) or hi < lo)):
+            raise SchemaError(f"{where}: minItems/maxItems must be integers, 0 <= minItems <= maxItems")
+        nodes[at] = Node(frozenset(kinds), props, items, lo, hi, enum)
+        return at
+
+    node(schema, "schema", 0)
+    return JsonSchema(tuple(nodes))
+
+
+@dataclass(frozen=True)
+class JsonSchema:
+    """The grammar (masks.py) of one value valid against the compiled schema `nodes` (nodes[0] the root).
+
+    States: (frames, mode). Frames (innermost last) say where a finished value returns: ("o", node, next
+    property) in an object, ("a", node, items so far) in an array. Modes: ("v", node, ws) a value of node;
+    ("e", alternatives' remaining bytes) one of an enum; ("j", node, json state) a value json_mode's automaton
+    writes; ("o", node, next, phase, ws) in an object's punctuation (phase "{" after the brace, "," after a
+    comma, ">" after a value); ("k", node, [(remaining bytes, property)]) a key; (":", node, property, ws);
+    ("a", node, count, phase, ws) in an array's punctuation; ("end", ws) done."""
+
+    nodes: tuple
+
+    @property
+    def start(self):
+        return ((), ("v", 0, 0))
+
+    def _done(self, frames):
+        """The mode after a value, back in the frame that holds it."""
+        if not frames:
+            return frames, ("end", 0)
+        f = frames[-1]
+        if f[0] == "o":
+            return frames[:-1], ("o", f[1], f[2], ">", 0)
+        return frames[:-1], ("a", f[1], f[2] + 1, ">", 0)
+
+    def _value(self, frames, n: int, c: int):
+        """Byte c opens a value of node n."""
+        node = self.nodes[n]
+        if node.enum is not None:
+            return self._enum(frames, tuple(e[1:] for e in node.enum if e[0] == c))
+        kinds = node.kinds
+        if kinds and not any(c in _FIRST[k] for k in kinds):
+            return None
+        if c == 0x7B and node.props is not None and (not kinds or "object" in kinds):
+            if len(frames) >= json_mode.MAX_DEPTH:
+                return None
+            return frames, ("o", n, 0, "{", 0)
+        if c == 0x5B and node.items is not None and (not kinds or "array" in kinds):
+            if len(frames) >= json_mode.MAX_DEPTH:
+                return None
+            return frames, ("a", n, 0, "{", 0)
+        nxt = json_mode.step(_ANY, c)
+        return None if nxt is None else self._json(frames, n, nxt)
+
+    def _enum(self, frames, left: tuple):
+        """Enum values still matching, by their remaining bytes: done where the only match is whole (b"")."""
+        if not left:
+            return None
+        return self._done(frames) if left == (b"",) else (frames, ("e", left))
+
+    def _json(self, frames, n: int, st):
+        if st[0] == "[" and st[1] == "A":  # the value is whole (a string, literal, object or array closed)
+            return self._done(frames)
+        return frames, ("j", n, st)
+
+    def _keys(self, n: int, start: int):
+        """The properties that may come next from property `start` on: up to the first required one."""
+        out = []
+        for i, (key, _, required) in enumerate(self.nodes[n].props[start:], start):
+            out.append((key, i))
+            if required:
+                break
+        return out
+
+    def _may_close(self, n: int, start: int) -> bool:
+        return not any(req for _, _, req in self.nodes[n].props[start:])
+
+    def step(self, st, c: int):
+        frames, mode = st
+        kind = mode[0]
+        if kind == "e":
+            left = tuple(e[1:] for e in mode[1] if e and e[0] == c)
+            if left:
+                return self._enum(frames, left)
+            if b"" not in mode[1]:
+                return None
+            frames, mode = self._done(frames)  # a number of the enum ended: c is what follows it
+            kind = mode[0]
+        elif kind == "j":
+            n, js = mode[1], mode[2]
+            if js[1] != "N" or len(js[0]) > 1:  # not a number the value is, but one inside it (or no number)
+                nxt = json_mode.step(js, c)
+                return None if nxt is None else self._json(frames, n, nxt)
+            kinds = self.nodes[n].kinds
+            if c in b".eE" and "integer" in kinds and "number" not in kinds:
+                return None
+            if json_mode.number_step(js[2], c) is not None:
+                return frames, ("j", n, json_mode.step(js, c))
+            if js[2] not in json_mode.NUMBER_ENDS:
+                return None
+            frames, mode = self._done(frames)  # a number ends at the first byte that does not continue it
+            kind = mode[0]
+        elif kind == "k":
+            left = tuple((k[1:], i) for k, i in mode[2] if k[0] == c)
+            if not left:
+                return None
+            whole = [i for k, i in left if not k]
+            return (frames, (":", mode[1], whole[0], 0)) if whole else (frames, ("k", mode[1], left))
+        ws = mode[-1]
+        if c in _WS:
+            return None if ws >= json_mode.MAX_WS else (frames, mode[:-1] + (ws + 1,))
+        if kind == "v":
+            return self._value(frames, mode[1], c)
+        if kind == ":":
+            if c != 0x3A:
+                return None
+            return frames + (("o", mode[1], mode[2] + 1),), ("v", self.nodes[mode[1]].props[mode[2]][1], 0)
+        if kind == "o":
+            n, nxt, phase = mode[1], mode[2], mode[3]
+            if c == 0x7D and phase != "," and self._may_close(n, nxt):
+                return self._done(frames)
+            if phase == ">":
+                return (frames, ("o", n, nxt, ",", 0)) if c == 0x2C and self._keys(n, nxt) else None
+            left = tuple((k[1:], i) for k, i in self._keys(n, nxt) if k[0] == c)
+            return (frames, ("k", n, left)) if left else None
+        if kind == "a":
+            n, count, phase = mode[1], mode[2], mode[3]
+            node = self.nodes[n]
+            if c == 0x5D and phase != "," and count >= node.min_items:
+                return self._done(frames)
+            if phase == ">":
+                full = node.max_items is not None and count >= node.max_items
+                return (frames, ("a", n, count, ",", 0)) if c == 0x2C and not full else None
+            if node.max_items == 0:
+                return None
+            return self._value(frames + (("a", n, count),), node.items, c)
+        return None  # "end": only whitespace
+
+    def special(self, st, token: int):
+        return None
+
+    def ends(self, st) -> bool:
+        frames, mode = st
+        if mode[0] == "end":
+            return True
+        if frames:
+            return False
+        return (mode[0] == "e" and b"" in mode[1]) or (mode[0] == "j" and mode[2][:2] == ("[", "N")
+                                                      and mode[2][2] in json_mode.NUMBER_ENDS)
+
+    def free(self, st) -> bool:
+        return False
+
+    def in_string(self, st) -> bool:
+        return st[1][0] == "j" and json_mode.in_string(st[1][2])
