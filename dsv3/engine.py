@@ -80,14 +80,16 @@ class Engine:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, static: bool = False, speculative: str | None = None,
-                 draft_tokens: int = 1, ignore_eos: bool = False, json: bool = False) -> list[list[int]]:
+                 draft_tokens: int = 1, ignore_eos: bool = False, json: bool | dict = False) -> list[list[int]]:
         """New token ids for each prompt (EOS excluded). Greedy when temperature == 0. `static` runs the
         fixed-shape (graph-ready) decode step even where no graph is captured. `speculative="mtp"` drafts
         `draft_tokens` tokens per step with the checkpoint's MTP layer and verifies them in one main-model step:
         the same greedy tokens (the same distribution when sampling), fewer steps; last_stats.extra reports the
         acceptance. `ignore_eos`: run on past end-of-sequence tokens, max_new_tokens for every prompt (benchmarks).
-        `json`: each answer is one JSON object (every token masked to what continues one, EOS once it is closed;
-        an answer cut by max_new_tokens is the beginning of one), as the server's response_format json_object."""
+        `json=True`: each answer is one JSON object (every token masked to what continues one, EOS once it is
+        closed; an answer cut by max_new_tokens is the beginning of one), as the server's response_format
+        json_object; `json=` a JSON schema (a dict): each answer is JSON the schema accepts, as json_schema
+        (the subset serve/schema.py enforces; DsvError names a keyword outside it)."""
         if speculative not in (None, "mtp"):
             raise DsvError(f"speculative={speculative!r}; the one drafter is 'mtp' (the checkpoint's MTP layer)")
         if speculative and not self.has_mtp:
@@ -110,11 +112,13 @@ class Engine:
         if ignore_eos:
             eos = ()
         constrain = None
-        if json:
+        if json is not False and json is not None:
+            if json is not True and not isinstance(json, dict):
+                raise DsvError(f"json={json!r}: True (one JSON object) or a JSON schema as a dict")
             if speculative or ignore_eos:
-                raise DsvError("json=True decodes one token a step and ends where the object does: run it without "
+                raise DsvError("json decodes one token a step and ends where the JSON does: run it without "
                                f"{'speculative decoding' if speculative else 'ignore_eos'}")
-            constrain = self._json_masks(len(prompts), eos)
+            constrain = self._json_masks(len(prompts), eos, json)
         if speculative:
             from .core.speculative import speculative_generate
 
@@ -130,28 +134,34 @@ class Engine:
                                         graphs=self.cuda_graphs, static=static, pool=self.steps, constrain=constrain)
         return out
 
-    def _json_masks(self, rows: int, eos: tuple[int, ...]):
-        """decode_tokens' `constrain` for `rows` answers that are each one JSON object (serve/json_mode.py)."""
+    def _json_masks(self, rows: int, eos: tuple[int, ...], json: bool | dict):
+        """decode_tokens' `constrain` for `rows` answers that are each one JSON object (serve/json_mode.py) or,
+        `json` a schema, JSON it accepts (serve/schema.py)."""
         from .serve.json_mode import JSON_OBJECT
         from .serve.masks import Vocab
+        from .serve.schema import SchemaError, compile_schema
 
+        try:
+            grammar = JSON_OBJECT if json is True else compile_schema(json)
+        except SchemaError as e:
+            raise DsvError(f"json schema: {e}") from None
         if self.tokenizer is None:
-            raise DsvError(f"{self.path}: json=True needs the checkpoint's tokenizer (tokenizer.json) to know each "
+            raise DsvError(f"{self.path}: json needs the checkpoint's tokenizer (tokenizer.json) to know each "
                            "token's text")
         if self._vocab is None or self._vocab.eos != frozenset(eos):
             self._vocab = Vocab.of(self.tokenizer, eos, self.cfg.vocab_size, self.model.rope_cos.device)
-        vocab, states, ended = self._vocab, [JSON_OBJECT.start] * rows, [False] * rows
+        vocab, states, ended = self._vocab, [grammar.start] * rows, [False] * rows
 
         def constrain(logits: torch.Tensor, so_far: torch.Tensor) -> torch.Tensor:
             if so_far.shape[1]:
                 for b, t in enumerate(so_far[:, -1].tolist()):
                     ended[b] = ended[b] or t in vocab.eos
                     if not ended[b]:
-                        states[b] = vocab.advance(JSON_OBJECT, states[b], t)
+                        states[b] = vocab.advance(grammar, states[b], t)
             logits = logits.float().clone()
             for b, st in enumerate(states):
                 if not ended[b] and st is not None:  # an ended row runs on to be trimmed: anything goes
-                    logits[b].masked_fill_(~vocab.allowed(JSON_OBJECT, st), float("-inf"))
+                    logits[b].masked_fill_(~vocab.allowed(grammar, st), float("-inf"))
             return logits
         return constrain
 

@@ -33,10 +33,27 @@ def _text(value: str, what: str) -> str:
     return value
 
 
-def printable(text: str) -> str:
+def _schema(path: Path) -> dict:
+    """--json-schema's file, read and checked before minutes of loading weights."""
+    import json
+
+    from ..serve.schema import SchemaError, compile_schema
+
+    if not path.is_file():
+        raise DsvError(f"--json-schema {path}: no such file; give a JSON schema file, e.g. {{\"type\": \"object\"}}")
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+        compile_schema(schema)
+    except (UnicodeDecodeError, ValueError) as e:  # json's errors and SchemaError are ValueErrors
+        what = str(e) if isinstance(e, SchemaError) else f"not JSON ({e})"
+        raise DsvError(f"--json-schema {path}: {what}") from None
+    return schema
+
+
+def printable(text: str, keep: str = "\n\t") -> str:
     """Generated text as the terminal should show it: control characters (\\r, \\x1b, ...) escaped,
-    so model output cannot move the cursor or restyle the terminal; newlines and tabs kept."""
-    return "".join(c if c in "\n\t" or (c.isprintable() and not unicodedata.category(c).startswith("C"))
+    so model output cannot move the cursor or restyle the terminal; `keep` (newlines and tabs) kept."""
+    return "".join(c if c in keep or (c.isprintable() and not unicodedata.category(c).startswith("C"))
                    else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
@@ -68,9 +85,13 @@ def printable(text: str) -> str:
 @click.option("--json", "json_object", is_flag=True,
               help="Answer with one JSON object: each token is masked to what continues one, and the answer ends "
                    "where the object closes (one cut by --max-new-tokens is its beginning). Not with --speculative.")
+@click.option("--json-schema", "json_schema", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Answer with JSON that this schema (a .json file) accepts, as the server's response_format "
+                   "json_schema: type, properties, required, items, min/maxItems, enum/const. Implies --json.")
 @click.pass_context
 def run(ctx, ckpt: Path, backend, dtype, device, cpu_weights, prompt, input_file, interactive, max_new_tokens, temperature,
-        top_p, seed, max_seq_len, attn, raw, cuda_graphs, speculative, draft_tokens, json_object) -> None:
+        top_p, seed, max_seq_len, attn, raw, cuda_graphs, speculative, draft_tokens, json_object,
+        json_schema) -> None:
     """Generate text from a checkpoint: released FP8, BF16 HF layout, or model-parallel rank files.
 
     \b
@@ -79,6 +100,7 @@ def run(ctx, ckpt: Path, backend, dtype, device, cpu_weights, prompt, input_file
       dsv3 run CKPT --input-file prompts.txt --max-new-tokens 128   # one batch
       dsv3 run CKPT --interactive --temperature 0.6 --top-p 0.95
       dsv3 run CKPT --prompt "Three primes as a JSON object." --json
+      dsv3 run CKPT --prompt "A person as JSON." --json-schema person.schema.json
     Prints the completions, then prefill and decode tokens/s on stderr.
     """
     from .. import load
@@ -86,6 +108,9 @@ def run(ctx, ckpt: Path, backend, dtype, device, cpu_weights, prompt, input_file
     sources = sum(x is not None and x is not False for x in (prompt, input_file, interactive or None))
     if sources != 1:
         raise DsvError("give exactly one of --prompt, --input-file or --interactive")
+    answer_json = json_object or (_schema(json_schema) if json_schema is not None else False)
+    # a JSON answer holds no control character but its whitespace: \r stays, so the output parses as printed
+    keep = "\n\t\r" if answer_json is not False else "\n\t"
     from ..core.parallel import Parallel
 
     par = Parallel.from_env()  # one context, handed to load: only rank 0 reads prompts and draws bars
@@ -128,7 +153,7 @@ def run(ctx, ckpt: Path, backend, dtype, device, cpu_weights, prompt, input_file
 
     def complete(batch: list[list[int]]) -> list[str]:
         out = engine.generate(batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                              speculative=speculative, draft_tokens=draft_tokens, json=json_object)
+                              speculative=speculative, draft_tokens=draft_tokens, json=answer_json)
         return [tok.decode(ids) for ids in out]
 
     if not interactive:
@@ -137,7 +162,7 @@ def run(ctx, ckpt: Path, backend, dtype, device, cpu_weights, prompt, input_file
             for p, t in zip(prompts, texts):
                 if len(prompts) > 1:
                     click.echo(f"### {p}")
-                click.echo(printable(t))
+                click.echo(printable(t, keep))
             click.echo(engine.last_stats.line(), err=True)
         return
 
@@ -178,5 +203,5 @@ def run(ctx, ckpt: Path, backend, dtype, device, cpu_weights, prompt, input_file
         reply = complete([ids])[0]
         messages.append({"role": "assistant", "content": reply})
         if main:
-            click.echo(printable(reply))
+            click.echo(printable(reply, keep))
             click.echo(engine.last_stats.line(), err=True)

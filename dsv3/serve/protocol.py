@@ -310,7 +310,7 @@ def _tools(body: dict, chat: bool, tokenizer) -> tuple[list[dict] | None, tools.
     if not isinstance(declared, list):
         raise ApiError(400, "tools must be a list of {\"type\": \"function\", \"function\": {name, description, "
                        "parameters}}", "tools", "invalid_type")
-    names = []
+    names, schemas = [], []
     for i, tool in enumerate(declared):
         f = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
         if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not tools.NAME.fullmatch(f["name"]):
@@ -323,6 +323,7 @@ def _tools(body: dict, chat: bool, tokenizer) -> tuple[list[dict] | None, tools.
             raise ApiError(400, f"tools[{i}].function: parameters must be a JSON schema object, description a string",
                            f"tools[{i}]", "invalid_type")
         names.append(f["name"])
+        schemas.append(_strict_parameters(f, i))
     ids = tools.marker_ids(tokenizer) if tokenizer is not None else None
     if ids is None:
         raise ApiError(400, f"tools: this checkpoint's tokenizer has no tool-call tokens ({tools.CALLS_BEGIN} ...), so "
@@ -339,7 +340,28 @@ def _tools(body: dict, chat: bool, tokenizer) -> tuple[list[dict] | None, tools.
     if not isinstance(parallel, bool):
         raise ApiError(400, f"parallel_tool_calls must be true or false, got {parallel!r}", "parallel_tool_calls",
                        "invalid_type")
-    return declared, tools.ToolGrammar(tuple(names), choice, parallel, tuple(sorted(ids.items())))
+    return declared, tools.ToolGrammar(tuple(names), choice, parallel, tuple(sorted(ids.items())), tuple(schemas))
+
+
+def _strict_parameters(f: dict, i: int):
+    """A function declared `strict: true`: its parameters' schema, compiled (its calls' arguments meet it); else None
+    (any JSON object). A strict schema the grammar cannot keep is refused, not loosened."""
+    strict = f.get("strict", False)
+    if not isinstance(strict, bool) and strict is not None:
+        raise ApiError(400, f"tools[{i}].function.strict must be true or false, got {strict!r}", f"tools[{i}]",
+                       "invalid_type")
+    if not strict:
+        return None
+    params = f.get("parameters", {"type": "object", "properties": {}})
+    try:
+        compiled = schema.compile_schema(params)
+    except schema.SchemaError as e:
+        raise ApiError(400, f"tools[{i}].function.parameters (strict): {e}", f"tools[{i}]",
+                       "unsupported_value") from None
+    if compiled.nodes[0].kinds != frozenset(("object",)) or compiled.nodes[0].enum is not None:
+        raise ApiError(400, f"tools[{i}].function.parameters (strict) must be {{\"type\": \"object\", ...}}: a "
+                       "call's arguments are an object", f"tools[{i}]", "invalid_value")
+    return compiled
 
 
 def _tool_calls(m: dict, i: int) -> list[dict]:

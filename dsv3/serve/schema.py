@@ -116,6 +116,15 @@ class JsonSchema:
     def start(self):
         return ((), ("v", 0, 0))
 
+    @property
+    def tight_start(self):
+        """The start with no whitespace before the value (a tool call's arguments open at once)."""
+        return ((), ("v", 0, json_mode.MAX_WS))
+
+    def whole(self, st) -> bool:
+        """The value is written: only whitespace may follow (a number is never whole: a digit may follow)."""
+        return not st[0] and st[1][0] == "end"
+
     def _done(self, frames):
         """The mode after a value, back in the frame that holds it."""
         if not frames:

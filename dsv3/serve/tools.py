@@ -6,8 +6,9 @@ DeepSeek-V3 writes tool calls with special tokens, as its chat template renders 
     (\\n<｜tool▁call▁begin｜>... for each further call)<｜tool▁calls▁end｜><｜end▁of▁sentence｜>
 
 `ToolGrammar` is that format as a grammar of masks.py: prose first (unconstrained), then, once the model opens
-the calls, only a declared function's name and a JSON object as its arguments (json_mode.py), so a call never
-names an unknown function or carries arguments that do not parse. tool_choice "none" masks the opening token,
+the calls, only a declared function's name and a JSON object as its arguments (json_mode.py; for a function
+declared `strict`, JSON its parameters' schema accepts: schema.py), so a call never names an unknown function or
+carries arguments that do not parse. tool_choice "none" masks the opening token,
 "required" (or one named function) makes the answer open with it. `calls` reads the calls back from the tokens.
 
 The checkpoint's template renders the conversation's earlier calls and tool results; it does not describe the
@@ -21,6 +22,7 @@ import re
 from dataclasses import dataclass
 
 from . import json_mode
+from .schema import JsonSchema
 
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
@@ -41,14 +43,17 @@ def marker_ids(tokenizer) -> dict[str, int] | None:
 @dataclass(frozen=True)
 class ToolGrammar:
     """An answer that may call the functions `names`. choice: "auto", "none", "required", or a name (that one
-    function, once); parallel: more than one call in the answer. ids: marker_ids. States: ("text",) prose;
-    ("want", token, next) one marker token; ("lit", bytes, next) these bytes; ("name", names' remaining bytes,
-    next); ("json", json state) the arguments; ("after",) after a call; ("end",) EOS."""
+    function, once); parallel: more than one call in the answer. ids: marker_ids. schemas: per name, the
+    compiled schema its arguments meet (strict functions) or None (any JSON object); empty: all None. States:
+    ("text",) prose; ("want", token, next) one marker token; ("lit", bytes, next) these bytes; ("name", (names'
+    remaining bytes, index)...); ("json", json state) or ("schema", index, schema state) the arguments; ("after",)
+    after a call; ("end",) EOS."""
 
     names: tuple[str, ...]
     choice: str
     parallel: bool
     ids: tuple[tuple[str, int], ...]
+    schemas: tuple[JsonSchema | None, ...] = ()
 
     @property
     def start(self):
@@ -63,8 +68,17 @@ class ToolGrammar:
 
     def _call(self):
         names = self.names if self.choice in ("auto", "required") else (self.choice,)
-        spelled = tuple(n.encode() + _OPEN_ARGS for n in names)  # prefix-free: no name holds a newline
-        return ("lit", b"function", ("want", self._id(SEP), ("name", spelled, ("json", _ARGS))))
+        spelled = tuple((n.encode() + _OPEN_ARGS, self.names.index(n)) for n in names)  # prefix-free: no newlines
+        return ("lit", b"function", ("want", self._id(SEP), ("name", spelled)))
+
+    def _args(self, i: int):
+        """Function i's arguments, opening at once (no whitespace before the object)."""
+        g = self.schemas[i] if self.schemas else None
+        return ("json", _ARGS) if g is None else ("schema", i, g.tight_start)
+
+    def _closed(self):
+        """After the arguments' object: its fence next, no whitespace after it."""
+        return ("lit", _CLOSE_ARGS, ("want", self._id(CALL_END), ("after",)))
 
     def step(self, st, c: int):
         kind = st[0]
@@ -73,17 +87,22 @@ class ToolGrammar:
                 return None
             return ("lit", st[1][1:], st[2]) if len(st[1]) > 1 else st[2]
         if kind == "name":
-            left = tuple(n[1:] for n in st[1] if n[0] == c)
+            left = tuple((n[1:], i) for n, i in st[1] if n[0] == c)
             if not left:
                 return None
-            return st[2] if b"" in left else ("name", left, st[2])
+            whole = [i for n, i in left if not n]
+            return self._args(whole[0]) if whole else ("name", left)
         if kind == "json":
             nxt = json_mode.step(st[1], c)
             if nxt is None:
                 return None
-            if json_mode.complete(nxt):  # the object closed: its fence next, no whitespace after it
-                return ("lit", _CLOSE_ARGS, ("want", self._id(CALL_END), ("after",)))
-            return ("json", nxt)
+            return self._closed() if json_mode.complete(nxt) else ("json", nxt)
+        if kind == "schema":
+            g = self.schemas[st[1]]
+            nxt = g.step(st[2], c)
+            if nxt is None:
+                return None
+            return self._closed() if g.whole(nxt) else ("schema", st[1], nxt)
         if kind == "after" and self.parallel and self.choice in ("auto", "required") and c == 0x0A:
             return self._opened()
         return None
@@ -107,6 +126,8 @@ class ToolGrammar:
         return st[0] == "text"
 
     def in_string(self, st) -> bool:
+        if st[0] == "schema":
+            return self.schemas[st[1]].in_string(st[2])
         return st[0] == "json" and json_mode.in_string(st[1])
 
 

@@ -175,3 +175,29 @@ def test_run_json_answers_one_object(demo_ckpt):
         assert advance(START, text.encode()) is not None, text  # cut by --max-new-tokens: the beginning of one
     bad = dsv3("run", demo_ckpt, "--prompt", "x", "--json", "--speculative", "mtp")
     assert bad.exit_code != 0 and "without speculative decoding" in bad.output, bad.output
+
+
+def test_run_json_schema_answers_what_the_schema_accepts(demo_ckpt, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    from dsv3.serve.schema import compile_schema
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},
+              "required": ["n", "ok"]}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    r = dsv3("run", demo_ckpt, "--prompt", "JSON please", "--json-schema", str(tmp_path / "s.json"),
+             "--max-new-tokens", "60")
+    assert r.exit_code == 0, r.output
+    text = r.stdout.rstrip("\n")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:  # cut by --max-new-tokens: the beginning of an answer the schema accepts
+        g, st = compile_schema(schema), compile_schema(schema).start
+        for c in text.encode():
+            st = g.step(st, c) if st is not None else None
+        assert st is not None, text
+    else:
+        assert jsonschema.Draft202012Validator(schema).is_valid(value), text
+    (tmp_path / "bad.json").write_text('{"type": "string", "format": "email"}')
+    for path, msg in [(tmp_path / "bad.json", "'format' is not enforced"), (tmp_path / "none.json", "no such file")]:
+        bad = dsv3("run", demo_ckpt, "--prompt", "x", "--json-schema", str(path))
+        assert bad.exit_code != 0 and msg in bad.output, bad.output

@@ -8,9 +8,11 @@ import json
 import random
 
 import pytest
+from conftest import run_all
 
 from dsv3.serve import json_mode
 from dsv3.serve.masks import Vocab
+from dsv3.serve.scheduler import Sampling, Scheduler
 from dsv3.serve.schema import SchemaError, compile_schema
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -203,6 +205,21 @@ def test_the_server_answers_what_the_schema_accepts(server, engine):
     assert got == 400 and "format" in answer["error"]["message"], answer
     got, answer = server.request("POST", "/v1/chat/completions", {**body, "response_format": {"type": "json_schema"}})
     assert got == 400 and answer["error"]["param"] == "response_format", answer
+
+
+def test_engine_schema_answers_are_the_schedulers(engine):
+    """engine.generate(json=schema) (the static decode step, a mask a token) against the scheduler's json_schema:
+    the same greedy tokens for a batch of two prompt lengths, and answers the schema accepts."""
+    prompts = [engine.tokenizer.encode("A person:"), engine.tokenizer.encode("Describe someone as JSON, please.")]
+    got = engine.generate(prompts, max_new_tokens=48, json=PERSON)
+    s = Scheduler(engine, max_batch=2, eos_ids=tuple(engine.cfg.eos_token_ids))
+    want = run_all(s, engine, [(str(i), p, Sampling(48, grammar=compile_schema(PERSON))) for i, p in enumerate(prompts)])
+    assert got == [want[str(i)].tokens for i in range(2)]
+    for ids, finish in zip(got, [want[str(i)].finish for i in range(2)]):
+        text = engine.tokenizer.decode(ids)
+        assert valid(PERSON, text) if finish == "stop" else walk(compile_schema(PERSON), text) is not None, text
+    with pytest.raises(Exception, match="'pattern' is not enforced"):
+        engine.generate(prompts, max_new_tokens=4, json={"type": "string", "pattern": "a"})
 
 
 def test_json_object_is_the_schema_of_any_object():

@@ -12,9 +12,12 @@ from dataclasses import replace
 import pytest
 from conftest import client
 
+jsonschema = pytest.importorskip("jsonschema")
+
 from dsv3.serve import protocol, tools
 from dsv3.serve.masks import Vocab
 from dsv3.serve.scheduler import Request, Scheduler
+from dsv3.serve.schema import compile_schema
 from dsv3.serve.text import TextStream
 from dsv3.serve.tools import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP, ToolGrammar
 
@@ -59,8 +62,14 @@ def answer(calls: list[tuple[str, dict]], index, rng, prose: bytes = b"") -> lis
     return out + [MARK[CALLS_END]]
 
 
-def grammar(choice: str = "auto", parallel: bool = True) -> ToolGrammar:
-    return ToolGrammar(NAMES, choice, parallel, tuple(sorted(MARK.items())))
+#: get_weather declared strict: its arguments meet this schema (the other functions take any object)
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+           "required": ["city"], "additionalProperties": False}
+
+
+def grammar(choice: str = "auto", parallel: bool = True, strict: bool = False) -> ToolGrammar:
+    schemas = (compile_schema(WEATHER), None, None) if strict else ()
+    return ToolGrammar(NAMES, choice, parallel, tuple(sorted(MARK.items())), schemas)
 
 
 def walk(v: Vocab, g: ToolGrammar, toks: list[int]):
@@ -111,6 +120,20 @@ def test_what_is_not_a_call_is_refused(what, choice, parallel, toks):
     assert walk(v, grammar(choice, parallel), toks(index, rng)) is None, what
 
 
+@pytest.mark.parametrize("args,ok", [
+    ({"city": "Paris"}, True), ({"city": "a \\\"b\u00e9", "unit": "F"}, True), ({}, False), ({"city": 3}, False),
+    ({"city": "Paris", "unit": "K"}, False), ({"unit": "C", "city": "Paris"}, False), ({"city": "x", "n": 1}, False),
+])
+def test_a_strict_functions_arguments_meet_its_schema(args, ok):
+    """get_weather is strict; get is not, so the same arguments always pass there."""
+    rng = random.Random(5)
+    pieces, index = vocab_of(rng)
+    v = Vocab(pieces, [EOS])
+    st = walk(v, grammar(strict=True), answer([("get_weather", args)], index, rng))
+    assert (st == ("end",)) == ok, (args, st)
+    assert walk(v, grammar(strict=True), answer([("get", args)], index, rng)) == ("end",)
+
+
 def test_prose_and_other_special_tokens_go_free():
     rng = random.Random(2)
     pieces, index = vocab_of(rng)
@@ -119,15 +142,18 @@ def test_prose_and_other_special_tokens_go_free():
     assert walk(v, grammar("required"), [OTHER_SPECIAL]) is None
 
 
-@pytest.mark.parametrize("choice,parallel", [("auto", True), ("required", False), ("get", True), ("none", True)])
-def test_masks_are_the_tokens_that_continue_the_call(choice, parallel):
+@pytest.mark.parametrize("choice,parallel,strict", [("auto", True, False), ("required", False, False),
+                                                    ("get", True, False), ("none", True, False),
+                                                    ("auto", True, True)])
+def test_masks_are_the_tokens_that_continue_the_call(choice, parallel, strict):
     rng = random.Random(3)
     pieces, index = vocab_of(rng)
     v = Vocab(pieces, [EOS])
-    g = grammar(choice, parallel)
+    g = grammar(choice, parallel, strict)
     states = {g.start}
     for _ in range(10):
-        toks = answer([("get", {"a": [1, "x"]}), ("sum_2", {})][:1 + parallel], index, rng)
+        calls = [("get", {"a": [1, "x"]}), ("sum_2", {})][:1 + parallel]
+        toks = answer(calls + [("get_weather", {"city": "Nice", "unit": "C"})] * strict, index, rng)
         st = g.start
         for t in toks:
             st = v.advance(g, st, t)
@@ -189,6 +215,12 @@ def test_the_scheduler_returns_calls_of_declared_functions(engine):
     assert engine.tokenizer.token_id(tools.CALLS_BEGIN) not in out
     events, _ = run(engine, {"messages": messages, "tools": TOOLS}, {tools.CALLS_BEGIN: 100.0, "}": 8.0})
     assert events[-1] == ("done", "tool_calls"), events  # auto: the model chose to call
+    strict = [{"type": "function", "function": {"name": "get_weather", "strict": True, "parameters": WEATHER}}]
+    events, out = run(engine, {"messages": messages, "tools": strict, "tool_choice": "required"},
+                      {'"': 10.0, "}": 8.0})  # '"' above '}': a string ends rather than filling with braces
+    assert events[-1] == ("done", "tool_calls") and events[0][1], (events, engine.tokenizer.decode(out))
+    for call in events[0][1]:  # the arguments the schema demands, whatever the random weights prefer
+        assert jsonschema.Draft202012Validator(WEATHER).is_valid(json.loads(call["arguments"])), call
 
 
 def test_a_conversation_with_earlier_calls_renders(engine):
@@ -246,6 +278,13 @@ BAD = [
      "response_format"),
     ("tools with min_tokens", True, {"tools": TOOLS, "min_tokens": 2}, "min_tokens"),
     ("functions (the old form)", True, {"functions": [{"name": "f"}]}, "functions"),
+    ("strict parameters with a pattern", True, {"tools": [{"type": "function", "function": {
+        "name": "f", "strict": True, "parameters": {"type": "object", "properties": {"s": {"pattern": "a"}}}}}]},
+     "tools[0]"),
+    ("strict parameters not an object", True, {"tools": [{"type": "function", "function": {
+        "name": "f", "strict": True, "parameters": {"type": "array"}}}]}, "tools[0]"),
+    ("strict not a boolean", True, {"tools": [{"type": "function", "function": {"name": "f", "strict": "yes"}}]},
+     "tools[0]"),
 ]
 
 
