@@ -4,13 +4,17 @@
 point, which schema the value being written must meet. Every answer it lets through is valid against the
 schema; it writes a subset of the valid ones: an object's declared properties in their declared order (each at
 most once, the required ones present), nothing beyond the declared properties. An object schema without
-`properties`, an array without `items` and a schema with no `type` take any JSON value there.
+`properties` takes any keys (their values meeting `additionalProperties` when that is a schema, none when it is
+false), an array without `items` any values, and a schema with no `type` any JSON value.
 
-Supported: `type` (one or a list), `properties`, `required`, `additionalProperties` (any: only declared ones are
-written), `items`, `minItems`, `maxItems`, `enum` and `const` of strings, numbers, booleans and null, and the
-annotations `title`, `description`, `default`, `examples`, `$schema`, `$comment`. Anything else (`pattern`,
-`format`, `minimum`, `anyOf`, `$ref`...) would be a promise the grammar cannot keep: `SchemaError` names it, and
-the server answers 400.
+Supported: `type` (one or a list), `properties`, `required`, `additionalProperties`, `items`, `minItems`,
+`maxItems`, `enum` and `const` of strings, numbers, booleans and null, `anyOf`, `allOf` of one schema, `$ref` to
+`#/...` (`$defs`, `definitions`; recursion included), and the annotations `title`, `description`, `default`,
+`examples`, `$schema`, `$id`, `$comment`. That covers what pydantic and the OpenAI SDK generate for models. Anything
+else (`pattern`, `format`, `minimum`, `oneOf`...) would be a promise the grammar cannot keep: `SchemaError` names
+it, and the server answers 400.
+
+States are sets of deterministic states: `anyOf` follows each alternative the bytes so far still fit.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from dataclasses import dataclass
 
 from . import json_mode
 
-ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$comment"))
+ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment"))
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-                      "enum", "const")) | ANNOTATIONS
+                      "enum", "const", "anyOf", "allOf", "$ref", "$defs", "definitions")) | ANNOTATIONS
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _FIRST = {"object": b"{", "array": b"[", "string": b'"', "number": b"-0123456789", "integer": b"-0123456789",
           "boolean": b"tf", "null": b"n"}
@@ -39,19 +43,54 @@ class SchemaError(ValueError):
 @dataclass(frozen=True)
 class Node:
     """One schema, compiled. kinds: the types it takes (empty: any JSON value); props: (key's JSON bytes, node,
-    required) in declared order (None: any object); items: the arrays' node (None: any values); enum: the JSON
-    bytes of each allowed value (None: any of the types)."""
+    required) in declared order (None: any keys); extra: props None, the node of every key's value (None: any
+    value); items: the arrays' node (None: any values); enum: the JSON bytes of each allowed value (None: any of
+    the types); alts: anyOf's nodes (the node is one of them: nothing else of it counts)."""
 
     kinds: frozenset
     props: tuple | None = None
+    extra: int | None = None
     items: int | None = None
     min_items: int = 0
     max_items: int | None = None
     enum: tuple | None = None
+    alts: tuple | None = None
+
+
+def _kind_of(value) -> set[str]:
+    if isinstance(value, bool):
+        return {"boolean"}
+    if value is None:
+        return {"null"}
+    if isinstance(value, str):
+        return {"string"}
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return {"integer", "number"}
+    return {"number"}
+
+
+def _pointer(root, ref: str, where: str):
+    """The schema `ref` ("#/$defs/Name", JSON-pointer escapes ~0 ~1) names inside the root schema."""
+    if not isinstance(ref, str) or not ref.startswith("#"):
+        raise SchemaError(f"{where}.$ref: only references inside the schema (\"#/...\") are followed, got {ref!r}")
+    at = root
+    for part in ref[1:].split("/")[1:] if ref != "#" else []:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(at, dict) or part not in at:
+            raise SchemaError(f"{where}.$ref: {ref!r} names nothing in the schema")
+        at = at[part]
+    return at
 
 
 def compile_schema(schema) -> JsonSchema:
     nodes: list[Node] = []
+    refs: dict[str, int] = {}
+
+    def alias(targets: list, where: str, depth: int) -> int:
+        at = len(nodes)
+        nodes.append(Node(frozenset()))
+        nodes[at] = Node(frozenset(), alts=tuple(node(t, f"{where}[{i}]", depth + 1) for i, t in enumerate(targets)))
+        return at
 
     def node(s, where: str, depth: int) -> int:
         if depth > json_mode.MAX_DEPTH:
@@ -64,6 +103,26 @@ def compile_schema(schema) -> JsonSchema:
         other = sorted(set(s) - KEYWORDS)
         if other:
             raise SchemaError(f"{where}: {other[0]!r} is not enforced here (supported: {', '.join(sorted(KEYWORDS))})")
+        for word in ("$ref", "anyOf", "allOf"):
+            if word in s:
+                rest = sorted(set(s) - ANNOTATIONS - {word, "$defs", "definitions"})
+                if rest:
+                    raise SchemaError(f"{where}: {word} beside {rest[0]!r} is not enforced here (only annotations "
+                                      f"may sit beside {word})")
+        if "$ref" in s:
+            ref = s["$ref"]
+            if ref not in refs:  # its place first, so a schema that refers to itself finds it
+                at = refs[ref] = len(nodes)
+                nodes.append(Node(frozenset()))
+                nodes[at] = Node(frozenset(), alts=(node(_pointer(schema, ref, where), ref, depth + 1),))
+            return refs[ref]
+        if "anyOf" in s or "allOf" in s:
+            word = "anyOf" if "anyOf" in s else "allOf"
+            if not isinstance(s[word], list) or not s[word] or (word == "allOf" and len(s[word]) != 1):
+                raise SchemaError(f"{where}.{word}: a non-empty list of schemas"
+                                  + (" (allOf of one schema only: more would be an intersection)"
+                                     if word == "allOf" else ""))
+            return alias(s[word], f"{where}.{word}", depth)
         kinds = s.get("type", [])
         kinds = [kinds] if isinstance(kinds, str) else kinds
         if not isinstance(kinds, list) or any(k not in TYPES for k in kinds) or len(set(kinds)) != len(kinds):
@@ -73,10 +132,16 @@ def compile_schema(schema) -> JsonSchema:
             values = s["enum"] if "enum" in s else [s["const"]]
             if not isinstance(values, list) or not values or any(isinstance(v, (dict, list)) for v in values):
                 raise SchemaError(f"{where}: enum/const values must be strings, numbers, booleans or null")
+            values = [v for v in values if not kinds or _kind_of(v) & set(kinds)]  # the type holds as well
+            if not values:
+                raise SchemaError(f"{where}: no enum/const value has the type {kinds}")
             enum = tuple(dict.fromkeys(json.dumps(v, ensure_ascii=False).encode() for v in values))
         at = len(nodes)
         nodes.append(Node(frozenset()))  # its place first: children come after it
-        props = items = None
+        props = extra = items = None
+        more = s.get("additionalProperties", True)
+        if not isinstance(more, (bool, dict)):
+            raise SchemaError(f"{where}.additionalProperties must be a boolean or a schema")
         if "properties" in s:
             if not isinstance(s["properties"], dict):
                 raise SchemaError(f"{where}.properties must be an object")
@@ -87,43 +152,89 @@ def compile_schema(schema) -> JsonSchema:
                            k in required) for k, v in s["properties"].items())
         elif "required" in s and s["required"]:
             raise SchemaError(f"{where}.required without properties")
-        if "items" in s:
-            items = node(s["items"], f"{where}.items", depth + 1)
+        elif more is False:
+            props = ()  # no key at all: {}
+        elif more is not True and more != {}:
+            extra = node(more, f"{where}.additionalProperties", depth + 1)
         lo, hi = s.get("minItems", 0), s.get("maxItems")
         if not isinstance(lo, int) or lo < 0 or (hi is not None and (not isinstance(hi, int) or hi < lo)):
             raise SchemaError(f"{where}: minItems/maxItems must be integers, 0 <= minItems <= maxItems")
-        nodes[at] = Node(frozenset(kinds), props, items, lo, hi, enum)
+        if "items" in s:
+            items = node(s["items"], f"{where}.items", depth + 1)
+        elif lo or hi is not None:  # counted: the array is written here, its values by json_mode
+            items = node(True, f"{where}.items", depth + 1)
+        nodes[at] = Node(frozenset(kinds), props, extra, items, lo, hi, enum)
         return at
 
     node(schema, "schema", 0)
+    _check_aliases(nodes)
     return JsonSchema(tuple(nodes))
+
+
+def _check_aliases(nodes: list[Node]) -> None:
+    """A $ref/anyOf cycle that never reaches a value ({"$ref": "#"} at the root, A -> B -> A) has no answer."""
+    state = [0] * len(nodes)  # 0 new, 1 on the path, 2 done
+
+    def visit(n: int) -> None:
+        if state[n] == 1:
+            raise SchemaError("$ref/anyOf refer to each other in a cycle that never reaches a value")
+        if state[n] == 0 and nodes[n].alts is not None:
+            state[n] = 1
+            for a in nodes[n].alts:
+                visit(a)
+        state[n] = 2
+
+    for n in range(len(nodes)):
+        visit(n)
 
 
 @dataclass(frozen=True)
 class JsonSchema:
     """The grammar (masks.py) of one value valid against the compiled schema `nodes` (nodes[0] the root).
 
-    States: (frames, mode). Frames (innermost last) say where a finished value returns: ("o", node, next
-    property) in an object, ("a", node, items so far) in an array. Modes: ("v", node, ws) a value of node;
-    ("e", alternatives' remaining bytes) one of an enum; ("j", node, json state) a value json_mode's automaton
-    writes; ("o", node, next, phase, ws) in an object's punctuation (phase "{" after the brace, "," after a
-    comma, ">" after a value); ("k", node, [(remaining bytes, property)]) a key; (":", node, property, ws);
-    ("a", node, count, phase, ws) in an array's punctuation; ("end", ws) done."""
+    A state is a frozenset of deterministic states (frames, mode). Frames (innermost last) say where a finished
+    value returns: ("o", node, next property) in an object with declared properties, ("m", node) in one with any
+    keys, ("a", node, items so far) in an array. Modes: ("v", node, ws) a value of node; ("e", alternatives'
+    remaining bytes) one of an enum; ("j", node, json state) a value json_mode's automaton writes; ("o", node,
+    next, phase, ws) in an object's punctuation (phase "{" after the brace, "," after a comma, ">" after a value);
+    ("k", node, [(remaining bytes, property)]) a key; (":", node, property, ws); ("m", node, phase, ws), ("mk",
+    node, json state) and (";", node, ws): the same for any keys; ("a", node, count, phase, ws) in an array's
+    punctuation; ("end", ws) done."""
 
     nodes: tuple
 
     @property
     def start(self):
-        return ((), ("v", 0, 0))
+        return frozenset((((), ("v", 0, 0)),))
 
     @property
     def tight_start(self):
         """The start with no whitespace before the value (a tool call's arguments open at once)."""
-        return ((), ("v", 0, json_mode.MAX_WS))
+        return frozenset((((), ("v", 0, json_mode.MAX_WS)),))
+
+    def step(self, st, c: int):
+        out = frozenset(s for one in st for s in self._step(one, c))
+        return out or None
+
+    def special(self, st, token: int):
+        return None
+
+    def ends(self, st) -> bool:
+        return any(self._ends(s) for s in st)
 
     def whole(self, st) -> bool:
         """The value is written: only whitespace may follow (a number is never whole: a digit may follow)."""
-        return not st[0] and st[1][0] == "end"
+        return any(not frames and mode[0] == "end" for frames, mode in st)
+
+    def free(self, st) -> bool:
+        return False
+
+    def in_string(self, st) -> bool:
+        """Inside a JSON string in some alternative: a token of plain string bytes continues that one, so every
+        such token is allowed (masks.py walks the others)."""
+        return any(mode[0] in ("j", "mk") and json_mode.in_string(mode[2]) for _, mode in st)
+
+    # one deterministic state: each returns the list of states after byte c (empty: c breaks it)
 
     def _done(self, frames):
         """The mode after a value, back in the frame that holds it."""
@@ -132,32 +243,36 @@ class JsonSchema:
         f = frames[-1]
         if f[0] == "o":
             return frames[:-1], ("o", f[1], f[2], ">", 0)
+        if f[0] == "m":
+            return frames[:-1], ("m", f[1], ">", 0)
         return frames[:-1], ("a", f[1], f[2] + 1, ">", 0)
 
-    def _value(self, frames, n: int, c: int):
+    def _value(self, frames, n: int, c: int) -> list:
         """Byte c opens a value of node n."""
         node = self.nodes[n]
+        if node.alts is not None:
+            return [s for a in node.alts for s in self._value(frames, a, c)]
         if node.enum is not None:
             return self._enum(frames, tuple(e[1:] for e in node.enum if e[0] == c))
         kinds = node.kinds
         if kinds and not any(c in _FIRST[k] for k in kinds):
-            return None
-        if c == 0x7B and node.props is not None and (not kinds or "object" in kinds):
+            return []
+        own_object = node.props is not None or node.extra is not None
+        if (c == 0x7B and own_object and (not kinds or "object" in kinds)) or \
+                (c == 0x5B and node.items is not None and (not kinds or "array" in kinds)):
             if len(frames) >= json_mode.MAX_DEPTH:
-                return None
-            return frames, ("o", n, 0, "{", 0)
-        if c == 0x5B and node.items is not None and (not kinds or "array" in kinds):
-            if len(frames) >= json_mode.MAX_DEPTH:
-                return None
-            return frames, ("a", n, 0, "{", 0)
+                return []
+            if c == 0x5B:
+                return [(frames, ("a", n, 0, "{", 0))]
+            return [(frames, ("o", n, 0, "{", 0) if node.props is not None else ("m", n, "{", 0))]
         nxt = json_mode.step(_ANY, c)
-        return None if nxt is None else self._json(frames, n, nxt)
+        return [] if nxt is None else [self._json(frames, n, nxt)]
 
-    def _enum(self, frames, left: tuple):
+    def _enum(self, frames, left: tuple) -> list:
         """Enum values still matching, by their remaining bytes: done where the only match is whole (b"")."""
         if not left:
-            return None
-        return self._done(frames) if left == (b"",) else (frames, ("e", left))
+            return []
+        return [self._done(frames) if left == (b"",) else (frames, ("e", left))]
 
     def _json(self, frames, n: int, st):
         if st[0] == "[" and st[1] == "A":  # the value is whole (a string, literal, object or array closed)
@@ -176,81 +291,88 @@ class JsonSchema:
     def _may_close(self, n: int, start: int) -> bool:
         return not any(req for _, _, req in self.nodes[n].props[start:])
 
-    def step(self, st, c: int):
-        frames, mode = st
+    def _step(self, one, c: int) -> list:
+        frames, mode = one
         kind = mode[0]
         if kind == "e":
             left = tuple(e[1:] for e in mode[1] if e and e[0] == c)
             if left:
                 return self._enum(frames, left)
             if b"" not in mode[1]:
-                return None
+                return []
             frames, mode = self._done(frames)  # a number of the enum ended: c is what follows it
             kind = mode[0]
         elif kind == "j":
             n, js = mode[1], mode[2]
             if js[1] != "N" or len(js[0]) > 1:  # not a number the value is, but one inside it (or no number)
                 nxt = json_mode.step(js, c)
-                return None if nxt is None else self._json(frames, n, nxt)
+                return [] if nxt is None else [self._json(frames, n, nxt)]
             kinds = self.nodes[n].kinds
             if c in b".eE" and "integer" in kinds and "number" not in kinds:
-                return None
+                return []
             if json_mode.number_step(js[2], c) is not None:
-                return frames, ("j", n, json_mode.step(js, c))
+                return [(frames, ("j", n, json_mode.step(js, c)))]
             if js[2] not in json_mode.NUMBER_ENDS:
-                return None
+                return []
             frames, mode = self._done(frames)  # a number ends at the first byte that does not continue it
             kind = mode[0]
         elif kind == "k":
             left = tuple((k[1:], i) for k, i in mode[2] if k[0] == c)
             if not left:
-                return None
+                return []
             whole = [i for k, i in left if not k]
-            return (frames, (":", mode[1], whole[0], 0)) if whole else (frames, ("k", mode[1], left))
+            return [(frames, (":", mode[1], whole[0], 0)) if whole else (frames, ("k", mode[1], left))]
+        elif kind == "mk":
+            nxt = json_mode.step(mode[2], c)
+            if nxt is None:
+                return []
+            return [(frames, (";", mode[1], 0) if nxt[1] == "A" else ("mk", mode[1], nxt))]
         ws = mode[-1]
         if c in _WS:
-            return None if ws >= json_mode.MAX_WS else (frames, mode[:-1] + (ws + 1,))
+            return [] if ws >= json_mode.MAX_WS else [(frames, mode[:-1] + (ws + 1,))]
         if kind == "v":
             return self._value(frames, mode[1], c)
         if kind == ":":
             if c != 0x3A:
-                return None
-            return frames + (("o", mode[1], mode[2] + 1),), ("v", self.nodes[mode[1]].props[mode[2]][1], 0)
+                return []
+            return [(frames + (("o", mode[1], mode[2] + 1),), ("v", self.nodes[mode[1]].props[mode[2]][1], 0))]
+        if kind == ";":
+            if c != 0x3A:
+                return []
+            return [(frames + (("m", mode[1]),), ("v", self.nodes[mode[1]].extra, 0))]
         if kind == "o":
             n, nxt, phase = mode[1], mode[2], mode[3]
             if c == 0x7D and phase != "," and self._may_close(n, nxt):
-                return self._done(frames)
+                return [self._done(frames)]
             if phase == ">":
-                return (frames, ("o", n, nxt, ",", 0)) if c == 0x2C and self._keys(n, nxt) else None
+                return [(frames, ("o", n, nxt, ",", 0))] if c == 0x2C and self._keys(n, nxt) else []
             left = tuple((k[1:], i) for k, i in self._keys(n, nxt) if k[0] == c)
-            return (frames, ("k", n, left)) if left else None
+            return [(frames, ("k", n, left))] if left else []
+        if kind == "m":
+            n, phase = mode[1], mode[2]
+            if c == 0x7D and phase != ",":
+                return [self._done(frames)]
+            if phase == ">":
+                return [(frames, ("m", n, ",", 0))] if c == 0x2C else []
+            return [(frames, ("mk", n, json_mode.step(_ANY, c)))] if c == 0x22 else []
         if kind == "a":
             n, count, phase = mode[1], mode[2], mode[3]
             node = self.nodes[n]
             if c == 0x5D and phase != "," and count >= node.min_items:
-                return self._done(frames)
+                return [self._done(frames)]
             if phase == ">":
                 full = node.max_items is not None and count >= node.max_items
-                return (frames, ("a", n, count, ",", 0)) if c == 0x2C and not full else None
+                return [(frames, ("a", n, count, ",", 0))] if c == 0x2C and not full else []
             if node.max_items == 0:
-                return None
+                return []
             return self._value(frames + (("a", n, count),), node.items, c)
-        return None  # "end": only whitespace
+        return []  # "end": only whitespace
 
-    def special(self, st, token: int):
-        return None
-
-    def ends(self, st) -> bool:
-        frames, mode = st
+    def _ends(self, one) -> bool:
+        frames, mode = one
         if mode[0] == "end":
             return True
         if frames:
             return False
         return (mode[0] == "e" and b"" in mode[1]) or (mode[0] == "j" and mode[2][:2] == ("[", "N")
                                                       and mode[2][2] in json_mode.NUMBER_ENDS)
-
-    def free(self, st) -> bool:
-        return False
-
-    def in_string(self, st) -> bool:
-        return st[1][0] == "j" and json_mode.in_string(st[1][2])

@@ -8,7 +8,7 @@ import json
 import random
 
 import pytest
-from conftest import run_all
+from conftest import client, run_all
 
 from dsv3.serve import json_mode
 from dsv3.serve.masks import Vocab
@@ -21,8 +21,23 @@ SCALARS = ["string", "number", "integer", "boolean", "null"]
 
 
 def schema_of(rng: random.Random, depth: int = 0) -> dict:
-    """A random schema of the supported subset."""
+    """A random schema of the supported subset; at the top, sometimes with $defs that its parts $ref."""
+    if depth == 0 and rng.random() < 0.25:
+        return {"$defs": {"D": schema_of(rng, 2)}, "type": "object", "required": ["x"],
+                "properties": {"x": {"$ref": "#/$defs/D"}, "y": {"anyOf": [{"$ref": "#/$defs/D"}, {"type": "null"}]},
+                               "z": {"type": "array", "items": {"allOf": [{"$ref": "#/$defs/D"}], "title": "d"}}}}
     pick = rng.random()
+    if depth < 3 and pick < 0.08:
+        return {"anyOf": [schema_of(rng, depth + 1) for _ in range(rng.randint(1, 3))], "default": None}
+    if depth < 3 and pick < 0.14:
+        more = rng.choice([False, {"type": rng.choice(SCALARS)}, schema_of(rng, depth + 1)])
+        out = {"type": "object", "additionalProperties": more}
+        return out if rng.random() < 0.5 else {**out, "properties": {"a": {"type": "integer"}}}
+    if pick < 0.18:
+        out = {"type": "array", "minItems": rng.randint(0, 2)}
+        return {**out, "maxItems": out["minItems"] + rng.randint(0, 2)} if rng.random() < 0.5 else out
+    if pick < 0.22:  # the type narrows the enum
+        return {"type": rng.sample(SCALARS, 2), "enum": ["red", 1, 2.5, True, None, "g"]}
     if depth < 3 and pick < 0.3:
         names = rng.sample(["a", "b", "c d", "tab\t", "x\"y", "n1"], rng.randint(0, 4))
         props = {k: schema_of(rng, depth + 1) for k in names}
@@ -49,22 +64,37 @@ def schema_of(rng: random.Random, depth: int = 0) -> dict:
     return {"type": rng.choice(SCALARS), "title": "t"}
 
 
-def instance_of(rng: random.Random, s: dict):
+def of_type(value, kinds) -> bool:
+    return jsonschema.Draft202012Validator({"type": kinds}).is_valid(value)
+
+
+def instance_of(rng: random.Random, s: dict, root: dict | None = None):
     """A random value the grammar writes for schema s (declared properties in order, optional ones sometimes)."""
+    root = s if root is None else root
+    if "$ref" in s:
+        return instance_of(rng, root["$defs"][s["$ref"].rsplit("/", 1)[1]], root)
+    if "anyOf" in s or "allOf" in s:
+        return instance_of(rng, rng.choice(s.get("anyOf") or s["allOf"]), root)
     if "enum" in s or "const" in s:
-        return rng.choice(s["enum"]) if "enum" in s else s["const"]
+        values = s["enum"] if "enum" in s else [s["const"]]
+        return rng.choice([v for v in values if "type" not in s or of_type(v, s["type"])])
     kinds = s.get("type", rng.choice(SCALARS + ["object", "array"]))
     kind = rng.choice(kinds) if isinstance(kinds, list) else kinds
     if kind == "object":
-        if "properties" not in s:
-            return {"k": [1, {"z": None}]} if rng.random() < 0.5 else {}
-        return {k: instance_of(rng, v) for k, v in s["properties"].items()
-                if k in s.get("required", []) or rng.random() < 0.5}
+        if "properties" in s:
+            return {k: instance_of(rng, v, root) for k, v in s["properties"].items()
+                    if k in s.get("required", []) or rng.random() < 0.5}
+        more = s.get("additionalProperties", True)
+        if more is False:
+            return {}
+        if isinstance(more, dict) and more:
+            return {k: instance_of(rng, more, root) for k in rng.sample(["k", "", "é \"", "k2"], rng.randint(0, 3))}
+        return {"k": [1, {"z": None}]} if rng.random() < 0.5 else {}
     if kind == "array":
-        if "items" not in s:
-            return [1, "two", {"3": [4]}][:rng.randint(0, 3)]
         lo, hi = s.get("minItems", 0), s.get("maxItems", 3)
-        return [instance_of(rng, s["items"]) for _ in range(rng.randint(lo, hi))]
+        if "items" not in s:
+            return [1, "two", {"3": [4]}, None, [], 0.5][:rng.randint(lo, hi)]
+        return [instance_of(rng, s["items"], root) for _ in range(rng.randint(lo, hi))]
     return {"string": lambda: rng.choice(["", "a b", "é\"\\\n", "\U0001f600"]),
             "number": lambda: rng.choice([0, -1.5, 2e-7, 123456789, 1e300]),
             "integer": lambda: rng.choice([0, -7, 42, 10 ** 20]), "boolean": lambda: rng.random() < 0.5,
@@ -113,7 +143,7 @@ def test_every_text_the_grammar_lets_through_validates():
     rng = random.Random(1)
     alphabet = '{}[],:"\\ 0123456789.-eEtrufalsn abcdé'
     complete = refused = 0
-    for _ in range(1500):
+    for _ in range(2000):
         s = schema_of(rng)
         g = compile_schema(s)
         text = dumps(rng, instance_of(rng, s))
@@ -130,6 +160,40 @@ def test_every_text_the_grammar_lets_through_validates():
     assert complete > 200 and refused > 500, (complete, refused)
 
 
+#: a recursive schema: a tree of named nodes
+TREE = {"$ref": "#/$defs/node", "$defs": {"node": {"type": "object", "required": ["name"], "properties": {
+    "name": {"type": "string"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}}}
+
+
+def test_recursive_and_pydantic_style_schemas():
+    """$ref recursion, Optional fields as anyOf [X, null], nested models in $defs (what pydantic writes)."""
+    g = compile_schema(TREE)
+    text = '{"name": "r", "kids": [{"name": "a"}, {"name": "b", "kids": [{"name": "c", "kids": []}]}]}'
+    assert g.ends(walk(g, text)) and valid(TREE, text)
+    deep = '{"name": "x", "kids": [' * 20 + '{"name": "leaf"}' + "]}" * 20
+    assert g.ends(walk(g, deep))
+    assert walk(g, '{"name": "x", "kids": [' * (json_mode.MAX_DEPTH // 2 + 1)) is None  # nesting held to MAX_DEPTH
+    model = {"$defs": {"Color": {"enum": ["red", "blue"], "title": "Color", "type": "string"},
+                       "Pet": {"properties": {"name": {"title": "Name", "type": "string"}}, "required": ["name"],
+                               "title": "Pet", "type": "object", "additionalProperties": False}},
+             "properties": {"age": {"anyOf": [{"type": "integer"}, {"type": "null"}], "default": None},
+                            "color": {"$ref": "#/$defs/Color"}, "pets": {"items": {"$ref": "#/$defs/Pet"},
+                                                                        "type": "array"},
+                            "tags": {"additionalProperties": {"type": "string"}, "type": "object"}},
+             "required": ["age", "color", "pets", "tags"], "title": "Person", "type": "object",
+             "additionalProperties": False}
+    g = compile_schema(model)
+    for text in ['{"age": null, "color": "red", "pets": [], "tags": {}}',
+                 '{"age": 30, "color": "blue", "pets": [{"name": "Rex"}], "tags": {"a": "b", "c d": ""}}']:
+        assert g.ends(walk(g, text)) and valid(model, text), text
+    for text in ['{"age": "30", "color": "red", "pets": [], "tags": {}}',
+                 '{"age": 1, "color": "green", "pets": [], "tags": {}}',
+                 '{"age": 1, "color": "red", "pets": [{}], "tags": {}}',
+                 '{"age": 1, "color": "red", "pets": [], "tags": {"a": 1}}']:
+        st = walk(g, text)
+        assert st is None or not g.ends(st), text
+
+
 @pytest.mark.parametrize("s,text", [
     ({"type": "integer"}, "1.5"), ({"type": "integer"}, "1e3"), ({"type": "string"}, "1"),
     ({"enum": ["red", "green"]}, '"blue"'), ({"enum": [1, 12]}, "123"), ({"const": 7}, "8"),
@@ -143,6 +207,14 @@ def test_every_text_the_grammar_lets_through_validates():
     ({"type": "array", "items": {"type": "null"}}, "[null,]"),
     ({"type": "array", "items": {"type": "number"}}, "[-]"), ({"type": "array", "items": {"type": "number"}}, "[1.]"),
     ({"type": ["string", "null"]}, "true"),
+    ({"type": "string", "enum": ["a", 1]}, "1"),  # the enum's value the type rules out
+    ({"type": "object", "additionalProperties": False}, '{"a": 1}'),
+    ({"type": "object", "additionalProperties": {"type": "integer"}}, '{"a": "x"}'),
+    ({"type": "object", "additionalProperties": {"type": "integer"}}, '{"a": 1; "b": 2}'),
+    ({"type": "array", "minItems": 2}, "[1]"), ({"type": "array", "maxItems": 1}, "[{}, []]"),
+    ({"anyOf": [{"type": "integer"}, {"type": "null"}]}, '"1"'),
+    ({"anyOf": [{"type": "object", "properties": {"a": {}}, "required": ["a"]}, {"type": "array"}]}, '{"b": 1}'),
+    (TREE, '{"name": "a", "kids": [{"name": 1}]}'),
 ])
 def test_what_the_grammar_does_not_write_is_refused(s, text):
     """Invalid values, and valid ones outside what it writes (another order, an undeclared property)."""
@@ -152,8 +224,12 @@ def test_what_the_grammar_does_not_write_is_refused(s, text):
 
 @pytest.mark.parametrize("s,word", [
     ({"type": "string", "pattern": "^a"}, "pattern"), ({"type": "string", "format": "date"}, "format"),
-    ({"anyOf": [{"type": "string"}]}, "anyOf"), ({"$ref": "#/$defs/x"}, "$ref"), ({"type": "text"}, "type"),
+({"$ref": "#/$defs/x"}, "$ref"), ({"type": "text"}, "type"),
     ({"type": "integer", "minimum": 0}, "minimum"), ({"enum": [[1]]}, "enum"), ({"required": ["a"]}, "required"),
+    ({"oneOf": [{"type": "string"}]}, "oneOf"), ({"allOf": [{"type": "string"}, {"minLength": 1}]}, "allOf"),
+    ({"$ref": "https://example.com/s.json"}, "inside the schema"), ({"$ref": "#/$defs/none"}, "names nothing"),
+    ({"$ref": "#"}, "cycle"), ({"anyOf": [{"type": "string"}], "type": "string"}, "beside"),
+    ({"type": "boolean", "enum": ["a", 1]}, "no enum"),
 ])
 def test_what_the_grammar_cannot_promise_is_refused_by_name(s, word):
     with pytest.raises(SchemaError, match=word.replace("$", r"\$")):
@@ -205,6 +281,38 @@ def test_the_server_answers_what_the_schema_accepts(server, engine):
     assert got == 400 and "format" in answer["error"]["message"], answer
     got, answer = server.request("POST", "/v1/chat/completions", {**body, "response_format": {"type": "json_schema"}})
     assert got == 400 and answer["error"]["param"] == "response_format", answer
+
+
+def test_the_openai_sdk_parses_a_pydantic_model_from_the_answer(server, engine):
+    """The SDK's `parse(response_format=Model)` sends the model's strict schema ($defs, $ref, anyOf for Optional,
+    Literal, Enum, dict, additionalProperties false); the answer the grammar holds to it parses into the model."""
+    import asyncio
+    import enum
+    from typing import Literal, Optional
+
+    pydantic = pytest.importorskip("pydantic")
+
+    class Kind(str, enum.Enum):
+        cat = "cat"
+        dog = "dog"
+
+    class Pet(pydantic.BaseModel):
+        kind: Kind
+        legs: Optional[int]
+
+    class Owner(pydantic.BaseModel):
+        pet: Pet
+        size: Literal["s", "m"]
+        notes: dict[str, int]
+
+    bias = {str(engine.tokenizer.token_id(t)): 8.0 for t in ("}", "\"")}  # objects and strings end soon
+    tok = engine.tokenizer  # random weights love whitespace: none here
+    bias |= {str(i): -100 for i in range(tok.vocab_size) if (b := tok.token_bytes(i)) and not b.strip()}
+    answer = asyncio.run(client(server).chat.completions.parse(
+        model="demo", messages=[{"role": "user", "content": "An owner"}], response_format=Owner, max_tokens=120,
+        temperature=0, logit_bias=bias))
+    owner = answer.choices[0].message.parsed
+    assert isinstance(owner, Owner) and isinstance(owner.pet.kind, Kind), answer
 
 
 def test_engine_schema_answers_are_the_schedulers(engine):
