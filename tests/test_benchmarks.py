@@ -127,6 +127,15 @@ def test_speculative_benchmark_smoke(tmp_path):
     assert "| DEMO |" in r.stdout and "2.00 tokens/step" in r.stdout, r.stdout
 
 
+def test_grammar_masks_benchmark_smoke():
+    """benchmarks/grammar_masks.py on a 4096-token vocabulary: a row per grammar, each mask checked against the
+    plain scan inside the script."""
+    r = subprocess.run([sys.executable, "benchmarks/grammar_masks.py", "--smoke"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all(row in r.stdout for row in ("| json_object |", "| json_schema", "| tools, one strict |")), r.stdout
+
+
 @pytest.mark.parametrize("script,rows", [
     # the C attention kernel and plain torch side by side, a figure for each
     ("cpu_attention.py", ["| 2 | 1500 |", "x** |"]),

@@ -7,8 +7,9 @@ backslash or control byte leaves the state as it is). States are hashable tuples
 
 A mask is computed by walking the vocabulary as a trie (the tokens sorted by their bytes: a prefix that breaks
 the grammar rules out every token that starts with it), so a state costs its viable prefixes, not the vocabulary;
-the free and in-string cases start from a precomputed mask. Masks are cached by (grammar, state) on the model's
-device.
+a large subtree whose every remaining byte leaves its state as it is (digits inside a number, letters inside a
+string) is taken whole; the free and in-string cases start from a precomputed mask. Masks are cached by (grammar,
+state) on the model's device. benchmarks/grammar_masks.py measures all of it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ def _plain(data: bytes) -> bool:
     return all(c >= 0x20 and c not in (0x22, 0x5C) for c in data)
 
 
+#: a subtree this large is first checked whole: do all its remaining bytes leave the state as it is?
+_WHOLE = 48
+
+
 class _Trie:
     """Tokens sorted by their bytes: a node is a range of them sharing a prefix (no objects per node)."""
 
@@ -31,15 +36,33 @@ class _Trie:
         items.sort()
         self.keys = [b for b, _ in items]
         self.ids = [t for _, t in items]
+        self._rest: dict[tuple[int, int], frozenset] = {}  # (lo, depth) -> the bytes the subtree holds from depth on
+
+    def _bytes_below(self, lo: int, hi: int, depth: int) -> frozenset:
+        key = (lo, depth)
+        if key not in self._rest:
+            self._rest[key] = frozenset(b"".join(k[depth:] for k in self.keys[lo:hi]))
+        return self._rest[key]
 
     def walk(self, step, st, out: list[int]) -> None:
         """Append every token whose bytes continue st under step(state, byte) (depth first; a breaking prefix
-        prunes its subtree)."""
-        keys, todo = self.keys, [(0, len(self.keys), 0, st)]
+        prunes its subtree). A large subtree whose bytes all loop on its state (digits inside a number, letters
+        inside a string) is taken whole, without a step per token."""
+        keys, ids, todo, loops = self.keys, self.ids, [(0, len(self.keys), 0, st)], {}
         while todo:
             lo, hi, depth, s = todo.pop()
+            if hi - lo >= _WHOLE and depth:
+                known = loops.setdefault(s, {})  # byte -> it loops on s (asked once per walk)
+                for c in self._bytes_below(lo, hi, depth):
+                    if c not in known:
+                        known[c] = step(s, c) == s
+                    if not known[c]:
+                        break
+                else:
+                    out.extend(ids[lo:hi])
+                    continue
             while lo < hi and len(keys[lo]) == depth:  # tokens that end here (they sort first)
-                out.append(self.ids[lo])
+                out.append(ids[lo])
                 lo += 1
             while lo < hi:
                 c = keys[lo][depth]

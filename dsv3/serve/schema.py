@@ -203,6 +203,13 @@ class JsonSchema:
 
     nodes: tuple
 
+    def __hash__(self) -> int:  # masks are cached by (grammar, state): a token's lookup should not rehash the schema
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(self.nodes)
+            object.__setattr__(self, "_hash", h)
+        return h
+
     @property
     def start(self):
         return frozenset((((), ("v", 0, 0)),))

@@ -256,6 +256,36 @@ def test_masks_are_the_tokens_that_continue_the_value():
             assert got == want, f"{s} at {st}: extra {sorted(got - want)[:5]}, missing {sorted(want - got)[:5]}"
 
 
+def test_masks_take_a_large_subtree_whole_only_where_each_of_its_bytes_loops():
+    """masks.py takes a subtree of 48+ tokens whole when every byte below it leaves the state as it is (digits in a
+    number, letters in a string). A vocabulary with such subtrees and spoilers inside them (a '.' after digits
+    where an integer is due, a quote or backslash or newline inside string pieces, 'e' in a number): the masks
+    equal a token-by-token check."""
+    rng = random.Random(6)
+    letters = "abcdefghij"
+    pieces = [None, None] + [bytes((b,)) for b in range(256)]
+    pieces += [str(n).encode() for n in range(10, 1000)] + [f"{n:03d}".encode() for n in range(100)]
+    pieces += [b"12.5", b"7e3", b"99,", b"1}", b"4]", b"10 ", b"0x1"]
+    words = {"".join(rng.choices(letters, k=rng.randint(2, 6))) for _ in range(900)}
+    pieces += [('"' + w).encode() for w in words] + [(" " + w).encode() for w in words]
+    pieces += [b'"ab"', b'"a\\', b'"b\n', b'"c\\"', b'"d",', b'"e":', b" ab\t", b'"' + "é".encode()]
+    pieces += [b" " * n for n in range(2, 70)] + [b"\n" + b" " * n for n in range(70)]
+    v = Vocab(list(dict.fromkeys(pieces)), [1])
+    integer_map = {"type": "object", "properties": {"n": {"type": "integer"}, "s": {"type": "string"}},
+                   "additionalProperties": False, "required": ["n"]}
+    texts = {json_mode.JSON_OBJECT: ['{"abc": 123, "x": [1.5e3, "abc def"], "y": {"z": -40}}'],
+             compile_schema(integer_map): ['{"n": 123, "s": "abc"}', '{ "n" : 9 }'],
+             compile_schema({"type": "array", "items": {"type": "number"}}): ["[10, 2.5, -7e3]"]}
+    for g, answers in texts.items():
+        for text in answers:
+            st = g.start
+            for c in text.encode():
+                want = {t for t in range(len(v.bytes)) if v.advance(g, st, t) is not None}
+                got = set(v.allowed(g, st).nonzero().flatten().tolist())
+                assert got == want, f"{text!r} at {st}: extra {sorted(got - want)[:5]}, missing {sorted(want - got)[:5]}"
+                st = g.step(st, c)
+
+
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                                            "color": {"enum": ["red", "green"]}},
           "required": ["age", "color"]}
