@@ -80,6 +80,7 @@ def serve(ctx, ckpt: Path, backend, dtype, device, cpu_weights, host, port, max_
     if not par.is_main:
         scheduler.runner.follow()  # every rank runs rank 0's steps until it stops
         return
+    scheduler.prepare_grammars()
     import uvicorn
 
     from ..serve.app import create_app

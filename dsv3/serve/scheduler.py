@@ -178,9 +178,16 @@ class Scheduler:
         #: the tokenizer's tool-call markers (tools.marker_ids), or None where it has none
         self.tool_ids = tools.marker_ids(engine.tokenizer) if engine.tokenizer is not None else None
 
+    def prepare_grammars(self) -> None:
+        """Build the grammar vocabulary now (`dsv3 serve` at load), not in the model loop at the first JSON or tools
+        request, where its pass over every token (~1 s on a 129k vocabulary) would pause every stream."""
+        if self.engine.tokenizer is not None:
+            self.vocab  # noqa: B018 (the property builds it)
+
     @property
     def vocab(self) -> masks.Vocab:
-        """The vocabulary as grammars mask it (built at the first request that asks: a pass over every token)."""
+        """The vocabulary as grammars mask it (built at the first request that asks, unless prepare_grammars ran:
+        a pass over every token)."""
         if self._vocab is None:
             if self.engine.tokenizer is None:
                 raise DsvError("JSON mode and tools need the checkpoint's tokenizer (tokenizer.json) to know each "

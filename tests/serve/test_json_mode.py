@@ -220,3 +220,14 @@ def test_engine_json_answers_are_the_schedulers(engine):
     assert got != engine.generate(prompts, max_new_tokens=24), "the grammar changes nothing here"
     with pytest.raises(Exception, match="without speculative decoding"):
         engine.generate(prompts, max_new_tokens=4, json=True, speculative="mtp")
+
+
+def test_prepare_grammars_builds_the_vocabulary_before_any_request(engine):
+    """dsv3 serve calls it at load so the first JSON request does not pause every stream for a pass over the
+    vocabulary; the vocabulary it builds is the one requests then mask with (the same bytes per token)."""
+    s = Scheduler(engine, max_batch=1, eos_ids=tuple(engine.cfg.eos_token_ids))
+    assert s._vocab is None
+    s.prepare_grammars()
+    assert s._vocab is not None and s.vocab is s._vocab
+    ids = engine.tokenizer.encode("A JSON object: {\"a\": 1}")
+    assert b"".join(s.vocab.bytes[t] for t in ids).decode() == engine.tokenizer.decode(ids)
