@@ -1,4 +1,4 @@
-"""What a grammar costs per token: the masks of json_object, a JSON schema and strict tools on a vocabulary of
+"""What a grammar costs per token: the masks of json_object, JSON schemas and strict tools on a vocabulary of
 DeepSeek-V3's size, against the plain way (every token advanced through the grammar), side by side in one run.
 
 The vocabulary is synthetic (no tokenizer can be downloaded here) but shaped like a byte-level BPE one: every
@@ -44,6 +44,12 @@ PERSON = {"$defs": {"Pet": {"type": "object", "additionalProperties": False, "re
                          "notes": {"type": "object", "additionalProperties": {"type": "number"}}}}
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
            "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}}
+# strings held to formats, a pattern and a length (schema.py's character-level strings)
+EVENT = {"type": "object", "additionalProperties": False, "required": ["title", "when", "contact", "code"],
+         "properties": {"title": {"type": "string", "maxLength": 80},
+                        "when": {"type": "string", "format": "date-time"},
+                        "contact": {"type": "string", "format": "email"},
+                        "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}}}
 
 
 def vocabulary(size: int, seed: int = 0) -> list[bytes | None]:
@@ -111,10 +117,14 @@ def answers(pieces, index, longest) -> list[tuple[str, object, list[int]]]:
             + tokenize(b'get_weather\n```json\n{"city": "Paris", "unit": "celsius"}\n```', index, longest)
             + [ids[CALL_END], ids[CALLS_END]])
     text = json.dumps(person, indent=2).encode()
+    event = {"title": "the weather of Paris", "when": "2026-12-02T10:30:00Z", "contact": "ada@example.org",
+             "code": "PAR-2026"}
     return [("json_object", json_mode.JSON_OBJECT, tokenize(text, index, longest)),
             ("json_schema (pydantic-like: $ref, anyOf, enum, map)", compile_schema(PERSON),
              tokenize(text, index, longest)),
-            ("tools, one strict", strict, call)]
+            ("tools, one strict", strict, call),
+            ("json_schema strings (maxLength, date-time, email, pattern)", compile_schema(EVENT),
+             tokenize(json.dumps(event, indent=2).encode(), index, longest))]
 
 
 def main() -> None:
@@ -141,6 +151,7 @@ def main() -> None:
         for st in states:  # once, so the trie's own one-time tables are not in the figures
             vocab.allowed(grammar, st)
         vocab.allowed.cache_clear()
+        vocab._plain_from.cache_clear()
         cold, cached, steps = [], [], []
         for st, t in zip(states, toks):
             t0 = time.perf_counter()
@@ -163,6 +174,7 @@ def main() -> None:
         finally:
             masks._WHOLE = whole_at
             vocab.allowed.cache_clear()
+            vocab._plain_from.cache_clear()
         distinct = len(set(states))
         sample = sorted(range(len(states)), key=lambda i: cold[i])[-scans:]  # the walks that cost most
         scan, walk = [], []

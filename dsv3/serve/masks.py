@@ -3,12 +3,16 @@
 A grammar is a byte automaton with a few special tokens: `start`, `step(state, byte)`, `special(state, token)`
 (None: not allowed there), `ends(state)` (EOS allowed), `free(state)` (any text token goes and leaves the state
 as it is: a tool-calling answer's prose) and `in_string(state)` (inside a JSON string: a token without a quote,
-backslash or control byte leaves the state as it is). States are hashable tuples; a grammar is hashable too.
+backslash or control byte leaves the state as it is); optionally `counted(state)`: inside a string whose length is
+bounded and whose characters are free, (the state with the count left out, or None between characters: then every
+token of plain string bytes that is well-formed UTF-8 goes on; the characters still allowed, or None), else None.
+States are hashable; a grammar is hashable too.
 
 A mask is computed by walking the vocabulary as a trie (the tokens sorted by their bytes: a prefix that breaks
 the grammar rules out every token that starts with it), so a state costs its viable prefixes, not the vocabulary;
 a large subtree whose every remaining byte leaves its state as it is (digits inside a number, letters inside a
-string) is taken whole; the free and in-string cases start from a precomputed mask. Masks are cached by (grammar,
+string) is taken whole; the free and in-string cases start from a precomputed mask, and a counted string from the
+mask of its count-free state (cached) cut to the tokens whose characters fit. Masks are cached by (grammar,
 state) on the model's device. benchmarks/grammar_masks.py measures all of it.
 """
 
@@ -25,8 +29,28 @@ def _plain(data: bytes) -> bool:
     return all(c >= 0x20 and c not in (0x22, 0x5C) for c in data)
 
 
+_SECOND = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
+
+
+def _utf8(data: bytes) -> bool:
+    """Well-formed UTF-8 from a character's start (RFC 3629: no overlong forms, surrogates or bytes past U+10FFFF),
+    the last character possibly cut short."""
+    i = 0
+    while i < len(data):
+        c = data[i]
+        size = 1 if c < 0x80 else 2 if 0xC2 <= c <= 0xDF else 3 if 0xE0 <= c <= 0xEF else 4 if 0xF0 <= c <= 0xF4 else 0
+        if not size:
+            return False
+        second = _SECOND.get(c, (0x80, 0xBF))  # the leads whose second byte rules out overlong forms and surrogates
+        for j, b in enumerate(data[i + 1:i + size], 1):
+            if not (second[0] <= b <= second[1] if j == 1 else 0x80 <= b <= 0xBF):
+                return False
+        i += size
+    return True
+
+
 #: a subtree this large is first checked whole: do all its remaining bytes leave the state as it is?
-_WHOLE = 48
+_WHOLE = 6
 
 
 class _Trie:
@@ -88,6 +112,11 @@ class Vocab:
         self.text[[t for _, t in usable]] = True
         self.plain = torch.zeros(self.vocab, dtype=torch.bool)
         self.plain[[t for b, t in usable if _plain(b)]] = True
+        # the characters each token begins (its bytes but UTF-8 continuation bytes): what a counted string counts
+        self.chars = torch.tensor([sum(not 0x80 <= c <= 0xBF for c in b) for b in self.bytes], dtype=torch.int32)
+        self.plains = _Trie([(b, t) for b, t in usable if _plain(b)])
+        self.utf8 = torch.zeros(self.vocab, dtype=torch.bool)  # plain, and well-formed UTF-8 (its last character may
+        self.utf8[[t for b, t in usable if _plain(b) and _utf8(b)]] = True  # be cut: the next token ends it)
         self.everything = _Trie(usable)
         self.others = _Trie([(b, t) for b, t in usable if not _plain(b)])  # what plain strings do not cover
 
@@ -120,8 +149,16 @@ class Vocab:
     def allowed(self, grammar, st) -> torch.Tensor:
         """[V] bool: the tokens that may follow state st (read-only: shared between callers)."""
         ids: list[int] = []
+        counted = getattr(grammar, "counted", None)
+        split = counted(st) if counted is not None else None
         if grammar.free(st):
             mask = self.text.clone()
+        elif split is not None:
+            base, room = split
+            mask = (self.utf8 if base is None else self._plain_from(grammar, base)).clone()
+            if room is not None:
+                mask &= self.chars <= room
+            self.others.walk(grammar.step, st, ids)
         elif grammar.in_string(st):
             mask = self.plain.clone()
             self.others.walk(grammar.step, st, ids)
@@ -133,3 +170,12 @@ class Vocab:
             ids += self.eos
         mask[ids] = True
         return mask.to(self.device)
+
+    @functools.lru_cache(maxsize=64)
+    def _plain_from(self, grammar, st) -> torch.Tensor:
+        """[V] bool on the host: the tokens of plain string bytes that continue st."""
+        ids: list[int] = []
+        self.plains.walk(grammar.step, st, ids)
+        mask = torch.zeros(self.vocab, dtype=torch.bool)
+        mask[ids] = True
+        return mask

@@ -9,10 +9,16 @@ false), an array without `items` any values, and a schema with no `type` any JSO
 
 Supported: `type` (one or a list), `properties`, `required`, `additionalProperties`, `items`, `minItems`,
 `maxItems`, `enum` and `const` of strings, numbers, booleans and null, `anyOf`, `allOf` of one schema, `$ref` to
-`#/...` (`$defs`, `definitions`; recursion included), and the annotations `title`, `description`, `default`,
-`examples`, `$schema`, `$id`, `$comment`. That covers what pydantic and the OpenAI SDK generate for models. Anything
-else (`pattern`, `format`, `minimum`, `oneOf`...) would be a promise the grammar cannot keep: `SchemaError` names
-it, and the server answers 400.
+`#/...` (`$defs`, `definitions`; recursion included), the strings' `pattern`, `format` (regex.FORMATS: date,
+time, date-time, uuid, ipv4, email), `minLength` and `maxLength`, and the annotations `title`, `description`,
+`default`, `examples`, `$schema`, `$id`, `$comment`. That covers what pydantic and the OpenAI SDK generate for
+models. Anything else (`minimum`, `oneOf`, a format not listed...) would be a promise the grammar cannot keep:
+`SchemaError` names it, and the server answers 400.
+
+A string with constraints is read as characters: UTF-8 validated, escapes decoded (surrogates only as a pair of
+escapes, high then low: one character), the pattern's automaton stepped a character at a time, lengths counted in
+code points (as jsonschema counts them), and a character only taken where the string can still be finished within
+the lengths.
 
 States are sets of deterministic states: `anyOf` follows each alternative the bytes so far still fit.
 """
@@ -23,10 +29,12 @@ import json
 from dataclasses import dataclass
 
 from . import json_mode
+from .regex import FORMATS, MAX_CP, Pattern, PatternError
 
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment"))
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-                      "enum", "const", "anyOf", "allOf", "$ref", "$defs", "definitions")) | ANNOTATIONS
+                      "enum", "const", "anyOf", "allOf", "$ref", "$defs", "definitions", "pattern", "format",
+                      "minLength", "maxLength")) | ANNOTATIONS
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _FIRST = {"object": b"{", "array": b"[", "string": b'"', "number": b"-0123456789", "integer": b"-0123456789",
           "boolean": b"tf", "null": b"n"}
@@ -34,6 +42,10 @@ _WS = frozenset(b" \t\n\r")
 # a JSON value of any kind, written by json_mode's automaton inside a container it never closes: the value is
 # done when that automaton stands after it at the container's level
 _ANY = ("[", "V", 0)
+_ESCAPED = {0x22: 0x22, 0x5C: 0x5C, 0x2F: 0x2F, 0x62: 0x08, 0x66: 0x0C, 0x6E: 0x0A, 0x72: 0x0D, 0x74: 0x09}
+_HEX = {c: int(chr(c), 16) for c in b"0123456789abcdefABCDEF"}
+# the code points an n-byte UTF-8 sequence may hold (shorter forms are overlong)
+_UTF8 = {2: (0x80, 0x7FF), 3: (0x800, 0xFFFF), 4: (0x10000, 0x10FFFF)}
 
 
 class SchemaError(ValueError):
@@ -41,11 +53,30 @@ class SchemaError(ValueError):
 
 
 @dataclass(frozen=True)
+class Text:
+    """A string's constraints: its pattern's automaton (None: any characters) and its length in code points."""
+
+    pattern: Pattern | None
+    min_len: int = 0
+    max_len: int | None = None
+
+    @property
+    def cap(self) -> int:
+        """Counting past this many characters tells nothing more"""
+        return self.max_len if self.max_len is not None else self.min_len
+
+    def allows(self, value: str) -> bool:
+        return self.min_len <= len(value) <= (self.max_len if self.max_len is not None else len(value)) and \
+            (self.pattern is None or self.pattern.matches(value))
+
+
+@dataclass(frozen=True)
 class Node:
     """One schema, compiled. kinds: the types it takes (empty: any JSON value); props: (key's JSON bytes, node,
     required) in declared order (None: any keys); extra: props None, the node of every key's value (None: any
     value); items: the arrays' node (None: any values); enum: the JSON bytes of each allowed value (None: any of
-    the types); alts: anyOf's nodes (the node is one of them: nothing else of it counts)."""
+    the types); alts: anyOf's nodes (the node is one of them: nothing else of it counts); text: its strings'
+    constraints (None: any string)."""
 
     kinds: frozenset
     props: tuple | None = None
@@ -55,6 +86,7 @@ class Node:
     max_items: int | None = None
     enum: tuple | None = None
     alts: tuple | None = None
+    text: Text | None = None
 
 
 def _kind_of(value) -> set[str]:
@@ -127,12 +159,14 @@ def compile_schema(schema) -> JsonSchema:
         kinds = [kinds] if isinstance(kinds, str) else kinds
         if not isinstance(kinds, list) or any(k not in TYPES for k in kinds) or len(set(kinds)) != len(kinds):
             raise SchemaError(f"{where}.type: one of {', '.join(TYPES)} or a list of them, got {s.get('type')!r}")
+        text = _text(s, where)
         enum = None
         if "enum" in s or "const" in s:
             values = s["enum"] if "enum" in s else [s["const"]]
             if not isinstance(values, list) or not values or any(isinstance(v, (dict, list)) for v in values):
                 raise SchemaError(f"{where}: enum/const values must be strings, numbers, booleans or null")
-            values = [v for v in values if not kinds or _kind_of(v) & set(kinds)]  # the type holds as well
+            values = [v for v in values if (not kinds or _kind_of(v) & set(kinds))  # the type holds as well
+                      and (text is None or not isinstance(v, str) or text.allows(v))]  # and the string's rules
             if not values:
                 raise SchemaError(f"{where}: no enum/const value has the type {kinds}")
             enum = tuple(dict.fromkeys(json.dumps(v, ensure_ascii=False).encode() for v in values))
@@ -163,12 +197,60 @@ def compile_schema(schema) -> JsonSchema:
             items = node(s["items"], f"{where}.items", depth + 1)
         elif lo or hi is not None:  # counted: the array is written here, its values by json_mode
             items = node(True, f"{where}.items", depth + 1)
-        nodes[at] = Node(frozenset(kinds), props, extra, items, lo, hi, enum)
+        nodes[at] = Node(frozenset(kinds), props, extra, items, lo, hi, enum, text=text)
         return at
 
     node(schema, "schema", 0)
     _check_aliases(nodes)
     return JsonSchema(tuple(nodes))
+
+
+def _text(s: dict, where: str) -> Text | None:
+    """The string constraints of schema s (None: none)."""
+    if not any(k in s for k in ("pattern", "format", "minLength", "maxLength")):
+        return None
+    if "pattern" in s and "format" in s:
+        raise SchemaError(f"{where}: pattern beside format is not enforced here (one of them per string)")
+    lo, hi = s.get("minLength", 0), s.get("maxLength")
+    if not isinstance(lo, int) or isinstance(lo, bool) or lo < 0 or \
+            (hi is not None and (not isinstance(hi, int) or isinstance(hi, bool) or hi < lo)):
+        raise SchemaError(f"{where}: minLength/maxLength must be integers, 0 <= minLength <= maxLength; got "
+                          f"{lo!r}/{hi!r}")
+    source = s.get("pattern")
+    if "format" in s:
+        if s["format"] not in FORMATS:
+            raise SchemaError(f"{where}.format {s['format']!r} is not enforced here (supported: "
+                              f"{', '.join(FORMATS)})")
+        source = FORMATS[s["format"]]
+    try:
+        text = Text(None if source is None else Pattern(source), lo, hi)
+    except PatternError as e:
+        raise SchemaError(f"{where}.pattern: {e}") from None
+    if not _alive(text, None if text.pattern is None else text.pattern.start, 0, {}):
+        raise SchemaError(f"{where}: no string matches the pattern within minLength {lo}, maxLength {hi}")
+    return text
+
+
+def _alive(t: Text, r, count: int, memo: dict) -> bool:
+    """A string whose characters so far left t's pattern in state r, `count` of them (capped at t.cap; -1: not
+    counted), can still be finished within t's lengths. Reachability over (state, count) pairs, memoized in memo."""
+    if count < 0 or t.pattern is None or (t.min_len == 0 and t.max_len is None):
+        return True  # no pattern: pad or stop; no lengths: every state of the automaton reaches its end
+    key = (t, r, count)
+    if key not in memo:
+        seen, todo, ok = {(r, count)}, [(r, count)], False
+        while todo and not ok:
+            q, k = todo.pop()
+            if t.pattern.accepts(q) and k >= t.min_len:
+                ok = True
+            elif t.max_len is None or k < t.max_len:
+                for cp in t.pattern.runs():
+                    q2 = t.pattern.step(q, cp)
+                    if q2 is not None and (q2, min(k + 1, t.cap)) not in seen:
+                        seen.add((q2, min(k + 1, t.cap)))
+                        todo.append((q2, min(k + 1, t.cap)))
+        memo[key] = ok
+    return memo[key]
 
 
 def _check_aliases(nodes: list[Node]) -> None:
@@ -264,6 +346,8 @@ class JsonSchema:
         kinds = node.kinds
         if kinds and not any(c in _FIRST[k] for k in kinds):
             return []
+        if c == 0x22 and node.text is not None and (not kinds or "string" in kinds):
+            return [(frames, ("t", n, None if node.text.pattern is None else node.text.pattern.start, 0, ()))]
         own_object = node.props is not None or node.extra is not None
         if (c == 0x7B and own_object and (not kinds or "object" in kinds)) or \
                 (c == 0x5B and node.items is not None and (not kinds or "array" in kinds)):
@@ -329,6 +413,8 @@ class JsonSchema:
                 return []
             whole = [i for k, i in left if not k]
             return [(frames, (":", mode[1], whole[0], 0)) if whole else (frames, ("k", mode[1], left))]
+        elif kind == "t":
+            return self._text(frames, mode, c)
         elif kind == "mk":
             nxt = json_mode.step(mode[2], c)
             if nxt is None:
@@ -374,6 +460,122 @@ class JsonSchema:
                 return []
             return self._value(frames + (("a", n, count),), node.items, c)
         return []  # "end": only whitespace
+
+    # a string with constraints: ("t", node, pattern state (None: no pattern), characters begun (capped at the
+    # node's cap; -1: not counted, see `counted`), pending) where pending is () between characters, ("\\",) after a
+    # backslash, ("x", value, hex digits to come) in a \\u escape, ("h", high surrogate, bytes to come) before the
+    # "\\u" of its low half, ("y", high, value, hex digits to come) in that low half, ("u", value, bytes to come,
+    # length) in a UTF-8 sequence. A character is counted where it begins; the pattern steps where it is whole.
+
+    def _text(self, frames, mode, c: int) -> list:
+        _, n, r, count, pend = mode
+        t = self.nodes[n].text
+        if pend:
+            if pend[0] == "\\":
+                if c == 0x75:
+                    return [(frames, ("t", n, r, count, ("x", 0, 4)))] if self._viable(t, r, count, 0, MAX_CP) else []
+                return self._char(frames, n, r, count, _ESCAPED[c]) if c in _ESCAPED else []
+            if pend[0] == "x":  # \\u and its hex digits; of a high surrogate, its low half's escape must follow
+                if c not in _HEX:
+                    return []
+                v, left = pend[1] * 16 + _HEX[c], pend[2] - 1
+                lo, hi = v << 4 * left, ((v + 1) << 4 * left) - 1
+                if left == 0 and 0xD800 <= v <= 0xDBFF:
+                    pair = 0x10000 + ((v - 0xD800) << 10)
+                    return [(frames, ("t", n, r, count, ("h", v, b"\\u")))] if self._viable(
+                        t, r, count, pair, pair + 0x3FF) else []
+                if left == 0:
+                    return [] if 0xDC00 <= v <= 0xDFFF else self._char(frames, n, r, count, v)
+                if not (self._viable(t, r, count, lo, hi) or (lo <= 0xDBFF and hi >= 0xD800 and self._viable(
+                        t, r, count, 0x10000 + ((max(lo, 0xD800) - 0xD800) << 10),
+                        0x10000 + ((min(hi, 0xDBFF) - 0xD800) << 10) + 0x3FF))):
+                    return []
+                return [(frames, ("t", n, r, count, ("x", v, left)))]
+            if pend[0] == "h":  # after a high surrogate's escape: the low half's "\\u"
+                if c != pend[2][0]:
+                    return []
+                return [(frames, ("t", n, r, count, ("h", pend[1], pend[2][1:]) if len(pend[2]) > 1
+                                  else ("y", pend[1], 0, 4)))]
+            if pend[0] == "y":  # the low half's hex digits: DC00-DFFF
+                if c not in _HEX:
+                    return []
+                v, left = pend[2] * 16 + _HEX[c], pend[3] - 1
+                lo, hi = max(v << 4 * left, 0xDC00), min(((v + 1) << 4 * left) - 1, 0xDFFF)
+                base = 0x10000 + ((pend[1] - 0xD800) << 10) - 0xDC00
+                if lo > hi or (left and not self._viable(t, r, count, base + lo, base + hi)):
+                    return []
+                return self._char(frames, n, r, count, base + v) if left == 0 else \
+                    [(frames, ("t", n, r, count, ("y", pend[1], v, left)))]
+            if not 0x80 <= c <= 0xBF:
+                return []
+            return self._utf8(frames, n, r, count, pend[1] * 64 + (c & 0x3F), pend[2] - 1, pend[3])
+        if c == 0x22:
+            whole = count >= t.min_len and (r is None or t.pattern.accepts(r))
+            return [self._done(frames)] if whole else []
+        if c < 0x20:
+            return []
+        if count >= 0:  # a character begins
+            if t.max_len is not None and count >= t.max_len:
+                return []
+            count = min(count + 1, t.cap)
+        if c == 0x5C:
+            return [(frames, ("t", n, r, count, ("\\",)))] if self._viable(t, r, count, 0, MAX_CP) else []
+        if c < 0x80:
+            return self._char(frames, n, r, count, c)
+        size = 2 if 0xC2 <= c <= 0xDF else 3 if 0xE0 <= c <= 0xEF else 4 if 0xF0 <= c <= 0xF4 else 0
+        return self._utf8(frames, n, r, count, c & (0x1F, 0x0F, 0x07)[size - 2], size - 1, size) if size else []
+
+    def _utf8(self, frames, n: int, r, count: int, v: int, left: int, size: int) -> list:
+        """v: the bits of a UTF-8 sequence of `size` bytes so far, `left` bytes to come."""
+        lo, hi = max(v << 6 * left, _UTF8[size][0]), min(((v + 1) << 6 * left) - 1, _UTF8[size][1])
+        if lo > hi or (0xD800 <= lo and hi <= 0xDFFF):
+            return []
+        if left == 0:
+            return self._char(frames, n, r, count, v)
+        if not self._viable(self.nodes[n].text, r, count, lo, hi):
+            return []
+        return [(frames, ("t", n, r, count, ("u", v, left, size)))]
+
+    def _char(self, frames, n: int, r, count: int, cp: int) -> list:
+        """Character cp (already counted) is whole."""
+        t = self.nodes[n].text
+        if r is not None:
+            r = t.pattern.step(r, cp)
+            if r is None:
+                return []
+        return [(frames, ("t", n, r, count, ()))] if _alive(t, r, count, self._memo) else []
+
+    def _viable(self, t: Text, r, count: int, lo: int, hi: int) -> bool:
+        """Some character in [lo, hi] (not a surrogate) may come next."""
+        if t.pattern is None:
+            return lo <= hi and not (0xD800 <= lo and hi <= 0xDFFF)
+        for cp in t.pattern.runs(lo, hi):
+            q = t.pattern.step(r, cp)
+            if q is not None and _alive(t, q, count, self._memo):
+                return True
+        return False
+
+    @property
+    def _memo(self) -> dict:
+        memo = self.__dict__.get("_alive")
+        if memo is None:
+            memo = {}
+            object.__setattr__(self, "_alive", memo)
+        return memo
+
+    def counted(self, st):
+        """masks.py's split for a string with lengths and no pattern, outside escapes: (the state with its count left
+        out, or None between characters (any plain token of well-formed UTF-8 goes on), the characters it may still
+        take (None: any)). A token of plain string bytes is then allowed where it is from the count-free state and
+        its characters fit; only the others are walked per count."""
+        if len(st) != 1:
+            return None
+        ((frames, mode),) = st
+        if mode[0] != "t" or mode[2] is not None or mode[3] < 0 or (mode[4] and mode[4][0] != "u"):
+            return None
+        t = self.nodes[mode[1]].text
+        room = None if t.max_len is None else t.max_len - mode[3]
+        return (frozenset(((frames, mode[:3] + (-1,) + mode[4:]),)) if mode[4] else None), room
 
     def _ends(self, one) -> bool:
         frames, mode = one

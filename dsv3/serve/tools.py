@@ -125,6 +125,12 @@ class ToolGrammar:
     def free(self, st) -> bool:
         return st[0] == "text"
 
+    def counted(self, st):
+        if st[0] != "schema":
+            return None
+        split = self.schemas[st[1]].counted(st[2])
+        return None if split is None else (("schema", st[1], split[0]), split[1])
+
     def in_string(self, st) -> bool:
         if st[0] == "schema":
             return self.schemas[st[1]].in_string(st[2])

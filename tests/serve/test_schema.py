@@ -4,6 +4,7 @@ validates; what it writes, it accepts), its masks against a token-by-token check
 
 from __future__ import annotations
 
+import datetime
 import json
 import random
 
@@ -18,6 +19,11 @@ from dsv3.serve.schema import SchemaError, compile_schema
 jsonschema = pytest.importorskip("jsonschema")
 
 SCALARS = ["string", "number", "integer", "boolean", "null"]
+# jsonschema's format checks where it has them; date-time and time by Python's parser (jsonschema needs a package
+# for them that the test environment lacks)
+FORMATS = jsonschema.FormatChecker()
+FORMATS.checks("date-time")(lambda s: not isinstance(s, str) or bool(datetime.datetime.fromisoformat(s).tzinfo))
+FORMATS.checks("time")(lambda s: not isinstance(s, str) or bool(datetime.time.fromisoformat(s).tzinfo))
 
 
 def schema_of(rng: random.Random, depth: int = 0) -> dict:
@@ -51,6 +57,8 @@ def schema_of(rng: random.Random, depth: int = 0) -> dict:
             out["minItems"] = rng.randint(0, 2)
             out["maxItems"] = out["minItems"] + rng.randint(0, 2)
         return out
+    if pick < 0.52:
+        return rng.choice(STRINGS)
     if pick < 0.6:
         return {"enum": rng.sample(["red", "green", 1, 12, -3.5, True, None, "g"], rng.randint(1, 4))}
     if pick < 0.65:
@@ -64,6 +72,23 @@ def schema_of(rng: random.Random, depth: int = 0) -> dict:
     return {"type": rng.choice(SCALARS), "title": "t"}
 
 
+#: strings with constraints, each with values it takes ("examples": instance_of picks one)
+STRINGS = [
+    {"type": "string", "maxLength": 3, "examples": ["", "ab", "é\n\"", "\U0001f600xy"]},
+    {"type": "string", "minLength": 2, "examples": ["ab", "日本語", "a\\b\tc"]},
+    {"type": ["string", "null"], "minLength": 1, "maxLength": 2, "examples": ["a", "é€", None]},
+    {"type": "string", "pattern": "^[a-c]+$", "examples": ["a", "abcabc"]},
+    {"type": "string", "pattern": "b\\d", "examples": ["b1", "xxb2yy", "é b9\n"]},
+    {"type": "string", "pattern": "^(ab|é)*$", "minLength": 2, "maxLength": 5, "examples": ["abab", "éé", "abé"]},
+    {"type": "string", "format": "date", "examples": ["2024-02-29", "1999-12-31"]},
+    {"type": "string", "format": "date-time", "examples": ["2024-02-29T23:59:59Z", "2001-01-01T00:00:00.5+05:30"]},
+    {"type": "string", "format": "uuid", "examples": ["123e4567-e89b-12d3-a456-426614174000"]},
+    {"type": "string", "format": "ipv4", "examples": ["10.0.0.255", "1.2.3.4"]},
+    {"type": "string", "format": "email", "examples": ["a.b@c.de", "x+1@mail.example.org"]},
+    {"type": "string", "enum": ["ab", "abcd", 5], "maxLength": 3, "examples": ["ab"]},
+]
+
+
 def of_type(value, kinds) -> bool:
     return jsonschema.Draft202012Validator({"type": kinds}).is_valid(value)
 
@@ -75,6 +100,8 @@ def instance_of(rng: random.Random, s: dict, root: dict | None = None):
         return instance_of(rng, root["$defs"][s["$ref"].rsplit("/", 1)[1]], root)
     if "anyOf" in s or "allOf" in s:
         return instance_of(rng, rng.choice(s.get("anyOf") or s["allOf"]), root)
+    if "examples" in s:
+        return rng.choice(s["examples"])
     if "enum" in s or "const" in s:
         values = s["enum"] if "enum" in s else [s["const"]]
         return rng.choice([v for v in values if "type" not in s or of_type(v, s["type"])])
@@ -122,7 +149,7 @@ def valid(s: dict, text: str) -> bool:
         value = json.loads(text, parse_constant=lambda c: 1 / 0)
     except (ValueError, ZeroDivisionError):
         return False
-    return jsonschema.Draft202012Validator(s).is_valid(value)
+    return jsonschema.Draft202012Validator(s, format_checker=FORMATS).is_valid(value)
 
 
 def test_what_the_grammar_writes_it_accepts_and_jsonschema_too():
@@ -223,8 +250,10 @@ def test_what_the_grammar_does_not_write_is_refused(s, text):
 
 
 @pytest.mark.parametrize("s,word", [
-    ({"type": "string", "pattern": "^a"}, "pattern"), ({"type": "string", "format": "date"}, "format"),
-({"$ref": "#/$defs/x"}, "$ref"), ({"type": "text"}, "type"),
+    ({"type": "string", "pattern": "(?=a)"}, "lookaround"), ({"type": "string", "format": "ipv6"}, "format"),
+    ({"pattern": "a", "format": "date"}, "beside format"), ({"minLength": 3, "maxLength": 2}, "minLength"),
+    ({"pattern": r"^\d{5}$", "maxLength": 3}, "no string matches"), ({"maxLength": -1}, "maxLength"),
+    ({"$ref": "#/$defs/x"}, "$ref"), ({"type": "text"}, "type"),
     ({"type": "integer", "minimum": 0}, "minimum"), ({"enum": [[1]]}, "enum"), ({"required": ["a"]}, "required"),
     ({"oneOf": [{"type": "string"}]}, "oneOf"), ({"allOf": [{"type": "string"}, {"minLength": 1}]}, "allOf"),
     ({"$ref": "https://example.com/s.json"}, "inside the schema"), ({"$ref": "#/$defs/none"}, "names nothing"),
@@ -306,7 +335,7 @@ def test_the_server_answers_what_the_schema_accepts(server, engine):
             assert walk(compile_schema(PERSON), text) is not None, (choice["finish_reason"], text)
     assert any(c["finish_reason"] == "stop" for c in answer["choices"]), answer
     bad = {**body, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
-        "type": "string", "format": "email"}}}}
+        "type": "string", "format": "ipv6"}}}}
     got, answer = server.request("POST", "/v1/chat/completions", bad)
     assert got == 400 and "format" in answer["error"]["message"], answer
     got, answer = server.request("POST", "/v1/chat/completions", {**body, "response_format": {"type": "json_schema"}})
@@ -356,8 +385,8 @@ def test_engine_schema_answers_are_the_schedulers(engine):
     for ids, finish in zip(got, [want[str(i)].finish for i in range(2)]):
         text = engine.tokenizer.decode(ids)
         assert valid(PERSON, text) if finish == "stop" else walk(compile_schema(PERSON), text) is not None, text
-    with pytest.raises(Exception, match="'pattern' is not enforced"):
-        engine.generate(prompts, max_new_tokens=4, json={"type": "string", "pattern": "a"})
+    with pytest.raises(Exception, match="format 'hostname' is not enforced"):
+        engine.generate(prompts, max_new_tokens=4, json={"type": "string", "format": "hostname"})
 
 
 def test_json_object_is_the_schema_of_any_object():

@@ -99,8 +99,8 @@ BAD = [
     ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "unsupported_value"),
     ("response_format json_schema without a schema", {"response_format": {"type": "json_schema", "json_schema": {}}},
      "invalid_value"),
-    ("response_format json_schema with a pattern", {"response_format": {"type": "json_schema", "json_schema": {
-        "name": "x", "schema": {"type": "string", "pattern": "a+"}}}}, "unsupported_value"),
+    ("response_format json_schema with a lookahead", {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "string", "pattern": "(?!a)"}}}}, "unsupported_value"),
     ("response_format yaml", {"response_format": {"type": "yaml"}}, "invalid_value"),
     ("json_object with min_tokens", {"response_format": {"type": "json_object"}, "min_tokens": 2}, "invalid_value"),
     ("json_object with ignore_eos", {"response_format": {"type": "json_object"}, "ignore_eos": True}, "invalid_value"),
