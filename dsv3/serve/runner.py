@@ -21,7 +21,7 @@ class StepRunner:
 
     The steps of a decode round (one token per row; with drafting, the verify step and the MTP module's) run as
     static steps, one per (kind, batch bucket, q), captured where the backend can (a graph on cuda/rocm, a recorded
-    step on the cpu) and replayed: slots, positions and tokens are staged into the step's buffers, the span is the
+    step on the cpu; with graphs off, the same steps eagerly) and replayed: slots, positions and tokens are staged into the step's buffers, the span is the
     whole cache (attention reads each row's own length), and a bucket's padding rows write to a scratch slot, the
     cache's last, which no request owns. Prefill chunks run eagerly (their q varies)."""
 
@@ -30,8 +30,12 @@ class StepRunner:
         self.mtp_cache: LatentCache | None = None  # the MTP module's, set by a scheduler that drafts
         self.device = model.rope_cos.device
         self.scratch = cache.kv.shape[1] - 1
-        # single rank only: a rank whose capture failed would run eagerly while the others replay (as generate())
-        self.graphs = graphs and model.kernels.can_capture() and model.par.world_size == 1
+        # single rank only: a rank whose capture failed would run eagerly while the others replay (as generate()).
+        # Where steps can be captured, the decode round runs the static steps (a bucket's rows, the whole cache as
+        # span) whether captured or not: --no-cuda-graphs then runs the very steps a graph holds, eagerly, and gives
+        # their tokens (a padded bucket's row count can change the kernel: AMX tiles from 5 rows on a CPU)
+        self.static_shapes = model.kernels.can_capture() and model.par.world_size == 1
+        self.graphs = graphs and self.static_shapes
         self.static: dict[tuple[str, int, int], StaticStep] = {}  # by (kind, batch bucket, q)
 
     def _broadcast(self, kind: int, data: torch.Tensor | None = None) -> None:
@@ -77,7 +81,7 @@ class StepRunner:
     def _run(self, plan: torch.Tensor, scored: bool = False):
         slots, positions, take, score, tokens = plan[:, 0], plan[:, 1], plan[:, 2], plan[:, 3], plan[:, 4:]
         B, q = tokens.shape
-        if q == 1 and self.graphs and not scored:
+        if q == 1 and self.static_shapes and not scored:
             return self._decode_static(slots, positions, tokens)
         span = int(plan[:, 1].max()) + q  # host ints: the plan was built on the host
         rows = None if torch.equal(slots.cpu(), torch.arange(B)) else slots  # a prefix of slots: no gather
@@ -135,7 +139,7 @@ class StepRunner:
             cache = self.mtp_cache
             run = lambda tokens, positions, rows, take, hidden: model.mtp_step(  # noqa: E731
                 tokens, hidden, positions, cache, cache.max_len, take=take, rows=rows)
-        return StaticStep(model, f"server {kind} step", run, buffers, graphs=True)
+        return StaticStep(model, f"server {kind} step", run, buffers, graphs=self.graphs)
 
     # ---- speculative decoding: on rank 0 each call broadcasts its plan (the MTP module's, its hidden states too);
     # followers run the same steps eagerly (graphs are single-rank) ---------------------------------------------
@@ -175,7 +179,7 @@ class StepRunner:
         buffers where steps are captured: read them before the next verify)."""
         self._plan(VERIFY, slots, positions, [0] * len(slots), [0] * len(slots), tokens)
         at = torch.tensor(positions, device=self.device)
-        if self.graphs:
+        if self.static_shapes:
             return self._staged("verify", torch.tensor(slots, device=self.device), tokens=tokens, positions=at)
         return self.model.forward_step(tokens, at, self.cache, max(positions) + tokens.shape[1],
                                        rows=self._slots(slots))
@@ -187,7 +191,7 @@ class StepRunner:
         steps are captured: read them before the next round). Every rank chooses from the same gathered logits."""
         self._plan(ROUND, slots, positions, [0] * len(slots), [0] * len(slots), tokens)
         at = torch.tensor(positions, device=self.device)
-        if self.graphs:
+        if self.static_shapes:
             return self._staged("round", torch.tensor(slots, device=self.device), tokens=tokens, positions=at)
         return greedy_round(self.model, self.cache, self.mtp_cache, tokens, at, max(positions) + tokens.shape[1],
                             rows=self._slots(slots))
@@ -203,7 +207,7 @@ class StepRunner:
         if self.par.world_size > 1:
             self._plan(MTP, slots, positions, take, [0] * len(slots), tokens)  # followers run it eagerly
             hidden = self.par.broadcast(hidden.to(self.cache.kv.dtype).contiguous())
-        if static and self.graphs:
+        if static and self.static_shapes:
             return self._staged("mtp", torch.tensor(slots, device=self.device), tokens=tokens, hidden=hidden,
                                 positions=positions, take=take)
         return self.model.mtp_step(tokens, hidden, positions, self.mtp_cache, int(positions.max()) + tokens.shape[1],

@@ -385,8 +385,16 @@ def test_bf16_decode_no_worse_than_plain_torch(tiny_ckpts, weights):
 def test_prefill_chunks_take_the_absorbed_kernel_where_cheaper(tiny_ckpts, monkeypatch):
     """A bf16 position step of more than 8 queries (a server's prefill chunk) runs the absorbed form in the C kernel
     up to the backend's crossing (absorb_max_queries; 40 at these dims), and its logits are no worse than the naive
-    form's against fp32; a prompt's plain prefill (not a position step) keeps the naive form."""
+    form's against fp32; a prompt's plain prefill (not a position step) keeps the naive form. An AMX build keeps
+    the naive form for chunks (torch's GEMMs run on tiles there); the rule is checked on the avx512bf16 build."""
     ours = dsv3.load(tiny_ckpts["v3ish"], backend="cpu", dtype="bf16")
+    if ours.kernels.native is not None and ours.kernels.native.isa == "amx":
+        c = ours.cfg
+        assert ours.kernels.absorb_max_queries(True, torch.bfloat16, c.kv_lora_rank, c.qk_nope_head_dim,
+                                               c.qk_rope_head_dim, c.v_head_dim) == 8
+        monkeypatch.setenv("DSV3_CPU_ISA", "avx512bf16")
+        ours = dsv3.load(tiny_ckpts["v3ish"], backend="cpu", dtype="bf16")
+        assert ours.kernels.native.isa == "avx512bf16"
     naive = dsv3.load(tiny_ckpts["v3ish"], backend="cpu", dtype="bf16", attn_impl="naive")
     ref = dsv3.load(tiny_ckpts["v3ish"], backend="cpu", dtype="fp32")
     cfg, lib = ours.cfg, ours.kernels.native
