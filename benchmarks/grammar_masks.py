@@ -44,12 +44,13 @@ PERSON = {"$defs": {"Pet": {"type": "object", "additionalProperties": False, "re
                          "notes": {"type": "object", "additionalProperties": {"type": "number"}}}}
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
            "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}}
-# strings held to formats, a pattern and a length (schema.py's character-level strings)
-EVENT = {"type": "object", "additionalProperties": False, "required": ["title", "when", "contact", "code"],
+# strings held to formats, a pattern and a length (schema.py's character-level strings), a bounded integer
+EVENT = {"type": "object", "additionalProperties": False, "required": ["title", "when", "contact", "code", "seats"],
          "properties": {"title": {"type": "string", "maxLength": 80},
                         "when": {"type": "string", "format": "date-time"},
                         "contact": {"type": "string", "format": "email"},
-                        "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}}}
+                        "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
+                        "seats": {"type": "integer", "minimum": 1, "maximum": 500}}}
 
 
 def vocabulary(size: int, seed: int = 0) -> list[bytes | None]:
@@ -118,12 +119,13 @@ def answers(pieces, index, longest) -> list[tuple[str, object, list[int]]]:
             + [ids[CALL_END], ids[CALLS_END]])
     text = json.dumps(person, indent=2).encode()
     event = {"title": "the weather of Paris", "when": "2026-12-02T10:30:00Z", "contact": "ada@example.org",
-             "code": "PAR-2026"}
+             "code": "PAR-2026", "seats": 42}
     return [("json_object", json_mode.JSON_OBJECT, tokenize(text, index, longest)),
             ("json_schema (pydantic-like: $ref, anyOf, enum, map)", compile_schema(PERSON),
              tokenize(text, index, longest)),
             ("tools, one strict", strict, call),
-            ("json_schema strings (maxLength, date-time, email, pattern)", compile_schema(EVENT),
+            ("json_schema strings and bounds (maxLength, date-time, email, pattern, minimum/maximum)",
+             compile_schema(EVENT),
              tokenize(json.dumps(event, indent=2).encode(), index, longest))]
 
 

@@ -10,10 +10,11 @@ false), an array without `items` any values, and a schema with no `type` any JSO
 Supported: `type` (one or a list), `properties`, `required`, `additionalProperties`, `items`, `minItems`,
 `maxItems`, `enum` and `const` of strings, numbers, booleans and null, `anyOf`, `allOf` of one schema, `$ref` to
 `#/...` (`$defs`, `definitions`; recursion included), the strings' `pattern`, `format` (regex.FORMATS: date,
-time, date-time, uuid, ipv4, email), `minLength` and `maxLength`, and the annotations `title`, `description`,
-`default`, `examples`, `$schema`, `$id`, `$comment`. That covers what pydantic and the OpenAI SDK generate for
-models. Anything else (`minimum`, `oneOf`, a format not listed...) would be a promise the grammar cannot keep:
-`SchemaError` names it, and the server answers 400.
+time, date-time, uuid, ipv4, email), `minLength` and `maxLength`, the numbers' `minimum`, `maximum`,
+`exclusiveMinimum` and `exclusiveMaximum` (numbers.py: a bounded number has no exponent and at most 15 digits), and
+the annotations `title`, `description`, `default`, `examples`, `$schema`, `$id`, `$comment`. That covers what
+pydantic and the OpenAI SDK generate for models. Anything else (`multipleOf`, `oneOf`, a format not listed...) would
+be a promise the grammar cannot keep: `SchemaError` names it, and the server answers 400.
 
 A string with constraints is read as characters: UTF-8 validated, escapes decoded (surrogates only as a pair of
 escapes, high then low: one character), the pattern's automaton stepped a character at a time, lengths counted in
@@ -26,15 +27,18 @@ States are sets of deterministic states: `anyOf` follows each alternative the by
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 from . import json_mode
+from .numbers import DIGITS, Bounds, exact
 from .regex import FORMATS, MAX_CP, Pattern, PatternError
 
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment"))
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
                       "enum", "const", "anyOf", "allOf", "$ref", "$defs", "definitions", "pattern", "format",
-                      "minLength", "maxLength")) | ANNOTATIONS
+                      "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"))
+KEYWORDS |= ANNOTATIONS
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _FIRST = {"object": b"{", "array": b"[", "string": b'"', "number": b"-0123456789", "integer": b"-0123456789",
           "boolean": b"tf", "null": b"n"}
@@ -76,7 +80,7 @@ class Node:
     required) in declared order (None: any keys); extra: props None, the node of every key's value (None: any
     value); items: the arrays' node (None: any values); enum: the JSON bytes of each allowed value (None: any of
     the types); alts: anyOf's nodes (the node is one of them: nothing else of it counts); text: its strings'
-    constraints (None: any string)."""
+    constraints (None: any string); bounds: its numbers' (None: any number)."""
 
     kinds: frozenset
     props: tuple | None = None
@@ -87,6 +91,7 @@ class Node:
     enum: tuple | None = None
     alts: tuple | None = None
     text: Text | None = None
+    bounds: Bounds | None = None
 
 
 def _kind_of(value) -> set[str]:
@@ -159,14 +164,15 @@ def compile_schema(schema) -> JsonSchema:
         kinds = [kinds] if isinstance(kinds, str) else kinds
         if not isinstance(kinds, list) or any(k not in TYPES for k in kinds) or len(set(kinds)) != len(kinds):
             raise SchemaError(f"{where}.type: one of {', '.join(TYPES)} or a list of them, got {s.get('type')!r}")
-        text = _text(s, where)
+        text, bounds = _text(s, where), _bounds(s, where, kinds)
         enum = None
         if "enum" in s or "const" in s:
             values = s["enum"] if "enum" in s else [s["const"]]
             if not isinstance(values, list) or not values or any(isinstance(v, (dict, list)) for v in values):
                 raise SchemaError(f"{where}: enum/const values must be strings, numbers, booleans or null")
             values = [v for v in values if (not kinds or _kind_of(v) & set(kinds))  # the type holds as well
-                      and (text is None or not isinstance(v, str) or text.allows(v))]  # and the string's rules
+                      and (text is None or not isinstance(v, str) or text.allows(v))  # and the string's rules
+                      and (bounds is None or isinstance(v, (bool, str)) or v is None or bounds.holds(exact(v)))]
             if not values:
                 raise SchemaError(f"{where}: no enum/const value has the type {kinds}")
             enum = tuple(dict.fromkeys(json.dumps(v, ensure_ascii=False).encode() for v in values))
@@ -197,7 +203,7 @@ def compile_schema(schema) -> JsonSchema:
             items = node(s["items"], f"{where}.items", depth + 1)
         elif lo or hi is not None:  # counted: the array is written here, its values by json_mode
             items = node(True, f"{where}.items", depth + 1)
-        nodes[at] = Node(frozenset(kinds), props, extra, items, lo, hi, enum, text=text)
+        nodes[at] = Node(frozenset(kinds), props, extra, items, lo, hi, enum, text=text, bounds=bounds)
         return at
 
     node(schema, "schema", 0)
@@ -229,6 +235,24 @@ def _text(s: dict, where: str) -> Text | None:
     if not _alive(text, None if text.pattern is None else text.pattern.start, 0, {}):
         raise SchemaError(f"{where}: no string matches the pattern within minLength {lo}, maxLength {hi}")
     return text
+
+
+def _bounds(s: dict, where: str, kinds: list) -> Bounds | None:
+    """The number bounds of schema s (None: none, or it takes no numbers)."""
+    words = [w for w in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum") if w in s]
+    if not words or (kinds and not {"number", "integer"} & set(kinds)):
+        return None
+    for w in words:
+        if isinstance(s[w], bool) or not isinstance(s[w], (int, float)) or not math.isfinite(s[w]):
+            raise SchemaError(f"{where}.{w} must be a number, got {s[w]!r}")
+    lo = max(((exact(s[w]), w == "exclusiveMinimum") for w in ("minimum", "exclusiveMinimum") if w in s), default=None)
+    hi = min(((exact(s[w]), w != "exclusiveMaximum") for w in ("maximum", "exclusiveMaximum") if w in s), default=None)
+    integer = "integer" in kinds and "number" not in kinds
+    b = Bounds(lo and lo[0], hi and hi[0], bool(lo and lo[1]), bool(hi and not hi[1]), integer)
+    if not (b.reach("") or b.reach("-")):
+        raise SchemaError(f"{where}: no {'integer' if integer else 'number'} of at most {DIGITS} digits lies within "
+                          f"{', '.join(f'{w} {s[w]}' for w in words)}")
+    return b
 
 
 def _alive(t: Text, r, count: int, memo: dict) -> bool:
@@ -346,6 +370,8 @@ class JsonSchema:
         kinds = node.kinds
         if kinds and not any(c in _FIRST[k] for k in kinds):
             return []
+        if node.bounds is not None and c in _FIRST["number"]:
+            return [(frames, ("b", n, chr(c)))] if node.bounds.reach(chr(c)) else []
         if c == 0x22 and node.text is not None and (not kinds or "string" in kinds):
             return [(frames, ("t", n, None if node.text.pattern is None else node.text.pattern.start, 0, ()))]
         own_object = node.props is not None or node.extra is not None
@@ -413,6 +439,15 @@ class JsonSchema:
                 return []
             whole = [i for k, i in left if not k]
             return [(frames, (":", mode[1], whole[0], 0)) if whole else (frames, ("k", mode[1], left))]
+        elif kind == "b":  # a bounded number: ("b", node, its bytes so far)
+            b = self.nodes[mode[1]].bounds
+            nxt = b.step(mode[2], c)
+            if nxt is not None:
+                return [(frames, ("b", mode[1], nxt))]
+            if not b.ends(mode[2]):
+                return []
+            frames, mode = self._done(frames)  # it ends at the first byte that does not continue it
+            kind = mode[0]
         elif kind == "t":
             return self._text(frames, mode, c)
         elif kind == "mk":
@@ -584,4 +619,5 @@ class JsonSchema:
         if frames:
             return False
         return (mode[0] == "e" and b"" in mode[1]) or (mode[0] == "j" and mode[2][:2] == ("[", "N")
-                                                      and mode[2][2] in json_mode.NUMBER_ENDS)
+                                                      and mode[2][2] in json_mode.NUMBER_ENDS) \
+            or (mode[0] == "b" and self.nodes[mode[1]].bounds.ends(mode[2]))

@@ -72,7 +72,7 @@ def schema_of(rng: random.Random, depth: int = 0) -> dict:
     return {"type": rng.choice(SCALARS), "title": "t"}
 
 
-#: strings with constraints, each with values it takes ("examples": instance_of picks one)
+#: strings and numbers with constraints, each with values it takes ("examples": instance_of picks one)
 STRINGS = [
     {"type": "string", "maxLength": 3, "examples": ["", "ab", "é\n\"", "\U0001f600xy"]},
     {"type": "string", "minLength": 2, "examples": ["ab", "日本語", "a\\b\tc"]},
@@ -86,6 +86,9 @@ STRINGS = [
     {"type": "string", "format": "ipv4", "examples": ["10.0.0.255", "1.2.3.4"]},
     {"type": "string", "format": "email", "examples": ["a.b@c.de", "x+1@mail.example.org"]},
     {"type": "string", "enum": ["ab", "abcd", 5], "maxLength": 3, "examples": ["ab"]},
+    {"type": "integer", "minimum": -5, "maximum": 120, "examples": [0, -5, 120, 42]},
+    {"type": "number", "exclusiveMinimum": 0, "maximum": 1.5, "examples": [0.001, 1.5, 1, 0.75]},
+    {"type": ["number", "null"], "minimum": 2.25, "examples": [2.25, 3, None, 1000.5]},
 ]
 
 
@@ -254,7 +257,7 @@ def test_what_the_grammar_does_not_write_is_refused(s, text):
     ({"pattern": "a", "format": "date"}, "beside format"), ({"minLength": 3, "maxLength": 2}, "minLength"),
     ({"pattern": r"^\d{5}$", "maxLength": 3}, "no string matches"), ({"maxLength": -1}, "maxLength"),
     ({"$ref": "#/$defs/x"}, "$ref"), ({"type": "text"}, "type"),
-    ({"type": "integer", "minimum": 0}, "minimum"), ({"enum": [[1]]}, "enum"), ({"required": ["a"]}, "required"),
+    ({"type": "integer", "multipleOf": 2}, "multipleOf"), ({"enum": [[1]]}, "enum"), ({"required": ["a"]}, "required"),
     ({"oneOf": [{"type": "string"}]}, "oneOf"), ({"allOf": [{"type": "string"}, {"minLength": 1}]}, "allOf"),
     ({"$ref": "https://example.com/s.json"}, "inside the schema"), ({"$ref": "#/$defs/none"}, "names nothing"),
     ({"$ref": "#"}, "cycle"), ({"anyOf": [{"type": "string"}], "type": "string"}, "beside"),

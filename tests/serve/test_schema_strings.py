@@ -127,9 +127,9 @@ def test_masks_of_constrained_strings_are_the_tokens_that_continue_them():
                     break
 
 
-def test_sampled_answers_to_a_pydantic_model_with_formats_and_patterns_validate(engine):
-    """The demo model (random weights) samples answers to a pydantic model with datetime, date, UUID, a pattern and
-    lengths, through the scheduler: every answer that ends is one pydantic itself accepts (its own validators:
+def test_sampled_answers_to_a_pydantic_model_with_formats_patterns_and_bounds_validate(engine):
+    """The demo model (random weights) samples answers to a pydantic model with datetime, date, UUID, a pattern,
+    lengths and number bounds, through the scheduler: every answer that ends is one pydantic itself accepts (its own validators:
     Python's date parsing, Rust's regex)."""
     import datetime as dt
     import uuid
@@ -145,6 +145,8 @@ def test_sampled_answers_to_a_pydantic_model_with_formats_and_patterns_validate(
         day: dt.date
         at: dt.datetime
         ref: uuid.UUID
+        seats: int = pydantic.Field(ge=1, le=9)
+        price: float = pydantic.Field(gt=0, lt=100)
 
     g = compile_schema(Booking.model_json_schema())
     tok = engine.tokenizer
