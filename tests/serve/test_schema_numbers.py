@@ -123,7 +123,8 @@ def test_masks_of_bounded_numbers_are_the_tokens_that_continue_them():
         for c in text.encode():
             want = {t for t in range(len(v.bytes)) if v.advance(g, st, t) is not None}
             got = set(v.allowed(g, st).nonzero().flatten().tolist())
-            assert got == want, f"{s} {text!r} at {st}: extra {sorted(got - want)[:5]}, missing {sorted(want - got)[:5]}"
+            assert got == want, f"{s} {text!r} at {st}: extra {sorted(got - want)[:5]}, " \
+                                f"missing {sorted(want - got)[:5]}"
             st = g.step(st, c)
         assert g.ends(st), text
 

@@ -129,8 +129,8 @@ def test_masks_of_constrained_strings_are_the_tokens_that_continue_them():
 
 def test_sampled_answers_to_a_pydantic_model_with_formats_patterns_and_bounds_validate(engine):
     """The demo model (random weights) samples answers to a pydantic model with datetime, date, UUID, a pattern,
-    lengths and number bounds, through the scheduler: every answer that ends is one pydantic itself accepts (its own validators:
-    Python's date parsing, Rust's regex)."""
+    lengths and number bounds, through the scheduler: every answer that ends is one pydantic itself accepts (its
+    own validators: Python's date parsing, Rust's regex)."""
     import datetime as dt
     import uuid
 
