@@ -11,10 +11,12 @@ Supported: `type` (one or a list), `properties`, `required`, `additionalProperti
 `maxItems`, `enum` and `const` of strings, numbers, booleans and null, `anyOf`, `allOf` of one schema, `$ref` to
 `#/...` (`$defs`, `definitions`; recursion included), the strings' `pattern`, `format` (regex.FORMATS: date,
 time, date-time, uuid, ipv4, email), `minLength` and `maxLength`, the numbers' `minimum`, `maximum`,
-`exclusiveMinimum` and `exclusiveMaximum` (numbers.py: a bounded number has no exponent and at most 15 digits), and
-the annotations `title`, `description`, `default`, `examples`, `$schema`, `$id`, `$comment`. That covers what
-pydantic and the OpenAI SDK generate for models. Anything else (`multipleOf`, `oneOf`, a format not listed...) would
-be a promise the grammar cannot keep: `SchemaError` names it, and the server answers 400.
+`exclusiveMinimum` and `exclusiveMaximum` (numbers.py: a bounded number has no exponent and at most 15 digits),
+`oneOf` where no value can meet two alternatives (they differ in type, or in a required property's const/enum: a
+discriminated union), and the annotations `title`, `description`, `default`, `examples`, `$schema`, `$id`,
+`$comment`, `discriminator`. That covers what pydantic and the OpenAI SDK generate for models. Anything else
+(`multipleOf`, a `oneOf` whose alternatives overlap, a format not listed...) would be a promise the grammar cannot
+keep: `SchemaError` names it, and the server answers 400.
 
 A string with constraints is read as characters: UTF-8 validated, escapes decoded (surrogates only as a pair of
 escapes, high then low: one character), the pattern's automaton stepped a character at a time, lengths counted in
@@ -34,9 +36,11 @@ from . import json_mode
 from .numbers import DIGITS, Bounds, exact
 from .regex import FORMATS, MAX_CP, Pattern, PatternError
 
-ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment"))
+# (discriminator: OpenAPI's note beside a oneOf, which pydantic writes; the oneOf itself is what is checked)
+ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment",
+                         "discriminator"))
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-                      "enum", "const", "anyOf", "allOf", "$ref", "$defs", "definitions", "pattern", "format",
+                      "enum", "const", "anyOf", "allOf", "oneOf", "$ref", "$defs", "definitions", "pattern", "format",
                       "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"))
 KEYWORDS |= ANNOTATIONS
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
@@ -122,6 +126,7 @@ def _pointer(root, ref: str, where: str):
 def compile_schema(schema) -> JsonSchema:
     nodes: list[Node] = []
     refs: dict[str, int] = {}
+    one_of: list[tuple[int, str]] = []  # (its node, where)
 
     def alias(targets: list, where: str, depth: int) -> int:
         at = len(nodes)
@@ -140,7 +145,7 @@ def compile_schema(schema) -> JsonSchema:
         other = sorted(set(s) - KEYWORDS)
         if other:
             raise SchemaError(f"{where}: {other[0]!r} is not enforced here (supported: {', '.join(sorted(KEYWORDS))})")
-        for word in ("$ref", "anyOf", "allOf"):
+        for word in ("$ref", "anyOf", "allOf", "oneOf"):
             if word in s:
                 rest = sorted(set(s) - ANNOTATIONS - {word, "$defs", "definitions"})
                 if rest:
@@ -153,6 +158,11 @@ def compile_schema(schema) -> JsonSchema:
                 nodes.append(Node(frozenset()))
                 nodes[at] = Node(frozenset(), alts=(node(_pointer(schema, ref, where), ref, depth + 1),))
             return refs[ref]
+        if "oneOf" in s:  # held as anyOf where no value can meet two alternatives (checked once all is compiled)
+            if not isinstance(s["oneOf"], list) or not s["oneOf"]:
+                raise SchemaError(f"{where}.oneOf: a non-empty list of schemas")
+            one_of.append((alias(s["oneOf"], f"{where}.oneOf", depth), f"{where}.oneOf"))
+            return one_of[-1][0]
         if "anyOf" in s or "allOf" in s:
             word = "anyOf" if "anyOf" in s else "allOf"
             if not isinstance(s[word], list) or not s[word] or (word == "allOf" and len(s[word]) != 1):
@@ -208,7 +218,57 @@ def compile_schema(schema) -> JsonSchema:
 
     node(schema, "schema", 0)
     _check_aliases(nodes)
+    for at, where in one_of:
+        alts = nodes[at].alts
+        for i in range(len(alts)):
+            for j in range(i + 1, len(alts)):
+                if not _apart(nodes, alts[i], alts[j]):
+                    raise SchemaError(f"{where}: alternatives {i} and {j} may both take one value, which oneOf forbids; "
+                                      "it is enforced where alternatives differ in type or in a required property's "
+                                      "const/enum (a discriminated union); use anyOf if either may do")
     return JsonSchema(tuple(nodes))
+
+
+def _resolve(nodes: list[Node], n: int) -> Node:
+    """The node a $ref (an alias of one alternative) stands for."""
+    seen = set()
+    while nodes[n].alts is not None and len(nodes[n].alts) == 1 and n not in seen:
+        seen.add(n)
+        n = nodes[n].alts[0]
+    return nodes[n]
+
+
+def _classes(node: Node) -> frozenset | None:
+    """The kinds of JSON value a node takes, integer counted as number (None: any, or not known here)."""
+    if node.alts is not None:
+        return None
+    if node.enum is not None:
+        return frozenset("number" if k & {"number"} else next(iter(k)) for k in map(_kind_of, map(json.loads, node.enum)))
+    return frozenset("number" if k == "integer" else k for k in node.kinds) or None
+
+
+def _apart(nodes: list[Node], a: int, b: int) -> bool:
+    """No JSON value meets both nodes: their kinds differ, or both are objects that require one property whose
+    enum/const values differ (a discriminated union's tag). False where it cannot tell."""
+    na, nb = _resolve(nodes, a), _resolve(nodes, b)
+    ca, cb = _classes(na), _classes(nb)
+    if ca is None or cb is None:
+        return False
+    if not ca & cb:
+        return True
+    if ca != {"object"} or cb != {"object"} or na.props is None or nb.props is None:
+        return False
+
+    def tags(n: Node) -> dict:
+        out = {}
+        for key, child, required in n.props:
+            c = _resolve(nodes, child)
+            if required and c.enum is not None:  # (kind, value): true is not 1, 1 is 1.0
+                out[key] = {(frozenset(_kind_of(v)), v) for v in map(json.loads, c.enum)}
+        return out
+
+    ta, tb = tags(na), tags(nb)
+    return any(not ta[k] & tb[k] for k in ta.keys() & tb.keys())
 
 
 def _text(s: dict, where: str) -> Text | None:

@@ -59,6 +59,12 @@ def schema_of(rng: random.Random, depth: int = 0) -> dict:
         return out
     if pick < 0.52:
         return rng.choice(STRINGS)
+    if depth < 3 and pick < 0.55:  # alternatives no value meets twice: types apart, or a discriminated union
+        if rng.random() < 0.5:
+            return {"oneOf": [{"type": t} for t in rng.sample(["string", "integer", "null", "array"], 2)] +
+                    [{"enum": [True]}]}
+        return {"oneOf": [{"type": "object", "properties": {"k": {"const": tag}, "v": schema_of(rng, depth + 1)},
+                           "required": ["k"]} for tag in ("a", "b", 1)], "discriminator": {"propertyName": "k"}}
     if pick < 0.6:
         return {"enum": rng.sample(["red", "green", 1, 12, -3.5, True, None, "g"], rng.randint(1, 4))}
     if pick < 0.65:
@@ -101,8 +107,8 @@ def instance_of(rng: random.Random, s: dict, root: dict | None = None):
     root = s if root is None else root
     if "$ref" in s:
         return instance_of(rng, root["$defs"][s["$ref"].rsplit("/", 1)[1]], root)
-    if "anyOf" in s or "allOf" in s:
-        return instance_of(rng, rng.choice(s.get("anyOf") or s["allOf"]), root)
+    if "anyOf" in s or "allOf" in s or "oneOf" in s:
+        return instance_of(rng, rng.choice(s.get("anyOf") or s.get("oneOf") or s["allOf"]), root)
     if "examples" in s:
         return rng.choice(s["examples"])
     if "enum" in s or "const" in s:
@@ -258,7 +264,17 @@ def test_what_the_grammar_does_not_write_is_refused(s, text):
     ({"pattern": r"^\d{5}$", "maxLength": 3}, "no string matches"), ({"maxLength": -1}, "maxLength"),
     ({"$ref": "#/$defs/x"}, "$ref"), ({"type": "text"}, "type"),
     ({"type": "integer", "multipleOf": 2}, "multipleOf"), ({"enum": [[1]]}, "enum"), ({"required": ["a"]}, "required"),
-    ({"oneOf": [{"type": "string"}]}, "oneOf"), ({"allOf": [{"type": "string"}, {"minLength": 1}]}, "allOf"),
+    ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "may both take"),
+    ({"oneOf": [{"type": "object"}, {"type": "object", "properties": {"a": {"const": 1}}, "required": ["a"]}]},
+     "alternatives 0 and 1"), ({"oneOf": [{"type": "string"}, {}]}, "may both"), ({"oneOf": []}, "non-empty"),
+    ({"oneOf": [{"enum": [1, "a"]}, {"enum": [1.0]}]}, "may both"),
+    ({"oneOf": [{"type": "object", "properties": {"k": {"const": "a"}}, "required": ["k"]},
+                {"type": "object", "properties": {"k": {"enum": ["b", "a"]}}, "required": ["k"]}]}, "may both"),
+    ({"oneOf": [{"type": "object", "properties": {"k": {"const": "a"}}, "required": ["k"]},
+                {"type": "object", "properties": {"k": {"const": "b"}}}]}, "may both"),  # b's tag not required
+    ({"oneOf": [{"type": "object", "properties": {"k": {"const": 1}}, "required": ["k"]},
+                {"type": "object", "properties": {"k": {"const": True}}, "required": ["k"]}, {"type": "object",
+                 "properties": {"k": {"const": 1.0}}, "required": ["k"]}]}, "alternatives 0 and 2"), ({"allOf": [{"type": "string"}, {"minLength": 1}]}, "allOf"),
     ({"$ref": "https://example.com/s.json"}, "inside the schema"), ({"$ref": "#/$defs/none"}, "names nothing"),
     ({"$ref": "#"}, "cycle"), ({"anyOf": [{"type": "string"}], "type": "string"}, "beside"),
     ({"type": "boolean", "enum": ["a", 1]}, "no enum"),
@@ -399,3 +415,32 @@ def test_json_object_is_the_schema_of_any_object():
     for _ in range(200):
         text = dumps(rng, {"k": [1, {"z": None, "s": "é\""}], "n": rng.random()})
         assert g.ends(walk(g, text)) and json_mode.complete(json_mode.advance(json_mode.START, text.encode()))
+
+
+def test_a_pydantic_discriminated_union_is_held_to_one_alternative():
+    """Union[Cat, Dog] with Field(discriminator=...): pydantic writes oneOf + discriminator; the grammar takes each
+    alternative's objects and no object that mixes them, and pydantic parses what it takes."""
+    from typing import Literal, Union
+
+    pydantic = pytest.importorskip("pydantic")
+
+    class Cat(pydantic.BaseModel):
+        kind: Literal["cat"]
+        lives: int
+
+    class Dog(pydantic.BaseModel):
+        kind: Literal["dog"]
+        bark: str
+
+    class Owner(pydantic.BaseModel):
+        pet: Union[Cat, Dog] = pydantic.Field(discriminator="kind")
+
+    schema = Owner.model_json_schema()
+    assert "oneOf" in json.dumps(schema)
+    g = compile_schema(schema)
+    for text in ['{"pet": {"kind": "cat", "lives": 9}}', '{"pet": {"kind": "dog", "bark": "woof"}}']:
+        assert g.ends(walk(g, text)) and valid(schema, text), text
+        Owner.model_validate_json(text)
+    for text in ['{"pet": {"kind": "dog", "lives": 9}}', '{"pet": {"kind": "cow", "lives": 1}}', '{"pet": {}}']:
+        st = walk(g, text)
+        assert st is None or not g.ends(st), text
