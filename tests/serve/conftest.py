@@ -175,3 +175,20 @@ def run_all(s: Scheduler, engine, reqs) -> dict[str, Answer]:
     finally:
         s.shutdown()
     return {rid: a._replace(finish=a.finish[0]) for rid, a in got.items()}
+
+
+def walk(g, text: str):
+    """Grammar g's state after text's bytes (None: they break it)."""
+    st = g.start
+    for c in text.encode():
+        st = g.step(st, c)
+        if st is None:
+            return None
+    return st
+
+
+def check_mask(v, g, st, what: str = "") -> None:
+    """Vocab v's mask at state st is exactly the tokens v.advance takes from there, one by one."""
+    want = {t for t in range(len(v.bytes)) if v.advance(g, st, t) is not None}
+    got = set(v.allowed(g, st).nonzero().flatten().tolist())
+    assert got == want, f"{what} at {st}: extra {sorted(got - want)[:5]}, missing {sorted(want - got)[:5]}"

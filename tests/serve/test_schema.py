@@ -9,7 +9,7 @@ import json
 import random
 
 import pytest
-from conftest import client, run_all
+from conftest import check_mask, client, run_all, walk
 
 from dsv3.serve import json_mode
 from dsv3.serve.masks import Vocab
@@ -141,15 +141,6 @@ def dumps(rng: random.Random, value) -> str:
     text = json.dumps(value, indent=rng.choice([None, 1, "\t"]), separators=rng.choice([None, (",", ":")]),
                       ensure_ascii=rng.random() < 0.5)
     return rng.choice(["", " "]) + text + rng.choice(["", "\n"])
-
-
-def walk(g, text: str):
-    st = g.start
-    for c in text.encode():
-        st = g.step(st, c)
-        if st is None:
-            return None
-    return st
 
 
 def valid(s: dict, text: str) -> bool:
@@ -299,9 +290,7 @@ def test_masks_are_the_tokens_that_continue_the_value():
             st = g.step(st, c)
             states.add(st)
         for st in states:
-            want = {t for t in range(len(pieces)) if v.advance(g, st, t) is not None}
-            got = set(v.allowed(g, st).nonzero().flatten().tolist())
-            assert got == want, f"{s} at {st}: extra {sorted(got - want)[:5]}, missing {sorted(want - got)[:5]}"
+            check_mask(v, g, st, str(s))
 
 
 def test_masks_take_a_large_subtree_whole_only_where_each_of_its_bytes_loops():
@@ -328,9 +317,7 @@ def test_masks_take_a_large_subtree_whole_only_where_each_of_its_bytes_loops():
         for text in answers:
             st = g.start
             for c in text.encode():
-                want = {t for t in range(len(v.bytes)) if v.advance(g, st, t) is not None}
-                got = set(v.allowed(g, st).nonzero().flatten().tolist())
-                assert got == want, f"{text!r} at {st}: extra {sorted(got - want)[:5]}, missing {sorted(want - got)[:5]}"
+                check_mask(v, g, st, repr(text))
                 st = g.step(st, c)
 
 

@@ -8,6 +8,7 @@ import json
 import random
 
 import pytest
+from conftest import check_mask, walk
 
 from dsv3.serve.masks import Vocab
 from dsv3.serve.schema import SchemaError, compile_schema
@@ -37,15 +38,6 @@ def numbers(rng: random.Random) -> list[str]:
     out += [f"{rng.uniform(-3, 3):.{rng.randint(1, 4)}f}" for _ in range(300)]
     out += [f"{rng.uniform(-250, 250):.{rng.randint(1, 3)}f}" for _ in range(200)]
     return out
-
-
-def walk(g, text: str):
-    st = g.start
-    for c in text.encode():
-        st = g.step(st, c)
-        if st is None:
-            return None
-    return st
 
 
 @pytest.mark.parametrize("s", SCHEMAS, ids=[json.dumps(s) for s in SCHEMAS])
@@ -121,10 +113,7 @@ def test_masks_of_bounded_numbers_are_the_tokens_that_continue_them():
         text = '{"n": %s, "m": [%s]}' % (good[0], ", ".join(good))
         st = g.start
         for c in text.encode():
-            want = {t for t in range(len(v.bytes)) if v.advance(g, st, t) is not None}
-            got = set(v.allowed(g, st).nonzero().flatten().tolist())
-            assert got == want, f"{s} {text!r} at {st}: extra {sorted(got - want)[:5]}, " \
-                                f"missing {sorted(want - got)[:5]}"
+            check_mask(v, g, st, f"{s} {text!r}")
             st = g.step(st, c)
         assert g.ends(st), text
 

@@ -9,6 +9,7 @@ import random
 import re
 
 import pytest
+from conftest import check_mask, run_all, walk
 
 from dsv3.serve.masks import Vocab
 from dsv3.serve.schema import compile_schema
@@ -41,15 +42,6 @@ def literal(rng: random.Random, value: str) -> str:
             ways.append("\\/")
         out.append(rng.choice(ways))
     return '"' + "".join(out) + '"'
-
-
-def walk(g, text: str):
-    st = g.start
-    for c in text.encode():
-        st = g.step(st, c)
-        if st is None:
-            return None
-    return st
 
 
 @pytest.mark.parametrize("s", SCHEMAS, ids=[json.dumps(s, ensure_ascii=False) for s in SCHEMAS])
@@ -118,10 +110,7 @@ def test_masks_of_constrained_strings_are_the_tokens_that_continue_them():
         for text in texts:
             st = g.start
             for c in text.encode():
-                want = {t for t in range(len(v.bytes)) if v.advance(g, st, t) is not None}
-                got = set(v.allowed(g, st).nonzero().flatten().tolist())
-                assert got == want, f"{s} {text!r} at {st}: extra {sorted(got - want)[:5]}, missing " \
-                                    f"{sorted(want - got)[:5]}"
+                check_mask(v, g, st, f"{s} {text!r}")
                 st = g.step(st, c)
                 if st is None:
                     break
@@ -135,7 +124,6 @@ def test_sampled_answers_to_a_pydantic_model_with_formats_patterns_and_bounds_va
     import uuid
 
     pydantic = pytest.importorskip("pydantic")
-    from conftest import run_all
 
     from dsv3.serve.scheduler import Sampling, Scheduler
 
