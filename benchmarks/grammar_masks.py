@@ -44,13 +44,16 @@ PERSON = {"$defs": {"Pet": {"type": "object", "additionalProperties": False, "re
                          "notes": {"type": "object", "additionalProperties": {"type": "number"}}}}
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
            "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}}
-# strings held to formats, a pattern and a length (schema.py's character-level strings), a bounded integer
-EVENT = {"type": "object", "additionalProperties": False, "required": ["title", "when", "contact", "code", "seats"],
+# strings held to formats, a pattern and a length (schema.py's character-level strings; the site as pydantic's
+# HttpUrl: a format with lengths), a bounded integer
+EVENT = {"type": "object", "additionalProperties": False,
+         "required": ["title", "when", "contact", "code", "seats", "site"],
          "properties": {"title": {"type": "string", "maxLength": 80},
                         "when": {"type": "string", "format": "date-time"},
                         "contact": {"type": "string", "format": "email"},
                         "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
-                        "seats": {"type": "integer", "minimum": 1, "maximum": 500}}}
+                        "seats": {"type": "integer", "minimum": 1, "maximum": 500},
+                        "site": {"type": "string", "format": "uri", "minLength": 1, "maxLength": 2083}}}
 
 
 def vocabulary(size: int, seed: int = 0) -> list[bytes | None]:
@@ -119,12 +122,12 @@ def answers(pieces, index, longest) -> list[tuple[str, object, list[int]]]:
             + [ids[CALL_END], ids[CALLS_END]])
     text = json.dumps(person, indent=2).encode()
     event = {"title": "the weather of Paris", "when": "2026-12-02T10:30:00Z", "contact": "ada@example.org",
-             "code": "PAR-2026", "seats": 42}
+             "code": "PAR-2026", "seats": 42, "site": "https://example.org/events/2026?city=paris#top"}
     return [("json_object", json_mode.JSON_OBJECT, tokenize(text, index, longest)),
             ("json_schema (pydantic-like: $ref, anyOf, enum, map)", compile_schema(PERSON),
              tokenize(text, index, longest)),
             ("tools, one strict", strict, call),
-            ("json_schema strings and bounds (maxLength, date-time, email, pattern, minimum/maximum)",
+            ("json_schema strings and bounds (maxLength, date-time, email, pattern, minimum/maximum, HttpUrl)",
              compile_schema(EVENT),
              tokenize(json.dumps(event, indent=2).encode(), index, longest))]
 

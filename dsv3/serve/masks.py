@@ -4,8 +4,10 @@ A grammar is a byte automaton with a few special tokens: `start`, `step(state, b
 (None: not allowed there), `ends(state)` (EOS allowed), `free(state)` (any text token goes and leaves the state
 as it is: a tool-calling answer's prose) and `in_string(state)` (inside a JSON string: a token without a quote,
 backslash or control byte leaves the state as it is); optionally `counted(state)`: inside a string whose length is
-bounded and whose characters are free, (the state with the count left out, or None between characters: then every
-token of plain string bytes that is well-formed UTF-8 goes on; the characters still allowed, or None), else None.
+bounded, (the state with the count left out, or None between characters of a string without a pattern: then every
+token of plain string bytes that is well-formed UTF-8 goes on; the characters still allowed, or None; None, or
+`live(end, k)`: whether a token that leaves the count-free walk at state `end` having begun k characters keeps the
+string able to end), else None.
 States are hashable; a grammar is hashable too.
 
 A mask is computed by walking the vocabulary as a trie (the tokens sorted by their bytes: a prefix that breaks
@@ -68,10 +70,10 @@ class _Trie:
             self._rest[key] = frozenset(b"".join(k[depth:] for k in self.keys[lo:hi]))
         return self._rest[key]
 
-    def walk(self, step, st, out: list[int]) -> None:
+    def walk(self, step, st, out: list[int], ends: list | None = None) -> None:
         """Append every token whose bytes continue st under step(state, byte) (depth first; a breaking prefix
-        prunes its subtree). A large subtree whose bytes all loop on its state (digits inside a number, letters
-        inside a string) is taken whole, without a step per token."""
+        prunes its subtree), and to `ends` (where given) the state after each. A large subtree whose bytes all loop
+        on its state (digits inside a number, letters inside a string) is taken whole, without a step per token."""
         keys, ids, todo, loops = self.keys, self.ids, [(0, len(self.keys), 0, st)], {}
         while todo:
             lo, hi, depth, s = todo.pop()
@@ -84,9 +86,13 @@ class _Trie:
                         break
                 else:
                     out.extend(ids[lo:hi])
+                    if ends is not None:
+                        ends.extend([s] * (hi - lo))
                     continue
             while lo < hi and len(keys[lo]) == depth:  # tokens that end here (they sort first)
                 out.append(ids[lo])
+                if ends is not None:
+                    ends.append(s)
                 lo += 1
             while lo < hi:
                 c = keys[lo][depth]
@@ -154,8 +160,14 @@ class Vocab:
         if grammar.free(st):
             mask = self.text.clone()
         elif split is not None:
-            base, room = split
-            mask = (self.utf8 if base is None else self._plain_from(grammar, base)).clone()
+            base, room, live = split
+            if live is not None:  # a pattern and lengths: each token by the state it ends in and its length
+                mask = torch.zeros(self.vocab, dtype=torch.bool)
+                for end, toks, chars in self._plain_ends(grammar, base):
+                    fit = [k for k in chars.unique().tolist() if live(end, k)]
+                    mask[toks[torch.isin(chars, torch.tensor(fit, dtype=chars.dtype))]] = True
+            else:
+                mask = (self.utf8 if base is None else self._plain_from(grammar, base)).clone()
             if room is not None:
                 mask &= self.chars <= room
             self.others.walk(grammar.step, st, ids)
@@ -170,6 +182,18 @@ class Vocab:
             ids += self.eos
         mask[ids] = True
         return mask.to(self.device)
+
+    @functools.lru_cache(maxsize=64)
+    def _plain_ends(self, grammar, st) -> list[tuple]:
+        """The tokens of plain string bytes that continue st, by the state each ends in: [(state, ids, characters
+        each begins)]."""
+        ids: list[int] = []
+        ends: list = []
+        self.plains.walk(grammar.step, st, ids, ends)
+        groups: dict = {}
+        for t, end in zip(ids, ends):
+            groups.setdefault(end, []).append(t)
+        return [(end, torch.tensor(toks), self.chars[toks]) for end, toks in groups.items()]
 
     @functools.lru_cache(maxsize=64)
     def _plain_from(self, grammar, st) -> torch.Tensor:

@@ -291,6 +291,7 @@ class Pattern:
             for lo, hi in m[0] if m else ():
                 cuts.update((lo, hi + 1))
         self.cuts = sorted(cuts)  # the code points split into runs no move tells apart
+        self.reps = list(self.runs())  # one code point of each
         self._memo: dict = {}
 
     def __eq__(self, other) -> bool:
@@ -411,10 +412,15 @@ _DATE = (f"({_YEAR}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])|{_YEAR}-(0[13-9]|1[0-
          f"|{_YEAR}-(0[13578]|1[02])-31|{_LEAP}-02-29)")
 _TIME = "([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
 _OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
-_LABEL = "[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+# a domain label: letters and digits, single hyphens inside (no "--": "xn--" would be read as punycode)
+_LABEL = "[A-Za-z0-9]+(-[A-Za-z0-9]+)*"
+_PCHAR = "([A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})"
+# a host by name (its last label starts with a letter: WHATWG URL parsers read a numeric last label as IPv4) or IPv4
+_HOST = f"(({_LABEL}\\.)*[A-Za-z][A-Za-z0-9]*(-[A-Za-z0-9]+)*|{_OCTET}(\\.{_OCTET}){{3}})"
 #: the formats followed, as patterns: each writes a subset of what the format allows (a real calendar date with a
 #: year from 1, times with seconds below 60 and an offset, lowercase-free; e-mail addresses with a dot-atom local part
-#: and a domain ending in letters), so jsonschema's, pydantic's and Python's own parsers take what they write
+#: and a domain ending in letters; absolute URIs with a host, no user info, a port below 10000), so jsonschema's,
+#: pydantic's and Python's own parsers take what they write
 FORMATS = {
     "date": f"^{_DATE}$",
     "time": f"^{_TIME}$",
@@ -422,4 +428,6 @@ FORMATS = {
     "uuid": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
     "ipv4": f"^{_OCTET}(\\.{_OCTET}){{3}}$",
     "email": f"^[A-Za-z0-9_%+-]+(\\.[A-Za-z0-9_%+-]+)*@({_LABEL}\\.)+[A-Za-z]{{2,}}$",
+    "uri": f"^[A-Za-z][A-Za-z0-9+.-]*://{_HOST}(:[1-9][0-9]{{0,3}})?(/{_PCHAR}*)*(\\?({_PCHAR}|[/?])*)?"
+           f"(#({_PCHAR}|[/?])*)?$",
 }

@@ -10,7 +10,7 @@ false), an array without `items` any values, and a schema with no `type` any JSO
 Supported: `type` (one or a list), `properties`, `required`, `additionalProperties`, `items`, `minItems`,
 `maxItems`, `enum` and `const` of strings, numbers, booleans and null, `anyOf`, `allOf` of one schema, `$ref` to
 `#/...` (`$defs`, `definitions`; recursion included), the strings' `pattern`, `format` (regex.FORMATS: date,
-time, date-time, uuid, ipv4, email), `minLength` and `maxLength`, the numbers' `minimum`, `maximum`,
+time, date-time, uuid, ipv4, email, uri), `minLength` and `maxLength`, the numbers' `minimum`, `maximum`,
 `exclusiveMinimum` and `exclusiveMaximum` (numbers.py: a bounded number has no exponent and at most 15 digits),
 `oneOf` where no value can meet two alternatives (they differ in type, or in a required property's const/enum: a
 discriminated union), and the annotations `title`, `description`, `default`, `examples`, `$schema`, `$id`,
@@ -223,9 +223,9 @@ def compile_schema(schema) -> JsonSchema:
         for i in range(len(alts)):
             for j in range(i + 1, len(alts)):
                 if not _apart(nodes, alts[i], alts[j]):
-                    raise SchemaError(f"{where}: alternatives {i} and {j} may both take one value, which oneOf forbids; "
-                                      "it is enforced where alternatives differ in type or in a required property's "
-                                      "const/enum (a discriminated union); use anyOf if either may do")
+                    raise SchemaError(f"{where}: alternatives {i} and {j} may both take one value, which oneOf "
+                                      "forbids; it is enforced where alternatives differ in type or in a required "
+                                      "property's const/enum (a discriminated union); use anyOf if either may do")
     return JsonSchema(tuple(nodes))
 
 
@@ -243,7 +243,8 @@ def _classes(node: Node) -> frozenset | None:
     if node.alts is not None:
         return None
     if node.enum is not None:
-        return frozenset("number" if k & {"number"} else next(iter(k)) for k in map(_kind_of, map(json.loads, node.enum)))
+        kinds = map(_kind_of, map(json.loads, node.enum))
+        return frozenset("number" if k & {"number"} else next(iter(k)) for k in kinds)
     return frozenset("number" if k == "integer" else k for k in node.kinds) or None
 
 
@@ -317,23 +318,39 @@ def _bounds(s: dict, where: str, kinds: list) -> Bounds | None:
 
 def _alive(t: Text, r, count: int, memo: dict) -> bool:
     """A string whose characters so far left t's pattern in state r, `count` of them (capped at t.cap; -1: not
-    counted), can still be finished within t's lengths. Reachability over (state, count) pairs, memoized in memo."""
+    counted), can still be finished within t's lengths, memoized in memo. Once minLength is met, the shortest way
+    to the pattern's end decides; before, a search over (state, count) pairs up to minLength."""
     if count < 0 or t.pattern is None or (t.min_len == 0 and t.max_len is None):
         return True  # no pattern: pad or stop; no lengths: every state of the automaton reaches its end
+    if count >= t.min_len:
+        return t.max_len is None or _shortest(t.pattern, r, memo) <= t.max_len - count
     key = (t, r, count)
     if key not in memo:
         seen, todo, ok = {(r, count)}, [(r, count)], False
         while todo and not ok:
             q, k = todo.pop()
-            if t.pattern.accepts(q) and k >= t.min_len:
-                ok = True
+            if k >= t.min_len:
+                ok = _alive(t, q, k, memo)
             elif t.max_len is None or k < t.max_len:
-                for cp in t.pattern.runs():
+                for cp in t.pattern.reps:
                     q2 = t.pattern.step(q, cp)
-                    if q2 is not None and (q2, min(k + 1, t.cap)) not in seen:
-                        seen.add((q2, min(k + 1, t.cap)))
-                        todo.append((q2, min(k + 1, t.cap)))
+                    if q2 is not None and (q2, k + 1) not in seen:
+                        seen.add((q2, k + 1))
+                        todo.append((q2, k + 1))
         memo[key] = ok
+    return memo[key]
+
+
+def _shortest(p: Pattern, r, memo: dict) -> int:
+    """The fewest characters that take pattern p from state r to its end (breadth first over its states)."""
+    key = ("shortest", p, r)
+    if key not in memo:
+        level, seen, n = [r], {r}, 0
+        while level and not any(p.accepts(q) for q in level):
+            level = [q2 for q in level for cp in p.reps if (q2 := p.step(q, cp)) is not None and q2 not in seen
+                     and not seen.add(q2)]
+            n += 1
+        memo[key] = n if level else 1 << 40
     return memo[key]
 
 
@@ -659,18 +676,36 @@ class JsonSchema:
         return memo
 
     def counted(self, st):
-        """masks.py's split for a string with lengths and no pattern, outside escapes: (the state with its count left
-        out, or None between characters (any plain token of well-formed UTF-8 goes on), the characters it may still
-        take (None: any)). A token of plain string bytes is then allowed where it is from the count-free state and
-        its characters fit; only the others are walked per count."""
+        """masks.py's split for a string with lengths, outside escapes: (the state with its count left out, or None
+        between characters of a string without a pattern (any plain token of well-formed UTF-8 goes on); the
+        characters it may still take (None: any); with a pattern, `live(end, k)`: a token that leaves the count-free
+        state at `end` having begun k characters leaves a string that can still end within the lengths). A token of
+        plain string bytes is then judged by its walk from the count-free state (cached once) and its length; only
+        the others are walked per count."""
         if len(st) != 1:
             return None
         ((frames, mode),) = st
-        if mode[0] != "t" or mode[2] is not None or mode[3] < 0 or (mode[4] and mode[4][0] != "u"):
+        if mode[0] != "t":
             return None
-        t = self.nodes[mode[1]].text
-        room = None if t.max_len is None else t.max_len - mode[3]
-        return (frozenset(((frames, mode[:3] + (-1,) + mode[4:]),)) if mode[4] else None), room
+        n, r, count, pend = mode[1:]
+        t = self.nodes[n].text
+        if count < 0 or (pend and pend[0] != "u") or (t.min_len == 0 and t.max_len is None):
+            return None
+        room = None if t.max_len is None else t.max_len - count
+        base = frozenset(((frames, ("t", n, r, -1, pend)),))
+        if t.pattern is None:
+            return (base if pend else None), room, None
+
+        def live(end, k: int) -> bool:
+            ((_, (_, _, q, _, left)),) = end
+            c = min(count + k, t.cap)
+            if not left:
+                return _alive(t, q, c, self._memo)
+            v, more, size = left[1:]
+            lo, hi = max(v << 6 * more, _UTF8[size][0]), min(((v + 1) << 6 * more) - 1, _UTF8[size][1])
+            return self._viable(t, q, c, lo, hi)
+
+        return base, room, live
 
     def _ends(self, one) -> bool:
         frames, mode = one

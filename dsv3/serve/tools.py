@@ -129,7 +129,11 @@ class ToolGrammar:
         if st[0] != "schema":
             return None
         split = self.schemas[st[1]].counted(st[2])
-        return None if split is None else (("schema", st[1], split[0]), split[1])
+        if split is None:
+            return None
+        base, room, live = split
+        wrap = None if live is None else lambda end, k: live(end[2], k)  # the schema's own state inside ours
+        return (None if base is None else ("schema", st[1], base)), room, wrap
 
     def in_string(self, st) -> bool:
         if st[0] == "schema":

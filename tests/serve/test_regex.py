@@ -7,6 +7,7 @@ import datetime
 import ipaddress
 import random
 import re
+import urllib.parse
 import uuid
 
 import pytest
@@ -75,7 +76,19 @@ def sample(p: Pattern, rng: random.Random, longest: int = 60) -> str:
     return "".join(out)
 
 
-CHECKS = {"date": datetime.date.fromisoformat, "time": datetime.time.fromisoformat,
+def uri(text: str) -> None:
+    """An absolute URI with a host: Python's split finds its parts, and pydantic's URL parser (Rust's url crate)
+    takes it where pydantic is installed."""
+    parts = urllib.parse.urlsplit(text)
+    assert parts.scheme and parts.hostname and text[len(parts.scheme):].startswith("://"), text
+    try:
+        import pydantic
+    except ImportError:
+        return
+    pydantic.TypeAdapter(pydantic.AnyUrl).validate_python(text)
+
+
+CHECKS = {"date": datetime.date.fromisoformat, "uri": uri, "time": datetime.time.fromisoformat,
           "date-time": datetime.datetime.fromisoformat, "uuid": uuid.UUID, "ipv4": ipaddress.IPv4Address,
           "email": lambda s: re.fullmatch(r"[^@\s]+@[^@\s]+\.[A-Za-z]{2,}", s) or 1 / 0}
 
@@ -100,6 +113,14 @@ def test_every_format_writes_what_pythons_parser_reads(fmt):
         assert Pattern(FORMATS["date"]).matches("2000-02-29") and Pattern(FORMATS["date"]).matches("2024-02-29")
     if fmt == "uuid":
         assert all(p.matches(str(uuid.UUID(int=rng.getrandbits(128)))) for _ in range(50))
+    if fmt == "uri":
+        for text in ["https://example.com", "http://127.0.0.1:8080/a/b?x=1&y=%20#top", "ftp://a-b.c.org/~x/",
+                     "https://x.io/p@q:r/!$&'()*+,;=?/?#/?"]:
+            assert p.matches(text), text
+            uri(text)
+        for bad in ["http://", "example.com", "http://a b", "http://1.2.3.4.5", "http://x.io:99999", "http://x/%zz",
+                    "http://xn--abc.com", "http://a.1"]:
+            assert not p.matches(bad), bad
     if fmt == "ipv4":
         assert all(p.matches(str(ipaddress.IPv4Address(rng.getrandbits(32)))) for _ in range(300))
         assert not p.matches("01.2.3.4") and not p.matches("256.1.1.1")

@@ -117,9 +117,9 @@ def test_masks_of_constrained_strings_are_the_tokens_that_continue_them():
 
 
 def test_sampled_answers_to_a_pydantic_model_with_formats_patterns_and_bounds_validate(engine):
-    """The demo model (random weights) samples answers to a pydantic model with datetime, date, UUID, a pattern,
-    lengths and number bounds, through the scheduler: every answer that ends is one pydantic itself accepts (its
-    own validators: Python's date parsing, Rust's regex)."""
+    """The demo model (random weights) samples answers to a pydantic model with datetime, date, UUID, a URL, a
+    pattern, lengths and number bounds, through the scheduler: every answer that ends is one pydantic itself
+    accepts (its own validators: Python's date parsing, Rust's regex and URL parser)."""
     import datetime as dt
     import uuid
 
@@ -135,14 +135,18 @@ def test_sampled_answers_to_a_pydantic_model_with_formats_patterns_and_bounds_va
         ref: uuid.UUID
         seats: int = pydantic.Field(ge=1, le=9)
         price: float = pydantic.Field(gt=0, lt=100)
+        site: pydantic.AnyUrl  # format uri, minLength 1
+        tag: str = pydantic.Field(pattern=r"^[a-z]+$", max_length=5)
 
-    g = compile_schema(Booking.model_json_schema())
+    schema = Booking.model_json_schema()
+    schema["properties"]["site"]["maxLength"] = 40  # as HttpUrl's 2083, shorter: the random model's URLs end
+    g = compile_schema(schema)
     tok = engine.tokenizer
     quick = {tok.token_id(t): 4.0 for t in ('"',)}  # strings end soon
     quick |= {i: -100.0 for i in range(tok.vocab_size) if (b := tok.token_bytes(i)) and not b.strip()}
     s = Scheduler(engine, max_batch=4, eos_ids=tuple(engine.cfg.eos_token_ids))
     prompt = tok.encode("A booking, as JSON:")
-    got = run_all(s, engine, [(str(i), prompt, Sampling(160, temperature=1.0, seed=i, logit_bias=quick, grammar=g))
+    got = run_all(s, engine, [(str(i), prompt, Sampling(300, temperature=1.0, seed=i, logit_bias=quick, grammar=g))
                               for i in range(8)])
     ended = 0
     for a in got.values():

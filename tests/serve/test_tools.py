@@ -63,7 +63,8 @@ def answer(calls: list[tuple[str, dict]], index, rng, prose: bytes = b"") -> lis
 
 
 #: get_weather declared strict: its arguments meet this schema (the other functions take any object)
-WEATHER = {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["C", "F"]},
+                                           "zip": {"type": "string", "pattern": "^[0-9]+$", "maxLength": 5}},
            "required": ["city"], "additionalProperties": False}
 
 
@@ -123,6 +124,8 @@ def test_what_is_not_a_call_is_refused(what, choice, parallel, toks):
 @pytest.mark.parametrize("args,ok", [
     ({"city": "Paris"}, True), ({"city": "a \\\"b\u00e9", "unit": "F"}, True), ({}, False), ({"city": 3}, False),
     ({"city": "Paris", "unit": "K"}, False), ({"unit": "C", "city": "Paris"}, False), ({"city": "x", "n": 1}, False),
+    ({"city": "Paris", "zip": "75001"}, True), ({"city": "Paris", "zip": "750011"}, False),
+    ({"city": "Paris", "zip": "7a"}, False), ({"city": "x" * 13}, False),
 ])
 def test_a_strict_functions_arguments_meet_its_schema(args, ok):
     """get_weather is strict; get is not, so the same arguments always pass there."""
@@ -153,7 +156,7 @@ def test_masks_are_the_tokens_that_continue_the_call(choice, parallel, strict):
     states = {g.start}
     for _ in range(10):
         calls = [("get", {"a": [1, "x"]}), ("sum_2", {})][:1 + parallel]
-        toks = answer(calls + [("get_weather", {"city": "Nice", "unit": "C"})] * strict, index, rng)
+        toks = answer(calls + [("get_weather", {"city": "Nice", "unit": "C", "zip": "06000"})] * strict, index, rng)
         st = g.start
         for t in toks:
             st = v.advance(g, st, t)
