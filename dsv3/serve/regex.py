@@ -414,6 +414,10 @@ _TIME = "([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,6})?(Z|[+-]([01][0-
 _OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 # a domain label: letters and digits, single hyphens inside (no "--": "xn--" would be read as punycode)
 _LABEL = "[A-Za-z0-9]+(-[A-Za-z0-9]+)*"
+# RFC 3339's duration (Appendix A), numbers of at most 5 digits (a timedelta holds them): "P1Y2M", "PT30M", "P2W"
+_N = "[0-9]{1,5}"
+_DUR_DATE = f"({_N}Y({_N}M({_N}D)?)?|{_N}M({_N}D)?|{_N}D)"
+_DUR_TIME = f"T({_N}H({_N}M({_N}S)?)?|{_N}M({_N}S)?|{_N}S)"
 _PCHAR = "([A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})"
 # a host by name (its last label starts with a letter: WHATWG URL parsers read a numeric last label as IPv4) or IPv4
 _HOST = f"(({_LABEL}\\.)*[A-Za-z][A-Za-z0-9]*(-[A-Za-z0-9]+)*|{_OCTET}(\\.{_OCTET}){{3}})"
@@ -428,6 +432,7 @@ FORMATS = {
     "uuid": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
     "ipv4": f"^{_OCTET}(\\.{_OCTET}){{3}}$",
     "email": f"^[A-Za-z0-9_%+-]+(\\.[A-Za-z0-9_%+-]+)*@({_LABEL}\\.)+[A-Za-z]{{2,}}$",
+    "duration": f"^P({_DUR_DATE}({_DUR_TIME})?|{_DUR_TIME}|{_N}W)$",
     "uri": f"^[A-Za-z][A-Za-z0-9+.-]*://{_HOST}(:[1-9][0-9]{{0,3}})?(/{_PCHAR}*)*(\\?({_PCHAR}|[/?])*)?"
            f"(#({_PCHAR}|[/?])*)?$",
 }

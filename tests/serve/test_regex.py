@@ -88,7 +88,17 @@ def uri(text: str) -> None:
     pydantic.TypeAdapter(pydantic.AnyUrl).validate_python(text)
 
 
-CHECKS = {"date": datetime.date.fromisoformat, "uri": uri, "time": datetime.time.fromisoformat,
+def duration(text: str) -> None:
+    """RFC 3339's duration: pydantic's timedelta parser takes it where pydantic is installed."""
+    assert text.startswith("P") and len(text) > 1, text
+    try:
+        import pydantic
+    except ImportError:
+        return
+    pydantic.TypeAdapter(datetime.timedelta).validate_python(text)
+
+
+CHECKS = {"date": datetime.date.fromisoformat, "uri": uri, "duration": duration, "time": datetime.time.fromisoformat,
           "date-time": datetime.datetime.fromisoformat, "uuid": uuid.UUID, "ipv4": ipaddress.IPv4Address,
           "email": lambda s: re.fullmatch(r"[^@\s]+@[^@\s]+\.[A-Za-z]{2,}", s) or 1 / 0}
 
@@ -113,6 +123,12 @@ def test_every_format_writes_what_pythons_parser_reads(fmt):
         assert Pattern(FORMATS["date"]).matches("2000-02-29") and Pattern(FORMATS["date"]).matches("2024-02-29")
     if fmt == "uuid":
         assert all(p.matches(str(uuid.UUID(int=rng.getrandbits(128)))) for _ in range(50))
+    if fmt == "duration":
+        for text in ["P1D", "PT1H", "P1Y2M3DT4H5M6S", "PT30M", "P2W", "P1M", "PT0S", "P1DT2H"]:
+            assert p.matches(text), text
+            duration(text)
+        for bad in ["P", "PT", "P1DT", "P1Y3D", "P1H", "PT1D", "P1W2D", "P1.5D", "1D"]:  # RFC 3339's grammar
+            assert not p.matches(bad), bad
     if fmt == "uri":
         for text in ["https://example.com", "http://127.0.0.1:8080/a/b?x=1&y=%20#top", "ftp://a-b.c.org/~x/",
                      "https://x.io/p@q:r/!$&'()*+,;=?/?#/?"]:
