@@ -12,11 +12,12 @@ Supported: `type` (one or a list), `properties`, `required`, `additionalProperti
 `#/...` (`$defs`, `definitions`; recursion included), the strings' `pattern`, `format` (regex.FORMATS: date, time,
 date-time, uuid, ipv4, email, uri, duration), `minLength` and `maxLength`, the numbers' `minimum`, `maximum`,
 `exclusiveMinimum` and `exclusiveMaximum` (numbers.py: a bounded number has no exponent and at most 15 digits),
-`oneOf` where no value can meet two alternatives (they differ in type, or in a required property's const/enum: a
-discriminated union), and the annotations `title`, `description`, `default`, `examples`, `$schema`, `$id`,
-`$comment`, `discriminator`. That covers what pydantic and the OpenAI SDK generate for models. Anything else
-(`multipleOf`, a `oneOf` whose alternatives overlap, a format not listed...) would be a promise the grammar cannot
-keep: `SchemaError` names it, and the server answers 400.
+`uniqueItems` over scalars without string or number constraints (an item's value checked where it ends; items of few
+values chosen among those left), `oneOf` where no value can meet two alternatives (they differ in type, or in a
+required property's const/enum: a discriminated union), and the annotations `title`, `description`, `default`,
+`examples`, `$schema`, `$id`, `$comment`, `discriminator`. That covers what pydantic and the OpenAI SDK generate for
+models. Anything else (`multipleOf`, a `oneOf` whose alternatives overlap, a format not listed...) would be a
+promise the grammar cannot keep: `SchemaError` names it, and the server answers 400.
 
 A string with constraints is read as characters: UTF-8 validated, escapes decoded (surrogates only as a pair of
 escapes, high then low: one character), the pattern's automaton stepped a character at a time, lengths counted in
@@ -41,7 +42,8 @@ ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema
                          "discriminator"))
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
                       "enum", "const", "anyOf", "allOf", "oneOf", "$ref", "$defs", "definitions", "pattern", "format",
-                      "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"))
+                      "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+                      "uniqueItems"))
 KEYWORDS |= ANNOTATIONS
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _FIRST = {"object": b"{", "array": b"[", "string": b'"', "number": b"-0123456789", "integer": b"-0123456789",
@@ -52,12 +54,17 @@ _WS = frozenset(b" \t\n\r")
 _ANY = ("[", "V", 0)
 _ESCAPED = {0x22: 0x22, 0x5C: 0x5C, 0x2F: 0x2F, 0x62: 0x08, 0x66: 0x0C, 0x6E: 0x0A, 0x72: 0x0D, 0x74: 0x09}
 _HEX = {c: int(chr(c), 16) for c in b"0123456789abcdefABCDEF"}
+_LITERAL = {0x74: True, 0x66: False, 0x6E: None}
 # the code points an n-byte UTF-8 sequence may hold (shorter forms are overlong)
 _UTF8 = {2: (0x80, 0x7FF), 3: (0x800, 0xFFFF), 4: (0x10000, 0x10FFFF)}
 
 
 class SchemaError(ValueError):
     """The schema uses what the grammar cannot enforce, or is not a schema."""
+
+
+class _Duplicate(Exception):
+    """An item of a uniqueItems array ended as a value written before."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,8 @@ class Node:
     required) in declared order (None: any keys); extra: props None, the node of every key's value (None: any
     value); items: the arrays' node (None: any values); enum: the JSON bytes of each allowed value (None: any of
     the types); alts: anyOf's nodes (the node is one of them: nothing else of it counts); text: its strings'
-    constraints (None: any string); bounds: its numbers' (None: any number)."""
+    constraints (None: any string); bounds: its numbers' (None: any number); unique: its arrays' items differ
+    (uniqueItems)."""
 
     kinds: frozenset
     props: tuple | None = None
@@ -96,6 +104,7 @@ class Node:
     alts: tuple | None = None
     text: Text | None = None
     bounds: Bounds | None = None
+    unique: bool = False
 
 
 def _kind_of(value) -> set[str]:
@@ -127,6 +136,7 @@ def compile_schema(schema) -> JsonSchema:
     nodes: list[Node] = []
     refs: dict[str, int] = {}
     one_of: list[tuple[int, str]] = []  # (its node, where)
+    uniques: list[tuple[int, int, int, str]] = []  # (the array's node, its items' node, minItems, where)
 
     def alias(targets: list, where: str, depth: int) -> int:
         at = len(nodes)
@@ -209,15 +219,23 @@ def compile_schema(schema) -> JsonSchema:
         lo, hi = s.get("minItems", 0), s.get("maxItems")
         if not isinstance(lo, int) or lo < 0 or (hi is not None and (not isinstance(hi, int) or hi < lo)):
             raise SchemaError(f"{where}: minItems/maxItems must be integers, 0 <= minItems <= maxItems")
+        unique = s.get("uniqueItems", False)
+        if not isinstance(unique, bool):
+            raise SchemaError(f"{where}.uniqueItems must be a boolean, got {unique!r}")
         if "items" in s:
             items = node(s["items"], f"{where}.items", depth + 1)
-        elif lo or hi is not None:  # counted: the array is written here, its values by json_mode
+        elif lo or hi is not None or unique:  # counted: the array is written here, its values by json_mode
             items = node(True, f"{where}.items", depth + 1)
-        nodes[at] = Node(frozenset(kinds), props, extra, items, lo, hi, enum, text=text, bounds=bounds)
+        if unique:
+            uniques.append((at, items, lo, f"{where}.uniqueItems"))
+        nodes[at] = Node(frozenset(kinds), props, extra, items, lo, hi, enum, text=text, bounds=bounds,
+                         unique=unique)
         return at
 
     node(schema, "schema", 0)
     _check_aliases(nodes)
+    for at, items, least, where in uniques:
+        _check_unique(nodes, items, least, where)
     for at, where in one_of:
         alts = nodes[at].alts
         for i in range(len(alts)):
@@ -227,6 +245,36 @@ def compile_schema(schema) -> JsonSchema:
                                       "forbids; it is enforced where alternatives differ in type or in a required "
                                       "property's const/enum (a discriminated union); use anyOf if either may do")
     return JsonSchema(tuple(nodes))
+
+
+def _literals(node: Node) -> tuple | None:
+    """The JSON bytes of every value a node of scalars takes where they are few (an enum, booleans, null); None
+    where they are endless (strings, numbers)."""
+    if node.enum is not None:
+        return node.enum
+    if node.kinds and node.kinds <= {"boolean", "null"}:
+        return tuple(b for k, b in (("boolean", b"true"), ("boolean", b"false"), ("null", b"null")) if k in node.kinds)
+    return None
+
+
+def _key(value):
+    """A JSON value as uniqueItems compares it: 1 is 1.0, true is not 1."""
+    return ("b", value) if isinstance(value, bool) else ("n", value) if isinstance(value, (int, float)) else \
+        ("s", value) if isinstance(value, str) else ("z", None)
+
+
+def _check_unique(nodes: list[Node], items: int, least: int, where: str) -> None:
+    """uniqueItems is held where the items are scalars with no string or number constraints: then an item in
+    progress can always become a value not yet written, or (few values) is chosen among those left."""
+    node = _resolve(nodes, items)
+    scalars = {"string", "number", "integer", "boolean", "null"}
+    if node.alts is not None or node.text is not None or node.bounds is not None or \
+            (node.enum is None and not (node.kinds and node.kinds <= scalars)):
+        raise SchemaError(f"{where}: unique items are enforced where the items are strings, numbers, booleans, null "
+                          "or an enum, with no pattern, format, lengths or bounds")
+    few = _literals(node)
+    if few is not None and len({_key(json.loads(b)) for b in few}) < least:
+        raise SchemaError(f"{where}: minItems {least} unique items, but the items take only {len(few)} values")
 
 
 def _resolve(nodes: list[Node], n: int) -> Node:
@@ -377,12 +425,13 @@ class JsonSchema:
 
     A state is a frozenset of deterministic states (frames, mode). Frames (innermost last) say where a finished
     value returns: ("o", node, next property) in an object with declared properties, ("m", node) in one with any
-    keys, ("a", node, items so far) in an array. Modes: ("v", node, ws) a value of node; ("e", alternatives'
+    keys, ("a", node, items so far) in an array (of a uniqueItems one: ("a", node, items so far, their values,
+    this item's bytes so far)). Modes: ("v", node, ws) a value of node; ("e", alternatives'
     remaining bytes) one of an enum; ("j", node, json state) a value json_mode's automaton writes; ("o", node,
     next, phase, ws) in an object's punctuation (phase "{" after the brace, "," after a comma, ">" after a value);
     ("k", node, [(remaining bytes, property)]) a key; (":", node, property, ws); ("m", node, phase, ws), ("mk",
-    node, json state) and (";", node, ws): the same for any keys; ("a", node, count, phase, ws) in an array's
-    punctuation; ("end", ws) done."""
+    node, json state) and (";", node, ws): the same for any keys; ("a", node, count, phase, values so far (a
+    uniqueItems array's, else None), ws) in an array's punctuation; ("end", ws) done."""
 
     nodes: tuple
 
@@ -403,8 +452,24 @@ class JsonSchema:
         return frozenset((((), ("v", 0, json_mode.MAX_WS)),))
 
     def step(self, st, c: int):
-        out = frozenset(s for one in st for s in self._step(one, c))
+        out = frozenset(s for one in st for s in self._unique_step(one, c))
         return out or None
+
+    def _unique_step(self, one, c: int) -> list:
+        """_step, with an item of a uniqueItems array recording its bytes in its frame ("a", node, count, values
+        so far, bytes so far): a duplicate refused where the item ends (_done raises _Duplicate)."""
+        frames, mode = one
+        if frames and len(frames[-1]) == 5:
+            f = frames[-1]
+            frames = frames[:-1] + ((*f[:4], f[4] + bytes((c,))),)
+        try:
+            out = self._step((frames, mode), c)
+        except _Duplicate:
+            return []
+        # an integer item "0" or "-0" where 0 is written: no digit may follow, so it could end no way
+        return [(fr, m) for fr, m in out if not (fr and len(fr[-1]) == 5 and fr[-1][4] in (b"0", b"-0") and
+                                                ("n", 0) in fr[-1][3] and m[0] == "j" and
+                                                "number" not in self.nodes[m[1]].kinds)]
 
     def special(self, st, token: int):
         return None
@@ -435,15 +500,29 @@ class JsonSchema:
             return frames[:-1], ("o", f[1], f[2], ">", 0)
         if f[0] == "m":
             return frames[:-1], ("m", f[1], ">", 0)
-        return frames[:-1], ("a", f[1], f[2] + 1, ">", 0)
+        if len(f) == 5:  # an item of unique ones: its bytes (a number's with the byte after it) hold its value
+            text = f[4].decode("utf-8", "replace")  # as the answer's text reads it (strings take any bytes)
+            try:
+                key = _key(json.loads(text))
+            except ValueError:
+                key = _key(json.loads(text[:-1]))
+            if key in f[3]:
+                raise _Duplicate
+            return frames[:-1], ("a", f[1], f[2] + 1, ">", f[3] | {key}, 0)
+        return frames[:-1], ("a", f[1], f[2] + 1, ">", None, 0)
 
     def _value(self, frames, n: int, c: int) -> list:
         """Byte c opens a value of node n."""
         node = self.nodes[n]
         if node.alts is not None:
             return [s for a in node.alts for s in self._value(frames, a, c)]
-        if node.enum is not None:
-            return self._enum(frames, tuple(e[1:] for e in node.enum if e[0] == c))
+        seen = frames[-1][3] if frames and len(frames[-1]) == 5 else None  # a unique item's values so far
+        few = node.enum if seen is None else _literals(node)
+        if few is not None:
+            return self._enum(frames, tuple(e[1:] for e in few if e[0] == c and (
+                seen is None or _key(json.loads(e)) not in seen)))
+        if seen is not None and c in _LITERAL and _key(_LITERAL[c]) in seen:
+            return []  # true/false/null written before: this one could only end as a duplicate
         kinds = node.kinds
         if kinds and not any(c in _FIRST[k] for k in kinds):
             return []
@@ -457,7 +536,7 @@ class JsonSchema:
             if len(frames) >= json_mode.MAX_DEPTH:
                 return []
             if c == 0x5B:
-                return [(frames, ("a", n, 0, "{", 0))]
+                return [(frames, ("a", n, 0, "{", frozenset() if node.unique else None, 0))]
             return [(frames, ("o", n, 0, "{", 0) if node.props is not None else ("m", n, "{", 0))]
         nxt = json_mode.step(_ANY, c)
         return [] if nxt is None else [self._json(frames, n, nxt)]
@@ -567,10 +646,14 @@ class JsonSchema:
                 return [self._done(frames)]
             if phase == ">":
                 full = node.max_items is not None and count >= node.max_items
-                return [(frames, ("a", n, count, ",", 0))] if c == 0x2C and not full else []
+                if node.unique:  # items of few values: a comma only while one is left
+                    few = _literals(_resolve(self.nodes, node.items))
+                    full = full or (few is not None and len({_key(json.loads(b)) for b in few}) <= len(mode[4]))
+                return [(frames, ("a", n, count, ",", mode[4], 0))] if c == 0x2C and not full else []
             if node.max_items == 0:
                 return []
-            return self._value(frames + (("a", n, count),), node.items, c)
+            frame = ("a", n, count, mode[4], bytes((c,))) if node.unique else ("a", n, count)
+            return self._value(frames + (frame,), node.items, c)
         return []  # "end": only whitespace
 
     # a string with constraints: ("t", node, pattern state (None: no pattern), characters begun (capped at the

@@ -192,3 +192,25 @@ def check_mask(v, g, st, what: str = "") -> None:
     want = {t for t in range(len(v.bytes)) if v.advance(g, st, t) is not None}
     got = set(v.allowed(g, st).nonzero().flatten().tolist())
     assert got == want, f"{what} at {st}: extra {sorted(got - want)[:5]}, missing {sorted(want - got)[:5]}"
+
+
+def walk_at_random(g, rng, valid, bytes_: bytes, walks: int, steps: int, likely: bytes = b"", stay: float = 0.0) -> int:
+    """Random byte walks over what grammar g allows (each step one of `bytes_` it takes, one of `likely` 80% of the
+    time where any is allowed): wherever a walk stands some byte goes on or the value is whole, and each walk that
+    ends (where whole: at once, or with probability 1 - stay while bytes could go on) gives text `valid` accepts.
+    Returns how many ended."""
+    ended = 0
+    for _ in range(walks):
+        st, out = g.start, bytearray()
+        for _ in range(steps):
+            nxt = [(c, q) for c in bytes_ if (q := g.step(st, c)) is not None]
+            assert nxt or g.ends(st), f"stuck after {bytes(out)!r}"
+            if g.ends(st) and (not nxt or rng.random() >= stay):
+                ended += 1
+                assert valid(out.decode()), bytes(out)
+                break
+            near = [x for x in nxt if x[0] in likely]
+            c, st = rng.choice(near if near and rng.random() < 0.8 else nxt)
+            out.append(c)
+    return ended
+

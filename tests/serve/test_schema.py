@@ -78,7 +78,7 @@ def schema_of(rng: random.Random, depth: int = 0) -> dict:
     return {"type": rng.choice(SCALARS), "title": "t"}
 
 
-#: strings and numbers with constraints, each with values it takes ("examples": instance_of picks one)
+#: strings, numbers and arrays with constraints, each with values it takes ("examples": instance_of picks one)
 STRINGS = [
     {"type": "string", "maxLength": 3, "examples": ["", "ab", "é\n\"", "\U0001f600xy"]},
     {"type": "string", "minLength": 2, "examples": ["ab", "日本語", "a\\b\tc"]},
@@ -95,6 +95,8 @@ STRINGS = [
     {"type": "integer", "minimum": -5, "maximum": 120, "examples": [0, -5, 120, 42]},
     {"type": "number", "exclusiveMinimum": 0, "maximum": 1.5, "examples": [0.001, 1.5, 1, 0.75]},
     {"type": ["number", "null"], "minimum": 2.25, "examples": [2.25, 3, None, 1000.5]},
+    {"type": "array", "items": {"type": "string"}, "uniqueItems": True, "examples": [[], ["a", "b"], ["é", "e"]]},
+    {"type": "array", "items": {"enum": ["x", 1, False]}, "uniqueItems": True, "examples": [["x", 1, False], [1]]},
 ]
 
 
@@ -264,8 +266,9 @@ def test_what_the_grammar_does_not_write_is_refused(s, text):
     ({"oneOf": [{"type": "object", "properties": {"k": {"const": "a"}}, "required": ["k"]},
                 {"type": "object", "properties": {"k": {"const": "b"}}}]}, "may both"),  # b's tag not required
     ({"oneOf": [{"type": "object", "properties": {"k": {"const": 1}}, "required": ["k"]},
-                {"type": "object", "properties": {"k": {"const": True}}, "required": ["k"]}, {"type": "object",
-                 "properties": {"k": {"const": 1.0}}, "required": ["k"]}]}, "alternatives 0 and 2"), ({"allOf": [{"type": "string"}, {"minLength": 1}]}, "allOf"),
+                {"type": "object", "properties": {"k": {"const": True}}, "required": ["k"]},
+                {"type": "object", "properties": {"k": {"const": 1.0}}, "required": ["k"]}]}, "alternatives 0 and 2"),
+    ({"allOf": [{"type": "string"}, {"minLength": 1}]}, "allOf"),
     ({"$ref": "https://example.com/s.json"}, "inside the schema"), ({"$ref": "#/$defs/none"}, "names nothing"),
     ({"$ref": "#"}, "cycle"), ({"anyOf": [{"type": "string"}], "type": "string"}, "beside"),
     ({"type": "boolean", "enum": ["a", 1]}, "no enum"),

@@ -8,7 +8,7 @@ import json
 import random
 
 import pytest
-from conftest import check_mask, walk
+from conftest import check_mask, walk, walk_at_random
 
 from dsv3.serve.masks import Vocab
 from dsv3.serve.schema import SchemaError, compile_schema
@@ -63,18 +63,7 @@ def test_no_number_it_lets_begin_is_a_dead_end(s):
     byte goes on or the array may end, and the arrays that end validate."""
     rng, g = random.Random(1), compile_schema({"type": "array", "items": s, "maxItems": 3})
     check = jsonschema.Draft202012Validator({"type": "array", "items": s, "maxItems": 3})
-    ended = 0
-    for _ in range(200):
-        st, out = g.start, bytearray()
-        for _ in range(80):
-            nxt = [(c, q) for c in b"[]-0123456789., n" + b"ul" if (q := g.step(st, c)) is not None]
-            assert nxt or g.ends(st), f"stuck after {bytes(out)!r}"
-            if g.ends(st):
-                ended += 1
-                assert check.is_valid(json.loads(out.decode())), bytes(out)
-                break
-            c, st = rng.choice(nxt)
-            out.append(c)
+    ended = walk_at_random(g, rng, lambda t: check.is_valid(json.loads(t)), b"[]-0123456789., nul", 200, 80)
     assert ended > 50
 
 

@@ -9,7 +9,7 @@ import random
 import re
 
 import pytest
-from conftest import check_mask, run_all, walk
+from conftest import check_mask, run_all, walk, walk_at_random
 
 from dsv3.serve.masks import Vocab
 from dsv3.serve.schema import compile_schema
@@ -71,19 +71,8 @@ def test_no_string_it_lets_begin_is_a_dead_end(s):
     byte continues it or the value is whole, and every walk that ends gives a string jsonschema accepts."""
     rng, g = random.Random(1), compile_schema(s)
     check = jsonschema.Draft202012Validator(s)
-    ended = 0
-    for _ in range(150):
-        st, out = g.start, bytearray()
-        for _ in range(60):
-            nxt = [(c, q) for c in range(256) if (q := g.step(st, c)) is not None]
-            assert nxt or g.ends(st), f"stuck after {bytes(out)!r}"
-            if g.ends(st) and (not nxt or rng.random() < 0.2):
-                ended += 1
-                assert check.is_valid(json.loads(out.decode())), bytes(out)
-                break
-            likely = [x for x in nxt if x[0] in b'abcx01 "\\u\xc3\xa9\xf0\x9f\x98\x80de']  # the text, mostly
-            c, st = rng.choice(likely if likely and rng.random() < 0.8 else nxt)
-            out.append(c)
+    ended = walk_at_random(g, rng, lambda t: check.is_valid(json.loads(t)), bytes(range(256)), 150, 60,
+                           likely=b'abcx01 "\\u\xc3\xa9\xf0\x9f\x98\x80de', stay=0.8)  # the text, mostly
     assert ended > 20
 
 
@@ -137,6 +126,7 @@ def test_sampled_answers_to_a_pydantic_model_with_formats_patterns_and_bounds_va
         price: float = pydantic.Field(gt=0, lt=100)
         site: pydantic.AnyUrl  # format uri, minLength 1
         tag: str = pydantic.Field(pattern=r"^[a-z]+$", max_length=5)
+        labels: set[str] = pydantic.Field(max_length=3)  # uniqueItems
 
     schema = Booking.model_json_schema()
     schema["properties"]["site"]["maxLength"] = 40  # as HttpUrl's 2083, shorter: the random model's URLs end
