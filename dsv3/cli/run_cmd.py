@@ -88,7 +88,7 @@ def printable(text: str, keep: str = "\n\t") -> str:
 @click.option("--json-schema", "json_schema", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Answer with JSON that this schema (a .json file) accepts, as the server's response_format "
                    "json_schema: type, properties, required, items, min/maxItems, enum/const, anyOf, $ref, and "
-                   "strings' pattern, format (date, time, date-time, uuid, ipv4, email, uri, duration), "
+                   "strings' pattern, format (date, time, date-time, uuid, ipv4, ipv6, email, uri, duration), "
                    "min/maxLength, numbers' minimum/maximum (exclusive too), uniqueItems of scalars. Implies --json.")
 @click.pass_context
 def run(ctx, ckpt: Path, backend, dtype, device, cpu_weights, prompt, input_file, interactive, max_new_tokens, temperature,

@@ -412,6 +412,11 @@ _DATE = (f"({_YEAR}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])|{_YEAR}-(0[13-9]|1[0-
          f"|{_YEAR}-(0[13578]|1[02])-31|{_LEAP}-02-29)")
 _TIME = "([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
 _OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+# RFC 4291's text forms of an IPv6 address, "::" in each place it may stand (no embedded IPv4, no zone)
+_H = "[0-9a-fA-F]{1,4}"
+_IPV6 = "|".join([f"({_H}:){{7}}{_H}", f"({_H}:){{1,7}}:", f"({_H}:){{1,6}}:{_H}"]
+                 + [f"({_H}:){{1,{k}}}(:{_H}){{1,{7 - k}}}" for k in range(5, 1, -1)]
+                 + [f"{_H}:(:{_H}){{1,6}}", f":((:{_H}){{1,7}}|:)"])
 # a domain label: letters and digits, single hyphens inside (no "--": "xn--" would be read as punycode)
 _LABEL = "[A-Za-z0-9]+(-[A-Za-z0-9]+)*"
 # RFC 3339's duration (Appendix A), numbers of at most 5 digits (a timedelta holds them): "P1Y2M", "PT30M", "P2W"
@@ -431,6 +436,7 @@ FORMATS = {
     "date-time": f"^{_DATE}T{_TIME}$",
     "uuid": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
     "ipv4": f"^{_OCTET}(\\.{_OCTET}){{3}}$",
+    "ipv6": f"^({_IPV6})$",
     "email": f"^[A-Za-z0-9_%+-]+(\\.[A-Za-z0-9_%+-]+)*@({_LABEL}\\.)+[A-Za-z]{{2,}}$",
     "duration": f"^P({_DUR_DATE}({_DUR_TIME})?|{_DUR_TIME}|{_N}W)$",
     "uri": f"^[A-Za-z][A-Za-z0-9+.-]*://{_HOST}(:[1-9][0-9]{{0,3}})?(/{_PCHAR}*)*(\\?({_PCHAR}|[/?])*)?"

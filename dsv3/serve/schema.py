@@ -10,7 +10,7 @@ false), an array without `items` any values, and a schema with no `type` any JSO
 Supported: `type` (one or a list), `properties`, `required`, `additionalProperties`, `items`, `minItems`,
 `maxItems`, `enum` and `const` of strings, numbers, booleans and null, `anyOf`, `allOf` of one schema, `$ref` to
 `#/...` (`$defs`, `definitions`; recursion included), the strings' `pattern`, `format` (regex.FORMATS: date, time,
-date-time, uuid, ipv4, email, uri, duration), `minLength` and `maxLength`, the numbers' `minimum`, `maximum`,
+date-time, uuid, ipv4, ipv6, email, uri, duration), `minLength` and `maxLength`, the numbers' `minimum`, `maximum`,
 `exclusiveMinimum` and `exclusiveMaximum` (numbers.py: a bounded number has no exponent and at most 15 digits),
 `uniqueItems` over scalars without string or number constraints (an item's value checked where it ends; items of few
 values chosen among those left), `oneOf` where no value can meet two alternatives (they differ in type, or in a

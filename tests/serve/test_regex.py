@@ -100,6 +100,7 @@ def duration(text: str) -> None:
 
 CHECKS = {"date": datetime.date.fromisoformat, "uri": uri, "duration": duration, "time": datetime.time.fromisoformat,
           "date-time": datetime.datetime.fromisoformat, "uuid": uuid.UUID, "ipv4": ipaddress.IPv4Address,
+          "ipv6": lambda s: ipaddress.IPv6Address(s) if "%" not in s else 1 / 0,
           "email": lambda s: re.fullmatch(r"[^@\s]+@[^@\s]+\.[A-Za-z]{2,}", s) or 1 / 0}
 
 
@@ -136,6 +137,12 @@ def test_every_format_writes_what_pythons_parser_reads(fmt):
             uri(text)
         for bad in ["http://", "example.com", "http://a b", "http://1.2.3.4.5", "http://x.io:99999", "http://x/%zz",
                     "http://xn--abc.com", "http://a.1"]:
+            assert not p.matches(bad), bad
+    if fmt == "ipv6":
+        for a in [ipaddress.IPv6Address(rng.getrandbits(128) >> rng.choice([0, 64, 100, 128])) for _ in range(300)]:
+            for text in (a.exploded, a.compressed):
+                assert "." in text or p.matches(text), text
+        for bad in ["1:2:3:4:5:6:7:8:9", "12345::", "1::2::3", ":1", "1:::2", "::1%eth0", "g::1"]:
             assert not p.matches(bad), bad
     if fmt == "ipv4":
         assert all(p.matches(str(ipaddress.IPv4Address(rng.getrandbits(32)))) for _ in range(300))
