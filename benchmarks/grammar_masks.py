@@ -156,7 +156,7 @@ def main() -> None:
         for st in states:  # once, so the trie's own one-time tables are not in the figures
             vocab.allowed(grammar, st)
         vocab.allowed.cache_clear()
-        vocab._plain_from.cache_clear()
+        vocab._plain_ends.cache_clear()
         cold, cached, steps = [], [], []
         for st, t in zip(states, toks):
             t0 = time.perf_counter()
@@ -179,7 +179,7 @@ def main() -> None:
         finally:
             masks._WHOLE = whole_at
             vocab.allowed.cache_clear()
-            vocab._plain_from.cache_clear()
+            vocab._plain_ends.cache_clear()
         distinct = len(set(states))
         sample = sorted(range(len(states)), key=lambda i: cold[i])[-scans:]  # the walks that cost most
         scan, walk = [], []

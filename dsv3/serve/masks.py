@@ -7,8 +7,7 @@ backslash or control byte leaves the state as it is); optionally `counted(state)
 bounded, (the state with the count left out, or None between characters of a string without a pattern: then every
 token of plain string bytes that is well-formed UTF-8 goes on; the characters still allowed, or None; None, or
 `live(end, k)`: whether a token that leaves the count-free walk at state `end` having begun k characters keeps the
-string able to end), else None.
-States are hashable; a grammar is hashable too.
+string able to end), else None. States are hashable; a grammar is hashable too.
 
 A mask is computed by walking the vocabulary as a trie (the tokens sorted by their bytes: a prefix that breaks
 the grammar rules out every token that starts with it), so a state costs its viable prefixes, not the vocabulary;
@@ -161,13 +160,15 @@ class Vocab:
             mask = self.text.clone()
         elif split is not None:
             base, room, live = split
-            if live is not None:  # a pattern and lengths: each token by the state it ends in and its length
+            if base is None:
+                mask = self.utf8.clone()
+            else:  # the plain tokens from the count-free state (with a pattern: by where each ends, and its length)
                 mask = torch.zeros(self.vocab, dtype=torch.bool)
                 for end, toks, chars in self._plain_ends(grammar, base):
-                    fit = [k for k in chars.unique().tolist() if live(end, k)]
-                    mask[toks[torch.isin(chars, torch.tensor(fit, dtype=chars.dtype))]] = True
-            else:
-                mask = (self.utf8 if base is None else self._plain_from(grammar, base)).clone()
+                    if live is not None:
+                        fit = [k for k in chars.unique().tolist() if live(end, k)]
+                        toks = toks[torch.isin(chars, torch.tensor(fit, dtype=chars.dtype))]
+                    mask[toks] = True
             if room is not None:
                 mask &= self.chars <= room
             self.others.walk(grammar.step, st, ids)
@@ -194,12 +195,3 @@ class Vocab:
         for t, end in zip(ids, ends):
             groups.setdefault(end, []).append(t)
         return [(end, torch.tensor(toks), self.chars[toks]) for end, toks in groups.items()]
-
-    @functools.lru_cache(maxsize=64)
-    def _plain_from(self, grammar, st) -> torch.Tensor:
-        """[V] bool on the host: the tokens of plain string bytes that continue st."""
-        ids: list[int] = []
-        self.plains.walk(grammar.step, st, ids)
-        mask = torch.zeros(self.vocab, dtype=torch.bool)
-        mask[ids] = True
-        return mask

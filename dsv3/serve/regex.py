@@ -184,7 +184,7 @@ class _Parser:
                 if close < 0:
                     self.fail("a group name without its '>'")
                 self.i = close + 1
-            elif c == "(" and self.peek() == "?":
+            elif self.peek() == "?":
                 self.fail("lookaround, flags and other (?...) groups are not followed")
             tree = self.alt()
             if self.peek() != ")":
@@ -283,7 +283,6 @@ class Pattern:
         for start, tree, end in _Parser(source).top():
             any_run = ("rep", ("c", ANY), 0, None)
             branches.append(("seq", ([] if start else [any_run]) + [tree] + ([] if end else [any_run])))
-        self.final = -1
         s, self.final = self._build(("alt", branches))
         self.start = self._closure((s,))
         cuts = {0, MAX_CP + 1}

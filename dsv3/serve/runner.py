@@ -21,9 +21,10 @@ class StepRunner:
 
     The steps of a decode round (one token per row; with drafting, the verify step and the MTP module's) run as
     static steps, one per (kind, batch bucket, q), captured where the backend can (a graph on cuda/rocm, a recorded
-    step on the cpu; with graphs off, the same steps eagerly) and replayed: slots, positions and tokens are staged into the step's buffers, the span is the
-    whole cache (attention reads each row's own length), and a bucket's padding rows write to a scratch slot, the
-    cache's last, which no request owns. Prefill chunks run eagerly (their q varies)."""
+    step on the cpu; with graphs off, the same steps eagerly) and replayed: slots, positions and tokens are staged
+    into the step's buffers, the span is the whole cache (attention reads each row's own length), and a bucket's
+    padding rows write to a scratch slot, the cache's last, which no request owns. Prefill chunks run eagerly (their
+    q varies)."""
 
     def __init__(self, model: Transformer, cache: LatentCache, graphs: bool = True):
         self.model, self.cache, self.par = model, cache, model.par

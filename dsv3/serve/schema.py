@@ -257,6 +257,16 @@ def _literals(node: Node) -> tuple | None:
     return None
 
 
+def _distinct(few: tuple | None) -> int | None:
+    """How many values JSON bytes `few` hold as uniqueItems tells them apart (None: endless)."""
+    return None if few is None else len({_key(json.loads(b)) for b in few})
+
+
+def _utf8_range(v: int, left: int, size: int) -> tuple[int, int]:
+    """The code points a UTF-8 sequence of `size` bytes may still hold: v its bits so far, `left` bytes to come."""
+    return max(v << 6 * left, _UTF8[size][0]), min(((v + 1) << 6 * left) - 1, _UTF8[size][1])
+
+
 def _key(value):
     """A JSON value as uniqueItems compares it: 1 is 1.0, true is not 1."""
     return ("b", value) if isinstance(value, bool) else ("n", value) if isinstance(value, (int, float)) else \
@@ -272,9 +282,9 @@ def _check_unique(nodes: list[Node], items: int, least: int, where: str) -> None
             (node.enum is None and not (node.kinds and node.kinds <= scalars)):
         raise SchemaError(f"{where}: unique items are enforced where the items are strings, numbers, booleans, null "
                           "or an enum, with no pattern, format, lengths or bounds")
-    few = _literals(node)
-    if few is not None and len({_key(json.loads(b)) for b in few}) < least:
-        raise SchemaError(f"{where}: minItems {least} unique items, but the items take only {len(few)} values")
+    values = _distinct(_literals(node))
+    if values is not None and values < least:
+        raise SchemaError(f"{where}: minItems {least} unique items, but the items take only {values} values")
 
 
 def _resolve(nodes: list[Node], n: int) -> Node:
@@ -459,7 +469,10 @@ class JsonSchema:
         """_step, with an item of a uniqueItems array recording its bytes in its frame ("a", node, count, values
         so far, bytes so far): a duplicate refused where the item ends (_done raises _Duplicate)."""
         frames, mode = one
-        if frames and len(frames[-1]) == 5:
+        item = frames and len(frames[-1]) == 5
+        if not item and mode[0] != "a":  # neither in nor opening a unique item: _step alone
+            return self._step(one, c)
+        if item:
             f = frames[-1]
             frames = frames[:-1] + ((*f[:4], f[4] + bytes((c,))),)
         try:
@@ -647,8 +660,8 @@ class JsonSchema:
             if phase == ">":
                 full = node.max_items is not None and count >= node.max_items
                 if node.unique:  # items of few values: a comma only while one is left
-                    few = _literals(_resolve(self.nodes, node.items))
-                    full = full or (few is not None and len({_key(json.loads(b)) for b in few}) <= len(mode[4]))
+                    values = _distinct(_literals(_resolve(self.nodes, node.items)))
+                    full = full or (values is not None and values <= len(mode[4]))
                 return [(frames, ("a", n, count, ",", mode[4], 0))] if c == 0x2C and not full else []
             if node.max_items == 0:
                 return []
@@ -722,7 +735,7 @@ class JsonSchema:
 
     def _utf8(self, frames, n: int, r, count: int, v: int, left: int, size: int) -> list:
         """v: the bits of a UTF-8 sequence of `size` bytes so far, `left` bytes to come."""
-        lo, hi = max(v << 6 * left, _UTF8[size][0]), min(((v + 1) << 6 * left) - 1, _UTF8[size][1])
+        lo, hi = _utf8_range(v, left, size)
         if lo > hi or (0xD800 <= lo and hi <= 0xDFFF):
             return []
         if left == 0:
@@ -784,9 +797,7 @@ class JsonSchema:
             c = min(count + k, t.cap)
             if not left:
                 return _alive(t, q, c, self._memo)
-            v, more, size = left[1:]
-            lo, hi = max(v << 6 * more, _UTF8[size][0]), min(((v + 1) << 6 * more) - 1, _UTF8[size][1])
-            return self._viable(t, q, c, lo, hi)
+            return self._viable(t, q, c, *_utf8_range(*left[1:]))
 
         return base, room, live
 
