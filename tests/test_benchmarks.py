@@ -154,6 +154,19 @@ def test_cpu_kernel_benchmark_smoke(script, rows):
     assert all(row in r.stdout for row in rows) and "nan" not in r.stdout.lower(), r.stdout
 
 
+def test_cpu_batch_decode_benchmark_smoke():
+    """benchmarks/cpu_batch_decode.py on the demo model: tiles against the C kernel per batch where the CPU has AMX,
+    else one line saying there is nothing to compare."""
+    from dsv3.backends.cpu import native
+
+    lib = native.load()
+    r = subprocess.run([sys.executable, "benchmarks/cpu_batch_decode.py", "--smoke"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = ["| DEMO | 1 |", "| DEMO | 8 |", "x** |"] if lib is not None and lib.amx else ["without AMX tiles"]
+    assert all(row in r.stdout for row in want) and "nan" not in r.stdout.lower(), r.stdout
+
+
 def test_gpu_session_script_is_ready():
     """The one script a GPU session runs: valid bash, and every benchmark it calls exists and takes its flags."""
     import re

@@ -562,16 +562,16 @@ def test_recorded_decode_step_gives_the_eager_tokens(tiny_ckpts, weights):
 @pytest.mark.parametrize("batch", [6, 12])
 def test_wide_decode_steps_are_recorded(tiny_ckpts, batch, isa, monkeypatch):
     """v3ish (every dim a multiple of 32), bf16, FP8 weights: on AMX a decode step of 6 prompts (bucket 8) runs its
-    linears and MLPs on AMX tiles, one of 12 (bucket 16: 32 routes over 8 experts) its routed experts too; without
-    AMX, the C kernels and torch's GEMMs. Either way nothing is read back on the host, so the step is recorded and
-    replayed, and the replay gives the unrecorded static step's tokens."""
+    linears and MLPs on AMX tiles (linear_amx, mlp_amx), one of 12 (bucket 16: 32 routes over 8 experts) its routed
+    experts too (moe_amx); without AMX, the C kernels. Either way nothing is read back on the host, so the step is
+    recorded and replayed, and the replay gives the unrecorded static step's tokens."""
     if NATIVE is None or isa not in native_lib.supported_isas():
         pytest.skip(f"this CPU lacks {isa}")
     monkeypatch.setenv("DSV3_CPU_ISA", isa)
     engine = dsv3.load(tiny_ckpts["v3ish"], backend="cpu", dtype="bf16", cpu_weights="fp8")
     native = engine.model.kernels.native
     assert native.isa == isa
-    calls = {"grouped_amx": 0, "moe_amx": 0}
+    calls = {"linear_amx": 0, "mlp_amx": 0, "grouped_amx": 0, "moe_amx": 0}
     for name in calls:
         real = getattr(native, name)
         setattr(native, name, lambda *a, _real=real, _name=name, **kw: calls.__setitem__(_name, calls[_name] + 1)
@@ -584,9 +584,10 @@ def test_wide_decode_steps_are_recorded(tiny_ckpts, batch, isa, monkeypatch):
     assert engine.last_stats.extra["decode_step"] == "static"
     steps = {name: calls[name] - 2 * prompt[name] for name in calls}
     if isa == "amx":
-        assert steps["grouped_amx"] > 0 and (steps["moe_amx"] > 0) == (batch > 8), steps
+        assert steps["linear_amx"] > 0 and steps["mlp_amx"] > 0 and steps["grouped_amx"] == 0, steps
+        assert (steps["moe_amx"] > 0) == (batch > 8), steps
     else:
-        assert steps == {"grouped_amx": 0, "moe_amx": 0}, steps
+        assert not any(steps.values()), steps
     engine.cuda_graphs = True
     assert engine.generate(prompts, max_new_tokens=12) == static, f"{batch} prompts"
     assert engine.last_stats.extra["decode_step"] == "graph"
@@ -724,6 +725,76 @@ def test_moe_amx(weights, T, k, E, first, D, I):
                 gate, up = rb(v1[e] @ xt), rb(v3[e] @ xt)
                 ref[t] += float(alpha[t, j]) * rb(rb(rb(gate * torch.sigmoid(gate)) * up) @ v2[e].T)
     check(got, ref, 8 * BF16, f"moe_amx {weights} T={T} k={k} E={E} first={first} D={D} I={I}")
+
+
+@AMX
+@pytest.mark.parametrize("weights", WEIGHTS)
+# N past a whole 16-row strip (17, 129: a partial strip, clamped rows dropped), K blocks of 32-128 (96, 160, 1056:
+# FP8 scale blocks cut short), 1 and 16 rows (the tiles' extremes)
+@pytest.mark.parametrize("M,N,K", [(1, 16, 32), (2, 17, 96), (4, 129, 160), (16, 200, 1056), (3, 48, 320)])
+def test_linear_amx(weights, M, N, K):
+    """A decode linear on AMX tiles has the C kernel's arithmetic (exact products, fp32 sums per FP8 block, one
+    rounding): within half a bf16 ulp of float64, residual or not."""
+    lib = native_lib.load("amx")
+    g = torch.Generator().manual_seed(M * N + K)
+    x, r = bf16(M, K, g=g), bf16(M, N, g=g)
+    if weights == "bf16":
+        w, s = bf16(N, K, g=g), None
+        value = w.double()
+    else:
+        w, s, value = fp8_weight((N, K), weights, g)
+    ref = x.double() @ value.T
+    got = lib.linear_amx(x, w, s)
+    assert got is not None and got.shape == (M, N) and got.dtype == torch.bfloat16
+    err = ((got.double() - ref).abs() / (ref.abs() + 1e-3 * ref.abs().max())).max().item()
+    assert err <= BF16, f"linear_amx {weights} {M}x{N}x{K}: max relative err {err:.3e}"
+    check(lib.linear_amx(x, w, s, residual=r), ref + r.double(), 2 * BF16, f"linear_amx + residual {M}x{N}x{K}")
+
+
+@AMX
+@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("M,D,I", [(1, 32, 32), (5, 96, 160), (16, 64, 1056)])
+def test_mlp_amx(weights, M, D, I):
+    """A dense SwiGLU MLP on AMX tiles against float64 with its one inner rounding (silu(gate) * up to bf16, as the C
+    kernel's): hidden widths past an FP8 scale block, 1-16 rows, residual or not."""
+    lib = native_lib.load("amx")
+    g = torch.Generator().manual_seed(M + D + I)
+    w1, w3, w2, s1, s3, s2, v1, v3, v2 = experts(1, I, D, g, weights)
+    w1, w3, w2, v1, v3, v2 = w1[0], w3[0], w2[0], v1[0], v3[0], v2[0]
+    s1, s3, s2 = (None if t is None else t[0] for t in (s1, s3, s2))
+    x, r = bf16(M, D, g=g), bf16(M, D, g=g)
+    gate, up = x.double() @ v1.T, x.double() @ v3.T
+    ref = (gate * torch.sigmoid(gate) * up).bfloat16().double() @ v2.T
+    got = lib.mlp_amx(x, w1, w3, w2, s1, s3, s2)
+    assert got is not None and got.shape == (M, D) and got.dtype == torch.bfloat16
+    check(got, ref, 4 * BF16, f"mlp_amx {weights} M={M} D={D} I={I}")
+    check(lib.mlp_amx(x, w1, w3, w2, s1, s3, s2, residual=r), ref + r.double(), 4 * BF16, "mlp_amx + residual")
+
+
+@AMX
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_amx_rows_do_not_depend_on_their_company(weights):
+    """Row 0 of a tile product gives the same bits alone and among 2-16 rows (each C element sums its K slices in the
+    hardware's own order), so a decode step of a few rows gives each prompt what it gets in any other batch on tiles;
+    and shapes the tiles cannot take (K or a hidden width not a multiple of 32, more than 16 rows) are refused."""
+    lib = native_lib.load("amx")
+    g = torch.Generator().manual_seed(16)
+    N, K, I = 70, 160, 96
+    x = bf16(16, K, g=g)
+    if weights == "bf16":
+        w, s = bf16(N, K, g=g), None
+    else:
+        w, s, _ = fp8_weight((N, K), weights, g)
+    w1, w3, w2, s1, s3, s2, *_ = experts(1, I, K, g, weights)
+    mlp = (w1[0], w3[0], w2[0], *(None if t is None else t[0] for t in (s1, s3, s2)))
+    alone = lib.linear_amx(x[:1], w, s), lib.mlp_amx(x[:1], *mlp)
+    for M in range(2, 17):
+        among = lib.linear_amx(x[:M], w, s)[:1], lib.mlp_amx(x[:M], *mlp)[:1]
+        for what, a, b in zip(("linear", "mlp"), alone, among):
+            assert torch.equal(a, b), f"{what}: row 0 among {M} rows differs from row 0 alone by {(a - b).abs().max()}"
+    assert lib.linear_amx(bf16(17, K, g=g), w, s) is None
+    assert lib.linear_amx(x[:2, :100].contiguous(), w[:, :100].contiguous(), None) is None
+    assert lib.mlp_amx(x[:2], w1[0, :40].contiguous(), w3[0, :40].contiguous(), w2[0, :, :40].contiguous()) is None
 
 
 @pytest.mark.parametrize("T,k,D", [(1, 1, 16), (7, 3, 100), (40, 8, 33)])

@@ -146,6 +146,8 @@ class Native:
         lib.dsv3_grouped_amx.restype = i32
         lib.dsv3_moe_amx.argtypes = [p, i64, i64, p, p, i64, i64, p, p, p, p, p, p, f32, i64, i64, p, i32]
         lib.dsv3_moe_amx.restype = i32
+        lib.dsv3_linear_amx.argtypes, lib.dsv3_linear_amx.restype = [p, i64, i64, p, p, f32, i64, p, p, i32], i32
+        lib.dsv3_mlp_amx.argtypes, lib.dsv3_mlp_amx.restype = [p, i64, p, p, p, p, p, p, f32, i64, i64, p, p, i32], i32
         lib.dsv3_isa.argtypes, lib.dsv3_isa.restype = [], ctypes.c_char_p
         #: the instruction set of this build: "amx" (AVX-512 + AMX tiles), "avx512bf16", "avx512", "avx2" or "generic"
         self.isa = lib.dsv3_isa().decode()
@@ -169,6 +171,35 @@ class Native:
         self.lib.dsv3_linear(x.data_ptr(), M, K, *self._w(weight, scale), N,
                              None if residual is None else residual.data_ptr(), y.data_ptr(), torch.get_num_threads())
         return y
+
+    def linear_amx(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+                   residual: torch.Tensor | None = None) -> torch.Tensor | None:
+        """linear's arithmetic (exact products, fp32 sums per FP8 block, one rounding) with the products on AMX tiles,
+        for 1-16 rows: a tile product costs the same for any of them, where a pair dot product's cost grows with the
+        rows (csrc/amx.c). None where the build or the OS gives no AMX, or K is not a multiple of 32."""
+        M, K = x.shape
+        N = weight.shape[0]
+        y = torch.empty(M, N, dtype=torch.bfloat16)
+        rc = self.lib.dsv3_linear_amx(x.data_ptr(), M, K, *self._w(weight, scale), N,
+                                      None if residual is None else residual.data_ptr(), y.data_ptr(),
+                                      torch.get_num_threads())
+        return y if rc == 0 else None
+
+    def mlp_amx(self, x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                s1: torch.Tensor | None = None, s3: torch.Tensor | None = None, s2: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor | None:
+        """moe's arithmetic for a dense MLP (w1/w3 [I, D], w2 [D, I]) of 1-16 rows x [M, D], with the products on AMX
+        tiles (linear_amx) -> [M, D] bf16. None where the build or the OS gives no AMX, or D or I is not a multiple
+        of 32."""
+        M, D = x.shape
+        y = torch.empty(M, D, dtype=torch.bfloat16)
+        p1, q1, fmt = self._w(w1, s1)
+        p3, q3, _ = self._w(w3, s3)
+        p2, q2, _ = self._w(w2, s2)
+        rc = self.lib.dsv3_mlp_amx(x.data_ptr(), M, p1, q1, p3, q3, p2, q2, fmt, D, w1.shape[0],
+                                   None if residual is None else residual.data_ptr(), y.data_ptr(),
+                                   torch.get_num_threads())
+        return y if rc == 0 else None
 
     def moe(self, x: torch.Tensor, ids: torch.Tensor, alpha: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
             w2: torch.Tensor, s1: torch.Tensor | None = None, s3: torch.Tensor | None = None,

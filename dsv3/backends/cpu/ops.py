@@ -1,7 +1,7 @@
 """The cpu backend: the plain-torch reference plus CPU speed rules, tested against the reference.
 
 What it adds: the C kernels of csrc/ for decode-sized work (fewer than UPCAST_ROWS rows; AMX tiles
-from AMX_ROWS rows where the CPU has them), FP8
+from AMX_DECODE_ROWS rows where the CPU has them), FP8
 weights kept as FP8 (`weights="fp8"`, the default where the C kernels run a bf16 model: half the
 memory and half the bytes per token of bf16) or dequantized at load ("bf16"), torch's own GEMMs
 (oneDNN, AMX where the CPU has it) for prefill with FP8 weights widened per call, fp32 GEMMs for bf16
@@ -39,11 +39,12 @@ def _native_bf16() -> bool:
 #: (there it runs row by row; converting the weight costs about 12 rows' worth, measured on AVX2).
 #: Below it, products are GEMVs: memory-bound, and the native kernels' job.
 UPCAST_ROWS = 16
-#: where the C kernels multiply on AVX512-BF16 pair dot products (native.bf16dot: no AMX, or rows below AMX_ROWS),
-#: linears and dense MLPs of fewer than this many rows run there rather than through torch: a decode step of batch 16
-#: too. Measured on an AMD EPYC (Zen 4), 2 threads, C / torch time (torch's GEMM of the FP8 weight widened per call,
-#: or of the bf16 weight) at 16 and 24 rows: FP8 linears 2048 x 1024 0.77x, 1.06x; 7168 x 2048 0.61x, 1.32x; the bf16
-#: head 32000 x 1024 0.67x, 0.99x; FP8 SwiGLU MLPs 1024 x 256 0.67x, 0.96x; 1024 x 2816 0.82x, 1.20x.
+#: where the C kernels multiply on AVX512-BF16 pair dot products (native.bf16dot: no AMX, or rows below
+#: AMX_DECODE_ROWS), linears and dense MLPs of fewer than this many rows run there rather than through torch: a
+#: decode step of batch 16 too. Measured on an AMD EPYC (Zen 4), 2 threads, C / torch time (torch's GEMM of the FP8
+#: weight widened per call, or of the bf16 weight) at 16 and 24 rows: FP8 linears 2048 x 1024 0.77x, 1.06x; 7168 x
+#: 2048 0.61x, 1.32x; the bf16 head 32000 x 1024 0.67x, 0.99x; FP8 SwiGLU MLPs 1024 x 256 0.67x, 0.96x; 1024 x 2816
+#: 0.82x, 1.20x.
 BF16DOT_ROWS = 17
 #: up to this many (token, expert) routes the C kernel runs the routed experts (each expert's weights read once,
 #: its rows dotted in registers); beyond, one GEMM per expert through torch. Measured on 32 experts of 256 x 1024,
@@ -55,11 +56,24 @@ NATIVE_MOE_ROUTES = 512
 #: AMX Xeon, 2 threads, FP8, C kernel / AMX time at 2 and 3 routes per expert: 32 experts of 1024 x 256,
 #: top-4: 0.88x, 1.26x; 256 of 1024 x 320, top-8: 1.00x (2), 1.64x (4); 32 of 7168 x 2048, top-8: 0.89x, 1.06x.
 AMX_ROUTES_PER_EXPERT = 2.5
-#: from this many rows a linear or a dense MLP runs on the AMX grouped GEMM (one expert) where the CPU has it, for
-#: the same reason. Measured as above, C kernel / AMX time at 4 and 5 rows (two runs at 4): linears 1024-7168 x
-#: 1024-2048 FP8 and the 32000 x 1024 bf16 head 0.94-1.46x, 1.20-1.77x; MLPs 1024 x 256-2816 and 7168 x 2048 FP8
-#: 0.82-1.38x, 1.11-1.91x; at 6 rows 1.46-2.26x and 1.20-2.26x.
-AMX_ROWS = 5
+#: where the CPU has AMX tiles, linears and dense MLPs from this many rows to the decode limit (BF16DOT_ROWS - 1) run
+#: on them with the C kernels' arithmetic (native.linear_amx / mlp_amx: exact products, fp32 sums per FP8 block): an
+#: AMX Xeon issues an AVX512-BF16 pair dot product about once per 3 cycles, so the C kernel's cost per weight grows
+#: with the rows, where a tile product costs the same for 1-16 and only the widening of each weight remains.
+#: Measured on a 2-core AMX Xeon, 2 threads, FP8, C kernel / tiles time, each call repeated: linears 384-8192 x
+#: 384-7168 (and the 8192 x 1024 bf16 head) at 1 row 0.67-1.0x, 2 rows 0.86-1.26x, 4 rows 1.3-1.7x; SwiGLU MLPs
+#: 1024 x 320 / 2816 and 7168 x 2048 at 2 rows 1.0-1.2x, 4 rows 1.6-1.8x, 16 rows 3.6-4.1x. Inside a decode step,
+#: between the other kernels, tiles do less well (the verify step of 2 tokens ran 6% slower on them): greedy decode
+#: tokens/s, tiles / C kernel, BENCH_280M batch 2 1.00x, 4 1.08x, 8 1.24x, 16 1.42x; V3_SHAPED 0.96x, 1.03x, 1.11x,
+#: 1.18x (its routed experts, most of its bytes, take one row each and stay on the C kernel). From 5 rows, not 4:
+#: the gain at 4 is small, and the two kernels sum in different orders, so the step of a batch of 3 (eager: 3 rows)
+#: and its bucket of 4 (recorded: 4 rows) would give different bits; batches of 5-8 and their bucket of 8 all take
+#: tiles, where a row's bits do not depend on the rows beside it.
+AMX_DECODE_ROWS = 5
+#: from this many rows (past the decode kernels') a linear or a dense MLP runs on the AMX grouped GEMM (one expert),
+#: which widens each weight strip once for up to 32 rows a tile pass and rounds as the reference does. Below it
+#: linear_amx is faster (measured as above, grouped / linear_amx time at 5-16 rows: 1.0-1.9x).
+AMX_ROWS = BF16DOT_ROWS
 #: up to this many rows, a prompt's linears and dense MLPs run on the AMX grouped GEMMs (one expert) rather than
 #: through torch's oneDNN GEMM of the weight widened per call. Measured in the 280M model's prefill, FP8, 2 threads
 #: (linears + linear_add / dense and shared MLPs, ms): 512 tokens 18.4 vs 21.4 / 14.7 vs 20.4; 1024 tokens 33.7 vs
@@ -212,6 +226,11 @@ class CpuKernels(ReferenceKernels):
 
     def _linear(self, x, weight, scale, residual):
         rows = self._decode_rows(x)
+        if self._amx_decode(rows, x, weight) and (residual is None or residual.dtype == torch.bfloat16):
+            y = self.native.linear_amx(x.reshape(rows, -1).contiguous(), weight, scale,
+                                       None if residual is None else residual.reshape(rows, -1).contiguous())
+            if y is not None:
+                return y.view(*x.shape[:-1], weight.shape[0])
         if self._amx_rows(x, weight) and (residual is None or residual.dtype == x.dtype):
             T = x.numel() // x.shape[-1]
             y = self.native.grouped_amx(x.reshape(T, -1).contiguous(), self._starts(T), weight[None],
@@ -234,6 +253,11 @@ class CpuKernels(ReferenceKernels):
 
     def mlp(self, x, w1, w2, w3, s1=None, s2=None, s3=None, residual=None):
         rows = self._decode_rows(x)
+        if self._amx_decode(rows, x, w1, w2, w3) and (residual is None or residual.dtype == torch.bfloat16):
+            y = self.native.mlp_amx(x.reshape(rows, -1).contiguous(), w1, w3, w2, s1, s3, s2,
+                                    None if residual is None else residual.reshape(rows, -1).contiguous())
+            if y is not None:
+                return y.view(x.shape)
         if self._amx_rows(x, w1, w2, w3) and (residual is None or residual.dtype == x.dtype):
             y = self._mlp_amx(x, w1, w2, w3, s1, s2, s3)
             if y is not None:
@@ -257,6 +281,14 @@ class CpuKernels(ReferenceKernels):
         if T not in self._one_group:
             self._one_group[T] = torch.tensor([0, T])
         return self._one_group[T]
+
+    def _amx_decode(self, rows: int, x, *weights) -> bool:
+        """A decode-sized product (rows from _decode_rows) goes to linear_amx / mlp_amx: AMX here, AMX_DECODE_ROWS
+        rows or more, bf16 activations, bf16 or kept-FP8 2-D weights whose K (and an MLP's hidden width) are
+        multiples of 32."""
+        return (rows >= AMX_DECODE_ROWS and self.native is not None and self.native.amx and x.shape[-1] % 32 == 0
+                and self._native_ok(x, *weights) and all(w.dim() == 2 for w in weights)
+                and (len(weights) == 1 or weights[0].shape[0] % 32 == 0))
 
     def _amx_rows(self, x, *weights) -> bool:
         """A product [T, K] x [N, K]ᵀ goes to the AMX grouped GEMM (one expert): AMX here, AMX_ROWS to AMX_PROMPT_ROWS

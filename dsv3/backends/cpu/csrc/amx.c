@@ -42,6 +42,12 @@ typedef struct {
     uint8_t rows[16];
 } TileConfig;
 
+static int amx_allowed(void) { /* Linux hands out AMX state only on request, once per process */
+    static int allowed = -1;
+    if (allowed < 0) allowed = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return allowed;
+}
+
 static void amx_config(void) { /* every tile 16 rows of 64 bytes: C 16x16 fp32, A 16x32 bf16, B 16 K-pairs x 16 */
     TileConfig c;
     memset(&c, 0, sizeof c);
@@ -130,9 +136,7 @@ static void amx_store_t(const float *c, uint16_t *o, int64_t ld, int64_t live) {
 int dsv3_grouped_amx(const uint16_t *a, const int64_t *idx, const int64_t *starts, int64_t E, int64_t G,
                      const void *w0, const float *s0, const void *w1, const float *s1, float fmt, int64_t K, int64_t N,
                      uint16_t *out, int threads) {
-    static int allowed = -1; /* Linux hands out AMX state only on request, once per process */
-    if (allowed < 0) allowed = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-    if (!allowed || K % 32 || N % (G == 2 ? 16 : 32) || G < 1 || G > 2) return -1;
+    if (!amx_allowed() || K % 32 || N % (G == 2 ? 16 : 32) || G < 1 || G > 2) return -1;
     const int64_t width = G == 2 ? 16 : 32, items = N / width, KS = K / 32;
     int64_t *chunk0 = malloc((size_t)(E + 1) * sizeof(int64_t)); /* expert e's first 16-row chunk; 2 per 32 rows */
     chunk0[0] = 0;
@@ -246,12 +250,221 @@ int dsv3_grouped_amx(const uint16_t *a, const int64_t *idx, const int64_t *start
     free(chunk0);
     return 0;
 }
+
+/* ---- decode: linears of a few rows on AMX tiles ------------------------------------------------------------------
+ * dsv3_linear's arithmetic (dot.h: FP8 bytes widened exactly to bf16, unscaled; exact products; fp32 sums per
+ * 128-wide block, times the block's scale; one rounding) with the products on tiles. Why: on an AMX Xeon the
+ * AVX512-BF16 pair dot product issues about one per 3 cycles, so dot_rows_bf16 costs ~1.4x per weight at 2 rows
+ * and ~2x at 4 what it costs at 1, where a tile product costs the same for 1-16 rows: what is left is the widening,
+ * done once per weight either way. Measured on a 2-core AMX Xeon, one thread, FP8, a strip loop alone, G weights/s,
+ * dot / tiles: 128 x 1024 (in L2) 1 row 15.9 / 16.5, 2 rows 9.2 / 18.2, 4 rows 7.6 / 19.0, 8 rows 3.6 / 18.4;
+ * 2048 x 7168 (in L3) 17.7 / 15.4 at 1 row, 12.9 / 15.5 at 2, 7.9 / 15.4 at 4. Inside a decode step tiles gain less
+ * (ops.py, AMX_DECODE_ROWS: from 5 rows).
+ * Tiles: the weights are the A operand (16 weight rows x 32 K: a strip's K block widened into scratch, two blocks
+ * alternating so a block's tile loads never wait on the stores just made; bf16 weights of a whole strip are read in
+ * place), the activations the B operand ([K / 32][16 pairs][M], made once per call), C [16 weight rows][M] per K
+ * block (two alternating), scaled into fp32 registers. Each C element sums its block in the hardware's own order,
+ * which no other row changes: a row's result does not depend on how many share the call. -1 (nothing written)
+ * where this build or the OS gives no AMX, K is not a multiple of 32, or M is outside 1..16. */
+static void amx_config_rows(int64_t M) { /* C 0-1 [16][M] fp32, A 4-5 [16][32] bf16, B 6-7 [16 pairs][M] */
+    TileConfig c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.rows[t] = (t < 2 || t >= 4) ? 16 : 0;
+        c.colsb[t] = t < 2 || t >= 6 ? (uint16_t)(4 * M) : t >= 4 ? 64 : 0;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* block [k0, k0 + len) of weight rows n0 .. n0 + 15 (clamped to the last row: a partial strip's extra rows are
+ * computed and dropped) as len / 32 A tiles at wa [slice][16][32] */
+static void amx_widen_block(const Mat *m, int64_t N, int64_t n0, int64_t k0, int64_t len, uint16_t *wa) {
+    const int FP8 = m->s != NULL;
+    if (FP8 && len == QB && n0 + 16 <= N) { /* a whole block of a whole strip: no masks, no clamps */
+        const uint8_t *w8 = (const uint8_t *)m->w + n0 * m->K + k0;
+        for (int64_t n = 0; n < 16; n++, w8 += m->K) {
+            PREFETCH(w8 + 4 * QB);
+            PREFETCH(w8 + 4 * QB + 64);
+            __m512bh a, b, c, d;
+            weights_bf16x64(w8, NULL, 0, ~0ULL, &a, &b, 1, 1);
+            weights_bf16x64(w8, NULL, 64, ~0ULL, &c, &d, 1, 1);
+            _mm512_storeu_si512((void *)(wa + n * 32), (__m512i)a);
+            _mm512_storeu_si512((void *)(wa + 512 + n * 32), (__m512i)b);
+            _mm512_storeu_si512((void *)(wa + 1024 + n * 32), (__m512i)c);
+            _mm512_storeu_si512((void *)(wa + 1536 + n * 32), (__m512i)d);
+        }
+        return;
+    }
+    for (int64_t n = 0; n < 16; n++) {
+        const int64_t row = n0 + n < N ? n0 + n : N - 1;
+        const uint8_t *w8 = FP8 ? (const uint8_t *)m->w + row * m->K : NULL;
+        const uint16_t *w16 = FP8 ? NULL : (const uint16_t *)m->w + row * m->K;
+        if (FP8) PREFETCH(w8 + k0 + 4 * QB), PREFETCH(w8 + k0 + 4 * QB + 64);
+        for (int64_t k = 0; k < len; k += 64) {
+            const __mmask64 live = len - k >= 64 ? ~0ULL : (1ULL << (len - k)) - 1;
+            __m512bh a, b;
+            if (FP8) weights_bf16x64(w8, NULL, k0 + k, live, &a, &b, 1, 1);
+            else weights_bf16x64(NULL, w16, k0 + k, live, &a, &b, 0, 1);
+            _mm512_storeu_si512((void *)(wa + (k / 32) * 512 + n * 32), (__m512i)a);
+            if (len - k > 32) _mm512_storeu_si512((void *)(wa + (k / 32 + 1) * 512 + n * 32), (__m512i)b);
+        }
+    }
+}
+
+/* C tile C (0 or 1) += a block's A tiles (at a, `step` apart, rows `stride` bytes apart) times its B tiles; the
+ * slices alternate between A 4 / B 6 and A 5 / B 7 (tile numbers are constants in the instructions) */
+#define AMX_BLOCK(C, a, step, stride, bt, M, slices)                                                                \
+    do {                                                                                                            \
+        _tile_zero(C);                                                                                              \
+        for (int64_t sl = 0; sl < (slices); sl++) {                                                                 \
+            if (sl & 1) {                                                                                           \
+                _tile_loadd(5, (a) + sl * (step), (stride));                                                        \
+                _tile_loadd(7, (bt) + sl * 16 * (M), 4 * (M));                                                      \
+                _tile_dpbf16ps(C, 5, 7);                                                                            \
+            } else {                                                                                                \
+                _tile_loadd(4, (a) + sl * (step), (stride));                                                        \
+                _tile_loadd(6, (bt) + sl * 16 * (M), 4 * (M));                                                      \
+                _tile_dpbf16ps(C, 4, 6);                                                                            \
+            }                                                                                                       \
+        }                                                                                                           \
+    } while (0)
+
+/* rows [M, K] bf16 as B tiles: [K / 32][16 pairs][M], pair (2r, 2r + 1) of K slice ks of row i at [ks][r][i] */
+static uint32_t *amx_pairs(const uint16_t *x, int64_t M, int64_t K) {
+    uint32_t *xt = malloc((size_t)(K / 2 * M + 1) * sizeof(uint32_t));
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t k = 0; k < K; k += 2)
+            xt[(k / 32) * 16 * M + (k % 32 / 2) * M + i] = (uint32_t)x[i * K + k] | (uint32_t)x[i * K + k + 1] << 16;
+    return xt;
+}
+
+/* weight rows n0 .. n0 + 15 of m (N rows) times the M rows of xt: acc [16][16] fp32, acc[n * 16 + i] = row n0 + n .
+ * row i, FP8 block scales and fmt applied (rows past N: garbage, never read). wa: 2 x 4 A tiles of scratch, c: 2 C
+ * tiles'. Tiles configured by amx_config_rows(M). */
+static void amx_strip(const Mat *m, int64_t N, int64_t n0, const uint32_t *xt, int64_t M, uint16_t *wa, float *c,
+                      float *acc) {
+    const int64_t K = m->K, KB = (K + QB - 1) / QB;
+    const float *srow = m->s != NULL ? m->s + (n0 / QB) * KB : NULL;
+    const int in_place = m->s == NULL && n0 + 16 <= N; /* bf16 rows of a whole strip: tiles read them as they lie */
+    const __mmask16 live = (__mmask16)((1u << M) - 1);
+    __m512 sum[16];
+    for (int n = 0; n < 16; n++) sum[n] = _mm512_setzero_ps();
+    if (!in_place) amx_widen_block(m, N, n0, 0, K < QB ? K : QB, wa);
+    for (int64_t b = 0; b <= KB; b++) {
+        const int64_t k0 = b * QB, len = K - k0 < QB ? K - k0 : QB;
+        if (!in_place && b + 1 < KB) /* the next block while this one's tiles work */
+            amx_widen_block(m, N, n0, k0 + QB, K - k0 - QB < QB ? K - k0 - QB : QB, wa + ((b + 1) & 1) * 2048);
+        if (b > 0) { /* the previous block's C, stored a block ago */
+            const __m512 sc = _mm512_set1_ps(srow != NULL ? srow[b - 1] : 1.0f);
+            const float *cc = c + ((b - 1) & 1) * 256;
+            for (int n = 0; n < 16; n++) sum[n] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, cc + n * 16), sc, sum[n]);
+        }
+        if (b == KB) break;
+        const uint16_t *a = in_place ? (const uint16_t *)m->w + n0 * K + k0 : wa + (b & 1) * 2048;
+        const int64_t step = in_place ? 32 : 512, stride = in_place ? 2 * K : 64;
+        const uint32_t *bt = xt + (k0 / 32) * 16 * M;
+        if (b & 1) {
+            AMX_BLOCK(1, a, step, stride, bt, M, len / 32);
+            _tile_stored(1, c + 256, 64);
+        } else {
+            AMX_BLOCK(0, a, step, stride, bt, M, len / 32);
+            _tile_stored(0, c, 64);
+        }
+    }
+    const __m512 unit = _mm512_set1_ps(m->s != NULL ? m->fmt : 1.0f);
+    for (int n = 0; n < 16; n++) _mm512_storeu_ps(acc + n * 16, _mm512_mul_ps(sum[n], unit));
+}
+
+int dsv3_linear_amx(const uint16_t *x, int64_t M, int64_t K, const void *w, const float *s, float fmt, int64_t N,
+                    const uint16_t *residual, uint16_t *y, int threads) {
+    if (!amx_allowed() || K % 32 || M < 1 || M > 16) return -1;
+    const Mat m = {w, s, K, fmt};
+    uint32_t *xt = amx_pairs(x, M, K);
+#pragma omp parallel num_threads(threads)
+    {
+        amx_config_rows(M);
+        uint16_t *wa = malloc(2 * 4 * 512 * sizeof(uint16_t));
+        float *c = malloc(2 * 16 * 16 * sizeof(float)), acc[16 * 16];
+#pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < N; n0 += 16) {
+            amx_strip(&m, N, n0, xt, M, wa, c, acc);
+            for (int64_t i = 0; i < M; i++)
+                for (int64_t n = 0; n < 16 && n0 + n < N; n++)
+                    y[i * N + n0 + n] =
+                        to_bf16(acc[n * 16 + i] + (residual ? bf16_scalar(residual[i * N + n0 + n]) : 0.0f));
+        }
+        free(wa);
+        free(c);
+        _tile_release();
+    }
+    free(xt);
+    return 0;
+}
+
+/* A dense SwiGLU MLP of a few rows on AMX tiles with dsv3_moe's arithmetic for one expert: y [M, D] bf16 = (residual
+ * +) W2 (silu(W1 x) * W3 x), gate and up in fp32, their product rounded to bf16, the down projection's fp32 sum plus
+ * the residual rounded once. w1/w3 [I, D], w2 [D, I]. -1 (nothing written) as dsv3_linear_amx, or D or I not a
+ * multiple of 32. */
+int dsv3_mlp_amx(const uint16_t *x, int64_t M, const void *w1, const float *s1, const void *w3, const float *s3,
+                 const void *w2, const float *s2, float fmt, int64_t D, int64_t I, const uint16_t *residual,
+                 uint16_t *y, int threads) {
+    if (!amx_allowed() || D % 32 || I % 32 || M < 1 || M > 16) return -1;
+    const Mat m1 = {w1, s1, D, fmt}, m3 = {w3, s3, D, fmt}, m2 = {w2, s2, I, fmt};
+    uint32_t *xt = amx_pairs(x, M, D), *ht = NULL;
+    uint16_t *h = malloc((size_t)(M * I) * sizeof(uint16_t));
+#pragma omp parallel num_threads(threads)
+    {
+        amx_config_rows(M);
+        uint16_t *wa = malloc(2 * 4 * 512 * sizeof(uint16_t));
+        float *c = malloc(2 * 16 * 16 * sizeof(float)), g[16 * 16], u[16 * 16];
+#pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < I; n0 += 16) { /* gate and up of 16 hidden units, then their SwiGLU */
+            amx_strip(&m1, I, n0, xt, M, wa, c, g);
+            amx_strip(&m3, I, n0, xt, M, wa, c, u);
+            for (int64_t i = 0; i < M; i++)
+                for (int64_t n = 0; n < 16 && n0 + n < I; n++) {
+                    const float gv = g[n * 16 + i];
+                    h[i * I + n0 + n] = to_bf16(gv / (1.0f + expf(-gv)) * u[n * 16 + i]);
+                }
+        }
+#pragma omp single
+        ht = amx_pairs(h, M, I);
+#pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < D; n0 += 16) {
+            amx_strip(&m2, D, n0, ht, M, wa, c, g);
+            for (int64_t i = 0; i < M; i++)
+                for (int64_t n = 0; n < 16 && n0 + n < D; n++)
+                    y[i * D + n0 + n] =
+                        to_bf16(g[n * 16 + i] + (residual ? bf16_scalar(residual[i * D + n0 + n]) : 0.0f));
+        }
+        free(wa);
+        free(c);
+        _tile_release();
+    }
+    free(xt);
+    free(ht);
+    free(h);
+    return 0;
+}
 #else
 int dsv3_grouped_amx(const uint16_t *a, const int64_t *idx, const int64_t *starts, int64_t E, int64_t G,
                      const void *w0, const float *s0, const void *w1, const float *s1, float fmt, int64_t K, int64_t N,
                      uint16_t *out, int threads) {
     (void)a, (void)idx, (void)starts, (void)E, (void)G, (void)w0, (void)s0, (void)w1, (void)s1, (void)fmt, (void)K;
     (void)N, (void)out, (void)threads;
+    return -1;
+}
+int dsv3_linear_amx(const uint16_t *x, int64_t M, int64_t K, const void *w, const float *s, float fmt, int64_t N,
+                    const uint16_t *residual, uint16_t *y, int threads) {
+    (void)x, (void)M, (void)K, (void)w, (void)s, (void)fmt, (void)N, (void)residual, (void)y, (void)threads;
+    return -1;
+}
+int dsv3_mlp_amx(const uint16_t *x, int64_t M, const void *w1, const float *s1, const void *w3, const float *s3,
+                 const void *w2, const float *s2, float fmt, int64_t D, int64_t I, const uint16_t *residual,
+                 uint16_t *y, int threads) {
+    (void)x, (void)M, (void)w1, (void)s1, (void)w3, (void)s3, (void)w2, (void)s2, (void)fmt, (void)D, (void)I;
+    (void)residual, (void)y, (void)threads;
     return -1;
 }
 #endif
