@@ -1,10 +1,10 @@
-"""The judge itself must be able to fail: its miss-count test against exact binomial sums."""
+"""The judge itself must be able to fail: its count tests against exact binomial sums, each bar on crafted logits."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from judge import assert_no_worse, miss_p_value
+from judge import assert_no_worse, miss_p_value, rel_err
 
 
 def test_p_value_is_the_binomial_tail():
@@ -36,3 +36,22 @@ def test_assert_no_worse_fails_on_many_more_misses():
     assert_no_worse(logits_with_misses(ref, 8), peer, ref, "8 vs 4")
     with pytest.raises(AssertionError, match="top-1 misses"):
         assert_no_worse(logits_with_misses(ref, 40), logits_with_misses(ref, 6), ref, "40 vs 6")
+
+
+def test_a_few_flipped_positions_pass_a_broad_or_frequent_error_fails():
+    ref = torch.randn(2, 160, 64, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+
+    def noisy(scale: float, flips: int) -> torch.Tensor:
+        out = ref + scale * torch.randn(ref.shape, generator=g)
+        rows = out.view(-1, out.shape[-1])
+        rows[torch.randperm(rows.shape[0], generator=g)[:flips]] = torch.randn(flips, out.shape[-1], generator=g)
+        return out
+
+    peer, ours = noisy(0.01, 4), noisy(0.01, 12)
+    assert rel_err(ours, ref) > 1.5 * rel_err(peer, ref)  # the whole-tensor norm would call this worse
+    assert_no_worse(ours, peer, ref, "12 vs 4 flipped positions")
+    with pytest.raises(AssertionError, match="typical relative error"):
+        assert_no_worse(noisy(0.02, 4), peer, ref, "twice the error everywhere")
+    with pytest.raises(AssertionError, match="outlier positions"):
+        assert_no_worse(noisy(0.01, 30), peer, ref, "30 vs 4 flipped positions")
