@@ -67,7 +67,7 @@ def perfect_drafts(engine, prompt: list[int], new_tokens: int, rounds: int = 8):
     """A drafter (for dsv3.core.speculative) that always proposes the run's own next token, for batch 1, k = 1.
     In bf16 a 2-token verify step may break a near-tie differently from a plain step, so the plain answer is
     only the start: rerun with the last answer as the drafts until it no longer changes (a fixed point), at most
-    `rounds` times (a smoke run under the interpreter checks the path, not the acceptance: 1)."""
+    `rounds` times (a smoke run under the interpreter checks the path, not the acceptance: 0)."""
     import torch
 
     from dsv3.core.speculative import speculative_generate

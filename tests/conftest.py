@@ -25,6 +25,10 @@ if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0):
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import interpreter_speed  # noqa: E402
+
+interpreter_speed.install()
+
 from tiny_configs import CONFIGS
 
 from dsv3.synthetic import DEMO, write_checkpoint

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+INTERPRETED = [sys.executable, str(ROOT / "tests" / "interpreter_speed.py")]  # a script under the faster interpreter
 
 
 def test_gpu_kernels_benchmark_smoke(tmp_path):
@@ -19,7 +20,7 @@ def test_gpu_kernels_benchmark_smoke(tmp_path):
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = tmp_path / "tuned.json"
-    r = subprocess.run([sys.executable, "benchmarks/gpu_kernels.py", "--smoke", "--tune", "--tune-out", str(out)],
+    r = subprocess.run([*INTERPRETED, "benchmarks/gpu_kernels.py", "--smoke", "--tune", "--tune-out", str(out)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     for heading in ("### FP8 GEMM", "### Fused MoE", "### MLA decode", "### GEMM launch configs"):
@@ -35,7 +36,7 @@ def test_gpu_e2e_benchmark_smoke(tmp_path):
     """benchmarks/gpu_e2e.py end to end on the tiny model under the interpreter: every row, no NaN."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "benchmarks/gpu_e2e.py", "--smoke", "--workdir", str(tmp_path)], cwd=ROOT,
+    r = subprocess.run([*INTERPRETED, "benchmarks/gpu_e2e.py", "--smoke", "--workdir", str(tmp_path)], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     for row in ("dsv3 cuda FP8, graphs", "dsv3 cuda BF16 mode", "transformers bf16, default cache", "/layer",
