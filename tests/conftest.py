@@ -25,9 +25,9 @@ if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0):
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import interpreter_speed  # noqa: E402
+import triton_interpreter  # noqa: E402
 
-interpreter_speed.install()
+triton_interpreter.install()
 
 from tiny_configs import CONFIGS
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-INTERPRETED = [sys.executable, str(ROOT / "tests" / "interpreter_speed.py")]  # a script under the faster interpreter
+INTERPRETED = [sys.executable, str(ROOT / "tests" / "triton_interpreter.py")]  # a script under the tests' interpreter
 
 
 def test_gpu_kernels_benchmark_smoke(tmp_path):
