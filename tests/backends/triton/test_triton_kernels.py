@@ -136,15 +136,7 @@ def test_weight_dequant_decodes_every_byte(vendor, fp8_dtype):
 
 
 # ---- fused MoE ---------------------------------------------------------------------------------------
-def stored_bf16(h: torch.Tensor, device: str) -> torch.Tensor:
-    """What a kernel's bf16 store keeps: round to nearest even on a GPU; Triton's CPU interpreter
-    truncates. The SwiGLU output is quantized again after the store, so the reference must agree."""
-    if device == "cpu":
-        return (h.float().view(torch.int32) & ~0xFFFF).view(torch.float32).bfloat16()
-    return h.bfloat16()
-
-
-def moe_reference(x, weights, ids, w1, s1, w3, s3, w2, s2, first, t, device, jitter=None) -> torch.Tensor:
+def moe_reference(x, weights, ids, w1, s1, w3, s3, w2, s2, first, t, jitter=None) -> torch.Tensor:
     """Token by token, slot by slot, in float64: quantize x, gate/up, SwiGLU (stored in bf16 as the
     kernel does), quantize, down, weight; experts outside [first, first + E) contribute nothing.
     jitter (a generator): gate and up each off by a random 2^-11 relative, the size of a GPU's FP8
@@ -160,7 +152,9 @@ def moe_reference(x, weights, ids, w1, s1, w3, s3, w2, s2, first, t, device, jit
             g, u = xq[i] @ deq(w1, s1, e).T, xq[i] @ deq(w3, s3, e).T
             if jitter is not None:
                 g, u = (v * (1 + 2**-11 * torch.randn(v.shape, generator=jitter, dtype=torch.float64)) for v in (g, u))
-            h = stored_bf16(g * torch.sigmoid(g) * u, device)
+            # stored in bf16, rounded to nearest even as a GPU does (and the tests' interpreter: triton_interpreter.py);
+            # it is quantized again after the store, so the reference must round the same way
+            h = (g * torch.sigmoid(g) * u).bfloat16()
             hq = dequant_rows(*fp8.act_quant_reference(h[None], t.fp8, fp8_max=t.act_max))[0]
             out[i] += float(weights[i, j]) * (hq @ deq(w2, s2, e).T)
     return out
@@ -186,7 +180,7 @@ def test_fused_moe(target, tokens, dim, inter, experts, k, first):
     w2, s2 = quantized_weight(dim, inter, target, 3, experts)
     on = [t.to(dev) for t in (x, weights, ids, w1, s1, w3, s3, w2, s2)]
     got = fused_moe(*on, first, target.act_max, target.vendor).cpu()
-    args = (x, weights, ids, w1, s1, w3, s3, w2, s2, first, target, dev)
+    args = (x, weights, ids, w1, s1, w3, s3, w2, s2, first, target)
     ref = moe_reference(*args)
     check(got, ref, 8e-3 + 2 * moe_sensitivity(ref, args), f"fused_moe T={tokens} D={dim} I={inter} E={experts} "
           f"k={k} first={first}")
