@@ -112,8 +112,11 @@ class Recorder:
 
 
 def simulate(chip: Chip):
-    """Make the launch tables answer as on `chip` (its file, SMs and shared memory) while tensors stay on the CPU."""
+    """Make the launch tables answer as on `chip` (its file, SMs and shared memory) while tensors stay on the CPU,
+    and the row-wise kernels take one token per program, as there."""
     import dsv3.backends.cuda.launch as launch
+
+    launch.INTERPRETER_ROWS = 1
 
     vendor = "nvidia" if chip.backend == "cuda" else "amd"
     table = replace(launch.load_table(vendor, chip.name), sms=chip.sms, smem_bytes=chip.smem)

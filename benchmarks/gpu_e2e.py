@@ -185,7 +185,8 @@ def main() -> None:
         for b in batches:
             tps, how = time_dsv3(engine, prompts[b].tolist(), args.new_tokens, args.repeats)
             cells.append(f"{tps:,.1f} ({how})")
-            eager_b1 = tps if (label, b) == (systems[0][0], 1) else eager_b1
+            if (label, b) == (systems[0][0], 1):
+                eager_b1 = tps
         engine.generate(long_prompt.tolist(), max_new_tokens=1)
         prefill = engine.last_stats.prefill_tps
         launches = decode_launches(engine, 1)

@@ -34,6 +34,12 @@ from tiny_configs import CONFIGS
 from dsv3.synthetic import DEMO, write_checkpoint
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Tests marked slow (a minute or more on 2 cores) run first: handed out last, one of them kept a worker busy
+    for a minute after the other had run out of tests."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def demo_ckpt(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("demo"), DEMO, seed=0)

@@ -32,6 +32,7 @@ def test_gpu_kernels_benchmark_smoke(tmp_path):
     assert {"default", "24576x1536", "7168x2048"} <= set(table.gemm) and table.arch == "sm90"  # measured entries kept
 
 
+@pytest.mark.slow
 def test_gpu_e2e_benchmark_smoke(tmp_path):
     """benchmarks/gpu_e2e.py end to end on the tiny model under the interpreter: every row, no NaN."""
     pytest.importorskip("triton")
@@ -45,6 +46,7 @@ def test_gpu_e2e_benchmark_smoke(tmp_path):
     assert "| nan" not in r.stdout.replace("| nan |", "")  # peak memory is nan without a GPU; nothing else
 
 
+@pytest.mark.slow
 def test_gpu_compile_every_launch_for_an_h100_without_one(tmp_path):
     """benchmarks/gpu_compile.py --smoke: every kernel launch of the demo model on the cuda backend, compiled by
     Triton's own compiler for sm90 (ptxas from the triton wheel, no GPU), fits the chip's shared memory. Then the
@@ -63,6 +65,9 @@ def test_gpu_compile_every_launch_for_an_h100_without_one(tmp_path):
     launches = json.loads((tmp_path / "sm90-launches.json").read_text())
     mla = next(e for e in launches if e["kernel"] == "_mla_decode_kernel")
     norm = next(e for e in launches if e["kernel"] == "_rms_norm_kernel")
+    rowwise = [e for e in launches if "ROWS" in e["args"]]  # compiled as a GPU runs them: a token per program
+    assert {e["kernel"] for e in rowwise} >= {"_rms_norm_kernel", "_gate_select_kernel", "_combine_kernel"}, rowwise
+    assert all(e["args"]["ROWS"] == 1 for e in rowwise), [(e["kernel"], e["args"]["ROWS"]) for e in rowwise]
     too_big = json.loads(json.dumps(mla))
     for name in ("ql_ptr", "qp_ptr", "kv_ptr", "pe_ptr"):
         too_big["args"][name]["tensor"] = "float32"

@@ -1,9 +1,11 @@
-"""The interpreter the Triton tests run under (triton_interpreter.py) rounds fp32 to bf16 as a GPU does."""
+"""The interpreter the Triton tests run under (triton_interpreter.py) rounds fp32 to bf16 as a GPU does, and its
+faster float conversions give Triton's own bits."""
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,3 +41,27 @@ def test_fp32_to_bf16_rounds_to_nearest_even():
     nan = torch.full((512,), float("nan"))
     _to_bf16[(1,)](nan, y, z, N=512)
     assert y.isnan().all() and z.isnan().all()
+
+
+def test_narrow_float_conversions_by_table_equal_tritons_own():
+    """triton_interpreter.py converts 8- and 16-bit floats through a table built by Triton's own function: for every
+    input value of every format the kernels read (each FP8 flavour, bf16, fp16), to every wider or narrower format,
+    the table gives Triton's bits, in the input's shape."""
+    from triton.runtime import interpreter as ti
+
+    original = getattr(ti._convert_float, "__wrapped__", None)  # Triton's function, which the table wraps
+    assert original is not None and original.__module__ == ti.__name__, "the table is not installed"
+    fp8 = (tl.float8e4nv, tl.float8e4b8, tl.float8e5, tl.float8e5b16)
+    pairs = [(a, b) for a in fp8 for b in (tl.float16, tl.bfloat16, tl.float32)]
+    pairs += [(tl.bfloat16, tl.float32), (tl.float16, tl.float32), (tl.bfloat16, tl.float16),
+              (tl.float16, tl.float8e4nv)]
+    rng = np.random.default_rng(0)
+    for src, dst in pairs:
+        for mode in (None, ti._ir.ROUNDING_MODE.RTNE):
+            width = np.uint8 if src.primitive_bitwidth == 8 else np.uint16
+            every = np.arange(1 << src.primitive_bitwidth, dtype=width)
+            want = original(every, src, dst, mode)
+            got = ti._convert_float(every, src, dst, mode)
+            assert got.dtype == want.dtype and np.array_equal(got, want), f"{src} -> {dst} ({mode})"
+            block = rng.choice(every, size=(3, 5))
+            assert np.array_equal(ti._convert_float(block, src, dst, mode), original(block, src, dst, mode))

@@ -25,6 +25,8 @@ def install() -> None:
         return
     _round_bf16_to_nearest_even(ti, tl)
     _list_builtins_once(ti, tl)
+    _remember_types(ti, tl)
+    _convert_narrow_floats_by_table(ti)
 
 
 def _round_bf16_to_nearest_even(ti, tl) -> None:
@@ -72,6 +74,72 @@ def _list_builtins_once(ti, tl) -> None:
                 patch_attr(pkg, name, member, builder, scope)
 
     ti._patch_builtin = patch_builtin
+
+
+def _remember_types(ti, tl) -> None:
+    """Every op the interpreter runs builds its result's block type (checking and formatting the shape) and looks up
+    the numpy dtype of a Triton dtype in a dict it rebuilds per call: together a fifth of a triton model test's
+    profile. Both are pure functions of (dtype, shape), so the results are kept per key; a first sight (and any
+    error) still goes through Triton's own code. A Triton without these internals keeps its own."""
+    get_np_dtype, block_type = getattr(ti, "_get_np_dtype", None), getattr(tl, "block_type", None)
+    if get_np_dtype is None or block_type is None or not hasattr(tl, "pointer_type"):
+        return
+    np_dtypes: dict[str, np.dtype] = {}
+    pointer = np.dtype(np.uint64)
+
+    def np_dtype(tt):
+        scalar = tt.element_ty if isinstance(tt, block_type) else tt
+        if isinstance(scalar, tl.pointer_type):
+            return pointer
+        found = np_dtypes.get(scalar.name)
+        if found is None:
+            found = np_dtypes[scalar.name] = get_np_dtype(tt)
+        return found
+
+    ti._get_np_dtype = np_dtype  # the interpreter's callers look the name up in its module at each call
+    init, blocks = block_type.__init__, {}
+
+    def block_init(self, element_ty, shape):
+        try:
+            key = (element_ty.name, tuple(d.value if isinstance(d, tl.constexpr) else d for d in shape))
+            known = blocks.get(key)
+        except TypeError:  # not a sequence, or an unhashable dimension: Triton's own code says what is wrong
+            key = known = None
+        if known is None:
+            init(self, element_ty, shape)
+            if key is not None:
+                blocks[key] = (self.shape, self.numel, self.name)
+            return
+        self.element_ty = element_ty
+        self.shape, self.numel, self.name = known
+
+    block_type.__init__ = block_init
+
+
+def _convert_narrow_floats_by_table(ti) -> None:
+    """The interpreter converts between float formats bit by bit in numpy (~20 array ops a call): every FP8 weight
+    tile a tl.dot reads, every bf16 load widened to fp32. Each output element depends on its input element only, so
+    for 8- and 16-bit inputs the conversion is a table over all 2^bits inputs, built once per (formats, rounding)
+    by Triton's own function: the same bits, one lookup. Wider inputs (fp32 -> bf16 rounds) keep Triton's code."""
+    convert = getattr(ti, "_convert_float", None)
+    if convert is None:
+        return
+    tables: dict[tuple, np.ndarray] = {}
+
+    def convert_float(input, input_dtype, output_dtype, rounding_mode):
+        bits = input_dtype.primitive_bitwidth
+        data = np.asarray(input)
+        if bits not in (8, 16) or data.itemsize * 8 != bits:
+            return convert(input, input_dtype, output_dtype, rounding_mode)
+        key = (input_dtype.name, output_dtype.name, rounding_mode)
+        table = tables.get(key)
+        if table is None:
+            every = np.arange(1 << bits, dtype=np.uint8 if bits == 8 else np.uint16)
+            table = tables[key] = convert(every, input_dtype, output_dtype, rounding_mode)
+        return table[np.ascontiguousarray(data).view(np.uint8 if bits == 8 else np.uint16)]
+
+    convert_float.__wrapped__ = convert
+    ti._convert_float = convert_float
 
 
 if __name__ == "__main__":

@@ -46,10 +46,11 @@ def dot(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def rms_row(x, w, n, eps):
-    """One RMS-normed row: x · rsqrt(Σx²/n + eps) · w, fp32 in (masked lanes 0), fp32 out. Shared by rms_norm.py and
-    latent.py so that the kv_norm of a cache-free forward and of a decode step's fused prologue agree bit for bit."""
-    return x * tl.rsqrt(tl.sum(x * x, 0) / n + eps) * w
+def rms_row(x, w, n, eps, AXIS: tl.constexpr = 0):
+    """RMS-normed rows: x · rsqrt(Σx²/n + eps) · w over AXIS (a row [D], or rows [R, D] with AXIS 1), fp32 in (masked
+    lanes 0), fp32 out. Shared by rms_norm.py and latent.py so that the kv_norm of a cache-free forward and of a
+    decode step's fused prologue agree bit for bit."""
+    return x * tl.rsqrt(tl.sum(x * x, AXIS, keep_dims=True) / n + eps) * w
 
 
 @triton.jit

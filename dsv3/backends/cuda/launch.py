@@ -41,6 +41,11 @@ SMEM_RESERVE = {"nvidia": 2048, "amd": 0}
 #: every launch asks for FP fusion (a * b + c as one FMA) itself: the default of Triton up to 3.9, under which the
 #: kernels were measured and their tolerances set, which 3.10 turns off (3.9 warns at each compile until asked)
 FP_FUSION = True
+#: tokens one program of a row-wise kernel (rms_norm, rope, the gate's selection, the MoE combine) takes under
+#: Triton's interpreter, which replays a program's Python for each one (3-15 ms: most of a prefill's time in the
+#: tests). On a GPU a program takes one token, as measured on the H200; the kernels are the same code on a
+#: [rows, ...] tile either way, and their tests run both. benchmarks/gpu_compile.py sets 1 to record the GPU's launches.
+INTERPRETER_ROWS = 16
 
 # DeepSeek-V3's FP8 linears as (N, K) and which of them tensor parallelism divides: 0 = N (column
 # parallel), 1 = K (row parallel), None = replicated. Routed experts are placed whole (expert parallel).
@@ -361,6 +366,15 @@ def attn_config(target: str, c: int = 512, r: int = 64, elt: int = 2,
 def interpreted(device: torch.device) -> bool:
     """True when kernels run on CPU tensors under Triton's interpreter."""
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def rows_per_program(device: torch.device, rows: int | None = None) -> int:
+    """Tokens per program of a row-wise kernel on `device` (see INTERPRETER_ROWS); `rows` overrides (the tests)."""
+    if rows is not None:
+        if rows < 1 or rows & (rows - 1):
+            raise ValueError(f"rows per program {rows}; expected a power of two >= 1")
+        return rows
+    return INTERPRETER_ROWS if interpreted(device) else 1
 
 
 def check_target(target: str) -> None:

@@ -21,7 +21,16 @@ from ...core.fp8 import FP8_EMIN
 from .act_quant import act_quant
 from .fp8_gemm import split_k_args
 from .jit import dot, quantize_tile, split_k_gather
-from .launch import FP_FUSION, FUSED_QUANT_ROWS, GemmConfig, check_target, fit_registers, interpreted, moe_config
+from .launch import (
+    FP_FUSION,
+    FUSED_QUANT_ROWS,
+    GemmConfig,
+    check_target,
+    fit_registers,
+    interpreted,
+    moe_config,
+    rows_per_program,
+)
 
 BLOCK_K = 128
 
@@ -192,9 +201,11 @@ def route_torch(ids: torch.Tensor, first: int, n_experts: int, block_m: int) -> 
 def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
               w1: torch.Tensor, s1: torch.Tensor | None, w3: torch.Tensor, s3: torch.Tensor | None,
               w2: torch.Tensor, s2: torch.Tensor | None, first: int, fp8_max: float, target: str = "nvidia",
-              ue8m0: bool = False, config: GemmConfig | None = None) -> torch.Tensor:
+              ue8m0: bool = False, config: GemmConfig | None = None, rows_per_prog: int | None = None
+              ) -> torch.Tensor:
     """Σ_k weights[t, k] · expert_{ids[t, k]}(x[t]) over the experts held here (global ids first .. first + E - 1).
     `ue8m0`: activation scales rounded up to powers of two (V3.1), for both quantized activations.
+    `rows_per_prog`: the combine's tokens per program (launch.rows_per_program; the tests set it).
 
     x [T, D] bf16/fp32; w1/w3 [E, I, D] and w2 [E, D, I] FP8 with block scales [E, ceil(·/128), ceil(·/128)],
     or (scales None) bf16/fp16 weights of x's dtype: fp32 accumulation, SwiGLU in fp32, h rounded once.
@@ -255,10 +266,12 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                            WEIGHTED=True, BLOCK_M=down.block_m, BLOCK_N=down.block_n, num_warps=down.num_warps,
                            **launch, **split, enable_fp_fusion=FP_FUSION)
     out = torch.empty(t, dim, dtype=x.dtype, device=x.device)
-    block_d = min(1024, triton.next_power_of_2(dim))
-    _combine_kernel[(t, triton.cdiv(dim, block_d))](y, ids, out, first, e, dim, K_SLOTS=k,
-                                                    BLOCK_K=triton.next_power_of_2(k), BLOCK_D=block_d,
-                                                    enable_fp_fusion=FP_FUSION)
+    per = rows_per_program(x.device, rows_per_prog)
+    block_d = min(max(16, 1024 // per), triton.next_power_of_2(dim))  # [per, k, block_d] stays a modest tile
+    _combine_kernel[(triton.cdiv(t, per), triton.cdiv(dim, block_d))](y, ids, out, first, e, t, dim, K_SLOTS=k,
+                                                                     BLOCK_K=triton.next_power_of_2(k),
+                                                                     BLOCK_D=block_d, ROWS=per,
+                                                                     enable_fp_fusion=FP_FUSION)
     return out
 
 
@@ -272,17 +285,19 @@ def _grid(cfg: GemmConfig, m_tiles: int, n: int, k: int, target: str, device: to
 
 
 @triton.jit
-def _combine_kernel(y_ptr, ids_ptr, out_ptr, first, E, D, K_SLOTS: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+def _combine_kernel(y_ptr, ids_ptr, out_ptr, first, E, T, D, K_SLOTS: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
     """out[t] = Σ_j y[t·k + j] over the slots j whose expert is held here, in fp32, one rounding: the sum of the
     k weighted expert outputs of a token (rows routed to other ranks were never written and are not read)."""
-    t = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    j = tl.arange(0, BLOCK_K)
-    local = tl.load(ids_ptr + t * K_SLOTS + j, mask=j < K_SLOTS, other=-1) - first
-    here = (j < K_SLOTS) & (local >= 0) & (local < E)
-    y = tl.load(y_ptr + (t * K_SLOTS + j[:, None]) * D + d[None, :], mask=here[:, None] & (d[None, :] < D), other=0.0)
-    tl.store(out_ptr + t * D + d, tl.sum(y, 0).to(out_ptr.dtype.element_ty), mask=d < D)
+    t = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]  # [R, 1] tokens
+    d = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D))[None, :]  # [1, BLOCK_D]
+    j = tl.arange(0, BLOCK_K)[None, :]  # [1, K] slots
+    slot = (j < K_SLOTS) & (t < T)
+    local = tl.load(ids_ptr + t * K_SLOTS + j, mask=slot, other=-1) - first
+    here = slot & (local >= 0) & (local < E)  # [R, K]
+    y = tl.load(y_ptr + (t * K_SLOTS + j)[:, :, None] * D + d[:, None, :], mask=here[:, :, None] & (d[:, None, :] < D),
+                other=0.0)  # [R, K, BLOCK_D]
+    tl.store(out_ptr + t * D + d, tl.sum(y, 1).to(out_ptr.dtype.element_ty), mask=(t < T) & (d < D))
 
 
 @torch.library.custom_op("dsv3::fused_moe", mutates_args=())

@@ -186,6 +186,28 @@ def test_fused_moe(target, tokens, dim, inter, experts, k, first):
           f"k={k} first={first}")
 
 
+@pytest.mark.parametrize("per", [1, 4])
+def test_moe_combine_any_rows_per_program(target, per):
+    """The combine (the last launch of fused_moe) sums the same slots in the same order however many tokens a
+    program takes: the same bits as the interpreter's default block, on an expert-parallel rank (slots skipped)."""
+    from dsv3.backends.cuda.moe import fused_moe
+
+    tokens, dim, inter, experts, k, first = 9, 200, 56, 8, 3, 8
+    dev, g = device_for(target.vendor), gen(per)
+    x = torch.randn(tokens, dim, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(2 * experts, generator=g)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=g)
+    shapes = [(inter, dim), (inter, dim), (dim, inter)]  # w1, w3, w2 with the seeds of test_fused_moe
+    ws = [quantized_weight(*shape, target, i + 1, experts) for i, shape in enumerate(shapes)]
+    on = [t.to(dev) for t in (x, weights, ids, *ws[0], *ws[1], *ws[2])]
+    got = fused_moe(*on, first, target.act_max, target.vendor, rows_per_prog=per).cpu()
+    whole = fused_moe(*on, first, target.act_max, target.vendor, rows_per_prog=16).cpu()
+    assert torch.equal(got, whole), f"{per} tokens per program: max |diff| {(got - whole).abs().max().item():.3g}"
+    ref = moe_reference(x, weights, ids, *ws[0], *ws[1], *ws[2], first, target)
+    check(got, ref, 8e-3 + 2 * moe_sensitivity(ref, (x, weights, ids, *ws[0], *ws[1], *ws[2], first, target)),
+          f"fused_moe, {per} tokens per program")
+
+
 def moe_sensitivity(ref, args) -> float:
     """How far the reference itself moves when gate and up carry a GPU's accumulation error (the worst of two
     draws, relative to max |ref|). The SwiGLU output is quantized to FP8 again: a 2^-11 change can flip its
@@ -369,20 +391,26 @@ def test_mla_decode_lengths_and_slots(target, s, t):
     check(got.cpu(), ref, 2e-2, f"mla_decode over slots S={s} T={t}")
 
 
+#: tokens per program of the row-wise kernels: a GPU's one, a block that rarely divides the count, the interpreter's
+ROWS_PER_PROGRAM = pytest.mark.parametrize("per", [1, 4, None], ids=["rows1", "rows4", "rows-default"])
+
+
+@ROWS_PER_PROGRAM
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("b,s,h,d", [(1, 1, 1, 8), (2, 1, 3, 16), (1, 7, 5, 64), (3, 4, 128, 64)])
-def test_rope(vendor, b, s, h, d, dtype):
+@pytest.mark.parametrize("b,s,h,d", [(1, 1, 1, 8), (2, 1, 3, 16), (1, 7, 5, 64), (3, 4, 128, 64), (3, 7, 2, 8)])
+def test_rope(vendor, b, s, h, d, dtype, per):
     from dsv3.backends.cuda.rope import rope
 
     dev = device_for(vendor)
     wide = torch.randn(b, s, h, d + 24, generator=gen(1)).to(dtype)
     x = wide[..., 24:]  # the rope slice of a projection: strided
     ang = torch.rand(b, s, d // 2, generator=gen(2)) * 30
-    got = rope(x.to(dev), ang.cos().to(dev), ang.sin().to(dev)).cpu()
+    got = rope(x.to(dev), ang.cos().to(dev), ang.sin().to(dev), per).cpu()
     ref = REF.rope(x, ang.cos(), ang.sin())
     check(got, ref, 1e-6 if dtype == torch.float32 else 8e-3, f"rope {dtype} [{b},{s},{h},{d}]")
 
 
+@ROWS_PER_PROGRAM
 @pytest.mark.parametrize("t", [1, 3, 17])
 @pytest.mark.parametrize("e,n_group,topk_group,top_k,scoring,group_score,norm", [
     (256, 8, 4, 8, "sigmoid", "top2_sum", True),   # DeepSeek-V3
@@ -391,7 +419,7 @@ def test_rope(vendor, b, s, h, d, dtype):
     (16, 1, 1, 4, "softmax", "none", True),
     (20, 5, 2, 6, "softmax", "top2_sum", False),
 ])
-def test_gate_select(vendor, t, e, n_group, topk_group, top_k, scoring, group_score, norm):
+def test_gate_select(vendor, t, e, n_group, topk_group, top_k, scoring, group_score, norm, per):
     """Same experts and weights as the reference gate, with negative biases (dropped groups must not win)."""
     from dsv3.backends.cuda.gate import gate_select
     from dsv3.core.kernels import GateParams
@@ -402,7 +430,7 @@ def test_gate_select(vendor, t, e, n_group, topk_group, top_k, scoring, group_sc
     p = GateParams(top_k, n_group, topk_group, scoring, group_score, norm, 2.5)
     ref_w, ref_i = REF.moe_gate(x, w, bias, p)
     got_w, got_i = gate_select(torch.nn.functional.linear(x, w).to(dev), None if bias is None else bias.to(dev),
-                               top_k, n_group, topk_group, scoring, group_score, norm, 2.5)
+                               top_k, n_group, topk_group, scoring, group_score, norm, 2.5, per)
     assert torch.equal(got_i.cpu().sort(-1).values, ref_i.sort(-1).values), f"experts differ:\n{got_i}\n{ref_i}"
     order_g, order_r = got_i.cpu().argsort(-1), ref_i.argsort(-1)
     check(got_w.cpu().gather(1, order_g), ref_w.gather(1, order_r), 1e-6, "gate weights")
@@ -499,10 +527,11 @@ def test_mla_latent(vendor, b, s, h, c, r, slots, dtype):
         assert (got.cpu() == 7.0).sum() == (want == 7.0).sum(), f"{what}: other entries were touched"
 
 
+@ROWS_PER_PROGRAM
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape,sliced", [((1, 1, 7168 // 16), False), ((3, 200), False), ((2, 5, 576), True),
                                           ((129, 130), False)])
-def test_rms_norm(vendor, shape, sliced, dtype):
+def test_rms_norm(vendor, shape, sliced, dtype, per):
     """One rounding from fp32, like F.rms_norm; a slice of a wider projection (the model's kv) is read in place."""
     from dsv3.backends.cuda.rms_norm import rms_norm
 
@@ -511,6 +540,6 @@ def test_rms_norm(vendor, shape, sliced, dtype):
     wide = torch.randn(*shape[:-1], shape[-1] + (64 if sliced else 0), generator=g).to(dtype)
     x = wide[..., :shape[-1]]
     w = (torch.rand(shape[-1], generator=g) + 0.5).to(dtype)
-    got = rms_norm(x.to(dev), w.to(dev), 1e-6).cpu()
+    got = rms_norm(x.to(dev), w.to(dev), 1e-6, per).cpu()
     want = REF.rms_norm(x.double(), w.double(), 1e-6)
     check(got, want, {torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype], f"rms_norm {list(shape)} {dtype}")

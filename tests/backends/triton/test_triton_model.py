@@ -64,6 +64,7 @@ def test_logits_no_worse_than_transformers(target, name, tiny_ckpts, references,
 GEN_TARGETS = [t for t in MODEL_TARGETS if t.fp8 is not None and t.id != "rocm-gfx950-e4m3fn"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", GEN_TARGETS, ids=ids(GEN_TARGETS))
 def test_generation_path_matches_full_forward(target, demo_ckpt, monkeypatch):
     """The cpu backend's generation loop on the Triton kernels: cached decode through the MLA decode
