@@ -114,6 +114,24 @@ def _remember_types(ti, tl) -> None:
         self.shape, self.numel, self.name = known
 
     block_type.__init__ = block_init
+    tensor = getattr(tl, "tensor", None)
+    if tensor is None or not hasattr(tl.core, "tuple"):
+        return
+    tensor_init, shapes = tensor.__init__, {}
+
+    def init_tensor(self, handle, type):
+        """A block's shape as Triton keeps it on each tensor (a tuple of constexpr dims and their product), built
+        once per shape and shared: nothing changes them once made."""
+        known = shapes.get(type.shape) if isinstance(type, block_type) else None
+        if known is None:
+            tensor_init(self, handle, type)
+            if isinstance(type, block_type):
+                shapes[type.shape] = (self.shape, self.numel)
+            return
+        self.handle, self.type, self.dtype = handle, type, type.scalar
+        self.shape, self.numel = known
+
+    tensor.__init__ = init_tensor
 
 
 def _convert_narrow_floats_by_table(ti) -> None:
