@@ -1,8 +1,8 @@
 """Triton's interpreter as the tests use it: a GPU's bf16 rounding, and less of its bookkeeping.
 
 The suite runs the cuda and rocm kernels on CPU tensors under TRITON_INTERPRET=1 (most of its time on 2 cores).
-`python tests/triton_interpreter.py SCRIPT ARGS...` runs a script (a benchmark's --smoke) with both installed, as
-the tests that start one do.
+`python tests/triton_interpreter.py SCRIPT ARGS...` runs a script (a benchmark's --smoke) with all of it installed,
+as the tests that start one do.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 
 
 def install() -> None:
-    """Both changes below, where the interpreter runs and Triton has the internals they replace."""
+    """The changes below, where the interpreter runs and Triton has the internals they replace."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
     try:
@@ -26,6 +26,7 @@ def install() -> None:
     _round_bf16_to_nearest_even(ti, tl)
     _list_builtins_once(ti, tl)
     _remember_types(ti, tl)
+    _share_tensor_shapes(tl)
     _convert_narrow_floats_by_table(ti)
 
 
@@ -114,14 +115,18 @@ def _remember_types(ti, tl) -> None:
         self.shape, self.numel, self.name = known
 
     block_type.__init__ = block_init
-    tensor = getattr(tl, "tensor", None)
-    if tensor is None or not hasattr(tl.core, "tuple"):
+
+
+def _share_tensor_shapes(tl) -> None:
+    """Each tensor an op makes gets its block's shape as Triton keeps it (a tuple of constexpr dims and their
+    product), built anew every time (~10% of a GEMM's interpreted time). Nothing changes them once made, so they
+    are built once per shape and shared; tensors that are not blocks keep Triton's own code."""
+    tensor, block_type = getattr(tl, "tensor", None), getattr(tl, "block_type", None)
+    if tensor is None or block_type is None:
         return
     tensor_init, shapes = tensor.__init__, {}
 
     def init_tensor(self, handle, type):
-        """A block's shape as Triton keeps it on each tensor (a tuple of constexpr dims and their product), built
-        once per shape and shared: nothing changes them once made."""
         known = shapes.get(type.shape) if isinstance(type, block_type) else None
         if known is None:
             tensor_init(self, handle, type)
@@ -145,16 +150,15 @@ def _convert_narrow_floats_by_table(ti) -> None:
     tables: dict[tuple, np.ndarray] = {}
 
     def convert_float(input, input_dtype, output_dtype, rounding_mode):
-        bits = input_dtype.primitive_bitwidth
-        data = np.asarray(input)
+        bits, data = input_dtype.primitive_bitwidth, np.ascontiguousarray(input)
         if bits not in (8, 16) or data.itemsize * 8 != bits:
             return convert(input, input_dtype, output_dtype, rounding_mode)
+        width = np.uint8 if bits == 8 else np.uint16
         key = (input_dtype.name, output_dtype.name, rounding_mode)
         table = tables.get(key)
         if table is None:
-            every = np.arange(1 << bits, dtype=np.uint8 if bits == 8 else np.uint16)
-            table = tables[key] = convert(every, input_dtype, output_dtype, rounding_mode)
-        return table[np.ascontiguousarray(data).view(np.uint8 if bits == 8 else np.uint16)]
+            table = tables[key] = convert(np.arange(1 << bits, dtype=width), input_dtype, output_dtype, rounding_mode)
+        return table[data.view(width)]
 
     convert_float.__wrapped__ = convert
     ti._convert_float = convert_float

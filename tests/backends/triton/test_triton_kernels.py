@@ -199,13 +199,14 @@ def test_moe_combine_any_rows_per_program(target, per):
     weights = torch.rand(tokens, k, generator=g)
     shapes = [(inter, dim), (inter, dim), (dim, inter)]  # w1, w3, w2 with the seeds of test_fused_moe
     ws = [quantized_weight(*shape, target, i + 1, experts) for i, shape in enumerate(shapes)]
-    on = [t.to(dev) for t in (x, weights, ids, *ws[0], *ws[1], *ws[2])]
+    tensors = (x, weights, ids, *ws[0], *ws[1], *ws[2])
+    on = [t.to(dev) for t in tensors]
     got = fused_moe(*on, first, target.act_max, target.vendor, rows_per_prog=per).cpu()
     whole = fused_moe(*on, first, target.act_max, target.vendor, rows_per_prog=16).cpu()
     assert torch.equal(got, whole), f"{per} tokens per program: max |diff| {(got - whole).abs().max().item():.3g}"
-    ref = moe_reference(x, weights, ids, *ws[0], *ws[1], *ws[2], first, target)
-    check(got, ref, 8e-3 + 2 * moe_sensitivity(ref, (x, weights, ids, *ws[0], *ws[1], *ws[2], first, target)),
-          f"fused_moe, {per} tokens per program")
+    args = (*tensors, first, target)
+    ref = moe_reference(*args)
+    check(got, ref, 8e-3 + 2 * moe_sensitivity(ref, args), f"fused_moe, {per} tokens per program")
 
 
 def moe_sensitivity(ref, args) -> float:
