@@ -124,23 +124,31 @@ def simulate(chip: Chip):
 
 
 def model_workload(workdir: Path, backend: str, smoke: bool) -> None:
-    """The demo model end to end: a prefill of two prompts, decode steps at batch 2 (eager and static), MTP verify
-    steps of 2 and 3 tokens, in bf16 and (batch 1, not with smoke) fp32."""
+    """The demo model end to end: a prefill of two prompts, MTP verify rounds of 2 (and 3) tokens a row at batch 2
+    (and the adaptive mode's probes at batch 1), decode steps at batch 1 (fixed-shape; and eager, at batch 2 and in
+    fp32, without smoke). The rounds draft whatever the random MTP layer says (adaptive off: with it on, drafts
+    that never land would stop drafting before a verify step ran). The smoke run is the fewest calls that still
+    make every distinct bf16 launch of the full model workload (one of each kernel, dtypes and constexprs: its decode
+    steps at batch 2 and its probes launch what the verify rounds at batch 2 do)."""
     import dsv3
+    from dsv3.core.speculative import speculative_generate
     from dsv3.synthetic import DEMO, write_checkpoint
 
     path = workdir / "demo"
     if not (path / "config.json").is_file():
         write_checkpoint(path, DEMO, seed=0)
+    prompts = [[5, 9, 2, 7, 11], list(range(3, 14))]
     for dtype in ("bf16",) if smoke else ("bf16", "fp32"):
         engine = dsv3.load(path, backend=backend, device="cpu", dtype=dtype)
-        prompts = [[5, 9, 2, 7, 11], list(range(3, 14))]
-        for static in (False, True):  # the eager step and the fixed-shape (graph) step
-            engine.generate(prompts[:1] if dtype == "fp32" else prompts, max_new_tokens=3, ignore_eos=True,
-                            static=static)
         if dtype == "bf16":
             for k in (1,) if smoke else (1, 2):
-                engine.generate(prompts[:1], max_new_tokens=4, ignore_eos=True, speculative="mtp", draft_tokens=k)
+                speculative_generate(engine.model, prompts, max_new_tokens=2 if smoke else 4, draft_tokens=k,
+                                     adaptive=False)
+                if not smoke:  # as users run it: adaptive, its probes' drafts one token at a time
+                    engine.generate(prompts[:1], max_new_tokens=4, ignore_eos=True, speculative="mtp", draft_tokens=k)
+        for static in (True,) if smoke else (False, True):  # the eager step and the fixed-shape (graph) step
+            for batch in (prompts[:1],) if smoke or dtype == "fp32" else (prompts[:1], prompts):
+                engine.generate(batch, max_new_tokens=2 if smoke else 3, ignore_eos=True, static=static)
 
 
 def v3_workload(backend: str) -> None:

@@ -65,3 +65,58 @@ def test_narrow_float_conversions_by_table_equal_tritons_own():
             assert got.dtype == want.dtype and np.array_equal(got, want), f"{src} -> {dst} ({mode})"
             block = rng.choice(every, size=(3, 5))
             assert np.array_equal(ti._convert_float(block, src, dst, mode), original(block, src, dst, mode))
+
+
+_NESTED_KERNEL = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _helper(x):
+    return tl.sum(x * 3, axis=0) + tl.max(x, axis=0)
+
+
+@triton.jit
+def _nested(x_ptr, y_ptr, big, N: tl.constexpr):
+    i = tl.arange(0, N)
+    acc = tl.zeros((N,), dtype=tl.int32)
+    acc += tl.load(x_ptr + i) * big  # int32 overflow: wraps, as on a GPU
+    tl.store(y_ptr + i, acc + _helper(acc) + tl.cdiv(N, 3))
+'''
+
+
+def _run_nested(module) -> torch.Tensor:
+    x = torch.arange(-8, 8, dtype=torch.int32)
+    y = torch.empty(16, dtype=torch.int32)
+    for _ in range(2):  # a second launch finds what the first left patched
+        module._nested[(2,)](x, y, 2**30 + 7, N=16)
+    return y
+
+
+def test_skipped_patches_and_checks_change_no_result(tmp_path, monkeypatch):
+    """triton_interpreter.py leaves out the interpreter's repeated patching of triton.language inside a launch and
+    its overflow checks nobody reads (debug off): a kernel with nested helpers (its own and Triton's) and int32
+    arithmetic that overflows gives Triton's own interpreter's bits, and the launch leaves triton.language and its
+    tensor class as it found them."""
+    import importlib
+    import json
+    import subprocess
+    import sys
+
+    from triton.runtime import interpreter as ti
+
+    assert not ti.interpreter_builder.options.debug and not ti.interpreter_builder.options.sanitize_overflow
+    (tmp_path / "nested_kernel.py").write_text(_NESTED_KERNEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("nested_kernel")
+    _run_nested(module)  # Triton's own first launch leaves tl.tensor.__repr__ and __annotations__ in the class dict
+    before = (dict(vars(tl)), dict(vars(tl.tensor)))
+    got = _run_nested(module)
+    assert (dict(vars(tl)), dict(vars(tl.tensor))) == before, "a launch left triton.language patched"
+    plain = subprocess.run([sys.executable, "-c", "import sys, torch; sys.path[:0] = [sys.argv[1], sys.argv[2]]; "
+                            "import nested_kernel, test_triton_interpreter as t; "
+                            "print(t._run_nested(nested_kernel).tolist())", str(tmp_path), os.path.dirname(__file__)],
+                           env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, check=False)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert got.tolist() == json.loads(plain.stdout.strip().splitlines()[-1]), (got.tolist(), plain.stdout)

@@ -28,6 +28,8 @@ def install() -> None:
     _remember_types(ti, tl)
     _share_tensor_shapes(tl)
     _convert_narrow_floats_by_table(ti)
+    _no_overflow_checks_nobody_reads(ti)
+    _patch_the_language_once_per_launch(ti, tl)
 
 
 def _round_bf16_to_nearest_even(ti, tl) -> None:
@@ -162,6 +164,70 @@ def _convert_narrow_floats_by_table(ti) -> None:
 
     convert_float.__wrapped__ = convert
     ti._convert_float = convert_float
+
+
+def _no_overflow_checks_nobody_reads(ti) -> None:
+    """Every integer +, - and * (index and pointer arithmetic: most of a kernel's ops) is checked for int32 overflow:
+    both operands widened to int64, the op done again, two compares, an and, then a device_assert that does
+    nothing unless the interpreter runs in debug mode (a quarter of a GEMM's interpreted time). A GPU compile
+    drops the same dead check. Off where debug is off; TRITON_DEBUG's runs keep it."""
+    import dataclasses
+
+    builder = getattr(ti, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if options is None or not dataclasses.is_dataclass(options) or getattr(options, "debug", True):
+        return
+    if getattr(options, "sanitize_overflow", False):
+        builder.options = dataclasses.replace(options, sanitize_overflow=False)
+
+
+def _patch_the_language_once_per_launch(ti, tl) -> None:
+    """A launch patches triton.language's builtins for the interpreter and restores them when its grid is done;
+    each call of a @triton.jit helper inside it (ours, and Triton's own: tl.zeros, tl.cdiv, tl.sum ...) patches the
+    same modules again (~1 ms a call, every program; what it returns is thrown away, so the patch is never undone
+    either). Inside a launch, a helper's call patches only modules no earlier patch of that launch covered; what
+    is patched, and what stays patched after the launch, is as in Triton's own code."""
+    import threading
+
+    patch_lang, executor = getattr(ti, "_patch_lang", None), getattr(ti, "GridExecutor", None)
+    if patch_lang is None or executor is None:
+        return
+    local = threading.local()  # per thread (a server's model thread): its open launches
+
+    def open_launches() -> list[frozenset[int] | None]:  # each one's modules its patch covered (None: not yet)
+        if not hasattr(local, "launches"):
+            local.launches = []
+        return local.launches
+
+    def langs(fn) -> frozenset[int]:  # the modules Triton's _patch_lang patches for fn
+        return frozenset(id(v) for v in fn.__globals__.values() if v is tl or v is tl.core)
+
+    class NothingToRestore:
+        def restore(self) -> None:
+            pass
+
+    def patch_lang_once(fn):
+        launches = open_launches()
+        if not launches:
+            return patch_lang(fn)
+        if launches[-1] is not None and langs(fn) <= launches[-1]:
+            return NothingToRestore()
+        scope = patch_lang(fn)  # the launch's own patch, or a helper's (Triton's own: tl.core) it did not cover
+        launches[-1] = langs(fn) | (launches[-1] or frozenset())
+        return scope
+
+    call = executor.__call__
+
+    def launch(self, *args, **kwargs):
+        launches = open_launches()
+        launches.append(None)
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            launches.pop()
+
+    ti._patch_lang = patch_lang_once
+    executor.__call__ = launch
 
 
 if __name__ == "__main__":
