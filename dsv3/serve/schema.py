@@ -7,8 +7,9 @@ most once, the required ones present), nothing beyond the declared properties. A
 `properties` takes any keys (their values meeting `additionalProperties` when that is a schema, none when it is
 false), an array without `items` any values, and a schema with no `type` any JSON value.
 
-Supported: `type` (one or a list), `properties`, `required`, `additionalProperties`, `items`, `minItems`,
-`maxItems`, `enum` and `const` of strings, numbers, booleans and null, `anyOf`, `allOf` of one schema, `$ref` to
+Supported: `type` (one or a list), `properties`, `required`, `additionalProperties`, `items` (a schema, or false
+after `prefixItems`), `prefixItems` (a tuple's items by position, as pydantic writes them), `minItems`, `maxItems`,
+`enum` and `const` of strings, numbers, booleans and null, `anyOf`, `allOf` of one schema, `$ref` to
 `#/...` (`$defs`, `definitions`; recursion included), the strings' `pattern`, `format` (regex.FORMATS: date, time,
 date-time, uuid, ipv4, ipv6, email, uri, duration), `minLength` and `maxLength`, the numbers' `minimum`, `maximum`,
 `exclusiveMinimum` and `exclusiveMaximum` (numbers.py: a bounded number has no exponent and at most 15 digits),
@@ -43,7 +44,7 @@ ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
                       "enum", "const", "anyOf", "allOf", "oneOf", "$ref", "$defs", "definitions", "pattern", "format",
                       "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
-                      "uniqueItems"))
+                      "uniqueItems", "prefixItems"))
 KEYWORDS |= ANNOTATIONS
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _FIRST = {"object": b"{", "array": b"[", "string": b'"', "number": b"-0123456789", "integer": b"-0123456789",
@@ -92,7 +93,8 @@ class Node:
     value); items: the arrays' node (None: any values); enum: the JSON bytes of each allowed value (None: any of
     the types); alts: anyOf's nodes (the node is one of them: nothing else of it counts); text: its strings'
     constraints (None: any string); bounds: its numbers' (None: any number); unique: its arrays' items differ
-    (uniqueItems)."""
+    (uniqueItems); prefix: the nodes of its arrays' first items, one each (prefixItems: `items` holds from there).
+    """
 
     kinds: frozenset
     props: tuple | None = None
@@ -105,6 +107,11 @@ class Node:
     text: Text | None = None
     bounds: Bounds | None = None
     unique: bool = False
+    prefix: tuple = ()
+
+    def item(self, i: int) -> int:
+        """The node of an array's item i (from 0)."""
+        return self.prefix[i] if i < len(self.prefix) else self.items
 
 
 def _kind_of(value) -> set[str]:
@@ -222,14 +229,25 @@ def compile_schema(schema) -> JsonSchema:
         unique = s.get("uniqueItems", False)
         if not isinstance(unique, bool):
             raise SchemaError(f"{where}.uniqueItems must be a boolean, got {unique!r}")
-        if "items" in s:
+        prefix = s.get("prefixItems", [])
+        if not isinstance(prefix, list):
+            raise SchemaError(f"{where}.prefixItems must be a list of schemas")
+        if prefix and unique:
+            raise SchemaError(f"{where}: uniqueItems beside prefixItems is not enforced here")
+        prefix = tuple(node(p, f"{where}.prefixItems[{i}]", depth + 1) for i, p in enumerate(prefix))
+        if s.get("items", True) is False:  # no item past the prefix
+            hi = len(prefix) if hi is None else min(hi, len(prefix))
+            if lo > hi:
+                raise SchemaError(f"{where}: minItems {lo}, but items false ends the array after {hi}")
+            items = node(True, f"{where}.items", depth + 1)  # (never reached: the count stops first)
+        elif "items" in s:
             items = node(s["items"], f"{where}.items", depth + 1)
-        elif lo or hi is not None or unique:  # counted: the array is written here, its values by json_mode
+        elif lo or hi is not None or unique or prefix:  # counted: the array is written here, its values by json_mode
             items = node(True, f"{where}.items", depth + 1)
         if unique:
             uniques.append((at, items, lo, f"{where}.uniqueItems"))
         nodes[at] = Node(frozenset(kinds), props, extra, items, lo, hi, enum, text=text, bounds=bounds,
-                         unique=unique)
+                         unique=unique, prefix=prefix)
         return at
 
     node(schema, "schema", 0)
@@ -666,7 +684,7 @@ class JsonSchema:
             if node.max_items == 0:
                 return []
             frame = ("a", n, count, mode[4], bytes((c,))) if node.unique else ("a", n, count)
-            return self._value(frames + (frame,), node.items, c)
+            return self._value(frames + (frame,), node.item(count), c)
         return []  # "end": only whitespace
 
     # a string with constraints: ("t", node, pattern state (None: no pattern), characters begun (capped at the

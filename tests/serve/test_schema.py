@@ -51,6 +51,14 @@ def schema_of(rng: random.Random, depth: int = 0) -> dict:
         if rng.random() < 0.3:
             out["additionalProperties"] = False
         return out
+    if depth < 3 and pick < 0.34:  # a tuple: items by position, then items of one schema, any, or none
+        out = {"type": "array", "prefixItems": [schema_of(rng, depth + 1) for _ in range(rng.randint(1, 3))]}
+        rest = rng.choice([None, False, {"type": rng.choice(SCALARS)}])
+        if rest is not None:
+            out["items"] = rest
+        if rng.random() < 0.5:
+            out["minItems"] = rng.randint(0, len(out["prefixItems"]))
+        return out
     if depth < 3 and pick < 0.45:
         out = {"type": "array", "items": schema_of(rng, depth + 1)}
         if rng.random() < 0.5:
@@ -130,6 +138,10 @@ def instance_of(rng: random.Random, s: dict, root: dict | None = None):
         return {"k": [1, {"z": None}]} if rng.random() < 0.5 else {}
     if kind == "array":
         lo, hi = s.get("minItems", 0), s.get("maxItems", 3)
+        if "prefixItems" in s:
+            prefix, rest = s["prefixItems"], s.get("items", {"type": "integer"})
+            n = rng.randint(lo, len(prefix) if rest is False else min(hi, len(prefix) + 2))
+            return [instance_of(rng, prefix[i] if i < len(prefix) else rest, root) for i in range(n)]
         if "items" not in s:
             return [1, "two", {"3": [4]}, None, [], 0.5][:rng.randint(lo, hi)]
         return [instance_of(rng, s["items"], root) for _ in range(rng.randint(lo, hi))]
@@ -244,6 +256,10 @@ def test_recursive_and_pydantic_style_schemas():
     ({"anyOf": [{"type": "integer"}, {"type": "null"}]}, '"1"'),
     ({"anyOf": [{"type": "object", "properties": {"a": {}}, "required": ["a"]}, {"type": "array"}]}, '{"b": 1}'),
     (TREE, '{"name": "a", "kids": [{"name": 1}]}'),
+    ({"prefixItems": [{"type": "integer"}, {"type": "string"}]}, '["a", 1]'),  # positions swapped
+    ({"prefixItems": [{"type": "integer"}], "items": {"type": "null"}}, "[1, 2]"),  # past the prefix: items
+    ({"prefixItems": [{"type": "integer"}], "items": False}, "[1, 2]"), ({"items": False}, "[1]"),
+    ({"prefixItems": [{"type": "integer"}, {"type": "string"}], "minItems": 2}, "[1]"),
 ])
 def test_what_the_grammar_does_not_write_is_refused(s, text):
     """Invalid values, and valid ones outside what it writes (another order, an undeclared property)."""
@@ -272,6 +288,8 @@ def test_what_the_grammar_does_not_write_is_refused(s, text):
     ({"$ref": "https://example.com/s.json"}, "inside the schema"), ({"$ref": "#/$defs/none"}, "names nothing"),
     ({"$ref": "#"}, "cycle"), ({"anyOf": [{"type": "string"}], "type": "string"}, "beside"),
     ({"type": "boolean", "enum": ["a", 1]}, "no enum"),
+    ({"prefixItems": [{"type": "integer"}], "uniqueItems": True}, "uniqueItems beside prefixItems"),
+    ({"prefixItems": [{}], "items": False, "minItems": 2}, "items false ends"), ({"prefixItems": {}}, "a list"),
 ])
 def test_what_the_grammar_cannot_promise_is_refused_by_name(s, word):
     with pytest.raises(SchemaError, match=word.replace("$", r"\$")):
@@ -396,6 +414,25 @@ def test_engine_schema_answers_are_the_schedulers(engine):
         assert valid(PERSON, text) if finish == "stop" else walk(compile_schema(PERSON), text) is not None, text
     with pytest.raises(Exception, match="format 'hostname' is not enforced"):
         engine.generate(prompts, max_new_tokens=4, json={"type": "string", "format": "hostname"})
+
+
+def test_pydantic_tuples_are_held_by_position():
+    """pydantic writes tuple[int, str] as prefixItems with minItems = maxItems = 2, tuple[float, ...] as items."""
+    pydantic = pytest.importorskip("pydantic")
+
+    class Shape(pydantic.BaseModel):
+        point: tuple[int, str]
+        rest: tuple[float, ...]
+
+    s = Shape.model_json_schema()
+    g = compile_schema(s)
+    for text in ('{"point": [1, "a"], "rest": []}', '{"point": [-2, ""], "rest": [0.5, 3]}'):
+        st = walk(g, text)
+        assert st is not None and g.ends(st) and valid(s, text), text
+        Shape.model_validate_json(text)
+    for text in ('{"point": [1], "rest": []}', '{"point": [1, "a", 2], "rest": []}', '{"point": ["a", 1], "rest": []}'):
+        st = walk(g, text)
+        assert (st is None or not g.ends(st)) and not valid(s, text), text
 
 
 def test_json_object_is_the_schema_of_any_object():
