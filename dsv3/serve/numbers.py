@@ -1,12 +1,14 @@
-"""JSON Schema's minimum, maximum, exclusiveMinimum and exclusiveMaximum as a question schema.py asks a byte at a
-time: can the number written so far still end within the bounds?
+"""JSON Schema's minimum, maximum, exclusiveMinimum, exclusiveMaximum and a whole multipleOf as a question schema.py
+asks a byte at a time: can the number written so far still end within the bounds?
 
 A bounded number is written without an exponent and with at most DIGITS digits (leading zeros counted), so what it
 can still become is a few arithmetic progressions (more integer digits, then a fraction as fine as the digits left
 allow), each tested against the bounds exactly (fractions.Fraction): a number never starts that cannot end in bounds.
 Bounds are taken as the shortest decimal of their float (0.1 is 1/10), and DIGITS is 15: two decimals of at most 15
 significant digits never round to one double, so a number strictly inside an exclusive bound stays strictly inside
-it for validators that compare doubles (jsonschema, pydantic) too.
+it for validators that compare doubles (jsonschema, pydantic) too. A multipleOf q (a whole number) keeps, of each
+progression, the terms that q divides: themselves a progression (a linear congruence), empty or not. Only whole
+q: validators divide doubles, and 0.07 / 0.01 is not 7 in doubles, so for q = 0.01 they disagree with the decimals.
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ class Bounds:
     lo_open: bool = False
     hi_open: bool = False
     integer: bool = False
+    multiple: int | None = None  # multipleOf: a whole number >= 1
 
     def holds(self, v: Fraction) -> bool:
         return (self.lo is None or v > self.lo or (v == self.lo and not self.lo_open)) and \
-            (self.hi is None or v < self.hi or (v == self.hi and not self.hi_open))
+            (self.hi is None or v < self.hi or (v == self.hi and not self.hi_open)) and \
+            (self.multiple is None or (v / self.multiple).denominator == 1)
 
     def _grid(self, base: Fraction, step: Fraction, count: int, neg: bool) -> bool:
         """Some base + m * step (0 <= m < count), negated where neg, lies within the bounds."""
@@ -50,6 +54,12 @@ class Bounds:
         if hi is not None:
             t = (hi - base) / step
             last = min(last, math.floor(t) - (hi_open and t == math.floor(t)))
+        if self.multiple is not None:  # the terms q divides: m = m0, m0 + period, ...
+            hit = _divisible(base / self.multiple, step / self.multiple)
+            if hit is None:
+                return False
+            m0, period = hit
+            first += (m0 - first) % period
         return first <= last
 
     def reach(self, p: str) -> bool:
@@ -88,3 +98,14 @@ class Bounds:
     def ends(self, p: str) -> bool:
         """The number may end here: whole (a digit last) and within the bounds."""
         return p[-1:].isdigit() and self.holds(Fraction(p))
+
+
+def _divisible(c: Fraction, a: Fraction) -> tuple[int, int] | None:
+    """(m0, period): c + m * a is an integer exactly where m = m0 (mod period), 0 <= m0 < period; None: nowhere."""
+    scale = math.lcm(c.denominator, a.denominator)
+    C, A = int(c * scale), int(a * scale)  # c + m a integer  <=>  C + m A = 0 (mod scale)
+    g = math.gcd(A, scale)
+    if C % g:
+        return None
+    period = scale // g
+    return ((-C // g) * pow(A // g, -1, period)) % period if period > 1 else 0, period

@@ -9,16 +9,16 @@ false), an array without `items` any values, and a schema with no `type` any JSO
 
 Supported: `type` (one or a list), `properties`, `required`, `additionalProperties`, `items` (a schema, or false
 after `prefixItems`), `prefixItems` (a tuple's items by position, as pydantic writes them), `minItems`, `maxItems`,
-`enum` and `const` of strings, numbers, booleans and null, `anyOf`, `allOf` of one schema, `$ref` to
-`#/...` (`$defs`, `definitions`; recursion included), the strings' `pattern`, `format` (regex.FORMATS: date, time,
+`enum` and `const` of strings, numbers, booleans and null, `anyOf`, `allOf` of one schema, `$ref` to `#/...`
+(`$defs`, `definitions`; recursion included), the strings' `pattern`, `format` (regex.FORMATS: date, time,
 date-time, uuid, ipv4, ipv6, email, uri, duration), `minLength` and `maxLength`, the numbers' `minimum`, `maximum`,
-`exclusiveMinimum` and `exclusiveMaximum` (numbers.py: a bounded number has no exponent and at most 15 digits),
-`uniqueItems` over scalars without string or number constraints (an item's value checked where it ends; items of few
-values chosen among those left), `oneOf` where no value can meet two alternatives (they differ in type, or in a
-required property's const/enum: a discriminated union), and the annotations `title`, `description`, `default`,
-`examples`, `$schema`, `$id`, `$comment`, `discriminator`. That covers what pydantic and the OpenAI SDK generate for
-models. Anything else (`multipleOf`, a `oneOf` whose alternatives overlap, a format not listed...) would be a
-promise the grammar cannot keep: `SchemaError` names it, and the server answers 400.
+`exclusiveMinimum`, `exclusiveMaximum` and a whole `multipleOf` (numbers.py: a bounded number has no exponent and
+at most 15 digits), `uniqueItems` over scalars without string or number constraints (an item's value checked where
+it ends; items of few values chosen among those left), `oneOf` where no value can meet two alternatives (they
+differ in type, or in a required property's const/enum: a discriminated union), and the annotations `title`,
+`description`, `default`, `examples`, `$schema`, `$id`, `$comment`, `discriminator`. That covers what pydantic and
+the OpenAI SDK generate for models. Anything else (a `multipleOf` of 0.01, a `oneOf` whose alternatives overlap, a
+format not listed...) would be a promise the grammar cannot keep: `SchemaError` names it, and the server answers 400.
 
 A string with constraints is read as characters: UTF-8 validated, escapes decoded (surrogates only as a pair of
 escapes, high then low: one character), the pattern's automaton stepped a character at a time, lengths counted in
@@ -44,7 +44,7 @@ ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
                       "enum", "const", "anyOf", "allOf", "oneOf", "$ref", "$defs", "definitions", "pattern", "format",
                       "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
-                      "uniqueItems", "prefixItems"))
+                      "uniqueItems", "prefixItems", "multipleOf"))
 KEYWORDS |= ANNOTATIONS
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _FIRST = {"object": b"{", "array": b"[", "string": b'"', "number": b"-0123456789", "integer": b"-0123456789",
@@ -376,16 +376,21 @@ def _text(s: dict, where: str) -> Text | None:
 
 def _bounds(s: dict, where: str, kinds: list) -> Bounds | None:
     """The number bounds of schema s (None: none, or it takes no numbers)."""
-    words = [w for w in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum") if w in s]
+    words = [w for w in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum", "multipleOf") if w in s]
     if not words or (kinds and not {"number", "integer"} & set(kinds)):
         return None
     for w in words:
         if isinstance(s[w], bool) or not isinstance(s[w], (int, float)) or not math.isfinite(s[w]):
             raise SchemaError(f"{where}.{w} must be a number, got {s[w]!r}")
+    q = s.get("multipleOf")
+    if q is not None and (q < 1 or q != int(q)):
+        raise SchemaError(f"{where}: multipleOf {q} is not enforced here, only a whole one (validators divide "
+                          "doubles, and 0.07 / 0.01 is not 7 there: they disagree on the multiples of a fraction)")
     lo = max(((exact(s[w]), w == "exclusiveMinimum") for w in ("minimum", "exclusiveMinimum") if w in s), default=None)
     hi = min(((exact(s[w]), w != "exclusiveMaximum") for w in ("maximum", "exclusiveMaximum") if w in s), default=None)
     integer = "integer" in kinds and "number" not in kinds
-    b = Bounds(lo and lo[0], hi and hi[0], bool(lo and lo[1]), bool(hi and not hi[1]), integer)
+    b = Bounds(lo and lo[0], hi and hi[0], bool(lo and lo[1]), bool(hi and not hi[1]), integer,
+               None if q is None else int(q))
     if not (b.reach("") or b.reach("-")):
         raise SchemaError(f"{where}: no {'integer' if integer else 'number'} of at most {DIGITS} digits lies within "
                           f"{', '.join(f'{w} {s[w]}' for w in words)}")

@@ -103,6 +103,7 @@ STRINGS = [
     {"type": "integer", "minimum": -5, "maximum": 120, "examples": [0, -5, 120, 42]},
     {"type": "number", "exclusiveMinimum": 0, "maximum": 1.5, "examples": [0.001, 1.5, 1, 0.75]},
     {"type": ["number", "null"], "minimum": 2.25, "examples": [2.25, 3, None, 1000.5]},
+    {"type": "integer", "multipleOf": 3, "maximum": 100, "examples": [0, -9, 99, 12]},
     {"type": "array", "items": {"type": "string"}, "uniqueItems": True, "examples": [[], ["a", "b"], ["é", "e"]]},
     {"type": "array", "items": {"enum": ["x", 1, False]}, "uniqueItems": True, "examples": [["x", 1, False], [1]]},
 ]
@@ -272,7 +273,7 @@ def test_what_the_grammar_does_not_write_is_refused(s, text):
     ({"pattern": "a", "format": "date"}, "beside format"), ({"minLength": 3, "maxLength": 2}, "minLength"),
     ({"pattern": r"^\d{5}$", "maxLength": 3}, "no string matches"), ({"maxLength": -1}, "maxLength"),
     ({"$ref": "#/$defs/x"}, "$ref"), ({"type": "text"}, "type"),
-    ({"type": "integer", "multipleOf": 2}, "multipleOf"), ({"enum": [[1]]}, "enum"), ({"required": ["a"]}, "required"),
+    ({"type": "integer", "multipleOf": 0.5}, "multipleOf"), ({"enum": [[1]]}, "enum"), ({"required": ["a"]}, "required"),
     ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "may both take"),
     ({"oneOf": [{"type": "object"}, {"type": "object", "properties": {"a": {"const": 1}}, "required": ["a"]}]},
      "alternatives 0 and 1"), ({"oneOf": [{"type": "string"}, {}]}, "may both"), ({"oneOf": []}, "non-empty"),

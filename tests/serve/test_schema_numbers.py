@@ -1,4 +1,4 @@
-"""json_schema numbers with minimum, maximum, exclusiveMinimum and exclusiveMaximum (schema.py's "b" mode,
+"""json_schema numbers with minimum, maximum, exclusiveMinimum, exclusiveMaximum and multipleOf (schema.py's "b" mode,
 numbers.py): exactly the numbers jsonschema accepts among those written without an exponent in at most 15 digits;
 never a dead end; masks equal to a token-by-token check."""
 
@@ -27,6 +27,10 @@ SCHEMAS = [
     {"type": ["integer", "null"], "minimum": 3, "maximum": 3},
     {"minimum": 100, "maximum": 100.5},  # no type: numbers bounded, anything else free
     {"type": "number", "minimum": 7, "exclusiveMinimum": 7, "maximum": 9, "exclusiveMaximum": 12},
+    {"type": "integer", "multipleOf": 5},
+    {"type": "integer", "multipleOf": 7, "minimum": -20, "exclusiveMaximum": 30},
+    {"type": "number", "multipleOf": 3, "maximum": 50},  # 3.0 and -0.0 are multiples too
+    {"type": ["integer", "null"], "multipleOf": 4.0, "exclusiveMinimum": 2, "maximum": 11},
 ]
 
 
@@ -71,7 +75,8 @@ def test_no_number_it_lets_begin_is_a_dead_end(s):
     ({"type": "integer", "minimum": 0.5, "maximum": 0.9}, "no integer"),
     ({"type": "number", "exclusiveMinimum": 1, "exclusiveMaximum": 1}, "no number"),
     ({"type": "number", "minimum": "3"}, "must be a number"), ({"type": "integer", "maximum": True}, "must be"),
-    ({"type": "number", "multipleOf": 2}, "multipleOf"),
+    ({"type": "number", "multipleOf": 0.01}, "multipleOf 0.01 is not enforced"), ({"multipleOf": 0}, "whole"),
+    ({"type": "integer", "multipleOf": 10, "minimum": 1, "maximum": 9}, "no integer"),
     ({"type": "number", "minimum": 1e20}, "at most 15 digits"),
 ])
 def test_bounds_it_cannot_keep_are_refused_by_name(s, word):
@@ -131,7 +136,7 @@ def test_reach_is_what_brute_force_finds(monkeypatch, integer):
         pick = lambda: Fraction(rng.randint(-1500, 1500), rng.choice([1, 10, 100]))  # noqa: E731
         lo, hi = sorted((pick(), pick()))
         b = N.Bounds(lo if rng.random() < 0.8 else None, hi if rng.random() < 0.8 else None,
-                     rng.random() < 0.5, rng.random() < 0.5, integer)
+                     rng.random() < 0.5, rng.random() < 0.5, integer, rng.choice([None, None, 2, 3, 7, 40]))
         for p, ts in begins.items():
             want = any(b.holds(Fraction(t)) for t in ts)
             assert b.reach(p) == want, f"{b}: {p!r} reach {b.reach(p)}, brute force {want}"
