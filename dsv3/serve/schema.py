@@ -7,8 +7,9 @@ most once, the required ones present), nothing beyond the declared properties. A
 `properties` takes any keys (their values meeting `additionalProperties` when that is a schema, none when it is
 false), an array without `items` any values, and a schema with no `type` any JSON value.
 
-Supported: `type` (one or a list), `properties`, `required`, `additionalProperties`, `items` (a schema, or false
-after `prefixItems`), `prefixItems` (a tuple's items by position, as pydantic writes them), `minItems`, `maxItems`,
+Supported: `type` (one or a list), `properties`, `required`, `additionalProperties`, `propertyNames` (the keys'
+schema), `patternProperties` of one pattern (only its keys are written), `items` (a schema, or false after
+`prefixItems`), `prefixItems` (a tuple's items by position, as pydantic writes them), `minItems`, `maxItems`,
 `enum` and `const` of strings, numbers, booleans and null, `anyOf`, `allOf` of one schema, `$ref` to `#/...`
 (`$defs`, `definitions`; recursion included), the strings' `pattern`, `format` (regex.FORMATS: date, time,
 date-time, uuid, ipv4, ipv6, email, uri, duration), `minLength` and `maxLength`, the numbers' `minimum`, `maximum`,
@@ -18,7 +19,8 @@ it ends; items of few values chosen among those left), `oneOf` where no value ca
 differ in type, or in a required property's const/enum: a discriminated union), and the annotations `title`,
 `description`, `default`, `examples`, `$schema`, `$id`, `$comment`, `discriminator`. That covers what pydantic and
 the OpenAI SDK generate for models. Anything else (a `multipleOf` of 0.01, a `oneOf` whose alternatives overlap, a
-format not listed...) would be a promise the grammar cannot keep: `SchemaError` names it, and the server answers 400.
+format not listed...) would be a promise the grammar cannot keep: `SchemaError` names it, and the server answers
+400.
 
 A string with constraints is read as characters: UTF-8 validated, escapes decoded (surrogates only as a pair of
 escapes, high then low: one character), the pattern's automaton stepped a character at a time, lengths counted in
@@ -44,7 +46,7 @@ ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
                       "enum", "const", "anyOf", "allOf", "oneOf", "$ref", "$defs", "definitions", "pattern", "format",
                       "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
-                      "uniqueItems", "prefixItems", "multipleOf"))
+                      "uniqueItems", "prefixItems", "multipleOf", "propertyNames", "patternProperties"))
 KEYWORDS |= ANNOTATIONS
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _FIRST = {"object": b"{", "array": b"[", "string": b'"', "number": b"-0123456789", "integer": b"-0123456789",
@@ -93,7 +95,8 @@ class Node:
     value); items: the arrays' node (None: any values); enum: the JSON bytes of each allowed value (None: any of
     the types); alts: anyOf's nodes (the node is one of them: nothing else of it counts); text: its strings'
     constraints (None: any string); bounds: its numbers' (None: any number); unique: its arrays' items differ
-    (uniqueItems); prefix: the nodes of its arrays' first items, one each (prefixItems: `items` holds from there).
+    (uniqueItems); prefix: the nodes of its arrays' first items, one each (prefixItems: `items` holds from there);
+    names: props None, the node every key meets (a string schema: propertyNames, or patternProperties' one pattern).
     """
 
     kinds: frozenset
@@ -108,6 +111,7 @@ class Node:
     bounds: Bounds | None = None
     unique: bool = False
     prefix: tuple = ()
+    names: int | None = None
 
     def item(self, i: int) -> int:
         """The node of an array's item i (from 0)."""
@@ -205,11 +209,27 @@ def compile_schema(schema) -> JsonSchema:
             enum = tuple(dict.fromkeys(json.dumps(v, ensure_ascii=False).encode() for v in values))
         at = len(nodes)
         nodes.append(Node(frozenset()))  # its place first: children come after it
-        props = extra = items = None
+        props = extra = items = names = None
         more = s.get("additionalProperties", True)
         if not isinstance(more, (bool, dict)):
             raise SchemaError(f"{where}.additionalProperties must be a boolean or a schema")
-        if "properties" in s:
+        keyed = [w for w in ("properties", "propertyNames", "patternProperties") if w in s]
+        if len(keyed) > 1:
+            raise SchemaError(f"{where}: {keyed[1]} beside {keyed[0]} is not enforced here")
+        if "properties" not in s and s.get("required"):
+            raise SchemaError(f"{where}.required without properties")
+        if "patternProperties" in s:  # the keys written are the pattern's, their values its schema's
+            pp = s["patternProperties"]
+            if not isinstance(pp, dict) or len(pp) != 1:
+                raise SchemaError(f"{where}.patternProperties: one pattern is enforced here (a key two patterns match "
+                                  "meets both schemas)")
+            (pattern, value), = pp.items()
+            names = node({"type": "string", "pattern": pattern}, f"{where}.patternProperties", depth + 1)
+            extra = node(value, f"{where}.patternProperties.{pattern}", depth + 1)
+        elif "propertyNames" in s and more is not False:  # (additionalProperties false: no key at all, below)
+            names = node(s["propertyNames"], f"{where}.propertyNames", depth + 1)
+            extra = node(more, f"{where}.additionalProperties", depth + 1)
+        elif "properties" in s:
             if not isinstance(s["properties"], dict):
                 raise SchemaError(f"{where}.properties must be an object")
             required = s.get("required", [])
@@ -217,8 +237,6 @@ def compile_schema(schema) -> JsonSchema:
                 raise SchemaError(f"{where}.required must list names of properties")
             props = tuple((json.dumps(k, ensure_ascii=False).encode(), node(v, f"{where}.properties.{k}", depth + 1),
                            k in required) for k, v in s["properties"].items())
-        elif "required" in s and s["required"]:
-            raise SchemaError(f"{where}.required without properties")
         elif more is False:
             props = ()  # no key at all: {}
         elif more is not True and more != {}:
@@ -247,7 +265,7 @@ def compile_schema(schema) -> JsonSchema:
         if unique:
             uniques.append((at, items, lo, f"{where}.uniqueItems"))
         nodes[at] = Node(frozenset(kinds), props, extra, items, lo, hi, enum, text=text, bounds=bounds,
-                         unique=unique, prefix=prefix)
+                         unique=unique, prefix=prefix, names=names)
         return at
 
     node(schema, "schema", 0)
@@ -463,7 +481,8 @@ class JsonSchema:
     remaining bytes) one of an enum; ("j", node, json state) a value json_mode's automaton writes; ("o", node,
     next, phase, ws) in an object's punctuation (phase "{" after the brace, "," after a comma, ">" after a value);
     ("k", node, [(remaining bytes, property)]) a key; (":", node, property, ws); ("m", node, phase, ws), ("mk",
-    node, json state) and (";", node, ws): the same for any keys; ("a", node, count, phase, values so far (a
+    node, json state) and (";", node, ws): the same for any keys (a key of propertyNames' schema is a value in a frame
+    ("n", node)); ("a", node, count, phase, values so far (a
     uniqueItems array's, else None), ws) in an array's punctuation; ("end", ws) done."""
 
     nodes: tuple
@@ -536,6 +555,8 @@ class JsonSchema:
             return frames[:-1], ("o", f[1], f[2], ">", 0)
         if f[0] == "m":
             return frames[:-1], ("m", f[1], ">", 0)
+        if f[0] == "n":  # a key of propertyNames' schema: its colon next
+            return frames[:-1], (";", f[1], 0)
         if len(f) == 5:  # an item of unique ones: its bytes (a number's with the byte after it) hold its value
             text = f[4].decode("utf-8", "replace")  # as the answer's text reads it (strings take any bytes)
             try:
@@ -596,6 +617,11 @@ class JsonSchema:
             if required:
                 break
         return out
+
+    def _key_may_begin(self, n: int) -> bool:
+        """A key of node n's any-keys object can begin: a comma is not a dead end."""
+        names = self.nodes[n].names
+        return names is None or bool(self._value((("n", n),), names, 0x22))
 
     def _may_close(self, n: int, start: int) -> bool:
         return not any(req for _, _, req in self.nodes[n].props[start:])
@@ -673,8 +699,13 @@ class JsonSchema:
             if c == 0x7D and phase != ",":
                 return [self._done(frames)]
             if phase == ">":
-                return [(frames, ("m", n, ",", 0))] if c == 0x2C else []
-            return [(frames, ("mk", n, json_mode.step(_ANY, c)))] if c == 0x22 else []
+                return [(frames, ("m", n, ",", 0))] if c == 0x2C and self._key_may_begin(n) else []
+            if c != 0x22:
+                return []
+            names = self.nodes[n].names
+            if names is not None:
+                return self._value(frames + (("n", n),), names, c)
+            return [(frames, ("mk", n, json_mode.step(_ANY, c)))]
         if kind == "a":
             n, count, phase = mode[1], mode[2], mode[3]
             node = self.nodes[n]

@@ -35,6 +35,13 @@ def schema_of(rng: random.Random, depth: int = 0) -> dict:
     pick = rng.random()
     if depth < 3 and pick < 0.08:
         return {"anyOf": [schema_of(rng, depth + 1) for _ in range(rng.randint(1, 3))], "default": None}
+    if depth < 3 and pick < 0.11:  # keys of a schema: propertyNames, or patternProperties' one pattern
+        names, _ = rng.choice(KEYS)
+        if rng.random() < 0.5:
+            return {"type": "object", "patternProperties": {names["pattern"]: schema_of(rng, depth + 1)}} \
+                if "pattern" in names else {"type": "object", "propertyNames": names}
+        return {"type": "object", "propertyNames": names,
+                "additionalProperties": rng.choice([True, {"type": rng.choice(SCALARS)}, schema_of(rng, depth + 1)])}
     if depth < 3 and pick < 0.14:
         more = rng.choice([False, {"type": rng.choice(SCALARS)}, schema_of(rng, depth + 1)])
         out = {"type": "object", "additionalProperties": more}
@@ -109,6 +116,12 @@ STRINGS = [
 ]
 
 
+#: key schemas (propertyNames; a pattern also as patternProperties) and keys each takes
+KEYS = [({"enum": ["x", "y z", "ok"]}, ["x", "y z", "ok"]), ({"pattern": "^k[0-9]$"}, ["k1", "k7"]),
+        ({"type": "string", "maxLength": 2}, ["", "ab", "é\""]),
+        ({"format": "uuid"}, ["123e4567-e89b-12d3-a456-426614174000"]), ({"pattern": "^[a-c]+$"}, ["a", "cab"])]
+
+
 def of_type(value, kinds) -> bool:
     return jsonschema.Draft202012Validator({"type": kinds}).is_valid(value)
 
@@ -128,6 +141,13 @@ def instance_of(rng: random.Random, s: dict, root: dict | None = None):
     kinds = s.get("type", rng.choice(SCALARS + ["object", "array"]))
     kind = rng.choice(kinds) if isinstance(kinds, list) else kinds
     if kind == "object":
+        keyed = s.get("propertyNames") or next(({"pattern": p} for p in s.get("patternProperties", {})), None)
+        if keyed is not None:
+            keys = next(k for n, k in KEYS if n == keyed)
+            more = next(iter(s["patternProperties"].values())) if "patternProperties" in s else \
+                s.get("additionalProperties", True)
+            more = {"type": "integer"} if more is True else more
+            return {k: instance_of(rng, more, root) for k in rng.sample(keys, rng.randint(0, len(keys)))}
         if "properties" in s:
             return {k: instance_of(rng, v, root) for k, v in s["properties"].items()
                     if k in s.get("required", []) or rng.random() < 0.5}
@@ -261,6 +281,9 @@ def test_recursive_and_pydantic_style_schemas():
     ({"prefixItems": [{"type": "integer"}], "items": {"type": "null"}}, "[1, 2]"),  # past the prefix: items
     ({"prefixItems": [{"type": "integer"}], "items": False}, "[1, 2]"), ({"items": False}, "[1]"),
     ({"prefixItems": [{"type": "integer"}, {"type": "string"}], "minItems": 2}, "[1]"),
+    ({"propertyNames": {"enum": ["a", "b"]}}, '{"c": 1}'), ({"patternProperties": {"^a+$": {}}}, '{"ab": 1}'),
+    ({"patternProperties": {"^a+$": {"type": "null"}}}, '{"aa": 1}'),
+    ({"propertyNames": {"maxLength": 1}, "additionalProperties": {"type": "string"}}, '{"a": 1}'),
 ])
 def test_what_the_grammar_does_not_write_is_refused(s, text):
     """Invalid values, and valid ones outside what it writes (another order, an undeclared property)."""
@@ -291,6 +314,9 @@ def test_what_the_grammar_does_not_write_is_refused(s, text):
     ({"type": "boolean", "enum": ["a", 1]}, "no enum"),
     ({"prefixItems": [{"type": "integer"}], "uniqueItems": True}, "uniqueItems beside prefixItems"),
     ({"prefixItems": [{}], "items": False, "minItems": 2}, "items false ends"), ({"prefixItems": {}}, "a list"),
+    ({"properties": {"a": {}}, "propertyNames": {"maxLength": 1}}, "propertyNames beside properties"),
+    ({"patternProperties": {"^a": {}, "^b": {}}}, "one pattern"),
+    ({"propertyNames": {}, "required": ["a"]}, "required"),
 ])
 def test_what_the_grammar_cannot_promise_is_refused_by_name(s, word):
     with pytest.raises(SchemaError, match=word.replace("$", r"\$")):
@@ -417,23 +443,44 @@ def test_engine_schema_answers_are_the_schedulers(engine):
         engine.generate(prompts, max_new_tokens=4, json={"type": "string", "format": "hostname"})
 
 
-def test_pydantic_tuples_are_held_by_position():
-    """pydantic writes tuple[int, str] as prefixItems with minItems = maxItems = 2, tuple[float, ...] as items."""
+def test_pydantic_tuples_and_keyed_dicts():
+    """pydantic writes tuple[int, str] as prefixItems with minItems = maxItems = 2, tuple[float, ...] as items, a
+    dict keyed by a Literal, an Enum or a UUID with propertyNames, one keyed by a constrained string with
+    patternProperties."""
+    import enum
+    import uuid
+    from typing import Annotated, Literal
+
     pydantic = pytest.importorskip("pydantic")
+
+    class Kind(str, enum.Enum):
+        a = "a"
+        b = "b"
 
     class Shape(pydantic.BaseModel):
         point: tuple[int, str]
         rest: tuple[float, ...]
+        by: dict[Literal["x", "y"], int] = {}
+        kind: dict[Kind, bool] = {}
+        ids: dict[uuid.UUID, int] = {}
+        low: dict[Annotated[str, pydantic.Field(pattern="^[a-z]+$")], int] = {}
 
     s = Shape.model_json_schema()
     g = compile_schema(s)
-    for text in ('{"point": [1, "a"], "rest": []}', '{"point": [-2, ""], "rest": [0.5, 3]}'):
+    u = '"123e4567-e89b-12d3-a456-426614174000"'
+    for text in ('{"point": [1, "a"], "rest": []}', '{"point": [-2, ""], "rest": [0.5, 3], "by": {"y": 1, "x": 2}}',
+                 '{"point": [0, "b"], "rest": [], "kind": {"b": true}, "ids": {%s: 7}, "low": {"ab": 1}}' % u):
         st = walk(g, text)
         assert st is not None and g.ends(st) and valid(s, text), text
         Shape.model_validate_json(text)
-    for text in ('{"point": [1], "rest": []}', '{"point": [1, "a", 2], "rest": []}', '{"point": ["a", 1], "rest": []}'):
+    bad = ['{"point": [1], "rest": []}', '{"point": [1, "a", 2], "rest": []}', '{"point": ["a", 1], "rest": []}']
+    bad += ['{"point": [1, "a"], "rest": [], %s}' % d for d in ('"by": {"z": 1}', '"kind": {"c": 1}', '"ids": {"u": 1}',
+                                                                '"low": {"A": 1}')]  # (jsonschema lets "A" by)
+    for text in bad:
         st = walk(g, text)
-        assert (st is None or not g.ends(st)) and not valid(s, text), text
+        assert st is None or not g.ends(st), text
+        with pytest.raises(pydantic.ValidationError):
+            Shape.model_validate_json(text)
 
 
 def test_json_object_is_the_schema_of_any_object():
