@@ -20,6 +20,7 @@ Under tensor parallel, rank 0 schedules and every rank runs the same forwards (r
 
 from __future__ import annotations
 
+import codecs
 import heapq
 import logging
 import queue
@@ -94,7 +95,9 @@ class Request:
     finish_reason) or ("error", message), through the scheduler's `deliver` (by default: called from the model
     thread). With `params.logprobs`, each token's entry in `logprobs` is (token id, log-probability, [(id,
     log-probability)] of the most likely tokens), else it is None; with `params.prompt_logprobs`, ("prompt",
-    entries) events come first, one per prefill chunk, the prompt's first token's entry (id, None, None).
+    entries) events come first, one per prefill chunk, the prompt's first token's entry (id, None, None). An answer
+    that calls tools sends ("tool_delta", [(call index, its name the first time else None, arguments text)]) as the
+    calls are written (a stream's deltas; their texts add up to the arguments) and ("tools", calls) before "done".
     Log-probabilities are the model's (log-softmax of its logits), whatever the sampling temperature."""
 
     id: str
@@ -126,6 +129,7 @@ class Request:
     reused: int = 0  # prompt tokens found in its slot's cache entries at admission (not read again)
     grammar_state: tuple | None = None  # params.grammar: where the answer so far stands in it (None: broken)
     calls_at: int = -1  # tools: where in `out` the tool calls begin (their tokens are markup, not text)
+    calls_sent: list = field(default_factory=list)  # per call begun: [UTF-8 decoder, argument bytes sent]
 
     def __post_init__(self):
         if self.params.grammar is not None:
@@ -557,6 +561,7 @@ class Scheduler:
                 r.calls_at = len(r.out) - 1
         if r.calls_at >= 0:  # tool-call markup: read back at the end (tools.calls), never text nor a stop string
             self._send(r, "text", ("", [tok], None if p.logprobs is None else [logprob]))
+            self._send_call_progress(r)
             if r.generated >= p.max_tokens or r.length + 1 > self.max_len:
                 self._end(r, "length")
                 return True
@@ -575,6 +580,21 @@ class Scheduler:
         else:
             return False
         return True
+
+    def _send_call_progress(self, r: Request) -> None:
+        """("tool_delta", ...): what the calls' names and arguments have gained with this token (tools.progress)."""
+        deltas = []
+        for j, (name, args) in enumerate(tools.progress(r.out[r.calls_at:], self.vocab.bytes, self.tool_ids)):
+            new = j == len(r.calls_sent)
+            if new:
+                r.calls_sent.append([codecs.getincrementaldecoder("utf-8")("replace"), 0])
+            decoder, sent = r.calls_sent[j]
+            text = decoder.decode(args[sent:])  # (a character split between tokens waits for its last byte)
+            r.calls_sent[j][1] = len(args)
+            if new or text:
+                deltas.append((j, name if new else None, text))
+        if deltas:
+            self._send(r, "tool_delta", deltas)
 
     def _end(self, r: Request, reason: str) -> None:
         """Finish r; an answer that called tools first sends ("tools", [{name, arguments}]) and ends with

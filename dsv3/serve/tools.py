@@ -9,7 +9,8 @@ DeepSeek-V3 writes tool calls with special tokens, as its chat template renders 
 the calls, only a declared function's name and a JSON object as its arguments (json_mode.py; for a function
 declared `strict`, JSON its parameters' schema accepts: schema.py), so a call never names an unknown function or
 carries arguments that do not parse. tool_choice "none" masks the opening token,
-"required" (or one named function) makes the answer open with it. `calls` reads the calls back from the tokens.
+"required" (or one named function) makes the answer open with it. `calls` reads the calls back from the tokens,
+`progress` what a stream can send of them so far.
 
 The checkpoint's template renders the conversation's earlier calls and tool results; it does not describe the
 tools themselves, so `describe` writes them into the system prompt.
@@ -141,22 +142,51 @@ class ToolGrammar:
         return st[0] == "json" and json_mode.in_string(st[1])
 
 
-def calls(tokens: list[int], token_bytes, ids: dict[str, int]) -> list[dict]:
-    """The complete calls among an answer's tokens (from the calls' opening token on), in OpenAI's shape
-    {"name", "arguments"} (arguments: the JSON text). A call cut short (max_tokens) is left out."""
+def _bodies(tokens: list[int], token_bytes, ids: dict[str, int]) -> list[tuple[bytes, bool]]:
+    """Each call begun among an answer's tokens (from the calls' opening token on): the bytes between its separator
+    and its end token (NAME, the opening fence, ARGUMENTS, the closing fence) and whether it has ended."""
     out, body, inside = [], [], False
     for t in tokens:
         if t == ids[SEP]:
             inside, body = True, []
         elif t == ids[CALL_END] and inside:
-            raw = b"".join(body)
-            name, _, args = raw.partition(_OPEN_ARGS)
-            if args.endswith(_CLOSE_ARGS):
-                out.append({"name": name.decode("utf-8", "replace"),
-                            "arguments": args[:-len(_CLOSE_ARGS)].decode("utf-8", "replace")})
+            out.append((b"".join(body), True))
             inside = False
         elif inside:
             body.append(token_bytes[t])
+    if inside:
+        out.append((b"".join(body), False))
+    return out
+
+
+def calls(tokens: list[int], token_bytes, ids: dict[str, int]) -> list[dict]:
+    """The complete calls among an answer's tokens (from the calls' opening token on), in OpenAI's shape
+    {"name", "arguments"} (arguments: the JSON text). A call cut short (max_tokens) is left out."""
+    out = []
+    for raw, ended in _bodies(tokens, token_bytes, ids):
+        name, _, args = raw.partition(_OPEN_ARGS)
+        if ended and args.endswith(_CLOSE_ARGS):
+            out.append({"name": name.decode("utf-8", "replace"),
+                        "arguments": args[:-len(_CLOSE_ARGS)].decode("utf-8", "replace")})
+    return out
+
+
+def progress(tokens: list[int], token_bytes, ids: dict[str, int]) -> list[tuple[str, bytes]]:
+    """The calls begun so far whose name is whole, for a stream: (name, the bytes of its arguments so far). Bytes
+    that may yet be the closing fence ("\n```": JSON may hold a newline) are held back until the call ends, so what
+    is sent is always a prefix of the arguments `calls` reads at the end."""
+    out = []
+    for raw, ended in _bodies(tokens, token_bytes, ids):
+        name, found, args = raw.partition(_OPEN_ARGS)
+        if not found:
+            break  # its name is still being written (and no call comes after it yet)
+        if ended:
+            args = args[:-len(_CLOSE_ARGS)] if args.endswith(_CLOSE_ARGS) else args
+        else:
+            held = next((k for k in range(min(len(args), len(_CLOSE_ARGS)), 0, -1)
+                         if _CLOSE_ARGS.startswith(args[-k:])), 0)
+            args = args[:len(args) - held]
+        out.append((name.decode("utf-8", "replace"), args))
     return out
 
 

@@ -96,6 +96,11 @@ def test_calls_are_accepted_and_read_back():
         assert v.advance(grammar(), st, EOS) is not None
         got = tools.calls(toks, v.bytes, MARK)
         assert [(c["name"], json.loads(c["arguments"])) for c in got] == calls
+        whole = [(c["name"], c["arguments"].encode()) for c in got]
+        for i in range(len(toks) + 1):  # what a stream sends: names in order, each argument text a prefix
+            seen = tools.progress(toks[:i], v.bytes, MARK)
+            assert all(n == whole[j][0] and whole[j][1].startswith(a) for j, (n, a) in enumerate(seen)), (i, seen)
+        assert tools.progress(toks, v.bytes, MARK) == whole
     one = answer([("get", {})], index, rng)
     assert tools.calls(one[:-3], v.bytes, MARK) == []  # a call cut before its end is left out
 
@@ -195,7 +200,14 @@ def run(engine, body: dict, bias: dict[str, float]) -> tuple[list[tuple[str, obj
         assert done.acquire(timeout=120), s.error
     finally:
         s.shutdown()
-    return [e for e in events if e[0] != "text"], r.out
+    streamed: dict[int, list] = {}  # the deltas a stream sends, which add up to each call whole
+    for kind, data in events:
+        for j, name, text in data if kind == "tool_delta" else ():
+            assert (name is None) == (j in streamed), events
+            streamed.setdefault(j, [name, ""])[1] += text
+    whole = [[c["name"], c["arguments"]] for kind, data in events if kind == "tools" for c in data]
+    assert [streamed[j] for j in range(len(whole))] == whole, (streamed, whole)
+    return [e for e in events if e[0] not in ("text", "tool_delta")], r.out
 
 
 def test_the_scheduler_returns_calls_of_declared_functions(engine):
@@ -262,9 +274,15 @@ def test_the_server_answers_tool_calls_to_the_openai_client(server, engine):
     assert whole.choices[0].finish_reason == "tool_calls" and msg.tool_calls, whole
     assert msg.tool_calls[0].function.name == "get_weather" and msg.tool_calls[0].id.startswith("call_")
     assert isinstance(json.loads(msg.tool_calls[0].function.arguments), dict)
+    # streamed as OpenAI does: a call's first delta its id, type and name, then pieces of its arguments
     assert finish == "tool_calls" and [d[0].function.name for d in streamed.values()] == \
         [c.function.name for c in msg.tool_calls]
-    assert [d[0].function.arguments for d in streamed.values()] == [c.function.arguments for c in msg.tool_calls]
+    for deltas in streamed.values():
+        assert deltas[0].id.startswith("call_") and deltas[0].type == "function"
+        assert all(d.id is None and d.function.name is None for d in deltas[1:])
+    assert ["".join(d.function.arguments for d in deltas) for deltas in streamed.values()] == \
+        [c.function.arguments for c in msg.tool_calls]
+    assert len(streamed[0]) > 2, streamed  # the arguments came as they were written, not whole at the end
 
 
 BAD = [
