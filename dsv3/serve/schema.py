@@ -17,7 +17,8 @@ date-time, uuid, ipv4, ipv6, email, uri, duration), `minLength` and `maxLength`,
 at most 15 digits), `uniqueItems` over scalars without string or number constraints (an item's value checked where
 it ends; items of few values chosen among those left), `oneOf` where no value can meet two alternatives (they
 differ in type, or in a required property's const/enum: a discriminated union), and the annotations `title`,
-`description`, `default`, `examples`, `$schema`, `$id`, `$comment`, `discriminator`. That covers what pydantic and
+`description`, `default`, `examples`, `$schema`, `$id`, `$comment`, `discriminator`, `readOnly`, `writeOnly`,
+`deprecated` (and the formats binary, path and password: any text). That covers what pydantic and
 the OpenAI SDK generate for models. Anything else (a `multipleOf` of 0.01, a `oneOf` whose alternatives overlap, a
 format not listed...) would be a promise the grammar cannot keep: `SchemaError` names it, and the server answers
 400.
@@ -42,7 +43,9 @@ from .regex import FORMATS, MAX_CP, Pattern, PatternError
 
 # (discriminator: OpenAPI's note beside a oneOf, which pydantic writes; the oneOf itself is what is checked)
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment",
-                         "discriminator"))
+                         "discriminator", "readOnly", "writeOnly", "deprecated"))
+#: formats of strings that take any text: pydantic's bytes, Path and SecretStr (jsonschema checks none of them)
+ANY_TEXT_FORMATS = frozenset(("binary", "path", "password"))
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
                       "enum", "const", "anyOf", "allOf", "oneOf", "$ref", "$defs", "definitions", "pattern", "format",
                       "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
@@ -370,7 +373,7 @@ def _text(s: dict, where: str) -> Text | None:
     """The string constraints of schema s (None: none)."""
     if not any(k in s for k in ("pattern", "format", "minLength", "maxLength")):
         return None
-    if "pattern" in s and "format" in s:
+    if "pattern" in s and s.get("format", "binary") not in ANY_TEXT_FORMATS:
         raise SchemaError(f"{where}: pattern beside format is not enforced here (one of them per string)")
     lo, hi = s.get("minLength", 0), s.get("maxLength")
     if not isinstance(lo, int) or isinstance(lo, bool) or lo < 0 or \
@@ -378,10 +381,10 @@ def _text(s: dict, where: str) -> Text | None:
         raise SchemaError(f"{where}: minLength/maxLength must be integers, 0 <= minLength <= maxLength; got "
                           f"{lo!r}/{hi!r}")
     source = s.get("pattern")
-    if "format" in s:
+    if "format" in s and s["format"] not in ANY_TEXT_FORMATS:
         if s["format"] not in FORMATS:
             raise SchemaError(f"{where}.format {s['format']!r} is not enforced here (supported: "
-                              f"{', '.join(FORMATS)})")
+                              f"{', '.join((*FORMATS, *sorted(ANY_TEXT_FORMATS)))})")
         source = FORMATS[s["format"]]
     try:
         text = Text(None if source is None else Pattern(source), lo, hi)

@@ -106,6 +106,8 @@ STRINGS = [
     {"type": "string", "format": "uuid", "examples": ["123e4567-e89b-12d3-a456-426614174000"]},
     {"type": "string", "format": "ipv4", "examples": ["10.0.0.255", "1.2.3.4"]},
     {"type": "string", "format": "email", "examples": ["a.b@c.de", "x+1@mail.example.org"]},
+    {"type": "string", "format": "binary", "examples": ["", "x y\n"]},  # pydantic's bytes: any text
+    {"type": "string", "format": "password", "writeOnly": True, "pattern": "^p", "examples": ["pw", "p"]},
     {"type": "string", "enum": ["ab", "abcd", 5], "maxLength": 3, "examples": ["ab"]},
     {"type": "integer", "minimum": -5, "maximum": 120, "examples": [0, -5, 120, 42]},
     {"type": "number", "exclusiveMinimum": 0, "maximum": 1.5, "examples": [0.001, 1.5, 1, 0.75]},
@@ -446,7 +448,7 @@ def test_engine_schema_answers_are_the_schedulers(engine):
 def test_pydantic_tuples_and_keyed_dicts():
     """pydantic writes tuple[int, str] as prefixItems with minItems = maxItems = 2, tuple[float, ...] as items, a
     dict keyed by a Literal, an Enum or a UUID with propertyNames, one keyed by a constrained string with
-    patternProperties."""
+    patternProperties, bytes and SecretStr as strings of format binary and password (writeOnly)."""
     import enum
     import uuid
     from typing import Annotated, Literal
@@ -464,12 +466,15 @@ def test_pydantic_tuples_and_keyed_dicts():
         kind: dict[Kind, bool] = {}
         ids: dict[uuid.UUID, int] = {}
         low: dict[Annotated[str, pydantic.Field(pattern="^[a-z]+$")], int] = {}
+        blob: bytes = b""  # format binary
+        key: pydantic.SecretStr = pydantic.SecretStr("")  # format password, writeOnly
 
     s = Shape.model_json_schema()
     g = compile_schema(s)
     u = '"123e4567-e89b-12d3-a456-426614174000"'
     for text in ('{"point": [1, "a"], "rest": []}', '{"point": [-2, ""], "rest": [0.5, 3], "by": {"y": 1, "x": 2}}',
-                 '{"point": [0, "b"], "rest": [], "kind": {"b": true}, "ids": {%s: 7}, "low": {"ab": 1}}' % u):
+                 '{"point": [0, "b"], "rest": [], "kind": {"b": true}, "ids": {%s: 7}, "low": {"ab": 1}}' % u,
+                 '{"point": [0, "b"], "rest": [], "blob": "any \\u00e9", "key": "pw"}'):
         st = walk(g, text)
         assert st is not None and g.ends(st) and valid(s, text), text
         Shape.model_validate_json(text)
