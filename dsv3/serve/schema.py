@@ -8,20 +8,20 @@ most once, the required ones present), nothing beyond the declared properties. A
 false), an array without `items` any values, and a schema with no `type` any JSON value.
 
 Supported: `type` (one or a list), `properties`, `required`, `additionalProperties`, `propertyNames` (the keys'
-schema), `patternProperties` of one pattern (only its keys are written), `items` (a schema, or false after
-`prefixItems`), `prefixItems` (a tuple's items by position, as pydantic writes them), `minItems`, `maxItems`,
-`enum` and `const` of strings, numbers, booleans and null, `anyOf`, `allOf` of one schema, `$ref` to `#/...`
-(`$defs`, `definitions`; recursion included), the strings' `pattern`, `format` (regex.FORMATS: date, time,
-date-time, uuid, ipv4, ipv6, email, uri, duration), `minLength` and `maxLength`, the numbers' `minimum`, `maximum`,
-`exclusiveMinimum`, `exclusiveMaximum` and a whole `multipleOf` (numbers.py: a bounded number has no exponent and
-at most 15 digits), `uniqueItems` over scalars without string or number constraints (an item's value checked where
-it ends; items of few values chosen among those left), `oneOf` where no value can meet two alternatives (they
-differ in type, or in a required property's const/enum: a discriminated union), and the annotations `title`,
-`description`, `default`, `examples`, `$schema`, `$id`, `$comment`, `discriminator`, `readOnly`, `writeOnly`,
-`deprecated` (and the formats binary, path and password: any text). That covers what pydantic and
-the OpenAI SDK generate for models. Anything else (a `multipleOf` of 0.01, a `oneOf` whose alternatives overlap, a
-format not listed...) would be a promise the grammar cannot keep: `SchemaError` names it, and the server answers
-400.
+schema), `patternProperties` of one pattern (only its keys are written), `maxProperties` and `minProperties` up to
+1 (any keys: a key written twice counts once), `items` (a schema, or false after `prefixItems`), `prefixItems` (a
+tuple's items by position, as pydantic writes them), `minItems`, `maxItems`, `enum` and `const` of strings,
+numbers, booleans and null, `anyOf`, `allOf` of one schema, `$ref` to `#/...` (`$defs`, `definitions`; recursion
+included), the strings' `pattern`, `format` (regex.FORMATS: date, time, date-time, uuid, ipv4, ipv6, email, uri,
+duration), `minLength` and `maxLength`, the numbers' `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`
+and a whole `multipleOf` (numbers.py: a bounded number has no exponent and at most 15 digits), `uniqueItems` over
+scalars without string or number constraints (an item's value checked where it ends; items of few values chosen
+among those left), `oneOf` where no value can meet two alternatives (they differ in type, or in a required
+property's const/enum: a discriminated union), and the annotations `title`, `description`, `default`, `examples`,
+`$schema`, `$id`, `$comment`, `discriminator`, `readOnly`, `writeOnly`, `deprecated` (and the formats binary, path
+and password: any text). That covers what pydantic and the OpenAI SDK generate for models. Anything else (a
+`multipleOf` of 0.01, a `oneOf` whose alternatives overlap, a format not listed...) would be a promise the grammar
+cannot keep: `SchemaError` names it, and the server answers 400.
 
 A string with constraints is read as characters: UTF-8 validated, escapes decoded (surrogates only as a pair of
 escapes, high then low: one character), the pattern's automaton stepped a character at a time, lengths counted in
@@ -49,7 +49,8 @@ ANY_TEXT_FORMATS = frozenset(("binary", "path", "password"))
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
                       "enum", "const", "anyOf", "allOf", "oneOf", "$ref", "$defs", "definitions", "pattern", "format",
                       "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
-                      "uniqueItems", "prefixItems", "multipleOf", "propertyNames", "patternProperties"))
+                      "uniqueItems", "prefixItems", "multipleOf", "propertyNames", "patternProperties",
+                      "minProperties", "maxProperties"))
 KEYWORDS |= ANNOTATIONS
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _FIRST = {"object": b"{", "array": b"[", "string": b'"', "number": b"-0123456789", "integer": b"-0123456789",
@@ -99,7 +100,8 @@ class Node:
     the types); alts: anyOf's nodes (the node is one of them: nothing else of it counts); text: its strings'
     constraints (None: any string); bounds: its numbers' (None: any number); unique: its arrays' items differ
     (uniqueItems); prefix: the nodes of its arrays' first items, one each (prefixItems: `items` holds from there);
-    names: props None, the node every key meets (a string schema: propertyNames, or patternProperties' one pattern).
+    names: props None, the node every key meets (a string schema: propertyNames, or patternProperties' one pattern);
+    min_props/max_props: props None, how many keys (minProperties at most 1: a key written twice counts once).
     """
 
     kinds: frozenset
@@ -115,6 +117,8 @@ class Node:
     unique: bool = False
     prefix: tuple = ()
     names: int | None = None
+    min_props: int = 0
+    max_props: int | None = None
 
     def item(self, i: int) -> int:
         """The node of an array's item i (from 0)."""
@@ -244,6 +248,21 @@ def compile_schema(schema) -> JsonSchema:
             props = ()  # no key at all: {}
         elif more is not True and more != {}:
             extra = node(more, f"{where}.additionalProperties", depth + 1)
+        least, most = s.get("minProperties", 0), s.get("maxProperties")
+        if not isinstance(least, int) or isinstance(least, bool) or least < 0 or (most is not None and (
+                not isinstance(most, int) or isinstance(most, bool) or most < least)):
+            raise SchemaError(f"{where}: minProperties/maxProperties must be integers, 0 <= minProperties <= "
+                              "maxProperties")
+        if props is not None:  # declared keys: held only where every object written has a count within them
+            if least > sum(req for _, _, req in props) or (most is not None and most < len(props)):
+                raise SchemaError(f"{where}: minProperties/maxProperties beside properties are enforced only where "
+                                  "the required and declared ones already keep them")
+            least, most = 0, None
+        elif least > 1:
+            raise SchemaError(f"{where}: minProperties {least} of an object with any keys is not enforced here (a "
+                              "key written twice counts once); at most 1")
+        elif (least or most is not None) and extra is None:  # counted: the object is written here
+            extra = node(True, f"{where}.additionalProperties", depth + 1)
         lo, hi = s.get("minItems", 0), s.get("maxItems")
         if not isinstance(lo, int) or lo < 0 or (hi is not None and (not isinstance(hi, int) or hi < lo)):
             raise SchemaError(f"{where}: minItems/maxItems must be integers, 0 <= minItems <= maxItems")
@@ -268,7 +287,7 @@ def compile_schema(schema) -> JsonSchema:
         if unique:
             uniques.append((at, items, lo, f"{where}.uniqueItems"))
         nodes[at] = Node(frozenset(kinds), props, extra, items, lo, hi, enum, text=text, bounds=bounds,
-                         unique=unique, prefix=prefix, names=names)
+                         unique=unique, prefix=prefix, names=names, min_props=least, max_props=most)
         return at
 
     node(schema, "schema", 0)
@@ -478,15 +497,16 @@ class JsonSchema:
     """The grammar (masks.py) of one value valid against the compiled schema `nodes` (nodes[0] the root).
 
     A state is a frozenset of deterministic states (frames, mode). Frames (innermost last) say where a finished
-    value returns: ("o", node, next property) in an object with declared properties, ("m", node) in one with any
-    keys, ("a", node, items so far) in an array (of a uniqueItems one: ("a", node, items so far, their values,
-    this item's bytes so far)). Modes: ("v", node, ws) a value of node; ("e", alternatives'
-    remaining bytes) one of an enum; ("j", node, json state) a value json_mode's automaton writes; ("o", node,
-    next, phase, ws) in an object's punctuation (phase "{" after the brace, "," after a comma, ">" after a value);
-    ("k", node, [(remaining bytes, property)]) a key; (":", node, property, ws); ("m", node, phase, ws), ("mk",
-    node, json state) and (";", node, ws): the same for any keys (a key of propertyNames' schema is a value in a frame
-    ("n", node)); ("a", node, count, phase, values so far (a
-    uniqueItems array's, else None), ws) in an array's punctuation; ("end", ws) done."""
+    value returns: ("o", node, next property) in an object with declared properties, ("m", node, keys) in one with
+    any keys, ("a", node, items so far) in an array (of a uniqueItems one: ("a", node, items so far, their values,
+    this item's bytes so far)). Modes: ("v", node, ws) a value of node; ("e", alternatives' remaining bytes) one
+    of an enum; ("j", node, json state) a value json_mode's automaton writes; ("o", node, next, phase, ws) in an
+    object's punctuation (phase "{" after the brace, "," after a comma, ">" after a value); ("k", node,
+    [(remaining bytes, property)]) a key; (":", node, property, ws); ("m", node, phase, keys, ws), ("mk", node,
+    json state, keys) and (";", node, keys, ws): the same for any keys, keys begun counted up to what
+    min/max_props need (a key of propertyNames' schema is a value in a frame ("n", node, keys); a value's frame
+    is ("m", node, keys)); ("a", node, count, phase, values so far (a uniqueItems array's, else None), ws) in an
+    array's punctuation; ("end", ws) done."""
 
     nodes: tuple
 
@@ -557,9 +577,9 @@ class JsonSchema:
         if f[0] == "o":
             return frames[:-1], ("o", f[1], f[2], ">", 0)
         if f[0] == "m":
-            return frames[:-1], ("m", f[1], ">", 0)
+            return frames[:-1], ("m", f[1], ">", f[2], 0)
         if f[0] == "n":  # a key of propertyNames' schema: its colon next
-            return frames[:-1], (";", f[1], 0)
+            return frames[:-1], (";", f[1], f[2], 0)
         if len(f) == 5:  # an item of unique ones: its bytes (a number's with the byte after it) hold its value
             text = f[4].decode("utf-8", "replace")  # as the answer's text reads it (strings take any bytes)
             try:
@@ -597,7 +617,7 @@ class JsonSchema:
                 return []
             if c == 0x5B:
                 return [(frames, ("a", n, 0, "{", frozenset() if node.unique else None, 0))]
-            return [(frames, ("o", n, 0, "{", 0) if node.props is not None else ("m", n, "{", 0))]
+            return [(frames, ("o", n, 0, "{", 0) if node.props is not None else ("m", n, "{", 0, 0))]
         nxt = json_mode.step(_ANY, c)
         return [] if nxt is None else [self._json(frames, n, nxt)]
 
@@ -624,7 +644,7 @@ class JsonSchema:
     def _key_may_begin(self, n: int) -> bool:
         """A key of node n's any-keys object can begin: a comma is not a dead end."""
         names = self.nodes[n].names
-        return names is None or bool(self._value((("n", n),), names, 0x22))
+        return names is None or bool(self._value((("n", n, 0),), names, 0x22))
 
     def _may_close(self, n: int, start: int) -> bool:
         return not any(req for _, _, req in self.nodes[n].props[start:])
@@ -675,7 +695,7 @@ class JsonSchema:
             nxt = json_mode.step(mode[2], c)
             if nxt is None:
                 return []
-            return [(frames, (";", mode[1], 0) if nxt[1] == "A" else ("mk", mode[1], nxt))]
+            return [(frames, (";", mode[1], mode[3], 0) if nxt[1] == "A" else ("mk", mode[1], nxt, mode[3]))]
         ws = mode[-1]
         if c in _WS:
             return [] if ws >= json_mode.MAX_WS else [(frames, mode[:-1] + (ws + 1,))]
@@ -688,7 +708,7 @@ class JsonSchema:
         if kind == ";":
             if c != 0x3A:
                 return []
-            return [(frames + (("m", mode[1]),), ("v", self.nodes[mode[1]].extra, 0))]
+            return [(frames + (("m", mode[1], mode[2]),), ("v", self.nodes[mode[1]].extra, 0))]
         if kind == "o":
             n, nxt, phase = mode[1], mode[2], mode[3]
             if c == 0x7D and phase != "," and self._may_close(n, nxt):
@@ -698,17 +718,20 @@ class JsonSchema:
             left = tuple((k[1:], i) for k, i in self._keys(n, nxt) if k[0] == c)
             return [(frames, ("k", n, left))] if left else []
         if kind == "m":
-            n, phase = mode[1], mode[2]
-            if c == 0x7D and phase != ",":
+            n, phase, keys = mode[1], mode[2], mode[3]
+            node = self.nodes[n]
+            if c == 0x7D and phase != "," and keys >= node.min_props:
                 return [self._done(frames)]
             if phase == ">":
-                return [(frames, ("m", n, ",", 0))] if c == 0x2C and self._key_may_begin(n) else []
-            if c != 0x22:
+                room = node.max_props is None or keys < node.max_props
+                return [(frames, ("m", n, ",", keys, 0))] if c == 0x2C and room and self._key_may_begin(n) else []
+            if c != 0x22 or node.max_props == 0:
                 return []
-            names = self.nodes[n].names
-            if names is not None:
-                return self._value(frames + (("n", n),), names, c)
-            return [(frames, ("mk", n, json_mode.step(_ANY, c)))]
+            cap = node.max_props if node.max_props is not None else node.min_props
+            keys = min(keys + 1, cap)  # (0 where nothing is counted: the states of uncounted objects stay few)
+            if node.names is not None:
+                return self._value(frames + (("n", n, keys),), node.names, c)
+            return [(frames, ("mk", n, json_mode.step(_ANY, c), keys))]
         if kind == "a":
             n, count, phase = mode[1], mode[2], mode[3]
             node = self.nodes[n]

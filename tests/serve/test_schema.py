@@ -45,6 +45,10 @@ def schema_of(rng: random.Random, depth: int = 0) -> dict:
     if depth < 3 and pick < 0.14:
         more = rng.choice([False, {"type": rng.choice(SCALARS)}, schema_of(rng, depth + 1)])
         out = {"type": "object", "additionalProperties": more}
+        if more is not False and rng.random() < 0.6:  # any keys, counted
+            least = rng.randint(0, 1)
+            return {**out, "minProperties": least, **({"maxProperties": least + rng.randint(0, 2)}
+                                                     if rng.random() < 0.7 else {})}
         return out if rng.random() < 0.5 else {**out, "properties": {"a": {"type": "integer"}}}
     if pick < 0.18:
         out = {"type": "array", "minItems": rng.randint(0, 2)}
@@ -157,7 +161,8 @@ def instance_of(rng: random.Random, s: dict, root: dict | None = None):
         if more is False:
             return {}
         if isinstance(more, dict) and more:
-            return {k: instance_of(rng, more, root) for k in rng.sample(["k", "", "é \"", "k2"], rng.randint(0, 3))}
+            lo, hi = s.get("minProperties", 0), min(s.get("maxProperties", 3), 3)
+            return {k: instance_of(rng, more, root) for k in rng.sample(["k", "", "é \"", "k2"], rng.randint(lo, hi))}
         return {"k": [1, {"z": None}]} if rng.random() < 0.5 else {}
     if kind == "array":
         lo, hi = s.get("minItems", 0), s.get("maxItems", 3)
@@ -286,6 +291,8 @@ def test_recursive_and_pydantic_style_schemas():
     ({"propertyNames": {"enum": ["a", "b"]}}, '{"c": 1}'), ({"patternProperties": {"^a+$": {}}}, '{"ab": 1}'),
     ({"patternProperties": {"^a+$": {"type": "null"}}}, '{"aa": 1}'),
     ({"propertyNames": {"maxLength": 1}, "additionalProperties": {"type": "string"}}, '{"a": 1}'),
+    ({"type": "object", "maxProperties": 1}, '{"a": 1, "b": 2}'), ({"minProperties": 1}, "{}"),
+    ({"maxProperties": 0}, '{"a": 1}'), ({"propertyNames": {"enum": ["a", "b"]}, "maxProperties": 1}, '{"a":1,"b":1}'),
 ])
 def test_what_the_grammar_does_not_write_is_refused(s, text):
     """Invalid values, and valid ones outside what it writes (another order, an undeclared property)."""
@@ -319,6 +326,9 @@ def test_what_the_grammar_does_not_write_is_refused(s, text):
     ({"properties": {"a": {}}, "propertyNames": {"maxLength": 1}}, "propertyNames beside properties"),
     ({"patternProperties": {"^a": {}, "^b": {}}}, "one pattern"),
     ({"propertyNames": {}, "required": ["a"]}, "required"),
+    ({"type": "object", "minProperties": 2}, "a key written twice"), ({"maxProperties": -1}, "maxProperties"),
+    ({"properties": {"a": {}}, "minProperties": 1}, "already keep them"),
+    ({"properties": {"a": {}, "b": {}}, "maxProperties": 1}, "already keep them"),
 ])
 def test_what_the_grammar_cannot_promise_is_refused_by_name(s, word):
     with pytest.raises(SchemaError, match=word.replace("$", r"\$")):
@@ -466,6 +476,7 @@ def test_pydantic_tuples_and_keyed_dicts():
         kind: dict[Kind, bool] = {}
         ids: dict[uuid.UUID, int] = {}
         low: dict[Annotated[str, pydantic.Field(pattern="^[a-z]+$")], int] = {}
+        some: Annotated[dict[str, int], pydantic.Field(min_length=1, max_length=2)] = {"a": 1}
         blob: bytes = b""  # format binary
         key: pydantic.SecretStr = pydantic.SecretStr("")  # format password, writeOnly
 
@@ -474,13 +485,14 @@ def test_pydantic_tuples_and_keyed_dicts():
     u = '"123e4567-e89b-12d3-a456-426614174000"'
     for text in ('{"point": [1, "a"], "rest": []}', '{"point": [-2, ""], "rest": [0.5, 3], "by": {"y": 1, "x": 2}}',
                  '{"point": [0, "b"], "rest": [], "kind": {"b": true}, "ids": {%s: 7}, "low": {"ab": 1}}' % u,
-                 '{"point": [0, "b"], "rest": [], "blob": "any \\u00e9", "key": "pw"}'):
+                 '{"point": [0, "b"], "rest": [], "some": {"x": 2}, "blob": "any \\u00e9", "key": "pw"}'):
         st = walk(g, text)
         assert st is not None and g.ends(st) and valid(s, text), text
         Shape.model_validate_json(text)
     bad = ['{"point": [1], "rest": []}', '{"point": [1, "a", 2], "rest": []}', '{"point": ["a", 1], "rest": []}']
     bad += ['{"point": [1, "a"], "rest": [], %s}' % d for d in ('"by": {"z": 1}', '"kind": {"c": 1}', '"ids": {"u": 1}',
-                                                                '"low": {"A": 1}')]  # (jsonschema lets "A" by)
+                                                                '"low": {"A": 1}',  # (jsonschema lets "A" by)
+                                                                '"some": {}', '"some": {"a": 1, "b": 2, "c": 3}')]
     for text in bad:
         st = walk(g, text)
         assert st is None or not g.ends(st), text
