@@ -440,6 +440,27 @@ def test_the_openai_sdk_parses_a_pydantic_model_from_the_answer(server, engine):
     assert isinstance(owner, Owner) and isinstance(owner.pet.kind, Kind), answer
 
 
+def test_the_openai_sdk_parses_tuples_and_keyed_dicts(server, engine):
+    """The newer keywords through the whole path: the SDK's strict schema of a model with a tuple (prefixItems) and a
+    Literal-keyed dict with max_length (propertyNames, maxProperties), the server's grammar, the parsed model."""
+    import asyncio
+    from typing import Annotated, Literal
+
+    pydantic = pytest.importorskip("pydantic")
+
+    class Pick(pydantic.BaseModel):
+        pair: tuple[Literal["a", "b"], bool]
+        counts: Annotated[dict[Literal["x", "y"], Literal[1, 2]], pydantic.Field(max_length=1)]
+
+    tok = engine.tokenizer  # random weights love whitespace: none here
+    bias = {str(i): -100 for i in range(tok.vocab_size) if (b := tok.token_bytes(i)) and not b.strip()}
+    answer = asyncio.run(client(server).chat.completions.parse(
+        model="demo", messages=[{"role": "user", "content": "Pick"}], response_format=Pick, max_tokens=60,
+        temperature=0, logit_bias=bias))
+    pick = answer.choices[0].message.parsed
+    assert isinstance(pick, Pick) and len(pick.counts) <= 1, answer
+
+
 def test_engine_schema_answers_are_the_schedulers(engine):
     """engine.generate(json=schema) (the static decode step, a mask a token) against the scheduler's json_schema:
     the same greedy tokens for a batch of two prompt lengths, and answers the schema accepts."""
