@@ -53,7 +53,6 @@ class _Answer:
         self.emitted = len(self.prompt_text)
         self.finish: str | None = None
         self.calls: list[dict] | None = None  # the tools the answer called (OpenAI's tool_calls entries)
-        self.streamed_calls = 0  # calls a stream has opened with their first delta
 
     def take(self, kind: str, data, keep: bool = True) -> None:
         """A scheduler event ("text", "prompt" or "done"); keep: gather the answer (else only count where it is)."""
@@ -228,19 +227,11 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
                         if want_lp:
                             body_lp = logprobs_body(chat, data[2], piece, [a.emitted - len(data[0])] * len(data[2]))
                         yield _sse(chunk(rid, model_name, created, chat, [a.delta(data[0], data[1], body_lp)]))
-                    elif kind == "tool_delta":  # as OpenAI streams calls: id, name first, then argument pieces
-                        entries = []
-                        for j, name, text in data:
-                            if name is not None:
-                                a.streamed_calls += 1
-                                entries.append({"index": j, **protocol.tool_calls([{"name": name,
-                                                                                    "arguments": text}])[0]})
-                            else:
-                                entries.append({"index": j, "function": {"arguments": text}})
-                        yield _sse(chunk(rid, model_name, created, chat, [choice(a.index, chat, None, None,
-                                                                                 stream=True, tool_calls=entries)]))
-                    elif kind == "tools" and a.calls and not a.streamed_calls:  # (not streamed: each call whole)
-                        entries = [{"index": j, **c} for j, c in enumerate(a.calls)]
+                    elif kind == "tool_delta":  # as OpenAI streams calls: id and name first, then argument pieces
+                        # (the whole calls' "tools" event adds nothing here: its calls came as these deltas)
+                        entries = [{"index": j, **protocol.tool_calls([{"name": name, "arguments": text}])[0]}
+                                   if name is not None else {"index": j, "function": {"arguments": text}}
+                                   for j, name, text in data]
                         yield _sse(chunk(rid, model_name, created, chat, [choice(a.index, chat, None, None,
                                                                                  stream=True, tool_calls=entries)]))
                     elif kind == "done":

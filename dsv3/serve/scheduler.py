@@ -129,7 +129,8 @@ class Request:
     reused: int = 0  # prompt tokens found in its slot's cache entries at admission (not read again)
     grammar_state: tuple | None = None  # params.grammar: where the answer so far stands in it (None: broken)
     calls_at: int = -1  # tools: where in `out` the tool calls begin (their tokens are markup, not text)
-    calls_sent: list = field(default_factory=list)  # per call begun: [UTF-8 decoder, argument bytes sent]
+    call_at: int = -1  # tools: where in `out` the call being written begins (its separator token)
+    calls_sent: dict = field(default_factory=dict)  # per call named, by call_at: [index, UTF-8 decoder, bytes sent]
 
     def __post_init__(self):
         if self.params.grammar is not None:
@@ -582,19 +583,21 @@ class Scheduler:
         return True
 
     def _send_call_progress(self, r: Request) -> None:
-        """("tool_delta", ...): what the calls' names and arguments have gained with this token (tools.progress)."""
-        deltas = []
-        for j, (name, args) in enumerate(tools.progress(r.out[r.calls_at:], self.vocab.bytes, self.tool_ids)):
-            new = j == len(r.calls_sent)
+        """("tool_delta", ...): what the call being written has gained with this token (its name the first time,
+        then argument text). Only that call is read again (tools.progress): the ones before it were sent whole."""
+        if r.out[-1] == self.tool_ids[tools.SEP]:
+            r.call_at = len(r.out) - 1
+        if r.call_at < 0:
+            return
+        for name, args in tools.progress(r.out[r.call_at:], self.vocab.bytes, self.tool_ids):  # (at most one)
+            new = r.call_at not in r.calls_sent
             if new:
-                r.calls_sent.append([codecs.getincrementaldecoder("utf-8")("replace"), 0])
-            decoder, sent = r.calls_sent[j]
+                r.calls_sent[r.call_at] = [len(r.calls_sent), codecs.getincrementaldecoder("utf-8")("replace"), 0]
+            j, decoder, sent = r.calls_sent[r.call_at]
             text = decoder.decode(args[sent:])  # (a character split between tokens waits for its last byte)
-            r.calls_sent[j][1] = len(args)
+            r.calls_sent[r.call_at][2] = len(args)
             if new or text:
-                deltas.append((j, name if new else None, text))
-        if deltas:
-            self._send(r, "tool_delta", deltas)
+                self._send(r, "tool_delta", [(j, name if new else None, text)])
 
     def _end(self, r: Request, reason: str) -> None:
         """Finish r; an answer that called tools first sends ("tools", [{name, arguments}]) and ends with

@@ -159,35 +159,37 @@ def _bodies(tokens: list[int], token_bytes, ids: dict[str, int]) -> list[tuple[b
     return out
 
 
-def calls(tokens: list[int], token_bytes, ids: dict[str, int]) -> list[dict]:
-    """The complete calls among an answer's tokens (from the calls' opening token on), in OpenAI's shape
-    {"name", "arguments"} (arguments: the JSON text). A call cut short (max_tokens) is left out."""
-    out = []
-    for raw, ended in _bodies(tokens, token_bytes, ids):
-        name, _, args = raw.partition(_OPEN_ARGS)
-        if ended and args.endswith(_CLOSE_ARGS):
-            out.append({"name": name.decode("utf-8", "replace"),
-                        "arguments": args[:-len(_CLOSE_ARGS)].decode("utf-8", "replace")})
-    return out
-
-
-def progress(tokens: list[int], token_bytes, ids: dict[str, int]) -> list[tuple[str, bytes]]:
-    """The calls begun so far whose name is whole, for a stream: (name, the bytes of its arguments so far). Bytes
-    that may yet be the closing fence ("\n```": JSON may hold a newline) are held back until the call ends, so what
-    is sent is always a prefix of the arguments `calls` reads at the end."""
+def _parts(tokens: list[int], token_bytes, ids: dict[str, int]) -> list[tuple[str, bytes, bool]]:
+    """Each call begun whose name is whole: (name, its arguments' bytes so far, whether the call is complete). In a
+    call still being written, bytes that may yet be the closing fence ("\n```": JSON may hold a newline) are held
+    back, so its arguments so far are always a prefix of what they are once it is complete."""
     out = []
     for raw, ended in _bodies(tokens, token_bytes, ids):
         name, found, args = raw.partition(_OPEN_ARGS)
         if not found:
             break  # its name is still being written (and no call comes after it yet)
-        if ended:
-            args = args[:-len(_CLOSE_ARGS)] if args.endswith(_CLOSE_ARGS) else args
-        else:
+        whole = ended and args.endswith(_CLOSE_ARGS)
+        if whole:
+            args = args[:-len(_CLOSE_ARGS)]
+        elif not ended:
             held = next((k for k in range(min(len(args), len(_CLOSE_ARGS)), 0, -1)
                          if _CLOSE_ARGS.startswith(args[-k:])), 0)
             args = args[:len(args) - held]
-        out.append((name.decode("utf-8", "replace"), args))
+        out.append((name.decode("utf-8", "replace"), args, whole))
     return out
+
+
+def calls(tokens: list[int], token_bytes, ids: dict[str, int]) -> list[dict]:
+    """The complete calls among an answer's tokens (from the calls' opening token on), in OpenAI's shape
+    {"name", "arguments"} (arguments: the JSON text). A call cut short (max_tokens) is left out."""
+    return [{"name": name, "arguments": args.decode("utf-8", "replace")}
+            for name, args, whole in _parts(tokens, token_bytes, ids) if whole]
+
+
+def progress(tokens: list[int], token_bytes, ids: dict[str, int]) -> list[tuple[str, bytes]]:
+    """The calls begun so far whose name is whole, for a stream: (name, the bytes of its arguments so far), always
+    a prefix of the arguments `calls` reads once the call is complete."""
+    return [(name, args) for name, args, _ in _parts(tokens, token_bytes, ids)]
 
 
 def describe(tools: list[dict]) -> str:
