@@ -43,6 +43,8 @@ class Engine:
         #: the last calls' captured steps and caches, replayed by a next call of the same shape (see release())
         self.steps = StepPool()
         self._vocab = None  # json=True: the vocabulary as grammars mask it (serve/masks.py), built once
+        #: json with speculative decoding: ((batch, draft_tokens, eos), the serve.Scheduler that runs it), kept
+        self._drafting_scheduler = None
 
     @property
     def max_seq_len(self) -> int:
@@ -77,6 +79,7 @@ class Engine:
         latent cache of the batch and span; call it before other work needs that memory, or after replacing a
         weight tensor, which the kept steps would not see)."""
         self.steps.clear()
+        self._drafting_scheduler = None
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, static: bool = False, speculative: str | None = None,
@@ -115,10 +118,10 @@ class Engine:
         if json is not False and json is not None:
             if json is not True and not isinstance(json, dict):
                 raise DsvError(f"json={json!r}: True (one JSON object) or a JSON schema as a dict")
-            if speculative or ignore_eos:
-                raise DsvError("json decodes one token a step and ends where the JSON does: run it without "
-                               f"{'speculative decoding' if speculative else 'ignore_eos'}")
-            constrain = self._json_masks(len(prompts), eos, json)
+            if ignore_eos:
+                raise DsvError("json ends where the JSON does: run it without ignore_eos")
+            if not speculative:
+                constrain = self._json_masks(len(prompts), eos, json)
         if speculative:
             from .core.speculative import speculative_generate
 
@@ -126,6 +129,8 @@ class Engine:
                 raise DsvError(f"prompt of {longest} tokens + {max_new_tokens} new tokens + room for {draft_tokens} "
                                f"drafts exceeds the context of {self.max_seq_len}; shorten the prompt or raise "
                                "--max-seq-len")
+            if json is not False and json is not None:
+                return self._json_drafted(prompts, max_new_tokens, temperature, top_p, seed, eos, draft_tokens, json)
             out, self.last_stats = speculative_generate(self.model, prompts, max_new_tokens, draft_tokens, temperature,
                                                         top_p, eos, seed, self.dtype, graphs=self.cuda_graphs,
                                                         pool=self.steps)
@@ -134,11 +139,9 @@ class Engine:
                                         graphs=self.cuda_graphs, static=static, pool=self.steps, constrain=constrain)
         return out
 
-    def _json_masks(self, rows: int, eos: tuple[int, ...], json: bool | dict):
-        """decode_tokens' `constrain` for `rows` answers that are each one JSON object (serve/json_mode.py) or,
-        `json` a schema, JSON it accepts (serve/schema.py)."""
+    def _grammar(self, json: bool | dict):
+        """The grammar of json=True (one JSON object, serve/json_mode.py) or of a schema (serve/schema.py)."""
         from .serve.json_mode import JSON_OBJECT
-        from .serve.masks import Vocab
         from .serve.schema import SchemaError, compile_schema
 
         try:
@@ -148,6 +151,14 @@ class Engine:
         if self.tokenizer is None:
             raise DsvError(f"{self.path}: json needs the checkpoint's tokenizer (tokenizer.json) to know each "
                            "token's text")
+        return grammar
+
+    def _json_masks(self, rows: int, eos: tuple[int, ...], json: bool | dict):
+        """decode_tokens' `constrain` for `rows` answers that are each one JSON object (serve/json_mode.py) or,
+        `json` a schema, JSON it accepts (serve/schema.py)."""
+        from .serve.masks import Vocab
+
+        grammar = self._grammar(json)
         if self._vocab is None or self._vocab.eos != frozenset(eos):
             self._vocab = Vocab.of(self.tokenizer, eos, self.cfg.vocab_size, self.model.rope_cos.device)
         vocab, states, ended = self._vocab, [grammar.start] * rows, [False] * rows
@@ -164,6 +175,51 @@ class Engine:
                     logits[b].masked_fill_(~vocab.allowed(grammar, st), float("-inf"))
             return logits
         return constrain
+
+    def _json_drafted(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+                      seed: int | None, eos: tuple[int, ...], draft_tokens: int, json: bool | dict) -> list[list[int]]:
+        """json with speculative="mtp": the prompts as requests of the server's scheduler, the one decode loop that
+        masks verified drafts (each position as if the drafts before it were accepted: serve/speculation.py), run
+        here to the end. Row b samples with seed + b. The scheduler (its caches and captured steps) is kept for the
+        next call of the same batch size and drafts (release() frees it)."""
+        from .serve.drafting import DraftPolicy
+        from .serve.scheduler import Request, Sampling, Scheduler
+        from .serve.text import TextStream
+
+        grammar = self._grammar(json)
+        key = (len(prompts), draft_tokens, tuple(eos))
+        if self._drafting_scheduler is None or self._drafting_scheduler[0] != key:
+            self._drafting_scheduler = None  # the old one's caches go before the new one's are allocated
+            sched = Scheduler(self, max_batch=len(prompts), max_waiting=len(prompts), eos_ids=eos, speculative="mtp",
+                              draft_tokens=draft_tokens, prefix_cache=False)
+            self._drafting_scheduler = key, sched
+        sched = self._drafting_scheduler[1]
+        answers: list[list[int]] = [[] for _ in prompts]
+
+        def emit(b: int):
+            def take(kind: str, data) -> None:
+                if kind == "text":
+                    answers[b].extend(data[1])
+            return take
+        reqs = [Request(str(b), list(p), Sampling(max_new_tokens, temperature, top_p,
+                                                  None if seed is None else seed + b, grammar=grammar),
+                        emit(b), TextStream(self.tokenizer.decode)) for b, p in enumerate(prompts)]
+        spec = sched.spec
+        spec.policy = DraftPolicy(draft_tokens)  # each call judges drafting afresh, as speculative_generate does
+        drafted, accepted, probes, t0 = spec.drafted, spec.accepted, spec.probes, time.perf_counter()
+        sched.complete(*reqs)
+        end = time.perf_counter()
+        first = max(r.first_token_at or end for r in reqs)  # every prompt read and its first token chosen
+        drafted, accepted = spec.drafted - drafted, spec.accepted - accepted
+        rounds = drafted // draft_tokens  # rows' rounds that drafted
+        self.last_stats = Stats(prefill_tokens=sum(map(len, prompts)), prefill_s=first - t0,
+                                decode_tokens=sum(map(len, answers)), decode_s=end - first)
+        self.last_stats.extra.update(speculative="mtp", draft_tokens=draft_tokens, rounds=rounds,
+                                     probes=spec.probes - probes,
+                                     acceptance=accepted / max(drafted, 1),
+                                     tokens_per_round=1 + accepted / max(rounds, 1),
+                                     drafting_at_end=spec.policy.drafting)
+        return answers
 
 
 def load(path: str | Path, backend: str = "auto", dtype: str | torch.dtype = "bf16", device=None,

@@ -84,12 +84,14 @@ def printable(text: str, keep: str = "\n\t") -> str:
               help="Drafts per step with --speculative (1 is the MTP layer's design; more chain it on itself).")
 @click.option("--json", "json_object", is_flag=True,
               help="Answer with one JSON object: each token is masked to what continues one, and the answer ends "
-                   "where the object closes (one cut by --max-new-tokens is its beginning). Not with --speculative.")
+                   "where the object closes (one cut by --max-new-tokens is its beginning). With --speculative, "
+                   "each drafted token is masked as if the drafts before it were accepted: the same answer.")
 @click.option("--json-schema", "json_schema", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Answer with JSON that this schema (a .json file) accepts, as the server's response_format "
-                   "json_schema: type, properties, required, items, min/maxItems, enum/const, anyOf, $ref, and "
-                   "strings' pattern, format (date, time, date-time, uuid, ipv4, ipv6, email, uri, duration), "
-                   "min/maxLength, numbers' minimum/maximum (exclusive too), uniqueItems of scalars. Implies --json.")
+                   "json_schema: what pydantic's model_json_schema() writes for common types (objects, lists, "
+                   "tuples, dicts, enums, unions, $ref, strings' pattern/format/lengths, numbers' bounds and "
+                   "multipleOf; the README lists the keywords). A keyword it cannot keep is refused by name before "
+                   "the weights load. Implies --json.")
 @click.pass_context
 def run(ctx, ckpt: Path, backend, dtype, device, cpu_weights, prompt, input_file, interactive, max_new_tokens, temperature,
         top_p, seed, max_seq_len, attn, raw, cuda_graphs, speculative, draft_tokens, json_object,

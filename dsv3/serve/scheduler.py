@@ -240,6 +240,20 @@ class Scheduler:
         finally:
             self.running = False
 
+    def complete(self, *reqs: Request) -> None:
+        """Submit reqs and run the model loop in the calling thread until the scheduler is idle again: the way
+        engine.generate reaches what only the scheduler does (JSON answers with MTP drafting). One process (a
+        tensor-parallel scheduler's followers would wait for `run`'s plans); an error raises here."""
+        if self.model.par.world_size > 1:
+            raise DsvError("Scheduler.complete runs on one process; under tensor parallel use `dsv3 serve`")
+        self.submit(*reqs)
+        self._admit()
+        while self.active:
+            self._prefill()
+            self._decode()
+            self._flush()
+            self._admit()
+
     def start(self) -> None:
         """The model loop in a thread (embedding, tests): simpler, but see `run` for the cost."""
         self.running = True

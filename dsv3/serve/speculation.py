@@ -51,6 +51,7 @@ class Drafting:
                                           main.kv.device)
         scheduler.runner.mtp_cache = self.cache
         self.drafted = self.accepted = 0
+        self.probes = 0  # probe steps in all (engine.generate's stats)
         self.probe_steps = 0  # plain steps since the MTP cache last caught up (policy.probe_every apart)
 
     def prefilled(self, rows: list[Request], starts: list[int], take: list[int], hidden: torch.Tensor) -> None:
@@ -185,6 +186,7 @@ class Drafting:
             r.length += 1
             self.s.emit(r, toks[b], now, lps.get(b))
         self.probe_steps += 1
+        self.probes += 1
         if self.probe_steps >= self.policy.probe_every:
             self.probe_steps = 0
             self._catch_up([r for r in rows if r.slot >= 0 and r.pending])

@@ -173,8 +173,11 @@ def test_run_json_answers_one_object(demo_ckpt):
         assert isinstance(json.loads(text), dict)
     except json.JSONDecodeError:
         assert advance(START, text.encode()) is not None, text  # cut by --max-new-tokens: the beginning of one
-    bad = dsv3("run", demo_ckpt, "--prompt", "x", "--json", "--speculative", "mtp")
-    assert bad.exit_code != 0 and "without speculative decoding" in bad.output, bad.output
+    greedy = dsv3("run", demo_ckpt, "--prompt", "x", "--json", "--max-new-tokens", "24", "--dtype", "fp32")
+    drafted = dsv3("run", demo_ckpt, "--prompt", "x", "--json", "--max-new-tokens", "24", "--dtype", "fp32",
+                   "--speculative", "mtp")
+    assert drafted.exit_code == 0 and "acceptance" in drafted.stderr, drafted.output
+    assert drafted.stdout == greedy.stdout, (drafted.stdout, greedy.stdout)
 
 
 def test_run_json_schema_answers_what_the_schema_accepts(demo_ckpt, tmp_path):

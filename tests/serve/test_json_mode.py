@@ -218,8 +218,28 @@ def test_engine_json_answers_are_the_schedulers(engine):
     want = run(s, engine, [(str(i), p, Sampling(24, grammar=JSON_OBJECT)) for i, p in enumerate(prompts)])
     assert got == [want[str(i)][0] for i in range(2)]
     assert got != engine.generate(prompts, max_new_tokens=24), "the grammar changes nothing here"
-    with pytest.raises(Exception, match="without speculative decoding"):
-        engine.generate(prompts, max_new_tokens=4, json=True, speculative="mtp")
+    with pytest.raises(Exception, match="without ignore_eos"):
+        engine.generate(prompts, max_new_tokens=4, json=True, ignore_eos=True)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_engine_json_with_mtp_drafts_gives_the_same_greedy_tokens(engine, k):
+    """engine.generate(json=..., speculative="mtp") runs the scheduler's drafting loop (each verified position
+    masked as if the drafts before it were accepted): the tokens of JSON decoding without drafts, for an object
+    and a schema, a batch of three prompt lengths; the rounds did draft (the stats say how many)."""
+    prompts = [engine.tokenizer.encode(t) for t in ("A JSON object:", "Reply in JSON please, with keys", "x")]
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string", "maxLength": 5}},
+              "required": ["a", "b"]}
+    for answer in (True, schema):
+        want = engine.generate(prompts, max_new_tokens=30, json=answer)
+        got = engine.generate(prompts, max_new_tokens=30, json=answer, speculative="mtp", draft_tokens=k)
+        assert got == want, (answer, [engine.tokenizer.decode(t) for t in got],
+                             [engine.tokenizer.decode(t) for t in want])
+        st = engine.last_stats.extra
+        assert st["rounds"] > 0 and st["speculative"] == "mtp" and st["draft_tokens"] == k, st
+        assert engine.last_stats.decode_tokens == sum(map(len, got))
+    again = engine.generate(prompts, max_new_tokens=30, json=schema, speculative="mtp", draft_tokens=k)
+    assert again == want, "a second call on the kept scheduler"
 
 
 def test_prepare_grammars_builds_the_vocabulary_before_any_request(engine):
