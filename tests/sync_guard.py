@@ -1,8 +1,10 @@
 """A guard that fails on any host synchronization made from dsv3's own code (issue 12).
 
 Patches the ways Python code waits for a device value: Tensor.item/tolist/__bool__/__int__/__float__/
-cpu/numpy/nonzero and torch.nonzero/bincount/unique/masked_select. Only calls whose caller is a dsv3
-source file count: Triton's interpreter and torch internals may copy to the host as they please.
+cpu/numpy/nonzero and torch.nonzero/bincount/unique/masked_select; and torch.tensor/as_tensor, which copy
+host data to the device (a synchronous copy from pageable memory: inside a CUDA graph capture it fails the
+capture, and with it every graph of the backend). Only calls whose caller is a dsv3 source file count:
+Triton's interpreter and torch internals may copy as they please.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 PKG = str(Path(__file__).parents[1] / "dsv3")
 METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy", "nonzero")
-FUNCTIONS = ("nonzero", "bincount", "unique", "masked_select")
+FUNCTIONS = ("nonzero", "bincount", "unique", "masked_select", "tensor", "as_tensor")
 
 
 class HostSync(AssertionError):

@@ -87,6 +87,44 @@ def test_cuda_decode_step_makes_no_host_sync(prompts, mode, demo_ckpt, monkeypat
     decode_steps(engine, prompts, span_fixed=True)
 
 
+def test_every_static_step_of_the_cuda_backend_makes_no_host_sync(demo_ckpt, monkeypatch):
+    """What a GPU captures besides the decode step: speculative decoding's fused greedy round, its verify and
+    draft steps (sampled rows, substituted drafts), and the server's decode, round, verify and MTP steps. The
+    cuda backend under the interpreter is made to take a GPU's paths (can_capture, each capture declined so the
+    step runs eagerly), and each static step's body runs under the guard: a sync there would fail its graph's
+    capture on a GPU, and every graph of the backend after it."""
+    import os
+
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the cuda backend on CPU tensors: needs TRITON_INTERPRET=1")
+    from dsv3.backends.cuda.backend import CudaKernels
+    from dsv3.core.generate import StaticStep
+    from dsv3.core.speculative import speculative_generate
+    from dsv3.serve.scheduler import Request, Sampling, Scheduler
+    from dsv3.serve.text import TextStream
+
+    monkeypatch.setattr(CudaKernels, "capture_unavailable", lambda self: None)
+    monkeypatch.setattr(CudaKernels, "capture", lambda self, fn: None)
+    ran, run = [], StaticStep._run
+
+    def guarded(self):
+        ran.append(self.what)
+        with no_host_sync():
+            return run(self)
+    monkeypatch.setattr(StaticStep, "_run", guarded)
+    engine = dsv3.load(demo_ckpt, backend="cuda", device="cpu", dtype="bf16")
+    model, prompts = engine.model, [[5, 9, 200], [12]]  # short: each launch is interpreted
+    speculative_generate(model, prompts, 3, 2, adaptive=False)  # greedy: the fused round (2 drafts: chained)
+    speculative_generate(model, prompts, 3, 2, adaptive=False, temperature=1.0, seed=0)  # verify, then draft
+    assert {"round step", "verify step", "draft step"} <= set(ran), set(ran)
+    for speculative, sampling in ((None, Sampling(2)), ("mtp", Sampling(3)), ("mtp", Sampling(3, temperature=1.0))):
+        s = Scheduler(engine, max_batch=2, eos_ids=(), speculative=speculative, draft_tokens=2)
+        s.complete(*(Request(str(b), p, sampling, lambda kind, data: None, TextStream(str)) for b, p in
+                     enumerate(prompts)))
+    assert {f"server {kind} step" for kind in ("decode", "round", "verify", "mtp")} <= set(ran), set(ran)
+
+
 def test_the_guard_catches_a_sync(demo_ckpt):
     engine = dsv3.load(demo_ckpt, backend="reference", dtype="fp32")  # its MoE sizes expert runs on the host
     with pytest.raises(HostSync, match="host synchronization"):
