@@ -152,6 +152,63 @@ class FakeGraphs:
         return replay, out
 
 
+def test_cuda_capture_hands_out_outputs_outside_the_graph_pool(monkeypatch):
+    """CudaKernels.capture with torch.cuda's graph API played by the cpu backend's tape (it records the torch ops
+    run inside `torch.cuda.graph` and replays them): the outputs it hands out are new tensors, refreshed by each
+    replay (copied inside the graph, where no other graph's temporaries can be), in fn's structure (a view of a
+    larger result, a scalar)."""
+    import contextlib
+    import os
+
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("builds the cuda backend on the CPU: needs TRITON_INTERPRET=1")
+    from dsv3.backends.cpu import tape as tape_lib
+    from dsv3.backends.cuda.backend import CudaKernels
+
+    class Graph:
+        def __init__(self):
+            self.tape = tape_lib.Tape()
+
+        def replay(self):
+            self.tape.replay()
+
+        def pool(self):
+            return "pool"
+
+    @contextlib.contextmanager
+    def graph(g, pool=None):
+        with torch.inference_mode(), g.tape:
+            yield
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+    for name, value in (("Stream", lambda device: Stream()), ("current_stream", lambda device: Stream()),
+                        ("stream", lambda s: contextlib.nullcontext()), ("CUDAGraph", Graph), ("graph", graph)):
+        monkeypatch.setattr(torch.cuda, name, value)
+    kernels = CudaKernels("cpu")
+    monkeypatch.setattr(kernels, "capture_unavailable", lambda: None)
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    made = []  # what each run of the step returned (the last: the captured run's, in the graph's pool)
+
+    def step():
+        y = a @ b.T + 1  # [3, 3]
+        made.extend((y, y * b.sum()))
+        return y[:, 0], made[-1].sum()  # a view and a scalar
+    with torch.inference_mode():
+        replay, out = kernels.capture(step)
+        assert len(made) == 6, "two warm-ups and the captured run"
+        ptr = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
+        assert not {ptr(o) for o in out} & {ptr(t) for t in made}, "an output is the step's own (pool) tensor"
+        a.copy_(torch.randn(3, 4))
+        b.copy_(torch.randn(3, 4))
+        replay()
+        want = step()
+    assert isinstance(out, tuple) and [o.shape for o in out] == [torch.Size([3]), torch.Size([])]
+    assert all(torch.equal(o, w) for o, w in zip(out, want))
+
+
 def test_captured_step_replays_into_static_buffers(demo_ckpt, monkeypatch):
     engine = dsv3.load(demo_ckpt, backend="cpu", dtype="fp32")
     eager = engine.generate(PROMPTS, max_new_tokens=10)

@@ -40,6 +40,16 @@ def _no_triton() -> str | None:
     return None
 
 
+def _outputs(out, copy):
+    """A step's outputs (a tensor, or a tuple or list of them and other values): with copy=None, new tensors like
+    them; else copied into copy's tensors (the same structure), which are returned."""
+    if isinstance(out, torch.Tensor):
+        return out.clone() if copy is None else copy.copy_(out)
+    if isinstance(out, (tuple, list)):
+        return type(out)(_outputs(o, None if copy is None else c) for o, c in zip(out, copy or out))
+    return out
+
+
 class CudaKernels(ReferenceKernels):
     name = "cuda"
     device_type = "cuda"
@@ -147,7 +157,14 @@ class CudaKernels(ReferenceKernels):
 
     def capture(self, fn):
         """A CUDA (HIP on ROCm) graph of fn, after two warm-up runs on a side stream (Triton compiles,
-        the allocator settles); all graphs of this backend share one memory pool."""
+        the allocator settles); all graphs of this backend share one memory pool.
+
+        What fn returns is copied, inside the graph, into tensors allocated outside that pool, and those are the
+        outputs a replay refreshes. Graphs sharing a pool are safe only replayed in the order they were captured,
+        and ours are not (batch buckets come and go, verify and draft steps interleave with decode steps): a graph
+        captured later may get, for its outputs, memory an earlier graph freed after using it for temporaries, and
+        that graph's next replay would overwrite them before they are read (a server row's draft logits are read
+        a round later). Temporaries are dead between replays, so they may share; outputs may not."""
         if self.capture_unavailable() is not None:
             return None
         try:
@@ -155,13 +172,14 @@ class CudaKernels(ReferenceKernels):
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    fn()
+                    out = fn()
             torch.cuda.current_stream(self.device).wait_stream(stream)
+            kept = _outputs(out, copy=None)  # allocated now, outside the pool
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._graph_pool):
-                out = fn()
+                _outputs(fn(), copy=kept)
             self._graph_pool = graph.pool()
-            return graph.replay, out
+            return graph.replay, kept
         except Exception as e:  # a host sync or an uncapturable op inside the step: run eagerly, say why once
             self.graphs_ok = False
             say_once(f"{self.name}: decode-step graph capture failed ({type(e).__name__}: {e}); running eagerly")
