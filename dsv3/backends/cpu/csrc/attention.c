@@ -135,7 +135,8 @@ static void group_attention(const float *ql, const float *qp, int g, const uint1
 #endif
 
 /* q_lat = q_nope @ w_uk[h] (fp32 [C]) for one head */
-static void absorb(const uint16_t *qn, const void *w_uk, int w_bf16, int64_t h, int64_t N, int64_t C, float *ql) {
+static void absorb(const uint16_t *qn, const void *w_uk, int w_bf16, int64_t h, int64_t N,
+                                           int64_t C, float *ql) {
     for (int64_t c = 0; c < C; c++) ql[c] = 0.0f;
     for (int64_t n = 0; n < N; n++) { /* ql += q[n] * w_uk[h, n, :] */
         const float q = bf16_scalar(qn[n]);
@@ -149,19 +150,9 @@ static void absorb(const uint16_t *qn, const void *w_uk, int w_bf16, int64_t h, 
     }
 }
 
-#if defined(GROUPED)
-/* query qh = (b, i, h) of q_nope/q_pe in the latent space: ql [Q * H, C] (through w_uk) and qp [Q * H, R], fp32 */
-static void latent_query(const uint16_t *q_nope, int64_t qs, int64_t qss, int64_t hs, const uint16_t *q_pe, int64_t ps,
-                         int64_t pss, int64_t phs, const void *w_uk, int w_bf16, int64_t qh, int64_t S, int64_t H,
-                         int64_t N, int64_t C, int64_t R, float *ql, float *qp) {
-    const int64_t b = qh / (S * H), i = qh / H % S, h = qh % H;
-    absorb(q_nope + b * qs + i * qss + h * hs, w_uk, w_bf16, h, N, C, ql + qh * C);
-    for (int64_t r = 0; r < R; r++) qp[qh * R + r] = bf16_scalar(q_pe[b * ps + i * pss + h * phs + r]);
-}
-#endif
-
 /* y = o @ w_uv[h], rounded to bf16 [V] */
-static void project(const float *o, const void *w_uv, int w_bf16, int64_t h, int64_t C, int64_t V, uint16_t *y) {
+static void project(const float *o, const void *w_uv, int w_bf16, int64_t h, int64_t C,
+                                            int64_t V, uint16_t *y) {
     float out[512];
     for (int64_t j0 = 0; j0 < V; j0 += 512) { /* V is the value head dim (128 in V3); chunked for any */
         int64_t len = V - j0 < 512 ? V - j0 : 512;
@@ -178,6 +169,78 @@ static void project(const float *o, const void *w_uv, int w_bf16, int64_t h, int
         for (int64_t j = 0; j < len; j++) y[j0 + j] = to_bf16(out[j]);
     }
 }
+
+#if defined(GROUPED)
+/* The latent queries of one head for queries q0 <= q < q1 (q = b * S + i): ql[q - q0] = q_nope[b, i, h] @ w_uk[h]
+ * (fp32 [C], rows ldq apart) and qp[q - q0] = q_pe[b, i, h] (fp32 [R]). Each weight row is widened once and added
+ * into every query's row: a verify step's or a batch's queries share one read of w_uk[h] (V3: 128 KB a head in
+ * bf16, 16 MB a layer), where a query at a time read it once each. Every (query, c) sums over n in the same order
+ * as absorb() above, so the result is the same bit for bit, whatever the company. wf: C + (q1 - q0) * N floats of
+ * scratch. */
+static void absorb_queries(const uint16_t *q_nope, int64_t qs, int64_t qss, int64_t hs, const uint16_t *q_pe,
+                           int64_t ps, int64_t pss, int64_t phs, const void *w_uk, int w_bf16, int64_t h, int64_t S,
+                           int64_t N, int64_t C, int64_t R, int64_t q0, int64_t q1, float *ql, float *qp, int64_t ldq,
+                           int64_t ldp, float *wf) {
+    for (int64_t q = q0; q < q1; q++) {
+        float *dst = ql + (q - q0) * ldq;
+        const uint16_t *src = q_pe + q / S * ps + q % S * pss + h * phs;
+        for (int64_t c = 0; c < C; c++) dst[c] = 0.0f;
+        for (int64_t r = 0; r < R; r++) qp[(q - q0) * ldp + r] = bf16_scalar(src[r]);
+    }
+    if (q1 - q0 == 1) { /* one query: nothing to share, absorb() as it is */
+        absorb(q_nope + q0 / S * qs + q0 % S * qss + h * hs, w_uk, w_bf16, h, N, C, ql);
+        return;
+    }
+    float *qn = wf + C; /* the queries' q_nope[.., h] in fp32 [q1 - q0, N] */
+    for (int64_t q = q0; q < q1; q++) {
+        const uint16_t *src = q_nope + q / S * qs + q % S * qss + h * hs;
+        for (int64_t n = 0; n < N; n++) qn[(q - q0) * N + n] = bf16_scalar(src[n]);
+    }
+    for (int64_t n = 0; n < N; n++) { /* ql[q] += q[n] * w_uk[h, n, :] */
+        const float *w = w_bf16 ? wf : (const float *)w_uk + (h * N + n) * C;
+        if (w_bf16) {
+            const uint16_t *wb = (const uint16_t *)w_uk + (h * N + n) * C;
+            for (int64_t c = 0; c < C; c++) wf[c] = bf16_scalar(wb[c]);
+        }
+        for (int64_t q = q0; q < q1; q++) {
+            const float qv = qn[(q - q0) * N + n];
+            float *dst = ql + (q - q0) * ldq;
+            for (int64_t c = 0; c < C; c++) dst[c] += qv * w[c];
+        }
+    }
+}
+
+/* y[q] = o[q - q0] @ w_uv[h] rounded to bf16 [V] (y rows ldy apart), for queries q0 <= q < q1 of one head (o rows
+ * ldo apart): each row of w_uv[h] widened once for all of them, every sum in project()'s order. out: (q1 - q0 + 1)
+ * * min(V, 512) floats of scratch. */
+static void project_queries(const float *o, int64_t ldo, const void *w_uv, int w_bf16, int64_t h, int64_t C, int64_t V,
+                            int64_t q0, int64_t q1, uint16_t *y, int64_t ldy, float *out) {
+    const int64_t nq = q1 - q0;
+    float *wf = out + nq * (V < 512 ? V : 512);
+    if (nq == 1) { /* one query: nothing to share, project() as it is */
+        project(o, w_uv, w_bf16, h, C, V, y + q0 * ldy);
+        return;
+    }
+    for (int64_t j0 = 0; j0 < V; j0 += 512) { /* V is the value head dim (128 in V3); chunked for any */
+        const int64_t len = V - j0 < 512 ? V - j0 : 512;
+        for (int64_t i = 0; i < nq * len; i++) out[i] = 0.0f;
+        for (int64_t c = 0; c < C; c++) { /* out[q] += o[q][c] * w_uv[h, c, :] */
+            const float *w = w_bf16 ? wf : (const float *)w_uv + (h * C + c) * V + j0;
+            if (w_bf16) {
+                const uint16_t *wb = (const uint16_t *)w_uv + (h * C + c) * V + j0;
+                for (int64_t j = 0; j < len; j++) wf[j] = bf16_scalar(wb[j]);
+            }
+            for (int64_t i = 0; i < nq; i++) {
+                const float oc = o[i * ldo + c];
+                float *dst = out + i * len;
+                for (int64_t j = 0; j < len; j++) dst[j] += oc * w[j];
+            }
+        }
+        for (int64_t i = 0; i < nq; i++)
+            for (int64_t j = 0; j < len; j++) y[(q0 + i) * ldy + j0 + j] = to_bf16(out[i * len + j]);
+    }
+}
+#endif
 
 #if !defined(GROUPED)
 /* one head over Tb keys (builds without AVX-512 or AVX2): o [C] fp32, normalized; s [Tb] scratch */
@@ -213,7 +276,11 @@ static void head_attention(const float *ql, const uint16_t *qp, const uint16_t *
  * With AVX-512 or AVX2 an item is a group of heads of one query over a chunk of its keys (KEY_CHUNK; the chunks of
  * a long context merged after): the group shares each key tile, and a key is read from memory once per group. The
  * chunks depend on the context only and each head's sums run in the same order whatever its group, so a row's
- * result does not depend on its batch. Other builds take one head over all its keys an item. */
+ * result does not depend on its batch. The projections through w_uk and w_uv go a head at a time over every query
+ * of a pass (absorb_queries, project_queries), before and after the items: a verify step's or a batch's queries
+ * read each head's weights once, not once each (V3's dims, weights from memory as 61 layers' 2 GB are, on a 2-core
+ * Xeon: 8 queries 1.3-1.5x, 2 queries 1.1-1.2x; one query unchanged). Other builds take one head over all its keys
+ * an item. */
 void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t qss, int64_t hs, const uint16_t *q_pe, int64_t ps,
                        int64_t pss, int64_t phs, const void *w_uk, const void *w_uv, int w_bf16, const uint16_t *kv,
                        const uint16_t *pe, uint16_t *y, int64_t B, int64_t S, int64_t H, int64_t N, int64_t T, int64_t C,
@@ -228,18 +295,20 @@ void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t qss, int64_t 
     while (G > 4 && Q * ((H + G - 1) / G) * chunks < threads) G = (G + 1) / 2;
     const int64_t groups = (H + G - 1) / G, per_query = groups * chunks * G * (C + 2); /* floats of partial sums */
     const int64_t QS = dsv3_mla_part_floats / per_query > 1 ? dsv3_mla_part_floats / per_query : 1; /* a pass */
-    float *ql = malloc((size_t)(Q * H * (C + R)) * sizeof(float)), *qp = ql + Q * H * C;
-    float *part = malloc((size_t)((QS < Q ? QS : Q) * per_query) * sizeof(float)); /* per item: o [G, C], m, l [G] */
+    const int64_t QP = QS < Q ? QS : Q, VC = V < 512 ? V : 512; /* queries a pass; value dims a projection chunk */
+    float *ql = malloc((size_t)(QP * H * (C + R)) * sizeof(float)), *qp = ql + QP * H * C; /* the pass's queries */
+    float *part = malloc((size_t)(QP * per_query) * sizeof(float)); /* per item: o [G, C], m, l [G] */
+    float *ob = chunks > 1 ? malloc((size_t)(QP * H * C) * sizeof(float)) : NULL; /* merged o [nq, H, C] */
+    const int64_t scratch = C + QP * N > (QP + 1) * VC ? C + QP * N : (QP + 1) * VC;
 #pragma omp parallel num_threads(threads)
     {
-        float *sc = malloc((size_t)(G * KEY_TILE + C) * sizeof(float)), *merged = sc + G * KEY_TILE;
-        if (chunks > 1) { /* several items share a query's heads: its latent queries first */
-#pragma omp for schedule(static)
-            for (int64_t qh = 0; qh < Q * H; qh++) latent_query(q_nope, qs, qss, hs, q_pe, ps, pss, phs, w_uk, w_bf16,
-                                                                qh, S, H, N, C, R, ql, qp);
-        }
+        float *sc = malloc((size_t)(G * KEY_TILE + scratch) * sizeof(float)), *wf = sc + G * KEY_TILE;
         for (int64_t q0 = 0; q0 < Q; q0 += QS) { /* every thread takes every pass; the items of one are shared */
             const int64_t nq = Q - q0 < QS ? Q - q0 : QS;
+#pragma omp for schedule(static)
+            for (int64_t h = 0; h < H; h++) /* the latent queries, a head at a time: w_uk[h] read once a pass */
+                absorb_queries(q_nope, qs, qss, hs, q_pe, ps, pss, phs, w_uk, w_bf16, h, S, N, C, R, q0, q0 + nq,
+                               ql + h * C, qp + h * R, H * C, H * R, wf);
 #pragma omp for schedule(static)
             for (int64_t it = 0; it < nq * groups * chunks; it++) { /* item (query, group, chunk) */
                 const int64_t q = q0 + it / (groups * chunks), h0 = it / chunks % groups * G, ch = it % chunks;
@@ -251,41 +320,42 @@ void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t qss, int64_t 
                     for (int h = 0; h < g; h++) m[h] = -INFINITY, l[h] = 0.0f;
                     continue;
                 }
-                if (chunks == 1) /* the item is the query's heads h0.. whole: no other needs them, no merge follows */
-                    for (int64_t h = h0; h < h0 + g; h++)
-                        latent_query(q_nope, qs, qss, hs, q_pe, ps, pss, phs, w_uk, w_bf16, q * H + h, S, H, N, C, R,
-                                     ql, qp);
-                group_attention(ql + (q * H + h0) * C, qp + (q * H + h0) * R, (int)g, kv + slot * kvs, pe + slot * pes,
-                                t0, t1, C, R, scale, sc, o, m, l);
-                if (chunks == 1)
-                    for (int64_t j = 0; j < g; j++) {
+                group_attention(ql + ((q - q0) * H + h0) * C, qp + ((q - q0) * H + h0) * R, (int)g, kv + slot * kvs,
+                                pe + slot * pes, t0, t1, C, R, scale, sc, o, m, l);
+                if (chunks == 1) /* the item is the query's heads h0.. whole: normalized where it lies */
+                    for (int64_t j = 0; j < g; j++)
                         for (int64_t c = 0; c < C; c++) o[j * C + c] /= l[j];
-                        project(o + j * C, w_uv, w_bf16, h0 + j, C, V, y + (q * H + h0 + j) * V);
-                    }
             }
-            if (chunks == 1) continue;
+            if (chunks > 1) {
 #pragma omp for schedule(static)
-            for (int64_t qh = 0; qh < nq * H; qh++) { /* the chunks merged, normalized, projected to the value dims */
-                const int64_t h = qh % H, it0 = (qh / H * groups + h / G) * chunks, j = h % G;
-                float top = -INFINITY, total = 0.0f, *o = merged;
-                for (int64_t ch = 0; ch < chunks; ch++) {
-                    const float mc = part[(it0 + ch) * G * (C + 2) + G * C + j];
-                    top = mc > top ? mc : top;
+                for (int64_t qh = 0; qh < nq * H; qh++) { /* the chunks merged and normalized */
+                    const int64_t h = qh % H, it0 = (qh / H * groups + h / G) * chunks, j = h % G;
+                    float top = -INFINITY, total = 0.0f, *o = ob + qh * C;
+                    for (int64_t ch = 0; ch < chunks; ch++) {
+                        const float mc = part[(it0 + ch) * G * (C + 2) + G * C + j];
+                        top = mc > top ? mc : top;
+                    }
+                    for (int64_t c = 0; c < C; c++) o[c] = 0.0f;
+                    for (int64_t ch = 0; ch < chunks; ch++) {
+                        const float *oc = part + (it0 + ch) * G * (C + 2), mc = oc[G * C + j], lc = oc[G * C + G + j];
+                        if (lc == 0.0f) continue;
+                        const float w = expf(mc - top);
+                        total += lc * w;
+                        for (int64_t c = 0; c < C; c++) o[c] += w * oc[j * C + c];
+                    }
+                    for (int64_t c = 0; c < C; c++) o[c] /= total;
                 }
-                for (int64_t c = 0; c < C; c++) o[c] = 0.0f;
-                for (int64_t ch = 0; ch < chunks; ch++) {
-                    const float *oc = part + (it0 + ch) * G * (C + 2), mc = oc[G * C + j], lc = oc[G * C + G + j];
-                    if (lc == 0.0f) continue;
-                    const float w = expf(mc - top);
-                    total += lc * w;
-                    for (int64_t c = 0; c < C; c++) o[c] += w * oc[j * C + c];
-                }
-                for (int64_t c = 0; c < C; c++) o[c] /= total;
-                project(o, w_uv, w_bf16, h, C, V, y + (q0 * H + qh) * V);
+            }
+#pragma omp for schedule(static)
+            for (int64_t h = 0; h < H; h++) { /* to the value dims, a head at a time: w_uv[h] read once a pass */
+                const float *o = chunks > 1 ? ob + h * C : part + h / G * G * (C + 2) + h % G * C;
+                project_queries(o, chunks > 1 ? H * C : per_query, w_uv, w_bf16, h, C, V, q0, q0 + nq, y + h * V,
+                                H * V, wf);
             }
         }
         free(sc);
     }
+    free(ob);
     free(part);
     free(ql);
 #else
