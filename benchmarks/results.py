@@ -155,16 +155,23 @@ def checkpoint_tensor_bytes(path) -> tuple[int, int]:
     return total, held
 
 
-def l3_size() -> str:
-    """This CPU's level-3 cache as the kernel reports it ("32 MiB"), or "its" where it does not say."""
+def l3_bytes() -> int | None:
+    """This CPU's level-3 cache in bytes as the kernel reports it, or None where it does not say."""
     for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
         try:
             if (index / "level").read_text().strip() == "3":
-                kib = int((index / "size").read_text().strip().rstrip("K"))
-                return f"{kib // 1024} MiB" if kib >= 1024 else f"{kib} KiB"
+                return int((index / "size").read_text().strip().rstrip("K")) * 1024
         except (OSError, ValueError):
             pass
-    return "its"
+    return None
+
+
+def l3_size() -> str:
+    """This CPU's level-3 cache as the kernel reports it ("32 MiB"), or "its" where it does not say."""
+    size = l3_bytes()
+    if size is None:
+        return "its"
+    return f"{size // 2**20} MiB" if size >= 2**20 else f"{size // 1024} KiB"
 
 
 def cpu_line() -> str:

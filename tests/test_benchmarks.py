@@ -144,7 +144,7 @@ def test_grammar_masks_benchmark_smoke():
 
 @pytest.mark.parametrize("script,rows", [
     # the C attention kernel and plain torch side by side, a figure for each
-    ("cpu_attention.py", ["| 2 | 1500 |", "x** |"]),
+    ("cpu_attention.py", ["| 2 x 1 | 1500 |", "| 1 x 2 | 300 |", "x** |"]),
     # FP8 and bf16 linear rates and the read rate, K not a multiple of 64 or 128
     ("cpu_linear.py", ["| tail (129 x 1029) | 2 |", "FP8"]),
 ])
