@@ -321,9 +321,12 @@ def test_softmax_exp_is_accurate(lib):
         assert low.tolist() == [0.0, 0.0, 0.0], f"e^x below -87: {low.tolist()}, want 0"
 
 
-def test_mla_absorbed_rows_do_not_depend_on_their_batch(lib):
-    """Heads are grouped by how many items keep the threads busy (fewer per group for a lone row), and a long
-    context is split into chunks: a row's result is bit for bit the same alone or in a batch, at every length."""
+@pytest.mark.parametrize("share", ["in the items", "by head"])
+def test_mla_absorbed_rows_do_not_depend_on_their_batch(lib, share):
+    """Heads are grouped by how many items keep the threads busy (fewer per group for a lone row), a long context
+    is split into chunks, and where the projections outgrow the cache a batch's queries share each head's (forced
+    here: `dsv3_mla_share_bytes` 0), where a lone query projects its own: a row's result is bit for bit the same
+    alone or in a batch, at every length."""
     g = torch.Generator().manual_seed(5)
     B, H, N, C, R, V, T = 3, 12, 32, 128, 16, 32, 2100
     q = bf16(B, 1, H, N + R, g=g)
@@ -331,7 +334,17 @@ def test_mla_absorbed_rows_do_not_depend_on_their_batch(lib):
     w_uk = (torch.randn(H, N, C, generator=g) * N ** -0.5).bfloat16()
     w_uv = (torch.randn(H, C, V, generator=g) * C ** -0.5).bfloat16()
     kv, pe = bf16(B, T, C, g=g), bf16(B, T, R, g=g)
-    for lens in (None, torch.tensor([[2100], [1024], [7]])):
+    limit = ctypes.c_int64.in_dll(lib.lib, "dsv3_mla_share_bytes")  # (the generic build reads it not)
+    saved, limit.value = limit.value, 0 if share == "by head" else 1 << 40
+    try:
+        check_batch(lib, q_nope, q_pe, w_uk, w_uv, kv, pe)
+    finally:
+        limit.value = saved
+
+
+def check_batch(lib, q_nope, q_pe, w_uk, w_uv, kv, pe):
+    B = q_nope.shape[0]
+    for lens in (None, torch.tensor([[2100], [1024], [7]]), torch.tensor([[900], [1024], [7]])):
         together = lib.mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, pe, 0.3, lens)
         for b in range(B):
             alone = lib.mla_absorbed(q_nope[b:b + 1], q_pe[b:b + 1], w_uk, w_uv, kv[b:b + 1], pe[b:b + 1], 0.3,

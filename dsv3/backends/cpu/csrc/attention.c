@@ -4,6 +4,10 @@
 /* The grouped kernel's (below) partial sums of the chunks held at once (32 MB): a big batch at a long context goes
  * in passes of a few queries (64 x 32K tokens x 128 heads would hold 540 MB). A variable: the tests run passes. */
 int64_t dsv3_mla_part_floats = 8 << 20;
+/* With AVX-512 or AVX2: projections (w_uk and w_uv, all heads) up to this many bytes stay in cache between queries,
+ * so an item projects its own query's heads in place (the grouped kernel's phases cost the 280M model's 0.5 MB 5-18%
+ * at 2-16 queries, measured); beyond, the queries share each head's (below). A variable: the tests take both ways. */
+int64_t dsv3_mla_share_bytes = 1 << 20;
 
 #if defined(DSV3_AVX512) || defined(DSV3_AVX2)
 #define GROUPED 1
@@ -276,11 +280,11 @@ static void head_attention(const float *ql, const uint16_t *qp, const uint16_t *
  * With AVX-512 or AVX2 an item is a group of heads of one query over a chunk of its keys (KEY_CHUNK; the chunks of
  * a long context merged after): the group shares each key tile, and a key is read from memory once per group. The
  * chunks depend on the context only and each head's sums run in the same order whatever its group, so a row's
- * result does not depend on its batch. The projections through w_uk and w_uv go a head at a time over every query
- * of a pass (absorb_queries, project_queries), before and after the items: a verify step's or a batch's queries
- * read each head's weights once, not once each (V3's dims, weights from memory as 61 layers' 2 GB are, on a 2-core
- * Xeon: 8 queries 1.3-1.5x, 2 queries 1.1-1.2x; one query unchanged). Other builds take one head over all its keys
- * an item. */
+ * result does not depend on its batch. Where the projections outgrow the cache (dsv3_mla_share_bytes), those
+ * through w_uk and w_uv go a head at a time over every query of a pass (absorb_queries, project_queries), before and
+ * after the items: a verify step's or a batch's queries read each head's weights once, not once each (V3's dims,
+ * weights from memory as 61 layers' 2 GB are, on a 2-core Xeon: 8 queries 1.3-1.5x, 2 queries 1.1-1.2x; one query
+ * unchanged). The same sums either way. Other builds take one head over all its keys an item. */
 void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t qss, int64_t hs, const uint16_t *q_pe, int64_t ps,
                        int64_t pss, int64_t phs, const void *w_uk, const void *w_uv, int w_bf16, const uint16_t *kv,
                        const uint16_t *pe, uint16_t *y, int64_t B, int64_t S, int64_t H, int64_t N, int64_t T, int64_t C,
@@ -300,15 +304,19 @@ void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t qss, int64_t 
     float *part = malloc((size_t)(QP * per_query) * sizeof(float)); /* per item: o [G, C], m, l [G] */
     float *ob = chunks > 1 ? malloc((size_t)(QP * H * C) * sizeof(float)) : NULL; /* merged o [nq, H, C] */
     const int64_t scratch = C + QP * N > (QP + 1) * VC ? C + QP * N : (QP + 1) * VC;
+    /* the projections by head for all the pass's queries (phases around the items), or in the items themselves */
+    const int phased = chunks > 1 || (Q > 1 && (H * N * C + H * C * V) * (w_bf16 ? 2 : 4) > dsv3_mla_share_bytes);
 #pragma omp parallel num_threads(threads)
     {
         float *sc = malloc((size_t)(G * KEY_TILE + scratch) * sizeof(float)), *wf = sc + G * KEY_TILE;
         for (int64_t q0 = 0; q0 < Q; q0 += QS) { /* every thread takes every pass; the items of one are shared */
             const int64_t nq = Q - q0 < QS ? Q - q0 : QS;
+            if (phased) {
 #pragma omp for schedule(static)
-            for (int64_t h = 0; h < H; h++) /* the latent queries, a head at a time: w_uk[h] read once a pass */
-                absorb_queries(q_nope, qs, qss, hs, q_pe, ps, pss, phs, w_uk, w_bf16, h, S, N, C, R, q0, q0 + nq,
-                               ql + h * C, qp + h * R, H * C, H * R, wf);
+                for (int64_t h = 0; h < H; h++) /* the latent queries, a head at a time: w_uk[h] read once a pass */
+                    absorb_queries(q_nope, qs, qss, hs, q_pe, ps, pss, phs, w_uk, w_bf16, h, S, N, C, R, q0, q0 + nq,
+                                   ql + h * C, qp + h * R, H * C, H * R, wf);
+            }
 #pragma omp for schedule(static)
             for (int64_t it = 0; it < nq * groups * chunks; it++) { /* item (query, group, chunk) */
                 const int64_t q = q0 + it / (groups * chunks), h0 = it / chunks % groups * G, ch = it % chunks;
@@ -320,12 +328,21 @@ void dsv3_mla_absorbed(const uint16_t *q_nope, int64_t qs, int64_t qss, int64_t 
                     for (int h = 0; h < g; h++) m[h] = -INFINITY, l[h] = 0.0f;
                     continue;
                 }
-                group_attention(ql + ((q - q0) * H + h0) * C, qp + ((q - q0) * H + h0) * R, (int)g, kv + slot * kvs,
-                                pe + slot * pes, t0, t1, C, R, scale, sc, o, m, l);
-                if (chunks == 1) /* the item is the query's heads h0.. whole: normalized where it lies */
+                float *qlq = ql + ((q - q0) * H + h0) * C, *qpq = qp + ((q - q0) * H + h0) * R;
+                if (!phased) /* this query's heads h0.. are the item's alone */
                     for (int64_t j = 0; j < g; j++)
+                        absorb_queries(q_nope, qs, qss, hs, q_pe, ps, pss, phs, w_uk, w_bf16, h0 + j, S, N, C, R, q,
+                                       q + 1, qlq + j * C, qpq + j * R, C, R, wf);
+                group_attention(qlq, qpq, (int)g, kv + slot * kvs, pe + slot * pes, t0, t1, C, R, scale, sc, o, m, l);
+                if (chunks == 1) /* the item is the query's heads h0.. whole: normalized where it lies */
+                    for (int64_t j = 0; j < g; j++) {
                         for (int64_t c = 0; c < C; c++) o[j * C + c] /= l[j];
+                        if (!phased)
+                            project(o + j * C, w_uv, w_bf16, h0 + j, C, V, y + (q * H + h0 + j) * V);
+                    }
             }
+            if (!phased)
+                continue;
             if (chunks > 1) {
 #pragma omp for schedule(static)
                 for (int64_t qh = 0; qh < nq * H; qh++) { /* the chunks merged and normalized */
