@@ -63,9 +63,9 @@ def bench_checkpoint(workdir: Path | None, prefix: str) -> tuple[Path, Path]:
     return work, synthetic_checkpoint(work / "fp8", BENCH_280M, n_shards=8)
 
 
-def perfect_drafts(engine, prompt: list[int], new_tokens: int, rounds: int = 8):
-    """A drafter (for dsv3.core.speculative) that always proposes the run's own next token, for batch 1, k = 1.
-    In bf16 a 2-token verify step may break a near-tie differently from a plain step, so the plain answer is
+def perfect_drafts(engine, prompt: list[int], new_tokens: int, rounds: int = 8, k: int = 1):
+    """A drafter (for dsv3.core.speculative) that always proposes the run's own next k tokens, for batch 1.
+    In bf16 a verify step of 1 + k tokens may break a near-tie differently from a plain step, so the plain answer is
     only the start: rerun with the last answer as the drafts until it no longer changes (a fixed point), at most
     `rounds` times (a smoke run under the interpreter checks the path, not the acceptance: 0)."""
     import torch
@@ -75,10 +75,10 @@ def perfect_drafts(engine, prompt: list[int], new_tokens: int, rounds: int = 8):
     answer = engine.generate([prompt], max_new_tokens=new_tokens)[0]
 
     def drafter(rows, length, out):
-        return torch.tensor([(answer + [0, 0])[len(out[0]):len(out[0]) + 1]])
+        return torch.tensor([(answer + [0] * (k + 1))[len(out[0]):len(out[0]) + k]])
 
     for _ in range(rounds):
-        again, _ = speculative_generate(engine.model, [prompt], new_tokens, 1, eos_ids=tuple(engine.cfg.eos_token_ids),
+        again, _ = speculative_generate(engine.model, [prompt], new_tokens, k, eos_ids=tuple(engine.cfg.eos_token_ids),
                                         drafter=drafter, adaptive=False)
         if again[0] == answer:
             break

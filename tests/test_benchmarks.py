@@ -41,7 +41,7 @@ def test_gpu_e2e_benchmark_smoke(tmp_path):
                        env=env, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     for row in ("dsv3 cuda FP8, graphs", "dsv3 cuda BF16 mode", "transformers bf16, default cache", "/layer",
-                "MTP perfect drafts"):
+                "MTP perfect drafts (k = 1", "MTP perfect drafts (k = 2"):
         assert row in r.stdout, r.stdout
     assert "| nan" not in r.stdout.replace("| nan |", "")  # peak memory is nan without a GPU; nothing else
 
