@@ -130,7 +130,7 @@ def test_speculative_benchmark_smoke(tmp_path):
                        capture_output=True,
                        text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "| DEMO |" in r.stdout and "2.00 tokens/step" in r.stdout, r.stdout
+    assert "| DEMO |" in r.stdout and "2.00 tokens/step" in r.stdout and "perfect drafts, k = 2" in r.stdout, r.stdout
 
 
 def test_grammar_masks_benchmark_smoke():
