@@ -66,5 +66,8 @@ def _train(dst: Path, config: dict, seed: int, shards: int, bf16: bool, steps: i
     g = torch.Generator().manual_seed(seed + 12345)
     prompts = [torch.randint(1, config["vocab_size"], (6,), generator=g).tolist() for _ in range(8)]
     _, stats = speculative_generate(engine.model, prompts, 48, 1, eos_ids=(), adaptive=False)
+    _, chained = speculative_generate(engine.model, prompts, 48, 2, eos_ids=(), adaptive=False)  # on its own output
     click.echo(f"trained the MTP layer ({steps} steps): acceptance {stats.extra['acceptance']:.0%} of one draft per "
-               f"step on 8 unseen prompts ({stats.extra['tokens_per_round']:.2f} tokens per step)")
+               f"step on 8 unseen prompts ({stats.extra['tokens_per_round']:.2f} tokens per step); chained for 2 "
+               f"drafts per step, {chained.extra['acceptance']:.0%} ({chained.extra['tokens_per_round']:.2f} tokens "
+               "per step)")
