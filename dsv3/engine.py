@@ -186,6 +186,9 @@ class Engine:
         from .serve.scheduler import Request, Sampling, Scheduler
         from .serve.text import TextStream
 
+        if self.par.world_size > 1:  # the scheduler's followers would wait for plans no rank sends
+            raise DsvError("json with speculative decoding runs in one process; under tensor parallel serve it "
+                           "(torchrun ... -m dsv3 serve ... --speculative mtp) or drop speculative decoding")
         grammar = self._grammar(json)
         key = (len(prompts), draft_tokens, tuple(eos))
         if self._drafting_scheduler is None or self._drafting_scheduler[0] != key:
