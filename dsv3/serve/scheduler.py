@@ -249,9 +249,7 @@ class Scheduler:
         self.submit(*reqs)
         self._admit()
         while self.active:
-            self._prefill()
-            self._decode()
-            self._flush()
+            self._step()
             self._admit()
 
     def start(self) -> None:
@@ -282,10 +280,7 @@ class Scheduler:
                         self.runner.idle()
                         last_beat = time.monotonic()
                     continue
-                self._prefill()
-                self._flush()  # first tokens leave now, not after the decode step below (+1 step to each TTFT)
-                self._decode()
-                self._flush()
+                self._step()
                 last_beat = time.monotonic()
         except KeyboardInterrupt:
             self._fail_all("the server is shutting down")
@@ -296,6 +291,13 @@ class Scheduler:
             self._fail_all(f"the model failed: {type(e).__name__}: {e}")
         finally:
             self.runner.stop()
+
+    def _step(self) -> None:
+        """One iteration of the admitted requests: prefill chunks, then a decode step, events handed over after each."""
+        self._prefill()
+        self._flush()  # first tokens leave now, not after the decode step below (+1 step to each TTFT)
+        self._decode()
+        self._flush()
 
     def _send(self, r: Request, kind: str, data) -> None:
         self._outbox.append((r, kind, data))

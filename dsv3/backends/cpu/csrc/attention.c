@@ -186,9 +186,7 @@ static void absorb_queries(const uint16_t *q_nope, int64_t qs, int64_t qss, int6
                            int64_t N, int64_t C, int64_t R, int64_t q0, int64_t q1, float *ql, float *qp, int64_t ldq,
                            int64_t ldp, float *wf) {
     for (int64_t q = q0; q < q1; q++) {
-        float *dst = ql + (q - q0) * ldq;
         const uint16_t *src = q_pe + q / S * ps + q % S * pss + h * phs;
-        for (int64_t c = 0; c < C; c++) dst[c] = 0.0f;
         for (int64_t r = 0; r < R; r++) qp[(q - q0) * ldp + r] = bf16_scalar(src[r]);
     }
     if (q1 - q0 == 1) { /* one query: nothing to share, absorb() as it is */
@@ -199,6 +197,7 @@ static void absorb_queries(const uint16_t *q_nope, int64_t qs, int64_t qss, int6
     for (int64_t q = q0; q < q1; q++) {
         const uint16_t *src = q_nope + q / S * qs + q % S * qss + h * hs;
         for (int64_t n = 0; n < N; n++) qn[(q - q0) * N + n] = bf16_scalar(src[n]);
+        for (int64_t c = 0; c < C; c++) ql[(q - q0) * ldq + c] = 0.0f;
     }
     for (int64_t n = 0; n < N; n++) { /* ql[q] += q[n] * w_uk[h, n, :] */
         const float *w = w_bf16 ? wf : (const float *)w_uk + (h * N + n) * C;
