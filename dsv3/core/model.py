@@ -414,17 +414,20 @@ class Transformer(nn.Module):
         return self.logits(h), h
 
     def mtp_step(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, cache: "LatentCache",
-                 span: int, take: torch.Tensor, j: int = 0, rows: torch.Tensor | None = None
+                 span: int, take: torch.Tensor | None, j: int = 0, rows: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """MTP module j as a position step over its own cache (one layer; cache rows `rows`, as forward_step's):
         position t pairs the main model's final hidden at t (hidden [B, q, D]) with the token after t (tokens
         [B, q]) and drafts the token after that. Returns the draft logits [B, V] at `take` and the block's output
-        there [B, D] (the hidden that chains a further draft through the same module)."""
+        there [B, D] (the hidden that chains a further draft through the same module); `take` None: at every
+        position, [B, q, V] and [B, q, D] (the drafts a run of probes would have made, scored at once)."""
         q = tokens.shape[1]
         mtp = self.mtp[j]
         step = self.position_step(positions, q, span, rows)
         x = mtp.eh_proj(torch.cat([mtp.enorm(self.embed(tokens)), mtp.hnorm(hidden)], dim=-1))  # [B, q, D]
-        x = mtp.block(x, step, cache.kv[0], cache.pe[0], take=take)[:, 0]  # [B, D]: the feed-forward at take only
+        x = mtp.block(x, step, cache.kv[0], cache.pe[0], take=take)  # [B, 1, D]: the feed-forward at take only
+        if take is not None:
+            x = x[:, 0]  # [B, D]
         return self.logits(mtp.head_norm(x)), x
 
     def step(self, batch: int, seqlen: int, start_pos: int, pad: torch.Tensor | None) -> Step:

@@ -19,6 +19,7 @@ distribution (the standard speculative-sampling argument).
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
@@ -47,6 +48,9 @@ log = logging.getLogger("dsv3")
 #: draft three times running once in ~300 runs: 0.15^3). A substituted drafter (tests) is judged the same way on
 #: its first QUIT_AFTER rounds.
 JUDGE_AFTER, QUIT_AFTER = 4, 3
+#: the rounds stop before JUDGE_AFTER once the drafts landed so far make the break-even acceptance implausible (as
+#: few landing at that acceptance has a chance below STOP_P): a drafter far below break-even costs ~2 rounds, not 4
+STOP_P = 0.01
 #: a step shape (verify or draft, q tokens per row) is captured once it has run this many times. At once: a capture
 #: costs about what the eager runs it would wait through cost (cpu: one recorded run and one check; a GPU: two warm-up
 #: runs), and the rounds that follow replay it (measured on the cpu at 64 new tokens: 3 eager rounds first cost the
@@ -155,6 +159,25 @@ def _start_drafting(hits: float) -> bool:
     """After a probe: whether the drafts seen so far landed often enough to try drafting rounds (greedy: one draft
     that equals the main model's token; sampling: the probability that a sampled draft is kept sums to 1/2)."""
     return hits >= 0.5
+
+
+def _cannot_pay(step_ratio: float, k: int, landed: float, tried: int) -> bool:
+    """Whether drafting is hopeless. A round costs `step_ratio` plain steps, so it must keep step_ratio - 1 drafts
+    on average; chained drafts whose first lands with probability a keep a + a^2 + ... + a^k. True when no a in
+    [0, 1] reaches that, or when `landed` of `tried` first drafts (probes' and rounds') would happen with a chance
+    below STOP_P at the a that just does (a binomial tail)."""
+    need = step_ratio - 1
+    if need <= 0 or tried == 0:
+        return False
+    if need >= k:
+        return True
+    lo, hi = 0.0, 1.0
+    for _ in range(40):  # the break-even a, by bisection (the kept count grows with a)
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sum(mid ** i for i in range(1, k + 1)) < need else (lo, mid)
+    a = hi
+    tail = sum(math.comb(tried, i) * a ** i * (1 - a) ** (tried - i) for i in range(int(landed) + 1))
+    return tail < STOP_P
 
 
 def plain_step(model: Transformer, kept: dict, cache: LatentCache, B: int, total: int, graphs: bool,
@@ -274,15 +297,23 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
     proposed = accepted = rounds = row_rounds = probes = probed = 0
     hits = 0.0  # drafts that would have landed in the probes (sampling: the probability they would have)
     drafting, decided = True, not (adaptive if adaptive is not None else drafter is None)
-    # adaptive with the MTP drafter: first probe, plain steps that also run the drafter (its cache must follow the
-    # main model's anyway) and compare its draft with the token the main model then picks: a drafter that never
-    # lands costs ~0.3 of a step per probe instead of a verify round's ~1 (measured on V3_SHAPED, cpu)
+    # adaptive with the MTP drafter: first probe, plain steps whose token is compared with the draft the MTP module
+    # would have fed. The first is scored at once (the prefill left the drafts' logits); the module catches up on the
+    # next ones in one call when they are QUIT_AFTER, which scores them all: a drafter that never lands costs one
+    # eager MTP call over the probes (~1 MTP step), not one per probe (2-3 plain steps' time each on a small model)
     probing = not decided and drafter is None and mtp_cache is not None
-    timing = {True: [0.0, 0], False: [0.0, 0]}  # drafting or not: seconds, tokens gained
-    plain_trial: list[tuple[torch.Tensor, torch.Tensor]] = []  # (hidden [B, 1, D], token [B]) of each timed plain step
+    # drafting or not: seconds, tokens gained, steps (rounds) timed; probes are timed plain steps too
+    timing = {True: [0.0, 0, 0], False: [0.0, 0, 0]}
+    firsts = 0  # rounds (per row) whose first draft landed
+    # plain steps the MTP cache has not caught up on (probes, timed plain steps): (hidden [B, 1, D], token [B]) each,
+    # the first at positions pending_at [B]; and the probes that wait for it to be scored: (index in pending, rows,
+    # the main model's logits [B, V])
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+    unscored: list[tuple[int, list[int], torch.Tensor]] = []
+    pending_at, trial = length, 0  # trial: plain steps timed so far
     # static steps per (kind, q), captured once a shape has run CAPTURE_AFTER times and is worth it (_worth_capturing):
-    # the verify step (q = 1 + k) and the MTP catch-up (q = 1 + k, or 1 while probing); the plain steps (q = 1) are
-    # generate's decode step (plain_step)
+    # the verify step (q = 1 + k) and the MTP catch-up (q = 1 + k, or 1 after a first probe that landed); the plain
+    # steps (q = 1) are generate's decode step (plain_step)
     static: dict[tuple[str, int], StaticStep] = kept.setdefault("static", {})
     uses: dict[tuple[str, int], int] = {}
 
@@ -300,6 +331,30 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
             captures[0] += 1
             capture_s[0] += time.perf_counter() - t
         return static.get((kind, q))
+
+    def catch_up(score: bool) -> float:
+        """The MTP module over the pending pairs in one call -> its drafts' logits and hidden for the next round;
+        `score`: at every position, so each waiting probe is scored against the draft of the position before it
+        -> the probability mass of those that would have landed."""
+        nonlocal draft_logits, draft_h, probed
+        J, landed = len(pending), 0.0
+        h = torch.cat([p[0] for p in pending], dim=1)  # [B, J, D]
+        toks = torch.stack([p[1] for p in pending], dim=1)  # [B, J]
+        span = int(pending_at.max()) + J
+        if score:
+            dl, dh = model.mtp_step(toks, h, pending_at, mtp_cache, span, take=None)  # [B, J, V], [B, J, D]
+            for i, scored, main in unscored:
+                landed += float(first_draft_lands(dl[scored, i - 1], main[scored], temperature, top_p).sum())
+                probed += len(scored)
+            draft_logits, draft_h = dl[:, -1], dh[:, -1]
+        elif J == 1 and (step := static_step("draft", 1)) is not None:  # the first probe landed: the usual start
+            draft_logits, draft_h = step(tokens=toks, hidden=h, positions=pending_at, take=zero)
+        else:
+            draft_logits, draft_h = model.mtp_step(toks, h, pending_at, mtp_cache, span,
+                                                   take=torch.full_like(zero, J - 1))
+        pending.clear()
+        unscored.clear()
+        return landed
     while True:
         active = [b for b in range(B) if not done[b] and len(out[b]) < max_new_tokens]
         if not active:
@@ -308,7 +363,7 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
             length = plain_tail(model, kept, cache, B, total, graphs, last, length, active, out, done, max_new_tokens,
                                 temperature, top_p, generator, eos, eos_t, stats, capture_s)
             break
-        round_t0, before, made = time.perf_counter(), sum(len(out[b]) for b in active), captures[0]
+        round_t0, before, made = time.perf_counter(), sum(len(out[b]) for b in active), (captures[0], capture_s[0])
         q = 1 + k if drafting and not probing else 1
         # ---- draft
         draft_p = [] if not greedy else None
@@ -360,8 +415,11 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
             p_main = probabilities(v_logits.reshape(B * q, -1), temperature, top_p).view(B, q, -1)
             new = [accept_sampled(p_main[b], drafts[b] if q > 1 else no_drafts, [p[b] for p in draft_p] if draft_p
                                   else None, generator) for b in range(B)]
-        if probing:  # the draft a round would have fed, scored against the token just chosen
+        if probing and not pending:  # the draft a round would have fed, scored against the token just chosen
             hits += float(first_draft_lands(draft_logits[active], v_logits[active, 0], temperature, top_p).sum())
+            probed += len(active)
+        elif probing:  # its draft comes with the MTP module's catch-up
+            unscored.append((len(pending), active, v_logits[:, 0].clone()))  # a replayed step reuses its buffer
         if par.world_size > 1:  # rank 0's acceptance (its draws; the greedy choices agree anyway)
             box = torch.tensor([row + [-1] * (q - len(row) + 1) for row in new], device=device)  # [B, q + 1]
             new = [[t for t in row if t >= 0] for row in par.broadcast(box).tolist()]
@@ -375,16 +433,20 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
                     break
         if probing:
             probes += 1
-            probed += len(active)
         elif drafting:
             rounds += 1
             row_rounds += len(active)
             proposed += k * len(active)
             accepted += sum(n_host[b] for b in active)
+            firsts += sum(n_host[b] > 0 for b in active)
         # ---- catch up the MTP cache (a fused round did): pairs (main hidden at L + j, token L + j + 1), j = 0 .. n
         if not fused:
             nxt = torch.tensor([new[b][:q] + [0] * (q - len(new[b][:q])) for b in range(B)], device=device)  # [B, q]
-        if mtp_cache is not None and drafting and not fused:
+        if mtp_cache is not None and q == 1 and not decided:  # a probe or a timed plain step: its pair waits
+            if not pending:
+                pending_at = length
+            pending.append((v_hidden.clone(), nxt[:, 0]))
+        elif mtp_cache is not None and drafting and not fused:
             n = torch.tensor(n_host, device=device)  # [B]
             step = static_step("draft", q)
             if step is not None:
@@ -398,23 +460,41 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
         if decided:
             continue
         if probing:
-            if agreed(_start_drafting(hits)):
+            if (captures[0], capture_s[0]) == made:  # a plain step (its decode step not made in it)
+                timing[False][0] += time.perf_counter() - round_t0
+                timing[False][1] += sum(len(out[b]) for b in active) - before
+                timing[False][2] += 1
+            start = agreed(_start_drafting(hits))
+            if not start and probes >= QUIT_AFTER:
+                hits += catch_up(score=True)
+                start = agreed(_start_drafting(hits))
+            if start:
+                if pending:
+                    catch_up(score=False)
                 probing = False
             elif probes >= QUIT_AFTER:
                 decided, drafting = True, False
                 log.info("speculative decoding: no draft would have landed in %d probes; drafting stops", probes)
             continue
-        if captures[0] == made:
+        if (captures[0], capture_s[0]) == made:
             timing[drafting][0] += time.perf_counter() - round_t0
             timing[drafting][1] += sum(len(out[b]) for b in active) - before
-        if drafting and rounds >= QUIT_AFTER and agreed(accepted + hits == 0):  # drafts that never land cannot win: no trial
+            timing[drafting][2] += 1
+        if drafting and rounds >= QUIT_AFTER and agreed(accepted + hits == 0):  # never landed: cannot win, no trial
             decided, drafting = True, False
             log.info("speculative decoding: no draft accepted in %d rounds; drafting stops", rounds)
+        elif drafting and timing[True][2] and timing[False][2] and agreed(_cannot_pay(
+                (timing[True][0] / timing[True][2]) / (timing[False][0] / timing[False][2]), k, firsts + hits,
+                row_rounds + probed)):
+            decided, drafting = True, False
+            log.info("speculative decoding: a round costs %.2f plain steps and %.0f of %d first drafts landed; "
+                     "drafting stops", (timing[True][0] / timing[True][2]) / (timing[False][0] / timing[False][2]),
+                     firsts + hits, row_rounds + probed)
         elif drafting and rounds >= JUDGE_AFTER:
-            drafting, trial_start = False, length.clone()  # now time plain steps
+            drafting, trial = False, 0  # now time plain steps
         elif not drafting:
-            plain_trial.append((v_hidden.clone(), nxt[:, 0]))  # a replayed step reuses its output buffer
-            if len(plain_trial) == JUDGE_AFTER:
+            trial += 1
+            if trial == JUDGE_AFTER:
                 decided = True
                 rate = {mode: t[1] / max(t[0], 1e-9) for mode, t in timing.items()}
                 drafting = agreed(_keep_drafting(rate))
@@ -422,11 +502,7 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
                          rate[True], 100 * (accepted + hits) / max(proposed + probed, 1), rate[False],
                          "drafting goes on" if drafting else "drafting stops")
                 if drafting and mtp_cache is not None:  # the MTP cache catches up on the timed plain steps
-                    h = torch.cat([t[0] for t in plain_trial], dim=1)  # [B, J, D]
-                    toks = torch.stack([t[1] for t in plain_trial], dim=1)  # [B, J]
-                    draft_logits, draft_h = model.mtp_step(toks, h, trial_start, mtp_cache,
-                                                           int(trial_start.max()) + len(plain_trial),
-                                                           take=torch.full_like(zero, len(plain_trial) - 1))
+                    catch_up(score=False)
     if sums and not bool(all_finite(torch.stack(sums))):
         raise NonFiniteLogits(NAN_DECODE)
     stats.decode_s = time.perf_counter() - t0 - capture_s[0]

@@ -3,6 +3,8 @@ exactly what a plain run of the accepted tokens writes, and sampling with the ma
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tiny_configs import CONFIGS
@@ -99,7 +101,8 @@ def test_adaptive_mode_switches_without_changing_tokens_or_caches(engines, monke
     import dsv3.core.speculative as spec
 
     monkeypatch.setattr(spec, "JUDGE_AFTER", 3)
-    monkeypatch.setattr(spec, "QUIT_AFTER", 1000)  # the random demo drafter lands nothing: time it anyway
+    monkeypatch.setattr(spec, "QUIT_AFTER", 1000)
+    monkeypatch.setattr(spec, "_cannot_pay", lambda *a: False)  # the random demo drafter lands nothing: time it anyway
     monkeypatch.setattr(spec, "_start_drafting", lambda hits: True)  # one probe, then rounds
     monkeypatch.setattr(spec, "_keep_drafting", lambda rate: resume)
     e = engines["demo"]
@@ -161,6 +164,7 @@ def test_rows_of_different_lengths_when_drafting_stops(engines, monkeypatch, k):
 
     monkeypatch.setattr(spec, "JUDGE_AFTER", 3)
     monkeypatch.setattr(spec, "QUIT_AFTER", 1000)
+    monkeypatch.setattr(spec, "_cannot_pay", lambda *a: False)
     monkeypatch.setattr(spec, "_keep_drafting", lambda rate: False)
     e = engines["demo"]
     new = 12
@@ -291,6 +295,7 @@ def test_captured_verify_and_plain_steps_change_nothing(tiny_ckpts, monkeypatch,
 
     monkeypatch.setattr(spec, "JUDGE_AFTER", 3)
     monkeypatch.setattr(spec, "QUIT_AFTER", 1000)
+    monkeypatch.setattr(spec, "_cannot_pay", lambda *a: False)
     monkeypatch.setattr(spec, "_start_drafting", lambda hits: True)
     monkeypatch.setattr(spec, "CAPTURE_AFTER", 0)  # capture every step shape at once ...
     monkeypatch.setattr(spec, "_worth_capturing", lambda decided, accepted: True)  # ... even before a draft lands
@@ -365,3 +370,68 @@ def test_a_probe_scores_the_first_draft_as_acceptance_would():
     expected = torch.minimum(nucleus(main), nucleus(draft)).sum(-1)
     got = first_draft_lands(draft, main, 0.7, 0.9).double()
     assert torch.allclose(got, expected, atol=1e-5), (got, expected)
+
+
+@pytest.mark.parametrize("starts", [False, True], ids=["drafting-stops", "drafting-starts"])
+def test_probes_scored_in_one_catch_up_count_the_drafts_that_would_have_landed(tiny_vocab, monkeypatch, starts):
+    """Adaptive, greedy, the MTP drafter over a vocabulary of 12 (its drafts land often): the first probe is scored
+    from the prefill's drafts, the next QUIT_AFTER - 1 after one MTP call over all of them. The probes' hits equal
+    the drafts that match the plain tokens, each draft computed here by the MTP module over its own prefix; when
+    the decision after that call starts drafting, the tokens and the MTP cache are a plain run's."""
+    import dsv3.core.speculative as spec
+
+    decisions = []  # hits at each decision: one per probe, and one after the catch-up, which may start drafting
+    monkeypatch.setattr(spec, "_start_drafting",
+                        lambda hits: decisions.append(hits) or (starts and len(decisions) > spec.QUIT_AFTER))
+    monkeypatch.setattr(spec, "JUDGE_AFTER", 1000)  # once started, drafting goes on: the MTP cache follows to the end
+    monkeypatch.setattr(spec, "_cannot_pay", lambda *a: False)
+    e, m = tiny_vocab, tiny_vocab.model
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 12, (n,), generator=g).tolist() for n in (1, 2, 3, 5, 8, 4, 6, 7) * 2]
+    plain = e.generate(prompts, max_new_tokens=10, ignore_eos=True)  # every row probed 3 times
+    keep = {}
+    with torch.inference_mode():
+        out, stats = spec.speculative_generate(m, prompts, 10, 1, keep=keep)
+        assert out == plain
+        matches = 0
+        for p, o in zip(prompts, plain):
+            seq = p + o
+            _, h = m.forward_step(torch.tensor([seq]), torch.zeros(1, dtype=torch.long),
+                                  LatentCache.allocate(m.cfg, len(m.layers), 1, len(seq), torch.float32, "cpu"),
+                                  len(seq), all_hidden=True)  # [1, n, D]
+            for i in range(spec.QUIT_AFTER):  # probe i chose o[1 + i]; its draft: position len(p) - 1 + i's
+                at = len(p) - 1 + i
+                logits, _ = m.mtp_step(torch.tensor([seq[1:at + 2]]), h[:, :at + 1], torch.zeros(1, dtype=torch.long),
+                                       LatentCache.allocate(m.cfg, 1, 1, at + 1, torch.float32, "cpu"), at + 1,
+                                       take=torch.tensor([at]))
+                matches += int(logits[0].argmax()) == o[1 + i]
+    assert 0 < matches < spec.QUIT_AFTER * len(prompts), matches  # neither all nor none: the count can be wrong
+    assert len(decisions) == spec.QUIT_AFTER + 1 and decisions[-1] == matches, (decisions, matches)
+    assert stats.extra["probes"] == spec.QUIT_AFTER and (stats.extra["rounds"] > 0) == starts, stats.extra
+    if starts:
+        want = [len(p) + len(o) - 1 for p, o in zip(prompts, out)]
+        _, mtp = replayed_caches(m, prompts, out, want)
+        for b, n in enumerate(want):
+            err = (keep["mtp_cache"].kv[:, b, :n] - mtp.kv[:, b, :n]).abs().max().item()
+            assert err < 1e-4, f"row {b}: MTP cache differs from a plain run's pairs by {err:.2e}"
+    else:
+        assert stats.extra["acceptance"] == pytest.approx(matches / (spec.QUIT_AFTER * len(prompts)))
+
+
+def test_drafting_is_hopeless_only_when_break_even_acceptance_is_implausible():
+    """_cannot_pay against closed forms: k = 1, a round of 1.75 plain steps breaks even at acceptance 0.75, where
+    1 landed of 5 has chance 0.25^5 + 5 * 0.75 * 0.25^4 = 1.6% (go on) and 1 of 6 has 0.46% (stop); k = 2, a round
+    of 1.5 steps needs a + a^2 = 0.5, a = (sqrt(3) - 1) / 2, where 0 of 9 has (1 - a)^9 = 1.7% and 0 of 11 0.66%."""
+    from dsv3.core.speculative import STOP_P, _cannot_pay
+
+    assert STOP_P == 0.01
+    tail = lambda a, n, s: sum(math.comb(n, i) * a ** i * (1 - a) ** (n - i) for i in range(s + 1))  # noqa: E731
+    assert tail(0.75, 5, 1) > STOP_P > tail(0.75, 6, 1)
+    assert not _cannot_pay(1.75, 1, 1, 5) and _cannot_pay(1.75, 1, 1, 6)
+    a = (3 ** 0.5 - 1) / 2
+    assert tail(a, 9, 0) > STOP_P > tail(a, 11, 0)
+    assert not _cannot_pay(1.5, 2, 0, 9) and _cannot_pay(1.5, 2, 0, 11)
+    assert _cannot_pay(1.5, 2, 0.9, 11)  # a sampled probe's fractional hits count as the whole ones below them
+    assert _cannot_pay(2.0, 1, 40, 40) and _cannot_pay(3.1, 2, 40, 40)  # no acceptance pays: even all landing
+    assert not _cannot_pay(1.0, 1, 0, 100) and not _cannot_pay(0.9, 2, 0, 100)  # a round no dearer than a step
+    assert not _cannot_pay(1.75, 1, 0, 0)  # nothing seen yet
