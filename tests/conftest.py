@@ -34,6 +34,13 @@ from tiny_configs import CONFIGS
 from dsv3.synthetic import DEMO, write_checkpoint
 
 
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_tmpdir(tmp_path_factory) -> None:
+    """The processes the tests start put their temporary files under this session's directory, which pytest prunes:
+    torchrun leaves a torchelastic_* log directory behind in the system's temp dir per run otherwise."""
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("subprocess-tmp"))
+
+
 def pytest_collection_modifyitems(items) -> None:
     """Tests marked slow (a minute or more on 2 cores) run first: handed out last, one of them kept a worker busy
     for a minute after the other had run out of tests."""

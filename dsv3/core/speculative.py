@@ -302,8 +302,9 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
     # next ones in one call when they are QUIT_AFTER, which scores them all: a drafter that never lands costs one
     # eager MTP call over the probes (~1 MTP step), not one per probe (2-3 plain steps' time each on a small model)
     probing = not decided and drafter is None and mtp_cache is not None
-    # drafting or not: seconds, tokens gained, steps (rounds) timed; probes are timed plain steps too
-    timing = {True: [0.0, 0, 0], False: [0.0, 0, 0]}
+    # drafting or not: seconds, tokens gained; and each timed round's (step's) seconds. Probes are timed plain steps too
+    timing = {True: [0.0, 0], False: [0.0, 0]}
+    took: dict[bool, list[float]] = {True: [], False: []}
     firsts = 0  # rounds (per row) whose first draft landed
     # plain steps the MTP cache has not caught up on (probes, timed plain steps): (hidden [B, 1, D], token [B]) each,
     # the first at positions pending_at [B]; and the probes that wait for it to be scored: (index in pending, rows,
@@ -461,9 +462,9 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
             continue
         if probing:
             if (captures[0], capture_s[0]) == made:  # a plain step (its decode step not made in it)
-                timing[False][0] += time.perf_counter() - round_t0
+                took[False].append(time.perf_counter() - round_t0)
+                timing[False][0] += took[False][-1]
                 timing[False][1] += sum(len(out[b]) for b in active) - before
-                timing[False][2] += 1
             start = agreed(_start_drafting(hits))
             if not start and probes >= QUIT_AFTER:
                 hits += catch_up(score=True)
@@ -477,19 +478,18 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
                 log.info("speculative decoding: no draft would have landed in %d probes; drafting stops", probes)
             continue
         if (captures[0], capture_s[0]) == made:
-            timing[drafting][0] += time.perf_counter() - round_t0
+            took[drafting].append(time.perf_counter() - round_t0)
+            timing[drafting][0] += took[drafting][-1]
             timing[drafting][1] += sum(len(out[b]) for b in active) - before
-            timing[drafting][2] += 1
         if drafting and rounds >= QUIT_AFTER and agreed(accepted + hits == 0):  # never landed: cannot win, no trial
             decided, drafting = True, False
             log.info("speculative decoding: no draft accepted in %d rounds; drafting stops", rounds)
-        elif drafting and timing[True][2] and timing[False][2] and agreed(_cannot_pay(
-                (timing[True][0] / timing[True][2]) / (timing[False][0] / timing[False][2]), k, firsts + hits,
-                row_rounds + probed)):
+        elif drafting and len(took[True]) >= 2 and took[False] and agreed(_cannot_pay(
+                min(took[True]) / min(took[False]), k, firsts + hits, row_rounds + probed)):
+            # the fastest of each: a slow spell of the machine only inflates a time, and must not end drafting
             decided, drafting = True, False
             log.info("speculative decoding: a round costs %.2f plain steps and %.0f of %d first drafts landed; "
-                     "drafting stops", (timing[True][0] / timing[True][2]) / (timing[False][0] / timing[False][2]),
-                     firsts + hits, row_rounds + probed)
+                     "drafting stops", min(took[True]) / min(took[False]), firsts + hits, row_rounds + probed)
         elif drafting and rounds >= JUDGE_AFTER:
             drafting, trial = False, 0  # now time plain steps
         elif not drafting:
