@@ -265,7 +265,9 @@ def _shaping(body: dict, vocab: int, max_tokens: int | None) -> dict:
     min_tokens = _integer(body, "min_tokens")
     if min_tokens is not None:
         if min_tokens < 0 or (max_tokens is not None and min_tokens > max_tokens):
-            raise ApiError(400, f"min_tokens={min_tokens} must be in [0, max_tokens]", "min_tokens", "invalid_value")
+            raise ApiError(400, f"min_tokens={min_tokens} must be in [0, max_tokens]"
+                           + (f" (max_tokens={max_tokens}): lower it or raise max_tokens" if min_tokens >= 0 else ""),
+                           "min_tokens", "invalid_value")
         out["min_tokens"] = min_tokens
     return out
 
