@@ -51,14 +51,14 @@ def load_dsv3(path, device, bf16_mode: bool, graphs: bool):
         os.environ.pop("DSV3_CUDA_CAPABILITY", None)
 
 
-def time_speculative(engine, prompt: list[int], new_tokens: int, repeats: int, rounds: int = 8, k: int = 1
-                     ) -> tuple[float, float, str]:
+def time_speculative(engine, prompt: list[int], new_tokens: int, repeats: int, rounds: int = 8, k: int = 1,
+                     plain: dict | None = None) -> tuple[float, float, str]:
     """Best batch-1 decode tok/s with perfect MTP drafts, k a round (prefill excluded: the tokens after the first over
     the decode loop's time, as time_dsv3 counts), tokens per verify step, and how the rounds ran (graph or not)."""
     from dsv3.core.speculative import speculative_generate
 
     eos = tuple(engine.cfg.eos_token_ids)
-    perfect = perfect_drafts(engine, prompt, new_tokens, rounds, k)
+    perfect = perfect_drafts(engine, prompt, new_tokens, rounds, k, plain)
     best, per_step, how = 0.0, 0.0, "?"
     for _ in range(repeats):
         _, st = speculative_generate(engine.model, [prompt], new_tokens, k, eos_ids=eos, drafter=perfect,
@@ -205,9 +205,10 @@ def main() -> None:
         plain = time_dsv3(engine, prompts[1].tolist(), args.new_tokens, args.repeats)[0] if gpu else eager_b1
         # k = 2 chains the drafts (what the peers measure past the model's design) where the graphs make a verify
         # step of 3 tokens cost about one of 1: with graphs on a GPU, and once in the smoke run to check the path
+        answers: dict = {}  # the plain answer, which both k start their drafts from
         for k in (1, 2) if graphs or not gpu else (1,):
             spec, per_step, how = time_speculative(engine, prompts[1][0].tolist(), args.new_tokens, args.repeats,
-                                                   rounds=0 if args.smoke else 8, k=k)
+                                                   rounds=0 if args.smoke else 8, k=k, plain=answers)
             rows.append(f"| dsv3 cuda FP8, MTP perfect drafts (k = {k}, {'graphs' if graphs else 'no graphs'}) | "
                         f"{spec:,.1f} ({how}; {spec / plain:.2f}x plain, {per_step:.2f} tokens/step) | | | | |")
             print(rows[-1], flush=True)

@@ -63,16 +63,21 @@ def bench_checkpoint(workdir: Path | None, prefix: str) -> tuple[Path, Path]:
     return work, synthetic_checkpoint(work / "fp8", BENCH_280M, n_shards=8)
 
 
-def perfect_drafts(engine, prompt: list[int], new_tokens: int, rounds: int = 8, k: int = 1):
+def perfect_drafts(engine, prompt: list[int], new_tokens: int, rounds: int = 8, k: int = 1,
+                   plain: dict | None = None):
     """A drafter (for dsv3.core.speculative) that always proposes the run's own next k tokens, for batch 1.
     In bf16 a verify step of 1 + k tokens may break a near-tie differently from a plain step, so the plain answer is
     only the start: rerun with the last answer as the drafts until it no longer changes (a fixed point), at most
-    `rounds` times (a smoke run under the interpreter checks the path, not the acceptance: 0)."""
+    `rounds` times (a smoke run under the interpreter checks the path, not the acceptance: 0). `plain`, if given,
+    keeps the plain answer per (prompt, new_tokens) for the next call on the same engine (each k starts from it)."""
     import torch
 
     from dsv3.core.speculative import speculative_generate
 
-    answer = engine.generate([prompt], max_new_tokens=new_tokens)[0]
+    key, plain = (tuple(prompt), new_tokens), {} if plain is None else plain
+    if key not in plain:
+        plain[key] = engine.generate([prompt], max_new_tokens=new_tokens)[0]
+    answer = list(plain[key])
 
     def drafter(rows, length, out):
         return torch.tensor([(answer + [0] * (k + 1))[len(out[0]):len(out[0]) + k]])

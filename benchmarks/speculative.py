@@ -63,8 +63,9 @@ def measure(engine, prompt, new: int, repeats: int):
 
     m = engine.model
     eos = tuple(engine.cfg.eos_token_ids)
-    perfect = R.perfect_drafts(engine, prompt, new)
-    perfect2 = R.perfect_drafts(engine, prompt, new, k=2)
+    answers: dict = {}
+    perfect = R.perfect_drafts(engine, prompt, new, plain=answers)
+    perfect2 = R.perfect_drafts(engine, prompt, new, k=2, plain=answers)
 
     def timed(fn):
         """(tokens/s over the whole call, over its decode steps, stats)"""
