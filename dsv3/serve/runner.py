@@ -59,6 +59,7 @@ class StepRunner:
         """Rows b: tokens[b] (one length q) written to slot slots[b] from positions[b]; logits [B, V] at take[b].
         PREFILL_SCORED: (those logits, and [b, q, V] at every position of the b rows whose `score` is set, in row
         order), for a prompt's logprobs: the output head runs at every position of those rows only."""
+        _live(slots)
         score = score or [False] * len(slots)
         plan = torch.tensor([[s, p, t, int(sc), *row] for s, p, t, sc, row in zip(slots, positions, take, score, tokens)],
                             dtype=torch.long)
@@ -69,6 +70,7 @@ class StepRunner:
     def copy(self, src: int, dsts: list[int], length: int) -> None:
         """Entries [0, length) of slot src into slots dsts, every layer, the MTP module's cache too where it drafts
         (a prompt prefilled once for n answers; a prefix one request leaves and another starts with)."""
+        _live([src, *dsts])
         plan = torch.tensor([[src, d, length] for d in dsts], dtype=torch.long)
         self._broadcast(COPY, plan)
         self._copy(plan)
@@ -161,6 +163,7 @@ class StepRunner:
         """A prefill chunk that also returns every position's final hidden [B, q, D] (what the MTP module reads), and
         for the rows whose `score` is set their logits at every position [b, q, V] (a prompt's logprobs), else
         None."""
+        _live(slots)
         score = score or [False] * len(slots)
         t = torch.tensor(tokens, device=self.device)
         self._plan(HIDDEN, slots, positions, take, [int(x) for x in score], t)
@@ -178,6 +181,7 @@ class StepRunner:
     def verify(self, slots: list[int], tokens: torch.Tensor, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, q] at positions.. of each slot -> logits [B, q, V] and final hidden [B, q, D] (a static step's
         buffers where steps are captured: read them before the next verify)."""
+        _live(slots)
         self._plan(VERIFY, slots, positions, [0] * len(slots), [0] * len(slots), tokens)
         at = torch.tensor(positions, device=self.device)
         if self.static_shapes:
@@ -190,6 +194,7 @@ class StepRunner:
         """A greedy round (core/speculative.greedy_round): tokens [B, q] = [last, drafts] -> draft logits [B, V],
         choices [B, q], accepted drafts [B], draft hidden [B, D], the logits' sum (a static step's buffers where
         steps are captured: read them before the next round). Every rank chooses from the same gathered logits."""
+        _live(slots)
         self._plan(ROUND, slots, positions, [0] * len(slots), [0] * len(slots), tokens)
         at = torch.tensor(positions, device=self.device)
         if self.static_shapes:
@@ -205,6 +210,7 @@ class StepRunner:
         `static`: a decode round's shape (not a prefill chunk's), run as a static step where steps are captured
         (its outputs are that step's buffers: read or copy them before its next run). Under tensor parallel the
         hidden states [B, q, D] go to the followers with the plan (rank 0's: the host chose which)."""
+        _live(slots)
         if self.par.world_size > 1:
             self._plan(MTP, slots, positions, take, [0] * len(slots), tokens)  # followers run it eagerly
             hidden = self.par.broadcast(hidden.to(self.cache.kv.dtype).contiguous())
@@ -252,3 +258,11 @@ class StepRunner:
                 self._follow_drafting(kind, plan)
             else:
                 self._run(plan, scored=kind == PREFILL_SCORED)
+
+
+def _live(slots: list[int]) -> None:
+    """Every slot of a step must belong to a running request. A finished one's is -1: torch's indexing would wrap it
+    to the scratch slot, but the cpu backend's C kernels would write before the cache's first entry (heap
+    corruption, a crash steps later), so it is stopped here, where the host still has the plan."""
+    if slots and min(slots) < 0:
+        raise RuntimeError(f"internal error: a step over slots {list(slots)}: -1 is a finished request's")

@@ -58,6 +58,12 @@ class Drafting:
         """After a prefill chunk (rows read tokens from `starts`, `take` + 1 of them real; their final hidden
         [B, q, D]): the MTP module reads the same positions, pairs (hidden at t, token t + 1); a prompt read to its
         end gets its first drafts' logits."""
+        keep = [i for i, r in enumerate(rows) if r.slot >= 0]  # one that ended at its first token freed its slot
+        if len(keep) < len(rows):
+            if not keep:
+                return
+            rows, starts, take = [rows[i] for i in keep], [starts[i] for i in keep], [take[i] for i in keep]
+            hidden = hidden[keep]
         q = hidden.shape[1]
         nxt = [r.prompt[s + 1:s + t + 2] + ([max(r.last, 0)] if not r.prefilling else [])  # -1: ended at once
                for r, s, t in zip(rows, starts, take)]

@@ -268,3 +268,24 @@ def test_drafting_under_tensor_parallel(demo_ckpt, tmp_path):
             assert tp[rid]["tokens"] == one[rid]["tokens"] and tp[rid]["end"] == one[rid]["end"], rid
             assert tp[rid]["logprobs"] == pytest.approx(one[rid]["logprobs"], abs=1e-4), rid
     assert len(one["scored"]["logprobs"]) == 38 + 2 and len(one["b"]["logprobs"]) == 10  # prompt entries, new tokens
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_requests_that_end_at_their_first_token_while_drafting(demo_ckpt, dtype):
+    """max_tokens 1 (two of them) beside longer requests in one prefill chunk of a drafting server: the
+    short ones end when their first token is sampled, before the MTP module reads the chunk, and their slot is gone
+    (-1). The MTP prefill must skip them: in bf16 the cpu backend's C kernels would write row -1, before the cache
+    (heap corruption; the runner now refuses such a step). Every answer is the plain scheduler's."""
+    import dsv3
+
+    engine = dsv3.load(demo_ckpt, backend="cpu", dtype=dtype)
+    eos = tuple(engine.cfg.eos_token_ids)
+    reqs = [("one", [5, 9], Sampling(1)), ("long", [7] * 20, Sampling(6)), ("one-more", [3, 4, 5], Sampling(1)),
+            ("two", [8], Sampling(2))]
+    want = run_all(Scheduler(engine, max_batch=4, eos_ids=eos), engine, reqs)
+    for k in (1, 2):
+        got = run_all(Scheduler(engine, max_batch=4, eos_ids=eos, speculative="mtp", draft_tokens=k), engine, reqs)
+        assert {r: (a.tokens, a.finish) for r, a in got.items()} == {r: (a.tokens, a.finish) for r, a in want.items()}
+    # the API path that found it: JSON with drafts (a scheduler in the calling thread), one token per answer
+    assert engine.generate([[5, 9], [1]], max_new_tokens=1, json=True, speculative="mtp") == \
+        engine.generate([[5, 9], [1]], max_new_tokens=1, json=True)
