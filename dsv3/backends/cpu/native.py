@@ -2,8 +2,9 @@
 
 The library is compiled once per (source, compiler, instruction set, CPU) into the cache directory
 ($DSV3_CACHE_DIR, else ~/.cache/dsv3) with the system C compiler, for the widest instruction set this CPU
-runs (ISAS: avx512, avx2, generic; DSV3_CPU_ISA picks another). Where there is no compiler, or
-DSV3_CPU_NATIVE=0, `load()` returns None and the cpu backend stays plain torch. The OpenMP runtime is
+runs (ISAS: avx512, avx2, generic; DSV3_CPU_ISA picks another; DSV3_CPU_CFLAGS adds compiler flags, e.g. a
+sanitizer's: they are part of the cache key, so such a build never serves a normal run). Where there is no
+compiler, or DSV3_CPU_NATIVE=0, `load()` returns None and the cpu backend stays plain torch. The OpenMP runtime is
 torch's own libgomp (same soname, already loaded), so both share one thread pool and
 `torch.set_num_threads` governs both.
 """
@@ -99,7 +100,7 @@ def _sources() -> tuple[list[Path], bytes]:
 
 def _build(cc: str, isa: str, optional: bool = True) -> Path:
     units, src = _sources()
-    flags = FLAGS + _flags(isa, optional)
+    flags = FLAGS + _flags(isa, optional) + os.environ.get("DSV3_CPU_CFLAGS", "").split()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(b"\0".join([src, version.encode(), _cpu_flags().encode(), " ".join(flags).encode()])).hexdigest()
     lib = _cache_dir() / f"native-{platform.machine()}-{isa}-{key[:16]}.so"
