@@ -302,9 +302,9 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
     # next ones in one call when they are QUIT_AFTER, which scores them all: a drafter that never lands costs one
     # eager MTP call over the probes (~1 MTP step), not one per probe (2-3 plain steps' time each on a small model)
     probing = not decided and drafter is None and mtp_cache is not None
-    # drafting or not: seconds, tokens gained; and each timed round's (step's) seconds. Probes are timed plain steps too
-    timing = {True: [0.0, 0], False: [0.0, 0]}
+    # drafting or not: each timed round's (plain step's) seconds, and the tokens they gained; probes are plain steps
     took: dict[bool, list[float]] = {True: [], False: []}
+    gained = {True: 0, False: 0}
     firsts = 0  # rounds (per row) whose first draft landed
     # plain steps the MTP cache has not caught up on (probes, timed plain steps): (hidden [B, 1, D], token [B]) each,
     # the first at positions pending_at [B]; and the probes that wait for it to be scored: (index in pending, rows,
@@ -460,11 +460,10 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
         last, length = torch.tensor(lasts, device=device), torch.tensor(lens, device=device)
         if decided:
             continue
+        if (captures[0], capture_s[0]) == made:  # timed, unless a step was made in it (a one-off cost)
+            took[drafting and not probing].append(time.perf_counter() - round_t0)
+            gained[drafting and not probing] += sum(len(out[b]) for b in active) - before
         if probing:
-            if (captures[0], capture_s[0]) == made:  # a plain step (its decode step not made in it)
-                took[False].append(time.perf_counter() - round_t0)
-                timing[False][0] += took[False][-1]
-                timing[False][1] += sum(len(out[b]) for b in active) - before
             start = agreed(_start_drafting(hits))
             if not start and probes >= QUIT_AFTER:
                 hits += catch_up(score=True)
@@ -477,26 +476,22 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
                 decided, drafting = True, False
                 log.info("speculative decoding: no draft would have landed in %d probes; drafting stops", probes)
             continue
-        if (captures[0], capture_s[0]) == made:
-            took[drafting].append(time.perf_counter() - round_t0)
-            timing[drafting][0] += took[drafting][-1]
-            timing[drafting][1] += sum(len(out[b]) for b in active) - before
+        # a round's cost in plain steps: the fastest of each (a slow spell of the machine only inflates a time)
+        cost = min(took[True]) / min(took[False]) if len(took[True]) >= 2 and took[False] else None
         if drafting and rounds >= QUIT_AFTER and agreed(accepted + hits == 0):  # never landed: cannot win, no trial
             decided, drafting = True, False
             log.info("speculative decoding: no draft accepted in %d rounds; drafting stops", rounds)
-        elif drafting and len(took[True]) >= 2 and took[False] and agreed(_cannot_pay(
-                min(took[True]) / min(took[False]), k, firsts + hits, row_rounds + probed)):
-            # the fastest of each: a slow spell of the machine only inflates a time, and must not end drafting
+        elif drafting and cost is not None and agreed(_cannot_pay(cost, k, firsts + hits, row_rounds + probed)):
             decided, drafting = True, False
             log.info("speculative decoding: a round costs %.2f plain steps and %.0f of %d first drafts landed; "
-                     "drafting stops", min(took[True]) / min(took[False]), firsts + hits, row_rounds + probed)
+                     "drafting stops", cost, firsts + hits, row_rounds + probed)
         elif drafting and rounds >= JUDGE_AFTER:
             drafting, trial = False, 0  # now time plain steps
         elif not drafting:
             trial += 1
             if trial == JUDGE_AFTER:
                 decided = True
-                rate = {mode: t[1] / max(t[0], 1e-9) for mode, t in timing.items()}
+                rate = {mode: gained[mode] / max(sum(took[mode]), 1e-9) for mode in took}
                 drafting = agreed(_keep_drafting(rate))
                 log.info("speculative decoding: %.1f tok/s drafting (acceptance %.0f%%) vs %.1f tok/s plain; %s",
                          rate[True], 100 * (accepted + hits) / max(proposed + probed, 1), rate[False],

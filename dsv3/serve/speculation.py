@@ -65,13 +65,13 @@ class Drafting:
             rows, starts, take = [rows[i] for i in keep], [starts[i] for i in keep], [take[i] for i in keep]
             hidden = hidden[keep]
         q = hidden.shape[1]
-        nxt = [r.prompt[s + 1:s + t + 2] + ([max(r.last, 0)] if not r.prefilling else [])  # -1: ended at once
+        nxt = [r.prompt[s + 1:s + t + 2] + ([max(r.last, 0)] if not r.prefilling else [])  # -1: max_tokens 0
                for r, s, t in zip(rows, starts, take)]
         nxt = torch.tensor([n + [0] * (q - len(n)) for n in nxt], device=hidden.device)  # [B, q]
         dl, dh = self.s.runner.mtp([r.slot for r in rows], nxt, hidden, torch.tensor(starts, device=hidden.device),
                                    torch.tensor(take, device=hidden.device), static=False)
         for i, r in enumerate(rows):
-            if not r.prefilling and r.slot >= 0:  # a prompt read to its end, not finished at its first token
+            if not r.prefilling:  # a prompt read to its end: its first drafts
                 r.draft_logits, r.draft_h = dl[i], dh[i]
 
     def forked(self, rows: list[Request], hidden: torch.Tensor) -> None:

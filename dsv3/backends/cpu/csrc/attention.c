@@ -139,8 +139,7 @@ static void group_attention(const float *ql, const float *qp, int g, const uint1
 #endif
 
 /* q_lat = q_nope @ w_uk[h] (fp32 [C]) for one head */
-static void absorb(const uint16_t *qn, const void *w_uk, int w_bf16, int64_t h, int64_t N,
-                                           int64_t C, float *ql) {
+static void absorb(const uint16_t *qn, const void *w_uk, int w_bf16, int64_t h, int64_t N, int64_t C, float *ql) {
     for (int64_t c = 0; c < C; c++) ql[c] = 0.0f;
     for (int64_t n = 0; n < N; n++) { /* ql += q[n] * w_uk[h, n, :] */
         const float q = bf16_scalar(qn[n]);
@@ -155,8 +154,7 @@ static void absorb(const uint16_t *qn, const void *w_uk, int w_bf16, int64_t h, 
 }
 
 /* y = o @ w_uv[h], rounded to bf16 [V] */
-static void project(const float *o, const void *w_uv, int w_bf16, int64_t h, int64_t C,
-                                            int64_t V, uint16_t *y) {
+static void project(const float *o, const void *w_uv, int w_bf16, int64_t h, int64_t C, int64_t V, uint16_t *y) {
     float out[512];
     for (int64_t j0 = 0; j0 < V; j0 += 512) { /* V is the value head dim (128 in V3); chunked for any */
         int64_t len = V - j0 < 512 ? V - j0 : 512;
