@@ -469,7 +469,7 @@ class Scheduler:
         if done:
             self._sample(logits[[i for i, _ in done]], [r for _, r in done])
         if self.spec is not None:
-            self.spec.prefilled(rows, starts, take, hidden)
+            self.spec.prefilled(rows, slots, starts, take, hidden)
         for r in rows:
             if not r.prefilling and r.params.max_tokens == 0:  # echo of a prompt being scored: nothing to generate
                 self._finish(r, "length")

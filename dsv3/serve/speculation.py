@@ -54,24 +54,22 @@ class Drafting:
         self.probes = 0  # probe steps in all (engine.generate's stats)
         self.probe_steps = 0  # plain steps since the MTP cache last caught up (policy.probe_every apart)
 
-    def prefilled(self, rows: list[Request], starts: list[int], take: list[int], hidden: torch.Tensor) -> None:
-        """After a prefill chunk (rows read tokens from `starts`, `take` + 1 of them real; their final hidden
-        [B, q, D]): the MTP module reads the same positions, pairs (hidden at t, token t + 1); a prompt read to its
-        end gets its first drafts' logits."""
-        keep = [i for i, r in enumerate(rows) if r.slot >= 0]  # one that ended at its first token freed its slot
-        if len(keep) < len(rows):
-            if not keep:
-                return
-            rows, starts, take = [rows[i] for i in keep], [starts[i] for i in keep], [take[i] for i in keep]
-            hidden = hidden[keep]
+    def prefilled(self, rows: list[Request], slots: list[int], starts: list[int], take: list[int],
+                  hidden: torch.Tensor) -> None:
+        """After a prefill chunk (rows read tokens into `slots` from `starts`, `take` + 1 of them real; their final
+        hidden [B, q, D]): the MTP module reads the same positions, pairs (hidden at t, token t + 1); a prompt read to
+        its end gets its first drafts' logits. A row that ended at its first token has freed its slot, but nothing
+        has taken it yet: its entries are written there all the same, as the prefix cache records that slot as
+        holding the whole prompt (the last entry pairs the first token, or 0 after EOS: never reused, as a later
+        request reads its last shared position again)."""
         q = hidden.shape[1]
-        nxt = [r.prompt[s + 1:s + t + 2] + ([max(r.last, 0)] if not r.prefilling else [])  # -1: max_tokens 0
+        nxt = [r.prompt[s + 1:s + t + 2] + ([max(r.last, 0)] if not r.prefilling else [])  # -1: max_tokens 0, EOS
                for r, s, t in zip(rows, starts, take)]
         nxt = torch.tensor([n + [0] * (q - len(n)) for n in nxt], device=hidden.device)  # [B, q]
-        dl, dh = self.s.runner.mtp([r.slot for r in rows], nxt, hidden, torch.tensor(starts, device=hidden.device),
+        dl, dh = self.s.runner.mtp(slots, nxt, hidden, torch.tensor(starts, device=hidden.device),
                                    torch.tensor(take, device=hidden.device), static=False)
         for i, r in enumerate(rows):
-            if not r.prefilling:  # a prompt read to its end: its first drafts
+            if not r.prefilling and r.slot >= 0:  # a prompt read to its end: its first drafts
                 r.draft_logits, r.draft_h = dl[i], dh[i]
 
     def forked(self, rows: list[Request], hidden: torch.Tensor) -> None:

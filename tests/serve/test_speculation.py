@@ -146,7 +146,9 @@ def test_the_prefix_cache_keeps_the_mtp_cache_in_step(engine, monkeypatch, draft
     """With drafting, a prompt that starts with what a free slot holds reads the rest and one more position (the MTP
     cache's entry there paired it with the old next token); the slot is held only as far as the MTP cache caught up
     (probe steps leave pairs pending). Each answer is the whole prompt's alone, and at each request's end both
-    caches' entries equal those of a scheduler that read every prompt whole."""
+    caches' entries equal those of a scheduler that read every prompt whole. A request that ends at its first token
+    frees its slot before the MTP module reads its last chunk: the entries must still be written there, as the slot
+    is recorded as holding the whole prompt for the next request."""
     monkeypatch.setattr(DraftPolicy, "record", lambda self, *a: setattr(self, "drafting", drafts != "probes"))
     base = [(3 * i) % 200 + 7 for i in range(30)]
 
@@ -156,7 +158,8 @@ def test_the_prefix_cache_keeps_the_mtp_cache_in_step(engine, monkeypatch, draft
         ends, finish = [], s._finish
 
         def record(r, reason):  # both caches' entries of the request's slot as it ends
-            n = r.pending_at if r.pending else r.length
+            # (one that ends in its prefill: the MTP module reads its last chunk after this; the next request shows it)
+            n = 0 if r.length == len(r.prompt) else r.pending_at if r.pending else r.length
             ends.append((r.tokens, r.reused, [c[:, r.slot, :r.length].clone() for c in (s.cache.kv, s.cache.pe)],
                          [c[:, r.slot, :n].clone() for c in (s.spec.cache.kv, s.spec.cache.pe)]))
             finish(r, reason)
@@ -169,15 +172,19 @@ def test_the_prefix_cache_keeps_the_mtp_cache_in_step(engine, monkeypatch, draft
                            base[:10] + [250, 251, 252]):  # diverges early: the shared part copied to another slot
                 want = engine.generate([prompt], max_new_tokens=5)[0]
                 assert one(s, engine, prompt, 5)[:len(want)] == want, prompt
+            short = [(5 * i) % 180 + 9 for i in range(11)]  # two chunks; ends at its first token
+            one(s, engine, short, 1)
+            want = engine.generate([short + [30, 31]], max_new_tokens=5)[0]
+            assert one(s, engine, short + [30, 31], 5)[:len(want)] == want
         finally:
             s.shutdown()
         return ends
 
     cached, whole = session(True), session(False)
-    assert [e[1] for e in whole] == [0, 0, 0, 0]
+    assert [e[1] for e in whole] == [0] * 6
     if drafts == "as trained":  # nothing pending: the slot holds its whole history
-        assert [e[1] for e in cached] == [0, 34, 34, 9]
-    assert all(e[1] > 0 for e in cached[1:])
+        assert [e[1] for e in cached] == [0, 34, 34, 9, 0, 10]
+    assert all(e[1] > 0 for i, e in enumerate(cached) if i not in (0, 4))
     for i, (c, w) in enumerate(zip(cached, whole)):
         for got, want in zip(c[2] + c[3], w[2] + w[3]):
             assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4), \
