@@ -180,43 +180,366 @@ def _cannot_pay(step_ratio: float, k: int, landed: float, tried: int) -> bool:
     return tail < STOP_P
 
 
-def plain_step(model: Transformer, kept: dict, cache: LatentCache, B: int, total: int, graphs: bool,
-               capture_s: list[float]) -> DecodeStep:
-    """generate's decode step over the main cache (logits and the hidden the drafter reads), made once and kept."""
-    if "plain" not in kept:
-        t = time.perf_counter()
-        kept["plain"] = DecodeStep(model, cache, B, total, graphs=graphs)
-        capture_s[0] += time.perf_counter() - t
-    return kept["plain"]
+class _Speculation:
+    """One speculative_generate call: both caches, each row's answer and cache length (on the host and the device),
+    the static steps, and what the adaptive mode has counted and timed so far. `prefill`, then `decode` (rounds
+    and probes, then generate's own loop once drafting has stopped for good), then `results`."""
 
+    def __init__(self, model: Transformer, prompts: list[list[int]], max_new_tokens: int, k: int, temperature: float,
+                 top_p: float, eos_ids: tuple[int, ...], seed: int | None, dtype: torch.dtype | None, drafter,
+                 adaptive: bool | None, graphs: bool, pool: StepPool | None):
+        if len(model.mtp) == 0 and drafter is None:
+            raise DsvError("speculative decoding needs the checkpoint's MTP layer (num_nextn_predict_layers >= 1, "
+                           "loaded with with_mtp=True); run without --speculative")
+        if k < 1:
+            raise DsvError(f"draft_tokens={k}; give at least 1")
+        lengths = [len(p) for p in prompts]
+        if min(lengths) == 0:
+            raise ValueError("empty prompt")
+        L = max(lengths)
+        total = L + max_new_tokens + 2 * k + 2  # a round writes k + 1 entries past a row's length: may pass the cut
+        if total > model.max_seq_len:
+            raise ValueError(f"prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) + {k + 1} draft positions "
+                             f"exceeds max_seq_len={model.max_seq_len}")
+        self.model, self.par, self.device, self.k, self.B = model, model.par, model.rope_cos.device, k, len(prompts)
+        self.max_new, self.temperature, self.top_p, self.greedy = max_new_tokens, temperature, top_p, temperature <= 0
+        self.drafter, self.graphs, self.total = drafter, graphs, total
+        self.dtype = dtype or model.embed.weight.dtype
+        # kept caches hold an earlier call's entries, all past this call's lengths until it writes them: never read
+        self.kept = pool.take(("speculative", self.B, total, self.dtype, graphs)) if pool is not None else {}
+        if "cache" not in self.kept:
+            self.kept["cache"] = LatentCache.allocate(model.cfg, len(model.layers), self.B, total, self.dtype,
+                                                      self.device)
+            self.kept["mtp_cache"] = (LatentCache.allocate(model.cfg, 1, self.B, total, self.dtype, self.device)
+                                      if len(model.mtp) else None)
+        self.cache, self.mtp_cache = self.kept["cache"], self.kept["mtp_cache"]
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.eos = set(eos_ids)
+        self.eos_t = torch.tensor(list(eos_ids) or [-1], device=self.device)
+        self.stats = Stats()
+        self.rows = torch.arange(self.B, device=self.device)
+        self.zero = torch.zeros(self.B, dtype=torch.long, device=self.device)
+        self.no_drafts = torch.zeros(0, dtype=torch.long, device=self.device)  # a plain step's, sampling
+        self.sums: list[torch.Tensor] = []  # each step's logits summed: NaN/Inf checked once, after the loop
+        self.proposed = self.accepted = self.rounds = self.row_rounds = self.probes = self.probed = 0
+        self.firsts = 0  # rounds (per row) whose first draft landed
+        self.hits = 0.0  # drafts that would have landed in the probes (sampling: the probability they would have)
+        self.drafting, self.decided = True, not (adaptive if adaptive is not None else drafter is None)
+        # adaptive with the MTP drafter: first probe, plain steps whose token is compared with the draft the MTP
+        # module would have fed. The first is scored at once (the prefill left the drafts' logits); the module catches
+        # up on the next ones in one call when they are QUIT_AFTER, which scores them all: a drafter that never lands
+        # costs one eager MTP call over the probes (~1 MTP step), not one per probe (2-3 plain steps' time each on a
+        # small model)
+        self.probing = not self.decided and drafter is None and self.mtp_cache is not None
+        # drafting or not: each timed round's (plain step's) seconds, and the tokens they gained; probes are plain
+        self.took: dict[bool, list[float]] = {True: [], False: []}
+        self.gained = {True: 0, False: 0}
+        self.trial = 0  # plain steps timed so far
+        # plain steps the MTP cache has not caught up on (probes, timed plain steps): (hidden [B, 1, D], token [B])
+        # each, the first at positions pending_at [B]; and the probes that wait for it to be scored: (index in
+        # pending, rows, the main model's logits [B, V])
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.unscored: list[tuple[int, list[int], torch.Tensor]] = []
+        # static steps per (kind, q), captured once a shape has run CAPTURE_AFTER times and is worth it
+        # (_worth_capturing): the verify step (q = 1 + k) and the MTP catch-up (q = 1 + k, or 1 after a first probe
+        # that landed); the plain steps (q = 1) are generate's decode step (plain_step)
+        self.static: dict[tuple[str, int], StaticStep] = self.kept.setdefault("static", {})
+        self.uses: dict[tuple[str, int], int] = {}
+        # static steps made so far (a round that made one is not timed: a one-off cost, not its speed) and the seconds
+        # their captures took, kept out of decode_s as generate() keeps its decode step's capture out
+        self.captures, self.capture_s = 0, 0.0
 
-def plain_tail(model: Transformer, kept: dict, cache: LatentCache, B: int, total: int, graphs: bool,
-               last: torch.Tensor, length: torch.Tensor, active: list[int], out: list[list[int]], done: list[bool],
-               max_new_tokens: int, temperature: float, top_p: float, generator: torch.Generator | None,
-               eos: set[int], eos_t: torch.Tensor, stats: Stats, capture_s: list[float]) -> torch.Tensor:
-    """Once drafting has stopped for good: the rest of the answer through generate's own decode loop on the plain
-    decode step (captured where the backend can, kept in `kept`), so a run that gave up drafting decodes as fast as
-    one that never drafted (a round's host bookkeeping costs ~0.3 ms, a plain loop's far less). Rows not in
-    `active` stay frozen at their length; the others write at most the tokens they still need. Appends to `out`;
-    -> the new lengths [B]."""
-    decode = plain_step(model, kept, cache, B, total, graphs, capture_s)
-    need = [max_new_tokens - len(out[b]) if b in active else 0 for b in range(B)]
-    cap = length + torch.tensor(need, device=length.device)  # [B] past each row's answer: never read
-    top = int(length.max())
-    logits, _ = decode(last, length, top + 1)  # x_L, chosen last round, into the cache
-    pos = torch.minimum(length + 1, cap)
-    finished = torch.tensor([b not in active for b in range(B)], device=length.device)
-    tokens, finite = decode_tokens(model, decode, logits, pos, top + 1, max(need), temperature, top_p, generator,
-                                   eos_t, finished, stats, cap=cap)
-    if not bool(finite & all_finite(logits)):
-        raise NonFiniteLogits(NAN_DECODE)
-    for b, row in zip(active, tokens[active].tolist()):
-        for t in row:
-            out[b].append(t)
-            if t in eos or len(out[b]) >= max_new_tokens:
+    def agreed(self, flag: bool) -> bool:
+        """Under tensor parallel every rank runs this loop; what it decides on the host (timings, draws) is rank
+        0's, so the ranks run the same steps."""
+        if self.par.world_size == 1:
+            return flag
+        return bool(self.par.broadcast(torch.tensor([int(flag)], device=self.device)))
+
+    # ---- prefill: the main model over the prompts, then the MTP module over the same positions
+    def prefill(self, prompts: list[list[int]]) -> None:
+        t0 = time.perf_counter()
+        model, B, L, dev = self.model, self.B, max(map(len, prompts)), self.device
+        tokens = torch.zeros(B, L, dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):
+            tokens[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+        self.lens = [len(p) for p in prompts]  # the host's copy of each row's main-cache entries ...
+        self.length = torch.tensor(self.lens, device=dev)  # [B] ... and the device's
+        logits, hidden = model.forward_step(tokens, self.zero, self.cache, L, take=self.length - 1,
+                                            all_hidden=True)  # [B, V], [B, L, D]
+        if not bool(all_finite(logits)):
+            raise NonFiniteLogits(NAN_PROMPT)
+        self.last = self.par.broadcast(sample(logits, self.temperature, self.top_p, self.generator))  # [B] x_L: chosen,
+        self.out: list[list[int]] = [[int(t)] for t in self.last.tolist()]  # not yet in the cache
+        # the host's copy of each row's last token, so a round spends few small ops on bookkeeping (each costs
+        # ~20-60 us on a cpu right after a step: ~0.5 ms a round, 5% of a step, before these)
+        self.lasts = [o[0] for o in self.out]
+        self.done = [o[0] in self.eos for o in self.out]
+        self.draft_h, self.draft_logits = None, None
+        if self.mtp_cache is not None:
+            nxt = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)  # the token after each position ...
+            nxt[self.rows, self.length - 1] = self.last  # ... and x_L after the last one
+            self.draft_logits, self.draft_h = model.mtp_step(nxt, hidden, self.zero, self.mtp_cache, L,
+                                                             take=self.length - 1)
+        self.pending_at = self.length
+        self.stats.prefill_tokens, self.stats.prefill_s = sum(self.lens), time.perf_counter() - t0  # with the MTP's
+
+    # ---- the steps
+    def static_step(self, kind: str, q: int) -> StaticStep | None:
+        """The static step of this kind and shape: made once it has run CAPTURE_AFTER times and is worth it."""
+        key = (kind, q)
+        self.uses[key] = self.uses.get(key, 0) + 1
+        if key not in self.static and self.uses[key] > CAPTURE_AFTER and \
+                _worth_capturing(self.decided, self.accepted + self.hits):
+            t, model, B, span, graphs = time.perf_counter(), self.model, self.B, self.total, self.graphs
+            self.static[key] = (verify_step(model, self.cache, B, q, span, graphs) if kind == "verify" else
+                                round_step(model, self.cache, self.mtp_cache, B, q, span, graphs) if kind == "round"
+                                else draft_step(model, self.mtp_cache, B, q, span, self.dtype, graphs))
+            self.captures += 1
+            self.capture_s += time.perf_counter() - t
+        return self.static.get(key)
+
+    def plain_step(self) -> DecodeStep:
+        """generate's decode step over the main cache (logits and the hidden the drafter reads), made once, kept."""
+        if "plain" not in self.kept:
+            t = time.perf_counter()
+            self.kept["plain"] = DecodeStep(self.model, self.cache, self.B, self.total, graphs=self.graphs)
+            self.capture_s += time.perf_counter() - t
+        return self.kept["plain"]
+
+    def catch_up(self, score: bool) -> float:
+        """The MTP module over the pending pairs in one call -> its drafts' logits and hidden for the next round;
+        `score`: at every position, so each waiting probe is scored against the draft of the position before it
+        -> the probability mass of those that would have landed."""
+        J, landed, at = len(self.pending), 0.0, self.pending_at
+        h = torch.cat([p[0] for p in self.pending], dim=1)  # [B, J, D]
+        toks = torch.stack([p[1] for p in self.pending], dim=1)  # [B, J]
+        span = int(at.max()) + J
+        if score:
+            dl, dh = self.model.mtp_step(toks, h, at, self.mtp_cache, span, take=None)  # [B, J, V], [B, J, D]
+            for i, scored, main in self.unscored:
+                landed += float(first_draft_lands(dl[scored, i - 1], main[scored], self.temperature, self.top_p).sum())
+                self.probed += len(scored)
+            self.draft_logits, self.draft_h = dl[:, -1], dh[:, -1]
+        elif J == 1 and (step := self.static_step("draft", 1)) is not None:  # the first probe landed: the usual start
+            self.draft_logits, self.draft_h = step(tokens=toks, hidden=h, positions=at, take=self.zero)
+        else:
+            self.draft_logits, self.draft_h = self.model.mtp_step(toks, h, at, self.mtp_cache, span,
+                                                                  take=torch.full_like(self.zero, J - 1))
+        self.pending.clear()
+        self.unscored.clear()
+        return landed
+
+    def draft(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """k drafts per row [B, k] (the drafter's, or the MTP module's chained on itself) and, when sampling, the
+        distributions they were drawn from (k of [B, V])."""
+        draft_p: list[torch.Tensor] = []
+        if self.drafter is not None:
+            return self.drafter(self.rows, self.length, [list(o) for o in self.out]).to(self.device), draft_p
+        drafts = torch.zeros(self.B, self.k, dtype=torch.long, device=self.device)
+        x_h, d_logits = self.draft_h, self.draft_logits
+        for i in range(self.k):
+            if self.greedy:
+                d = d_logits.argmax(-1)
+            else:
+                p_draft = probabilities(d_logits, self.temperature, self.top_p)
+                draft_p.append(p_draft)
+                d = draw(p_draft, self.generator)
+                if self.par.world_size > 1:  # drawn on each rank: rank 0's is chained and fed
+                    d = self.par.broadcast(d.contiguous())
+            drafts[:, i] = d
+            if i + 1 < self.k:  # chain: the module on its own output hidden, one position further
+                d_logits, x_h = self.model.mtp_step(d[:, None], x_h[:, None], self.length + i, self.mtp_cache,
+                                                    max(self.lens) + i + 1, take=self.zero)
+        return drafts, draft_p
+
+    def step(self, active: list[int]) -> None:
+        """One round (q = 1 + k: draft, verify, accept, catch up) or one plain step (q = 1: a probe or a timed plain
+        step) for the active rows; the others ride along, frozen at their length."""
+        B, k, model, greedy = self.B, self.k, self.model, self.greedy
+        q = 1 + k if self.drafting and not self.probing else 1
+        drafts, draft_p = self.draft() if q > 1 else (None, [])
+        # ---- verify: the main model over q = 1 + k positions per row (1: a plain step)
+        feed = torch.cat([self.last[:, None], drafts], dim=1) if q > 1 else None  # [B, q]: x_L and the drafts
+        span = max(self.lens) + q
+        fused = q > 1 and greedy and self.mtp_cache is not None  # the round in one step (greedy_round)
+        if q == 1:  # a probe or a timed plain step: its hidden feeds the MTP cache (now, or if drafting resumes)
+            v_logits, v_hidden = self.plain_step()(self.last, self.length, span)
+            v_logits, v_hidden = v_logits[:, None], v_hidden[:, None]  # [B, 1, V], [B, 1, D]
+        elif fused:
+            step = self.static_step("round", q)
+            self.draft_logits, choice_t, accepted_t, self.draft_h, logits_sum = (
+                step(tokens=feed, positions=self.length) if step is not None else
+                greedy_round(model, self.cache, self.mtp_cache, feed, self.length, span))
+        elif (step := self.static_step("verify", q)) is not None:
+            v_logits, v_hidden = step(tokens=feed, positions=self.length)  # [B, q, V], [B, q, D]
+        else:
+            v_logits, v_hidden = model.forward_step(feed, self.length, self.cache, span)
+        self.stats.steps += 1
+        self.sums.append(logits_sum.clone() if fused else v_logits.sum())  # a replayed round rewrites its buffer
+        # ---- accept: each row's accepted drafts, then the main model's own next token
+        if fused:  # one host read: the choices and the accepted counts
+            host = torch.cat([choice_t, accepted_t[:, None]], dim=1).tolist()  # [B][q + 1]
+            new = [row[:row[q] + 1] for row in host]  # the accepted drafts (= the choices before them), then one
+        elif greedy:
+            choice = v_logits.argmax(-1).tolist()  # [B][q]: the main model's token after each fed one
+            fed = drafts.tolist() if q > 1 else [[]] * B
+            new = [accept_greedy(choice[b], fed[b]) for b in range(B)]
+        else:
+            p_main = probabilities(v_logits.reshape(B * q, -1), self.temperature, self.top_p).view(B, q, -1)
+            new = [accept_sampled(p_main[b], drafts[b] if q > 1 else self.no_drafts, [p[b] for p in draft_p] if draft_p
+                                  else None, self.generator) for b in range(B)]
+        if self.probing and not self.pending:  # the draft a round would have fed, scored against the token chosen
+            self.hits += float(first_draft_lands(self.draft_logits[active], v_logits[active, 0], self.temperature,
+                                                 self.top_p).sum())
+            self.probed += len(active)
+        elif self.probing:  # its draft comes with the MTP module's catch-up
+            self.unscored.append((len(self.pending), active, v_logits[:, 0].clone()))  # a replay reuses its buffer
+        if self.par.world_size > 1:  # rank 0's acceptance (its draws; the greedy choices agree anyway)
+            box = torch.tensor([row + [-1] * (q - len(row) + 1) for row in new], device=self.device)  # [B, q + 1]
+            new = [[t for t in row if t >= 0] for row in self.par.broadcast(box).tolist()]
+        n_host = [len(row) - 1 for row in new]  # accepted drafts per row
+        # ---- keep: n + 1 new tokens per row (cut at EOS and max_new_tokens); the cache keeps x_L and the accepted
+        for b in active:
+            for t in new[b]:
+                self.out[b].append(t)
+                if t in self.eos or len(self.out[b]) >= self.max_new:
+                    self.done[b] = True
+                    break
+        if self.probing:
+            self.probes += 1
+        elif self.drafting:
+            self.rounds += 1
+            self.row_rounds += len(active)
+            self.proposed += k * len(active)
+            self.accepted += sum(n_host[b] for b in active)
+            self.firsts += sum(n_host[b] > 0 for b in active)
+        # ---- catch up the MTP cache (a fused round did): pairs (main hidden at L + j, token L + j + 1), j = 0 .. n
+        if not fused:
+            nxt = torch.tensor([new[b][:q] + [0] * (q - len(new[b][:q])) for b in range(B)], device=self.device)
+        if self.mtp_cache is not None and q == 1 and not self.decided:  # a probe or a timed plain step: it waits
+            if not self.pending:
+                self.pending_at = self.length
+            self.pending.append((v_hidden.clone(), nxt[:, 0]))
+        elif self.mtp_cache is not None and self.drafting and not fused:
+            n = torch.tensor(n_host, device=self.device)  # [B]
+            step = self.static_step("draft", q)
+            if step is not None:
+                self.draft_logits, self.draft_h = step(tokens=nxt, hidden=v_hidden, positions=self.length, take=n)
+            else:
+                self.draft_logits, self.draft_h = model.mtp_step(nxt, v_hidden, self.length, self.mtp_cache, span,
+                                                                 take=n)
+        for b in active:
+            self.lens[b] += n_host[b] + 1
+            self.lasts[b] = new[b][-1]
+        self.last, self.length = (torch.tensor(x, device=self.device) for x in (self.lasts, self.lens))
+
+    # ---- the adaptive mode
+    def judge(self) -> None:
+        """After a timed step: while probing, whether to start drafting (or stop for good); while drafting, whether
+        it is hopeless; after JUDGE_AFTER rounds and as many plain steps, which mode goes on."""
+        if self.probing:
+            start = self.agreed(_start_drafting(self.hits))
+            if not start and self.probes >= QUIT_AFTER:
+                self.hits += self.catch_up(score=True)
+                start = self.agreed(_start_drafting(self.hits))
+            if start:
+                if self.pending:
+                    self.catch_up(score=False)
+                self.probing = False
+            elif self.probes >= QUIT_AFTER:
+                self.decided, self.drafting = True, False
+                log.info("speculative decoding: no draft would have landed in %d probes; drafting stops", self.probes)
+            return
+        # a round's cost in plain steps: the fastest of each (a slow spell of the machine only inflates a time)
+        took, landed, tried = self.took, self.firsts + self.hits, self.row_rounds + self.probed
+        cost = min(took[True]) / min(took[False]) if len(took[True]) >= 2 and took[False] else None
+        if self.drafting and self.rounds >= QUIT_AFTER and self.agreed(self.accepted + self.hits == 0):
+            self.decided, self.drafting = True, False  # never landed: cannot win, no trial
+            log.info("speculative decoding: no draft accepted in %d rounds; drafting stops", self.rounds)
+        elif self.drafting and cost is not None and self.agreed(_cannot_pay(cost, self.k, landed, tried)):
+            self.decided, self.drafting = True, False
+            log.info("speculative decoding: a round costs %.2f plain steps and %.0f of %d first drafts landed; "
+                     "drafting stops", cost, landed, tried)
+        elif self.drafting and self.rounds >= JUDGE_AFTER:
+            self.drafting, self.trial = False, 0  # now time plain steps
+        elif not self.drafting:
+            self.trial += 1
+            if self.trial == JUDGE_AFTER:
+                self.decided = True
+                rate = {mode: self.gained[mode] / max(sum(took[mode]), 1e-9) for mode in took}
+                self.drafting = self.agreed(_keep_drafting(rate))
+                log.info("speculative decoding: %.1f tok/s drafting (acceptance %.0f%%) vs %.1f tok/s plain; %s",
+                         rate[True], 100 * (self.accepted + self.hits) / max(self.proposed + self.probed, 1),
+                         rate[False], "drafting goes on" if self.drafting else "drafting stops")
+                if self.drafting and self.mtp_cache is not None:  # the MTP cache catches up on the timed plain steps
+                    self.catch_up(score=False)
+
+    # ---- the decode loop
+    def decode(self) -> None:
+        t0 = time.perf_counter()
+        while True:
+            active = [b for b in range(self.B) if not self.done[b] and len(self.out[b]) < self.max_new]
+            if not active:
                 break
-        done[b] = True
-    return pos
+            if self.decided and not self.drafting:  # drafting stopped for good: generate's loop on the plain step
+                self.plain_tail(active)
+                break
+            t, before, made = time.perf_counter(), sum(len(self.out[b]) for b in active), (self.captures,
+                                                                                          self.capture_s)
+            self.step(active)
+            if self.decided:
+                continue
+            if (self.captures, self.capture_s) == made:  # timed, unless a step was made in it (a one-off cost)
+                mode = self.drafting and not self.probing
+                self.took[mode].append(time.perf_counter() - t)
+                self.gained[mode] += sum(len(self.out[b]) for b in active) - before
+            self.judge()
+        if self.sums and not bool(all_finite(torch.stack(self.sums))):
+            raise NonFiniteLogits(NAN_DECODE)
+        self.stats.decode_s = time.perf_counter() - t0 - self.capture_s
+
+    def plain_tail(self, active: list[int]) -> None:
+        """Once drafting has stopped for good: the rest of the answer through generate's own decode loop on the plain
+        decode step (captured where the backend can, kept in `kept`), so a run that gave up drafting decodes as fast
+        as one that never drafted (a round's host bookkeeping costs ~0.3 ms, a plain loop's far less). Rows not in
+        `active` stay frozen at their length; the others write at most the tokens they still need."""
+        decode, length, B = self.plain_step(), self.length, self.B
+        need = [self.max_new - len(self.out[b]) if b in active else 0 for b in range(B)]
+        cap = length + torch.tensor(need, device=length.device)  # [B] past each row's answer: never read
+        top = int(length.max())
+        logits, _ = decode(self.last, length, top + 1)  # x_L, chosen last round, into the cache
+        pos = torch.minimum(length + 1, cap)
+        finished = torch.tensor([b not in active for b in range(B)], device=length.device)
+        tokens, finite = decode_tokens(self.model, decode, logits, pos, top + 1, max(need), self.temperature,
+                                       self.top_p, self.generator, self.eos_t, finished, self.stats, cap=cap)
+        if not bool(finite & all_finite(logits)):
+            raise NonFiniteLogits(NAN_DECODE)
+        for b, row in zip(active, tokens[active].tolist()):
+            for t in row:
+                self.out[b].append(t)
+                if t in self.eos or len(self.out[b]) >= self.max_new:
+                    break
+            self.done[b] = True
+        self.length = pos
+
+    def results(self, keep: dict | None) -> tuple[list[list[int]], Stats]:
+        stats = self.stats
+        stats.extra["capture_s"] = self.capture_s
+        if keep is not None:
+            keep.update(cache=self.cache, mtp_cache=self.mtp_cache, length=self.length.tolist())
+        results = []
+        for row in self.out:
+            cut = next((j for j, t in enumerate(row) if t in self.eos), len(row))
+            results.append(row[:min(cut, self.max_new)])
+        stats.decode_tokens = sum(len(r) for r in results)
+        made = [step for step in (self.kept.get("plain"), *self.static.values()) if step is not None]
+        stats.extra["decode_step"] = "graph" if any(step.captured for step in made) else "static" if made else "eager"
+        stats.extra.update(speculative="mtp", draft_tokens=self.k, rounds=self.rounds, probes=self.probes,
+                           acceptance=(self.accepted + self.hits) / max(self.proposed + self.probed, 1),
+                           tokens_per_round=1 + self.accepted / max(self.row_rounds, 1),
+                           drafting_at_end=self.drafting)
+        return results, stats
 
 
 @torch.inference_mode()
@@ -234,284 +557,8 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
     `keep`, if given, receives the final caches and per-row lengths (tests check them against a plain run).
     Once drafting has stopped for good, the rest decodes through generate's loop (`plain_tail`). `pool`: where the
     caches and captured steps are kept for the next call of the same shape."""
-    if len(model.mtp) == 0 and drafter is None:
-        raise DsvError("speculative decoding needs the checkpoint's MTP layer (num_nextn_predict_layers >= 1, "
-                       "loaded with with_mtp=True); run without --speculative")
-    if draft_tokens < 1:
-        raise DsvError(f"draft_tokens={draft_tokens}; give at least 1")
-    device, k, par = model.rope_cos.device, draft_tokens, model.par
-
-    def agreed(flag: bool) -> bool:
-        """Under tensor parallel every rank runs this loop; what it decides on the host (timings, draws) is rank
-        0's, so the ranks run the same steps."""
-        return bool(par.broadcast(torch.tensor([int(flag)], device=device))) if par.world_size > 1 else flag
-    stats = Stats()
-    B = len(prompts)
-    lengths = [len(p) for p in prompts]
-    if min(lengths) == 0:
-        raise ValueError("empty prompt")
-    L = max(lengths)
-    total = L + max_new_tokens + 2 * k + 2  # a round writes k + 1 entries past a row's length, which may pass the cut
-    if total > model.max_seq_len:
-        raise ValueError(f"prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) + {k + 1} draft positions exceeds "
-                         f"max_seq_len={model.max_seq_len}")
-    dtype = dtype or model.embed.weight.dtype
-    # kept caches hold an earlier call's entries, all past this call's lengths until it writes them: never read
-    kept = pool.take(("speculative", B, total, dtype, graphs)) if pool is not None else {}
-    if "cache" not in kept:
-        kept["cache"] = LatentCache.allocate(model.cfg, len(model.layers), B, total, dtype, device)
-        kept["mtp_cache"] = LatentCache.allocate(model.cfg, 1, B, total, dtype, device) if len(model.mtp) else None
-    cache, mtp_cache = kept["cache"], kept["mtp_cache"]
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    greedy = temperature <= 0
-
-    # ---- prefill: the main model over the prompts, then the MTP module over the same positions
-    t0 = time.perf_counter()
-    tokens = torch.zeros(B, L, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        tokens[b, :len(p)] = torch.tensor(p, dtype=torch.long)
-    length = torch.tensor(lengths, device=device)  # [B] entries of each row's main cache
-    zero = torch.zeros(B, dtype=torch.long, device=device)
-    logits, hidden = model.forward_step(tokens, zero, cache, L, take=length - 1, all_hidden=True)  # hidden [B, L, D]
-    if not bool(all_finite(logits)):
-        raise NonFiniteLogits(NAN_PROMPT)
-    last = par.broadcast(sample(logits, temperature, top_p, generator))  # [B] x_L: chosen, not yet in the cache
-    out: list[list[int]] = [[int(t)] for t in last.tolist()]
-    rows = torch.arange(B, device=device)
-    draft_h, draft_logits = None, None
-    if mtp_cache is not None:
-        nxt = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)  # the token after each position ...
-        nxt[rows, length - 1] = last  # ... and x_L after the last one
-        draft_logits, draft_h = model.mtp_step(nxt, hidden, zero, mtp_cache, L, take=length - 1)
-    stats.prefill_tokens, stats.prefill_s = sum(lengths), time.perf_counter() - t0  # the MTP module's prefill too
-
-    t0 = time.perf_counter()
-    eos = set(eos_ids)
-    eos_t = torch.tensor(list(eos_ids) or [-1], device=device)
-    done = [out[b][0] in eos for b in range(B)]
-    # the host's copies of each row's cache length and last token, so a round spends few small ops on bookkeeping
-    # (each costs ~20-60 us on a cpu right after a step: ~0.5 ms a round, 5% of a step, before these)
-    lens, lasts = list(lengths), [o[0] for o in out]
-    sums: list[torch.Tensor] = []  # each step's logits summed: NaN/Inf checked once, after the loop
-    no_drafts = torch.zeros(0, dtype=torch.long, device=device)
-    proposed = accepted = rounds = row_rounds = probes = probed = 0
-    hits = 0.0  # drafts that would have landed in the probes (sampling: the probability they would have)
-    drafting, decided = True, not (adaptive if adaptive is not None else drafter is None)
-    # adaptive with the MTP drafter: first probe, plain steps whose token is compared with the draft the MTP module
-    # would have fed. The first is scored at once (the prefill left the drafts' logits); the module catches up on the
-    # next ones in one call when they are QUIT_AFTER, which scores them all: a drafter that never lands costs one
-    # eager MTP call over the probes (~1 MTP step), not one per probe (2-3 plain steps' time each on a small model)
-    probing = not decided and drafter is None and mtp_cache is not None
-    # drafting or not: each timed round's (plain step's) seconds, and the tokens they gained; probes are plain steps
-    took: dict[bool, list[float]] = {True: [], False: []}
-    gained = {True: 0, False: 0}
-    firsts = 0  # rounds (per row) whose first draft landed
-    # plain steps the MTP cache has not caught up on (probes, timed plain steps): (hidden [B, 1, D], token [B]) each,
-    # the first at positions pending_at [B]; and the probes that wait for it to be scored: (index in pending, rows,
-    # the main model's logits [B, V])
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-    unscored: list[tuple[int, list[int], torch.Tensor]] = []
-    pending_at, trial = length, 0  # trial: plain steps timed so far
-    # static steps per (kind, q), captured once a shape has run CAPTURE_AFTER times and is worth it (_worth_capturing):
-    # the verify step (q = 1 + k) and the MTP catch-up (q = 1 + k, or 1 after a first probe that landed); the plain
-    # steps (q = 1) are generate's decode step (plain_step)
-    static: dict[tuple[str, int], StaticStep] = kept.setdefault("static", {})
-    uses: dict[tuple[str, int], int] = {}
-
-    # static steps made so far (a round that made one is not timed: a one-off cost, not its speed) and the seconds
-    # their captures took, kept out of decode_s as generate() keeps its decode step's capture out
-    captures, capture_s = [0], [0.0]
-
-    def static_step(kind: str, q: int) -> StaticStep | None:
-        uses[kind, q] = uses.get((kind, q), 0) + 1
-        if (kind, q) not in static and uses[kind, q] > CAPTURE_AFTER and _worth_capturing(decided, accepted + hits):
-            t = time.perf_counter()
-            static[kind, q] = (verify_step(model, cache, B, q, total, graphs) if kind == "verify" else
-                               round_step(model, cache, mtp_cache, B, q, total, graphs) if kind == "round" else
-                               draft_step(model, mtp_cache, B, q, total, dtype, graphs))
-            captures[0] += 1
-            capture_s[0] += time.perf_counter() - t
-        return static.get((kind, q))
-
-    def catch_up(score: bool) -> float:
-        """The MTP module over the pending pairs in one call -> its drafts' logits and hidden for the next round;
-        `score`: at every position, so each waiting probe is scored against the draft of the position before it
-        -> the probability mass of those that would have landed."""
-        nonlocal draft_logits, draft_h, probed
-        J, landed = len(pending), 0.0
-        h = torch.cat([p[0] for p in pending], dim=1)  # [B, J, D]
-        toks = torch.stack([p[1] for p in pending], dim=1)  # [B, J]
-        span = int(pending_at.max()) + J
-        if score:
-            dl, dh = model.mtp_step(toks, h, pending_at, mtp_cache, span, take=None)  # [B, J, V], [B, J, D]
-            for i, scored, main in unscored:
-                landed += float(first_draft_lands(dl[scored, i - 1], main[scored], temperature, top_p).sum())
-                probed += len(scored)
-            draft_logits, draft_h = dl[:, -1], dh[:, -1]
-        elif J == 1 and (step := static_step("draft", 1)) is not None:  # the first probe landed: the usual start
-            draft_logits, draft_h = step(tokens=toks, hidden=h, positions=pending_at, take=zero)
-        else:
-            draft_logits, draft_h = model.mtp_step(toks, h, pending_at, mtp_cache, span,
-                                                   take=torch.full_like(zero, J - 1))
-        pending.clear()
-        unscored.clear()
-        return landed
-    while True:
-        active = [b for b in range(B) if not done[b] and len(out[b]) < max_new_tokens]
-        if not active:
-            break
-        if decided and not drafting:  # drafting stopped for good: generate's loop on the plain decode step
-            length = plain_tail(model, kept, cache, B, total, graphs, last, length, active, out, done, max_new_tokens,
-                                temperature, top_p, generator, eos, eos_t, stats, capture_s)
-            break
-        round_t0, before, made = time.perf_counter(), sum(len(out[b]) for b in active), (captures[0], capture_s[0])
-        q = 1 + k if drafting and not probing else 1
-        # ---- draft
-        draft_p = [] if not greedy else None
-        if q > 1:
-            if drafter is not None:
-                drafts = drafter(rows, length, [list(o) for o in out]).to(device)
-            else:
-                drafts = torch.zeros(B, k, dtype=torch.long, device=device)
-                x_h, d_logits = draft_h, draft_logits
-                for i in range(k):
-                    if greedy:
-                        d = d_logits.argmax(-1)
-                    else:
-                        p_draft = probabilities(d_logits, temperature, top_p)
-                        draft_p.append(p_draft)
-                        d = draw(p_draft, generator)
-                        if par.world_size > 1:  # drawn on each rank: rank 0's is chained and fed
-                            d = par.broadcast(d.contiguous())
-                    drafts[:, i] = d
-                    if i + 1 < k:  # chain: the module on its own output hidden, one position further
-                        d_logits, x_h = model.mtp_step(d[:, None], x_h[:, None], length + i, mtp_cache,
-                                                       max(lens) + i + 1, take=zero)
-            feed = torch.cat([last[:, None], drafts], dim=1)  # [B, q]: x_L and the drafts
-        # ---- verify: the main model over q = 1 + k positions per row (1: a plain step)
-        span = max(lens) + q
-        fused = q > 1 and greedy and mtp_cache is not None  # the round in one step (greedy_round)
-        if q == 1:  # a probe or a timed plain step: its hidden feeds the MTP cache (now, or if drafting resumes)
-            v_logits, v_hidden = plain_step(model, kept, cache, B, total, graphs, capture_s)(last, length, span)
-            v_logits, v_hidden = v_logits[:, None], v_hidden[:, None]  # [B, 1, V], [B, 1, D]
-        elif fused:
-            step = static_step("round", q)
-            draft_logits, choice_t, accepted_t, draft_h, logits_sum = (
-                step(tokens=feed, positions=length) if step is not None else
-                greedy_round(model, cache, mtp_cache, feed, length, span))
-        elif (step := static_step("verify", q)) is not None:
-            v_logits, v_hidden = step(tokens=feed, positions=length)  # [B, q, V], [B, q, D]
-        else:
-            v_logits, v_hidden = model.forward_step(feed, length, cache, span)
-        stats.steps += 1
-        sums.append(logits_sum.clone() if fused else v_logits.sum())  # a replayed round rewrites its sum's buffer
-        if fused:  # one host read: the choices and the accepted counts
-            host = torch.cat([choice_t, accepted_t[:, None]], dim=1).tolist()  # [B][q + 1]
-            new = [row[:row[q] + 1] for row in host]  # the accepted drafts (= the choices before them), then one
-        elif greedy:
-            choice = v_logits.argmax(-1).tolist()  # [B][q]: the main model's token after each fed one
-            fed = drafts.tolist() if q > 1 else [[]] * B
-            new = [accept_greedy(choice[b], fed[b]) for b in range(B)]
-        else:
-            p_main = probabilities(v_logits.reshape(B * q, -1), temperature, top_p).view(B, q, -1)
-            new = [accept_sampled(p_main[b], drafts[b] if q > 1 else no_drafts, [p[b] for p in draft_p] if draft_p
-                                  else None, generator) for b in range(B)]
-        if probing and not pending:  # the draft a round would have fed, scored against the token just chosen
-            hits += float(first_draft_lands(draft_logits[active], v_logits[active, 0], temperature, top_p).sum())
-            probed += len(active)
-        elif probing:  # its draft comes with the MTP module's catch-up
-            unscored.append((len(pending), active, v_logits[:, 0].clone()))  # a replayed step reuses its buffer
-        if par.world_size > 1:  # rank 0's acceptance (its draws; the greedy choices agree anyway)
-            box = torch.tensor([row + [-1] * (q - len(row) + 1) for row in new], device=device)  # [B, q + 1]
-            new = [[t for t in row if t >= 0] for row in par.broadcast(box).tolist()]
-        n_host = [len(kept) - 1 for kept in new]  # accepted drafts per row
-        # ---- keep: n + 1 new tokens per row (cut at EOS and max_new_tokens); the cache keeps x_L and the accepted
-        for b in active:
-            for t in new[b]:
-                out[b].append(t)
-                if t in eos or len(out[b]) >= max_new_tokens:
-                    done[b] = done[b] or t in eos or len(out[b]) >= max_new_tokens
-                    break
-        if probing:
-            probes += 1
-        elif drafting:
-            rounds += 1
-            row_rounds += len(active)
-            proposed += k * len(active)
-            accepted += sum(n_host[b] for b in active)
-            firsts += sum(n_host[b] > 0 for b in active)
-        # ---- catch up the MTP cache (a fused round did): pairs (main hidden at L + j, token L + j + 1), j = 0 .. n
-        if not fused:
-            nxt = torch.tensor([new[b][:q] + [0] * (q - len(new[b][:q])) for b in range(B)], device=device)  # [B, q]
-        if mtp_cache is not None and q == 1 and not decided:  # a probe or a timed plain step: its pair waits
-            if not pending:
-                pending_at = length
-            pending.append((v_hidden.clone(), nxt[:, 0]))
-        elif mtp_cache is not None and drafting and not fused:
-            n = torch.tensor(n_host, device=device)  # [B]
-            step = static_step("draft", q)
-            if step is not None:
-                draft_logits, draft_h = step(tokens=nxt, hidden=v_hidden, positions=length, take=n)
-            else:
-                draft_logits, draft_h = model.mtp_step(nxt, v_hidden, length, mtp_cache, span, take=n)
-        for b in active:  # finished rows ride along, frozen at their length
-            lens[b] += n_host[b] + 1
-            lasts[b] = new[b][-1]
-        last, length = torch.tensor(lasts, device=device), torch.tensor(lens, device=device)
-        if decided:
-            continue
-        if (captures[0], capture_s[0]) == made:  # timed, unless a step was made in it (a one-off cost)
-            took[drafting and not probing].append(time.perf_counter() - round_t0)
-            gained[drafting and not probing] += sum(len(out[b]) for b in active) - before
-        if probing:
-            start = agreed(_start_drafting(hits))
-            if not start and probes >= QUIT_AFTER:
-                hits += catch_up(score=True)
-                start = agreed(_start_drafting(hits))
-            if start:
-                if pending:
-                    catch_up(score=False)
-                probing = False
-            elif probes >= QUIT_AFTER:
-                decided, drafting = True, False
-                log.info("speculative decoding: no draft would have landed in %d probes; drafting stops", probes)
-            continue
-        # a round's cost in plain steps: the fastest of each (a slow spell of the machine only inflates a time)
-        cost = min(took[True]) / min(took[False]) if len(took[True]) >= 2 and took[False] else None
-        if drafting and rounds >= QUIT_AFTER and agreed(accepted + hits == 0):  # never landed: cannot win, no trial
-            decided, drafting = True, False
-            log.info("speculative decoding: no draft accepted in %d rounds; drafting stops", rounds)
-        elif drafting and cost is not None and agreed(_cannot_pay(cost, k, firsts + hits, row_rounds + probed)):
-            decided, drafting = True, False
-            log.info("speculative decoding: a round costs %.2f plain steps and %.0f of %d first drafts landed; "
-                     "drafting stops", cost, firsts + hits, row_rounds + probed)
-        elif drafting and rounds >= JUDGE_AFTER:
-            drafting, trial = False, 0  # now time plain steps
-        elif not drafting:
-            trial += 1
-            if trial == JUDGE_AFTER:
-                decided = True
-                rate = {mode: gained[mode] / max(sum(took[mode]), 1e-9) for mode in took}
-                drafting = agreed(_keep_drafting(rate))
-                log.info("speculative decoding: %.1f tok/s drafting (acceptance %.0f%%) vs %.1f tok/s plain; %s",
-                         rate[True], 100 * (accepted + hits) / max(proposed + probed, 1), rate[False],
-                         "drafting goes on" if drafting else "drafting stops")
-                if drafting and mtp_cache is not None:  # the MTP cache catches up on the timed plain steps
-                    catch_up(score=False)
-    if sums and not bool(all_finite(torch.stack(sums))):
-        raise NonFiniteLogits(NAN_DECODE)
-    stats.decode_s = time.perf_counter() - t0 - capture_s[0]
-    stats.extra["capture_s"] = capture_s[0]
-    if keep is not None:
-        keep.update(cache=cache, mtp_cache=mtp_cache, length=length.tolist())
-    results = []
-    for row in out:
-        cut = next((j for j, t in enumerate(row) if t in eos), len(row))
-        results.append(row[:min(cut, max_new_tokens)])
-    stats.decode_tokens = sum(len(r) for r in results)
-    made = [step for step in (kept.get("plain"), *static.values()) if step is not None]
-    stats.extra["decode_step"] = "graph" if any(step.captured for step in made) else "static" if made else "eager"
-    stats.extra.update(speculative="mtp", draft_tokens=k, rounds=rounds, probes=probes,
-                       acceptance=(accepted + hits) / max(proposed + probed, 1),
-                       tokens_per_round=1 + accepted / max(row_rounds, 1), drafting_at_end=drafting)
-    return results, stats
+    run = _Speculation(model, prompts, max_new_tokens, draft_tokens, temperature, top_p, eos_ids, seed, dtype, drafter,
+                       adaptive, graphs, pool)
+    run.prefill(prompts)
+    run.decode()
+    return run.results(keep)
