@@ -66,6 +66,25 @@ def replayed_caches(model, prompts, outs, lengths):
     return cache, mtp
 
 
+@pytest.mark.parametrize("name", ["demo", "v3ish"])
+def test_bf16_greedy_at_batch_1_equals_plain_decoding(tiny_ckpts, demo_ckpt, name):
+    """bf16 on the cpu backend, batch 1: a verify step of 1 + k <= 4 rows stays on the C kernels a plain step of one
+    row takes (below 17 rows, and below 5 where AMX tiles would take over), whose sums for a row do not depend on the
+    rows beside it. So greedy tokens equal plain decoding bit for bit there too (README: past those row counts a
+    verify step may round otherwise, as a batch does), with every draft accepted or none."""
+    e = dsv3.load(demo_ckpt if name == "demo" else tiny_ckpts[name], backend="cpu", dtype="bf16")
+    if getattr(e.model.kernels, "native", None) is None:
+        pytest.skip("the cpu backend's C kernels are not built here (torch's GEMMs round by shape)")
+    for prompt in PROMPTS[:2]:
+        plain = e.generate([prompt], max_new_tokens=40)
+        for k in (1, 2, 3):
+            for wrong in (False, True):
+                spec, stats = speculative_generate(e.model, [prompt], 40, k, eos_ids=tuple(e.cfg.eos_token_ids),
+                                                   drafter=oracle(plain, wrong, e.cfg.vocab_size)(k))
+                assert spec == plain, f"{name} k={k} {'all rejected' if wrong else 'all accepted'}: {spec} != {plain}"
+                assert stats.extra["rounds"] > 0
+
+
 @pytest.mark.parametrize("wrong", [False, True], ids=["all-accepted", "all-rejected"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_forced_acceptance_and_rejection_leave_the_caches_of_a_plain_run(engines, wrong, k):
