@@ -7,7 +7,7 @@ import torch
 
 from ..core.generate import StaticStep, bucket
 from ..core.model import LatentCache, Transformer
-from ..core.speculative import greedy_round
+from ..core.rounds import greedy_round
 
 #: plan kinds broadcast to follower ranks (PREFILL_SCORED: a prefill chunk some of whose rows, a prompt being scored
 #: for its logprobs, also want logits at every position)
@@ -191,7 +191,7 @@ class StepRunner:
 
     @torch.inference_mode()
     def round(self, slots: list[int], tokens: torch.Tensor, positions: list[int]) -> tuple[torch.Tensor, ...]:
-        """A greedy round (core/speculative.greedy_round): tokens [B, q] = [last, drafts] -> draft logits [B, V],
+        """A greedy round (core/rounds.greedy_round): tokens [B, q] = [last, drafts] -> draft logits [B, V],
         choices [B, q], accepted drafts [B], draft hidden [B, D], the logits' sum (a static step's buffers where
         steps are captured: read them before the next round). Every rank chooses from the same gathered logits."""
         _live(slots)

@@ -24,7 +24,7 @@ import torch
 from ..core.errors import DsvError
 from ..core.generate import bucket, draw, probabilities
 from ..core.model import LatentCache
-from ..core.speculative import accept_greedy, accept_sampled, first_draft_lands
+from ..core.rounds import accept_greedy, accept_sampled, first_draft_lands
 from .drafting import DraftPolicy
 from .logprobs import entries
 

@@ -361,36 +361,6 @@ def test_kept_steps_serve_the_next_call(tiny_ckpts, monkeypatch):
     assert [s.replay is not None for s in pool.shapes[next(iter(pool.shapes))]["static"].values()] == [True]  # round
 
 
-def test_a_probe_scores_the_first_draft_as_acceptance_would():
-    """first_draft_lands: greedy, 1 where the draft's argmax is the main model's; sampling, the probability that
-    a draft sampled from q is kept by rejection sampling against p, sum(min(p, q)) (computed here in float64),
-    at temperature 0.7 with a top-p nucleus of 0.9 applied to both."""
-    from dsv3.core.speculative import first_draft_lands
-
-    g = torch.Generator().manual_seed(0)
-    main, draft = torch.randn(5, 11, generator=g), torch.randn(5, 11, generator=g)
-    draft[1] = main[1] * 3  # the same argmax
-    want = (draft.argmax(-1) == main.argmax(-1)).float()
-    assert torch.equal(first_draft_lands(draft, main, 0.0, 1.0), want) and want[1] == 1
-
-    def nucleus(logits):
-        p = (logits.double() / 0.7).softmax(-1)
-        order = p.argsort(-1, descending=True)
-        keep = torch.zeros_like(p, dtype=torch.bool)
-        for b in range(p.shape[0]):
-            total = 0.0
-            for i in order[b].tolist():  # the smallest set of top tokens whose mass reaches 0.9
-                keep[b, i] = True
-                total += float(p[b, i])
-                if total >= 0.9:
-                    break
-        p = p * keep
-        return p / p.sum(-1, keepdim=True)
-    expected = torch.minimum(nucleus(main), nucleus(draft)).sum(-1)
-    got = first_draft_lands(draft, main, 0.7, 0.9).double()
-    assert torch.allclose(got, expected, atol=1e-5), (got, expected)
-
-
 @pytest.mark.parametrize("starts", [False, True], ids=["drafting-stops", "drafting-starts"])
 def test_probes_scored_in_one_catch_up_count_the_drafts_that_would_have_landed(tiny_vocab, monkeypatch, starts):
     """Adaptive, greedy, the MTP drafter over a vocabulary of 12 (its drafts land often): the first probe is scored
