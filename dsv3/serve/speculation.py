@@ -89,16 +89,20 @@ class Drafting:
         (q = 1 + k), each row's kept tokens emitted one by one (a stop or EOS among them ends it there), then the
         MTP module catches up on the kept positions. While the policy says drafting does not pay (drafting.py) and
         no seeded sampled request runs, or rows are too near the context's end for k drafts, the step is a probe
-        (`_probe_step`)."""
+        (`_probe_step`); beside a seeded sampled request, only those rows' step is."""
         t0 = time.perf_counter()
-        B, dev = len(rows), self.s.cache.kv.device
-        fits = all(r.length + 1 + self.k <= self.s.max_len for r in rows)
+        near = [r for r in rows if r.length + 1 + self.k > self.s.max_len]  # no room for k drafts before the end
         # a seeded sampled request drafts every round: its draws (drafts, acceptances) then repeat from run to run,
-        # which a mode set by other requests and timings would not
-        seeded = any(r.params.seed is not None and r.params.temperature > 0 for r in rows)
-        k = self.k if (self.policy.drafting or seeded) and fits else 0
+        # which a mode set by other requests and timings would not. So where other rows are too near the context's
+        # end, they take a plain step of their own and the rest still draft (as each would alone)
+        seeded = any(r.params.seed is not None and r.params.temperature > 0 for r in rows if r not in near)
+        if seeded and near:
+            self._probe_step(near, t0, record=False)
+            rows, near, t0 = [r for r in rows if r not in near], [], time.perf_counter()
+        k = self.k if (self.policy.drafting or seeded) and not near else 0
         if k == 0:
             return self._probe_step(rows, t0)
+        B, dev = len(rows), self.s.cache.kv.device
         behind = [r for r in rows if r.pending]
         if behind:  # drafting resumes: the MTP cache first catches up on the probe steps
             self._catch_up(behind)
@@ -169,11 +173,12 @@ class Drafting:
             self.s.observe("step", (B, self.s.step_time))
             self.s.observe("drafts", (k * B, sum(len(t) - 1 for t in kept), self.policy.drafting))
 
-    def _probe_step(self, rows: list[Request], t0: float) -> None:
+    def _probe_step(self, rows: list[Request], t0: float, record: bool = True) -> None:
         """A plain step (q = 1) while drafting is off. Its (hidden, token) pairs wait in each request's `pending`;
         the MTP module catches up on them every `policy.probe_every` steps (one call over the missed positions, whose
         feed-forward runs at the last one only: ~1 MTP step, not one per step) and before drafting resumes. The
-        rows whose MTP logits are current score the draft they would have made, for the policy."""
+        rows whose MTP logits are current score the draft they would have made, for the policy (unless `record` is
+        False: rows near the context's end stepped apart from a drafting round, not a plain step of the batch)."""
         B, dev = len(rows), self.s.cache.kv.device
         fresh = [b for b, r in enumerate(rows) if not r.pending]
         dl = torch.stack([rows[b].draft_logits for b in fresh]) if fresh else None
@@ -195,7 +200,8 @@ class Drafting:
             self.probe_steps = 0
             self._catch_up([r for r in rows if r.slot >= 0 and r.pending])
         self.s.step_time = time.perf_counter() - t0
-        self.policy.record(False, bucket(B), len(fresh), landed, self.s.step_time)
+        if record:
+            self.policy.record(False, bucket(B), len(fresh), landed, self.s.step_time)
         if self.s.observe:
             self.s.observe("step", (B, self.s.step_time))
             self.s.observe("drafts", (0, 0, self.policy.drafting))

@@ -296,3 +296,25 @@ def test_requests_that_end_at_their_first_token_while_drafting(demo_ckpt, dtype)
     # the API path that found it: JSON with drafts (a scheduler in the calling thread), one token per answer
     assert engine.generate([[5, 9], [1]], max_new_tokens=1, json=True, speculative="mtp") == \
         engine.generate([[5, 9], [1]], max_new_tokens=1, json=True)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_seeded_request_drafts_on_while_another_reaches_the_context_end(demo_ckpt, k):
+    """A seeded sampled request drafts every round, so its draws repeat. A row too near the context's end for k
+    drafts takes a plain step of its own then (it would alone too), not the whole batch: the seeded answer beside
+    one that runs into the context's end is the one it gets alone (before, the whole batch took plain steps then, and
+    the seeded answer changed with its company)."""
+    import dsv3
+
+    engine = dsv3.load(demo_ckpt, backend="cpu", dtype="fp32", max_seq_len=64)
+    seeded = ("seeded", [5, 9, 2, 7, 1], Sampling(30, temperature=1.0, seed=3, ignore_eos=True))
+    long = ("long", list(range(3, 58)), Sampling(20, ignore_eos=True))  # 55 tokens: 10 more fill the context
+
+    def answers(reqs):
+        s = Scheduler(engine, max_batch=2, eos_ids=tuple(engine.cfg.eos_token_ids), speculative="mtp",
+                      draft_tokens=k)
+        return run_all(s, engine, reqs)
+    alone, both = answers([seeded]), answers([long, seeded])
+    assert both["long"].finish == "length" and len(both["long"].tokens) == 64 - 55 + 1  # the last is never fed
+    assert both["seeded"].tokens == alone["seeded"].tokens
+    assert both["long"].tokens[:9] == engine.generate([long[1]], max_new_tokens=9)[0]
