@@ -89,7 +89,7 @@ class Sampling:
             or self.min_tokens > 0 or self.grammar is not None
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself, not its fields' values: `in`, `remove` and sets go by identity
 class Request:
     """One generation. `emit(kind, data)` receives ("text", (text, token_ids, logprobs)) events, then ("done",
     finish_reason) or ("error", message), through the scheduler's `deliver` (by default: called from the model
