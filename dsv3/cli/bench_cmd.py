@@ -3,7 +3,7 @@
 Each configuration runs `engine.generate` on random prompts (seeded, so every rank and every rerun reads the same
 tokens), once to warm up (the decode step is captured there, lazily made weights are made) and then --repeats
 times; the table shows the medians. With --speculative every configuration also runs with MTP drafting, the two
-modes in turn, so the speed-up is a ratio of runs made side by side.
+modes in turn, and the speed-up is the median of the ratios of runs made side by side.
 """
 
 from __future__ import annotations
@@ -57,15 +57,19 @@ def measure(engine, batch: int, prompt_len: int, new_tokens: int, repeats: int, 
             modes: tuple[str | None, ...] = (None,), draft_tokens: int = 1, tick=lambda: None) -> list[dict]:
     """One configuration: `batch` random prompts of `prompt_len` tokens, exactly `new_tokens` new tokens each
     (end-of-sequence ignored), in each mode (None: plain decode; "mtp": drafting): a warm-up run per mode, then
-    `repeats` rounds that run every mode once, in turn (a slow spell of the machine then hits all modes alike).
-    Returns one table row per mode, the medians of its timed runs."""
+    `repeats` rounds that run every mode once, in turn, the order rotated from round to round (no mode always
+    follows the same one). Returns one table row per mode, the medians of its timed runs; a drafting row's
+    `vs_plain` is the median over the rounds of its decode speed over plain decode's in the same round (a shared
+    machine's speed can swing 2x within seconds: a slow spell then hits both runs of a ratio, where a ratio of
+    two medians read 0.83-1.42x for the same build)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + batch * 1009 + prompt_len)
     prompts = torch.randint(0, engine.cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
     device = engine.kernels.device
     runs: dict[str | None, list] = {m: [] for m in modes}
     peaks: dict[str | None, int | None] = {}
     for i in range(repeats + 1):
-        for mode in modes:
+        turn = i % len(modes) if i else 0
+        for mode in modes[turn:] + modes[:turn]:
             if i == 0:
                 _reset_peak(device)
             engine.generate(prompts, max_new_tokens=new_tokens, speculative=mode, draft_tokens=draft_tokens,
@@ -89,6 +93,8 @@ def measure(engine, batch: int, prompt_len: int, new_tokens: int, repeats: int, 
             "decode_tok_s": batch * later / decode_s, "ms_per_token": 1e3 * decode_s / later,
             "decode_step": stats.extra.get("decode_step", "eager"),
             "acceptance": stats.extra.get("acceptance"),
+            "vs_plain": None if mode is None or None not in runs else
+            statistics.median(p.decode_s / max(s.decode_s, 1e-12) for p, s in zip(runs[None], runs[mode])),
             "peak_device_bytes": peaks[mode],
         })
     return rows
@@ -110,7 +116,8 @@ def table(rows: list[dict]) -> str:
     body = []
     for r in rows:
         base = plain.get((r["batch"], r["prompt_len"]))
-        ratio = r["decode_tok_s"] / base["decode_tok_s"] if r["mode"] != "plain" and base else None
+        ratio = r.get("vs_plain") or (r["decode_tok_s"] / base["decode_tok_s"] if r["mode"] != "plain" and base
+                                      else None)
         mem = r["peak_device_bytes"]
         body.append([r["mode"], str(r["batch"]), str(r["prompt_len"]), str(r["new_tokens"]),
                      _cell(r["prefill_ms"], ".1f"), _cell(r["prefill_tok_s"], ".0f"), _cell(r["decode_tok_s"], ".1f"),
@@ -155,8 +162,9 @@ def bench(ckpt: Path, backend, dtype, device, cpu_weights, batches, prompt_lens,
       dsv3 bench CKPT --json results.json
     Random prompts, end-of-sequence ignored; one warm-up run per configuration (graph capture happens there),
     then the median of --repeats runs. prefill ms is the prompt's forward up to the first token (time to first
-    token); decode tok/s counts every row's tokens after the first; ms/token is per row. Under torchrun every rank
-    runs and rank 0 prints.
+    token); decode tok/s counts every row's tokens after the first; ms/token is per row. vs plain (--speculative):
+    the median, over the repeats, of drafting's decode speed over plain decode's run beside it. Under torchrun
+    every rank runs and rank 0 prints.
     """
     from .. import load
     from ..core.parallel import Parallel

@@ -82,12 +82,24 @@ def test_measure_reports_the_medians_of_the_timed_runs_and_skips_the_warm_up():
 
 
 def test_measure_alternates_the_modes_and_table_shows_the_ratio():
-    e = FakeEngine([1.0] * 6, [9.0, 9.0, 2.0, 1.0, 2.0, 1.0])  # plain 2 s, drafting 1 s per run
+    e = FakeEngine([1.0] * 6, [9.0, 9.0, 1.0, 2.0, 2.0, 1.0])  # plain 2 s, drafting 1 s per run
     rows = measure(e, batch=1, prompt_len=8, new_tokens=5, repeats=2, seed=0, modes=(None, "mtp"))
-    assert [c[3] for c in e.calls[:-1]] == [None, "mtp"] * 3, e.calls  # warm-ups, then the modes in turn
+    assert [c[3] for c in e.calls[:-1]] == [None, "mtp", "mtp", None, None, "mtp"], e.calls  # the order rotated
     assert [r["mode"] for r in rows] == ["plain", "mtp k=1"]
     assert rows[1]["decode_tok_s"] == pytest.approx(2 * rows[0]["decode_tok_s"])
+    assert rows[1]["vs_plain"] == pytest.approx(2.0) and rows[0]["vs_plain"] is None
     assert "2.00x" in table(rows)
+
+
+def test_the_speed_up_is_the_median_of_ratios_made_side_by_side():
+    """A slow spell of the machine in the third round doubles both its runs' times: each round's ratio still reads
+    drafting 2x plain, twice of three, while the two modes' medians (plain 1 s, drafting 2 s) would read 0.5x."""
+    e = FakeEngine([1.0] * 8, [9.0, 9.0, 0.5, 1.0, 1.0, 2.0, 2.0, 4.0])  # rounds: (1, 0.5), (1, 2), (4, 2) s
+    rows = measure(e, batch=1, prompt_len=8, new_tokens=5, repeats=3, seed=0, modes=(None, "mtp"))
+    assert [c[3] for c in e.calls[2:-1]] == ["mtp", None, None, "mtp", "mtp", None], e.calls
+    assert rows[1]["decode_tok_s"] == pytest.approx(0.5 * rows[0]["decode_tok_s"])
+    assert rows[1]["vs_plain"] == pytest.approx(2.0)
+    assert "2.00x" in table(rows) and "0.50x" not in table(rows)
 
 
 @pytest.mark.parametrize("args,message", [
