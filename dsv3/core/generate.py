@@ -60,7 +60,8 @@ class Stats:
             x = self.extra
             text += f" | mtp: {x['draft_tokens']} draft(s)/step, acceptance {x['acceptance']:.0%}"
             if x.get("rounds", 1) == 0:  # the probes saw no draft land: no round was run
-                text += f", drafting stopped after {x.get('probes', 0)} probes (no draft would have landed)"
+                n = x.get("probes", 0)
+                text += f", drafting stopped after {n} probe{'' if n == 1 else 's'} (no draft would have landed)"
             else:
                 text += f", {x['tokens_per_round']:.2f} tokens/step" + ("" if x["drafting_at_end"] else
                                                                         ", drafting stopped (below break-even)")

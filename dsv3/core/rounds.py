@@ -21,13 +21,17 @@ def verify_step(model: Transformer, cache: LatentCache, batch: int, q: int, span
 
 
 def draft_step(model: Transformer, cache: LatentCache, batch: int, q: int, span: int, dtype: torch.dtype,
-               graphs: bool) -> StaticStep:
-    """The MTP module over q (hidden, next token) pairs per row -> draft logits [B, V] and hidden [B, D] at `take`."""
+               graphs: bool, every: bool = False) -> StaticStep:
+    """The MTP module over q (hidden, next token) pairs per row -> draft logits [B, V] and hidden [B, D] at `take`;
+    `every`: at every position, [B, q, V] and [B, q, D] (no `take`: a run of probes scored at once)."""
     device = model.rope_cos.device
     buffers = dict(tokens=torch.zeros(batch, q, dtype=torch.long, device=device),
                    hidden=torch.zeros(batch, q, model.cfg.hidden_size, dtype=dtype, device=device),
-                   positions=torch.full((batch,), span - q, dtype=torch.long, device=device),
-                   take=torch.zeros(batch, dtype=torch.long, device=device))
+                   positions=torch.full((batch,), span - q, dtype=torch.long, device=device))
+    if every:
+        return StaticStep(model, "probe score step", lambda tokens, hidden, positions: model.mtp_step(
+            tokens, hidden, positions, cache, span, take=None), buffers, graphs)
+    buffers["take"] = torch.zeros(batch, dtype=torch.long, device=device)
     return StaticStep(model, "draft step", lambda tokens, hidden, positions, take: model.mtp_step(
         tokens, hidden, positions, cache, span, take=take), buffers, graphs)
 

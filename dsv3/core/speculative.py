@@ -44,10 +44,12 @@ from .rounds import accept_greedy, accept_sampled, draft_step, first_draft_lands
 
 log = logging.getLogger("dsv3")
 #: adaptive mode: this many drafting rounds, then this many plain steps, both timed; the faster one goes on.
-#: Before the rounds, the MTP drafter is probed on plain steps; if none of its drafts would have landed in QUIT_AFTER
-#: probes, drafting stops at once (a drafter with the 85% acceptance of DeepSeek-V3's report misses its first
-#: draft three times running once in ~300 runs: 0.15^3). A substituted drafter (tests) is judged the same way on
-#: its first QUIT_AFTER rounds.
+#: Before the rounds, the MTP drafter is probed on plain steps; if none of its first QUIT_AFTER drafts would have
+#: landed, drafting stops at once (a drafter with the 85% acceptance of DeepSeek-V3's report misses three drafts
+#: running once in ~300 runs: 0.15^3). Drafts, not probes: a probe of a batch scores a draft per row, so a batch of
+#: 3 or more decides on its first probe, scored from the prefill's drafts (no MTP call), where 3 probes and the
+#: MTP call that scores them cost it ~4 plain steps (measured at batch 8 on the demo model). A substituted drafter
+#: (tests) is judged the same way on its first QUIT_AFTER drafts (rounds x rows).
 JUDGE_AFTER, QUIT_AFTER = 4, 3
 #: the rounds stop before JUDGE_AFTER once the drafts landed so far make the break-even acceptance implausible (as
 #: few landing at that acceptance has a chance below STOP_P): a drafter far below break-even costs ~2 rounds, not 4
@@ -61,7 +63,7 @@ CAPTURE_AFTER = 0
 
 def _worth_capturing(decided: bool, accepted: int) -> bool:
     """While the adaptive mode still judges, capture only once a draft has landed: drafts that never land stop
-    after QUIT_AFTER probes (or rounds, for a substituted drafter), and captures for those would cost more than
+    after QUIT_AFTER drafts (probed, or in rounds for a substituted drafter), and captures for those would cost more than
     they save."""
     return decided or accepted > 0
 
@@ -143,9 +145,9 @@ class _Speculation:
         self.drafting, self.decided = True, not (adaptive if adaptive is not None else drafter is None)
         # adaptive with the MTP drafter: first probe, plain steps whose token is compared with the draft the MTP
         # module would have fed. The first is scored at once (the prefill left the drafts' logits); the module catches
-        # up on the next ones in one call when they are QUIT_AFTER, which scores them all: a drafter that never lands
-        # costs one eager MTP call over the probes (~1 MTP step), not one per probe (2-3 plain steps' time each on a
-        # small model)
+        # up on the next ones in one call once they make QUIT_AFTER drafts, which scores them all: a drafter that
+        # never lands costs one MTP call over the probes (~1 MTP step), not one per probe (2-3 plain steps' time each
+        # on a small model), and a batch of QUIT_AFTER rows or more none
         self.probing = not self.decided and drafter is None and self.mtp_cache is not None
         # drafting or not: each timed round's (plain step's) seconds, and the tokens they gained; probes are plain
         self.took: dict[bool, list[float]] = {True: [], False: []}
@@ -161,6 +163,10 @@ class _Speculation:
         # that landed); the plain steps (q = 1) are generate's decode step (plain_step)
         self.static: dict[tuple[str, int], StaticStep] = self.kept.setdefault("static", {})
         self.uses: dict[tuple[str, int], int] = {}
+        # the probes' scoring runs once a call at most: its step is captured from the second call that keeps this
+        # shape (a capture costs ~2 eager runs; repeated calls, a benchmark's or an embedding runtime's, then replay
+        # it: ~0.3 ms instead of ~1.2 eager on the demo model, 5-10% of a 32-token answer)
+        self.earlier: dict[tuple[str, int], int] = self.kept.setdefault("earlier", {})
         # static steps made so far (a round that made one is not timed: a one-off cost, not its speed) and the seconds
         # their captures took, kept out of decode_s as generate() keeps its decode step's capture out
         self.captures, self.capture_s = 0, 0.0
@@ -205,12 +211,14 @@ class _Speculation:
         """The static step of this kind and shape: made once it has run CAPTURE_AFTER times and is worth it."""
         key = (kind, q)
         self.uses[key] = self.uses.get(key, 0) + 1
-        if key not in self.static and self.uses[key] > CAPTURE_AFTER and \
-                _worth_capturing(self.decided, self.accepted + self.hits):
+        worth = (self.earlier.get(key, 0) > 0 if kind == "score" else
+                 _worth_capturing(self.decided, self.accepted + self.hits))
+        if key not in self.static and self.uses[key] > CAPTURE_AFTER and worth:
             t, model, B, span, graphs = time.perf_counter(), self.model, self.B, self.total, self.graphs
             self.static[key] = (verify_step(model, self.cache, B, q, span, graphs) if kind == "verify" else
                                 round_step(model, self.cache, self.mtp_cache, B, q, span, graphs) if kind == "round"
-                                else draft_step(model, self.mtp_cache, B, q, span, self.dtype, graphs))
+                                else draft_step(model, self.mtp_cache, B, q, span, self.dtype, graphs,
+                                                every=kind == "score"))
             self.captures += 1
             self.capture_s += time.perf_counter() - t
         return self.static.get(key)
@@ -231,8 +239,11 @@ class _Speculation:
         h = torch.cat([p[0] for p in self.pending], dim=1)  # [B, J, D]
         toks = torch.stack([p[1] for p in self.pending], dim=1)  # [B, J]
         span = int(at.max()) + J
-        if score:
-            dl, dh = self.model.mtp_step(toks, h, at, self.mtp_cache, span, take=None)  # [B, J, V], [B, J, D]
+        if score:  # [B, J, V], [B, J, D]
+            step = self.static_step("score", J)
+            dl, dh = (step(tokens=toks, hidden=h, positions=at) if step is not None else
+                      self.model.mtp_step(toks, h, at, self.mtp_cache, span, take=None))
+            self.earlier[("score", J)] = self.earlier.get(("score", J), 0) + 1
             for i, scored, main in self.unscored:
                 landed += float(first_draft_lands(dl[scored, i - 1], main[scored], self.temperature, self.top_p).sum())
                 self.probed += len(scored)
@@ -356,21 +367,23 @@ class _Speculation:
         it is hopeless; after JUDGE_AFTER rounds and as many plain steps, which mode goes on."""
         if self.probing:
             start = self.agreed(_start_drafting(self.hits))
-            if not start and self.probes >= QUIT_AFTER:
+            drafts = self.probed + sum(len(rows) for _, rows, _ in self.unscored)  # scored, or waiting to be
+            if not start and drafts >= QUIT_AFTER and self.unscored:
                 self.hits += self.catch_up(score=True)
                 start = self.agreed(_start_drafting(self.hits))
             if start:
                 if self.pending:
                     self.catch_up(score=False)
                 self.probing = False
-            elif self.probes >= QUIT_AFTER:
+            elif drafts >= QUIT_AFTER:
                 self.decided, self.drafting = True, False
-                log.info("speculative decoding: no draft would have landed in %d probes; drafting stops", self.probes)
+                log.info("speculative decoding: none of %d drafts over %d probes would have landed; drafting stops",
+                         drafts, self.probes)
             return
         # a round's cost in plain steps: the fastest of each (a slow spell of the machine only inflates a time)
         took, landed, tried = self.took, self.firsts + self.hits, self.row_rounds + self.probed
         cost = min(took[True]) / min(took[False]) if len(took[True]) >= 2 and took[False] else None
-        if self.drafting and self.rounds >= QUIT_AFTER and self.agreed(self.accepted + self.hits == 0):
+        if self.drafting and self.row_rounds >= QUIT_AFTER and self.agreed(self.accepted + self.hits == 0):
             self.decided, self.drafting = True, False  # never landed: cannot win, no trial
             log.info("speculative decoding: no draft accepted in %d rounds; drafting stops", self.rounds)
         elif self.drafting and cost is not None and self.agreed(_cannot_pay(cost, self.k, landed, tried)):
@@ -428,7 +441,8 @@ class _Speculation:
         pos = torch.minimum(length + 1, cap)
         finished = torch.tensor([b not in active for b in range(B)], device=length.device)
         tokens, finite = decode_tokens(self.model, decode, logits, pos, top + 1, max(need), self.temperature,
-                                       self.top_p, self.generator, self.eos_t, finished, self.stats, cap=cap)
+                                       self.top_p, self.generator, self.eos_t, finished, self.stats,
+                                       cap=None if min(need) == max(need) else cap)  # no row runs past its end
         if not bool(finite & all_finite(logits)):
             raise NonFiniteLogits(NAN_DECODE)
         for b, row in zip(active, tokens[active].tolist()):
@@ -466,8 +480,8 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
                          pool: StepPool | None = None) -> tuple[list[list[int]], Stats]:
     """New tokens per prompt (EOS excluded) and stats (acceptance in stats.extra). `drafter(rows, lengths, drafts)`,
     if given, replaces the MTP module's drafts (tests: perfect or always-wrong drafts); it returns [B, k] ids.
-    `adaptive`: probe the drafter on plain steps until a draft would have landed (none in QUIT_AFTER: drafting
-    stops), then time JUDGE_AFTER drafting rounds and JUDGE_AFTER plain steps and go on with the faster (drafts
+    `adaptive`: probe the drafter on plain steps until a draft would have landed (none of QUIT_AFTER drafts, a
+    row's each probe: drafting stops), then time JUDGE_AFTER drafting rounds and JUDGE_AFTER plain steps and go on with the faster (drafts
     that rarely land cost a verify and a draft per token; where that is, speculation turns itself off); None: on
     unless a `drafter` is given (substituted drafts are for tests that want every round to draft).
     `keep`, if given, receives the final caches and per-row lengths (tests check them against a plain run).

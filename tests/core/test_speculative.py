@@ -152,23 +152,31 @@ def test_eos_inside_an_accepted_run(engines):
         assert got == want == [plain[:plain.index(eos)]], (k, got, want)
 
 
-def test_a_drafter_that_never_lands_is_probed_then_dropped(engines):
-    """The demo's random MTP layer, greedy, adaptive (the default): QUIT_AFTER probes (plain steps that also run the
-    drafter), none of whose drafts would have landed, then no verify round at all; the plain tokens, and the main
-    cache a plain run writes."""
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_a_drafter_that_never_lands_is_probed_then_dropped(engines, monkeypatch, rows):
+    """The demo's random MTP layer, greedy, adaptive (the default): probes (plain steps that also run the drafter)
+    until QUIT_AFTER drafts, one per row a probe, none of which would have landed (3 probes at batch 1, 2 at batch
+    2, 1 from batch 3: scored from the prefill's drafts, no MTP call), then no verify round at all; the plain
+    tokens, and the main cache a plain run writes."""
     import dsv3.core.speculative as spec
 
+    calls = []
+    real = spec._Speculation.catch_up
+    monkeypatch.setattr(spec._Speculation, "catch_up", lambda self, score: calls.append(score) or real(self, score))
     e = engines["demo"]
-    plain = e.generate(PROMPTS, max_new_tokens=24)
+    prompts = PROMPTS[:rows]
+    plain = e.generate(prompts, max_new_tokens=24)
     keep = {}
+    probes = math.ceil(spec.QUIT_AFTER / rows)
     with torch.inference_mode():
-        out, stats = spec.speculative_generate(e.model, PROMPTS, 24, 2, eos_ids=tuple(e.cfg.eos_token_ids), keep=keep)
+        out, stats = spec.speculative_generate(e.model, prompts, 24, 2, eos_ids=tuple(e.cfg.eos_token_ids), keep=keep)
         assert out == plain
-        assert (stats.extra["probes"], stats.extra["rounds"], stats.extra["acceptance"]) == (spec.QUIT_AFTER, 0, 0.0)
+        assert (stats.extra["probes"], stats.extra["rounds"], stats.extra["acceptance"]) == (probes, 0, 0.0)
+        assert calls == ([True] if probes > 1 else []), calls  # the later probes' drafts: one MTP call
         assert not stats.extra["drafting_at_end"] and stats.steps == 23
-        assert f"drafting stopped after {spec.QUIT_AFTER} probes" in stats.line(), stats.line()
-        want = [len(p) + len(o) - 1 for p, o in zip(PROMPTS, out)]
-        cache, _ = replayed_caches(e.model, PROMPTS, out, want)
+        assert f"drafting stopped after {probes} probe{'s' if probes > 1 else ''} (" in stats.line(), stats.line()
+        want = [len(p) + len(o) - 1 for p, o in zip(prompts, out)]
+        cache, _ = replayed_caches(e.model, prompts, out, want)
     for b, n in enumerate(want):
         err = (keep["cache"].kv[:, b, :n] - cache.kv[:, b, :n]).abs().max().item()
         assert err < 1e-4, f"row {b}: main cache differs from a plain run by {err:.2e}"
@@ -361,22 +369,55 @@ def test_kept_steps_serve_the_next_call(tiny_ckpts, monkeypatch):
     assert [s.replay is not None for s in pool.shapes[next(iter(pool.shapes))]["static"].values()] == [True]  # round
 
 
+def test_the_probes_score_step_is_captured_from_the_second_call(tiny_ckpts, monkeypatch):
+    """bf16 on the cpu backend, adaptive, a StepPool: the MTP call that scores the probes runs once a call, so the
+    first call runs it eagerly and the second records it (a capture costs ~2 eager runs); from then on it replays.
+    Every call scores its probes against the same drafts as a call with nothing kept, and decodes the same tokens."""
+    import dsv3.core.speculative as spec
+    from dsv3.core.generate import StepPool
+
+    made = static_steps_made(monkeypatch)
+    scored = []  # each scoring's draft logits, as first_draft_lands sees them
+    real = spec.first_draft_lands
+    monkeypatch.setattr(spec, "first_draft_lands", lambda d, *a: scored.append(d.clone()) or real(d, *a))
+    monkeypatch.setattr(spec, "_start_drafting", lambda hits: False)  # every call probes 3 times, then stops
+    monkeypatch.setattr(spec, "QUIT_AFTER", 3 * len(PROMPTS))
+    e = dsv3.load(tiny_ckpts["v3ish"], backend="cpu", dtype="bf16")
+    eos = tuple(e.cfg.eos_token_ids)
+    want, _ = spec.speculative_generate(e.model, PROMPTS, 12, 1, eos_ids=eos)
+    alone, scored[:] = scored[:], []
+    pool, score_steps = StepPool(), []
+    for call in range(3):
+        got, stats = spec.speculative_generate(e.model, PROMPTS, 12, 1, eos_ids=eos, pool=pool)
+        assert got == want and stats.extra["probes"] == 3, (call, stats.extra)
+        assert len(scored) == len(alone), (call, len(scored))
+        for i, (x, y) in enumerate(zip(scored, alone)):
+            assert torch.equal(x, y), f"call {call}, scoring {i}: max error {(x - y).abs().max().item():.2e}"
+        scored.clear()
+        score_steps.append([s for s in made if s.what == "probe score step"])
+    assert [len(s) for s in score_steps] == [0, 1, 1], score_steps
+    assert score_steps[1][0].replay is not None, "the score step was not recorded"
+
+
 @pytest.mark.parametrize("starts", [False, True], ids=["drafting-stops", "drafting-starts"])
 def test_probes_scored_in_one_catch_up_count_the_drafts_that_would_have_landed(tiny_vocab, monkeypatch, starts):
-    """Adaptive, greedy, the MTP drafter over a vocabulary of 12 (its drafts land often): the first probe is scored
-    from the prefill's drafts, the next QUIT_AFTER - 1 after one MTP call over all of them. The probes' hits equal
-    the drafts that match the plain tokens, each draft computed here by the MTP module over its own prefix; when
-    the decision after that call starts drafting, the tokens and the MTP cache are a plain run's."""
+    """Adaptive, greedy, the MTP drafter over a vocabulary of 12 (its drafts land often), QUIT_AFTER set to 3
+    probes' drafts: the first probe is scored from the prefill's drafts, the next 2 after one MTP call over all of
+    them. The probes' hits equal the drafts that match the plain tokens, each draft computed here by the MTP module
+    over its own prefix; when the decision after that call starts drafting, the tokens and the MTP cache are a
+    plain run's."""
     import dsv3.core.speculative as spec
 
+    probes = 3
     decisions = []  # hits at each decision: one per probe, and one after the catch-up, which may start drafting
     monkeypatch.setattr(spec, "_start_drafting",
-                        lambda hits: decisions.append(hits) or (starts and len(decisions) > spec.QUIT_AFTER))
+                        lambda hits: decisions.append(hits) or (starts and len(decisions) > probes))
     monkeypatch.setattr(spec, "JUDGE_AFTER", 1000)  # once started, drafting goes on: the MTP cache follows to the end
     monkeypatch.setattr(spec, "_cannot_pay", lambda *a: False)
     e, m = tiny_vocab, tiny_vocab.model
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 12, (n,), generator=g).tolist() for n in (1, 2, 3, 5, 8, 4, 6, 7) * 2]
+    monkeypatch.setattr(spec, "QUIT_AFTER", probes * len(prompts))
     plain = e.generate(prompts, max_new_tokens=10, ignore_eos=True)  # every row probed 3 times
     keep = {}
     with torch.inference_mode():
@@ -388,15 +429,15 @@ def test_probes_scored_in_one_catch_up_count_the_drafts_that_would_have_landed(t
             _, h = m.forward_step(torch.tensor([seq]), torch.zeros(1, dtype=torch.long),
                                   LatentCache.allocate(m.cfg, len(m.layers), 1, len(seq), torch.float32, "cpu"),
                                   len(seq), all_hidden=True)  # [1, n, D]
-            for i in range(spec.QUIT_AFTER):  # probe i chose o[1 + i]; its draft: position len(p) - 1 + i's
+            for i in range(probes):  # probe i chose o[1 + i]; its draft: position len(p) - 1 + i's
                 at = len(p) - 1 + i
                 logits, _ = m.mtp_step(torch.tensor([seq[1:at + 2]]), h[:, :at + 1], torch.zeros(1, dtype=torch.long),
                                        LatentCache.allocate(m.cfg, 1, 1, at + 1, torch.float32, "cpu"), at + 1,
                                        take=torch.tensor([at]))
                 matches += int(logits[0].argmax()) == o[1 + i]
-    assert 0 < matches < spec.QUIT_AFTER * len(prompts), matches  # neither all nor none: the count can be wrong
-    assert len(decisions) == spec.QUIT_AFTER + 1 and decisions[-1] == matches, (decisions, matches)
-    assert stats.extra["probes"] == spec.QUIT_AFTER and (stats.extra["rounds"] > 0) == starts, stats.extra
+    assert 0 < matches < probes * len(prompts), matches  # neither all nor none: the count can be wrong
+    assert len(decisions) == probes + 1 and decisions[-1] == matches, (decisions, matches)
+    assert stats.extra["probes"] == probes and (stats.extra["rounds"] > 0) == starts, stats.extra
     if starts:
         want = [len(p) + len(o) - 1 for p, o in zip(prompts, out)]
         _, mtp = replayed_caches(m, prompts, out, want)
@@ -404,7 +445,7 @@ def test_probes_scored_in_one_catch_up_count_the_drafts_that_would_have_landed(t
             err = (keep["mtp_cache"].kv[:, b, :n] - mtp.kv[:, b, :n]).abs().max().item()
             assert err < 1e-4, f"row {b}: MTP cache differs from a plain run's pairs by {err:.2e}"
     else:
-        assert stats.extra["acceptance"] == pytest.approx(matches / (spec.QUIT_AFTER * len(prompts)))
+        assert stats.extra["acceptance"] == pytest.approx(matches / (probes * len(prompts)))
 
 
 def test_drafting_is_hopeless_only_when_break_even_acceptance_is_implausible():
