@@ -94,26 +94,127 @@ class _Answer:
                       self.prompt_logprobs(piece) if self.want_lp else None, stream=True)
 
 
-def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | None = None,
-               metrics: Metrics | None = None) -> Starlette:
-    metrics = metrics or Metrics()
-    scheduler.observe = metrics.observe
-    loop = None
+class _Exchange:
+    """One HTTP request's answers in flight: the scheduler's events for them (queued by the model thread through
+    the event loop), gathered into one JSON answer or relayed as server-sent events."""
 
-    def deliver(batch):  # model thread: one wake-up of the event loop per step
+    def __init__(self, api: "_Api", parsed, chat: bool):
+        self.api, self.parsed, self.chat = api, parsed, chat
+        self.want_lp = parsed.choices[0].params.logprobs is not None
+        self.events = asyncio.Queue()  # (choice index, kind, data) of every answer, as the model thread delivers them
+        self.rid, self.created = new_id(chat), now()
+        rid, decode, events = self.rid, api.tokenizer.decode, self.events
+        self.answers = [_Answer(i, ch, Request(rid if len(parsed.choices) == 1 else f"{rid}-{i}", ch.prompt, ch.params,
+                                               lambda kind, data, i=i: events.put_nowait((i, kind, data)),
+                                               TextStream(decode, ch.params.stop)),
+                                parsed, self.want_lp, decode)
+                        for i, ch in enumerate(parsed.choices)]
+        first = {}  # the first answer of each prompt reads it; the prompt's other answers take a copy (n > 1)
+        for a in self.answers:
+            a.req.leader = first.setdefault(a.spec.prompt_index, a.req)
+            if a.req.leader is a.req:
+                a.req.leader = None
+
+    def chunk(self, entries: list[dict], use: dict | None = None) -> str:
+        """A server-sent event of these `choices` entries (the last: none, and the usage)."""
+        return _sse(chunk(self.rid, self.api.model_name, self.created, self.chat, entries, use))
+
+    def use(self) -> dict:
+        """Tokens used; each prompt counts once, however many answers it has (OpenAI's n)."""
+        prompts = {}  # each prompt's first answer: the one that read it (the others copied its entries)
+        for a in self.answers:
+            prompts.setdefault(a.spec.prompt_index, a.req)
+        return usage(sum(len(r.prompt) for r in prompts.values()), sum(a.req.generated for a in self.answers),
+                     sum(r.reused for r in prompts.values()))
+
+    def cancel_open(self) -> None:
+        for a in self.answers:
+            if a.finish is None:  # the client went away (or another answer failed): free the slot now
+                self.api.scheduler.cancel(a.req)
+                self.api.metrics.request("cancelled")
+
+    async def whole(self) -> JSONResponse:
+        api = self.api
         try:
-            loop.call_soon_threadsafe(Scheduler.deliver_here, batch)
+            while any(a.finish is None for a in self.answers):
+                i, kind, data = await self.events.get()
+                a = self.answers[i]
+                if kind == "error":
+                    api.metrics.request("error")
+                    return _error(ApiError(500, data, None, "model_error", "server_error"))
+                a.take(kind, data)
+                if kind == "done":
+                    api.metrics.request(data)
+        finally:
+            self.cancel_open()
+        return JSONResponse(complete(self.rid, api.model_name, self.created, self.chat,
+                                     [a.whole(api.piece) for a in self.answers], self.use()))
+
+    async def stream(self):
+        api, chat, piece = self.api, self.chat, self.api.piece
+        try:
+            if chat:
+                for a in self.answers:
+                    yield self.chunk([a.delta("", first=True)])
+            while any(a.finish is None for a in self.answers):
+                i, kind, data = await self.events.get()
+                a = self.answers[i]
+                if kind == "error":
+                    yield _sse(ApiError(500, data, None, "model_error", "server_error").body())
+                    api.metrics.request("error")
+                    break
+                if a.echo_due and kind in ("text", "done"):  # the prompt first, its logprobs complete by now
+                    a.echo_due = False
+                    yield self.chunk([a.echo_piece(piece)])
+                a.take(kind, data, keep=False)
+                if kind == "text":
+                    if not data[0] and a.ids is None and not data[2]:
+                        continue  # a token whose text is still incomplete (or held for a stop string)
+                    body_lp = None
+                    if self.want_lp:
+                        body_lp = logprobs_body(chat, data[2], piece, [a.emitted - len(data[0])] * len(data[2]))
+                    yield self.chunk([a.delta(data[0], data[1], body_lp)])
+                elif kind == "tool_delta":  # as OpenAI streams calls: id and name first, then argument pieces
+                    # (the whole calls' "tools" event adds nothing here: its calls came as these deltas)
+                    entries = [{"index": j, **protocol.tool_calls([{"name": name, "arguments": text}])[0]}
+                               if name is not None else {"index": j, "function": {"arguments": text}}
+                               for j, name, text in data]
+                    yield self.chunk([choice(a.index, chat, None, None, stream=True, tool_calls=entries)])
+                elif kind == "done":
+                    api.metrics.request(data)
+                    yield self.chunk([a.delta(None, finish=data)])
+            else:
+                if self.parsed.include_usage:
+                    yield self.chunk([], self.use())
+            yield "data: [DONE]\n\n"
+        finally:
+            self.cancel_open()
+
+
+class _Api:
+    """The routes' handlers over one scheduler: authentication, the request body, and each generation request as
+    an _Exchange."""
+
+    def __init__(self, scheduler: Scheduler, tokenizer, model_name: str, api_key: str | None, metrics: Metrics):
+        self.scheduler, self.tokenizer, self.model_name, self.api_key = scheduler, tokenizer, model_name, api_key
+        self.metrics = metrics
+        self.loop = None  # the event loop, known from the first request on
+        self.context, self.vocab = scheduler.max_len, scheduler.model.cfg.vocab_size
+        self.started = now()
+        self.piece = functools.lru_cache(maxsize=1 << 16)(self._piece)
+        scheduler.observe = metrics.observe
+        scheduler.deliver = self.deliver
+
+    def deliver(self, batch) -> None:  # model thread: one wake-up of the event loop per step
+        try:
+            self.loop.call_soon_threadsafe(Scheduler.deliver_here, batch)
         except (RuntimeError, AttributeError):  # the loop is gone (shutdown) or never ran: nobody is listening
             pass
 
-    scheduler.deliver = deliver
-    context, vocab = scheduler.max_len, scheduler.model.cfg.vocab_size
-
-    @functools.lru_cache(maxsize=1 << 16)
-    def piece(token: int) -> tuple[str, bytes]:
+    def _piece(self, token: int) -> tuple[str, bytes]:
         """A token's name in logprobs and its bytes: its text, or where it holds part of a UTF-8 character (which
         text shows as U+FFFD), OpenAI's spelling of the bytes, "bytes:\\xe2\\x96"."""
-        text, raw = tokenizer.decode([token], skip_special_tokens=False), tokenizer.token_bytes(token)
+        text, raw = self.tokenizer.decode([token], skip_special_tokens=False), self.tokenizer.token_bytes(token)
         if "\ufffd" in text:
             try:
                 raw.decode("utf-8")
@@ -121,14 +222,14 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
                 text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
         return text, raw
 
-    def authorized(request: HttpRequest) -> bool:
-        if not api_key:
+    def authorized(self, request: HttpRequest) -> bool:
+        if not self.api_key:
             return True
         given = request.headers.get("authorization", "")
-        return given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), api_key.encode())
+        return given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), self.api_key.encode())
 
-    async def body_of(request: HttpRequest):
-        if not authorized(request):
+    async def body_of(self, request: HttpRequest):
+        if not self.authorized(request):
             raise ApiError(401, "incorrect API key provided; pass it as 'Authorization: Bearer KEY'", None,
                            "invalid_api_key")
         raw = await request.body()
@@ -140,149 +241,78 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | 
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
 
-    async def generate(request: HttpRequest, chat: bool):
-        nonlocal loop
-        loop = loop or asyncio.get_running_loop()
+    async def generate(self, request: HttpRequest, chat: bool):
+        self.loop = self.loop or asyncio.get_running_loop()
+        scheduler, metrics = self.scheduler, self.metrics
         try:
-            parsed = parse(await body_of(request), chat, tokenizer, model_name, context, vocab)
+            parsed = parse(await self.body_of(request), chat, self.tokenizer, self.model_name, self.context,
+                           self.vocab)
         except ApiError as e:
             metrics.request("rejected")
             return _error(e)
         if not scheduler.alive:
             return _error(ApiError(503, "the model loop is not running; see the server log", None, "unavailable",
                                    "server_error"))
-        want_lp = parsed.choices[0].params.logprobs is not None
         if len(parsed.choices) > scheduler.max_waiting:
             metrics.request("rejected")
             return _error(ApiError(400, f"this request asks for {len(parsed.choices)} answers (prompts x n); this "
                                    f"server queues at most {scheduler.max_waiting} (--max-waiting)", "n",
                                    "invalid_value"))
-        events = asyncio.Queue()  # (choice index, kind, data) of every answer, as the model thread delivers them
-        rid, created = new_id(chat), now()
-        answers = [_Answer(i, ch, Request(rid if len(parsed.choices) == 1 else f"{rid}-{i}", ch.prompt, ch.params,
-                                          lambda kind, data, i=i: events.put_nowait((i, kind, data)),
-                                          TextStream(tokenizer.decode, ch.params.stop)),
-                           parsed, want_lp, tokenizer.decode)
-                   for i, ch in enumerate(parsed.choices)]
-        first = {}  # the first answer of each prompt reads it; the prompt's other answers take a copy (n > 1)
-        for a in answers:
-            a.req.leader = first.setdefault(a.spec.prompt_index, a.req)
-            if a.req.leader is a.req:
-                a.req.leader = None
+        exchange = _Exchange(self, parsed, chat)
         try:
-            scheduler.submit(*(a.req for a in answers))
+            scheduler.submit(*(a.req for a in exchange.answers))
         except QueueFull as e:
             metrics.request("rejected")
             return _error(ApiError(429, f"the server is busy: {e}; retry later", None, "queue_full",
                                    "rate_limit_exceeded"))
-
-        def use() -> dict:  # each prompt counts once, however many answers it has (OpenAI's n)
-            prompts = {}  # each prompt's first answer: the one that read it (the others copied its entries)
-            for a in answers:
-                prompts.setdefault(a.spec.prompt_index, a.req)
-            return usage(sum(len(r.prompt) for r in prompts.values()), sum(a.req.generated for a in answers),
-                         sum(r.reused for r in prompts.values()))
-
-        def cancel_open():
-            for a in answers:
-                if a.finish is None:  # the client went away (or another answer failed): free the slot now
-                    scheduler.cancel(a.req)
-                    metrics.request("cancelled")
-
         if not parsed.stream:
-            try:
-                while any(a.finish is None for a in answers):
-                    i, kind, data = await events.get()
-                    a = answers[i]
-                    if kind == "error":
-                        metrics.request("error")
-                        return _error(ApiError(500, data, None, "model_error", "server_error"))
-                    a.take(kind, data)
-                    if kind == "done":
-                        metrics.request(data)
-            finally:
-                cancel_open()
-            return JSONResponse(complete(rid, model_name, created, chat, [a.whole(piece) for a in answers], use()))
+            return await exchange.whole()
+        return StreamingResponse(exchange.stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Request-Id": exchange.rid})
 
-        async def stream():
-            try:
-                if chat:
-                    for a in answers:
-                        yield _sse(chunk(rid, model_name, created, True, [a.delta("", first=True)]))
-                while any(a.finish is None for a in answers):
-                    i, kind, data = await events.get()
-                    a = answers[i]
-                    if kind == "error":
-                        yield _sse(ApiError(500, data, None, "model_error", "server_error").body())
-                        metrics.request("error")
-                        break
-                    if a.echo_due and kind in ("text", "done"):  # the prompt first, its logprobs complete by now
-                        a.echo_due = False
-                        yield _sse(chunk(rid, model_name, created, chat, [a.echo_piece(piece)]))
-                    a.take(kind, data, keep=False)
-                    if kind == "text":
-                        if not data[0] and a.ids is None and not data[2]:
-                            continue  # a token whose text is still incomplete (or held for a stop string)
-                        body_lp = None
-                        if want_lp:
-                            body_lp = logprobs_body(chat, data[2], piece, [a.emitted - len(data[0])] * len(data[2]))
-                        yield _sse(chunk(rid, model_name, created, chat, [a.delta(data[0], data[1], body_lp)]))
-                    elif kind == "tool_delta":  # as OpenAI streams calls: id and name first, then argument pieces
-                        # (the whole calls' "tools" event adds nothing here: its calls came as these deltas)
-                        entries = [{"index": j, **protocol.tool_calls([{"name": name, "arguments": text}])[0]}
-                                   if name is not None else {"index": j, "function": {"arguments": text}}
-                                   for j, name, text in data]
-                        yield _sse(chunk(rid, model_name, created, chat, [choice(a.index, chat, None, None,
-                                                                                 stream=True, tool_calls=entries)]))
-                    elif kind == "done":
-                        metrics.request(data)
-                        yield _sse(chunk(rid, model_name, created, chat, [a.delta(None, finish=data)]))
-                else:
-                    if parsed.include_usage:
-                        yield _sse(chunk(rid, model_name, created, chat, [], use()))
-                yield "data: [DONE]\n\n"
-            finally:
-                cancel_open()
+    async def completions(self, request):
+        return await self.generate(request, chat=False)
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+    async def chat_completions(self, request):
+        return await self.generate(request, chat=True)
 
-    async def completions(request):
-        return await generate(request, chat=False)
-
-    async def chat_completions(request):
-        return await generate(request, chat=True)
-
-    async def models(request):
-        if not authorized(request):
+    async def models(self, request):
+        if not self.authorized(request):
             return _error(ApiError(401, "incorrect API key provided; pass it as 'Authorization: Bearer KEY'", None,
                                    "invalid_api_key"))
-        return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
-                                                         "owned_by": "dsv3", "max_model_len": context}]})
+        return JSONResponse({"object": "list", "data": [{"id": self.model_name, "object": "model",
+                                                         "created": self.started, "owned_by": "dsv3",
+                                                         "max_model_len": self.context}]})
 
-    async def health(request):
+    async def health(self, request):
+        scheduler = self.scheduler
         if scheduler.alive:
             return JSONResponse({"status": "ok", **scheduler.stats()})
         return JSONResponse({"status": "error", "error": str(scheduler.error or "the model loop is not running")},
                             status_code=503)
 
-    async def prometheus(request):
-        return PlainTextResponse(metrics.render({**scheduler.stats(), "max_batch": scheduler.max_batch}),
+    async def prometheus(self, request):
+        return PlainTextResponse(self.metrics.render({**self.scheduler.stats(), "max_batch": self.scheduler.max_batch}),
                                  media_type="text/plain; version=0.0.4")
 
+    @staticmethod
     async def http_error(request, exc: HTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", None, code))
 
+    @staticmethod
     async def internal_error(request, exc: Exception):
         log.exception("request failed")
         return _error(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error",
                                "server_error"))
 
-    started = now()
-    routes = [Route("/v1/completions", completions, methods=["POST"]),
-              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-              Route("/v1/models", models, methods=["GET"]),
-              Route("/health", health, methods=["GET"]),
-              Route("/metrics", prometheus, methods=["GET"])]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: internal_error})
+
+def create_app(scheduler: Scheduler, tokenizer, model_name: str, api_key: str | None = None,
+               metrics: Metrics | None = None) -> Starlette:
+    api = _Api(scheduler, tokenizer, model_name, api_key, metrics or Metrics())
+    routes = [Route("/v1/completions", api.completions, methods=["POST"]),
+              Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+              Route("/v1/models", api.models, methods=["GET"]),
+              Route("/health", api.health, methods=["GET"]),
+              Route("/metrics", api.prometheus, methods=["GET"])]
+    return Starlette(routes=routes, exception_handlers={HTTPException: api.http_error, Exception: api.internal_error})
