@@ -27,7 +27,7 @@ def _implementation(name: str):
     return {"act_quant": act_quant.act_quant, "fp8_gemm": fp8_gemm.fp8_gemm, "mla_decode": mla_decode.mla_decode,
             "fused_moe": moe.fused_moe, "weight_dequant": weight_dequant.weight_dequant, "rope": rope.rope,
             "gate_select": gate.gate_select, "fp8_swiglu": fp8_gemm.fp8_swiglu, "mla_latent": latent.mla_latent,
-            "rms_norm": rms_norm.rms_norm,
+            "rms_norm": rms_norm.rms_norm, "bf16_linear": fp8_gemm.bf16_linear, "bf16_swiglu": fp8_gemm.bf16_swiglu,
             "fp8_linear": lambda x, b, s, m, u, t, r=None: fp8_gemm.fp8_linear(x, b, s, m, u, x.dtype, t, r)}[name]
 
 

@@ -74,6 +74,7 @@ class CudaKernels(ReferenceKernels):
         self._dequant, self._moe, self._mla = ops.weight_dequant, ops.fused_moe, ops.mla_decode
         self._rope, self._gate_select, self._linear = ops.rope, ops.gate_select, ops.fp8_linear
         self._swiglu, self._latent, self._rms_norm = ops.fp8_swiglu, ops.mla_latent, ops.rms_norm
+        self._linear16, self._swiglu16 = ops.bf16_linear, ops.bf16_swiglu
         if self.fp8_dtype is None:
             say_once(f"{self.name}: {self.mode}")
 
@@ -203,19 +204,31 @@ class CudaKernels(ReferenceKernels):
         return (scale is not None and weight.dtype == self.fp8_dtype
                 and x.numel() // x.shape[-1] <= FUSED_QUANT_ROWS)
 
+    def _fused_16bit(self, x, weight, scale) -> bool:
+        """A decode-sized linear of a 16-bit weight in x's dtype (the BF16 mode's): SwiGLU and residual epilogues in
+        the same GEMM kernel, unscaled (bf16_linear, bf16_swiglu), where the vendor's GEMM would need 2-4 launches."""
+        return (scale is None and weight.dtype == x.dtype and x.dtype in (torch.bfloat16, torch.float16)
+                and x.numel() // x.shape[-1] <= FUSED_QUANT_ROWS)
+
     def linear_add(self, x, weight, scale, residual):
+        rows = x.numel() // x.shape[-1]
+        if residual.dtype == x.dtype and self._fused_16bit(x, weight, scale):
+            y = self._linear16(x.reshape(rows, -1), weight, self.target, residual.reshape(rows, -1))
+            return y.view(*x.shape[:-1], weight.shape[0])
         if not self._fused_fp8(x, weight, scale) or residual.dtype != x.dtype:
             return super().linear_add(x, weight, scale, residual)
-        rows = x.numel() // x.shape[-1]
         y = self._linear(x.reshape(rows, -1), weight, scale, self.act_max, self.act_ue8m0, self.target,
                          residual.reshape(rows, -1))  # the add in the GEMM's epilogue
         return y.view(*x.shape[:-1], weight.shape[0])
 
     def mlp(self, x, w1, w2, w3, s1=None, s2=None, s3=None, residual=None):
-        if not (self._fused_fp8(x, w1, s1) and self._fused_fp8(x, w3, s3)):
-            return super().mlp(x, w1, w2, w3, s1, s2, s3, residual)
         rows = x.numel() // x.shape[-1]
-        h = self._swiglu(x.reshape(rows, -1), w1, s1, w3, s3, self.act_max, self.act_ue8m0, self.target)  # gate + up
+        if self._fused_16bit(x, w1, s1) and self._fused_16bit(x, w3, s3):
+            h = self._swiglu16(x.reshape(rows, -1), w1, w3, self.target)  # gate + up
+        elif self._fused_fp8(x, w1, s1) and self._fused_fp8(x, w3, s3):
+            h = self._swiglu(x.reshape(rows, -1), w1, s1, w3, s3, self.act_max, self.act_ue8m0, self.target)
+        else:
+            return super().mlp(x, w1, w2, w3, s1, s2, s3, residual)
         y = self.linear(h, w2, s2) if residual is None else self.linear_add(h, w2, s2, residual.reshape(rows, -1))
         return y.view(*x.shape[:-1], w2.shape[0])
 

@@ -13,8 +13,17 @@ import triton
 import triton.language as tl
 
 from ...core.fp8 import FP8_EMIN, FP8_MAX
-from .jit import quantize_tile, split_k_gather
-from .launch import FP_FUSION, MAX_SPLIT_TILES, GemmConfig, check_target, fit_registers, gemm_config, split_k
+from .jit import dot, quantize_tile, split_k_gather
+from .launch import (
+    FP_FUSION,
+    MAX_SPLIT_TILES,
+    GemmConfig,
+    check_target,
+    fit_registers,
+    gemm_config,
+    interpreted,
+    split_k,
+)
 
 BLOCK_K = 128
 
@@ -25,9 +34,12 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, n_kb,
                      QUANT_A: tl.constexpr = False, FP8_MAX: tl.constexpr = 1.0, EMIN: tl.constexpr = 0,
                      UE8M0: tl.constexpr = False, b2_ptr=None, b2s_ptr=None, SWIGLU: tl.constexpr = False,
                      r_ptr=None, RESIDUAL: tl.constexpr = False, ws_ptr=None, count_ptr=None, kb_per_split=0,
-                     SPLIT_K: tl.constexpr = 1):
+                     SPLIT_K: tl.constexpr = 1, SCALED: tl.constexpr = True, UPCAST: tl.constexpr = False):
     """QUANT_A: a_ptr holds the bf16/fp32 activation itself and each K step quantizes its [BLOCK_M, 128]
     tile as act_quant would (same scale, same rounding), so a decode-sized linear is one launch.
+    SCALED False: B (and B2) are 16-bit weights in A's dtype, no scales (as_ptr/bs_ptr unread): the BF16 mode's
+    decode linears with their SwiGLU and residual epilogues (bf16_linear, bf16_swiglu); UPCAST under the
+    interpreter only (jit.dot).
     FP8_MAX/EMIN/UE8M0 are read only with QUANT_A (the caller passes the format's, from core/fp8.py).
     SWIGLU: a second weight b2 (same shape and scales layout) and C = silu(A·Bᵀ) · (A·B2ᵀ), the gate and up
     projections of an MLP in one pass over A. RESIDUAL: C = A·Bᵀ + R (R [M, N] in C's dtype), one rounding.
@@ -58,17 +70,22 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, n_kb,
         in_k = rk < K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0)
         b = tl.load(b_ptr + b_off, mask=in_k[:, None] & in_n[None, :], other=0.0)
-        if QUANT_A:
-            qa, sa = quantize_tile(a.to(tl.float32), FP8_MAX, EMIN, UE8M0)  # as act_quant
-            a = qa.to(b_ptr.dtype.element_ty)
+        if not SCALED:
+            acc = dot(a, b, acc, UPCAST)
+            if SWIGLU:
+                acc2 = dot(a, tl.load(b2_ptr + b_off, mask=in_k[:, None] & in_n[None, :], other=0.0), acc2, UPCAST)
         else:
-            sa = tl.load(as_ptrs + kb, mask=in_m, other=0.0)
-        sb = tl.load(bs_ptr + bs_off + kb, mask=in_n, other=0.0)
-        acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
-        if SWIGLU:
-            b2 = tl.load(b2_ptr + b_off, mask=in_k[:, None] & in_n[None, :], other=0.0)
-            sb2 = tl.load(b2s_ptr + bs_off + kb, mask=in_n, other=0.0)
-            acc2 += tl.dot(a, b2) * sa[:, None] * sb2[None, :]
+            if QUANT_A:
+                qa, sa = quantize_tile(a.to(tl.float32), FP8_MAX, EMIN, UE8M0)  # as act_quant
+                a = qa.to(b_ptr.dtype.element_ty)
+            else:
+                sa = tl.load(as_ptrs + kb, mask=in_m, other=0.0)
+            sb = tl.load(bs_ptr + bs_off + kb, mask=in_n, other=0.0)
+            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+            if SWIGLU:
+                b2 = tl.load(b2_ptr + b_off, mask=in_k[:, None] & in_n[None, :], other=0.0)
+                sb2 = tl.load(b2s_ptr + bs_off + kb, mask=in_n, other=0.0)
+                acc2 += tl.dot(a, b2) * sa[:, None] * sb2[None, :]
         a_ptrs += BLOCK_K
         b_off += BLOCK_K
     out = in_m[:, None] & in_n[None, :]
@@ -202,6 +219,81 @@ def fp8_swiglu(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor, w3: torch.Te
         raise ValueError(f"fp8_swiglu: w1 {w1.dtype} {list(w1.shape)} and w3 {w3.dtype} {list(w3.shape)} must match")
     return _quant_a_launch(x.contiguous(), w1.contiguous(), s1.contiguous(), fp8_max, ue8m0, None, target, config,
                            b2_ptr=w3.contiguous(), b2s_ptr=s3.contiguous(), SWIGLU=True)
+
+
+def _check_16bit_weight(what: str, x: torch.Tensor, b: torch.Tensor) -> None:
+    if x.dim() != 2 or b.dim() != 2 or x.shape[1] != b.shape[1]:
+        raise ValueError(f"{what}: x {list(x.shape)} and b {list(b.shape)} must be [M, K] and [N, K]")
+    if b.dtype not in (torch.bfloat16, torch.float16) or x.dtype != b.dtype:
+        raise ValueError(f"{what}: x {x.dtype}, b {b.dtype}; expected both bfloat16 or both float16 (FP8 weights: "
+                         "fp8_linear)")
+
+
+def _16bit_launch(x, b, target, config=None, **extra) -> torch.Tensor:
+    (m, k), n = x.shape, b.shape[0]
+    c = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return c
+    # the 16-bit activation tile takes the registers the in-GEMM quantization's does (without counting it, 7 launches
+    # at M = 64 spilled on sm80: benchmarks/gpu_compile.py)
+    cfg = config or fit_registers(gemm_config(m, target, n, k, x.device, a_elt=2, elt=2),
+                                  accumulators=2 if "b2_ptr" in extra else 1, quant_a=True)
+    grid, split = _grid(cfg, m, n, triton.cdiv(k, BLOCK_K), target, x.device, swiglu="b2_ptr" in extra)
+    extra.update(split)
+    _fp8_gemm_kernel[grid](x, b, b, b, c, m, n, k, triton.cdiv(k, BLOCK_K), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                           BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m, SCALED=False, UPCAST=interpreted(x.device),
+                           num_warps=cfg.num_warps,
+                           num_stages=cfg.num_stages, **extra, enable_fp_fusion=FP_FUSION)
+    return c
+
+
+def bf16_linear(x: torch.Tensor, b: torch.Tensor, target: str = "nvidia", residual: torch.Tensor | None = None,
+                config: GemmConfig | None = None) -> torch.Tensor:
+    """x [M, K] · bᵀ [M, N] (+ residual [M, N]) for a bf16 (or fp16) weight b [N, K] in x's dtype: fp32 sums, the
+    residual added before the one rounding. The BF16 mode's decode-sized linear_add in one launch (meant for
+    M <= launch.FUSED_QUANT_ROWS; a plain linear stays on the vendor's GEMM)."""
+    check_target(target)
+    _check_16bit_weight("bf16_linear", x, b)
+    extra = {}
+    if residual is not None:
+        if tuple(residual.shape) != (x.shape[0], b.shape[0]) or residual.dtype != x.dtype:
+            raise ValueError(f"bf16_linear: residual {residual.dtype} {list(residual.shape)}; expected {x.dtype} "
+                             f"[{x.shape[0]}, {b.shape[0]}]")
+        extra = dict(r_ptr=residual.contiguous(), RESIDUAL=True)
+    return _16bit_launch(x.contiguous(), b.contiguous(), target, config, **extra)
+
+
+def bf16_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, target: str = "nvidia",
+                config: GemmConfig | None = None) -> torch.Tensor:
+    """silu(x·w1ᵀ) · (x·w3ᵀ) [M, I] in x's dtype for bf16 (or fp16) weights: an MLP's gate and up projections in one
+    launch that reads x once (fp8_swiglu's, without scales)."""
+    check_target(target)
+    _check_16bit_weight("bf16_swiglu", x, w1)
+    _check_16bit_weight("bf16_swiglu", x, w3)
+    if w1.shape != w3.shape:
+        raise ValueError(f"bf16_swiglu: w1 {list(w1.shape)} and w3 {list(w3.shape)} must match")
+    return _16bit_launch(x.contiguous(), w1.contiguous(), target, config, b2_ptr=w3.contiguous(), SWIGLU=True)
+
+
+@torch.library.custom_op("dsv3::bf16_linear", mutates_args=())
+def bf16_linear_op(x: torch.Tensor, b: torch.Tensor, target: str, residual: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    return bf16_linear(x, b, target, residual)
+
+
+@bf16_linear_op.register_fake
+def _(x, b, target, residual=None):
+    return x.new_empty(x.shape[0], b.shape[0])
+
+
+@torch.library.custom_op("dsv3::bf16_swiglu", mutates_args=())
+def bf16_swiglu_op(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, target: str) -> torch.Tensor:
+    return bf16_swiglu(x, w1, w3, target)
+
+
+@bf16_swiglu_op.register_fake
+def _(x, w1, w3, target):
+    return x.new_empty(x.shape[0], w1.shape[0])
 
 
 @torch.library.custom_op("dsv3::fp8_linear", mutates_args=())

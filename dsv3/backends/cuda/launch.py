@@ -276,13 +276,14 @@ def fit_registers(cfg: GemmConfig, accumulators: int, quant_a: bool) -> GemmConf
 
 
 def gemm_config(m: int, target: str, n: int | None = None, k: int | None = None,
-                device: torch.device = torch.device("cpu"), a_elt: int = 1) -> GemmConfig:
+                device: torch.device = torch.device("cpu"), a_elt: int = 1, elt: int = 1) -> GemmConfig:
     """The FP8 GEMM's launch config for an [m, k] activation times an [n, k] weight (fitted for two weight tiles, as
     the SwiGLU linear reads them and as check_config admits entries). a_elt: bytes per activation element as the
-    GEMM reads it (1: quantized already; 2 or 4: quantized inside)."""
+    GEMM reads it (1: quantized already; 2 or 4: quantized inside); elt: per weight element (2: the BF16 mode's
+    16-bit weights, whose tiles take twice the shared memory)."""
     table = table_for(target, device)
     return fit_smem(nearest(table.gemm.get(f"{n}x{k}", table.gemm["default"]), m), table.smem_bytes, b_tiles=2,
-                    a_elt=a_elt, reserve=SMEM_RESERVE[target])
+                    elt=elt, a_elt=a_elt, reserve=SMEM_RESERVE[target])
 
 
 def moe_config(rows_per_expert: float, target: str, n: int | None = None, k: int | None = None,

@@ -33,6 +33,7 @@ def cases():
     x = torch.randn(3, 200, generator=gen(0)).bfloat16().to(dev)
     q, s = fp8.act_quant_reference(x.cpu(), FN)
     w, ws = fp8.quantize(torch.randn(130, 200, generator=gen(1)))
+    w16 = (0.05 * torch.randn(130, 200, generator=gen(5))).bfloat16().to(dev)  # the BF16 mode's weights
     E, D, inter = 3, 136, 72
     w1, s1 = zip(*(fp8.quantize(torch.randn(inter, D, generator=gen(2 + e))) for e in range(E)))
     w3, s3 = zip(*(fp8.quantize(torch.randn(inter, D, generator=gen(9 + e))) for e in range(E)))
@@ -54,6 +55,10 @@ def cases():
                                                                     torch.randn(3, 130, generator=gen(3)).bfloat16().to(dev))),
         "fp8_swiglu": (torch.ops.dsv3.fp8_swiglu.default, (x, w.to(dev), ws.to(dev), w.to(dev), ws.to(dev), 448.0, False,
                                                             "nvidia")),
+        "bf16_linear": (torch.ops.dsv3.bf16_linear.default, (x, w16, "nvidia")),
+        "bf16_linear_residual": (torch.ops.dsv3.bf16_linear.default, (x, w16, "nvidia",
+                                                                      torch.randn(3, 130, generator=gen(4)).bfloat16().to(dev))),
+        "bf16_swiglu": (torch.ops.dsv3.bf16_swiglu.default, (x, w16, w16, "nvidia")),
         "mla_latent": (torch.ops.dsv3.mla_latent.default, (qp, kv[:, :S], pe[:, :S], torch.ones(C).bfloat16().to(dev),
                                                             1e-6, *(torch.rand(B, S, R // 2, generator=gen(63)).to(dev),) * 2,
                                                             torch.zeros(3, T, C).bfloat16().to(dev),
@@ -73,7 +78,7 @@ def cases():
 
 
 @pytest.mark.parametrize("name", ["act_quant", "act_quant_ue8m0", "fp8_gemm", "fp8_linear", "fp8_linear_residual",
-                                  "fp8_swiglu", "mla_latent", "rms_norm", "weight_dequant", "fused_moe", "mla_decode", "rope",
+                                  "fp8_swiglu", "bf16_linear", "bf16_linear_residual", "bf16_swiglu", "mla_latent", "rms_norm", "weight_dequant", "fused_moe", "mla_decode", "rope",
                                   "gate_select"])
 def test_opcheck(name):
     op, args = cases()[name]
@@ -93,3 +98,4 @@ def test_the_backend_calls_the_registered_ops(monkeypatch):
     assert k._linear is torch.ops.dsv3.fp8_linear
     assert k._moe is torch.ops.dsv3.fused_moe and k._mla is torch.ops.dsv3.mla_decode
     assert k._swiglu is torch.ops.dsv3.fp8_swiglu and k._latent is torch.ops.dsv3.mla_latent
+    assert k._linear16 is torch.ops.dsv3.bf16_linear and k._swiglu16 is torch.ops.dsv3.bf16_swiglu

@@ -494,6 +494,52 @@ def test_fp8_linear_residual_and_swiglu_equal_their_composition(target, m, n, k)
     check(got, dense, 0.1, f"fp8_swiglu vs dense m={m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("m,n,k,splits", [(1, 130, 200, 1), (1, 64, 7 * 128 - 56, 3), (3, 576, 384, 1),
+                                          (17, 100, 448, 2), (64, 256, 576, 1)])
+def test_16bit_linear_residual_and_swiglu_against_float64(vendor, m, n, k, splits, dtype):
+    """The BF16 mode's decode linears (16-bit weights, no scales) through the FP8 GEMM's kernel: x wᵀ, + residual,
+    and the SwiGLU of two weights, each against float64 with the kernel's one rounding to x's dtype; K not a
+    multiple of 128 or of the split, M from 1 to the fused limit."""
+    from dsv3.backends.cuda.fp8_gemm import bf16_linear, bf16_swiglu, split_counters
+    from dsv3.backends.cuda.launch import GemmConfig
+
+    dev = device_for(vendor)
+    g = gen(m + n + k + splits)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    r = torch.randn(m, n, generator=g).to(dtype)
+    w1, w3 = ((torch.randn(n, k, generator=g) * k ** -0.5).to(dtype) for _ in range(2))
+    cfg = GemmConfig(16, 64, 4, 2, split_k=splits) if splits > 1 else None
+    xd, rd, w1d, w3d = (t.to(dev) for t in (x, r, w1, w3))
+    gate, up = x.double() @ w1.double().T, x.double() @ w3.double().T
+    for got, want, what in ((bf16_linear(xd, w1d, vendor, config=cfg), gate, "x wᵀ"),
+                            (bf16_linear(xd, w1d, vendor, rd, config=cfg), gate + r.double(), "x wᵀ + r"),
+                            (bf16_swiglu(xd, w1d, w3d, vendor, config=cfg), gate * torch.sigmoid(gate) * up,
+                             "silu(x w1ᵀ) x w3ᵀ")):
+        assert got.dtype == dtype, what
+        check(got.cpu(), want, 8e-3, f"{what} {dtype} M={m} N={n} K={k} split_k={splits}")  # one 16-bit rounding
+    assert not split_counters(torch.device(dev)).any(), "a split-K launch left a tile counter set"
+    bad = x.clone()
+    bad[m - 1, k // 2] = float("nan")
+    got = bf16_linear(bad.to(dev), w1d, vendor, config=cfg).cpu()
+    assert got[m - 1].isnan().all() and not got[:m - 1].isnan().any(), "a NaN was lost or spread"
+
+
+def test_16bit_linear_refuses_what_it_cannot_multiply(vendor):
+    from dsv3.backends.cuda.fp8_gemm import bf16_linear, bf16_swiglu
+
+    dev = device_for(vendor)
+    x, w = torch.zeros(2, 64, dtype=torch.bfloat16, device=dev), torch.zeros(8, 64, dtype=torch.bfloat16, device=dev)
+    with pytest.raises(ValueError, match="expected both bfloat16 or both float16"):
+        bf16_linear(x.float(), w, vendor)
+    with pytest.raises(ValueError, match=r"must be \[M, K\] and \[N, K\]"):
+        bf16_linear(x, w[:, :32], vendor)
+    with pytest.raises(ValueError, match=r"residual torch.bfloat16 \[2, 4\]; expected torch.bfloat16 \[2, 8\]"):
+        bf16_linear(x, w, vendor, torch.zeros(2, 4, dtype=torch.bfloat16, device=dev))
+    with pytest.raises(ValueError, match="must match"):
+        bf16_swiglu(x, w, w[:4], vendor)
+
+
 @pytest.mark.parametrize("b,s,h,c,r,slots", [
     (1, 1, 16, 512, 64, 1),  # DeepSeek's dims, one sequence
     (3, 1, 3, 72, 8, 5),  # odd heads, small dims, rows scattered over 5 slots

@@ -60,8 +60,10 @@ def test_logits_no_worse_than_transformers(target, name, tiny_ckpts, references,
     assert_no_worse(ours, peer, ref, f"{target.id}/{name}")
 
 
-# one per FP8 flavour: gfx950 runs exactly the sm90 code (e4m3fn) with the AMD launch table
-GEN_TARGETS = [t for t in MODEL_TARGETS if t.fp8 is not None and t.id != "rocm-gfx950-e4m3fn"]
+# one per FP8 flavour (gfx950 runs exactly the sm90 code (e4m3fn) with the AMD launch table), and the BF16 mode once:
+# its decode linears take the FP8 GEMM's kernel unscaled (bf16_linear, bf16_swiglu), a prompt's the vendor's GEMM
+GEN_TARGETS = [t for t in MODEL_TARGETS if (t.fp8 is not None and t.id != "rocm-gfx950-e4m3fn")
+               or t.id in ONE_CONFIG]
 
 
 @pytest.mark.slow
