@@ -63,8 +63,8 @@ CAPTURE_AFTER = 0
 
 def _worth_capturing(decided: bool, accepted: int) -> bool:
     """While the adaptive mode still judges, capture only once a draft has landed: drafts that never land stop
-    after QUIT_AFTER drafts (probed, or in rounds for a substituted drafter), and captures for those would cost more than
-    they save."""
+    after QUIT_AFTER drafts (probed, or in rounds for a substituted drafter), and captures for those would cost more
+    than they save."""
     return decided or accepted > 0
 
 
@@ -165,7 +165,7 @@ class _Speculation:
         self.uses: dict[tuple[str, int], int] = {}
         # the probes' scoring runs once a call at most: its step is captured from the second call that keeps this
         # shape (a capture costs ~2 eager runs; repeated calls, a benchmark's or an embedding runtime's, then replay
-        # it: ~0.3 ms instead of ~1.2 eager on the demo model, 5-10% of a 32-token answer)
+        # it: ~0.4 ms instead of ~1 ms eager on the demo model, 5-10% of a 32-token answer)
         self.earlier: dict[tuple[str, int], int] = self.kept.setdefault("earlier", {})
         # static steps made so far (a round that made one is not timed: a one-off cost, not its speed) and the seconds
         # their captures took, kept out of decode_s as generate() keeps its decode step's capture out
@@ -481,9 +481,10 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
     """New tokens per prompt (EOS excluded) and stats (acceptance in stats.extra). `drafter(rows, lengths, drafts)`,
     if given, replaces the MTP module's drafts (tests: perfect or always-wrong drafts); it returns [B, k] ids.
     `adaptive`: probe the drafter on plain steps until a draft would have landed (none of QUIT_AFTER drafts, a
-    row's each probe: drafting stops), then time JUDGE_AFTER drafting rounds and JUDGE_AFTER plain steps and go on with the faster (drafts
-    that rarely land cost a verify and a draft per token; where that is, speculation turns itself off); None: on
-    unless a `drafter` is given (substituted drafts are for tests that want every round to draft).
+    row's each probe: drafting stops), then time JUDGE_AFTER drafting rounds and JUDGE_AFTER plain steps and go on
+    with the faster (drafts that rarely land cost a verify and a draft per token; where that is, speculation turns
+    itself off); None: on unless a `drafter` is given (substituted drafts are for tests that want every round to
+    draft).
     `keep`, if given, receives the final caches and per-row lengths (tests check them against a plain run).
     Once drafting has stopped for good, the rest decodes through generate's loop (`plain_tail`). `pool`: where the
     caches and captured steps are kept for the next call of the same shape."""

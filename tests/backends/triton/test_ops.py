@@ -56,8 +56,8 @@ def cases():
         "fp8_swiglu": (torch.ops.dsv3.fp8_swiglu.default, (x, w.to(dev), ws.to(dev), w.to(dev), ws.to(dev), 448.0, False,
                                                             "nvidia")),
         "bf16_linear": (torch.ops.dsv3.bf16_linear.default, (x, w16, "nvidia")),
-        "bf16_linear_residual": (torch.ops.dsv3.bf16_linear.default, (x, w16, "nvidia",
-                                                                      torch.randn(3, 130, generator=gen(4)).bfloat16().to(dev))),
+        "bf16_linear_residual": (torch.ops.dsv3.bf16_linear.default,
+                                 (x, w16, "nvidia", torch.randn(3, 130, generator=gen(4)).bfloat16().to(dev))),
         "bf16_swiglu": (torch.ops.dsv3.bf16_swiglu.default, (x, w16, w16, "nvidia")),
         "mla_latent": (torch.ops.dsv3.mla_latent.default, (qp, kv[:, :S], pe[:, :S], torch.ones(C).bfloat16().to(dev),
                                                             1e-6, *(torch.rand(B, S, R // 2, generator=gen(63)).to(dev),) * 2,
@@ -78,7 +78,8 @@ def cases():
 
 
 @pytest.mark.parametrize("name", ["act_quant", "act_quant_ue8m0", "fp8_gemm", "fp8_linear", "fp8_linear_residual",
-                                  "fp8_swiglu", "bf16_linear", "bf16_linear_residual", "bf16_swiglu", "mla_latent", "rms_norm", "weight_dequant", "fused_moe", "mla_decode", "rope",
+                                  "fp8_swiglu", "bf16_linear", "bf16_linear_residual", "bf16_swiglu",
+                                  "mla_latent", "rms_norm", "weight_dequant", "fused_moe", "mla_decode", "rope",
                                   "gate_select"])
 def test_opcheck(name):
     op, args = cases()[name]
