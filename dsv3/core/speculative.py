@@ -162,11 +162,11 @@ class _Speculation:
         # (_worth_capturing): the verify step (q = 1 + k) and the MTP catch-up (q = 1 + k, or 1 after a first probe
         # that landed); the plain steps (q = 1) are generate's decode step (plain_step)
         self.static: dict[tuple[str, int], StaticStep] = self.kept.setdefault("static", {})
-        self.uses: dict[tuple[str, int], int] = {}
-        # the probes' scoring runs once a call at most: its step is captured from the second call that keeps this
-        # shape (a capture costs ~2 eager runs; repeated calls, a benchmark's or an embedding runtime's, then replay
-        # it: ~0.4 ms instead of ~1 ms eager on the demo model, 5-10% of a 32-token answer)
-        self.earlier: dict[tuple[str, int], int] = self.kept.setdefault("earlier", {})
+        # runs of each (kind, q), over the calls that keep this shape. The probes' scoring ("score") runs once a call
+        # at most, so its step is captured at its second run, the next call's (a capture costs ~2 eager runs;
+        # repeated calls, a benchmark's or an embedding runtime's, then replay it: ~0.4 ms instead of ~1 ms eager on
+        # the demo model, 5-10% of a 32-token answer)
+        self.uses: dict[tuple[str, int], int] = self.kept.setdefault("uses", {})
         # static steps made so far (a round that made one is not timed: a one-off cost, not its speed) and the seconds
         # their captures took, kept out of decode_s as generate() keeps its decode step's capture out
         self.captures, self.capture_s = 0, 0.0
@@ -211,8 +211,7 @@ class _Speculation:
         """The static step of this kind and shape: made once it has run CAPTURE_AFTER times and is worth it."""
         key = (kind, q)
         self.uses[key] = self.uses.get(key, 0) + 1
-        worth = (self.earlier.get(key, 0) > 0 if kind == "score" else
-                 _worth_capturing(self.decided, self.accepted + self.hits))
+        worth = self.uses[key] > 1 if kind == "score" else _worth_capturing(self.decided, self.accepted + self.hits)
         if key not in self.static and self.uses[key] > CAPTURE_AFTER and worth:
             t, model, B, span, graphs = time.perf_counter(), self.model, self.B, self.total, self.graphs
             self.static[key] = (verify_step(model, self.cache, B, q, span, graphs) if kind == "verify" else
@@ -243,7 +242,6 @@ class _Speculation:
             step = self.static_step("score", J)
             dl, dh = (step(tokens=toks, hidden=h, positions=at) if step is not None else
                       self.model.mtp_step(toks, h, at, self.mtp_cache, span, take=None))
-            self.earlier[("score", J)] = self.earlier.get(("score", J), 0) + 1
             for i, scored, main in self.unscored:
                 landed += float(first_draft_lands(dl[scored, i - 1], main[scored], self.temperature, self.top_p).sum())
                 self.probed += len(scored)
