@@ -115,6 +115,15 @@ class Step:
             self._query_lens = self.write_pos + 1
         return self._query_lens
 
+    def at(self, take: torch.Tensor) -> "Step":
+        """This position step narrowed to one query per row, row b's take[b]-th: what a layer runs whose
+        output is read there only (a prefill's last layer, the MTP module), the other positions' latents
+        having gone to the cache."""
+        b = torch.arange(take.shape[0], device=take.device)
+        one = lambda t: t[b, take][:, None]  # noqa: E731  [B, 1, ...]
+        return Step(self.start_pos, one(self.cos), one(self.sin), one(self.mask), span=self.span,
+                    write_pos=one(self.write_pos), rows=self.rows, row_index=self.row_index)
+
 
 @dataclass
 class LatentCache:
@@ -135,6 +144,12 @@ class LatentCache:
     @property
     def max_len(self) -> int:
         return self.kv.shape[2]
+
+
+#: a layer whose output is read at one position per row (`take`) asks only that query when a row has more than
+#: this many: a prefill's (chunk's) many queries, attention and wo; a verify's or catch-up's few cost less than the
+#: small ops that would pick them out
+NARROW_FROM = 8
 
 
 # ---- multi-head latent attention ---------------------------------------------------------------
@@ -169,15 +184,29 @@ class MLA(nn.Module):
         return self._absorbed
 
     def forward(self, x: torch.Tensor, step: Step, kv_cache: torch.Tensor | None, pe_cache: torch.Tensor | None,
-                residual: torch.Tensor | None = None):
+                residual: torch.Tensor | None = None, take: torch.Tensor | None = None):
+        """x [B, S, D] -> [B, S, D] (+ residual); with `take` [B] (a position step's query per row) -> [B, 1, D]:
+        every position writes its latent, only row b's take[b]-th queries the cache (the queries, attention and
+        wo of the others would be thrown away)."""
         B, S, _ = x.shape
+        kv, k_pe = self.wkv_a(x).split([self.latent, self.rope_dim], dim=-1)  # [B, S, C], [B, S, R]
+        b = torch.arange(B, device=x.device) if take is not None else None
+        narrow = take is not None and S > NARROW_FROM
+        if narrow:
+            if kv_cache is None or step.write_pos is None or residual is None:
+                raise ValueError("MLA: `take` needs a position step over a cache, and the residual")
+            # mla_latent ropes a query beside the latents it writes: k_pe stands in as a one-head query, dropped
+            self.kernels.mla_latent(k_pe.unsqueeze(2), kv, k_pe, self.kv_norm.weight, self.kv_norm.eps, step.cos,
+                                    step.sin, kv_cache, pe_cache, step.row_index, step.write_pos)
+            x, residual, S = x[b, take][:, None], residual[b, take][:, None], 1  # [B, 1, D]
+            step = step.at(take)
+            self.kernels.begin_step(step)  # a step of its own: the ops' tables are its positions'
         if hasattr(self, "wq"):
             q = self.wq(x)
         else:
             q = self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, S, self.n_heads, self.nope + self.rope_dim)  # [B, S, H, nope + R]
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
-        kv, k_pe = self.wkv_a(x).split([self.latent, self.rope_dim], dim=-1)  # [B, S, C], [B, S, R]
         if kv_cache is None or step.write_pos is None:
             q_pe = self.kernels.rope(q_pe, step.cos, step.sin)
             kv = self.kv_norm(kv)
@@ -194,8 +223,10 @@ class MLA(nn.Module):
             impl = "naive" if S > most else "absorb"
         slots = None  # the absorbed form of a step over slots anywhere in the cache reads the whole cache by slot
         if kv_cache is not None and step.write_pos is not None:  # a position step: normed kv and roped k_pe
-            q_pe = self.kernels.mla_latent(q_pe, kv, k_pe, self.kv_norm.weight, self.kv_norm.eps, step.cos, step.sin,
-                                           kv_cache, pe_cache, step.row_index, step.write_pos)  # scattered in
+            q_pe = (self.kernels.rope(q_pe, step.cos, step.sin) if narrow else  # the latents are written
+                    self.kernels.mla_latent(q_pe, kv, k_pe, self.kv_norm.weight, self.kv_norm.eps, step.cos,
+                                            step.sin, kv_cache, pe_cache, step.row_index,
+                                            step.write_pos))  # scattered in
             if step.rows is None:
                 kv, k_pe = kv_cache[:B, :step.span], pe_cache[:B, :step.span]  # [B, span, C], [B, span, R]
             elif impl == "absorb":
@@ -211,7 +242,8 @@ class MLA(nn.Module):
         else:
             w_uk, w_uv = self.absorbed(self.kernels.absorb_dtype(x.dtype))  # [H, nope, C], [H, C, v]
             o = self.kernels.mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv, k_pe, self.scale, step.mask, slots)  # [B, S, H, v]
-        return self.wo(o.flatten(2), residual)
+        out = self.wo(o.flatten(2), residual)  # [B, S, D]
+        return out[b, take][:, None] if take is not None and not narrow else out
 
 
 # ---- feed-forward: dense MLP, gate, MoE ----------------------------------------------------------
@@ -314,11 +346,10 @@ class Block(nn.Module):
         self.ffn = MoE(cfg, kernels, par) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size, kernels, par)
 
     def forward(self, x, step: Step, kv_cache=None, pe_cache=None, take: torch.Tensor | None = None):
-        """x [B, S, D] -> [B, S, D]; with `take` [B] (a position per row) only that position goes through the
-        feed-forward -> [B, 1, D]: the others only had to leave their latents in the cache (the MTP catch-up)."""
-        x = self.attn(self.attn_norm(x), step, kv_cache, pe_cache, residual=x)  # x + attn(norm(x))
-        if take is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), take][:, None]  # [B, 1, D]
+        """x [B, S, D] -> [B, S, D]; with `take` [B] (a position per row, a position step) only that position goes
+        through attention's query side and the feed-forward -> [B, 1, D]: the others only had to leave their
+        latents in the cache (a prefill's last layer, the MTP module)."""
+        x = self.attn(self.attn_norm(x), step, kv_cache, pe_cache, residual=x, take=take)  # x + attn(norm(x))
         return self.ffn(self.ffn_norm(x), residual=x)  # x + ffn(norm(x))
 
 
@@ -402,15 +433,16 @@ class Transformer(nn.Module):
         B, q = tokens.shape
         step = self.position_step(positions, q, span, rows)
         h = self.embed(tokens)  # [B, q, D]
+        last, only = len(self.layers) - 1, None if all_hidden else take  # the last layer's output read at take only
         for i, layer in enumerate(self.layers):
-            h = layer(h, step, cache.kv[i], cache.pe[i])
+            h = layer(h, step, cache.kv[i], cache.pe[i], take=only if i == last else None)
         if take is None:
             h = self.norm(h)
             return self.logits(h), h
         if all_hidden:
             h = self.norm(h)
             return self.logits(h[torch.arange(B, device=h.device), take]), h
-        h = self.norm(h[torch.arange(B, device=h.device), take])  # [B, D]: only what is sampled
+        h = self.norm(h[:, 0])  # [B, D]: the last layer ran at take only, what is sampled
         return self.logits(h), h
 
     def mtp_step(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, cache: "LatentCache",
