@@ -100,9 +100,13 @@ def main() -> None:
                             pad_token_id=0)
 
     def ours_prefill(engine, ids=long_prompt):
-        cache = LatentCache.allocate(engine.cfg, len(engine.model.layers), 1, ids.shape[1], torch.bfloat16, "cpu")
+        """The prompt's forward as generate runs it: a position step read at the last token (the last layer asks
+        that token's query only), against transformers' logits_to_keep=1."""
+        B, n = ids.shape
+        cache = LatentCache.allocate(engine.cfg, len(engine.model.layers), B, n, torch.bfloat16, "cpu")
         with torch.inference_mode():
-            engine.model(ids, 0, cache, last_only=True)
+            engine.model.forward_step(ids, torch.zeros(B, dtype=torch.long), cache, n,
+                                      take=torch.full((B,), n - 1))
 
     def theirs_prefill(ids=long_prompt):
         with torch.inference_mode():
@@ -214,7 +218,9 @@ def main() -> None:
         f"generate call (the short prompt's prefill included, for both), best of {args.repeats}, first with the four "
         "models interleaved (each run starts with its weights evicted by the others': the conservative figure, and the "
         "one judged), then each model run after run (its weights partly stay in this machine's large shared L3: a "
-        f"280M model can, DeepSeek-V3 cannot); prefill: best of {args.repeats + 2}, the three interleaved. Batched "
+        f"280M model can, DeepSeek-V3 cannot); prefill: best of {args.repeats + 2}, the three interleaved, dsv3's as "
+        "generate runs it (its last layer asks only the last token's query) against transformers' logits_to_keep=1. "
+        "Batched "
         f"decode: {args.batch} prompts of {args.prompt_len} tokens, new tokens of all rows over the whole call, best of "
         f"{args.repeats}; the short prefill best of {3 * args.repeats}; both interleaved, speed-ups as time ratios.",
         f"Machine: {R.cpu_line()}; torch {torch.__version__} with {torch.get_num_threads()} threads; dsv3 C kernels "
