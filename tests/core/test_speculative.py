@@ -465,3 +465,43 @@ def test_drafting_is_hopeless_only_when_break_even_acceptance_is_implausible():
     assert _cannot_pay(2.0, 1, 40, 40) and _cannot_pay(3.1, 2, 40, 40)  # no acceptance pays: even all landing
     assert not _cannot_pay(1.0, 1, 0, 100) and not _cannot_pay(0.9, 2, 0, 100)  # a round no dearer than a step
     assert not _cannot_pay(1.75, 1, 0, 0)  # nothing seen yet
+
+
+def test_one_slow_step_does_not_decide_the_adaptive_trial():
+    """The trial's rates: tokens over the median step time. 4 drafting rounds of 1.1 ms gaining 5 tokens lose to 4
+    plain steps of 0.6 ms gaining 4, however slow one of those was (a sum of the times would have kept drafting:
+    5 / 4.4 ms against 4 / 5.3 ms)."""
+    from dsv3.core.speculative import _keep_drafting, _rate
+
+    took = {True: [1.1e-3] * 4, False: [0.6e-3, 0.6e-3, 3.5e-3, 0.6e-3]}
+    rate = {True: _rate(took[True], 5), False: _rate(took[False], 4)}
+    assert rate[False] == pytest.approx(4 / 2.4e-3) and rate[True] == pytest.approx(5 / 4.4e-3)
+    assert not _keep_drafting(rate)
+    assert 5 / sum(took[True]) > 4 / sum(took[False])  # what the sums would have said
+
+
+def test_a_timed_plain_step_leaves_the_loops_bookkeeping_out(engines, monkeypatch):
+    """The adaptive mode weighs drafting rounds against plain steps, and once drafting stops the plain steps run in
+    generate's loop, without this loop's per-step bookkeeping (~0.2 ms on a cpu, a third of the demo model's step):
+    a plain step is timed from its call to the host read of its tokens, nothing after. Here the step itself is
+    slowed by 30 ms and the bookkeeping after it (scoring the probe) by 300 ms: each timed plain step reads between."""
+    import time
+
+    import dsv3.core.speculative as spec
+
+    e = engines["demo"]
+    real_step, real_lands = spec._Speculation.plain_step, spec.first_draft_lands
+
+    def slow_step(self):
+        step = real_step(self)
+        return lambda *a, **k: (time.sleep(0.03), step(*a, **k))[1]
+
+    monkeypatch.setattr(spec._Speculation, "plain_step", slow_step)
+    monkeypatch.setattr(spec, "first_draft_lands", lambda *a, **k: (time.sleep(0.3), real_lands(*a, **k))[1])
+    run = spec._Speculation(e.model, [PROMPTS[0]], 8, 1, 0.0, 1.0, (), None, None, None, True, False, None)
+    with torch.inference_mode():
+        run.prefill([PROMPTS[0]])
+        run.plain_step()  # made before the loop, so the first probe (scored at once, by first_draft_lands) is timed
+        run.decode()
+    assert run.probes >= 1 and len(run.took[False]) == run.probes, f"{run.probes} probes, timed {run.took[False]}"
+    assert all(0.03 <= t < 0.3 for t in run.took[False]), f"timed plain steps {run.took[False]} s"
