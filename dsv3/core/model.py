@@ -115,11 +115,10 @@ class Step:
             self._query_lens = self.write_pos + 1
         return self._query_lens
 
-    def at(self, take: torch.Tensor) -> "Step":
-        """This position step narrowed to one query per row, row b's take[b]-th: what a layer runs whose
-        output is read there only (a prefill's last layer, the MTP module), the other positions' latents
+    def at(self, take: torch.Tensor, b: torch.Tensor) -> "Step":
+        """This position step narrowed to one query per row, row b's take[b]-th (b: 0..B-1): what a layer runs
+        whose output is read there only (a prefill's last layer, the MTP module), the other positions' latents
         having gone to the cache."""
-        b = torch.arange(take.shape[0], device=take.device)
         one = lambda t: t[b, take][:, None]  # noqa: E731  [B, 1, ...]
         return Step(self.start_pos, one(self.cos), one(self.sin), one(self.mask), span=self.span,
                     write_pos=one(self.write_pos), rows=self.rows, row_index=self.row_index)
@@ -190,6 +189,8 @@ class MLA(nn.Module):
         wo of the others would be thrown away)."""
         B, S, _ = x.shape
         kv, k_pe = self.wkv_a(x).split([self.latent, self.rope_dim], dim=-1)  # [B, S, C], [B, S, R]
+        if take is not None and S == 1:
+            take = None  # the one position there is: nothing to pick (a decode step read at its token)
         b = torch.arange(B, device=x.device) if take is not None else None
         narrow = take is not None and S > NARROW_FROM
         if narrow:
@@ -199,7 +200,7 @@ class MLA(nn.Module):
             self.kernels.mla_latent(k_pe.unsqueeze(2), kv, k_pe, self.kv_norm.weight, self.kv_norm.eps, step.cos,
                                     step.sin, kv_cache, pe_cache, step.row_index, step.write_pos)
             x, residual, S = x[b, take][:, None], residual[b, take][:, None], 1  # [B, 1, D]
-            step = step.at(take)
+            step = step.at(take, b)
             self.kernels.begin_step(step)  # a step of its own: the ops' tables are its positions'
         if hasattr(self, "wq"):
             q = self.wq(x)

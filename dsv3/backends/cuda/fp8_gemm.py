@@ -242,8 +242,7 @@ def _16bit_launch(x, b, target, config=None, **extra) -> torch.Tensor:
     extra.update(split)
     _fp8_gemm_kernel[grid](x, b, b, b, c, m, n, k, triton.cdiv(k, BLOCK_K), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                            BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m, SCALED=False, UPCAST=interpreted(x.device),
-                           num_warps=cfg.num_warps,
-                           num_stages=cfg.num_stages, **extra, enable_fp_fusion=FP_FUSION)
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra, enable_fp_fusion=FP_FUSION)
     return c
 
 
